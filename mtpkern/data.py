@@ -1,0 +1,445 @@
+"""Data for supervised fine-tuning: records, prompts, tokenizer, dataset and batching.
+
+A record follows the MetaMathQA schema, ``{"query": str, "response": str, "type": str}``,
+where the response ends in ``"The answer is: N"``. Records come from one of three sources
+(see :func:`load_records`): the embedded synthetic corpus of arithmetic word problems (the
+offline default), the ``meta-math/MetaMathQA`` dataset on the Hugging Face hub, or a local
+``.json`` / ``.jsonl`` file in the same schema.
+
+Each record becomes one training sequence ``tokens(prompt) + tokens(response) + [eos]``
+whose labels are ``-100`` on the prompt, so the loss only covers the response.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import warnings
+from pathlib import Path
+
+import torch
+
+PROMPT_TEMPLATE = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{query}\n\n### Response:\n"
+)
+EOS_TOKEN = "<|endoftext|>"
+IGNORE_INDEX = -100  # label value that torch.nn.functional.cross_entropy skips by default
+KNOWN_SOURCES = ("synthetic", "metamathqa")
+METAMATHQA_HUB_ID = "meta-math/MetaMathQA"
+DEFAULT_SYNTHETIC_SIZE = 2000
+
+
+class DataError(ValueError):
+    """Bad data source or record, reported before training starts."""
+
+
+def format_prompt(query: str) -> str:
+    """The instruction prompt the model sees before its response."""
+    return PROMPT_TEMPLATE.format(query=query)
+
+
+# --------------------------------------------------------------------------------------
+# Synthetic corpus: short arithmetic word problems with step-by-step solutions.
+# The wording is deliberately fixed per kind so that a tiny model learns it quickly and
+# extra heads can predict several tokens ahead; only names, objects and numbers vary.
+# --------------------------------------------------------------------------------------
+
+_NAMES = (("Tom", "He"), ("Anna", "She"), ("Ben", "He"), ("Lisa", "She"), ("Sam", "He"),
+          ("Maria", "She"), ("Jack", "He"), ("Emma", "She"), ("Leo", "He"), ("Mia", "She"))
+_ITEMS = ("apples", "pencils", "stickers", "marbles", "cookies", "books", "cards", "shells")
+_GOODS = ("shirt", "lamp", "bike", "chair", "jacket", "clock")
+_VEHICLES = ("car", "bus", "train", "truck", "boat")
+_PLACES = ("garden", "room", "field", "yard", "pool")
+
+
+def _addition(rng: random.Random) -> tuple[str, str, int]:
+    (name, pron), item = rng.choice(_NAMES), rng.choice(_ITEMS)
+    a, b = rng.randint(2, 200), rng.randint(2, 100)
+    c = a + b
+    query = (f"{name} has {a} {item}. {pron} gets {b} more {item} from a friend. "
+             f"How many {item} does {name} have now?")
+    return query, f"{name} has {a} + {b} = {c} {item} now.", c
+
+
+def _subtraction(rng: random.Random) -> tuple[str, str, int]:
+    (name, pron), item = rng.choice(_NAMES), rng.choice(_ITEMS)
+    a = rng.randint(10, 300)
+    b = rng.randint(1, a - 1)
+    c = a - b
+    query = (f"{name} has {a} {item}. {pron} gives {b} {item} to a friend. "
+             f"How many {item} does {name} have left?")
+    return query, f"{name} has {a} - {b} = {c} {item} left.", c
+
+
+def _multiplication(rng: random.Random) -> tuple[str, str, int]:
+    item = rng.choice(_ITEMS)
+    a, b = rng.randint(2, 12), rng.randint(2, 25)
+    c = a * b
+    query = (f"There are {a} boxes of {item}. Each box holds {b} {item}. "
+             f"How many {item} are there in all the boxes?")
+    return query, f"There are {a} * {b} = {c} {item} in total.", c
+
+
+def _division(rng: random.Random) -> tuple[str, str, int]:
+    (name, _), item = rng.choice(_NAMES), rng.choice(_ITEMS)
+    b, c = rng.randint(2, 12), rng.randint(2, 25)
+    a = b * c  # built from the quotient so the division is exact
+    query = (f"{name} shares {a} {item} equally among {b} friends. "
+             f"How many {item} does each friend get?")
+    return query, f"Each friend gets {a} / {b} = {a // b} {item}.", a // b
+
+
+def _percentage(rng: random.Random) -> tuple[str, str, int]:
+    good = rng.choice(_GOODS)
+    # price = 20k and a discount that is a multiple of 5 percent keep every step an integer
+    price, pct = 20 * rng.randint(1, 20), rng.choice((10, 20, 25, 30, 40, 50, 75))
+    off = price * pct // 100
+    c = price - off
+    query = (f"A {good} costs {price} dollars. The store gives a {pct}% discount. "
+             f"What is the price of the {good} after the discount?")
+    steps = (f"The discount is {price} * {pct} / 100 = {off} dollars.\n"
+             f"The price after the discount is {price} - {off} = {c} dollars.")
+    return query, steps, c
+
+
+def _two_step(rng: random.Random) -> tuple[str, str, int]:
+    (name, pron), item = rng.choice(_NAMES), rng.choice(_ITEMS)
+    a, b = rng.randint(2, 9), rng.randint(2, 12)
+    total = a * b
+    g = rng.randint(1, total - 1)
+    c = total - g
+    query = (f"{name} buys {a} packs of {item} with {b} {item} in each pack. "
+             f"{pron} gives away {g} {item}. How many {item} does {name} have left?")
+    steps = f"{name} buys {a} * {b} = {total} {item}.\n{pron} has {total} - {g} = {c} {item} left."
+    return query, steps, c
+
+
+def _rate_time(rng: random.Random) -> tuple[str, str, int]:
+    vehicle = rng.choice(_VEHICLES)
+    rate, hours = 5 * rng.randint(2, 16), rng.randint(2, 9)
+    c = rate * hours
+    query = (f"A {vehicle} travels at {rate} miles per hour for {hours} hours. "
+             f"How many miles does the {vehicle} travel?")
+    return query, f"The {vehicle} travels {rate} * {hours} = {c} miles.", c
+
+
+def _rectangle_area(rng: random.Random) -> tuple[str, str, int]:
+    place = rng.choice(_PLACES)
+    length, width = rng.randint(2, 30), rng.randint(2, 20)
+    c = length * width
+    query = (f"A rectangular {place} is {length} meters long and {width} meters wide. "
+             f"What is the area of the {place} in square meters?")
+    return query, f"The area is {length} * {width} = {c} square meters.", c
+
+
+def _rectangle_perimeter(rng: random.Random) -> tuple[str, str, int]:
+    place = rng.choice(_PLACES)
+    length, width = rng.randint(2, 30), rng.randint(2, 20)
+    c = 2 * (length + width)
+    query = (f"A rectangular {place} is {length} meters long and {width} meters wide. "
+             f"What is the perimeter of the {place} in meters?")
+    return query, f"The perimeter is 2 * ({length} + {width}) = {c} meters.", c
+
+
+SYNTHETIC_KINDS = {
+    "addition": _addition,
+    "subtraction": _subtraction,
+    "multiplication": _multiplication,
+    "division": _division,
+    "percentage": _percentage,
+    "two_step": _two_step,
+    "rate_time": _rate_time,
+    "rectangle_area": _rectangle_area,
+    "rectangle_perimeter": _rectangle_perimeter,
+}
+
+
+def synthetic_records(n: int, seed: int = 0) -> list[dict]:
+    """``n`` arithmetic word problems in the MetaMathQA schema, reproducible from ``seed``.
+
+    Kinds are balanced (each appears ``n // len(SYNTHETIC_KINDS)`` or one more times) in a
+    seeded random order. Each response is 1-2 computed steps then ``"The answer is: N"``.
+    """
+    if not isinstance(n, int) or n < 0:
+        raise ValueError(f"n must be a non-negative int, got {n!r}")
+    rng = random.Random(seed)  # local generator: never touches the global random state
+    names = list(SYNTHETIC_KINDS)
+    kinds = [names[i % len(names)] for i in range(n)]
+    rng.shuffle(kinds)
+    records = []
+    for kind in kinds:
+        query, steps, answer = SYNTHETIC_KINDS[kind](rng)
+        records.append({"query": query, "response": f"{steps}\nThe answer is: {answer}", "type": kind})
+    return records
+
+
+# --------------------------------------------------------------------------------------
+# Loading and validating records.
+# --------------------------------------------------------------------------------------
+
+def load_records(source: str | os.PathLike, *, seed: int = 0, limit: int | None = None,
+                 split: str = "train") -> list[dict]:
+    """Records from ``source``, validated.
+
+    ``source`` is ``"synthetic"`` (``limit`` records, 2000 by default, generated from
+    ``seed``), ``"metamathqa"`` (the hub dataset via the optional ``datasets`` package,
+    shuffled with ``seed`` before taking ``limit``; ``split`` picks the hub split), or a
+    path to a ``.json`` file (a list of records or ``{"data": [...]}``) or a ``.jsonl``
+    file (one record per line); a file's first ``limit`` records are kept in file order.
+    Every record must have string ``"query"`` and ``"response"`` fields; ``"type"``
+    defaults to ``"unknown"`` and extra fields are kept. Raises :class:`DataError`.
+    """
+    if limit is not None and (not isinstance(limit, int) or limit < 1):
+        raise DataError(f"limit must be a positive int or None, got {limit!r}")
+    path = Path(source)
+    if source == "synthetic":
+        records = synthetic_records(DEFAULT_SYNTHETIC_SIZE if limit is None else limit, seed)
+    elif source == "metamathqa":
+        records = _load_metamathqa(split, seed, limit)
+    elif path.is_file():
+        records = _read_json_file(path)[:limit]
+    elif path.exists():
+        raise DataError(f"data source {str(source)!r} is not a file")
+    elif path.suffix in (".json", ".jsonl") or len(path.parts) > 1:
+        raise DataError(f"data file not found: {str(source)!r}")
+    else:
+        raise DataError(f"unknown dataset {str(source)!r}: expected one of {KNOWN_SOURCES} "
+                        "or a path to a .json / .jsonl file")
+    return _validate(records, str(source))
+
+
+def _load_metamathqa(split: str, seed: int, limit: int | None) -> list[dict]:
+    try:
+        import datasets  # optional dependency, imported only when asked for
+    except ImportError as e:
+        raise DataError("source 'metamathqa' needs the `datasets` package (pip install datasets); "
+                        "use source='synthetic' or a local .json / .jsonl file offline") from e
+    try:
+        ds = datasets.load_dataset(METAMATHQA_HUB_ID, split=split)
+    except Exception as e:  # network, offline mode, missing split: all mean "cannot load"
+        raise DataError(f"could not load {METAMATHQA_HUB_ID!r} (split {split!r}) from the Hugging Face "
+                        f"hub: {e}. Is the hub reachable (HF_HUB_OFFLINE unset)?") from e
+    ds = ds.shuffle(seed=seed)  # the file is grouped by type; a prefix would be one type only
+    if limit is not None:
+        ds = ds.select(range(min(limit, len(ds))))
+    return [dict(r) for r in ds]
+
+
+def _read_json_file(path: Path) -> list:
+    text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        raise DataError(f"data file {str(path)!r} is empty")
+    if path.suffix == ".jsonl":
+        records = []
+        for lineno, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: malformed JSON line ({e.msg})") from e
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from e
+        records = data["data"] if isinstance(data, dict) and "data" in data else data
+        if not isinstance(records, list):
+            raise DataError(f"{path}: expected a list of records or {{\"data\": [...]}}, "
+                            f"got {type(data).__name__}")
+    if not records:
+        raise DataError(f"data file {str(path)!r} holds no records")
+    return records
+
+
+def _validate(records: list, source: str) -> list[dict]:
+    out = []
+    for i, rec in enumerate(records):
+        if not isinstance(rec, dict):
+            raise DataError(f"{source}: record {i} is a {type(rec).__name__}, expected an object")
+        for field in ("query", "response"):
+            if field not in rec:
+                raise DataError(f"{source}: record {i} is missing the field {field!r}")
+            if not isinstance(rec[field], str):
+                raise DataError(f"{source}: record {i} field {field!r} must be a string, "
+                                f"got {type(rec[field]).__name__}")
+        rec = dict(rec)
+        rec.setdefault("type", "unknown")
+        out.append(rec)
+    return out
+
+
+def split_records(records: list, val_fraction: float = 0.1, seed: int = 0) -> tuple[list, list]:
+    """Seeded shuffle, then ``round(len * val_fraction)`` records (at least 1, at most
+    ``len - 1``, when ``len >= 2``) go to validation and the rest to training."""
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    n_val = min(max(1, round(len(records) * val_fraction)), len(records) - 1) if len(records) >= 2 else 0
+    return [records[i] for i in order[n_val:]], [records[i] for i in order[:n_val]]
+
+
+# --------------------------------------------------------------------------------------
+# Tokenizer.
+# --------------------------------------------------------------------------------------
+
+def train_tokenizer(records: list[dict], vocab_size: int = 2048, *, min_frequency: int = 2):
+    """A byte-level BPE tokenizer (GPT-2's scheme) trained on prompt + response texts.
+
+    ``<|endoftext|>`` is the only special token (id 0), used as eos and pad. Byte-level
+    means any text encodes without an unknown token. Returns a
+    ``transformers.PreTrainedTokenizerFast`` that ``save_pretrained`` / ``AutoTokenizer``
+    round-trip.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    n_bytes = len(pre_tokenizers.ByteLevel.alphabet())
+    if vocab_size <= n_bytes:
+        raise ValueError(f"vocab_size must exceed {n_bytes} (the byte alphabet plus eos), got {vocab_size}")
+    if not records:
+        raise DataError("cannot train a tokenizer on zero records")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                  special_tokens=[EOS_TOKEN],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator((format_prompt(r["query"]) + r["response"] for r in records), trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN)
+
+
+def load_tokenizer(name_or_dir):
+    """``AutoTokenizer.from_pretrained(name_or_dir)`` with ``pad_token = eos_token`` if unset."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(name_or_dir)
+    except OSError as e:
+        raise DataError(f"could not load a tokenizer from {str(name_or_dir)!r}: {e}") from e
+    if tok.eos_token is None:
+        raise DataError(f"tokenizer {str(name_or_dir)!r} has no eos token")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+# --------------------------------------------------------------------------------------
+# Dataset and batching.
+# --------------------------------------------------------------------------------------
+
+class SFTDataset(torch.utils.data.Dataset):
+    """Tokenized records for supervised fine-tuning.
+
+    Item ``i`` is ``{"input_ids": [L], "labels": [L]}`` with ``input_ids = prompt + response
+    + [eos]`` and ``labels`` equal to ``input_ids`` except ``-100`` on the prompt. Labels are
+    aligned with inputs (the Hugging Face convention): the loss shifts them by one. Prompt
+    and response are tokenized separately, as at generation time, where the model continues
+    the tokenized prompt. Sequences over ``max_len`` are cut to ``max_len`` (one warning for
+    the whole dataset); records whose prompt alone fills ``max_len`` are dropped (warned).
+    """
+
+    def __init__(self, records: list[dict], tokenizer, max_len: int):
+        if not isinstance(max_len, int) or max_len < 2:
+            raise ValueError(f"max_len must be an int >= 2, got {max_len!r}")
+        eos = tokenizer.eos_token_id
+        if eos is None:
+            raise DataError("the tokenizer has no eos token")
+        prompts = tokenizer([format_prompt(r["query"]) for r in records], add_special_tokens=False)["input_ids"]
+        responses = tokenizer([r["response"] for r in records], add_special_tokens=False)["input_ids"]
+        self.examples: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.n_truncated = self.n_dropped = 0
+        for p, r in zip(prompts, responses):
+            if len(p) >= max_len:
+                self.n_dropped += 1
+                continue
+            ids = p + r + [eos]
+            labels = [IGNORE_INDEX] * len(p) + r + [eos]
+            if len(ids) > max_len:
+                self.n_truncated += 1
+                ids, labels = ids[:max_len], labels[:max_len]
+            self.examples.append((torch.tensor(ids, dtype=torch.long), torch.tensor(labels, dtype=torch.long)))
+        if self.n_dropped:
+            warnings.warn(f"SFTDataset: dropped {self.n_dropped} of {len(records)} records whose prompt "
+                          f"alone fills max_len={max_len}", stacklevel=2)
+        if self.n_truncated:
+            warnings.warn(f"SFTDataset: truncated {self.n_truncated} of {len(records)} sequences to "
+                          f"max_len={max_len} (their eos is cut off)", stacklevel=2)
+        if records and not self.examples:
+            raise DataError(f"no record fits max_len={max_len}: every prompt fills it")
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> dict:
+        input_ids, labels = self.examples[i]
+        return {"input_ids": input_ids, "labels": labels}
+
+
+def collate(batch: list[dict], pad_id: int) -> dict:
+    """Right-pad a list of items to ``[B, Lmax]``: ``input_ids`` with ``pad_id``, ``labels``
+    with ``-100``, and ``attention_mask`` 1 on real tokens, 0 on padding."""
+    if not batch:
+        raise ValueError("collate got an empty batch")
+    lengths = [len(item["input_ids"]) for item in batch]
+    B, L = len(batch), max(lengths)
+    input_ids = torch.full((B, L), pad_id, dtype=torch.long)
+    labels = torch.full((B, L), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((B, L), dtype=torch.long)
+    for b, (item, n) in enumerate(zip(batch, lengths)):
+        input_ids[b, :n] = item["input_ids"]
+        labels[b, :n] = item["labels"]
+        attention_mask[b, :n] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+# --------------------------------------------------------------------------------------
+# Answers.
+# --------------------------------------------------------------------------------------
+
+_ANSWER_MARK = re.compile(r"The answer is:?", re.IGNORECASE)
+_NUMBER = r"(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+"
+_ANSWER_VALUE = re.compile(
+    rf"\s*\\?\$?\s*(?P<sign>[-−])?\s*\\?\$?\s*"
+    rf"(?:\\[dt]?frac\{{(?P<fnum>{_NUMBER})\}}\{{(?P<fden>{_NUMBER})\}}"
+    rf"|(?P<num>{_NUMBER})(?:\s*/\s*(?P<den>{_NUMBER}))?)(?!\w)"
+)
+
+
+def extract_answer(text: str) -> float | None:
+    """The number that starts the text after the last ``"The answer is:"``, or ``None``.
+
+    Accepts ``1,234``, ``-5``, ``2.5``, ``3/4``, ``\\frac{3}{4}``, a leading ``$`` and a
+    trailing period or unit word; text that does not start with a number (``x = 3``,
+    ``5x``, ``\\sqrt{2}``) gives ``None``.
+    """
+    marks = list(_ANSWER_MARK.finditer(text))
+    if not marks:
+        return None
+    m = _ANSWER_VALUE.match(text, marks[-1].end())
+    if m is None:
+        return None
+    num = m["num"] or m["fnum"]
+    den = m["den"] or m["fden"]
+    value = float(num.replace(",", ""))
+    if den is not None:
+        d = float(den.replace(",", ""))
+        if d == 0:
+            return None
+        value /= d
+    return -value if m["sign"] else value
+
+
+def answers_match(pred: str, ref: str, tol: float = 1e-6) -> bool:
+    """Whether both texts hold answers within ``tol * max(1, |ref|)`` of each other."""
+    a, b = extract_answer(pred), extract_answer(ref)
+    if a is None or b is None:
+        return False
+    return abs(a - b) <= tol * max(1.0, abs(b))
