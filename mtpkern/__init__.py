@@ -1,3 +1,11 @@
 """mtpkern: multi-token prediction, MEDUSA heads and speculative decoding kernels for GPT-2."""
 
+from mtpkern.checkpoint import CheckpointError
+from mtpkern.model import GPT2, Attn, GPT2Config, KVCache, MedusaModel, MTPModel, load_model, to_hf
+
 __version__ = "0.1.0"
+
+__all__ = [
+    "GPT2", "GPT2Config", "MTPModel", "MedusaModel", "KVCache", "Attn", "load_model", "to_hf",
+    "CheckpointError",
+]

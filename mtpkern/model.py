@@ -1,0 +1,648 @@
+"""One GPT-2 model family: the base model, MTP heads and MEDUSA-1 heads.
+
+Every model maps tokens to J prediction heads; head j at position t predicts token
+t + j + 1. For ``GPT2`` J = 1. For ``MTPModel`` (Gloeckle et al. 2024) the heads are
+transformer blocks on a shared trunk. For ``MedusaModel`` (Cai et al. 2024) head 0 is the
+frozen base model and heads 1..n are MEDUSA's residual blocks, so MEDUSA head k (0-based)
+predicts token t + k + 2. All heads share one final LayerNorm and the tied unembedding
+(MEDUSA heads may have their own projection).
+
+The forward pass serves both training (causal SDPA over the whole sequence) and decoding:
+a preallocated static KV cache written at explicit slots, explicit position ids and an
+arbitrary boolean mask over cache + new tokens (tree verification), or the packed tree mask
+of the fused tree-attention kernel.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mtpkern.checkpoint import CheckpointError, atomic_directory, require_file
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+
+
+# ----------------------------------------------------------------------------- config
+
+
+@dataclass
+class GPT2Config:
+    vocab_size: int = 50257
+    n_positions: int = 1024
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    layer_norm_epsilon: float = 1e-5
+    bos_token_id: int = 50256
+    eos_token_id: int = 50256
+    # The family: "gpt2", "mtp" or "medusa", and their heads.
+    model_type: str = "gpt2"
+    n_heads: int = 1  # mtp: transformer-block heads (head 0 included); medusa: MEDUSA heads
+    medusa_layers: int = 1  # residual blocks per MEDUSA head
+    medusa_proj: bool = False  # per-head unembedding instead of the shared one
+
+    def __post_init__(self):
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        if self.model_type not in ("gpt2", "mtp", "medusa"):
+            raise ValueError(f"unknown model_type {self.model_type!r}")
+        if self.n_heads < 1:
+            raise ValueError(f"n_heads must be >= 1, got {self.n_heads}")
+        if self.model_type == "mtp" and self.n_layer < 2:
+            raise ValueError("an MTP model needs n_layer >= 2 (a trunk and a head block)")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @classmethod
+    def tiny(cls, vocab_size: int = 2048, **kw) -> GPT2Config:
+        """A CPU-sized config for tests and the demo."""
+        base = dict(n_positions=256, n_embd=128, n_layer=4, n_head=4)
+        base.update(kw)
+        return cls(vocab_size=vocab_size, **base)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> GPT2Config:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def to_hf_dict(self) -> dict:
+        """A Hugging Face GPT-2 config dict, with our family fields under "mtpkern"."""
+        return {
+            "model_type": "gpt2",
+            "architectures": ["GPT2LMHeadModel"],
+            "vocab_size": self.vocab_size,
+            "n_positions": self.n_positions,
+            "n_embd": self.n_embd,
+            "n_layer": self.n_layer,
+            "n_head": self.n_head,
+            "n_inner": None,
+            "activation_function": "gelu_new",
+            "layer_norm_epsilon": self.layer_norm_epsilon,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "tie_word_embeddings": True,
+            "mtpkern": {
+                "model_type": self.model_type,
+                "n_heads": self.n_heads,
+                "medusa_layers": self.medusa_layers,
+                "medusa_proj": self.medusa_proj,
+            },
+        }
+
+    @classmethod
+    def from_hf_dict(cls, d: dict) -> GPT2Config:
+        """Read a Hugging Face GPT-2 config dict; reject variants this implementation lacks."""
+        unsupported = {
+            "activation_function": ("gelu_new", "gelu_pytorch_tanh"),
+            "scale_attn_weights": (True,),
+            "scale_attn_by_inverse_layer_idx": (False,),
+            "reorder_and_upcast_attn": (False,),
+            "tie_word_embeddings": (True,),
+        }
+        for key, ok in unsupported.items():
+            if key in d and d[key] not in ok:
+                raise CheckpointError(f"GPT-2 config {key}={d[key]!r} is not supported (need one of {ok})")
+        if d.get("n_inner") not in (None, 4 * d["n_embd"]):
+            raise CheckpointError(f"GPT-2 config n_inner={d['n_inner']} is not supported (need 4 * n_embd)")
+        extra = d.get("mtpkern", {})
+        eos = d.get("eos_token_id", 50256)
+        return cls(
+            vocab_size=d["vocab_size"],
+            n_positions=d.get("n_positions", d.get("n_ctx", 1024)),
+            n_embd=d["n_embd"],
+            n_layer=d["n_layer"],
+            n_head=d["n_head"],
+            layer_norm_epsilon=d.get("layer_norm_epsilon", 1e-5),
+            bos_token_id=d.get("bos_token_id", eos) if d.get("bos_token_id") is not None else eos,
+            eos_token_id=eos if eos is not None else 50256,
+            **{k: v for k, v in extra.items() if k in ("model_type", "n_heads", "medusa_layers", "medusa_proj")},
+        )
+
+
+# ----------------------------------------------------------------------------- decoding state
+
+
+class KVCache:
+    """One preallocated K and V tensor for all layers: [n_layers, B, H, max_len, head_dim].
+
+    Slots are written at explicit indices by the forward pass; nothing here grows.
+    """
+
+    def __init__(self, n_layers, batch, n_head, max_len, head_dim, *, dtype, device):
+        shape = (n_layers, batch, n_head, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    def reset(self):
+        self.k.zero_()
+        self.v.zero_()
+
+
+@dataclass
+class Attn:
+    """How the new tokens attend during decoding.
+
+    cache: the static KV cache; the new tokens' K/V are written at ``slots`` (int64 [T]).
+    mask: bool [T, S'] over the first S' cache slots (True = attend); eager attention.
+    tree_mask / prefix_len: the fused kernel's inputs instead of ``mask``: every slot below
+        ``prefix_len`` is visible, and tree token i sees tree token j (at slot prefix_len + j)
+        iff bit j of row i of the packed int32 mask is set.
+    """
+
+    cache: KVCache
+    slots: torch.Tensor
+    mask: torch.Tensor | None = None
+    tree_mask: torch.Tensor | None = None
+    prefix_len: torch.Tensor | None = None
+
+
+class ModelOutput(NamedTuple):
+    hidden: torch.Tensor  # [B, T', J, D]: what each head multiplies with its unembedding
+    logits: torch.Tensor | None  # [B, T', J, V], float
+
+
+# ----------------------------------------------------------------------------- layers
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: GPT2Config):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+
+    def forward(self, x: torch.Tensor, attn: Attn | None, layer: int) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if attn is None:
+            # Training / scoring: causal over the whole sequence. Padding is on the right and
+            # never changes causality (the loss ignores it).
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            kc, vc = attn.cache.k[layer], attn.cache.v[layer]
+            kc.index_copy_(2, attn.slots, k)
+            vc.index_copy_(2, attn.slots, v)
+            if attn.tree_mask is not None:
+                from mtpkern.ops.tree_attention import tree_attention
+
+                y = tree_attention(q, kc, vc, attn.prefix_len, attn.tree_mask)
+            else:
+                s = attn.mask.shape[-1]
+                y = F.scaled_dot_product_attention(q, kc[:, :, :s], vc[:, :, :s], attn_mask=attn.mask)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPT2Config):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd)
+        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd)
+
+    def forward(self, x):
+        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPT2Config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
+        self.attn = SelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, attn: Attn | None = None, layer: int = 0):
+        x = x + self.attn(self.ln_1(x), attn, layer)
+        return x + self.mlp(self.ln_2(x))
+
+
+class ResBlock(nn.Module):
+    """MEDUSA's head block: x + SiLU(W x + b). W and b start at zero, so a new head is the
+    identity and first predicts what the base predicts."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.linear = nn.Linear(dim, dim)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, x):
+        return x + F.silu(self.linear(x))
+
+
+# ----------------------------------------------------------------------------- the family
+
+
+class _Family(nn.Module):
+    """What the trainer and the decoding engine rely on, for every model of the family."""
+
+    config: GPT2Config
+    gradient_checkpointing: bool = False
+
+    # number of prediction heads J; head j predicts token t + j + 1
+    @property
+    def n_heads(self) -> int:
+        raise NotImplementedError
+
+    # number of layers with a KV cache
+    @property
+    def n_cache_layers(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def unembed_weight(self) -> torch.Tensor:
+        """The shared unembedding [V, D] (the tied token embedding)."""
+        return self.wte.weight
+
+    def head_weight(self, j: int) -> torch.Tensor:
+        """The unembedding [V, D] of head j."""
+        return self.unembed_weight
+
+    @property
+    def device(self) -> torch.device:
+        return self.wte.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.wte.weight.dtype
+
+    def new_cache(self, batch: int, max_len: int, *, dtype=None, device=None) -> KVCache:
+        cfg = self.config
+        if max_len > cfg.n_positions:
+            raise ValueError(f"a cache of {max_len} slots exceeds the model's context of {cfg.n_positions}")
+        return KVCache(
+            self.n_cache_layers, batch, cfg.n_head, max_len, cfg.head_dim,
+            dtype=dtype or self.dtype, device=device or self.device,
+        )
+
+    def embed(self, idx: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
+        T = idx.shape[1]
+        if pos is None:
+            if T > self.config.n_positions:
+                raise ValueError(
+                    f"sequence of {T} tokens exceeds the model's context of {self.config.n_positions}"
+                )
+            pos = torch.arange(T, device=idx.device)
+        return self.wte(idx) + self.wpe(pos)
+
+    def _blocks(self, blocks, x, attn: Attn | None, first_layer: int):
+        for i, block in enumerate(blocks):
+            if self.gradient_checkpointing and self.training and attn is None:
+                x = torch.utils.checkpoint.checkpoint(block, x, None, first_layer + i, use_reentrant=False)
+            else:
+                x = block(x, attn, first_layer + i)
+        return x
+
+    def unembed(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[..., J, D] -> [..., J, V] float logits."""
+        J = hidden.shape[-2]
+        if all(self.head_weight(j) is self.unembed_weight for j in range(J)):
+            return (hidden @ self.unembed_weight.T).float()
+        return torch.stack([(hidden[..., j, :] @ self.head_weight(j).T).float() for j in range(J)], dim=-2)
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    # -- persistence -----------------------------------------------------------------
+
+    def save_pretrained(self, directory, tokenizer=None) -> None:
+        """Write safetensors + config.json (+ the tokenizer) atomically into ``directory``."""
+        from safetensors.torch import save_file
+
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        with atomic_directory(directory) as tmp:
+            save_file(state, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
+            with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
+                json.dump(self.config.to_hf_dict(), f, indent=2)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+
+    @classmethod
+    def from_pretrained(cls, name_or_dir, *, device=None, dtype=None):
+        model = load_model(name_or_dir, device=device, dtype=dtype)
+        if not isinstance(model, cls):
+            raise CheckpointError(
+                f"{name_or_dir!r} holds a {type(model).__name__}, not a {cls.__name__}; use mtpkern.load_model"
+            )
+        return model
+
+
+class GPT2(_Family):
+    """GPT-2 (Radford et al. 2019) with tied embeddings, matching transformers' GPT2LMHeadModel."""
+
+    def __init__(self, config: GPT2Config):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.n_positions, config.n_embd)
+        self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.apply(_init_weights)
+        for name, p in self.named_parameters():  # GPT-2's scaled init of residual projections
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @property
+    def n_heads(self) -> int:
+        return 1
+
+    @property
+    def n_cache_layers(self) -> int:
+        return self.config.n_layer
+
+    def hidden_states(self, idx, pos=None, attn: Attn | None = None) -> torch.Tensor:
+        """The final-normalised hidden states [B, T, D]."""
+        x = self._blocks(self.h, self.embed(idx, pos), attn, 0)
+        return self.ln_f(x)
+
+    def forward(self, idx, pos=None, *, attn: Attn | None = None, heads: int | None = None,
+                select: torch.Tensor | None = None, logits: bool = True) -> ModelOutput:
+        h = self.hidden_states(idx, pos, attn)
+        if select is not None:
+            h = h.index_select(1, select)
+        h = h.unsqueeze(2)
+        return ModelOutput(h, self.unembed(h) if logits else None)
+
+
+class MTPModel(_Family):
+    """Multi-token prediction (Gloeckle et al. 2024): a shared trunk of L-1 blocks and n
+    transformer-block heads; head k predicts token t + k + 1. One shared final norm and
+    unembedding. Head k's block uses KV-cache layer (L - 1) + k."""
+
+    def __init__(self, config: GPT2Config):
+        super().__init__()
+        if config.model_type != "mtp":
+            config = _replace(config, model_type="mtp")
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.n_positions, config.n_embd)
+        self.trunk = nn.ModuleList(Block(config) for _ in range(config.n_layer - 1))
+        self.heads = nn.ModuleList(Block(config) for _ in range(config.n_heads))
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.apply(_init_weights)
+
+    @classmethod
+    def from_base(cls, base: GPT2, n_heads: int = 4) -> MTPModel:
+        """Trunk = the base's first L-1 blocks, head 0 = its last block, heads 1..n-1 start as
+        copies of it: at initialisation head 0 reproduces the base exactly."""
+        cfg = _replace(base.config, model_type="mtp", n_heads=n_heads)
+        model = cls(cfg).to(device=base.device, dtype=base.dtype)
+        L = base.config.n_layer
+        model.wte.load_state_dict(base.wte.state_dict())
+        model.wpe.load_state_dict(base.wpe.state_dict())
+        model.ln_f.load_state_dict(base.ln_f.state_dict())
+        for i in range(L - 1):
+            model.trunk[i].load_state_dict(base.h[i].state_dict())
+        for k in range(n_heads):
+            model.heads[k].load_state_dict(base.h[L - 1].state_dict())
+        return model
+
+    @property
+    def n_heads(self) -> int:
+        return self.config.n_heads
+
+    @property
+    def n_cache_layers(self) -> int:
+        return self.config.n_layer - 1 + self.config.n_heads
+
+    def trunk_forward(self, idx, pos=None, attn: Attn | None = None) -> torch.Tensor:
+        """The shared trunk's output [B, T, D] (not normalised)."""
+        return self._blocks(self.trunk, self.embed(idx, pos), attn, 0)
+
+    def head_forward(self, k: int, h: torch.Tensor, attn: Attn | None = None) -> torch.Tensor:
+        """Head k on the trunk output: the final-normalised hidden states [B, T, D]."""
+        first = self.config.n_layer - 1 + k
+        return self.ln_f(self._blocks(self.heads[k : k + 1], h, attn, first))
+
+    def forward(self, idx, pos=None, *, attn: Attn | None = None, heads: int | None = None,
+                select: torch.Tensor | None = None, logits: bool = True) -> ModelOutput:
+        heads = self.n_heads if heads is None else heads
+        h = self.trunk_forward(idx, pos, attn)
+        outs = []
+        for k in range(heads):
+            o = self.head_forward(k, h, attn)  # every position: the head's KV cache needs them all
+            outs.append(o if select is None else o.index_select(1, select))
+        hs = torch.stack(outs, dim=2)
+        return ModelOutput(hs, self.unembed(hs) if logits else None)
+
+
+class MedusaHead(nn.Module):
+    def __init__(self, config: GPT2Config):
+        super().__init__()
+        self.blocks = nn.Sequential(*(ResBlock(config.n_embd) for _ in range(config.medusa_layers)))
+        self.proj = nn.Linear(config.n_embd, config.vocab_size, bias=False) if config.medusa_proj else None
+
+    def forward(self, x):
+        return self.blocks(x)
+
+
+class MedusaModel(_Family):
+    """MEDUSA-1 (Cai et al. 2024): a frozen base GPT-2 plus n residual-block heads on its final
+    hidden state. Head 0 is the base (token t + 1); MEDUSA head k (0-based) is head k + 1 and
+    predicts token t + k + 2."""
+
+    def __init__(self, config: GPT2Config):
+        super().__init__()
+        if config.model_type != "medusa":
+            config = _replace(config, model_type="medusa")
+        self.config = config
+        self.base = GPT2(_replace(config, model_type="gpt2", n_heads=1))
+        self.medusa = nn.ModuleList(MedusaHead(config) for _ in range(config.n_heads))
+        self.freeze_base()
+
+    @classmethod
+    def from_base(cls, base: GPT2, n_heads: int = 5, n_layers: int = 1, proj: bool = False) -> MedusaModel:
+        cfg = _replace(base.config, model_type="medusa", n_heads=n_heads, medusa_layers=n_layers, medusa_proj=proj)
+        model = cls(cfg).to(device=base.device, dtype=base.dtype)
+        model.base.load_state_dict(base.state_dict())
+        for head in model.medusa:
+            if head.proj is not None:  # MEDUSA initialises a head's projection from the LM head
+                head.proj.weight.data.copy_(base.unembed_weight.data)
+        model.freeze_base()
+        return model
+
+    def freeze_base(self):
+        for p in self.base.parameters():
+            p.requires_grad_(False)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.base.eval()  # frozen: never in training mode
+        return self
+
+    @property
+    def wte(self):
+        return self.base.wte
+
+    @property
+    def n_heads(self) -> int:
+        return 1 + self.config.n_heads
+
+    @property
+    def n_cache_layers(self) -> int:
+        return self.config.n_layer
+
+    def head_weight(self, j: int) -> torch.Tensor:
+        if j == 0 or self.medusa[j - 1].proj is None:
+            return self.unembed_weight
+        return self.medusa[j - 1].proj.weight
+
+    def forward(self, idx, pos=None, *, attn: Attn | None = None, heads: int | None = None,
+                select: torch.Tensor | None = None, logits: bool = True) -> ModelOutput:
+        heads = self.n_heads if heads is None else heads
+        with torch.set_grad_enabled(torch.is_grad_enabled() and any(p.requires_grad for p in self.base.parameters())):
+            h0 = self.base.hidden_states(idx, pos, attn)
+        if select is not None:
+            h0 = h0.index_select(1, select)
+        hs = torch.stack([h0] + [self.medusa[k](h0) for k in range(heads - 1)], dim=2)
+        return ModelOutput(hs, self.unembed(hs) if logits else None)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _init_weights(module: nn.Module):
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+
+def _replace(cfg: GPT2Config, **changes) -> GPT2Config:
+    d = cfg.to_dict()
+    d.update(changes)
+    return GPT2Config(**d)
+
+
+MODEL_CLASSES = {"gpt2": GPT2, "mtp": MTPModel, "medusa": MedusaModel}
+
+# transformers' GPT-2 stores Conv1D weights as [in, out]; ours are nn.Linear [out, in].
+_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def gpt2_state_from_hf(hf_state: dict) -> dict:
+    """Map a transformers GPT2LMHeadModel state dict onto ours."""
+    out = {}
+    for k, v in hf_state.items():
+        if k == "lm_head.weight" or k.endswith((".attn.bias", ".attn.masked_bias")):
+            continue  # tied to wte / causal-mask buffers of old checkpoints
+        name = k[len("transformer.") :] if k.startswith("transformer.") else k
+        if name.endswith(_CONV1D):
+            v = v.t()
+        out[name] = v.contiguous()
+    return out
+
+
+def gpt2_state_to_hf(state: dict) -> dict:
+    out = {}
+    for k, v in state.items():
+        out["transformer." + k] = v.t().contiguous() if k.endswith(_CONV1D) else v
+    out["lm_head.weight"] = state["wte.weight"]
+    return out
+
+
+def to_hf(model: GPT2):
+    """The same weights as a transformers GPT2LMHeadModel (for parity checks and baselines)."""
+    from transformers import GPT2Config as HFConfig
+    from transformers import GPT2LMHeadModel
+
+    if not isinstance(model, GPT2):
+        raise TypeError(f"to_hf takes a GPT2, got {type(model).__name__}; pass model.base for MEDUSA")
+    d = model.config.to_hf_dict()
+    d.pop("mtpkern")
+    d.pop("model_type")
+    d.pop("architectures")
+    hf = GPT2LMHeadModel(HFConfig(**d)).to(model.dtype)
+    missing, unexpected = hf.load_state_dict(gpt2_state_to_hf(model.state_dict()), strict=False)
+    bad = [k for k in missing if not k.endswith((".attn.bias", ".attn.masked_bias"))]
+    if bad or unexpected:
+        raise RuntimeError(f"state dict mismatch converting to transformers: missing {bad}, unexpected {unexpected}")
+    hf.tie_weights()
+    return hf.to(model.device).eval()
+
+
+def load_model(name_or_dir, *, device=None, dtype=None) -> _Family:
+    """Load any model of the family from a directory written by ``save_pretrained``, or a
+    Hugging Face GPT-2 checkpoint (directory or hub name) as a ``GPT2``."""
+    path = Path(name_or_dir)
+    if path.exists() or os.sep in str(name_or_dir) or str(name_or_dir).startswith("."):
+        cfg_file = require_file(path, CONFIG_NAME)
+        try:
+            raw = json.loads(cfg_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{cfg_file} is not valid JSON: {e}") from None
+        if "mtpkern" in raw:
+            return _load_ours(path, raw, device=device, dtype=dtype)
+    return _load_hf_gpt2(name_or_dir, device=device, dtype=dtype)
+
+
+def _load_ours(path: Path, raw: dict, *, device, dtype) -> _Family:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        cfg = GPT2Config.from_hf_dict(raw)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path / CONFIG_NAME} is not a valid mtpkern config: {e}") from None
+    weights = require_file(path, WEIGHTS_NAME)
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{weights} is corrupt or truncated: {e}") from None
+    model = MODEL_CLASSES[cfg.model_type](cfg)
+    _load_state(model, state, weights)
+    if isinstance(model, MedusaModel):
+        model.freeze_base()
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def _load_state(model: nn.Module, state: dict, source) -> None:
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+              for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        if unexpected:
+            parts.append(f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+        if shapes:
+            parts.append("shape mismatch " + "; ".join(shapes[:5]))
+        raise CheckpointError(f"{source} does not match its config: " + ", ".join(parts))
+    model.load_state_dict(state)
+
+
+def _load_hf_gpt2(name_or_dir, *, device, dtype) -> GPT2:
+    try:
+        from transformers import GPT2LMHeadModel
+
+        hf = GPT2LMHeadModel.from_pretrained(str(name_or_dir), torch_dtype=torch.float32)
+    except Exception as e:  # noqa: BLE001 - transformers raises many kinds; name the source
+        raise CheckpointError(f"could not load GPT-2 checkpoint {str(name_or_dir)!r}: {e}") from None
+    cfg = GPT2Config.from_hf_dict(hf.config.to_dict())
+    model = GPT2(cfg)
+    _load_state(model, gpt2_state_from_hf(hf.state_dict()), name_or_dir)
+    return model.to(device=device, dtype=dtype).eval()
