@@ -352,8 +352,9 @@ class SFTDataset(torch.utils.data.Dataset):
         eos = tokenizer.eos_token_id
         if eos is None:
             raise DataError("the tokenizer has no eos token")
-        prompts = tokenizer([format_prompt(r["query"]) for r in records], add_special_tokens=False)["input_ids"]
-        responses = tokenizer([r["response"] for r in records], add_special_tokens=False)["input_ids"]
+        encode = lambda texts: tokenizer(texts, add_special_tokens=False)["input_ids"]  # noqa: E731
+        prompts = encode([format_prompt(r["query"]) for r in records])
+        responses = encode([r["response"] for r in records])
         self.examples: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.n_truncated = self.n_dropped = 0
         for p, r in zip(prompts, responses):
@@ -365,7 +366,7 @@ class SFTDataset(torch.utils.data.Dataset):
             if len(ids) > max_len:
                 self.n_truncated += 1
                 ids, labels = ids[:max_len], labels[:max_len]
-            self.examples.append((torch.tensor(ids, dtype=torch.long), torch.tensor(labels, dtype=torch.long)))
+            self.examples.append((torch.tensor(ids), torch.tensor(labels)))  # int lists -> int64
         if self.n_dropped:
             warnings.warn(f"SFTDataset: dropped {self.n_dropped} of {len(records)} records whose prompt "
                           f"alone fills max_len={max_len}", stacklevel=2)
