@@ -1,0 +1,504 @@
+"""Evaluate checkpoints: quality, decoding speed, memory and training cost, compared fairly.
+
+For each checkpoint (a run directory written by :func:`mtpkern.train.train`, or a bare
+checkpoint directory), on a validation split it did not train on:
+
+* quality: validation loss and perplexity of the next-token path (response tokens only:
+  prompt and padding excluded), top-1 / top-5 accuracy of every head j against token
+  t + j + 1 (both from :func:`mtpkern.train.evaluate_heads`), BLEU (sacrebleu, corpus level)
+  of the greedy generated solutions against the reference responses, and exact-match
+  accuracy of the final answer (``The answer is: N``, compared numerically);
+* speed, through the one engine (:func:`mtpkern.generate.generate`) for every strategy, plus
+  ``transformers`` ``generate`` on the same next-token weights: one warm-up generation per
+  strategy, then every prompt timed with the device synchronised before and after; tokens/s
+  = new tokens / wall time of the whole call (prefill included, the same for every
+  strategy and for ``transformers``), medians over prompts;
+* memory: peak CUDA memory allocated while decoding (peak reset per model), or on CPU the
+  peak resident set size of the *process* (``getrusage``; it never goes down, so it covers
+  everything loaded before); training peak memory and time per epoch from the run's logs.
+
+Perplexity is always that of the next-token path. For MEDUSA that path is the frozen base
+model, and the report says so: MEDUSA-1 heads cannot change it.
+
+JSON schema (``schema == "mtpkern.eval/1"``)::
+
+    device:   {type, name, torch, transformers, dtype}
+    settings: {max_samples, max_new_tokens, kernels, cuda_graph, hf_baseline}
+    models: [ {
+      name, path (checkpoint dir), model_type ("gpt2"|"mtp"|"medusa"), n_heads (J), n_params,
+      primary: the strategy of the table row ("ntp" | "mtp" | "medusa"),
+      validation: {source, seed, val_fraction, limit, n_records, held_out (bool), note},
+      quality: {val_loss, ppl, ppl_of (which path), head_top1 [J], head_top5 [J],
+                bleu (0-100), answer_accuracy (0-1), n_samples},
+      speed: {<strategy>: {tokens_per_second, latency_s, new_tokens, mean_accept_length,
+                          forward_passes_per_token, speedup_theoretical, speedup_vs_ntp,
+                          speedup_vs_hf, agrees_with_ntp, accept_lengths [int], tree?},
+              hf: {tokens_per_second, latency_s, new_tokens, agrees_with_ntp, weights} | null},
+      memory: {decode_peak_bytes, kind ("cuda_max_memory_allocated" | "process_peak_rss")},
+      training: {wall_time_s, peak_memory_bytes, time_per_epoch_s, curve {step, loss,
+                 head_losses?}} | null
+    } ]
+    files: {json, table, plots [png paths]}
+
+Speeds are medians over prompts; ``speedup_theoretical`` is the mean accepted length (tokens
+per target forward pass, the bound a speculative step with free drafting would reach);
+``forward_passes_per_token`` = (1 prefill + decode steps) / new tokens; ``agrees_with_ntp``
+= the fraction of prompts whose tokens equal our greedy ``ntp`` (1.0 for a lossless engine
+in fp32).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+SCHEMA = "mtpkern.eval/1"
+RUN_FILES = ("train_config.json", "log.jsonl", "summary.json")
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def bleu(hypotheses: list[str], references: list[str]) -> float:
+    """Corpus BLEU (sacrebleu defaults: 13a tokenisation, 4-grams, brevity penalty), 0-100."""
+    import sacrebleu
+
+    if len(hypotheses) != len(references):
+        raise ValueError(f"{len(hypotheses)} hypotheses for {len(references)} references")
+    if not hypotheses:
+        raise ValueError("BLEU of zero sentences is undefined")
+    return float(sacrebleu.corpus_bleu(hypotheses, [references]).score)
+
+
+def answer_accuracy(predictions: list[str], references: list[str]) -> float:
+    """Fraction of predictions whose final answer (``The answer is: N``) equals the
+    reference's numerically; a prediction without an answer counts as wrong."""
+    from mtpkern.data import answers_match
+
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    if not predictions:
+        raise ValueError("accuracy of zero answers is undefined")
+    return sum(answers_match(p, r) for p, r in zip(predictions, references)) / len(predictions)
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def resolve_checkpoint(path) -> tuple[Path, Path | None]:
+    """``(checkpoint_dir, run_dir or None)`` for a run directory (holding ``checkpoint/``)
+    or a checkpoint directory (whose parent is the run when it holds the run's files)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"no such checkpoint or run directory: {str(path)!r}")
+    if (path / "checkpoint" / "config.json").is_file():
+        return path / "checkpoint", path
+    if (path / "config.json").is_file():
+        run = path.parent
+        return path, run if any((run / f).is_file() for f in RUN_FILES) else None
+    raise FileNotFoundError(f"{str(path)!r} is neither a run directory (with checkpoint/) "
+                            "nor a checkpoint directory (with config.json)")
+
+
+def read_run(run_dir: Path | None) -> tuple[dict | None, list[dict], dict | None]:
+    """``(train_config, log records, summary)`` of a run; missing files give None / []."""
+    if run_dir is None:
+        return None, [], None
+
+    def load(name):
+        f = run_dir / name
+        return json.loads(f.read_text()) if f.is_file() else None
+
+    log = []
+    if (run_dir / "log.jsonl").is_file():
+        log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines() if line.strip()]
+    return load("train_config.json"), log, load("summary.json")
+
+
+def validation_records(train_config: dict | None, data: str | None = None, *, seed: int = 1234,
+                       limit: int | None = None, val_fraction: float = 0.05) -> tuple[list[dict], dict]:
+    """The held-out records and a description of where they came from.
+
+    With the run's ``train_config`` the split is recomputed exactly as the trainer made it:
+    ``split_records(load_records(data, seed, data_limit), val_fraction, seed)[1]``. Without it
+    (a bare checkpoint) ``data`` is split with a fresh ``seed``; the model may have trained on
+    those records, and the description says so.
+    """
+    from mtpkern.data import load_records, split_records
+
+    if train_config is not None:
+        source = train_config.get("data", "synthetic")
+        seed = train_config.get("seed", 0)
+        limit = train_config.get("data_limit")
+        val_fraction = train_config.get("val_fraction", val_fraction)
+        held_out, note = True, "the run's own validation split (recomputed from train_config.json)"
+        if data is not None and data != source:
+            raise ValueError(f"--data {data!r} differs from the run's training data {source!r}: "
+                             "its validation split is only defined on the training source")
+    elif data is not None:
+        source = data
+        held_out, note = False, (f"no train_config.json: {source!r} split with seed {seed}; "
+                                 "the model may have trained on these records")
+    else:
+        raise ValueError("a bare checkpoint has no train_config.json: pass data= (--data) to evaluate it on")
+    records = load_records(source, seed=seed, limit=limit)
+    _, val = split_records(records, val_fraction, seed)
+    info = dict(source=str(source), seed=seed, val_fraction=val_fraction, limit=limit,
+                n_records=len(val), held_out=held_out, note=note)
+    return val, info
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"unknown device {device!r}: expected auto, cpu or cuda")
+    return dev
+
+
+def device_info(device: torch.device, dtype: torch.dtype) -> dict:
+    import transformers
+
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"CPU ({torch.get_num_threads()} threads)"
+    return dict(type=device.type, name=name, torch=torch.__version__,
+                transformers=transformers.__version__, dtype=str(dtype).replace("torch.", ""))
+
+
+def synchronize(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+def strategies_for(model) -> list[str]:
+    """Our next-token baseline first, then the model's own speculative strategy."""
+    return {"gpt2": ["ntp"], "mtp": ["ntp", "mtp"], "medusa": ["ntp", "medusa"]}[model.config.model_type]
+
+
+def default_tree(n_medusa_heads: int):
+    """A small tree over the heads: top-4 at depth 1, top-2 at depth 2, top-1 below (at most
+    4 + 8 + 8 + ... nodes), cut to the number of heads."""
+    from mtpkern.tree import Tree
+
+    widths = [4, 2] + [1] * max(0, n_medusa_heads - 2)
+    return Tree.from_widths(widths[:n_medusa_heads])
+
+
+def next_token_gpt2(model):
+    """A ``GPT2`` with exactly the weights of ``model``'s next-token path (head 0), for the
+    ``transformers`` baseline: the model itself, MEDUSA's base, or MTP's trunk followed by
+    its head-0 block (which is a GPT-2 of the same depth)."""
+    from mtpkern.model import GPT2, GPT2Config
+
+    kind = model.config.model_type
+    if kind == "gpt2":
+        return model
+    if kind == "medusa":
+        return model.base
+    cfg = GPT2Config.from_dict({**model.config.to_dict(), "model_type": "gpt2", "n_heads": 1})
+    gpt = GPT2(cfg).to(device=model.device, dtype=model.dtype)
+    gpt.wte.load_state_dict(model.wte.state_dict())
+    gpt.wpe.load_state_dict(model.wpe.state_dict())
+    gpt.ln_f.load_state_dict(model.ln_f.state_dict())
+    for i, block in enumerate([*model.trunk, model.heads[0]]):
+        gpt.h[i].load_state_dict(block.state_dict())
+    return gpt.eval()
+
+
+def _strip_eos(tokens: list[int], eos: int | None) -> list[int]:
+    return tokens[: tokens.index(eos)] if eos is not None and eos in tokens else tokens
+
+
+def _timed(fn, device):
+    synchronize(device)
+    t0 = time.perf_counter()
+    out = fn()
+    synchronize(device)
+    return out, time.perf_counter() - t0
+
+
+def _hf_generate(hf, ids, max_new_tokens, eos):
+    out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                      do_sample=False, eos_token_id=eos, pad_token_id=eos if eos is not None else 0)
+    return out[0, ids.shape[1]:].tolist()
+
+
+def decode_prompts(model, prompts: list[torch.Tensor], *, max_new_tokens: int, eos_token_id: int | None,
+                   kernels: str = "auto", cuda_graph: bool = False, hf_baseline: bool = True,
+                   progress: bool = True, desc: str = "") -> dict:
+    """Greedy-decode every prompt with each strategy of ``model`` (and ``transformers``).
+
+    Returns ``{strategy: {"tokens": [[int]], "times": [s], "steps": [int],
+    "accept_lengths": [int]}}`` (``"hf"`` without steps). Each strategy first decodes
+    ``prompts[0]`` once untimed (warm-up: allocator, kernel caches, CUDA graph capture).
+    """
+    from mtpkern.generate import generate
+
+    device = model.device
+    runners = {}
+    for strategy in strategies_for(model):
+        kw = dict(max_new_tokens=max_new_tokens, strategy=strategy, eos_token_id=eos_token_id,
+                  kernels=kernels, cuda_graph=cuda_graph)
+        if strategy == "medusa":
+            kw["tree"] = default_tree(model.config.n_heads)
+        runners[strategy] = lambda ids, kw=kw: generate(model, ids, **kw)
+    if hf_baseline:
+        from mtpkern.model import to_hf
+
+        hf = to_hf(next_token_gpt2(model))
+        runners["hf"] = lambda ids: _hf_generate(hf, ids, max_new_tokens, eos_token_id)
+
+    runs = {name: {"tokens": [], "times": [], "steps": [], "accept_lengths": []} for name in runners}
+    with torch.inference_mode():
+        for run in runners.values():
+            run(prompts[0])
+        for ids in tqdm(prompts, desc=desc or "decode", disable=not progress, file=sys.stderr):
+            for name, run in runners.items():
+                out, seconds = _timed(lambda: run(ids), device)
+                r = runs[name]
+                r["times"].append(seconds)
+                if name == "hf":
+                    r["tokens"].append(out)
+                else:
+                    r["tokens"].append(list(out.tokens))
+                    r["steps"].append(out.num_steps)
+                    r["accept_lengths"].extend(out.accept_lengths)
+    return runs
+
+
+def speed_summary(runs: dict, eos_token_id: int | None) -> dict:
+    """Medians and ratios of :func:`decode_prompts`' raw runs (see the module docstring)."""
+
+    def tps(r):
+        return statistics.median(len(t) / s for t, s in zip(r["tokens"], r["times"]))
+
+    ntp = runs["ntp"]
+    ntp_tokens = [_strip_eos(t, eos_token_id) for t in ntp["tokens"]]
+    ntp_tps = tps(ntp)
+    hf_tps = tps(runs["hf"]) if "hf" in runs else None
+    out = {}
+    for name, r in runs.items():
+        s = dict(tokens_per_second=tps(r), latency_s=statistics.median(r["times"]),
+                 new_tokens=sum(len(t) for t in r["tokens"]),
+                 agrees_with_ntp=sum(_strip_eos(t, eos_token_id) == ref
+                                     for t, ref in zip(r["tokens"], ntp_tokens)) / len(ntp_tokens))
+        if name != "hf":
+            accept = r["accept_lengths"]
+            mean_accept = statistics.fmean(accept) if accept else 1.0
+            s.update(mean_accept_length=mean_accept,
+                     forward_passes_per_token=(len(r["steps"]) + sum(r["steps"])) / max(1, s["new_tokens"]),
+                     speedup_theoretical=mean_accept,
+                     speedup_vs_ntp=s["tokens_per_second"] / ntp_tps,
+                     speedup_vs_hf=s["tokens_per_second"] / hf_tps if hf_tps else None,
+                     accept_lengths=accept)
+        out[name] = s
+    out.setdefault("hf", None)
+    return out
+
+
+# ----------------------------------------------------------------------------- memory and training
+
+
+def reset_peak_memory(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory(device: torch.device) -> dict:
+    """Peak CUDA memory allocated since the last reset, or the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return dict(decode_peak_bytes=int(torch.cuda.max_memory_allocated(device)),
+                    kind="cuda_max_memory_allocated")
+    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
+    return dict(decode_peak_bytes=int(rss_kb) * 1024, kind="process_peak_rss")
+
+
+def training_summary(log: list[dict], summary: dict | None) -> dict | None:
+    """Wall time, peak memory, time per epoch and the loss curve of a run, from its logs."""
+    if not log and summary is None:
+        return None
+    steps = [r for r in log if "loss" in r and "step" in r]
+    curve = dict(step=[r["step"] for r in steps], loss=[r["loss"] for r in steps])
+    head_losses = [r.get("head_losses") for r in steps]
+    if steps and all(isinstance(h, list) and len(h) == len(head_losses[0]) for h in head_losses):
+        curve["head_losses"] = [list(col) for col in zip(*head_losses)]
+    summary = summary or {}
+    peaks = [r["peak_memory_bytes"] for r in steps if r.get("peak_memory_bytes") is not None]
+    return dict(
+        wall_time_s=summary.get("wall_time_s", steps[-1].get("elapsed") if steps else None),
+        peak_memory_bytes=summary.get("peak_memory_bytes", max(peaks) if peaks else None),
+        time_per_epoch_s=summary.get("time_per_epoch_s"),
+        curve=curve,
+    )
+
+
+# ----------------------------------------------------------------------------- one model
+
+
+def evaluate_checkpoint(path, *, data: str | None = None, device: torch.device, dtype: torch.dtype,
+                        max_samples: int = 16, max_new_tokens: int = 64, max_batches: int | None = None,
+                        batch_size: int = 8, kernels: str = "auto", cuda_graph: bool = False,
+                        hf_baseline: bool = True, progress: bool = True) -> dict:
+    """Quality, speed, memory and training cost of one checkpoint (one entry of ``models``)."""
+    from mtpkern.data import SFTDataset, collate, format_prompt, load_tokenizer
+    from mtpkern.model import load_model
+    from mtpkern.train import evaluate_heads
+
+    ckpt, run = resolve_checkpoint(path)
+    train_config, log, summary = read_run(run)
+    name = (run or ckpt).name
+    model = load_model(ckpt, device=device, dtype=dtype).eval()
+    tokenizer = load_tokenizer(ckpt)
+    val, val_info = validation_records(train_config, data)
+
+    # Quality of every head on the held-out split (the trainer's own metric code).
+    max_len = min(model.config.n_positions, (train_config or {}).get("max_len", model.config.n_positions))
+    loader = torch.utils.data.DataLoader(SFTDataset(val, tokenizer, max_len), batch_size=batch_size,
+                                         collate_fn=lambda b: collate(b, tokenizer.pad_token_id))
+    heads = evaluate_heads(model, loader, device, max_batches=max_batches)
+
+    # Generation: the same prompts for every strategy; prompts that leave no room are skipped.
+    room = model.config.n_positions - max_new_tokens - 32  # 32: the engine's tree / draft slots
+    samples, prompts = [], []
+    for rec in val:
+        ids = tokenizer(format_prompt(rec["query"]), add_special_tokens=False)["input_ids"]
+        if len(ids) <= room:
+            samples.append(rec)
+            prompts.append(torch.tensor([ids], device=device))
+        if len(prompts) == max_samples:
+            break
+    if not prompts:
+        raise ValueError(f"{name}: no validation prompt fits the context of {model.config.n_positions} "
+                         f"with max_new_tokens={max_new_tokens}; lower max_new_tokens")
+    eos = tokenizer.eos_token_id
+    reset_peak_memory(device)
+    runs = decode_prompts(model, prompts, max_new_tokens=max_new_tokens, eos_token_id=eos, kernels=kernels,
+                          cuda_graph=cuda_graph, hf_baseline=hf_baseline, progress=progress, desc=name)
+    memory = peak_memory(device)
+    speed = speed_summary(runs, eos)
+    if "medusa" in speed:
+        speed["medusa"]["tree"] = repr(default_tree(model.config.n_heads))
+
+    texts = [tokenizer.decode(_strip_eos(t, eos), skip_special_tokens=True) for t in runs["ntp"]["tokens"]]
+    refs = [rec["response"] for rec in samples]
+    kind = model.config.model_type
+    quality = dict(
+        val_loss=heads["val_loss"], ppl=heads["ppl"],
+        ppl_of={"gpt2": "the model", "mtp": "head 0 (trunk + head-0 block)",
+                "medusa": "the frozen base (head 0): MEDUSA-1 heads cannot change it"}[kind],
+        head_top1=list(heads["head_top1"]), head_top5=list(heads["head_top5"]),
+        bleu=bleu(texts, refs), answer_accuracy=answer_accuracy(texts, refs), n_samples=len(samples),
+    )
+    return dict(
+        name=name, path=str(ckpt), model_type=kind, n_heads=model.n_heads, n_params=model.num_parameters(),
+        primary=strategies_for(model)[-1], validation=val_info, quality=quality, speed=speed,
+        memory=memory, training=training_summary(log, summary),
+    )
+
+
+# ----------------------------------------------------------------------------- the report
+
+
+def _fmt(x, spec: str, suffix: str = "") -> str:
+    return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:{spec}}{suffix}"
+
+
+def _mib(n) -> str:
+    return _fmt(None if n is None else n / 2**20, ".0f", " MiB")
+
+
+def format_table(report: dict) -> str:
+    """The comparison as a markdown table, one row per model at its own strategy."""
+    dev = report["device"]
+    lines = [
+        f"Device: {dev['name']} ({dev['type']}, {dev['dtype']}); torch {dev['torch']}, "
+        f"transformers {dev['transformers']}. Greedy, batch 1, median over prompts.",
+        "",
+        "| model | strategy | tokens/s | speedup vs own NTP | speedup vs HF | accepted length "
+        "| ppl (next-token path) | answer acc | BLEU | top-1 per head | peak mem (decode) | train time |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for m in report["models"]:
+        s, q, t = m["speed"][m["primary"]], m["quality"], m["training"] or {}
+        ppl = _fmt(q["ppl"], ".2f") + (" (base)" if m["model_type"] == "medusa" else "")
+        lines.append(" | ".join([
+            f"| {m['name']} ({m['model_type']})", m["primary"], _fmt(s["tokens_per_second"], ".1f"),
+            _fmt(s["speedup_vs_ntp"], ".2f", "x"), _fmt(s["speedup_vs_hf"], ".2f", "x"),
+            _fmt(s["mean_accept_length"], ".2f"), ppl, _fmt(q["answer_accuracy"], ".1%"),
+            _fmt(q["bleu"], ".1f"), " / ".join(f"{a:.2f}" for a in q["head_top1"]),
+            _mib(m["memory"]["decode_peak_bytes"]), _fmt(t.get("wall_time_s"), ".0f", " s"),
+        ]) + " |")
+    notes = []
+    if any(m["memory"]["kind"] == "process_peak_rss" for m in report["models"]):
+        notes.append("peak mem on CPU is the process's peak RSS so far (it includes earlier models)")
+    if any(not m["validation"]["held_out"] for m in report["models"]):
+        notes.append("some models were evaluated on a split they may have trained on (no train_config.json)")
+    notes.append("speedup vs HF: `transformers` `generate` on the same next-token weights "
+                 "(MTP: trunk + head 0 as a GPT-2)")
+    return "\n".join(lines + [""] + [f"- {n}" for n in notes]) + "\n"
+
+
+def evaluate(paths: list, *, data: str | None = None, json_path=None, device: str = "auto",
+             dtype: str | None = None, max_samples: int = 16, max_new_tokens: int = 64,
+             max_batches: int | None = None, batch_size: int = 8, kernels: str = "auto",
+             cuda_graph: bool = False, hf_baseline: bool = True, plots: bool = True,
+             progress: bool = True) -> dict:
+    """Evaluate every checkpoint in ``paths`` and write the JSON, the table and the plots.
+
+    ``paths``: run or checkpoint directories. ``data``: the records to evaluate bare
+    checkpoints on (runs use their own validation split). ``dtype``: "float32" /
+    "float16" / "bfloat16" (default float32 on CPU, float16 on CUDA). The JSON goes to
+    ``json_path`` (default ``eval.json`` in the current directory), the table next to it
+    (``.md``) and the plots into ``<json stem>_plots/``. Returns the report (schema in the
+    module docstring).
+    """
+    if not paths:
+        raise ValueError("evaluate needs at least one run or checkpoint directory")
+    if max_samples < 1 or max_new_tokens < 1:
+        raise ValueError(f"max_samples and max_new_tokens must be >= 1, got {max_samples}, {max_new_tokens}")
+    dev = pick_device(device)
+    if dtype is None:
+        dt = torch.float16 if dev.type == "cuda" else torch.float32
+    elif isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype):
+        dt = getattr(torch, dtype)
+    else:
+        raise ValueError(f"unknown dtype {dtype!r}: expected float32, float16 or bfloat16")
+    models = [evaluate_checkpoint(p, data=data, device=dev, dtype=dt, max_samples=max_samples,
+                                  max_new_tokens=max_new_tokens, max_batches=max_batches, batch_size=batch_size,
+                                  kernels=kernels, cuda_graph=cuda_graph, hf_baseline=hf_baseline,
+                                  progress=progress)
+              for p in paths]
+    report = dict(schema=SCHEMA, device=device_info(dev, dt),
+                  settings=dict(max_samples=max_samples, max_new_tokens=max_new_tokens, kernels=kernels,
+                                cuda_graph=cuda_graph, hf_baseline=hf_baseline),
+                  models=models)
+    json_path = Path(json_path or "eval.json")
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    table = format_table(report)
+    files = dict(json=str(json_path), table=str(json_path.with_suffix(".md")), plots=[])
+    if plots:
+        from mtpkern.plots import write_plots
+
+        files["plots"] = write_plots(report, json_path.parent / f"{json_path.stem}_plots")
+    report["files"] = files
+    Path(files["table"]).write_text(table)
+    json_path.write_text(json.dumps(report, indent=2))
+    print(table)
+    return report
