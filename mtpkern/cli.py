@@ -1,0 +1,234 @@
+"""The ``mtpkern`` command line: train, demo, generate, eval, bench.
+
+Bad arguments and bad inputs end with a one-line error and exit status 2, never a traceback
+(set ``MTPKERN_DEBUG=1`` to see one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    return value
+
+
+def _device(text: str) -> str:
+    if text not in ("auto", "cpu", "cuda") and not text.startswith("cuda:"):
+        raise argparse.ArgumentTypeError(f"device must be auto, cpu or cuda[:N], got {text!r}")
+    return text
+
+
+def checkpoint_dir(path) -> Path:
+    """A run directory (``OUT`` of ``mtpkern train``) or a checkpoint directory itself."""
+    path = Path(path)
+    if not (path / "config.json").exists() and (path / "checkpoint" / "config.json").exists():
+        return path / "checkpoint"
+    return path
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def cmd_train(args) -> int:
+    from mtpkern.train import TrainConfig, train
+
+    if args.steps is not None and args.epochs is not None:
+        raise ValueError("give either --steps or --epochs, not both")
+    kw = dict(
+        objective=args.objective, out=args.out, base=args.base, config=args.config, data=args.data,
+        data_limit=args.data_limit, steps=args.steps, epochs=args.epochs, batch_size=args.batch_size,
+        grad_accum=args.grad_accum, device=args.device, resume=args.resume, precision=args.precision,
+        grad_checkpointing=args.grad_checkpointing, seed=args.seed, progress=not args.no_progress,
+    )
+    optional = dict(lr=args.lr, n_heads=args.n_heads, medusa_layers=args.medusa_layers, max_len=args.max_len,
+                    eval_every=args.eval_every, save_every=args.save_every)
+    kw.update({k: v for k, v in optional.items() if v is not None})
+    if args.steps is None and args.epochs is None:
+        kw.pop("steps")
+        kw.pop("epochs")
+    result = train(TrainConfig(**kw))
+    print(f"checkpoint: {result.checkpoint}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from mtpkern.demo import run_demo
+
+    run_demo(out=args.out, device=args.device, steps=args.steps, quick=args.quick)
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from mtpkern.data import format_prompt, load_tokenizer
+    from mtpkern.generate import generate
+    from mtpkern.model import load_model
+    from mtpkern.tree import Tree
+
+    ckpt = checkpoint_dir(args.model)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    model = load_model(ckpt, device=device)
+    if args.dtype != "fp32":
+        model = model.to({"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype])
+    tokenizer = load_tokenizer(ckpt)
+    text = args.prompt if args.raw else format_prompt(args.prompt)
+    ids = torch.tensor([tokenizer(text)["input_ids"]], device=device)
+    strategy = args.strategy or {"gpt2": "ntp"}.get(model.config.model_type, model.config.model_type)
+    tree = None
+    if args.tree:
+        tree = Tree.parse(args.tree) if hasattr(Tree, "parse") else Tree.from_widths([int(w) for w in args.tree.split(",")])
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    result = generate(
+        model, ids, max_new_tokens=args.max_new_tokens, strategy=strategy, temperature=args.temperature,
+        top_p=args.top_p, acceptance=args.acceptance, tree=tree, eos_token_id=tokenizer.eos_token_id,
+        cuda_graph=args.cuda_graph, kernels=args.kernels, generator=gen,
+    )
+    print(tokenizer.decode(result.tokens, skip_special_tokens=True))
+    print(
+        f"\n[{strategy}] {len(result.tokens)} tokens in {result.total_time * 1e3:.1f} ms "
+        f"({result.tokens_per_second:.1f} tok/s on {device.type}), {result.num_steps} forward passes after "
+        f"prefill, mean accepted length {result.mean_accept_length:.2f}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from mtpkern.eval import evaluate
+
+    evaluate(
+        args.models, data=args.data, json_path=args.json, device=args.device, max_samples=args.max_samples,
+        max_new_tokens=args.max_new_tokens, kernels=args.kernels, hf_baseline=not args.no_hf,
+    )
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from mtpkern.bench import run_bench
+
+    run_bench(device=args.device, json_path=args.json, model_dir=args.model, max_new_tokens=args.max_new_tokens,
+              prompts=args.prompts, quick=args.quick)
+    return 0
+
+
+# ----------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mtpkern", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train an NTP, MTP or MEDUSA-1 model")
+    t.add_argument("objective", choices=["ntp", "mtp", "medusa"])
+    t.add_argument("--out", required=True, help="run directory (checkpoint/, log.jsonl, summary.json)")
+    t.add_argument("--base", help="GPT-2 to start from: a Hugging Face name or directory, or an mtpkern checkpoint")
+    t.add_argument("--config", choices=["tiny", "gpt2"], default="tiny", help="model shape when training from scratch")
+    t.add_argument("--data", default="synthetic", help="synthetic | metamathqa | PATH to .json/.jsonl")
+    t.add_argument("--data-limit", type=_positive_int)
+    t.add_argument("--steps", type=_positive_int)
+    t.add_argument("--epochs", type=_positive_float)
+    t.add_argument("--batch-size", type=_positive_int, default=16)
+    t.add_argument("--grad-accum", type=_positive_int, default=1)
+    t.add_argument("--lr", type=_positive_float)
+    t.add_argument("--n-heads", type=_positive_int)
+    t.add_argument("--medusa-layers", type=_positive_int)
+    t.add_argument("--max-len", type=_positive_int)
+    t.add_argument("--eval-every", type=_positive_int)
+    t.add_argument("--save-every", type=_positive_int)
+    t.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
+    t.add_argument("--grad-checkpointing", action="store_true")
+    t.add_argument("--device", type=_device, default="auto")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    t.add_argument("--no-progress", action="store_true")
+    t.set_defaults(func=cmd_train)
+
+    d = sub.add_parser("demo", help="the offline demo: train NTP, MTP and MEDUSA-1 on synthetic maths and compare")
+    d.add_argument("--out", default="demo_out")
+    d.add_argument("--device", type=_device, default="auto")
+    d.add_argument("--steps", type=_positive_int, help="training steps of the NTP and MTP models")
+    d.add_argument("--quick", action="store_true", help="a much shorter run (smoke test)")
+    d.set_defaults(func=cmd_demo)
+
+    g = sub.add_parser("generate", help="decode from a checkpoint")
+    g.add_argument("model", help="checkpoint or run directory")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--raw", action="store_true", help="use the prompt as is, without the instruction template")
+    g.add_argument("--strategy", choices=["ntp", "mtp", "medusa"], help="default: the model's own")
+    g.add_argument("--max-new-tokens", type=_positive_int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--acceptance", choices=["greedy", "typical", "rejection"], default="greedy")
+    g.add_argument("--tree", help="per-depth widths like 4,2,2, or mc_sim_7b_63")
+    g.add_argument("--kernels", choices=["auto", "eager", "fused"], default="auto")
+    g.add_argument("--cuda-graph", action="store_true")
+    g.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
+    g.add_argument("--device", type=_device, default="auto")
+    g.add_argument("--seed", type=int, default=0)
+    g.set_defaults(func=cmd_generate)
+
+    e = sub.add_parser("eval", help="compare checkpoints: quality, speed, memory, training cost")
+    e.add_argument("models", nargs="+", help="run or checkpoint directories")
+    e.add_argument("--data", help="validation data when a run does not name its own")
+    e.add_argument("--json", help="where to write the JSON report (the table and plots go beside it)")
+    e.add_argument("--device", type=_device, default="auto")
+    e.add_argument("--max-samples", type=_positive_int, default=50)
+    e.add_argument("--max-new-tokens", type=_positive_int, default=96)
+    e.add_argument("--kernels", choices=["auto", "eager", "fused"], default="auto")
+    e.add_argument("--no-hf", action="store_true", help="skip the transformers generate baseline")
+    e.set_defaults(func=cmd_eval)
+
+    b = sub.add_parser("bench", help="end-to-end decode benchmark on the GPT-2 124M shape")
+    b.add_argument("--device", type=_device, default="auto")
+    b.add_argument("--json")
+    b.add_argument("--model", help="a checkpoint to benchmark instead of random weights")
+    b.add_argument("--max-new-tokens", type=_positive_int, default=128)
+    b.add_argument("--prompts", type=_positive_int, default=5)
+    b.add_argument("--quick", action="store_true", help="a small model and few tokens (smoke test)")
+    b.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if os.environ.get("MTPKERN_DEBUG"):
+        return args.func(args)
+    from mtpkern.checkpoint import CheckpointError
+
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("mtpkern: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, CheckpointError, FileNotFoundError, NotImplementedError, RuntimeError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"mtpkern {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
