@@ -375,7 +375,8 @@ def evaluate_checkpoint(path, *, data: str | None = None, device: torch.device, 
     heads = evaluate_heads(model, loader, device, max_batches=max_batches)
 
     # Generation: the same prompts for every strategy; prompts that leave no room are skipped.
-    room = model.config.n_positions - max_new_tokens - 32  # 32: the engine's tree / draft slots
+    slack = {"gpt2": 1, "mtp": model.n_heads, "medusa": len(default_tree(model.config.n_heads))}
+    room = model.config.n_positions - max_new_tokens - slack[model.config.model_type]  # draft slots
     samples, prompts = [], []
     for rec in val:
         ids = tokenizer(format_prompt(rec["query"]), add_special_tokens=False)["input_ids"]

@@ -1,0 +1,290 @@
+"""End-to-end decode benchmark: our engine against ``transformers`` ``generate``, batch 1.
+
+On the GPT-2 124M shape (or a given checkpoint) it times greedy decoding of the same prompts
+with every configuration of the engine (:func:`mtpkern.generate.generate`):
+
+* ``ntp/eager`` and ``ntp/cuda_graph`` (CUDA only),
+* ``mtp/eager``, ``mtp/fused``, ``medusa/eager``, ``medusa/fused`` (eager reference ops with a
+  dense attention mask, or the fused kernels), and their ``+cuda_graph`` variants on CUDA,
+* ``hf/dynamic`` and ``hf/static``: ``transformers`` ``generate`` on the same next-token
+  weights with its default dynamic cache and with ``cache_implementation="static"``.
+
+Every case decodes exactly ``max_new_tokens`` tokens (no EOS), after a warm-up run (two for
+``hf/static``, which compiles itself on its first call), with the device synchronised around
+every call. Reported per case, as medians over prompts: tokens/s (new tokens / wall time of
+the call, prefill included), the engine's step time (its own synchronised per-step timings),
+mean accepted length and target forward passes per token.
+
+The breakdown of one speculative step (forward, verification, cache update) times the
+engine's pieces one at a time on the shapes of a real step; see :func:`step_breakdown`.
+
+With random weights (no ``model_dir``) the draft heads rarely agree with the base, so the
+accepted length stays near 1: the numbers then measure the engine's cost per step, the
+ceiling the speculative paths start from; speedups need trained heads (pass ``model_dir``).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from mtpkern.eval import default_tree, device_info, next_token_gpt2, pick_device, resolve_checkpoint, synchronize
+
+SCHEMA = "mtpkern.bench/1"
+MTP_HEADS = 4  # Gloeckle et al.'s n = 4
+MEDUSA_HEADS = 4
+
+
+def bench_models(model_dir=None, *, quick: bool, device, dtype) -> dict:
+    """``{"ntp": model, "mtp": model, "medusa": model}`` for the strategies to time.
+
+    Without ``model_dir``: a random GPT-2 (124M shape, or the tiny config when ``quick``)
+    with MTP heads and MEDUSA heads built on it. With one: that checkpoint for ``ntp`` and
+    its own strategy.
+    """
+    from mtpkern.model import GPT2, GPT2Config, MedusaModel, MTPModel, load_model
+
+    if model_dir is not None:
+        model = load_model(resolve_checkpoint(model_dir)[0], device=device, dtype=dtype).eval()
+        kind = model.config.model_type
+        return {"ntp": model} if kind == "gpt2" else {"ntp": model, kind: model}
+    torch.manual_seed(0)
+    cfg = GPT2Config.tiny(vocab_size=512, n_layer=2) if quick else GPT2Config()
+    base = GPT2(cfg).to(device=device, dtype=dtype).eval()
+    mtp = MTPModel.from_base(base, n_heads=MTP_HEADS).eval()
+    medusa = MedusaModel.from_base(base, n_heads=MEDUSA_HEADS).eval()
+    # Fresh heads copy the base (MTP heads start as its last block, MEDUSA's zero init is the
+    # identity), so every draft is the base's own next token, which a random model's
+    # repetitive greedy output often accepts. Perturbed heads draft like untrained ones.
+    with torch.no_grad():
+        for p in [*mtp.heads[1:].parameters(), *medusa.medusa.parameters()]:
+            p.add_(0.02 * torch.randn_like(p))
+    return {"ntp": base, "mtp": mtp, "medusa": medusa}
+
+
+def bench_prompts(model, n: int, prompt_len: int, model_dir=None, data: str = "synthetic") -> list[torch.Tensor]:
+    """Real prompts (from ``data``, tokenised by the checkpoint's tokenizer) for a trained
+    checkpoint, so acceptance is real; seeded random token ids for random weights."""
+    ckpt = resolve_checkpoint(model_dir)[0] if model_dir is not None else None
+    if ckpt is not None and (ckpt / "tokenizer.json").is_file():
+        from mtpkern.data import format_prompt, load_records, load_tokenizer
+
+        tok = load_tokenizer(ckpt)
+        records = load_records(data, seed=1, limit=max(n, 1) * 4)
+        ids = [tok(format_prompt(r["query"]), add_special_tokens=False)["input_ids"] for r in records]
+        return [torch.tensor([i], device=model.device) for i in ids[:n]]
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(0, model.config.vocab_size, (1, prompt_len), generator=g).to(model.device)
+            for _ in range(n)]
+
+
+def engine_cases(models: dict, device) -> list[tuple[str, object, dict]]:
+    """``(name, model, generate kwargs)`` for every engine configuration to time."""
+    cuda = device.type == "cuda"
+    cases = [("ntp/eager", models["ntp"], dict(strategy="ntp", kernels="eager"))]
+    if cuda:
+        cases.append(("ntp/cuda_graph", models["ntp"], dict(strategy="ntp", kernels="eager", cuda_graph=True)))
+    for strategy in ("mtp", "medusa"):
+        if strategy not in models:
+            continue
+        model = models[strategy]
+        kw = dict(strategy=strategy)
+        if strategy == "medusa":
+            kw["tree"] = default_tree(model.config.n_heads)
+        cases += [(f"{strategy}/eager", model, dict(kw, kernels="eager")),
+                  (f"{strategy}/fused", model, dict(kw, kernels="fused"))]
+        if cuda:
+            cases.append((f"{strategy}/fused+cuda_graph", model, dict(kw, kernels="fused", cuda_graph=True)))
+    return cases
+
+
+def _hf_runner(model, static: bool, max_new_tokens: int):
+    from mtpkern.model import to_hf
+
+    hf = to_hf(next_token_gpt2(model))
+    hf.generation_config.eos_token_id = None  # always decode exactly max_new_tokens
+    hf.generation_config.pad_token_id = 0
+    extra = dict(cache_implementation="static") if static else {}
+
+    def run(ids):
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                          do_sample=False, **extra)
+        return out[0, ids.shape[1]:].tolist()
+
+    return run
+
+
+def time_case(run, prompts, device, *, warmup: int = 1) -> dict:
+    """Median tokens/s and latency of ``run(ids)`` over ``prompts``; engine stats when ``run``
+    returns a GenerationResult."""
+    for _ in range(warmup):
+        run(prompts[0])
+    tps, lat, steps, accept, fpt = [], [], [], [], []
+    for ids in prompts:
+        synchronize(device)
+        t0 = time.perf_counter()
+        out = run(ids)
+        synchronize(device)
+        dt = time.perf_counter() - t0
+        tokens = out if isinstance(out, list) else out.tokens
+        tps.append(len(tokens) / dt)
+        lat.append(dt)
+        if not isinstance(out, list):
+            steps.extend(out.step_times)
+            accept.extend(out.accept_lengths)
+            fpt.append((1 + out.num_steps) / len(tokens))
+    res = dict(tokens_per_second=statistics.median(tps), latency_s=statistics.median(lat))
+    if not isinstance(out, list):
+        res.update(step_time_us=statistics.median(steps) * 1e6 if steps else None,
+                   mean_accept_length=statistics.fmean(accept) if accept else 1.0,
+                   forward_passes_per_token=statistics.median(fpt))
+    return res
+
+
+def _time_us(fn, device, iters: int) -> float:
+    """Median microseconds of ``fn()``, synchronised around every call, after 3 warm-ups."""
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(iters):
+        synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e6
+
+
+def step_breakdown(model, tree, *, prefix_len: int, kernels: str, iters: int = 20) -> dict:
+    """Median microseconds of the three parts of one MEDUSA tree step at ``prefix_len``
+    cached tokens: the tree forward pass (all heads, eager mask or fused tree attention), the
+    greedy verification of the candidates and the KV compaction of an accepted path.
+
+    Method: each part is one call of the op the engine uses, on the shapes of a real step,
+    synchronised and timed alone; the parts do not add up to the step time exactly, the
+    difference is the engine's host work between them (candidate gathering, bookkeeping).
+    """
+    from mtpkern.model import Attn
+    from mtpkern.ops.kv_compact import kv_compact_
+    from mtpkern.ops.verify import verify_greedy
+
+    device = model.device
+    backend = "eager" if kernels == "eager" else None
+    t = tree.tensors(device)
+    T = len(tree)
+    cache = model.new_cache(1, prefix_len + T)
+    tokens = torch.randint(0, model.config.vocab_size, (1, T), device=device)
+    pos = prefix_len + t.depth
+    slots = prefix_len + torch.arange(T, device=device)
+    plen = torch.tensor(prefix_len, device=device, dtype=torch.int32)
+    if kernels == "eager":
+        mask = torch.ones(T, prefix_len + T, dtype=torch.bool, device=device)
+        mask[:, prefix_len:] = t.dense_mask
+        attn = Attn(cache, slots, mask=mask)
+    else:
+        attn = Attn(cache, slots, tree_mask=t.mask, prefix_len=plen)
+    with torch.inference_mode():
+        out = model(tokens, pos, attn=attn)
+        argmax = out.logits[0, :, 0].argmax(-1)
+        path = t.paths[0]
+        count = torch.tensor(int((path >= 0).sum()), device=device)
+        return dict(
+            forward_us=_time_us(lambda: model(tokens, pos, attn=attn), device, iters),
+            verify_us=_time_us(lambda: verify_greedy(tokens[0], argmax, t.paths, backend=backend), device, iters),
+            cache_update_us=_time_us(lambda: kv_compact_(cache.k, cache.v, path, plen, count, backend=backend),
+                                     device, iters),
+            tree_nodes=T, prefix_len=prefix_len, kernels=kernels,
+        )
+
+
+def format_bench(report: dict) -> str:
+    dev = report["device"]
+    lines = [f"Device: {dev['name']} ({dev['type']}, {dev['dtype']}); torch {dev['torch']}, "
+             f"transformers {dev['transformers']}. Batch 1, {report['settings']['max_new_tokens']} new tokens, "
+             f"median over {report['settings']['prompts']} prompts. {report['weights']}",
+             "",
+             "| case | tokens/s | latency (s) | step time (us) | accepted length | forward passes / token "
+             "| speedup vs ntp/eager |",
+             "|---|---|---|---|---|---|---|"]
+    base = report["cases"].get("ntp/eager", {}).get("tokens_per_second")
+    for name, c in report["cases"].items():
+        if "error" in c:
+            lines.append(f"| {name} | failed: {c['error']} | | | | | |")
+            continue
+
+        def f(key, spec):
+            return "" if c.get(key) is None else f"{c[key]:{spec}}"
+
+        speed = f"{c['tokens_per_second'] / base:.2f}x" if base else ""
+        lines.append(f"| {name} | {c['tokens_per_second']:.1f} | {c['latency_s']:.3f} | {f('step_time_us', '.0f')} "
+                     f"| {f('mean_accept_length', '.2f')} | {f('forward_passes_per_token', '.2f')} | {speed} |")
+    for kernels, b in report.get("step_breakdown", {}).items():
+        if "error" in b:
+            lines.append(f"\nMEDUSA step breakdown ({kernels}): failed: {b['error']}")
+        else:
+            lines.append(f"\nMEDUSA step breakdown ({kernels}, {b['tree_nodes']} nodes over {b['prefix_len']} "
+                         f"cached): forward {b['forward_us']:.0f} us, verification {b['verify_us']:.0f} us, "
+                         f"cache update {b['cache_update_us']:.0f} us")
+    return "\n".join(lines) + "\n"
+
+
+def run_bench(device: str = "cuda", json_path=None, model_dir=None, max_new_tokens: int = 128,
+              prompts: int = 5, prompt_len: int = 32, quick: bool = False, dtype: str | None = None,
+              data: str = "synthetic", progress: bool = True) -> dict:
+    """Time every case (module docstring) and return the report; write it as JSON to
+    ``json_path`` if given, and print the table.
+
+    ``quick``: a tiny random model (2 layers, 128 wide), for a CPU smoke run. ``dtype``
+    default: float16 on CUDA, float32 on CPU. A case that raises is recorded with its error
+    and the others still run (one broken kernel must not cost the whole GPU session).
+    """
+    if max_new_tokens < 1 or prompts < 1 or prompt_len < 1:
+        raise ValueError(f"max_new_tokens, prompts and prompt_len must be >= 1, "
+                         f"got {max_new_tokens}, {prompts}, {prompt_len}")
+    dev = pick_device(device)
+    dt = getattr(torch, dtype) if dtype else (torch.float16 if dev.type == "cuda" else torch.float32)
+    if not isinstance(dt, torch.dtype):
+        raise ValueError(f"unknown dtype {dtype!r}")
+    from mtpkern.generate import generate
+
+    models = bench_models(model_dir, quick=quick, device=dev, dtype=dt)
+    ids = bench_prompts(models["ntp"], prompts, prompt_len, model_dir, data)
+    cases = [(name, (lambda x, m=m, kw=kw: generate(m, x, max_new_tokens=max_new_tokens, **kw)), 1)
+             for name, m, kw in engine_cases(models, dev)]
+    cases += [("hf/dynamic", _hf_runner(models["ntp"], False, max_new_tokens), 1),
+              ("hf/static", _hf_runner(models["ntp"], True, max_new_tokens), 2)]
+    results = {}
+    with torch.inference_mode():
+        for name, run, warmup in tqdm(cases, desc="bench", disable=not progress, file=sys.stderr):
+            try:
+                results[name] = time_case(run, ids, dev, warmup=warmup)
+            except Exception as e:  # noqa: BLE001 - record it and time the remaining cases
+                results[name] = {"error": f"{type(e).__name__}: {e}".splitlines()[0][:200]}
+    breakdown = {}
+    if "medusa" in models:
+        for kernels in ("eager", "fused"):
+            try:
+                breakdown[kernels] = step_breakdown(models["medusa"], default_tree(models["medusa"].config.n_heads),
+                                                    prefix_len=ids[0].shape[1] + max_new_tokens // 2,
+                                                    kernels=kernels, iters=5 if quick else 50)
+            except Exception as e:  # noqa: BLE001
+                breakdown[kernels] = {"error": f"{type(e).__name__}: {e}".splitlines()[0][:200]}
+    weights = ("Trained weights from the given checkpoint: accepted lengths are real."
+               if model_dir else "Random weights: draft heads rarely agree with the base (accepted length ~1), "
+                                 "so this is the engine's cost per step, not a speedup with trained heads.")
+    report = dict(schema=SCHEMA, device=device_info(dev, dt), weights=weights,
+                  settings=dict(max_new_tokens=max_new_tokens, prompts=prompts, prompt_len=ids[0].shape[1],
+                                model=str(model_dir) if model_dir else ("tiny" if quick else "gpt2-124M"),
+                                n_params=models["ntp"].num_parameters()),
+                  cases=results, step_breakdown=breakdown)
+    print(format_bench(report))
+    if json_path is not None:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(report, indent=2))
+    return report
