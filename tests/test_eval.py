@@ -1,0 +1,123 @@
+"""Tests for mtpkern.eval and mtpkern.plots: metrics on hand-made strings, run discovery,
+the held-out split, the transformers baseline's weights, and an end-to-end evaluation of
+three tiny trained runs (gpt2, mtp, medusa)."""
+
+import json
+import math
+import struct
+
+import pytest
+import torch
+
+from mtpkern.data import load_records, split_records
+from mtpkern.eval import (
+    answer_accuracy,
+    bleu,
+    evaluate,
+    next_token_gpt2,
+    read_run,
+    resolve_checkpoint,
+    training_summary,
+    validation_records,
+)
+from mtpkern.model import GPT2, GPT2Config, MedusaModel, MTPModel
+
+# ---------------------------------------------------------------- metrics
+
+
+def test_bleu_perfect_and_disjoint():
+    refs = ["Tom has 3 + 4 = 7 apples now.\nThe answer is: 7", "Each friend gets 12 / 3 = 4 cards."]
+    assert bleu(refs, refs) == pytest.approx(100.0)
+    assert bleu(["zebra quantum violin", "purple"], refs) == 0.0
+    partial = bleu(["Tom has 3 + 4 = 8 apples now.\nThe answer is: 8", refs[1]], refs)
+    assert 0.0 < partial < 100.0
+
+
+def test_bleu_rejects_mismatched_lengths():
+    with pytest.raises(ValueError, match="2 hypotheses for 1 references"):
+        bleu(["a", "b"], ["a"])
+    with pytest.raises(ValueError, match="zero"):
+        bleu([], [])
+
+
+def test_answer_accuracy_compares_numbers():
+    refs = ["x\nThe answer is: 7", "The answer is: 1,200", "The answer is: 0.5", "The answer is: 3"]
+    assert answer_accuracy(refs, refs) == 1.0
+    # Same numbers written differently still match; a wrong or missing answer does not.
+    preds = ["so The answer is: 7.0", "The answer is: 1200.", "The answer is: 1/2", "no answer here"]
+    assert answer_accuracy(preds, refs) == 0.75
+    assert answer_accuracy(["The answer is: 8"], ["The answer is: 7"]) == 0.0
+    with pytest.raises(ValueError, match="1 predictions for 2 references"):
+        answer_accuracy(["a"], ["b", "c"])
+
+
+# ---------------------------------------------------------------- runs and splits
+
+
+def _save_tiny(directory, model_type="gpt2"):
+    base = GPT2(GPT2Config.tiny(vocab_size=64, n_layer=2, n_embd=32, n_head=2))
+    model = {"gpt2": lambda: base, "mtp": lambda: MTPModel.from_base(base, 2),
+             "medusa": lambda: MedusaModel.from_base(base, 2)}[model_type]()
+    model.save_pretrained(directory)
+    return model
+
+
+def test_resolve_checkpoint_run_and_bare(tmp_path):
+    run = tmp_path / "run"
+    _save_tiny(run / "checkpoint")
+    (run / "train_config.json").write_text("{}")
+    assert resolve_checkpoint(run) == (run / "checkpoint", run)
+    assert resolve_checkpoint(run / "checkpoint") == (run / "checkpoint", run)
+    bare = tmp_path / "bare"
+    _save_tiny(bare)
+    assert resolve_checkpoint(bare) == (bare, None)  # tmp_path holds no run files
+    with pytest.raises(FileNotFoundError, match="neither a run directory"):
+        resolve_checkpoint(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no such"):
+        resolve_checkpoint(tmp_path / "missing")
+
+
+def test_validation_split_is_the_trainers(tmp_path):
+    cfg = {"data": "synthetic", "seed": 3, "data_limit": 60, "val_fraction": 0.1}
+    val, info = validation_records(cfg)
+    _, expected = split_records(load_records("synthetic", seed=3, limit=60), 0.1, 3)
+    assert val == expected and len(val) == 6
+    assert info["held_out"] and info["n_records"] == 6
+    with pytest.raises(ValueError, match="differs from the run's training data"):
+        validation_records(cfg, data="other.jsonl")
+
+
+def test_validation_split_of_a_bare_checkpoint_says_so():
+    val, info = validation_records(None, "synthetic", limit=40)
+    assert len(val) == 2 and not info["held_out"] and "may have trained" in info["note"]
+    with pytest.raises(ValueError, match="pass data="):
+        validation_records(None, None)
+
+
+def test_training_summary_from_log(tmp_path):
+    log = [{"step": 10, "loss": 3.0, "head_losses": [3.0, 4.0], "peak_memory_bytes": 100, "elapsed": 1.0},
+           {"step": 20, "loss": 2.0, "head_losses": [2.0, 3.5], "peak_memory_bytes": 300, "elapsed": 2.0},
+           {"step": 20, "val_loss": 2.1}]
+    (tmp_path / "log.jsonl").write_text("\n".join(json.dumps(r) for r in log))
+    cfg, records, summary = read_run(tmp_path)
+    assert cfg is None and summary is None and records == log
+    t = training_summary(records, summary)
+    assert t["curve"] == {"step": [10, 20], "loss": [3.0, 2.0], "head_losses": [[3.0, 2.0], [4.0, 3.5]]}
+    assert t["peak_memory_bytes"] == 300 and t["wall_time_s"] == 2.0
+    assert training_summary([], None) is None
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "mtp", "medusa"])
+def test_next_token_gpt2_has_the_same_next_token_path(tmp_path, model_type):
+    torch.manual_seed(0)
+    model = _save_tiny(tmp_path, model_type).eval()
+    if model_type == "mtp":  # make head 0 differ from the other heads and the initial copy
+        with torch.no_grad():
+            for p in model.heads.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+    gpt = next_token_gpt2(model)
+    assert isinstance(gpt, GPT2)
+    idx = torch.randint(0, 64, (2, 11))
+    with torch.no_grad():
+        expected = model(idx, heads=1).logits[:, :, 0]
+        torch.testing.assert_close(gpt(idx).logits[:, :, 0], expected, rtol=1e-5, atol=1e-5)
