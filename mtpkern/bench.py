@@ -34,7 +34,15 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from mtpkern.eval import default_tree, device_info, next_token_gpt2, pick_device, resolve_checkpoint, synchronize
+from mtpkern.eval import (
+    default_tree,
+    device_info,
+    next_token_gpt2,
+    pick_device,
+    pick_dtype,
+    resolve_checkpoint,
+    synchronize,
+)
 
 SCHEMA = "mtpkern.bench/1"
 MTP_HEADS = 4  # Gloeckle et al.'s n = 4
@@ -55,7 +63,7 @@ def bench_models(model_dir=None, *, quick: bool, device, dtype) -> dict:
         kind = model.config.model_type
         return {"ntp": model} if kind == "gpt2" else {"ntp": model, kind: model}
     torch.manual_seed(0)
-    cfg = GPT2Config.tiny(vocab_size=512, n_layer=2) if quick else GPT2Config()
+    cfg = GPT2Config.tiny(vocab_size=512, n_layer=2, bos_token_id=511, eos_token_id=511) if quick else GPT2Config()
     base = GPT2(cfg).to(device=device, dtype=dtype).eval()
     mtp = MTPModel.from_base(base, n_heads=MTP_HEADS).eval()
     medusa = MedusaModel.from_base(base, n_heads=MEDUSA_HEADS).eval()
@@ -162,43 +170,49 @@ def _time_us(fn, device, iters: int) -> float:
 
 
 def step_breakdown(model, tree, *, prefix_len: int, kernels: str, iters: int = 20) -> dict:
-    """Median microseconds of the three parts of one MEDUSA tree step at ``prefix_len``
-    cached tokens: the tree forward pass (all heads, eager mask or fused tree attention), the
-    greedy verification of the candidates and the KV compaction of an accepted path.
+    """Median microseconds of the parts of one greedy MEDUSA tree step with ``prefix_len``
+    cached tokens, each timed alone with the device synchronised around it:
 
-    Method: each part is one call of the op the engine uses, on the shapes of a real step,
-    synchronised and timed alone; the parts do not add up to the step time exactly, the
-    difference is the engine's host work between them (candidate gathering, bookkeeping).
+    * ``forward_us``: the tree forward pass (``tree_step``: every node, every head);
+    * ``verify_us``: head 0's argmax at every node plus ``verify_greedy`` over the paths;
+    * ``cache_update_us``: ``kv_compact_`` of the deepest path into place;
+    * ``draft_us``: the next drafts' top-k from the heads at the last accepted node.
+
+    These are the engine's own functions (``mtpkern.generate``) on the shapes of a real step;
+    their sum falls short of the measured step time by the engine's host work between them
+    (candidate gathering, the one host sync per step, bookkeeping).
     """
-    from mtpkern.model import Attn
+    from mtpkern.generate import draft_topk, tree_step
+    from mtpkern.ops.fused_logits import fused_logits
     from mtpkern.ops.kv_compact import kv_compact_
     from mtpkern.ops.verify import verify_greedy
 
-    device = model.device
-    backend = "eager" if kernels == "eager" else None
-    t = tree.tensors(device)
-    T = len(tree)
+    device, fused = model.device, kernels == "fused"
+    backend = None if fused else "eager"
+    tt = tree.tensors(device)
+    T, heads = len(tree), 1 + tree.max_depth
     cache = model.new_cache(1, prefix_len + T)
-    tokens = torch.randint(0, model.config.vocab_size, (1, T), device=device)
-    pos = prefix_len + t.depth
-    slots = prefix_len + torch.arange(T, device=device)
-    plen = torch.tensor(prefix_len, device=device, dtype=torch.int32)
-    if kernels == "eager":
-        mask = torch.ones(T, prefix_len + T, dtype=torch.bool, device=device)
-        mask[:, prefix_len:] = t.dense_mask
-        attn = Attn(cache, slots, mask=mask)
-    else:
-        attn = Attn(cache, slots, tree_mask=t.mask, prefix_len=plen)
+    tokens = torch.randint(0, model.config.vocab_size, (T,), device=device)
+    prefix = torch.tensor(prefix_len, device=device)
+    path = tt.paths[-1]  # a deepest path: the most K/V to move
+    count = (path >= 0).sum()
+
+    def forward():
+        return tree_step(model, cache, tokens, prefix, tt, heads=heads, span=prefix_len + T, fused=fused)
+
+    def verify():
+        target = fused_logits(hidden[:, 0], model.head_weight(0), 1, backend=backend).argmax
+        return verify_greedy(tokens, target, tt.paths, backend=backend)
+
     with torch.inference_mode():
-        out = model(tokens, pos, attn=attn)
-        argmax = out.logits[0, :, 0].argmax(-1)
-        path = t.paths[0]
-        count = torch.tensor(int((path >= 0).sum()), device=device)
+        hidden = forward()
         return dict(
-            forward_us=_time_us(lambda: model(tokens, pos, attn=attn), device, iters),
-            verify_us=_time_us(lambda: verify_greedy(tokens[0], argmax, t.paths, backend=backend), device, iters),
-            cache_update_us=_time_us(lambda: kv_compact_(cache.k, cache.v, path, plen, count, backend=backend),
+            forward_us=_time_us(forward, device, iters),
+            verify_us=_time_us(verify, device, iters),
+            cache_update_us=_time_us(lambda: kv_compact_(cache.k, cache.v, path, prefix, count, backend=backend),
                                      device, iters),
+            draft_us=_time_us(lambda: draft_topk(model, hidden[-1], tree.max_depth, tree.topk, backend),
+                              device, iters),
             tree_nodes=T, prefix_len=prefix_len, kernels=kernels,
         )
 
@@ -230,7 +244,7 @@ def format_bench(report: dict) -> str:
         else:
             lines.append(f"\nMEDUSA step breakdown ({kernels}, {b['tree_nodes']} nodes over {b['prefix_len']} "
                          f"cached): forward {b['forward_us']:.0f} us, verification {b['verify_us']:.0f} us, "
-                         f"cache update {b['cache_update_us']:.0f} us")
+                         f"cache update {b['cache_update_us']:.0f} us, next drafts {b['draft_us']:.0f} us")
     return "\n".join(lines) + "\n"
 
 
@@ -248,9 +262,7 @@ def run_bench(device: str = "cuda", json_path=None, model_dir=None, max_new_toke
         raise ValueError(f"max_new_tokens, prompts and prompt_len must be >= 1, "
                          f"got {max_new_tokens}, {prompts}, {prompt_len}")
     dev = pick_device(device)
-    dt = getattr(torch, dtype) if dtype else (torch.float16 if dev.type == "cuda" else torch.float32)
-    if not isinstance(dt, torch.dtype):
-        raise ValueError(f"unknown dtype {dtype!r}")
+    dt = pick_dtype(dtype, dev)
     from mtpkern.generate import generate
 
     models = bench_models(model_dir, quick=quick, device=dev, dtype=dt)

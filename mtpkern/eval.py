@@ -168,6 +168,19 @@ def pick_device(device: str = "auto") -> torch.device:
     return dev
 
 
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+          "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def pick_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+    """A dtype by name; None: float16 on CUDA (the anchors' setting), float32 on CPU."""
+    if dtype is None:
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
 def device_info(device: torch.device, dtype: torch.dtype) -> dict:
     import transformers
 
@@ -475,12 +488,7 @@ def evaluate(paths: list, *, data: str | None = None, json_path=None, device: st
     if max_samples < 1 or max_new_tokens < 1:
         raise ValueError(f"max_samples and max_new_tokens must be >= 1, got {max_samples}, {max_new_tokens}")
     dev = pick_device(device)
-    if dtype is None:
-        dt = torch.float16 if dev.type == "cuda" else torch.float32
-    elif isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype):
-        dt = getattr(torch, dtype)
-    else:
-        raise ValueError(f"unknown dtype {dtype!r}: expected float32, float16 or bfloat16")
+    dt = pick_dtype(dtype, dev)
     models = [evaluate_checkpoint(p, data=data, device=dev, dtype=dt, max_samples=max_samples,
                                   max_new_tokens=max_new_tokens, max_batches=max_batches, batch_size=batch_size,
                                   kernels=kernels, cuda_graph=cuda_graph, hf_baseline=hf_baseline,

@@ -1,0 +1,62 @@
+"""Tests for mtpkern.bench: the quick end-to-end benchmark on a tiny random model on CPU."""
+
+import json
+
+import pytest
+import torch
+
+from mtpkern.bench import bench_models, engine_cases, format_bench, run_bench
+
+
+def test_cases_per_device():
+    models = bench_models(quick=True, device=torch.device("cpu"), dtype=torch.float32)
+    names = [name for name, _, _ in engine_cases(models, torch.device("cpu"))]
+    assert names == ["ntp/eager", "mtp/eager", "mtp/fused", "medusa/eager", "medusa/fused"]
+    # Random heads must not copy the base, or a repetitive random model would "accept" drafts.
+    medusa = models["medusa"]
+    assert all(head.blocks[0].linear.weight.abs().sum() > 0 for head in medusa.medusa)
+    assert not torch.equal(models["mtp"].heads[0].mlp.c_fc.weight, models["mtp"].heads[1].mlp.c_fc.weight)
+
+
+def test_quick_bench_end_to_end(tmp_path):
+    path = tmp_path / "bench.json"
+    report = run_bench(device="cpu", json_path=path, max_new_tokens=6, prompts=2, prompt_len=8,
+                       quick=True, progress=False)
+    assert json.loads(path.read_text()) == report
+    assert report["device"]["type"] == "cpu" and report["device"]["name"]
+    cases = report["cases"]
+    assert set(cases) == {"ntp/eager", "mtp/eager", "mtp/fused", "medusa/eager", "medusa/fused",
+                          "hf/dynamic", "hf/static"}
+    failed = {name: c["error"] for name, c in cases.items() if "error" in c}
+    assert not failed
+    for name, c in cases.items():
+        assert c["tokens_per_second"] > 0 and c["latency_s"] > 0, name
+        if not name.startswith("hf/"):
+            assert c["step_time_us"] > 0 and c["mean_accept_length"] >= 1, name
+            # ntp: one forward per token plus nothing; speculative: never more than that.
+            assert 0 < c["forward_passes_per_token"] <= 1, name
+    assert cases["ntp/eager"]["mean_accept_length"] == 1
+    for kernels in ("eager", "fused"):
+        b = report["step_breakdown"][kernels]
+        assert "error" not in b, b
+        assert min(b["forward_us"], b["verify_us"], b["cache_update_us"], b["draft_us"]) > 0
+    assert "Random weights" in report["weights"]
+
+
+def test_format_bench_shows_failures():
+    report = {"device": {"name": "X", "type": "cpu", "dtype": "float32", "torch": "t", "transformers": "t"},
+              "settings": {"max_new_tokens": 4, "prompts": 1}, "weights": "",
+              "cases": {"ntp/eager": {"tokens_per_second": 10.0, "latency_s": 0.4, "step_time_us": 100.0,
+                                      "mean_accept_length": 1.0, "forward_passes_per_token": 1.0},
+                        "mtp/fused": {"error": "RuntimeError: boom"}},
+              "step_breakdown": {}}
+    table = format_bench(report)
+    assert "| mtp/fused | failed: RuntimeError: boom |" in table
+    assert "| ntp/eager | 10.0 | 0.400 | 100 | 1.00 | 1.00 | 1.00x |" in table
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="must be >= 1"):
+        run_bench(device="cpu", quick=True, prompts=0)
+    with pytest.raises(ValueError, match="unknown dtype"):
+        run_bench(device="cpu", quick=True, dtype="float99")
