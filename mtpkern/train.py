@@ -1,0 +1,714 @@
+"""One trainer for three objectives: next-token (ntp), multi-token (mtp) and MEDUSA-1 (medusa).
+
+Labels are aligned with the inputs (the Hugging Face convention) and ``-100`` marks tokens
+without a target (prompt, padding). Head j at position t predicts token t + j + 1, so its loss
+is the cross-entropy against the labels shifted by j + 1:
+
+    CE_j = (1 / N_j) * sum_{b, t} -log softmax(z_j[b, t])[labels[b, t + j + 1]]
+
+over the N_j positions whose shifted label is not -100. The objectives:
+
+    ntp:    L = CE_0                                  all parameters
+    mtp:    L = (1 / n) * sum_{j < n} CE_j            all parameters (Gloeckle et al. 2024)
+    medusa: L = sum_k w_k * CE_{k+1},  w_k = 0.8**k   MEDUSA heads only, the base frozen
+                                                      (MEDUSA-1, Cai et al. 2024)
+
+Within a training step N_j counts the whole global batch (every micro-batch of every process),
+so a step's gradient does not depend on how the batch is split for gradient accumulation or
+over processes.
+
+MTP uses the paper's memory-efficient order: the trunk runs forward once; each head then runs
+forward, computes its loss and backpropagates to the trunk output, whose gradient accumulates,
+freeing its logits before the next head; one trunk backward ends the step. Peak logits memory
+is O(V) instead of O(nV).
+
+Distributed: under ``torchrun`` (``WORLD_SIZE`` > 1) the trainer initialises the process group
+(nccl on GPU, gloo on CPU), shards every global batch deterministically over the ranks and
+wraps the model in DistributedDataParallel; rank 0 writes logs and checkpoints between
+barriers. ``batch_size`` is per process: the global batch is batch_size x grad_accum x world.
+DDP's reducer expects one backward per forward, which the MTP order breaks (n + 1 backward
+calls per micro-batch, none through ``DDP.forward``): for MTP the backward calls run under
+``no_sync()`` and the gradients are averaged afterwards in one flat all-reduce per step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import resource
+import signal
+import threading
+import time
+from dataclasses import asdict, dataclass, field, fields
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mtpkern.checkpoint import CheckpointError, atomic_directory, require_file
+from mtpkern.data import (
+    IGNORE_INDEX,
+    SFTDataset,
+    collate,
+    load_records,
+    load_tokenizer,
+    split_records,
+    train_tokenizer,
+)
+from mtpkern.model import GPT2, GPT2Config, MedusaModel, MTPModel, load_model
+
+OBJECTIVES = ("ntp", "mtp", "medusa")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+SHAPES = ("tiny", "gpt2")
+CHECKPOINT_DIR = "checkpoint"
+STATE_NAME = "trainer_state.pt"
+LOG_NAME = "log.jsonl"
+MIN_LR_RATIO = 0.1  # the cosine decays to 10% of the peak learning rate (nanoGPT, Chinchilla)
+_FAMILY = {"ntp": GPT2, "mtp": MTPModel, "medusa": MedusaModel}
+
+
+# ----------------------------------------------------------------------------- config
+
+
+@dataclass
+class TrainConfig:
+    """One field per CLI flag. ``None`` fields are resolved per objective in ``__post_init__``;
+    invalid values raise ``ValueError`` with a one-line message."""
+
+    objective: str  # "ntp" | "mtp" | "medusa"
+    out: str  # output directory
+    base: str | None = None  # HF GPT-2 name/dir or an mtpkern checkpoint dir; required for medusa
+    config: str = "tiny"  # model shape when training from scratch: "tiny" | "gpt2" (124M)
+    data: str = "synthetic"  # "synthetic" | "metamathqa" | a .json/.jsonl path
+    data_limit: int | None = None
+    steps: int | None = None  # optimizer steps; exactly one of steps / epochs (default 200 steps)
+    epochs: float | None = None
+    batch_size: int = 16  # per process
+    grad_accum: int = 1
+    lr: float | None = None  # default 3e-4 (ntp, mtp), 1e-3 (medusa)
+    weight_decay: float = 0.1
+    warmup: int | None = None  # warmup steps, default 5% of the total
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    n_heads: int | None = None  # default mtp 4, medusa 5 (ntp has 1)
+    medusa_layers: int = 1
+    head_weights: list[float] | None = None  # MEDUSA loss weights, default 0.8**k for head k
+    precision: str = "auto"  # "auto" | "fp32" | "bf16" | "fp16"
+    device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
+    grad_checkpointing: bool = False
+    max_len: int = 256
+    vocab_size: int = 2048  # for a tokenizer trained on the data (no base tokenizer)
+    eval_every: int = 100
+    eval_batches: int = 20
+    save_every: int = 200
+    log_every: int = 10
+    seed: int = 0
+    resume: bool = False
+    stop_after: int | None = None  # end this run after that many steps (checkpointed); the
+    #                                schedule still spans `steps`, so a resumed run continues it
+    val_fraction: float = 0.05
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"unknown objective {self.objective!r}: expected one of {OBJECTIVES}")
+        if self.steps is not None and self.epochs is not None:
+            raise ValueError("set steps or epochs, not both")
+        if self.steps is None and self.epochs is None:
+            self.steps = 200
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.epochs is not None and not self.epochs > 0:
+            raise ValueError(f"epochs must be > 0, got {self.epochs}")
+        if self.objective == "medusa" and not self.base:
+            raise ValueError("objective 'medusa' needs a trained base model (base=...): MEDUSA-1 freezes it")
+        if self.config not in SHAPES:
+            raise ValueError(f"unknown model config {self.config!r}: expected one of {SHAPES}")
+        if self.lr is None:
+            self.lr = 1e-3 if self.objective == "medusa" else 3e-4
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        default_heads = {"ntp": 1, "mtp": 4, "medusa": 5}[self.objective]
+        if self.n_heads is None:
+            self.n_heads = default_heads
+        if self.n_heads < 1 or (self.objective == "ntp" and self.n_heads != 1):
+            raise ValueError(f"n_heads={self.n_heads} is invalid for objective {self.objective!r}")
+        if self.objective == "medusa":
+            if self.head_weights is None:
+                self.head_weights = [0.8**k for k in range(self.n_heads)]
+            if len(self.head_weights) != self.n_heads:
+                raise ValueError(f"head_weights has {len(self.head_weights)} entries for {self.n_heads} MEDUSA heads")
+        for name in ("batch_size", "grad_accum", "medusa_layers", "eval_every", "eval_batches",
+                     "save_every", "log_every", "vocab_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_len < 2:
+            raise ValueError(f"max_len must be >= 2, got {self.max_len}")
+        if self.warmup is not None and self.warmup < 0:
+            raise ValueError(f"warmup must be >= 0, got {self.warmup}")
+        if self.grad_clip < 0 or self.weight_decay < 0:
+            raise ValueError("grad_clip and weight_decay must be >= 0")
+        if self.stop_after is not None and self.stop_after < 1:
+            raise ValueError(f"stop_after must be >= 1, got {self.stop_after}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r}: expected one of {PRECISIONS}")
+        device = resolve_device(self.device)
+        if self.precision == "fp16" and device.type != "cuda":
+            raise ValueError("precision 'fp16' needs a CUDA device (use fp32 or bf16 on CPU)")
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """"auto" -> the process's GPU (LOCAL_RANK under torchrun) if CUDA is available, else CPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}: expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        raise ValueError(f"unsupported device {name!r}: expected auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available")
+    index = local_rank if device.index is None else device.index
+    if index >= torch.cuda.device_count():
+        raise ValueError(f"device cuda:{index} does not exist ({torch.cuda.device_count()} GPUs)")
+    return torch.device("cuda", index)
+
+
+def lr_at(step: int, *, lr: float, warmup: int, total: int) -> float:
+    """Learning rate of optimizer step ``step`` (0-based): linear warmup over ``warmup`` steps,
+    then cosine decay to MIN_LR_RATIO * lr at ``total``. A pure function of the step, so a
+    resumed run needs no scheduler state beyond the step."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return lr * (MIN_LR_RATIO + (1 - MIN_LR_RATIO) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def head_logits(model: nn.Module, hidden_j: torch.Tensor, j: int) -> torch.Tensor:
+    """Head j's float logits from its hidden states [..., D]: hidden_j @ W_j^T."""
+    return (hidden_j @ _unwrap(model).head_weight(j).T).float()
+
+
+def head_loss(model, hidden_j: torch.Tensor, labels: torch.Tensor, j: int, n_tokens=None) -> torch.Tensor:
+    """CE_j = (1 / N_j) sum_{b,t} -log softmax(hidden_j[b, t] W_j^T)[labels[b, t + j + 1]],
+    over labels that are not -100. N_j = ``n_tokens[j]`` when given (a global count), else the
+    number of such labels in this batch. Logits exist only for positions that have a target."""
+    T = labels.shape[1]
+    target = labels[:, j + 1 :]
+    logits = head_logits(model, hidden_j[:, : T - j - 1], j)
+    ce = F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    n = (target != IGNORE_INDEX).sum().clamp(min=1) if n_tokens is None else max(n_tokens[j], 1)
+    return ce / n
+
+
+def _forward_loss(model, idx, labels, heads, weights, n_tokens=None):
+    """One forward, then sum_j weights[j] * CE_{heads[j]}; returns (loss, per-head CE)."""
+    hidden = model(idx, logits=False).hidden
+    per_head = [head_loss(model, hidden[:, :, j], labels, j, n_tokens) for j in heads]
+    loss = sum(w * ce for w, ce in zip(weights, per_head))
+    return loss, torch.stack(per_head).detach()
+
+
+def ntp_loss(model, idx, labels, *, n_tokens=None):
+    """L = CE_0 (plain next-token prediction). Returns (loss, per_head [1])."""
+    return _forward_loss(model, idx, labels, [0], [1.0], n_tokens)
+
+
+def mtp_loss_naive(model, idx, labels, *, n_tokens=None) -> torch.Tensor:
+    """L = (1/n) sum_j CE_j from one full forward: all n heads' logits are alive at once.
+    The reference for ``mtp_loss_and_backward`` and the baseline of the memory benchmark."""
+    J = _unwrap(model).n_heads
+    return _forward_loss(model, idx, labels, range(J), [1.0 / J] * J, n_tokens)[0]
+
+
+def medusa_loss(model, idx, labels, head_weights, *, n_tokens=None):
+    """MEDUSA-1: L = sum_k w_k CE_{k+1} over the MEDUSA heads only (model head k + 1 predicts
+    token t + k + 2); the frozen base (head 0) gets no loss. Returns (loss, per_head [n])."""
+    n = _unwrap(model).n_heads - 1
+    if len(head_weights) != n:
+        raise ValueError(f"{len(head_weights)} head weights for {n} MEDUSA heads")
+    return _forward_loss(model, idx, labels, range(1, n + 1), list(head_weights), n_tokens)
+
+
+def mtp_loss_and_backward(model: MTPModel, idx, labels, *, scale: float = 1.0, n_tokens=None, scaler=None):
+    """Backpropagate scale * L, L = (1/n) sum_j CE_j, in Gloeckle et al.'s memory-efficient order.
+
+    The trunk runs forward once; its output h is detached into a leaf. Each head j then runs
+    forward on the leaf, computes CE_j and backpropagates it into the head's weights and the
+    leaf's gradient, and its graph (logits included) is freed before the next head. A final
+    trunk backward with the accumulated dL/dh ends the pass. Gradients equal those of
+    ``mtp_loss_naive`` (the same sum, split by linearity). Call it inside the caller's autocast;
+    the backward calls run with autocast off, as PyTorch recommends. ``scaler`` is an optional
+    ``torch.amp.GradScaler`` (fp16). Returns detached (L, per_head [n]) tensors: no host sync.
+    """
+    J = model.n_heads
+    h = model.trunk_forward(idx)
+    h_leaf = h.detach().requires_grad_()
+    per_head = []
+    backward = torch.autocast(idx.device.type, enabled=False)
+    for j in range(J):
+        ce = head_loss(model, model.head_forward(j, h_leaf), labels, j, n_tokens)
+        part = ce * (scale / J)
+        with backward:
+            (scaler.scale(part) if scaler is not None else part).backward()
+        per_head.append(ce.detach())
+    with backward:
+        h.backward(h_leaf.grad)
+    per_head = torch.stack(per_head)
+    return per_head.mean(), per_head
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate_heads(model, loader, device, max_batches: int | None = None) -> dict:
+    """Validation metrics of every head at its true offset (head j vs token t + j + 1; labels
+    -100 ignored): ``loss`` / ``ppl`` of the next-token path (head 0), and per head
+    ``head_loss``, ``acc_top1``, ``acc_top5`` and ``n_tokens`` (lists of length J)."""
+    model = _unwrap(model)
+    was_training = model.training
+    model.eval()
+    J = model.n_heads
+    stats = torch.zeros(4, J, dtype=torch.float64, device=device)  # ce sum, top-1, top-5, count
+    for i, batch in enumerate(loader):
+        if max_batches is not None and i >= max_batches:
+            break
+        idx = batch["input_ids"].to(device)
+        labels = batch["labels"].to(device)
+        hidden = model(idx, logits=False).hidden
+        T = labels.shape[1]
+        for j in range(J):
+            target = labels[:, j + 1 :]
+            valid = target != IGNORE_INDEX
+            logits = head_logits(model, hidden[:, : T - j - 1, j][valid], j)
+            target = target[valid]
+            top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+            stats[0, j] += F.cross_entropy(logits, target, reduction="sum")
+            stats[1, j] += (top[:, 0] == target).sum()
+            stats[2, j] += (top == target[:, None]).any(-1).sum()
+            stats[3, j] += valid.sum()
+    model.train(was_training)
+    ce, top1, top5, count = stats.cpu().tolist()
+    mean = [c / max(n, 1) for c, n in zip(ce, count)]
+    return {
+        "loss": mean[0],
+        "ppl": math.exp(min(mean[0], 50.0)),
+        "head_loss": mean,
+        "acc_top1": [c / max(n, 1) for c, n in zip(top1, count)],
+        "acc_top5": [c / max(n, 1) for c, n in zip(top5, count)],
+        "n_tokens": [int(n) for n in count],
+    }
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+@dataclass
+class TrainResult:
+    checkpoint: str  # the final checkpoint directory (mtpkern.load_model reads it)
+    log_path: str
+    steps: int  # optimizer steps done (in all runs of a resumed training)
+    val_loss: float | None  # the last evaluation's next-token loss (None if none ran)
+    val_ppl: float | None
+    head_acc: list[float] | None  # per-head top-1 accuracy at the true offsets
+    head_acc_top5: list[float] | None
+    wall_time_s: float
+    peak_memory_bytes: int  # CUDA max_memory_allocated, or the process's peak RSS on CPU
+    interrupted: bool  # stopped by a signal or stop_after before the last step
+    model: nn.Module | None = field(default=None, repr=False)  # the trained model (eval mode)
+
+
+class _StopRequest:
+    """Ctrl-C / SIGTERM set a flag; the loop checkpoints and exits at the end of the step.
+    A second signal raises KeyboardInterrupt (the atomic checkpoint write survives it)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # signal() only works there
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _has_tokenizer(directory: Path) -> bool:
+    return any((directory / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json"))
+
+
+def _build_model(cfg: TrainConfig, train_records, checkpoint: Path, world: int):
+    """(model, tokenizer): resumed, from ``cfg.base``, or from scratch with a new tokenizer."""
+    if cfg.resume:
+        model = load_model(checkpoint)
+        if not isinstance(model, _FAMILY[cfg.objective]):
+            raise ValueError(f"cannot resume objective {cfg.objective!r} from a {type(model).__name__} checkpoint")
+        return model, load_tokenizer(checkpoint)
+    torch.manual_seed(cfg.seed)
+    tokenizer = None
+    if cfg.base:
+        base = load_model(cfg.base).float()
+        base_dir = Path(cfg.base)
+        if not base_dir.exists():  # a hub name: its tokenizer comes from the hub too
+            tokenizer = load_tokenizer(cfg.base)
+        elif _has_tokenizer(base_dir):
+            tokenizer = load_tokenizer(base_dir)
+    if tokenizer is None:
+        tokenizer = _rank0_tokenizer(train_records, cfg.vocab_size, world)
+    if not cfg.base:
+        shape = GPT2Config.tiny(len(tokenizer)) if cfg.config == "tiny" else GPT2Config(vocab_size=len(tokenizer))
+        shape.n_positions = max(shape.n_positions, cfg.max_len)
+        base = GPT2(shape)
+    model = _model_for_objective(base, cfg)
+    if len(tokenizer) > model.config.vocab_size:
+        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model only {model.config.vocab_size}")
+    return model, tokenizer
+
+
+def _rank0_tokenizer(records, vocab_size, world):
+    """Train a tokenizer on rank 0 and share it, so every rank tokenizes identically."""
+    tok = [train_tokenizer(records, vocab_size) if not dist.is_initialized() or dist.get_rank() == 0 else None]
+    if world > 1:
+        dist.broadcast_object_list(tok, src=0)
+    return tok[0]
+
+
+def _model_for_objective(base, cfg: TrainConfig):
+    family = _FAMILY[cfg.objective]
+    if isinstance(base, family):  # continue training a model of the same family
+        if cfg.objective != "ntp" and base.config.n_heads != cfg.n_heads:
+            raise ValueError(f"base {cfg.base} has {base.config.n_heads} heads, not n_heads={cfg.n_heads}")
+        return base
+    if type(base) is not GPT2:
+        raise ValueError(f"objective {cfg.objective!r} cannot start from a {type(base).__name__} base ({cfg.base})")
+    if cfg.objective == "mtp":
+        return MTPModel.from_base(base, n_heads=cfg.n_heads)
+    return MedusaModel.from_base(base, n_heads=cfg.n_heads, n_layers=cfg.medusa_layers)
+
+
+def _optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices and embeddings only, not on biases and LayerNorms."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+
+
+def _read_state(checkpoint: Path) -> dict:
+    path = require_file(checkpoint, STATE_NAME)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch.load raises many kinds on a damaged file
+        raise CheckpointError(f"{path} is corrupt or truncated: {e}") from None
+
+
+def _save_checkpoint(path: Path, model, tokenizer, state: dict) -> None:
+    """Model + tokenizer + trainer state, published in one atomic rename: a crash mid-write
+    leaves the previous checkpoint whole."""
+    with atomic_directory(path) as tmp:
+        model.save_pretrained(tmp, tokenizer=tokenizer)
+        torch.save(state, tmp / STATE_NAME)
+
+
+def _all_reduce_grads(params: list[torch.Tensor], world: int) -> None:
+    """Average the gradients over the processes in one flat all-reduce (the MTP path)."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.flatten() for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    for p, g in zip(params, flat.split([g.numel() for g in grads])):
+        p.grad = g.view_as(p)
+
+
+class _Batches:
+    """Deterministic, step-indexed batches: epoch e is a permutation seeded by seed + e, step s
+    takes the (s mod steps_per_epoch)-th global batch of it, and micro-batch m of rank r takes
+    rows (m * world + r) * batch_size onwards. The data position is the step alone."""
+
+    def __init__(self, dataset, batch_size, grad_accum, world, rank, seed, pad_id, n_heads):
+        self.dataset, self.batch_size, self.grad_accum = dataset, batch_size, grad_accum
+        self.world, self.rank, self.seed, self.pad_id, self.n_heads = world, rank, seed, pad_id, n_heads
+        self.global_batch = batch_size * grad_accum * world
+        self.steps_per_epoch = len(dataset) // self.global_batch
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"the global batch of {self.global_batch} exceeds the {len(dataset)} training examples")
+        self._epoch, self._perm = None, None
+
+    def __call__(self, step: int):
+        """Micro-batches [(input_ids, labels)] of this rank, the global label counts N_j per head
+        and the global number of real tokens."""
+        epoch, i = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._perm = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.seed + epoch))
+        rows = self._perm[i * self.global_batch : (i + 1) * self.global_batch].tolist()
+        batch = collate([self.dataset[r] for r in rows], self.pad_id)
+        labels, lengths = batch["labels"], batch["attention_mask"].sum(1)
+        n_tokens = [int((labels[:, j + 1 :] != IGNORE_INDEX).sum()) for j in range(self.n_heads)]
+        micro = []
+        for m in range(self.grad_accum):
+            lo = (m * self.world + self.rank) * self.batch_size
+            sl = slice(lo, lo + self.batch_size)
+            L = int(lengths[sl].max())  # trim the padding this micro-batch does not need
+            micro.append((batch["input_ids"][sl, :L], labels[sl, :L]))
+        return micro, n_tokens, int(lengths.sum())
+
+
+def _amp_dtype(precision: str, device: torch.device):
+    if precision == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Train ``cfg.objective`` and write OUT/checkpoint, OUT/log.jsonl, OUT/train_config.json and
+    OUT/summary.json (see the module docstring). Works unchanged under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    created = False
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0"))).type == "cuda" else "gloo"
+        dist.init_process_group(backend)
+        created = True
+    try:
+        return _train(cfg, world)
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, world: int) -> TrainResult:
+    t_start = time.perf_counter()
+    rank = dist.get_rank() if world > 1 else 0
+    main = rank == 0
+    device = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    out = Path(cfg.out)
+    ckpt_dir, log_path = out / CHECKPOINT_DIR, out / LOG_NAME
+    state = None
+    if cfg.resume:
+        state = _read_state(ckpt_dir)
+        if state["config"]["objective"] != cfg.objective:
+            raise ValueError(f"{ckpt_dir} was trained with objective {state['config']['objective']!r}, not {cfg.objective!r}")
+    elif ckpt_dir.exists():
+        raise ValueError(f"{ckpt_dir} already exists: pass resume=True to continue it, or choose another out")
+
+    records = load_records(cfg.data, seed=cfg.seed, limit=cfg.data_limit)
+    train_records, val_records = split_records(records, cfg.val_fraction, cfg.seed)
+    model, tokenizer = _build_model(cfg, train_records, ckpt_dir, world)
+    max_len = min(cfg.max_len, model.config.n_positions)  # a base's shorter context wins
+    train_ds = SFTDataset(train_records, tokenizer, max_len)
+    val_ds = SFTDataset(val_records, tokenizer, max_len)
+    batches = _Batches(train_ds, cfg.batch_size, cfg.grad_accum, world, rank, cfg.seed,
+                       tokenizer.pad_token_id, model.n_heads)
+    total = cfg.steps or math.ceil(cfg.epochs * batches.steps_per_epoch)
+    stop_at = min(total, cfg.stop_after) if cfg.stop_after else total
+    warmup = cfg.warmup if cfg.warmup is not None else round(0.05 * total)
+    val_loader = torch.utils.data.DataLoader(val_ds, batch_size=cfg.batch_size,
+                                             collate_fn=partial(collate, pad_id=tokenizer.pad_token_id))
+
+    model.to(device)
+    model.gradient_checkpointing = cfg.grad_checkpointing
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = _optimizer(model, cfg, device)
+    amp_dtype = _amp_dtype(cfg.precision, device)
+    autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
+    step, elapsed_before, tokens_seen = 0, 0.0, 0
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        step, elapsed_before, tokens_seen = state["step"], state["elapsed_s"], state["tokens"]
+        torch.set_rng_state(state["rng"]["torch"])
+        if device.type == "cuda" and "cuda" in state["rng"]:
+            torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+    ddp = None
+    if world > 1:
+        ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+        kept = []
+        if cfg.resume and log_path.exists():  # drop records a killed run wrote after its checkpoint
+            kept = [ln for ln in log_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+        log_path.write_text("".join(ln + "\n" for ln in kept))
+
+    def log(record: dict):
+        if main:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def save():
+        if world > 1:
+            dist.barrier()
+        if main:
+            rng = {"torch": torch.get_rng_state()}
+            if device.type == "cuda":
+                rng["cuda"] = torch.cuda.get_rng_state(device)
+            _save_checkpoint(ckpt_dir, model, tokenizer, {
+                "step": step, "total_steps": total, "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(), "rng": rng, "config": asdict(cfg), "tokens": tokens_seen,
+                "elapsed_s": elapsed_before + time.perf_counter() - t_start,
+                "data_position": {"epoch": step // batches.steps_per_epoch,
+                                  "batch_in_epoch": step % batches.steps_per_epoch},
+            })
+        if world > 1:
+            dist.barrier()
+
+    def evaluate() -> dict | None:
+        if not main or len(val_ds) == 0:
+            return None
+        with autocast:
+            m = evaluate_heads(model, val_loader, device, cfg.eval_batches)
+        log({"kind": "eval", "step": step, "val_loss": m["loss"], "val_ppl": m["ppl"],
+             "val_head_loss": m["head_loss"], "val_acc_top1": m["acc_top1"], "val_acc_top5": m["acc_top5"]})
+        return m
+
+    # the logged objective and per-head losses, summed over the steps of a log interval
+    n_logged = model.n_heads - 1 if cfg.objective == "medusa" else model.n_heads
+    interval = torch.zeros(1 + n_logged, device=device)
+    interval_steps, interval_tokens, t_interval = 0, 0, time.perf_counter()
+    metrics, interrupted = None, False
+    progress = _progress_bar(cfg, main, total, step)
+    with _StopRequest() as stop:
+        while step < stop_at:
+            micro, n_tokens, n_real = batches(step)
+            lr = lr_at(step, lr=cfg.lr, warmup=warmup, total=total)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            for m, (idx, labels) in enumerate(micro):
+                idx = idx.to(device, non_blocking=True)
+                labels = labels.to(device, non_blocking=True)
+                last = m == len(micro) - 1
+                # DDP averages gradients over ranks; scaling by world turns that into the sum
+                # the global N_j normalisation needs
+                if cfg.objective == "mtp":
+                    with (ddp.no_sync() if ddp else contextlib.nullcontext()), autocast:
+                        loss, per_head = mtp_loss_and_backward(model, idx, labels, scale=world,
+                                                               n_tokens=n_tokens, scaler=scaler)
+                else:
+                    with (ddp.no_sync() if ddp and not last else contextlib.nullcontext()):
+                        with autocast:
+                            if cfg.objective == "ntp":
+                                loss, per_head = ntp_loss(ddp or model, idx, labels, n_tokens=n_tokens)
+                            else:
+                                loss, per_head = medusa_loss(ddp or model, idx, labels, cfg.head_weights,
+                                                             n_tokens=n_tokens)
+                        scaler.scale(loss * world).backward()
+                interval += torch.cat([loss.detach().reshape(1), per_head])
+            if cfg.objective == "mtp" and ddp:
+                _all_reduce_grads(params, world)
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 else None
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens_seen += n_real
+            interval_steps += 1
+            interval_tokens += n_real
+            progress.update(1)
+
+            stopping = stop.requested
+            if step % cfg.log_every == 0 or step == stop_at:
+                # one host sync per log step; under DDP it also agrees on a stop request
+                flags = torch.cat([interval, torch.tensor([float(stop.requested)], device=device)])
+                if ddp:
+                    dist.all_reduce(flags)
+                flags = flags.tolist()
+                stopping = flags[-1] > 0
+                dt = time.perf_counter() - t_interval
+                record = {
+                    "kind": "train", "step": step, "loss": flags[0] / interval_steps,
+                    "head_losses": [x / interval_steps for x in flags[1:-1]], "lr": lr,
+                    "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                    "tokens_per_s": interval_tokens / max(dt, 1e-9), "peak_memory_bytes": _peak_memory(device),
+                    "elapsed_s": elapsed_before + time.perf_counter() - t_start,
+                }
+                log(record)
+                progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
+                interval.zero_()
+                interval_steps, interval_tokens = 0, 0
+            elif ddp:
+                stopping = False  # ranks agree on stopping at log steps only (no per-step sync)
+            t_pause = time.perf_counter()
+            if step % cfg.eval_every == 0 or step == total:
+                metrics = evaluate() or metrics
+            if step % cfg.save_every == 0 or step == stop_at or stopping:
+                save()
+            if step % cfg.log_every == 0 or step == stop_at:
+                t_interval = time.perf_counter()
+            else:
+                t_interval += time.perf_counter() - t_pause  # eval and saving are not training time
+            if stopping:
+                break
+    progress.close()
+    interrupted = step < total
+    if world > 1:
+        shared = [metrics]
+        dist.broadcast_object_list(shared, src=0)
+        metrics = shared[0]
+    wall = elapsed_before + time.perf_counter() - t_start
+    peak = _peak_memory(device)
+    result = TrainResult(
+        checkpoint=str(ckpt_dir), log_path=str(log_path), steps=step,
+        val_loss=metrics["loss"] if metrics else None, val_ppl=metrics["ppl"] if metrics else None,
+        head_acc=metrics["acc_top1"] if metrics else None, head_acc_top5=metrics["acc_top5"] if metrics else None,
+        wall_time_s=wall, peak_memory_bytes=peak, interrupted=interrupted, model=model.eval(),
+    )
+    if main:
+        summary = {f.name: getattr(result, f.name) for f in fields(result) if f.name != "model"}
+        summary.update(
+            objective=cfg.objective, total_steps=total, tokens=tokens_seen, tokens_per_s=tokens_seen / max(wall, 1e-9),
+            time_per_epoch_s=wall * batches.steps_per_epoch / max(step, 1),
+            peak_memory_kind="cuda_max_memory_allocated" if device.type == "cuda" else "peak_rss",
+            parameters=model.num_parameters(), trainable_parameters=model.num_parameters(trainable_only=True),
+        )
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return result
+
+
+def _progress_bar(cfg: TrainConfig, main: bool, total: int, step: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=step, desc=f"train {cfg.objective}", disable=not (main and cfg.progress),
+                dynamic_ncols=True)
