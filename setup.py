@@ -1,5 +1,107 @@
-# Placeholder build script; the CUDA extension build is added with the kernels.
+"""Build script: the Python package, plus the optional C++/CUDA extension ``mtpkern._C``.
+
+The extension is built whenever the installed torch has CUDA and a CUDA toolkit (nvcc) is
+found; a GPU is not needed to build it. Without it the package still works (eager fallbacks).
+
+Switches (environment variables):
+  MTPKERN_SKIP_CUDA_BUILD=1   build no extension
+  MTPKERN_FORCE_CUDA_BUILD=1  a missing toolkit (or a CPU-only torch) is an error
+  TORCH_CUDA_ARCH_LIST        architectures to compile for (default: the visible GPU, else 8.0;9.0[;10.0])
+  MAX_JOBS                    parallel compile jobs (default: sized to cores and memory)
+
+Install: ``pip install --no-build-isolation -e .`` (the build needs the installed torch).
+"""
+
+import glob
+import os
+import shutil
+import subprocess
+
 from setuptools import find_packages, setup
+
+SKIP = os.environ.get("MTPKERN_SKIP_CUDA_BUILD", "0") == "1"
+FORCE = os.environ.get("MTPKERN_FORCE_CUDA_BUILD", "0") == "1"
+
+
+def find_cuda_home():
+    """The CUDA toolkit root: $CUDA_HOME / $CUDA_PATH, else the toolkit holding nvcc."""
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")):
+        if home:
+            return home
+    candidates = []
+    nvcc = shutil.which("nvcc")
+    if nvcc:  # nvcc may be a wrapper script outside the toolkit, so check for the headers
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    candidates.append("/usr/local/cuda")
+    for home in candidates:
+        if os.path.exists(os.path.join(home, "include", "cuda_runtime.h")):
+            return home
+    return None
+
+
+def default_arch_list(cuda_home):
+    """Ampere and Hopper, plus Blackwell when this nvcc knows it (one small extra pass)."""
+    archs = ["8.0", "9.0"]
+    try:
+        known = subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "--list-gpu-arch"],
+                               capture_output=True, text=True, check=True).stdout
+        if "compute_100" in known:
+            archs.append("10.0")
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return ";".join(archs)
+
+
+def default_max_jobs():
+    """One job per core, but at most one per 2 GB of memory (nvcc on torch headers is hungry)."""
+    cores = os.cpu_count() or 1
+    try:
+        mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError, AttributeError):
+        return cores
+    return max(1, min(cores, int(mem_gb // 2)))
+
+
+def cuda_extensions():
+    """The extension list and build_ext class, or ([], {}) when nothing is built."""
+    if SKIP:
+        print("mtpkern: MTPKERN_SKIP_CUDA_BUILD=1, not building the CUDA extension")
+        return [], {}
+    import torch
+
+    cuda_home = find_cuda_home()
+    problem = None
+    if torch.version.cuda is None:
+        problem = f"torch {torch.__version__} has no CUDA"
+    elif cuda_home is None:
+        problem = "no CUDA toolkit found (set CUDA_HOME or put nvcc on PATH)"
+    if problem:
+        if FORCE:
+            raise RuntimeError(f"mtpkern: MTPKERN_FORCE_CUDA_BUILD=1 but {problem}")
+        print(f"mtpkern: {problem}; building without the CUDA extension (eager fallbacks)")
+        return [], {}
+
+    os.environ["CUDA_HOME"] = cuda_home  # read by torch.utils.cpp_extension at import
+    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        os.environ["TORCH_CUDA_ARCH_LIST"] = default_arch_list(cuda_home)
+    os.environ.setdefault("MAX_JOBS", str(default_max_jobs()))
+
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cuda/*.cu"))
+    # No --use_fast_math: verification compares probabilities and must match the reference.
+    # No -std flag: torch adds the standard its headers need (C++17 up to 2.12, C++20 after).
+    common = ["-O3", "-DNDEBUG"]
+    ext = CUDAExtension(
+        name="mtpkern._C",
+        sources=sources,
+        include_dirs=[os.path.abspath("csrc")],
+        extra_compile_args={"cxx": common, "nvcc": common + ["-lineinfo"]},
+    )
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = cuda_extensions()
 
 setup(
     name="mtpkern",
@@ -9,4 +111,6 @@ setup(
     install_requires=["torch>=2.4", "transformers>=4.40", "tokenizers", "safetensors", "numpy", "tqdm", "matplotlib", "sacrebleu"],
     extras_require={"test": ["pytest", "pytest-benchmark", "hypothesis"], "data": ["datasets"]},
     entry_points={"console_scripts": ["mtpkern=mtpkern.cli:main"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
 )

@@ -1,0 +1,41 @@
+// CPU kernel of mtpkern::kv_compact_. Unlike the CUDA kernel (which skips bad indices, as it
+// cannot raise without a sync), it raises on any index outside the cache.
+#include <torch/library.h>
+
+#include <cstring>
+#include <vector>
+
+#include "mtpkern.h"
+
+namespace mtpkern {
+
+void kv_compact_cpu(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& path, const at::Tensor& prefix_len,
+                    const at::Tensor& count) {
+  check_kv_compact(k_cache, v_cache, path, prefix_len, count);
+  const int64_t N = path.size(0), S = k_cache.size(3);
+  const int64_t prefix = load_index(prefix_len.data_ptr(), prefix_len.scalar_type() == at::kLong);
+  const int64_t n = load_index(count.data_ptr(), count.scalar_type() == at::kLong);
+  TORCH_CHECK_VALUE(n >= 0 && n <= N, "kv_compact_: count = ", n, " is outside [0, ", N, "]");
+  const int64_t* idx = path.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK_VALUE(move_in_range(idx[i], i, prefix, S), "kv_compact_: path[", i, "] = ", idx[i],
+                      " with prefix_len = ", prefix, " moves slot ", prefix + idx[i], " to slot ", prefix + i,
+                      ", outside the cache's ", S, " slots");
+  }
+  const int64_t row = k_cache.size(4) * k_cache.element_size();  // bytes per (slot) vector
+  const int64_t slices = k_cache.size(0) * k_cache.size(1) * k_cache.size(2);
+  std::vector<char> staged(n * row);
+  for (at::Tensor* cache : {&k_cache, &v_cache}) {
+    char* base = static_cast<char*>(cache->data_ptr());
+    for (int64_t s = 0; s < slices; ++s) {
+      char* slice = base + s * S * row;
+      // All reads before any write: sources and destinations may overlap.
+      for (int64_t i = 0; i < n; ++i) std::memcpy(staged.data() + i * row, slice + (prefix + idx[i]) * row, row);
+      for (int64_t i = 0; i < n; ++i) std::memcpy(slice + (prefix + i) * row, staged.data() + i * row, row);
+    }
+  }
+}
+
+TORCH_LIBRARY_IMPL(mtpkern, CPU, m) { m.impl("kv_compact_", &kv_compact_cpu); }
+
+}  // namespace mtpkern

@@ -1,0 +1,26 @@
+// The mtpkern operator library: schemas of the C++ ops, and the stub that makes this shared
+// object importable as the Python module mtpkern._C (importing it registers the ops).
+// Kernels: csrc/<op>_cpu.cpp (CPU) and csrc/cuda/<op>.cu (CUDA); fake implementations for
+// torch.compile live beside the public functions in mtpkern/ops/<op>.py.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// Importing mtpkern._C loads this library and so runs the TORCH_LIBRARY registrations below;
+// the module itself is empty (the ops are reached through torch.ops.mtpkern).
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(mtpkern, m) {
+  m.def("tree_buffers(Tensor parents, int max_depth) -> (Tensor mask, Tensor depth, Tensor retrieve, Tensor is_leaf)");
+  m.def(
+      "verify_greedy(Tensor tree_tokens, Tensor target_argmax, Tensor paths) -> (Tensor accept_len, Tensor best_path, "
+      "Tensor last_node, Tensor tokens)");
+  m.def(
+      "verify_typical(Tensor tree_tokens, Tensor target_argmax, Tensor node_prob, Tensor parent_entropy, Tensor paths, "
+      "float epsilon, float alpha) -> (Tensor accept_len, Tensor best_path, Tensor last_node, Tensor tokens)");
+  m.def("kv_compact_(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor path, Tensor prefix_len, Tensor count) -> ()");
+}
