@@ -1,0 +1,73 @@
+"""KV-cache compaction after verification: move the accepted path's K and V into place, in place.
+
+After a tree step the cache holds the T tree nodes at slots prefix_len .. prefix_len + T - 1.
+The accepted path (root first) must end up contiguous after the prefix, for every layer, batch
+row and head, in one launch. ``prefix_len`` and ``count`` are device tensors, so the op never
+syncs with the host and can sit inside a CUDA graph.
+
+Kernels: ``csrc/kv_compact_cpu.cpp`` and ``csrc/cuda/kv_compact.cu`` (op ``mtpkern::kv_compact_``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from mtpkern.ops import _backend
+
+
+def kv_compact_ref_(k_cache: Tensor, v_cache: Tensor, path: Tensor, prefix_len: Tensor, count: Tensor) -> None:
+    """Eager reference. For caches [L, B, H, S, Dh], every l, b, h and i < count, at once:
+
+        cache[l, b, h, prefix_len + i] <- cache[l, b, h, prefix_len + path[i]]   (old values)
+
+    Reads (index_select) happen before writes (index_copy_), so overlapping ranges are safe.
+    Moves outside the S slots raise ValueError (a host sync on CUDA: this is a reference).
+    """
+    if k_cache.dim() != 5 or v_cache.shape != k_cache.shape or v_cache.dtype != k_cache.dtype:
+        raise ValueError(f"kv_compact_: k_cache and v_cache must both be [L, B, H, S, Dh] of one dtype, got "
+                         f"{tuple(k_cache.shape)} {k_cache.dtype} and {tuple(v_cache.shape)} {v_cache.dtype}")
+    if path.dim() != 1 or path.dtype != torch.int64:
+        raise ValueError(f"kv_compact_: path must be 1-D int64, got {path.dtype} of shape {tuple(path.shape)}")
+    S, prefix, n = k_cache.shape[3], int(prefix_len), int(count)
+    if not 0 <= n <= path.numel():
+        raise ValueError(f"kv_compact_: count = {n} is outside [0, {path.numel()}]")
+    src = prefix + path[:n]
+    dst = prefix + torch.arange(n, device=path.device)
+    bad = (path[:n] < 0) | (src < 0) | (src >= S) | (dst < 0) | (dst >= S)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0])
+        raise ValueError(f"kv_compact_: path[{i}] = {int(path[i])} with prefix_len = {prefix} moves slot "
+                         f"{prefix + int(path[i])} to slot {prefix + i}, outside the cache's {S} slots")
+    for cache in (k_cache, v_cache):
+        cache.index_copy_(3, dst.to(cache.device), cache.index_select(3, src.to(cache.device)))
+
+
+# ---------------------------------------------------------------- registration
+
+SCHEMA = "(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor path, Tensor prefix_len, Tensor count) -> ()"
+
+if not _backend.HAS_CUDA_EXT:  # the extension defines the op in C++; otherwise the reference is its kernel
+    torch.library.define("mtpkern::kv_compact_", SCHEMA)
+    torch.library.impl("mtpkern::kv_compact_", ("CPU", "CUDA"), kv_compact_ref_)
+
+
+@torch.library.register_fake("mtpkern::kv_compact_")
+def _kv_compact_fake(k_cache, v_cache, path, prefix_len, count):
+    return None
+
+
+# ---------------------------------------------------------------- public function
+
+def kv_compact_(k_cache: Tensor, v_cache: Tensor, path: Tensor, prefix_len: Tensor, count: Tensor, *,
+                backend: str | None = None) -> None:
+    """Move slot prefix_len + path[i] to slot prefix_len + i for i < count, in K and V, in place.
+
+    ``k_cache``, ``v_cache``: contiguous [L, B, H, S, Dh] fp32/fp16/bf16; ``path``: int64 [N],
+    root first, -1 padded; ``prefix_len``, ``count``: 0-d int tensors on the caches' device.
+    The CUDA kernel skips moves outside the cache instead of raising (it cannot without a sync).
+    """
+    if _backend.pick(k_cache.device, ("cuda", "eager"), backend) == "eager":
+        kv_compact_ref_(k_cache, v_cache, path, prefix_len, count)
+    else:
+        torch.ops.mtpkern.kv_compact_(k_cache, v_cache, path, prefix_len, count)
