@@ -347,7 +347,7 @@ def training_summary(log: list[dict], summary: dict | None) -> dict | None:
     """Wall time, peak memory, time per epoch and the loss curve of a run, from its logs."""
     if not log and summary is None:
         return None
-    steps = [r for r in log if "loss" in r and "step" in r]
+    steps = [r for r in log if r.get("kind", "train") == "train" and "loss" in r and "step" in r]
     curve = dict(step=[r["step"] for r in steps], loss=[r["loss"] for r in steps])
     head_losses = [r.get("head_losses") for r in steps]
     if steps and all(isinstance(h, list) and len(h) == len(head_losses[0]) for h in head_losses):
@@ -355,7 +355,7 @@ def training_summary(log: list[dict], summary: dict | None) -> dict | None:
     summary = summary or {}
     peaks = [r["peak_memory_bytes"] for r in steps if r.get("peak_memory_bytes") is not None]
     return dict(
-        wall_time_s=summary.get("wall_time_s", steps[-1].get("elapsed") if steps else None),
+        wall_time_s=summary.get("wall_time_s", steps[-1].get("elapsed_s") if steps else None),
         peak_memory_bytes=summary.get("peak_memory_bytes", max(peaks) if peaks else None),
         time_per_epoch_s=summary.get("time_per_epoch_s"),
         curve=curve,
@@ -414,10 +414,10 @@ def evaluate_checkpoint(path, *, data: str | None = None, device: torch.device, 
     refs = [rec["response"] for rec in samples]
     kind = model.config.model_type
     quality = dict(
-        val_loss=heads["val_loss"], ppl=heads["ppl"],
+        val_loss=heads["loss"], ppl=heads["ppl"],
         ppl_of={"gpt2": "the model", "mtp": "head 0 (trunk + head-0 block)",
                 "medusa": "the frozen base (head 0): MEDUSA-1 heads cannot change it"}[kind],
-        head_top1=list(heads["head_top1"]), head_top5=list(heads["head_top5"]),
+        head_top1=heads["acc_top1"], head_top5=heads["acc_top5"],
         bleu=bleu(texts, refs), answer_accuracy=answer_accuracy(texts, refs), n_samples=len(samples),
     )
     return dict(

@@ -4,7 +4,6 @@ three tiny trained runs (gpt2, mtp, medusa)."""
 
 import json
 import math
-import struct
 
 import pytest
 import torch
@@ -95,9 +94,11 @@ def test_validation_split_of_a_bare_checkpoint_says_so():
 
 
 def test_training_summary_from_log(tmp_path):
-    log = [{"step": 10, "loss": 3.0, "head_losses": [3.0, 4.0], "peak_memory_bytes": 100, "elapsed": 1.0},
-           {"step": 20, "loss": 2.0, "head_losses": [2.0, 3.5], "peak_memory_bytes": 300, "elapsed": 2.0},
-           {"step": 20, "val_loss": 2.1}]
+    log = [{"kind": "train", "step": 10, "loss": 3.0, "head_losses": [3.0, 4.0], "peak_memory_bytes": 100,
+            "elapsed_s": 1.0},
+           {"kind": "train", "step": 20, "loss": 2.0, "head_losses": [2.0, 3.5], "peak_memory_bytes": 300,
+            "elapsed_s": 2.0},
+           {"kind": "eval", "step": 20, "val_loss": 2.1, "loss": 2.1}]
     (tmp_path / "log.jsonl").write_text("\n".join(json.dumps(r) for r in log))
     cfg, records, summary = read_run(tmp_path)
     assert cfg is None and summary is None and records == log
@@ -121,3 +122,82 @@ def test_next_token_gpt2_has_the_same_next_token_path(tmp_path, model_type):
     with torch.no_grad():
         expected = model(idx, heads=1).logits[:, :, 0]
         torch.testing.assert_close(gpt(idx).logits[:, :, 0], expected, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- end to end
+
+DATA = dict(data="synthetic", data_limit=120, val_fraction=0.1, seed=5, max_len=128, vocab_size=400)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Three tiny trained runs: ntp from scratch, mtp from scratch, medusa on the ntp run."""
+    from mtpkern.train import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("runs")
+    common = dict(DATA, steps=4, batch_size=4, log_every=2, eval_every=4, eval_batches=1, save_every=4,
+                  device="cpu", progress=False)
+    train(TrainConfig(objective="ntp", out=str(root / "ntp"), **common))
+    train(TrainConfig(objective="mtp", out=str(root / "mtp"), n_heads=2, **common))
+    train(TrainConfig(objective="medusa", out=str(root / "medusa"), base=str(root / "ntp" / "checkpoint"),
+                      n_heads=2, **common))
+    return root
+
+
+def test_evaluate_end_to_end(runs, tmp_path):
+    out = tmp_path / "report" / "eval.json"
+    # The medusa run is given by its checkpoint directory: its run files are one level up.
+    report = evaluate([runs / "ntp", runs / "mtp", runs / "medusa" / "checkpoint"], json_path=out,
+                      device="cpu", max_samples=3, max_new_tokens=12, progress=False)
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    assert report["schema"] == "mtpkern.eval/1" and report["device"]["type"] == "cpu"
+    models = {m["model_type"]: m for m in report["models"]}
+    assert list(models) == ["gpt2", "mtp", "medusa"]
+    assert [m["name"] for m in report["models"]] == ["ntp", "mtp", "medusa"]
+    n_val = len(split_records(load_records("synthetic", seed=5, limit=120), 0.1, 5)[1])
+
+    for kind, m in models.items():
+        q, J = m["quality"], m["n_heads"]
+        assert m["validation"]["held_out"] and m["validation"]["n_records"] == n_val
+        assert math.isfinite(q["ppl"]) and q["ppl"] > 1
+        assert q["ppl"] == pytest.approx(math.exp(q["val_loss"]))
+        assert len(q["head_top1"]) == len(q["head_top5"]) == J
+        assert all(0 <= a <= b <= 1 for a, b in zip(q["head_top1"], q["head_top5"]))
+        assert 0 <= q["bleu"] <= 100 and 0 <= q["answer_accuracy"] <= 1 and q["n_samples"] == 3
+        ntp = m["speed"]["ntp"]
+        assert ntp["forward_passes_per_token"] == 1.0 and ntp["mean_accept_length"] == 1.0
+        for name, s in m["speed"].items():
+            assert s["tokens_per_second"] > 0 and s["latency_s"] > 0, (kind, name)
+            # Greedy decoding is lossless, and transformers runs the same next-token weights.
+            assert s["agrees_with_ntp"] == 1.0, (kind, name)
+        primary = m["speed"][m["primary"]]
+        assert primary["mean_accept_length"] >= 1
+        assert primary["forward_passes_per_token"] <= 1
+        assert primary["speedup_vs_hf"] == pytest.approx(primary["tokens_per_second"]
+                                                         / m["speed"]["hf"]["tokens_per_second"])
+        assert m["memory"]["decode_peak_bytes"] > 0 and m["memory"]["kind"] == "process_peak_rss"
+        t = m["training"]
+        assert t["wall_time_s"] > 0 and t["time_per_epoch_s"] > 0 and t["peak_memory_bytes"] > 0
+        assert t["curve"]["step"] == [2, 4] and len(t["curve"]["loss"]) == 2
+    assert [m["primary"] for m in models.values()] == ["ntp", "mtp", "medusa"]
+    # MEDUSA's perplexity is its frozen base's: the ntp run's weights on the same split.
+    assert models["medusa"]["quality"]["ppl"] == pytest.approx(models["gpt2"]["quality"]["ppl"], rel=1e-5)
+    assert "base" in models["medusa"]["quality"]["ppl_of"]
+
+    table = (out.parent / "eval.md").read_text()
+    assert report["device"]["name"] in table
+    for m in report["models"]:
+        assert f"| {m['name']} ({m['model_type']}) | {m['primary']} |" in table
+    assert len(report["files"]["plots"]) == 4
+    for png in report["files"]["plots"]:
+        with open(png, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_evaluate_bare_checkpoint_needs_data(runs, tmp_path):
+    bare = tmp_path / "bare"
+    from mtpkern.model import load_model
+
+    load_model(runs / "ntp" / "checkpoint").save_pretrained(bare)
+    with pytest.raises(ValueError, match="pass data="):
+        evaluate([bare], json_path=tmp_path / "e.json", device="cpu", progress=False)
