@@ -1,0 +1,354 @@
+"""Tests for mtpkern.train: losses and their offsets, the MTP backward order, the frozen MEDUSA
+base, checkpoints, resume, signals and config errors. Every run is a tiny model for a few steps."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+from mtpkern.checkpoint import CheckpointError
+from mtpkern.data import IGNORE_INDEX, synthetic_records, train_tokenizer
+from mtpkern.model import GPT2, GPT2Config, MedusaModel, MTPModel, ModelOutput, load_model
+from mtpkern.train import (
+    TrainConfig,
+    evaluate_heads,
+    lr_at,
+    medusa_loss,
+    mtp_loss_and_backward,
+    mtp_loss_naive,
+    train,
+)
+
+
+def make_base(directory: Path) -> Path:
+    """A random 2-layer GPT-2 (n_embd 32) with a 512-token BPE tokenizer, saved as a base."""
+    tok = train_tokenizer(synthetic_records(200, seed=7), vocab_size=512)
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=len(tok), n_positions=128, n_embd=32, n_layer=2, n_head=2,
+                     bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
+    GPT2(cfg).save_pretrained(directory, tokenizer=tok)
+    return directory
+
+
+def tiny_run(out: Path, objective: str, base: Path, **kw) -> TrainConfig:
+    """A few-step run: 80 synthetic records, batch 4, up to 128 tokens, a log record every step."""
+    args = dict(objective=objective, out=str(out), base=str(base), data_limit=80, steps=6, batch_size=4,
+                max_len=128, lr=3e-3, val_fraction=0.1, eval_every=1000, eval_batches=2, save_every=1000,
+                log_every=1, progress=False)
+    args.update(kw)
+    return TrainConfig(**args)
+
+
+def train_losses(log_path) -> list[float]:
+    return [r["loss"] for r in map(json.loads, Path(log_path).read_text().splitlines()) if r["kind"] == "train"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on a shared machine OpenMP's
+    barriers between two threads can make each step a hundred times slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    return make_base(tmp_path_factory.mktemp("base"))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, base_dir):
+    """One 30-step run per objective; MEDUSA's base is the ntp run's result, as in practice."""
+    root = tmp_path_factory.mktemp("runs")
+    out = {}
+    for objective in ("ntp", "mtp", "medusa"):
+        base = out["ntp"].checkpoint if objective == "medusa" else base_dir
+        kw = dict(n_heads=2) if objective != "ntp" else {}
+        if objective == "medusa":
+            kw["lr"] = 1e-2  # MEDUSA-1 trains small heads on a frozen base: a high rate is usual
+        t0 = time.perf_counter()
+        out[objective] = train(tiny_run(root / objective, objective, base, steps=30, eval_every=15, **kw))
+        print(f"{objective}: 30 steps in {time.perf_counter() - t0:.1f} s")
+    return out
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def _labels(B, T, V, seed):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[:, :3] = IGNORE_INDEX  # a "prompt"
+    labels[0, -4:] = IGNORE_INDEX  # "padding"
+    return labels
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_mtp_memory_efficient_order_matches_naive_gradients(checkpointing):
+    torch.manual_seed(0)
+    model = MTPModel(GPT2Config(vocab_size=97, n_positions=32, n_embd=32, n_layer=3, n_head=2,
+                                model_type="mtp", n_heads=3)).train()
+    model.gradient_checkpointing = checkpointing
+    idx = torch.randint(0, 97, (2, 19))
+    labels = _labels(2, 19, 97, seed=1)
+
+    naive = mtp_loss_naive(model, idx, labels)
+    (2.5 * naive).backward()
+    ref = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+
+    loss, per_head = mtp_loss_and_backward(model, idx, labels, scale=2.5)
+    assert per_head.shape == (3,)
+    torch.testing.assert_close(loss, naive.detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(per_head.mean(), loss)
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
+        torch.testing.assert_close(p.grad, ref[name], rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")
+
+
+class Oracle(nn.Module):
+    """A fake model whose head j at position t puts a large logit on truth[t + j + 1 + shift]:
+    right by construction when shift = 0, always wrong otherwise (truth has no repeats)."""
+
+    def __init__(self, truth, n_heads, shift=0):
+        super().__init__()
+        self.truth, self.n_heads, self.shift = truth, n_heads, shift
+        self.register_buffer("eye", torch.eye(truth.max().item() + 1))
+
+    def head_weight(self, j):
+        return self.eye
+
+    def forward(self, idx, logits=False):
+        B, T = self.truth.shape
+        hidden = torch.zeros(B, T, self.n_heads, self.eye.shape[0])
+        hidden[..., 0] = 5.0  # where a head has no oracle token, predict 0, which is never a label
+        for j in range(self.n_heads):
+            ahead = j + 1 + self.shift
+            hidden[:, : T - ahead, j] = 20.0 * self.eye[self.truth[:, ahead:]]
+        return ModelOutput(hidden, None)
+
+
+def _oracle_data(B=3, T=12):
+    truth = torch.stack([torch.randperm(40)[:T] + 1 for _ in range(B)])  # no repeats in a row, no 0
+    labels = truth.clone()
+    labels[:, :4] = IGNORE_INDEX
+    labels[1, -2:] = IGNORE_INDEX
+    return truth, labels
+
+
+def test_evaluate_heads_scores_each_head_at_its_true_offset():
+    torch.manual_seed(0)
+    truth, labels = _oracle_data()
+    batch = [{"input_ids": truth, "labels": labels}]
+    right = evaluate_heads(Oracle(truth, 3), batch, "cpu")
+    assert right["acc_top1"] == [1.0, 1.0, 1.0]
+    assert right["acc_top5"] == [1.0, 1.0, 1.0]
+    assert right["loss"] < 1e-6 and right["ppl"] == pytest.approx(1.0)
+    # head j scores labels[t + j + 1] for t + j + 1 < T: the -100s are never counted
+    assert right["n_tokens"] == [int((labels[:, j + 1 :] != IGNORE_INDEX).sum()) for j in range(3)]
+    wrong = evaluate_heads(Oracle(truth, 3, shift=1), batch, "cpu")
+    assert wrong["acc_top1"] == [0.0, 0.0, 0.0]
+    assert wrong["loss"] > 10
+
+
+def test_medusa_loss_scores_medusa_head_k_against_t_plus_k_plus_2():
+    torch.manual_seed(1)
+    truth, labels = _oracle_data()
+    loss, per_head = medusa_loss(Oracle(truth, 4), truth, labels, [1.0, 0.8, 0.64])
+    assert per_head.shape == (3,) and per_head.max() < 1e-6
+    _, wrong = medusa_loss(Oracle(truth, 4, shift=1), truth, labels, [1.0, 0.8, 0.64])
+    assert wrong.min() > 10
+    assert medusa_loss(Oracle(truth, 4, shift=1), truth, labels, [1.0, 0.0, 0.0])[0] == pytest.approx(float(wrong[0]))
+    with pytest.raises(ValueError, match="head weights"):
+        medusa_loss(Oracle(truth, 4), truth, labels, [1.0])
+
+
+def test_lr_schedule_warms_up_then_decays_to_a_tenth():
+    lrs = [lr_at(s, lr=1.0, warmup=4, total=20) for s in range(20)]
+    assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert all(a >= b for a, b in zip(lrs[3:], lrs[4:]))
+    assert lr_at(20, lr=1.0, warmup=4, total=20) == pytest.approx(0.1)
+
+
+# ----------------------------------------------------------------------------- training runs
+
+
+@pytest.mark.parametrize("objective", ["ntp", "mtp", "medusa"])
+def test_loss_decreases(runs, objective):
+    losses = train_losses(runs[objective].log_path)
+    assert len(losses) == 30
+    # MEDUSA heads sit on a base trained for 30 steps only: they can learn much less
+    factor = 0.95 if objective == "medusa" else 0.8
+    assert sum(losses[-5:]) / 5 < factor * sum(losses[:5]) / 5, losses
+
+
+def test_log_and_summary_fields(runs):
+    result = runs["mtp"]
+    records = [json.loads(line) for line in Path(result.log_path).read_text().splitlines()]
+    train_rec = [r for r in records if r["kind"] == "train"]
+    evals = [r for r in records if r["kind"] == "eval"]
+    for key in ("step", "loss", "head_losses", "lr", "grad_norm", "tokens_per_s", "peak_memory_bytes", "elapsed_s"):
+        assert key in train_rec[0], key
+    assert [r["step"] for r in train_rec] == list(range(1, 31))
+    assert len(train_rec[0]["head_losses"]) == 2
+    assert train_rec[0]["loss"] == pytest.approx(sum(train_rec[0]["head_losses"]) / 2, rel=1e-5)
+    assert all(r["tokens_per_s"] > 0 and r["peak_memory_bytes"] > 0 for r in train_rec)
+    assert [r["step"] for r in evals] == [15, 30]
+    assert len(evals[-1]["val_acc_top1"]) == 2 and math.isclose(evals[-1]["val_ppl"], math.exp(evals[-1]["val_loss"]))
+    out = Path(result.checkpoint).parent
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 30 and not summary["interrupted"]
+    assert summary["val_loss"] == pytest.approx(evals[-1]["val_loss"]) == pytest.approx(result.val_loss)
+    assert summary["head_acc"] == result.head_acc and summary["time_per_epoch_s"] > 0
+    assert json.loads((out / "train_config.json").read_text())["n_heads"] == 2
+
+
+def test_medusa_keeps_the_base_bit_identical(runs):
+    base = load_model(runs["ntp"].checkpoint)
+    trained = load_model(runs["medusa"].checkpoint)
+    assert isinstance(trained, MedusaModel)
+    for name, p in base.state_dict().items():
+        assert torch.equal(trained.base.state_dict()[name], p), name
+    assert any(head.blocks[0].linear.weight.abs().sum() > 0 for head in trained.medusa)  # heads trained
+    # and no gradient ever reaches the base
+    model = runs["medusa"].model.train()
+    idx = torch.randint(0, 100, (2, 16))
+    medusa_loss(model, idx, idx, [1.0, 0.8])[0].backward()
+    assert all(p.grad is None and not p.requires_grad for p in model.base.parameters())
+    assert all(p.grad is not None for p in model.medusa.parameters())
+
+
+def test_checkpoint_round_trip(runs):
+    for objective, result in runs.items():
+        loaded = load_model(result.checkpoint)
+        assert type(loaded) is type(result.model)
+        idx = torch.randint(0, 100, (2, 20))
+        torch.testing.assert_close(loaded(idx).logits, result.model.eval()(idx).logits, rtol=0, atol=0)
+        state = torch.load(Path(result.checkpoint) / "trainer_state.pt", weights_only=True)
+        assert state["step"] == 30 and state["config"]["objective"] == objective
+
+
+def test_grad_accumulation_matches_one_big_batch(tmp_path, base_dir):
+    """N_j counts the whole global batch, so 2 x 4 with accumulation = 1 x 8."""
+    big = train(tiny_run(tmp_path / "big", "mtp", base_dir, n_heads=2, batch_size=8, steps=3))
+    acc = train(tiny_run(tmp_path / "acc", "mtp", base_dir, n_heads=2, batch_size=4, grad_accum=2, steps=3))
+    torch.testing.assert_close(train_losses(acc.log_path), train_losses(big.log_path), rtol=1e-5, atol=1e-6)
+
+
+def test_resume_continues_the_same_loss_curve(tmp_path, base_dir):
+    cfg = tiny_run(tmp_path / "full", "mtp", base_dir, n_heads=2, steps=8, save_every=4)
+    full = train(cfg)
+    cfg = replace(cfg, out=str(tmp_path / "split"), stop_after=4)
+    first = train(cfg)
+    assert first.interrupted and first.steps == 4
+    resumed = train(replace(cfg, stop_after=None, resume=True))
+    assert resumed.steps == 8 and not resumed.interrupted
+    a, b = train_losses(full.log_path), train_losses(resumed.log_path)
+    assert len(a) == len(b) == 8
+    torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
+    for (name, p), q in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+        torch.testing.assert_close(q, p, rtol=0, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def test_resume_and_overwrite_errors(tmp_path, base_dir):
+    cfg = tiny_run(tmp_path / "run", "ntp", base_dir, steps=2)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        train(replace(cfg, resume=True))
+    train(cfg)
+    with pytest.raises(ValueError, match="already exists"):
+        train(cfg)  # a fresh run never overwrites a checkpoint
+    with pytest.raises(ValueError, match="objective 'ntp', not 'mtp'"):
+        train(replace(cfg, objective="mtp", resume=True))
+    state = tmp_path / "run" / "checkpoint" / "trainer_state.pt"
+    state.write_bytes(state.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        train(replace(cfg, resume=True, steps=4))
+    state.unlink()
+    with pytest.raises(CheckpointError, match="trainer_state.pt"):
+        train(replace(cfg, resume=True, steps=4))
+
+
+_SIGTERM_SCRIPT = textwrap.dedent("""
+    import sys, torch
+    from mtpkern.train import TrainConfig, train
+    torch.set_num_threads(1)
+    train(TrainConfig(objective="ntp", out=sys.argv[1], base=sys.argv[2], data_limit=80, steps=100000,
+                      batch_size=4, max_len=128, val_fraction=0.1, eval_every=100000, save_every=100000,
+                      log_every=1, progress=False))
+""")
+
+
+def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tmp_path, base_dir):
+    out = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-c", _SIGTERM_SCRIPT, str(out), str(base_dir)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        log = out / "log.jsonl"
+        deadline = time.monotonic() + 120
+        while not (log.exists() and len(log.read_text().splitlines()) >= 2):
+            assert proc.poll() is None, proc.communicate()[0]
+            assert time.monotonic() < deadline, "training never started"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, output
+    state = torch.load(out / "checkpoint" / "trainer_state.pt", weights_only=True)
+    assert 2 <= state["step"] < 100000
+    assert train_losses(log)[-1] is not None and len(train_losses(log)) == state["step"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["interrupted"] and summary["steps"] == state["step"]
+    assert isinstance(load_model(out / "checkpoint"), GPT2)
+
+
+# ----------------------------------------------------------------------------- config errors
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(objective="ppo"), "unknown objective"),
+    (dict(steps=10, epochs=1.0), "not both"),
+    (dict(lr=0.0), "lr must be > 0"),
+    (dict(lr=-1e-3), "lr must be > 0"),
+    (dict(objective="medusa", base=None), "needs a trained base"),
+    (dict(device="tpu"), "device"),
+    (dict(device="gpu0"), "unknown device"),
+    (dict(precision="fp8"), "unknown precision"),
+    (dict(objective="medusa", base="b", n_heads=3, head_weights=[1.0]), "head_weights"),
+    (dict(batch_size=0), "batch_size"),
+    (dict(config="llama"), "unknown model config"),
+])
+def test_bad_config_raises_one_line_value_error(kw, message):
+    args = dict(objective="ntp", out="out")
+    args.update(kw)
+    with pytest.raises(ValueError, match=message) as e:
+        TrainConfig(**args)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without CUDA")
+def test_cuda_without_cuda_is_a_value_error():
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        TrainConfig(objective="ntp", out="out", device="cuda")
+    with pytest.raises(ValueError, match="fp16"):
+        TrainConfig(objective="ntp", out="out", precision="fp16")
+
+
+def test_defaults_resolve_per_objective():
+    assert TrainConfig(objective="mtp", out="o").n_heads == 4
+    cfg = TrainConfig(objective="medusa", out="o", base="b")
+    assert cfg.n_heads == 5 and cfg.lr == 1e-3 and cfg.steps == 200
+    assert cfg.head_weights == pytest.approx([1.0, 0.8, 0.64, 0.512, 0.4096])
