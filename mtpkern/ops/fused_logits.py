@@ -1,0 +1,367 @@
+"""Fused multi-head logits: top-k, argmax, logsumexp, entropy and a target logit per row,
+without writing the ``[R, V]`` logits to memory.
+
+``z = scale * hidden @ weight.T`` for R rows (the MTP / MEDUSA heads at one position, or the
+nodes of a tree) against the shared unembedding ``weight`` [V, D]. Decoding needs only a few
+numbers per row, so the logits stay on chip:
+
+1. ``_logits_partials_kernel``: one program per (row block, V block). It reads its weight tile
+   once for all rows (``tl.dot``), and writes per-row partials for its V block: the block max
+   ``m``, ``s = sum exp(z - m)``, ``t = sum exp(z - m) (z - m)``, the block's top-k (as sortable
+   int64 keys, below), and ``z[target]`` if the target falls in the block.
+2. ``_logits_merge_kernel``: one program per row merges the partials (online-softmax merge):
+   with ``M = max_b m_b``, ``S = sum_b exp(m_b - M) s_b`` and
+   ``T = sum_b exp(m_b - M) (t_b + (m_b - M) s_b)``, ``lse = M + log S`` and
+   ``entropy = log S - T / S``; the global top-k is the top-k of the blocks' top-k.
+
+Top-k keys: a float32 value is mapped to an int32 with the same order (negative floats get
+their magnitude bits flipped), shifted into the high half of an int64, and the low half holds
+``2**31 - 1 - index``. Sorting the keys descending sorts values descending and, among equal
+values, indices ascending, so ``argmax`` is the first index of the maximum like
+``torch.argmax``, and one int64 maximum carries a value and its index together.
+"""
+
+import math
+from typing import NamedTuple, Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from mtpkern.ops import _backend
+
+MAX_K = 64
+_MERGE_KEYS = 2048  # candidate keys the merge kernel holds per step
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# Smaller than the key of any float32, -inf included: pads partial top-k lists.
+_MIN_KEY: tl.constexpr = -(2**63) + 1
+_LOW_MASK: tl.constexpr = 0x7FFFFFFF
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _to_key(z, cols):
+    """Order-preserving int64 key of (float32 value, int32 index), ties broken by lower index."""
+    bits = z.to(tl.int32, bitcast=True)
+    ordered = bits ^ ((bits >> 31) & _LOW_MASK)
+    return (ordered.to(tl.int64) << 32) | (_LOW_MASK - cols).to(tl.int64)
+
+
+@triton.jit
+def _from_key(key):
+    ordered = (key >> 32).to(tl.int32)
+    bits = ordered ^ ((ordered >> 31) & _LOW_MASK)
+    index = _LOW_MASK - (key & _LOW_MASK)
+    return bits.to(tl.float32, bitcast=True), index
+
+
+@triton.jit
+def _logits_partials_kernel(
+    h_ptr, w_ptr, target_ptr,  # inputs: hidden [R, D], weight [V, D], target [R] (or dummy)
+    keys_ptr, stats_ptr, target_logit_ptr,  # outputs: [R, NB, k] int64, [3, R, NB], [R]
+    R, V, D, NB, k,
+    stride_hr, stride_hd, stride_wv, stride_wd,
+    scale,
+    HAS_TARGET: tl.constexpr,
+    K_PAD: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    # Row blocks vary fastest, so the programs sharing a weight tile run together (L2 hits).
+    pid_r = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    row_ok = rows < R
+    col_ok = cols < V
+
+    acc = tl.zeros((BLOCK_R, BLOCK_V), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        ds = d0 + tl.arange(0, BLOCK_D)
+        d_ok = ds < D
+        h = tl.load(
+            h_ptr + rows[:, None] * stride_hr + ds[None, :] * stride_hd,
+            mask=row_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )
+        w = tl.load(
+            w_ptr + cols[:, None] * stride_wv + ds[None, :] * stride_wd,
+            mask=col_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )
+        acc = tl.dot(h, tl.trans(w), acc, input_precision=INPUT_PRECISION)
+
+    z = tl.where(col_ok[None, :], acc * scale, float("-inf"))
+    m = tl.max(z, axis=1)  # finite: every block holds at least one column
+    shifted = z - m[:, None]
+    e = tl.exp(shifted)  # 0 on padded columns
+    s = tl.sum(e, axis=1)
+    t = tl.sum(e * tl.where(col_ok[None, :], shifted, 0.0), axis=1)  # no 0 * -inf
+
+    part = rows * NB + pid_v
+    tl.store(stats_ptr + part, m, mask=row_ok)
+    tl.store(stats_ptr + R * NB + part, s, mask=row_ok)
+    tl.store(stats_ptr + 2 * R * NB + part, t, mask=row_ok)
+
+    # The block's top-k by k rounds of "take the max, knock it out": keys are unique, and a
+    # row reduction per round is cheap next to the weight tile's load (and, unlike the
+    # bitonic tl.topk, fast in the interpreter too).
+    keys = _to_key(z, cols[None, :])
+    ks = tl.arange(0, K_PAD)
+    top = tl.full((BLOCK_R, K_PAD), _MIN_KEY, dtype=tl.int64)
+    for i in range(k):
+        best = tl.max(keys, axis=1)
+        keys = tl.where(keys == best[:, None], _MIN_KEY, keys)
+        top = tl.where(ks[None, :] == i, best[:, None], top)
+    tl.store(keys_ptr + part[:, None] * k + ks[None, :], top, mask=row_ok[:, None] & (ks[None, :] < k))
+
+    if HAS_TARGET:
+        tgt = tl.load(target_ptr + rows, mask=row_ok, other=-1)
+        hit = cols[None, :] == tgt[:, None]
+        val = tl.sum(tl.where(hit, z, 0.0), axis=1)
+        mine = (tgt >= pid_v * BLOCK_V) & (tgt < pid_v * BLOCK_V + BLOCK_V) & (tgt < V)
+        tl.store(target_logit_ptr + rows, val, mask=row_ok & mine)
+
+
+@triton.jit
+def _logits_merge_kernel(
+    keys_ptr, stats_ptr,  # partials from _logits_partials_kernel
+    topv_ptr, topi_ptr, argmax_ptr, lse_ptr, entropy_ptr,  # outputs
+    R, NB, k,
+    K_PAD: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+):
+    r = tl.program_id(0)
+    bs = tl.arange(0, BLOCK_B)
+    ks = tl.arange(0, K_PAD)
+    m_ptr = stats_ptr + r * NB
+    s_ptr = m_ptr + R * NB
+    t_ptr = s_ptr + R * NB
+
+    m_run = tl.full((BLOCK_B,), float("-inf"), dtype=tl.float32)
+    for b0 in range(0, NB, BLOCK_B):
+        m_run = tl.maximum(m_run, tl.load(m_ptr + b0 + bs, mask=b0 + bs < NB, other=float("-inf")))
+    big_m = tl.max(m_run, axis=0)
+
+    s_acc = tl.zeros((BLOCK_B,), dtype=tl.float32)
+    t_acc = tl.zeros((BLOCK_B,), dtype=tl.float32)
+    best = tl.full((K_PAD,), _MIN_KEY, dtype=tl.int64)
+    for b0 in range(0, NB, BLOCK_B):
+        blk = b0 + bs
+        ok = blk < NB
+        # Padded blocks get m = M and s = t = 0, so they add exactly nothing.
+        m = tl.load(m_ptr + blk, mask=ok, other=big_m)
+        s = tl.load(s_ptr + blk, mask=ok, other=0.0)
+        t = tl.load(t_ptr + blk, mask=ok, other=0.0)
+        w = tl.exp(m - big_m)
+        s_acc += w * s
+        t_acc += w * (t + (m - big_m) * s)
+
+        # Merge this chunk's candidates into the running top-k, k rounds of max-and-knock-out.
+        cand = tl.load(
+            keys_ptr + (r * NB + blk[:, None]) * k + ks[None, :],
+            mask=ok[:, None] & (ks[None, :] < k),
+            other=_MIN_KEY,
+        )
+        merged = tl.full((K_PAD,), _MIN_KEY, dtype=tl.int64)
+        for i in range(k):
+            top = tl.maximum(tl.max(cand), tl.max(best, axis=0))
+            cand = tl.where(cand == top, _MIN_KEY, cand)
+            best = tl.where(best == top, _MIN_KEY, best)
+            merged = tl.where(ks == i, top, merged)
+        best = merged
+
+    big_s = tl.sum(s_acc, axis=0)
+    big_t = tl.sum(t_acc, axis=0)
+    log_s = tl.log(big_s)
+    tl.store(lse_ptr + r, big_m + log_s)
+    tl.store(entropy_ptr + r, log_s - big_t / big_s)
+
+    values, index = _from_key(best)
+    tl.store(topv_ptr + r * k + ks, values, mask=ks < k)
+    tl.store(topi_ptr + r * k + ks, index.to(tl.int64), mask=ks < k)
+    tl.store(argmax_ptr + r, tl.sum(tl.where(ks == 0, index, 0), axis=0).to(tl.int64))
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+class LogitsStats(NamedTuple):
+    topk_values: Tensor  # [R, k] float32, descending
+    topk_indices: Tensor  # [R, k] int64
+    argmax: Tensor  # [R] int64, first index of the maximum
+    lse: Tensor  # [R] float32
+    entropy: Tensor  # [R] float32
+    target_logit: Tensor  # [R] float32, NaN where there is no valid target
+
+
+def logits_stats(z: Tensor, k: int = 10, target: Optional[Tensor] = None) -> LogitsStats:
+    """The statistics of materialised logits ``z`` [R, V], computed in fp32.
+
+    topk = the k largest z (descending), argmax = first index of max z,
+    lse = log sum_v exp(z_v), entropy = -sum_v p_v log p_v with p = softmax(z) (= lse - sum p z),
+    target_logit = z[target] where 0 <= target < V, else NaN.
+
+    This is what eager PyTorch does after a plain LM head; the benchmark times it.
+    """
+    z = z.float()
+    topv, topi = torch.topk(z, k, dim=-1)
+    lse = torch.logsumexp(z, dim=-1)
+    logp = z - lse[:, None]
+    entropy = -(logp.exp() * logp).sum(dim=-1)
+    if target is None:
+        target_logit = torch.full_like(lse, float("nan"))
+    else:
+        valid = (target >= 0) & (target < z.shape[1])
+        picked = z.gather(1, target.long().clamp(0, z.shape[1] - 1)[:, None])[:, 0]
+        target_logit = torch.where(valid, picked, float("nan"))
+    return LogitsStats(topv, topi, z.argmax(dim=-1), lse, entropy, target_logit)
+
+
+def fused_logits_ref(
+    hidden: Tensor, weight: Tensor, k: int = 10, target: Optional[Tensor] = None, *, scale: float = 1.0
+) -> LogitsStats:
+    """Reference: ``logits_stats(z, k, target)`` with ``z = scale * hidden @ weight.T`` in fp32.
+
+    It materialises the [R, V] logits (in fp32), which the kernel never does.
+    """
+    return logits_stats(scale * (hidden.float() @ weight.float().T), k, target)
+
+
+# ----------------------------------------------------------------------------- launcher
+
+
+def _check_inputs(hidden: Tensor, weight: Tensor, k: int, target: Optional[Tensor]) -> None:
+    if hidden.dim() != 2:
+        raise ValueError(f"hidden must be 2-D [R, D], got shape {tuple(hidden.shape)}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [V, D], got shape {tuple(weight.shape)}")
+    (R, D), (V, Dw) = hidden.shape, weight.shape
+    if D != Dw:
+        raise ValueError(f"hidden [R, D] and weight [V, D] disagree on D: {D} vs {Dw}")
+    if R == 0 or V == 0 or D == 0:
+        raise ValueError(f"empty input: hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)}")
+    if hidden.dtype not in _DTYPES:
+        raise TypeError(f"hidden.dtype must be float32, float16 or bfloat16, got {hidden.dtype}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight.dtype ({weight.dtype}) must equal hidden.dtype ({hidden.dtype})")
+    if weight.device != hidden.device:
+        raise ValueError(f"weight is on {weight.device} but hidden is on {hidden.device}")
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= min(MAX_K, V):
+        raise ValueError(f"k must be an int in [1, min({MAX_K}, V={V})], got {k!r}")
+    if target is not None:
+        if target.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"target.dtype must be int32 or int64, got {target.dtype}")
+        if target.shape != (R,):
+            raise ValueError(f"target must have shape [R] = [{R}], got {tuple(target.shape)}")
+        if target.device != hidden.device:
+            raise ValueError(f"target is on {target.device} but hidden is on {hidden.device}")
+
+
+def _config(R: int, V: int, k: int) -> dict:
+    # tl.dot wants at least 16 rows; more than 64 rows per program costs registers, so
+    # R > 64 takes two row blocks (the second read of a weight tile then hits L2).
+    block_r = min(64, max(16, triton.next_power_of_2(R)))
+    k_pad = triton.next_power_of_2(k)
+    # 128 columns x 768 fp16 = 192 KiB of weight per program: ~400 programs for GPT-2's vocab,
+    # three waves on an H100. The interpreter pays per program, not per element, so there
+    # wider blocks keep the tests fast (the kernels are the same).
+    block_v = 1024 if _backend.triton_interpret() else 128
+    nb = triton.cdiv(V, block_v)
+    # The merge kernel takes BLOCK_B blocks' candidates (BLOCK_B * K_PAD keys) per step.
+    block_b = min(triton.next_power_of_2(nb), max(1, _MERGE_KEYS // k_pad))
+    return dict(
+        BLOCK_R=block_r, BLOCK_V=block_v, BLOCK_D=64, K_PAD=k_pad, NB=nb, BLOCK_B=block_b,
+        num_warps=8 if block_r >= 64 else 4,
+    )
+
+
+def _launch(hidden: Tensor, weight: Tensor, k: int, target: Optional[Tensor], scale: float):
+    R, D = hidden.shape
+    V = weight.shape[0]
+    cfg = _config(R, V, k)
+    nb, k_pad = cfg["NB"], cfg["K_PAD"]
+    dev = hidden.device
+    keys = torch.empty((R, nb, k), dtype=torch.int64, device=dev)
+    stats = torch.empty((3, R, nb), dtype=torch.float32, device=dev)
+    target_logit = torch.full((R,), float("nan"), dtype=torch.float32, device=dev)
+    topv = torch.empty((R, k), dtype=torch.float32, device=dev)
+    topi = torch.empty((R, k), dtype=torch.int64, device=dev)
+    argmax = torch.empty((R,), dtype=torch.int64, device=dev)
+    lse = torch.empty((R,), dtype=torch.float32, device=dev)
+    entropy = torch.empty((R,), dtype=torch.float32, device=dev)
+
+    grid = (triton.cdiv(R, cfg["BLOCK_R"]), nb)
+    torch.library.wrap_triton(_logits_partials_kernel)[grid](
+        hidden, weight, target if target is not None else target_logit,
+        keys, stats, target_logit,
+        R, V, D, nb, k,
+        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+        scale,
+        HAS_TARGET=target is not None,
+        K_PAD=k_pad,
+        BLOCK_R=cfg["BLOCK_R"],
+        BLOCK_V=cfg["BLOCK_V"],
+        BLOCK_D=cfg["BLOCK_D"],
+        INPUT_PRECISION="ieee" if hidden.dtype == torch.float32 else "tf32",
+        num_warps=cfg["num_warps"],
+        num_stages=3,
+    )
+    torch.library.wrap_triton(_logits_merge_kernel)[(R,)](
+        keys, stats, topv, topi, argmax, lse, entropy,
+        R, nb, k,
+        K_PAD=k_pad,
+        BLOCK_B=cfg["BLOCK_B"],
+        num_warps=4,
+    )
+    return topv, topi, argmax, lse, entropy, target_logit
+
+
+# ----------------------------------------------------------------------------- registration
+
+
+@torch.library.triton_op("mtpkern::fused_logits", mutates_args=())
+def _fused_logits_op(
+    hidden: Tensor, weight: Tensor, k: int, target: Optional[Tensor], scale: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    # This body is also the fake implementation (run on fake tensors under torch.compile).
+    if hidden.device.type == "cpu" and not _backend.triton_interpret():
+        return tuple(t.contiguous() for t in fused_logits_ref(hidden, weight, k, target, scale=scale))
+    return _launch(hidden, weight, k, target, scale)
+
+
+# ----------------------------------------------------------------------------- public
+
+
+def fused_logits(
+    hidden: Tensor,
+    weight: Tensor,
+    k: int = 10,
+    target: Optional[Tensor] = None,
+    *,
+    scale: float = 1.0,
+    backend: Optional[str] = None,
+) -> LogitsStats:
+    """Top-k, argmax, logsumexp, entropy and target logit of ``z = scale * hidden @ weight.T``.
+
+    hidden [R, D] (any strides), weight [V, D], same float dtype and device; 1 <= k <= 64.
+    The [R, V] logits are never materialised. ``p(target) = exp(target_logit - lse)``.
+    backend: None (automatic), "triton" or "eager" (the fp32 reference).
+    """
+    _check_inputs(hidden, weight, k, target)
+    scale = float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    choice = _backend.pick(hidden.device, ("triton", "eager"), backend)
+    if choice == "eager":
+        return fused_logits_ref(hidden, weight, k, target, scale=scale)
+    return LogitsStats(*torch.ops.mtpkern.fused_logits(hidden, weight, k, target, scale))
+
+
+__all__ = ["LogitsStats", "fused_logits", "fused_logits_ref", "logits_stats", "MAX_K"]
