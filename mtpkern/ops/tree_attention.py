@@ -1,0 +1,304 @@
+"""Tree attention: T new tokens attend a static KV cache prefix plus each other through a
+bit-packed tree mask (FlashAttention-style online softmax, one kernel).
+
+Cache layout: one layer's ``k_cache`` / ``v_cache`` [B, H, S, Dh]. The prefix fills slots
+``0 .. P-1`` (``P = prefix_len``, an int tensor read inside the kernel, so a CUDA graph replays
+with a new value and nothing syncs), and the T tree tokens' own K/V are already written at
+slots ``P .. P+T-1``. Tree token i attends every slot < P, and tree token j (slot P + j) iff
+bit j of row i of the packed mask is set; slots >= P + T are never read.
+
+Packed mask format (shared with the C++ ops): int32 [T, W], W = ceil(T / 32); bit j of row i
+is bit ``j % 32`` of word ``j // 32`` (bit 31 is the sign bit). A token sees itself iff its
+own bit is set (every valid tree sets it). A chain mask (lower triangle) makes this a causal
+prefill of T tokens.
+"""
+
+import math
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from mtpkern.ops import _backend
+
+HEAD_DIMS = (16, 32, 64, 128)
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_LOG2E = 1.4426950408889634
+
+
+# ----------------------------------------------------------------------------- kernel
+
+
+@triton.jit
+def _softmax_step(s, v, m_i, l_i, acc, INPUT_PRECISION: tl.constexpr):
+    """One online-softmax update with scores ``s`` (log2 domain, -inf where masked)."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    # A row with nothing visible yet keeps m = -inf; shift it by 0 so exp2 gives 0, not NaN.
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _tree_attention_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, prefix_ptr, mask_ptr,
+    T, W, H, qk_scale,  # qk_scale = softmax scale * log2(e)
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_vb, stride_vh, stride_vs, stride_vd,
+    stride_ob, stride_oh, stride_ot, stride_od,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    prefix = tl.load(prefix_ptr).to(tl.int32)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    m_ok = offs_m < T
+    q = tl.load(
+        q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
+        mask=m_ok[:, None],
+        other=0.0,
+    )
+    k_base = k_ptr + b * stride_kb + h * stride_kh + offs_d[:, None] * stride_kd  # K^T tiles
+    v_base = v_ptr + b * stride_vb + h * stride_vh + offs_d[None, :] * stride_vd
+
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
+
+    # The prefix: every slot below P is visible to every tree token.
+    for start in range(0, prefix, BLOCK_N):
+        slots = start + offs_n
+        ok = slots < prefix
+        kt = tl.load(k_base + slots[None, :] * stride_ks, mask=ok[None, :], other=0.0)
+        v = tl.load(v_base + slots[:, None] * stride_vs, mask=ok[:, None], other=0.0)
+        s = tl.dot(q, kt, input_precision=INPUT_PRECISION) * qk_scale
+        s = tl.where(ok[None, :], s, float("-inf"))
+        m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, INPUT_PRECISION)
+
+    # The tree tokens: slot P + j is visible to token i iff bit j of mask row i is set.
+    for start in range(0, T, BLOCK_N):
+        js = start + offs_n
+        ok = js < T
+        words = tl.load(
+            mask_ptr + offs_m[:, None] * W + (js // 32)[None, :], mask=m_ok[:, None] & ok[None, :], other=0
+        )
+        visible = ((words >> (js % 32)[None, :]) & 1) != 0
+        slots = prefix + js
+        kt = tl.load(k_base + slots[None, :] * stride_ks, mask=ok[None, :], other=0.0)
+        v = tl.load(v_base + slots[:, None] * stride_vs, mask=ok[:, None], other=0.0)
+        s = tl.dot(q, kt, input_precision=INPUT_PRECISION) * qk_scale
+        s = tl.where(visible, s, float("-inf"))
+        m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, INPUT_PRECISION)
+
+    # A row that sees nothing (only possible with an invalid mask and P = 0) outputs zeros.
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    tl.store(
+        o_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od,
+        out.to(o_ptr.dtype.element_ty),
+        mask=m_ok[:, None],
+    )
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def pack_tree_mask(mask: Tensor) -> Tensor:
+    """bool [T, T] -> int32 [T, ceil(T/32)]: bit j % 32 of word j // 32 of row i is mask[i, j]."""
+    if mask.dim() != 2 or mask.shape[0] != mask.shape[1]:
+        raise ValueError(f"mask must be a square 2-D [T, T] tensor, got shape {tuple(mask.shape)}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask.dtype must be torch.bool, got {mask.dtype}")
+    T = mask.shape[0]
+    W = (T + 31) // 32
+    padded = torch.zeros((T, W * 32), dtype=torch.int64, device=mask.device)
+    padded[:, :T] = mask
+    shifts = torch.arange(32, device=mask.device, dtype=torch.int64)
+    words = (padded.view(T, W, 32) << shifts).sum(-1)  # in [0, 2**32)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)  # bit 31 = sign
+
+
+def unpack_tree_mask(packed: Tensor, T: int) -> Tensor:
+    """int32 [T, ceil(T/32)] -> bool [T, T], the inverse of :func:`pack_tree_mask`."""
+    _check_packed(packed, T)
+    shifts = torch.arange(32, device=packed.device, dtype=torch.int32)
+    bits = (packed.unsqueeze(-1) >> shifts) & 1  # arithmetic shift: bit 31 still comes out right
+    return bits.view(T, -1)[:, :T].bool()
+
+
+def _attention_dense(q, k_cache, v_cache, prefix_len, tree_mask, scale):
+    """The reference's maths without host syncs (also the op's CPU and fake implementation)."""
+    T, S = q.shape[2], k_cache.shape[2]
+    slots = torch.arange(S, device=q.device)
+    prefix = prefix_len.reshape(()).to(device=q.device, dtype=torch.int64)
+    j = slots - prefix  # tree index of each slot
+    in_tree = (j >= 0) & (j < T)
+    tree_bits = unpack_tree_mask(tree_mask, T)[:, j.clamp(0, T - 1)]  # [T, S]
+    visible = (slots < prefix) | (in_tree & tree_bits)
+    scores = scale * (q.float() @ k_cache.float().transpose(-1, -2))
+    scores = scores.masked_fill(~visible, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a row that sees nothing -> 0
+    return (probs @ v_cache.float()).to(q.dtype)
+
+
+def tree_attention_ref(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, prefix_len: Tensor, tree_mask: Tensor, *, scale=None
+) -> Tensor:
+    """Reference, in fp32 with a dense mask over the cache.
+
+    out[b, h, i] = sum_s softmax_s(scale * q[b, h, i] . k[b, h, s] + bias[i, s]) v[b, h, s],
+    bias[i, s] = 0 where s < P, or s = P + j with bit j of row i of ``tree_mask`` set, and
+    -inf elsewhere; scale defaults to 1/sqrt(Dh). A row that sees no slot outputs 0.
+    Checks ``P + T <= S`` on the host (the kernel cannot, without a sync).
+    """
+    _check_inputs(q, k_cache, v_cache, prefix_len, tree_mask)
+    _check_prefix_len_value(int(prefix_len.reshape(())), q.shape[2], k_cache.shape[2])
+    scale = _resolve_scale(scale, q.shape[-1])
+    return _attention_dense(q, k_cache, v_cache, prefix_len, tree_mask, scale)
+
+
+# ----------------------------------------------------------------------------- launcher
+
+
+def _check_packed(packed: Tensor, T: int) -> None:
+    W = (T + 31) // 32
+    if packed.dtype != torch.int32:
+        raise TypeError(f"tree_mask.dtype must be torch.int32 (packed bits), got {packed.dtype}")
+    if packed.shape != (T, W):
+        raise ValueError(
+            f"tree_mask must have shape [T, ceil(T/32)] = [{T}, {W}], got {tuple(packed.shape)}"
+        )
+
+
+def _check_inputs(q, k_cache, v_cache, prefix_len, tree_mask) -> None:
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D, got shape {tuple(t.shape)}")
+    B, H, T, Dh = q.shape
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} differ")
+    Bk, Hk, S, Dk = k_cache.shape
+    if (Bk, Hk, Dk) != (B, H, Dh):
+        raise ValueError(
+            f"q [B, H, T, Dh] = {tuple(q.shape)} does not match k_cache [B, H, S, Dh] = {tuple(k_cache.shape)}"
+        )
+    if Dh not in HEAD_DIMS:
+        raise ValueError(f"head dim must be one of {HEAD_DIMS}, got {Dh}")
+    if not 1 <= T <= S:
+        raise ValueError(f"q has T = {T} tree tokens; need 1 <= T <= S = {S}")
+    if q.dtype not in _DTYPES:
+        raise TypeError(f"q.dtype must be float32, float16 or bfloat16, got {q.dtype}")
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name}.dtype ({t.dtype}) must equal q.dtype ({q.dtype})")
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("prefix_len", prefix_len), ("tree_mask", tree_mask)):
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+    if prefix_len.dtype not in (torch.int32, torch.int64) or prefix_len.numel() != 1 or prefix_len.dim() > 1:
+        raise ValueError(
+            f"prefix_len must be a 0-d or [1] int32/int64 tensor, got {prefix_len.dtype} {tuple(prefix_len.shape)}"
+        )
+    _check_packed(tree_mask, T)
+    if not tree_mask.is_contiguous():
+        raise ValueError("tree_mask must be contiguous")
+
+
+def _check_prefix_len_value(prefix: int, T: int, S: int) -> None:
+    if not 0 <= prefix <= S - T:
+        raise ValueError(f"prefix_len = {prefix} out of range: need 0 <= prefix_len <= S - T = {S - T}")
+
+
+def _resolve_scale(scale: Optional[float], head_dim: int) -> float:
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    return scale
+
+
+def _empty_out(q: Tensor) -> Tensor:
+    # [B, H, T, Dh] view of a [B, T, H, Dh] buffer: the model's following
+    # ``y.transpose(1, 2).reshape(B, T, C)`` is then free.
+    B, H, T, Dh = q.shape
+    return torch.empty((B, T, H, Dh), dtype=q.dtype, device=q.device).transpose(1, 2)
+
+
+def _launch(q, k_cache, v_cache, prefix_len, tree_mask, scale: float) -> Tensor:
+    B, H, T, Dh = q.shape
+    out = _empty_out(q)
+    # Decoding trees are small (T <= 64): 16-row query blocks spread B*H*T/16 programs over
+    # the SMs. A long causal prefill takes the usual 64-row blocks.
+    block_m = 16 if T <= 64 else 64
+    block_n = 64
+    grid = (triton.cdiv(T, block_m), B * H)
+    torch.library.wrap_triton(_tree_attention_kernel)[grid](
+        q, k_cache, v_cache, out, prefix_len, tree_mask,
+        T, tree_mask.shape[1], H, scale * _LOG2E,
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
+        HEAD_DIM=Dh,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=4 if Dh <= 64 else 8,
+        num_stages=2,
+    )
+    return out
+
+
+# ----------------------------------------------------------------------------- registration
+
+
+@torch.library.triton_op("mtpkern::tree_attention", mutates_args=())
+def _tree_attention_op(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, prefix_len: Tensor, tree_mask: Tensor, scale: float
+) -> Tensor:
+    # This body is also the fake implementation (run on fake tensors under torch.compile).
+    if q.device.type == "cpu" and not _backend.triton_interpret():
+        return _empty_out(q).copy_(_attention_dense(q, k_cache, v_cache, prefix_len, tree_mask, scale))
+    return _launch(q, k_cache, v_cache, prefix_len, tree_mask, scale)
+
+
+# ----------------------------------------------------------------------------- public
+
+
+def tree_attention(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    prefix_len: Tensor,
+    tree_mask: Tensor,
+    *,
+    scale: Optional[float] = None,
+    backend: Optional[str] = None,
+) -> Tensor:
+    """Attention of T tree tokens over a cached prefix and each other (see the module doc).
+
+    q [B, H, T, Dh], k_cache / v_cache [B, H, S, Dh] (any strides, same dtype and device),
+    prefix_len a 0-d or [1] int tensor on that device, tree_mask the packed int32 [T, W] mask.
+    Returns [B, H, T, Dh] in q's dtype. scale defaults to 1/sqrt(Dh).
+    backend: None (automatic), "triton" or "eager" (the fp32 reference).
+    """
+    _check_inputs(q, k_cache, v_cache, prefix_len, tree_mask)
+    choice = _backend.pick(q.device, ("triton", "eager"), backend)
+    if choice == "eager":
+        return tree_attention_ref(q, k_cache, v_cache, prefix_len, tree_mask, scale=scale)
+    if prefix_len.device.type == "cpu":  # checking a CUDA value would sync; a CPU one is free
+        _check_prefix_len_value(int(prefix_len.reshape(())), q.shape[2], k_cache.shape[2])
+    return torch.ops.mtpkern.tree_attention(
+        q, k_cache, v_cache, prefix_len, tree_mask, _resolve_scale(scale, q.shape[-1])
+    )
+
+
+__all__ = ["tree_attention", "tree_attention_ref", "pack_tree_mask", "unpack_tree_mask", "HEAD_DIMS"]
