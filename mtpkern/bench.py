@@ -31,7 +31,6 @@ from __future__ import annotations
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -40,11 +39,11 @@ from tqdm.auto import tqdm
 from mtpkern.eval import (
     default_tree,
     device_info,
-    next_token_gpt2,
+    hf_decoder,
     pick_device,
     pick_dtype,
     resolve_checkpoint,
-    synchronize,
+    timed,
 )
 
 SCHEMA = "mtpkern.bench/1"
@@ -108,22 +107,6 @@ def engine_cases(models: dict, device) -> list[tuple[str, object, dict]]:
     return cases
 
 
-def _hf_runner(model, static: bool, max_new_tokens: int):
-    from mtpkern.model import to_hf
-
-    hf = to_hf(next_token_gpt2(model))
-    hf.generation_config.eos_token_id = None  # always decode exactly max_new_tokens
-    hf.generation_config.pad_token_id = 0
-    extra = dict(cache_implementation="static") if static else {}
-
-    def run(ids):
-        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                          do_sample=False, **extra)
-        return out[0, ids.shape[1]:].tolist()
-
-    return run
-
-
 def time_case(run, prompts, device, *, warmup: int = 1) -> dict:
     """Median tokens/s and latency of ``run(ids)`` over ``prompts``; engine stats when ``run``
     returns a GenerationResult."""
@@ -131,11 +114,7 @@ def time_case(run, prompts, device, *, warmup: int = 1) -> dict:
         run(prompts[0])
     tps, lat, steps, accept, fpt = [], [], [], [], []
     for ids in prompts:
-        synchronize(device)
-        t0 = time.perf_counter()
-        out = run(ids)
-        synchronize(device)
-        dt = time.perf_counter() - t0
+        out, dt = timed(lambda: run(ids), device)
         tokens = out if isinstance(out, list) else out.tokens
         tps.append(len(tokens) / dt)
         lat.append(dt)
@@ -155,14 +134,7 @@ def _time_us(fn, device, iters: int) -> float:
     """Median microseconds of ``fn()``, synchronised around every call, after 3 warm-ups."""
     for _ in range(3):
         fn()
-    times = []
-    for _ in range(iters):
-        synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e6
+    return statistics.median(timed(fn, device)[1] for _ in range(iters)) * 1e6
 
 
 def step_breakdown(model, tree, *, prefix_len: int, kernels: str, iters: int = 20) -> dict:
@@ -265,8 +237,8 @@ def run_bench(device: str = "cuda", json_path=None, model_dir=None, max_new_toke
     ids = bench_prompts(models["ntp"], prompts, prompt_len, model_dir, data)
     cases = [(name, (lambda x, m=m, kw=kw: generate(m, x, max_new_tokens=max_new_tokens, **kw)), 1)
              for name, m, kw in engine_cases(models, dev)]
-    cases += [("hf/dynamic", _hf_runner(models["ntp"], False, max_new_tokens), 1),
-              ("hf/static", _hf_runner(models["ntp"], True, max_new_tokens), 2)]
+    cases += [("hf/dynamic", hf_decoder(models["ntp"], max_new_tokens, None), 1),
+              ("hf/static", hf_decoder(models["ntp"], max_new_tokens, None, static_cache=True), 2)]
     results = {}
     with torch.inference_mode():
         for name, run, warmup in tqdm(cases, desc="bench", disable=not progress, file=sys.stderr):

@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import resource
 import statistics
 import sys
@@ -239,7 +238,8 @@ def _strip_eos(tokens: list[int], eos: int | None) -> list[int]:
     return tokens[: tokens.index(eos)] if eos is not None and eos in tokens else tokens
 
 
-def _timed(fn, device):
+def timed(fn, device: torch.device):
+    """``(fn(), seconds)``, the device synchronised before and after: wall time of the work."""
     synchronize(device)
     t0 = time.perf_counter()
     out = fn()
@@ -247,10 +247,23 @@ def _timed(fn, device):
     return out, time.perf_counter() - t0
 
 
-def _hf_generate(hf, ids, max_new_tokens, eos):
-    out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                      do_sample=False, eos_token_id=eos, pad_token_id=eos if eos is not None else 0)
-    return out[0, ids.shape[1]:].tolist()
+def hf_decoder(model, max_new_tokens: int, eos_token_id: int | None, *, static_cache: bool = False):
+    """``run(ids [1, T]) -> new token ids``: greedy ``transformers`` ``generate`` on the
+    weights of ``model``'s next-token path. ``eos_token_id=None`` decodes exactly
+    ``max_new_tokens`` tokens; ``static_cache`` uses ``cache_implementation="static"``."""
+    from mtpkern.model import to_hf
+
+    hf = to_hf(next_token_gpt2(model))
+    hf.generation_config.eos_token_id = eos_token_id  # None: never stop early
+    hf.generation_config.pad_token_id = 0 if eos_token_id is None else eos_token_id
+    extra = dict(cache_implementation="static") if static_cache else {}
+
+    def run(ids):
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                          do_sample=False, **extra)
+        return out[0, ids.shape[1]:].tolist()
+
+    return run
 
 
 def decode_prompts(model, prompts: list[torch.Tensor], *, max_new_tokens: int, eos_token_id: int | None,
@@ -273,10 +286,7 @@ def decode_prompts(model, prompts: list[torch.Tensor], *, max_new_tokens: int, e
             kw["tree"] = default_tree(model.config.n_heads)
         runners[strategy] = lambda ids, kw=kw: generate(model, ids, **kw)
     if hf_baseline:
-        from mtpkern.model import to_hf
-
-        hf = to_hf(next_token_gpt2(model))
-        runners["hf"] = lambda ids: _hf_generate(hf, ids, max_new_tokens, eos_token_id)
+        runners["hf"] = hf_decoder(model, max_new_tokens, eos_token_id)
 
     runs = {name: {"tokens": [], "times": [], "steps": [], "accept_lengths": []} for name in runners}
     with torch.inference_mode():
@@ -284,7 +294,7 @@ def decode_prompts(model, prompts: list[torch.Tensor], *, max_new_tokens: int, e
             run(prompts[0])
         for ids in tqdm(prompts, desc=desc or "decode", disable=not progress, file=sys.stderr):
             for name, run in runners.items():
-                out, seconds = _timed(lambda: run(ids), device)
+                out, seconds = timed(lambda: run(ids), device)
                 r = runs[name]
                 r["times"].append(seconds)
                 if name == "hf":
