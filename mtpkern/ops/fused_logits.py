@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
 from mtpkern.ops import _backend
 
@@ -296,6 +297,10 @@ def _launch(hidden: Tensor, weight: Tensor, k: int, target: Optional[Tensor], sc
     argmax = torch.empty((R,), dtype=torch.int64, device=dev)
     lse = torch.empty((R,), dtype=torch.float32, device=dev)
     entropy = torch.empty((R,), dtype=torch.float32, device=dev)
+    if _backend.triton_interpret() and is_fake(hidden):
+        # Under the interpreter, wrap_triton hands back the plain kernel, which cannot run on
+        # fake tensors; a fake implementation only needs the outputs' metadata anyway.
+        return topv, topi, argmax, lse, entropy, target_logit
 
     grid = (triton.cdiv(R, cfg["BLOCK_R"]), nb)
     torch.library.wrap_triton(_logits_partials_kernel)[grid](
