@@ -48,6 +48,21 @@ def checkpoint_dir(path) -> Path:
     return path
 
 
+def parse_tree(text: str):
+    """``mc_sim_7b_63`` (MEDUSA's 63-node tree), ``chain:N``, or per-depth widths ``4,2,2``."""
+    from mtpkern.tree import MC_SIM_7B_63, Tree
+
+    if text == "mc_sim_7b_63":
+        return Tree(MC_SIM_7B_63)
+    if text.startswith("chain:"):
+        return Tree.chain(_positive_int(text[len("chain:"):]))
+    try:
+        widths = [int(w) for w in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--tree {text!r}: expected mc_sim_7b_63, chain:N or widths like 4,2,2") from None
+    return Tree.from_widths(widths)
+
+
 # ----------------------------------------------------------------------------- commands
 
 
@@ -86,8 +101,6 @@ def cmd_generate(args) -> int:
     from mtpkern.data import format_prompt, load_tokenizer
     from mtpkern.generate import generate
     from mtpkern.model import load_model
-    from mtpkern.tree import Tree
-
     ckpt = checkpoint_dir(args.model)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
@@ -98,9 +111,7 @@ def cmd_generate(args) -> int:
     text = args.prompt if args.raw else format_prompt(args.prompt)
     ids = torch.tensor([tokenizer(text)["input_ids"]], device=device)
     strategy = args.strategy or {"gpt2": "ntp"}.get(model.config.model_type, model.config.model_type)
-    tree = None
-    if args.tree:
-        tree = Tree.parse(args.tree) if hasattr(Tree, "parse") else Tree.from_widths([int(w) for w in args.tree.split(",")])
+    tree = parse_tree(args.tree) if args.tree else None
     gen = torch.Generator(device=device).manual_seed(args.seed)
     result = generate(
         model, ids, max_new_tokens=args.max_new_tokens, strategy=strategy, temperature=args.temperature,
