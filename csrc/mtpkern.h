@@ -22,9 +22,24 @@ constexpr int64_t kMaxCompactPath = 1024;  // the compaction kernel stages the w
 
 // ---------------------------------------------------------------- input checks (host only)
 
+// dtype names as Python spells them (torch.int64, not Long), so messages match the Python side.
+inline const char* dtype_name(at::ScalarType t) {
+  switch (t) {
+    case at::kLong: return "int64";
+    case at::kInt: return "int32";
+    case at::kFloat: return "float32";
+    case at::kHalf: return "float16";
+    case at::kBFloat16: return "bfloat16";
+    case at::kDouble: return "float64";
+    case at::kBool: return "bool";
+    default: return c10::toString(t);
+  }
+}
+
 inline void check_vector(const at::Tensor& t, const char* op, const char* name, at::ScalarType dtype) {
   TORCH_CHECK_VALUE(t.dim() == 1, op, ": ", name, " must be 1-D, got shape ", t.sizes());
-  TORCH_CHECK_TYPE(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK_TYPE(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype_name(dtype), ", got ",
+                   dtype_name(t.scalar_type()));
   TORCH_CHECK_VALUE(t.is_contiguous(), op, ": ", name, " must be contiguous");
 }
 
@@ -50,7 +65,8 @@ inline void check_verify(const at::Tensor& tree_tokens, const at::Tensor& target
   TORCH_CHECK_VALUE(target_argmax.size(0) == T, op, ": target_argmax has ", target_argmax.size(0),
                     " entries but tree_tokens has ", T);
   TORCH_CHECK_VALUE(paths.dim() == 2, op, ": paths must be 2-D [P, max_depth + 1], got shape ", paths.sizes());
-  TORCH_CHECK_TYPE(paths.scalar_type() == at::kLong, op, ": paths must be int64, got ", paths.scalar_type());
+  TORCH_CHECK_TYPE(paths.scalar_type() == at::kLong, op, ": paths must be int64, got ",
+                   dtype_name(paths.scalar_type()));
   TORCH_CHECK_VALUE(paths.is_contiguous(), op, ": paths must be contiguous");
   TORCH_CHECK_VALUE(paths.size(0) >= 1 && paths.size(1) >= 1, op, ": paths must have at least one row and column, got ",
                     paths.sizes());
@@ -73,7 +89,7 @@ inline void check_verify_typical(const at::Tensor& tree_tokens, const at::Tensor
 inline void check_scalar_index(const at::Tensor& cache, const at::Tensor& t, const char* name) {
   TORCH_CHECK_VALUE(t.dim() == 0, "kv_compact_: ", name, " must be a 0-d tensor, got shape ", t.sizes());
   TORCH_CHECK_TYPE(t.scalar_type() == at::kLong || t.scalar_type() == at::kInt, "kv_compact_: ", name,
-                   " must be int64 or int32, got ", t.scalar_type());
+                   " must be int64 or int32, got ", dtype_name(t.scalar_type()));
   check_same_device(cache, t, "kv_compact_", name);
 }
 
@@ -84,8 +100,9 @@ inline void check_kv_compact(const at::Tensor& k, const at::Tensor& v, const at:
                     k.sizes());
   const auto dt = k.scalar_type();
   TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16,
-                   "kv_compact_: caches must be float32, float16 or bfloat16, got ", dt);
-  TORCH_CHECK_TYPE(v.scalar_type() == dt, "kv_compact_: v_cache is ", v.scalar_type(), " but k_cache is ", dt);
+                   "kv_compact_: caches must be float32, float16 or bfloat16, got ", dtype_name(dt));
+  TORCH_CHECK_TYPE(v.scalar_type() == dt, "kv_compact_: v_cache is ", dtype_name(v.scalar_type()), " but k_cache is ",
+                   dtype_name(dt));
   TORCH_CHECK_VALUE(k.is_contiguous() && v.is_contiguous(), "kv_compact_: k_cache and v_cache must be contiguous");
   check_same_device(k, v, "kv_compact_", "v_cache");
   check_vector(path, "kv_compact_", "path", at::kLong);

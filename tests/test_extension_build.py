@@ -1,0 +1,91 @@
+"""The C++ extension: registered when built; the package works (eager) when it is absent."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mtpkern.ops import _backend, kv_compact, tree_mask, verify
+
+ROOT = Path(__file__).resolve().parents[1]
+SCHEMAS = {
+    "tree_buffers": tree_mask.SCHEMA,
+    "verify_greedy": verify.GREEDY_SCHEMA,
+    "verify_typical": verify.TYPICAL_SCHEMA,
+    "kv_compact_": kv_compact.SCHEMA,
+}
+
+
+@pytest.mark.skipif(not _backend.HAS_CUDA_EXT, reason="the C++ extension mtpkern._C is not built")
+@pytest.mark.parametrize("name", sorted(SCHEMAS))
+def test_extension_registers_its_ops(name):
+    op = getattr(torch.ops.mtpkern, name).default
+    # The C++ schema is the one the Python fallback defines when the extension is absent.
+    assert str(op._schema) == f"mtpkern::{name}{SCHEMAS[name]}"
+    for key in ("CPU", "CUDA"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"mtpkern::{name}", key), f"no {key} kernel for {name}"
+
+
+HIDDEN = r'''
+import importlib.abc, sys
+
+class HideExtension(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "mtpkern._C":
+            raise ImportError("mtpkern._C hidden by the test")
+        return None
+
+sys.meta_path.insert(0, HideExtension())
+
+import torch
+from mtpkern.ops import _backend
+from mtpkern.ops.kv_compact import kv_compact_
+from mtpkern.ops.tree_mask import tree_buffers
+from mtpkern.ops.verify import verify_greedy, verify_typical
+
+assert not _backend.HAS_CUDA_EXT
+buf = tree_buffers(torch.tensor([-1, 0, 0, 1]), 2)
+assert buf.depth.tolist() == [0, 1, 1, 2] and buf.mask.view(-1).tolist() == [1, 3, 5, 11], buf
+assert torch.equal(torch.ops.mtpkern.tree_buffers(torch.tensor([-1, 0, 0, 1]), 2)[2], buf.retrieve)
+
+tokens, argmax = torch.tensor([5, 6, 7, 8]), torch.tensor([6, 8, 0, 9])
+for r in (verify_greedy(tokens, argmax, buf.retrieve), torch.ops.mtpkern.verify_greedy(tokens, argmax, buf.retrieve)):
+    assert [int(r[0]), int(r[1]), int(r[2]), r[3].tolist()] == [2, 3, 3, [6, 8, 9]], r
+r = verify_typical(tokens, argmax, torch.ones(4), torch.zeros(4), buf.retrieve)
+assert int(r.accept_len) == 2 and r.tokens.tolist() == [6, 8, 9], r
+
+k = torch.arange(8.0).view(1, 1, 1, 8, 1)
+v = -k
+kv_compact_(k, v, torch.tensor([0, 2, 3]), torch.tensor(1), torch.tensor(3))
+assert k.view(-1).tolist() == [0, 1, 3, 4, 4, 5, 6, 7] and v.view(-1).tolist() == [-x for x in k.view(-1).tolist()]
+torch.ops.mtpkern.kv_compact_(k, v, torch.tensor([0, 2]), torch.tensor(0), torch.tensor(2))
+assert k.view(-1).tolist()[:2] == [0, 3]
+
+try:
+    tree_buffers(torch.tensor([-1, 0]), 1, backend="cuda")
+except RuntimeError as e:
+    assert "needs the built extension" in str(e)
+else:
+    raise AssertionError("backend='cuda' without the extension must raise")
+print("eager fallbacks OK")
+'''
+
+
+def test_package_works_with_the_extension_hidden():
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
+    env.pop("MTPKERN_BACKEND", None)
+    proc = subprocess.run([sys.executable, "-c", HIDDEN], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "eager fallbacks OK" in proc.stdout
+
+
+def test_setup_skip_switch_builds_nothing():
+    env = {**os.environ, "MTPKERN_SKIP_CUDA_BUILD": "1"}
+    proc = subprocess.run([sys.executable, "setup.py", "--version"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "not building the CUDA extension" in proc.stdout and "0.1.0" in proc.stdout
