@@ -1,0 +1,315 @@
+"""tree_attention against its fp32 reference, and the packed tree-mask format bit by bit.
+
+On CPU the Triton kernel runs in the interpreter (fp32 / fp16, small shapes); bf16, GPT-2
+shapes and CUDA-graph replay run on a GPU only.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mtpkern.ops.tree_attention import pack_tree_mask, tree_attention, tree_attention_ref, unpack_tree_mask
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+
+
+def random_tree(T: int, seed: int = 0) -> torch.Tensor:
+    """bool [T, T] ancestor-or-self mask of a random tree whose node i has a parent < i."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.eye(T, dtype=torch.bool)
+    for i in range(1, T):
+        parent = int(torch.randint(0, i, (1,), generator=g))
+        mask[i] |= mask[parent]
+    return mask
+
+
+def _inputs(B, H, T, Dh, S, dtype, seed=0, device=DEV):
+    """q as the model makes it ([B, T, H, Dh].transpose(1, 2)) and a random cache."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, T, H, Dh, generator=g).to(device, dtype).transpose(1, 2)
+    k = torch.randn(B, H, S, Dh, generator=g).to(device, dtype)
+    v = torch.randn(B, H, S, Dh, generator=g).to(device, dtype)
+    return q, k, v
+
+
+def dense_mask(prefix: int, tree: torch.Tensor, S: int) -> torch.Tensor:
+    """bool [T, S], written out slot by slot, independently of the op's code."""
+    T = tree.shape[0]
+    mask = torch.zeros(T, S, dtype=torch.bool)
+    for i in range(T):
+        for s in range(S):
+            mask[i, s] = s < prefix or (prefix <= s < prefix + T and bool(tree[i, s - prefix]))
+    return mask
+
+
+def _check(q, k, v, prefix: int, tree: torch.Tensor, scale=None):
+    """Kernel vs fp32 reference; low precision may err at most twice as much as eager
+    attention in the same dtype plus a small atol."""
+    packed = pack_tree_mask(tree).to(q.device)
+    prefix_len = torch.tensor(prefix, device=q.device)
+    out = tree_attention(q, k, v, prefix_len, packed, scale=scale, backend="triton")
+    ref = tree_attention_ref(q, k, v, prefix_len, packed, scale=scale)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    if q.dtype == torch.float32:
+        tol = ATOL[q.dtype]
+    else:
+        S, Dh = k.shape[2], q.shape[-1]
+        mask = dense_mask(prefix, tree.cpu(), S).to(q.device)
+        scores = (q @ k.transpose(-1, -2)) * (Dh**-0.5 if scale is None else scale)
+        eager = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1) @ v
+        tol = 2 * (eager.float() - ref.float()).abs().max().item() + ATOL[q.dtype]
+    torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=0)
+    return out
+
+
+# ----------------------------------------------------------------------------- mask format
+
+
+def test_hand_written_four_node_tree():
+    # 0 is the root; 1 and 2 are its children; 3 is a child of 1.
+    tree = torch.tensor(
+        [[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 1, 0, 1]], dtype=torch.bool
+    )
+    packed = pack_tree_mask(tree)
+    assert packed.dtype == torch.int32
+    assert packed.tolist() == [[0b0001], [0b0011], [0b0101], [0b1011]]
+    for i in range(4):
+        for j in range(4):
+            assert bool((int(packed[i, 0]) >> j) & 1) == bool(tree[i, j]), (i, j)
+    assert torch.equal(unpack_tree_mask(packed, 4), tree)
+
+
+def test_bit_31_is_the_sign_bit():
+    chain = torch.ones(33, 33, dtype=torch.bool).tril()
+    packed = pack_tree_mask(chain)
+    assert packed.shape == (33, 2)
+    assert packed[31].tolist() == [-1, 0]  # 32 bits set: 0xFFFFFFFF as int32
+    assert packed[32].tolist() == [-1, 1]
+    assert packed[30].tolist() == [2**31 - 1, 0]
+    assert torch.equal(unpack_tree_mask(packed, 33), chain)
+
+
+@pytest.mark.parametrize("T", [1, 5, 31, 32, 33, 64, 65, 100])
+def test_pack_unpack_round_trip(T):
+    mask = torch.rand(T, T, generator=torch.Generator().manual_seed(T)) < 0.5
+    packed = pack_tree_mask(mask)
+    assert packed.shape == (T, (T + 31) // 32)
+    assert torch.equal(unpack_tree_mask(packed, T), mask)
+
+
+def test_pack_unpack_bad_input():
+    with pytest.raises(ValueError, match="square"):
+        pack_tree_mask(torch.ones(3, 4, dtype=torch.bool))
+    with pytest.raises(TypeError, match="torch.bool"):
+        pack_tree_mask(torch.ones(3, 3))
+    with pytest.raises(ValueError, match=r"\[40, 2\]"):
+        unpack_tree_mask(torch.zeros(40, 1, dtype=torch.int32), 40)
+
+
+def test_reference_matches_sdpa_with_a_dense_mask():
+    q, k, v = _inputs(1, 2, 5, 16, 48, torch.float32, device="cpu")
+    tree = random_tree(5, seed=1)
+    mask = dense_mask(37, tree, 48)
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    ref = tree_attention_ref(q, k, v, torch.tensor(37), pack_tree_mask(tree))
+    torch.testing.assert_close(ref, expected, atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- kernel
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(
+    "B, H, T, Dh, prefix, S",
+    [
+        (1, 2, 1, 16, 0, 8),
+        (1, 2, 5, 16, 1, 8),
+        (2, 3, 5, 32, 37, 48),
+        (1, 2, 63, 16, 37, 128),
+        (1, 1, 65, 32, 0, 65),
+        (1, 1, 7, 64, 100, 120),
+    ],
+)
+def test_matches_reference(B, H, T, Dh, prefix, S, dtype):
+    q, k, v = _inputs(B, H, T, Dh, S, dtype, seed=T)
+    _check(q, k, v, prefix, random_tree(T, seed=prefix))
+
+
+def test_general_mask_and_scale():
+    # Not a tree: random bits, some rows seeing later tokens, each row seeing itself.
+    T = 33
+    mask = (torch.rand(T, T, generator=torch.Generator().manual_seed(0)) < 0.3) | torch.eye(T, dtype=torch.bool)
+    q, k, v = _inputs(1, 2, T, 32, 60, torch.float32)
+    _check(q, k, v, 20, mask, scale=0.3)
+
+
+def test_chain_mask_is_causal_prefill():
+    T = 65
+    q, k, v = _inputs(1, 2, T, 32, 80, torch.float32, seed=3)
+    out = _check(q, k, v, 0, torch.ones(T, T, dtype=torch.bool).tril())
+    causal = F.scaled_dot_product_attention(q, k[:, :, :T], v[:, :, :T], is_causal=True)
+    torch.testing.assert_close(out, causal, atol=1e-5, rtol=1e-5)
+
+
+def test_non_contiguous_cache_and_query():
+    B, H, T, Dh, S = 1, 2, 5, 16, 40
+    g = torch.Generator().manual_seed(6)
+    k = torch.randn(B, S, H, Dh, generator=g).to(DEV).transpose(1, 2)  # [B, H, S, Dh] view
+    v = torch.randn(B, S, H, Dh, generator=g).to(DEV).transpose(1, 2)
+    q = torch.randn(B, H, Dh, T, generator=g).to(DEV).transpose(2, 3)  # Dh not innermost
+    _check(q, k, v, 11, random_tree(T, seed=6))
+
+
+def test_slots_past_the_tree_are_never_read():
+    T, prefix, S = 5, 9, 32
+    q, k, v = _inputs(1, 2, T, 16, S, torch.float32)
+    packed = pack_tree_mask(random_tree(T)).to(DEV)
+    prefix_len = torch.tensor(prefix, device=DEV)
+    ref = tree_attention_ref(q, k, v, prefix_len, packed)
+    k[:, :, prefix + T :] = float("nan")
+    v[:, :, prefix + T :] = float("nan")
+    out = tree_attention(q, k, v, prefix_len, packed, backend="triton")
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("prefix_len", [torch.tensor(7), torch.tensor([7]), torch.tensor([7], dtype=torch.int32)])
+def test_prefix_len_forms(prefix_len):
+    q, k, v = _inputs(1, 1, 3, 16, 16, torch.float32)
+    packed = pack_tree_mask(random_tree(3)).to(DEV)
+    out = tree_attention(q, k, v, prefix_len.to(DEV), packed, backend="triton")
+    ref = tree_attention_ref(q, k, v, torch.tensor(7), packed)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+
+
+def test_output_layout_makes_the_model_reshape_free():
+    q, k, v = _inputs(2, 3, 5, 16, 16, torch.float32)
+    out = tree_attention(q, k, v, torch.tensor(4, device=DEV), pack_tree_mask(random_tree(5)).to(DEV))
+    assert out.shape == (2, 3, 5, 16)
+    assert out.transpose(1, 2).is_contiguous()
+
+
+def test_eager_backend_is_the_reference():
+    q, k, v = _inputs(1, 2, 5, 16, 16, torch.float32)
+    args = (q, k, v, torch.tensor(3, device=DEV), pack_tree_mask(random_tree(5)).to(DEV))
+    assert torch.equal(tree_attention(*args, backend="eager"), tree_attention_ref(*args))
+
+
+@settings(max_examples=6, deadline=None)
+@given(
+    B=st.integers(1, 2),
+    H=st.integers(1, 3),
+    T=st.integers(1, 40),
+    Dh=st.sampled_from([16, 32]),
+    prefix=st.integers(0, 50),
+    extra=st.integers(0, 10),
+    seed=st.integers(0, 2**16),
+)
+def test_random_shapes(B, H, T, Dh, prefix, extra, seed):
+    q, k, v = _inputs(B, H, T, Dh, prefix + T + extra, torch.float32, seed=seed)
+    _check(q, k, v, prefix, random_tree(T, seed=seed))
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def _good(device=DEV):
+    q, k, v = _inputs(1, 2, 5, 16, 16, torch.float32, device=device)
+    return dict(q=q, k_cache=k, v_cache=v, prefix_len=torch.tensor(3, device=device),
+                tree_mask=pack_tree_mask(random_tree(5)).to(device))
+
+
+@pytest.mark.parametrize(
+    "change, error, match",
+    [
+        (lambda a: {"q": a["q"][0]}, ValueError, "q must be 4-D"),
+        (lambda a: {"k_cache": a["k_cache"].half()}, TypeError, r"k_cache.dtype"),
+        (lambda a: {"q": a["q"].int()}, TypeError, "q.dtype"),
+        (lambda a: {"v_cache": a["v_cache"][:, :, :8]}, ValueError, "differ"),
+        (lambda a: {"k_cache": a["k_cache"][:, :1], "v_cache": a["v_cache"][:, :1]}, ValueError, "does not match"),
+        (lambda a: {k: a[k][..., :8] for k in ("q", "k_cache", "v_cache")}, ValueError, "head dim"),
+        (lambda a: {"tree_mask": a["tree_mask"][:, :0]}, ValueError, r"\[5, 1\]"),
+        (lambda a: {"tree_mask": a["tree_mask"].long()}, TypeError, "tree_mask.dtype"),
+        (lambda a: {"prefix_len": torch.tensor(3.0, device=DEV)}, ValueError, "prefix_len must be"),
+        (lambda a: {"prefix_len": torch.tensor([3, 4], device=DEV)}, ValueError, "prefix_len must be"),
+        (lambda a: {"tree_mask": a["tree_mask"].to("meta")}, ValueError, "tree_mask is on"),
+    ],
+)
+def test_bad_inputs(change, error, match):
+    args = _good()
+    args.update(change(args))
+    with pytest.raises(error, match=match):
+        tree_attention(**args)
+
+
+@pytest.mark.parametrize("prefix", [-1, 12])  # S - T = 11
+def test_prefix_len_out_of_range(prefix):
+    args = _good(device="cpu")
+    args["prefix_len"] = torch.tensor(prefix)
+    with pytest.raises(ValueError, match="prefix_len = .* out of range"):
+        tree_attention(**args)
+    with pytest.raises(ValueError, match="out of range"):
+        tree_attention_ref(**args)
+
+
+def test_opcheck_kernel():
+    a = _good()
+    args = (a["q"], a["k_cache"], a["v_cache"], a["prefix_len"], a["tree_mask"], 0.25)
+    # The interpreter's kernels cannot be traced by AOT dispatch (wrap_triton hands them back
+    # unwrapped); on a GPU every check runs.
+    utils = None if DEV == "cuda" else ("test_schema", "test_autograd_registration", "test_faketensor")
+    kwargs = {} if utils is None else {"test_utils": utils}
+    torch.library.opcheck(torch.ops.mtpkern.tree_attention.default, args, **kwargs)
+
+
+def test_opcheck_cpu_reference_path(monkeypatch):
+    # CPU tensors without the interpreter: the op runs the eager reference.
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    a = _good(device="cpu")
+    args = (a["q"], a["k_cache"], a["v_cache"], a["prefix_len"], a["tree_mask"], 0.25)
+    torch.library.opcheck(torch.ops.mtpkern.tree_attention.default, args)
+    ref = tree_attention_ref(*args[:5], scale=0.25)
+    torch.testing.assert_close(torch.ops.mtpkern.tree_attention(*args), ref, atol=0, rtol=0)
+
+
+# ----------------------------------------------------------------------------- GPU only
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    "T, Dh, prefix, S",
+    [(64, 64, 512, 1024), (64, 64, 2048, 2112), (63, 128, 37, 128), (6, 64, 0, 64), (1024, 64, 0, 1024)],
+)
+def test_cuda_shapes(T, Dh, prefix, S, dtype):
+    q, k, v = _inputs(1, 12, T, Dh, S, dtype, seed=T)
+    tree = torch.ones(T, T, dtype=torch.bool).tril() if T > 64 else random_tree(T, seed=prefix)
+    _check(q, k, v, prefix, tree)
+
+
+@needs_cuda
+def test_cuda_graph_replay_with_a_new_prefix_len():
+    T, S = 64, 1024
+    q, k, v = _inputs(1, 12, T, 64, S, torch.float16)
+    packed = pack_tree_mask(random_tree(T)).cuda()
+    prefix_len = torch.tensor(100, device="cuda")
+    tree_attention(q, k, v, prefix_len, packed)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = tree_attention(q, k, v, prefix_len, packed)
+    for prefix in (512, 0, S - T):
+        prefix_len.fill_(prefix)
+        graph.replay()
+        ref = tree_attention_ref(q, k, v, prefix_len, packed)
+        torch.testing.assert_close(out.float(), ref.float(), atol=2e-3, rtol=0)
+
+
+@needs_cuda
+def test_cuda_torch_compile():
+    q, k, v = _inputs(1, 12, 64, 64, 1024, torch.float16)
+    args = (q, k, v, torch.tensor(512, device="cuda"), pack_tree_mask(random_tree(64)).cuda())
+    compiled = torch.compile(tree_attention, fullgraph=True)
+    torch.testing.assert_close(compiled(*args), tree_attention(*args), atol=0, rtol=0)
