@@ -24,10 +24,10 @@ FORCE = os.environ.get("MTPKERN_FORCE_CUDA_BUILD", "0") == "1"
 
 
 def find_cuda_home():
-    """The CUDA toolkit root: $CUDA_HOME / $CUDA_PATH, else the toolkit holding nvcc."""
-    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")):
-        if home:
-            return home
+    """The CUDA toolkit root: $CUDA_HOME / $CUDA_PATH (which must hold bin/nvcc), else the one holding nvcc."""
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if home:
+        return home if os.path.exists(os.path.join(home, "bin", "nvcc")) else None
     candidates = []
     nvcc = shutil.which("nvcc")
     if nvcc:  # nvcc may be a wrapper script outside the toolkit, so check for the headers
@@ -74,7 +74,7 @@ def cuda_extensions():
     if torch.version.cuda is None:
         problem = f"torch {torch.__version__} has no CUDA"
     elif cuda_home is None:
-        problem = "no CUDA toolkit found (set CUDA_HOME or put nvcc on PATH)"
+        problem = "no CUDA toolkit found (CUDA_HOME must hold bin/nvcc, or put nvcc on PATH)"
     if problem:
         if FORCE:
             raise RuntimeError(f"mtpkern: MTPKERN_FORCE_CUDA_BUILD=1 but {problem}")
@@ -88,6 +88,7 @@ def cuda_extensions():
         os.environ["TORCH_CUDA_ARCH_LIST"] = default_arch_list(cuda_home)
     os.environ.setdefault("MAX_JOBS", str(default_max_jobs()))
 
+    # setuptools wants source paths relative to this file's folder (where pip runs it).
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cuda/*.cu"))
     # No --use_fast_math: verification compares probabilities and must match the reference.
     # No -std flag: torch adds the standard its headers need (C++17 up to 2.12, C++20 after).
@@ -95,7 +96,7 @@ def cuda_extensions():
     ext = CUDAExtension(
         name="mtpkern._C",
         sources=sources,
-        include_dirs=[os.path.abspath("csrc")],
+        include_dirs=[os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")],
         extra_compile_args={"cxx": common, "nvcc": common + ["-lineinfo"]},
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}

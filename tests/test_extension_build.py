@@ -89,3 +89,15 @@ def test_setup_skip_switch_builds_nothing():
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "not building the CUDA extension" in proc.stdout and "0.1.0" in proc.stdout
+
+
+def test_setup_force_switch_makes_a_missing_toolkit_an_error(tmp_path):
+    env = {**os.environ, "CUDA_HOME": str(tmp_path)}  # an empty folder: no bin/nvcc
+    env.pop("MTPKERN_SKIP_CUDA_BUILD", None)
+    quiet = subprocess.run([sys.executable, "setup.py", "--version"], cwd=ROOT, env=env, capture_output=True,
+                           text=True, timeout=120)
+    assert quiet.returncode == 0 and "building without the CUDA extension" in quiet.stdout, quiet.stderr[-3000:]
+    env["MTPKERN_FORCE_CUDA_BUILD"] = "1"
+    forced = subprocess.run([sys.executable, "setup.py", "--version"], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert forced.returncode != 0 and "MTPKERN_FORCE_CUDA_BUILD=1 but no CUDA toolkit found" in forced.stderr
