@@ -19,7 +19,7 @@ def test_cases_per_device():
 
 def test_quick_bench_end_to_end(tmp_path):
     path = tmp_path / "bench.json"
-    report = run_bench(device="cpu", json_path=path, max_new_tokens=6, prompts=2, prompt_len=8,
+    report = run_bench(device="cpu", json_path=path, max_new_tokens=5, prompts=2, prompt_len=8,
                        quick=True, progress=False)
     assert json.loads(path.read_text()) == report
     assert report["device"]["type"] == "cpu" and report["device"]["name"]
