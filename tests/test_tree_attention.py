@@ -10,7 +10,13 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mtpkern.ops.tree_attention import pack_tree_mask, tree_attention, tree_attention_ref, unpack_tree_mask
+from mtpkern.ops.tree_attention import (
+    dense_tree_mask,
+    pack_tree_mask,
+    tree_attention,
+    tree_attention_ref,
+    unpack_tree_mask,
+)
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -114,6 +120,7 @@ def test_reference_matches_sdpa_with_a_dense_mask():
     q, k, v = _inputs(1, 2, 5, 16, 48, torch.float32, device="cpu")
     tree = random_tree(5, seed=1)
     mask = dense_mask(37, tree, 48)
+    assert torch.equal(dense_tree_mask(torch.tensor([37]), pack_tree_mask(tree), 48), mask)
     expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     ref = tree_attention_ref(q, k, v, torch.tensor(37), pack_tree_mask(tree))
     torch.testing.assert_close(ref, expected, atol=1e-5, rtol=1e-5)

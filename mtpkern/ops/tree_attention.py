@@ -140,15 +140,21 @@ def unpack_tree_mask(packed: Tensor, T: int) -> Tensor:
     return bits.view(T, -1)[:, :T].bool()
 
 
-def _attention_dense(q, k_cache, v_cache, prefix_len, tree_mask, scale):
-    """The reference's maths without host syncs (also the op's CPU and fake implementation)."""
-    T, S = q.shape[2], k_cache.shape[2]
-    slots = torch.arange(S, device=q.device)
-    prefix = prefix_len.reshape(()).to(device=q.device, dtype=torch.int64)
+def dense_tree_mask(prefix_len: Tensor, tree_mask: Tensor, S: int) -> Tensor:
+    """bool [T, S]: slot s is visible to tree token i iff s < P, or s = P + j and bit j of
+    row i of the packed ``tree_mask`` is set. No host sync (P stays a tensor)."""
+    T = tree_mask.shape[0]
+    slots = torch.arange(S, device=tree_mask.device)
+    prefix = prefix_len.reshape(()).to(device=tree_mask.device, dtype=torch.int64)
     j = slots - prefix  # tree index of each slot
     in_tree = (j >= 0) & (j < T)
-    tree_bits = unpack_tree_mask(tree_mask, T)[:, j.clamp(0, T - 1)]  # [T, S]
-    visible = (slots < prefix) | (in_tree & tree_bits)
+    tree_bits = unpack_tree_mask(tree_mask, T)[:, j.clamp(0, T - 1)]
+    return (slots < prefix) | (in_tree & tree_bits)
+
+
+def _attention_dense(q, k_cache, v_cache, prefix_len, tree_mask, scale):
+    """The reference's maths without host syncs (also the op's CPU and fake implementation)."""
+    visible = dense_tree_mask(prefix_len, tree_mask, k_cache.shape[2])
     scores = scale * (q.float() @ k_cache.float().transpose(-1, -2))
     scores = scores.masked_fill(~visible, float("-inf"))
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a row that sees nothing -> 0
@@ -306,4 +312,6 @@ def tree_attention(
     )
 
 
-__all__ = ["tree_attention", "tree_attention_ref", "pack_tree_mask", "unpack_tree_mask", "HEAD_DIMS"]
+__all__ = [
+    "tree_attention", "tree_attention_ref", "pack_tree_mask", "unpack_tree_mask", "dense_tree_mask", "HEAD_DIMS",
+]
