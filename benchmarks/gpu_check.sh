@@ -2,8 +2,8 @@
 # One-shot check on a fresh GPU machine, run from the repository root (no network needed):
 # build the extension, run every test, memcheck the extension's kernels, run the benchmarks.
 # Everything lands in ${OUT:-gpu_results}; each stage has a timeout, logs to its own file and
-# the script goes on after a failure, exiting non-zero if any stage failed. About 8 minutes at
-# most on an H100 (the stage timeouts add up to that).
+# the script goes on after a failure, exiting non-zero if any stage failed. The stage timeouts
+# add up to 8 minutes; on an H100 the whole run should take well under that.
 set -u
 OUT=${OUT:-gpu_results}
 mkdir -p "$OUT"
@@ -26,14 +26,17 @@ stage() {  # stage NAME TIMEOUT_S COMMAND...: run, log to $OUT/NAME.log, record 
   nvcc --version
 } >"$OUT/env.txt" 2>&1
 
-stage install 120 env MAX_JOBS=16 MTPKERN_FORCE_CUDA_BUILD=1 pip install --no-build-isolation --no-deps -e .
-stage import_ext 30 python -c "import torch; from mtpkern import _C; from mtpkern.ops import _backend; assert _backend.HAS_CUDA_EXT; print('mtpkern._C OK', _C.__file__)"
-stage tests 130 python -m pytest tests -x -q --junitxml="$OUT/junit.xml"
+stage install 100 env MAX_JOBS=16 MTPKERN_FORCE_CUDA_BUILD=1 pip install --no-build-isolation --no-deps -e .
+stage import_ext 20 python -c "import torch; from mtpkern import _C; from mtpkern.ops import _backend; assert _backend.HAS_CUDA_EXT; print('mtpkern._C OK', _C.__file__)"
+stage tests 150 python -m pytest tests -x -q --junitxml="$OUT/junit.xml"
 
 SANITIZER=$(command -v compute-sanitizer || ls "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer" 2>/dev/null)
 if [ -n "$SANITIZER" ]; then
-  stage memcheck 100 "$SANITIZER" --tool memcheck --error-exitcode 99 \
-    python -m pytest tests/test_tree_mask.py tests/test_verify.py tests/test_kv_compact.py -q
+  # Without the caching allocator every tensor is its own allocation, so memcheck sees any
+  # access past its end. Graph capture needs the allocator, so the graph tests sit this out,
+  # as does opcheck (slow and CPU-bound).
+  stage memcheck 90 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool memcheck --error-exitcode 99 \
+    python -m pytest tests/test_tree_mask.py tests/test_verify.py tests/test_kv_compact.py -q -k "not graph and not opcheck"
   grep -h "ERROR SUMMARY" "$OUT/memcheck.log" | tail -1
 else
   echo "== memcheck: compute-sanitizer not found, skipped" | tee "$OUT/memcheck.log"
