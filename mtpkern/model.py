@@ -641,7 +641,8 @@ def _load_hf_gpt2(name_or_dir, *, device, dtype) -> GPT2:
 
         hf = GPT2LMHeadModel.from_pretrained(str(name_or_dir), torch_dtype=torch.float32)
     except Exception as e:  # noqa: BLE001 - transformers raises many kinds; name the source
-        raise CheckpointError(f"could not load GPT-2 checkpoint {str(name_or_dir)!r}: {e}") from None
+        where = "" if Path(name_or_dir).exists() else " (no such local directory; tried the Hugging Face hub)"
+        raise CheckpointError(f"could not load GPT-2 checkpoint {str(name_or_dir)!r}{where}: {e}") from None
     cfg = GPT2Config.from_hf_dict(hf.config.to_dict())
     model = GPT2(cfg)
     _load_state(model, gpt2_state_from_hf(hf.state_dict()), name_or_dir)
