@@ -113,13 +113,19 @@ def read_run(run_dir: Path | None) -> tuple[dict | None, list[dict], dict | None
     if run_dir is None:
         return None, [], None
 
+    def parse(f: Path, text: str, where: str = ""):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{f}{where} is not valid JSON: {e.msg}") from None
+
     def load(name):
         f = run_dir / name
-        return json.loads(f.read_text()) if f.is_file() else None
+        return parse(f, f.read_text()) if f.is_file() else None
 
-    log = []
-    if (run_dir / "log.jsonl").is_file():
-        log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines() if line.strip()]
+    log, f = [], run_dir / "log.jsonl"
+    if f.is_file():
+        log = [parse(f, line, f":{i}") for i, line in enumerate(f.read_text().splitlines(), 1) if line.strip()]
     return load("train_config.json"), log, load("summary.json")
 
 

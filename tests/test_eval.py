@@ -106,6 +106,9 @@ def test_training_summary_from_log(tmp_path):
     assert t["curve"] == {"step": [10, 20], "loss": [3.0, 2.0], "head_losses": [[3.0, 2.0], [4.0, 3.5]]}
     assert t["peak_memory_bytes"] == 300 and t["wall_time_s"] == 2.0
     assert training_summary([], None) is None
+    (tmp_path / "log.jsonl").write_text(json.dumps(log[0]) + "\n{truncated")
+    with pytest.raises(ValueError, match=r"log.jsonl:2 is not valid JSON"):
+        read_run(tmp_path)
 
 
 @pytest.mark.parametrize("model_type", ["gpt2", "mtp", "medusa"])
