@@ -43,12 +43,12 @@ def _inputs(B, H, T, Dh, S, dtype, seed=0, device=DEV):
 
 
 def dense_mask(prefix: int, tree: torch.Tensor, S: int) -> torch.Tensor:
-    """bool [T, S], written out slot by slot, independently of the op's code."""
+    """bool [T, S] from the unpacked tree, independently of the op's code: the prefix, then
+    the tree's own block, then nothing."""
     T = tree.shape[0]
-    mask = torch.zeros(T, S, dtype=torch.bool)
-    for i in range(T):
-        for s in range(S):
-            mask[i, s] = s < prefix or (prefix <= s < prefix + T and bool(tree[i, s - prefix]))
+    mask = torch.zeros(T, S, dtype=torch.bool, device=tree.device)
+    mask[:, :prefix] = True
+    mask[:, prefix : prefix + T] = tree
     return mask
 
 
@@ -64,7 +64,7 @@ def _check(q, k, v, prefix: int, tree: torch.Tensor, scale=None):
         tol = ATOL[q.dtype]
     else:
         S, Dh = k.shape[2], q.shape[-1]
-        mask = dense_mask(prefix, tree.cpu(), S).to(q.device)
+        mask = dense_mask(prefix, tree.to(q.device), S)
         scores = (q @ k.transpose(-1, -2)) * (Dh**-0.5 if scale is None else scale)
         eager = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1) @ v
         tol = 2 * (eager.float() - ref.float()).abs().max().item() + ATOL[q.dtype]
@@ -149,7 +149,8 @@ def test_matches_reference(B, H, T, Dh, prefix, S, dtype):
 def test_general_mask_and_scale():
     # Not a tree: random bits, some rows seeing later tokens, each row seeing itself.
     T = 33
-    mask = (torch.rand(T, T, generator=torch.Generator().manual_seed(0)) < 0.3) | torch.eye(T, dtype=torch.bool)
+    bits = torch.rand(T, T, generator=torch.Generator().manual_seed(0)) < 0.3
+    mask = bits | torch.eye(T, dtype=torch.bool)
     q, k, v = _inputs(1, 2, T, 32, 60, torch.float32)
     _check(q, k, v, 20, mask, scale=0.3)
 
@@ -183,8 +184,10 @@ def test_slots_past_the_tree_are_never_read():
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("prefix_len", [torch.tensor(7), torch.tensor([7]), torch.tensor([7], dtype=torch.int32)])
-def test_prefix_len_forms(prefix_len):
+@pytest.mark.parametrize("shape", [(), (1,)])
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_prefix_len_forms(shape, dtype):
+    prefix_len = torch.full(shape, 7, dtype=dtype)
     q, k, v = _inputs(1, 1, 3, 16, 16, torch.float32)
     packed = pack_tree_mask(random_tree(3)).to(DEV)
     out = tree_attention(q, k, v, prefix_len.to(DEV), packed, backend="triton")
@@ -236,7 +239,7 @@ def _good(device=DEV):
         (lambda a: {"k_cache": a["k_cache"].half()}, TypeError, r"k_cache.dtype"),
         (lambda a: {"q": a["q"].int()}, TypeError, "q.dtype"),
         (lambda a: {"v_cache": a["v_cache"][:, :, :8]}, ValueError, "differ"),
-        (lambda a: {"k_cache": a["k_cache"][:, :1], "v_cache": a["v_cache"][:, :1]}, ValueError, "does not match"),
+        (lambda a: {n: a[n][:, :1] for n in ("k_cache", "v_cache")}, ValueError, "does not match"),
         (lambda a: {k: a[k][..., :8] for k in ("q", "k_cache", "v_cache")}, ValueError, "head dim"),
         (lambda a: {"tree_mask": a["tree_mask"][:, :0]}, ValueError, r"\[5, 1\]"),
         (lambda a: {"tree_mask": a["tree_mask"].long()}, TypeError, "tree_mask.dtype"),
@@ -311,7 +314,7 @@ def test_cuda_graph_replay_with_a_new_prefix_len():
         prefix_len.fill_(prefix)
         graph.replay()
         ref = tree_attention_ref(q, k, v, prefix_len, packed)
-        torch.testing.assert_close(out.float(), ref.float(), atol=2e-3, rtol=0)
+        torch.testing.assert_close(out.float(), ref.float(), atol=5e-3, rtol=0)
 
 
 @needs_cuda

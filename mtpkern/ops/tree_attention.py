@@ -200,7 +200,8 @@ def _check_inputs(q, k_cache, v_cache, prefix_len, tree_mask) -> None:
     Bk, Hk, S, Dk = k_cache.shape
     if (Bk, Hk, Dk) != (B, H, Dh):
         raise ValueError(
-            f"q [B, H, T, Dh] = {tuple(q.shape)} does not match k_cache [B, H, S, Dh] = {tuple(k_cache.shape)}"
+            f"q [B, H, T, Dh] = {tuple(q.shape)} does not match "
+            f"k_cache [B, H, S, Dh] = {tuple(k_cache.shape)}"
         )
     if Dh not in HEAD_DIMS:
         raise ValueError(f"head dim must be one of {HEAD_DIMS}, got {Dh}")
@@ -211,12 +212,14 @@ def _check_inputs(q, k_cache, v_cache, prefix_len, tree_mask) -> None:
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         if t.dtype != q.dtype:
             raise TypeError(f"{name}.dtype ({t.dtype}) must equal q.dtype ({q.dtype})")
-    for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("prefix_len", prefix_len), ("tree_mask", tree_mask)):
+    others = {"k_cache": k_cache, "v_cache": v_cache, "prefix_len": prefix_len, "tree_mask": tree_mask}
+    for name, t in others.items():
         if t.device != q.device:
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
     if prefix_len.dtype not in (torch.int32, torch.int64) or prefix_len.numel() != 1 or prefix_len.dim() > 1:
         raise ValueError(
-            f"prefix_len must be a 0-d or [1] int32/int64 tensor, got {prefix_len.dtype} {tuple(prefix_len.shape)}"
+            "prefix_len must be a 0-d or [1] int32/int64 tensor, "
+            f"got {prefix_len.dtype} of shape {tuple(prefix_len.shape)}"
         )
     _check_packed(tree_mask, T)
     if not tree_mask.is_contiguous():
@@ -313,5 +316,10 @@ def tree_attention(
 
 
 __all__ = [
-    "tree_attention", "tree_attention_ref", "pack_tree_mask", "unpack_tree_mask", "dense_tree_mask", "HEAD_DIMS",
+    "tree_attention",
+    "tree_attention_ref",
+    "pack_tree_mask",
+    "unpack_tree_mask",
+    "dense_tree_mask",
+    "HEAD_DIMS",
 ]
