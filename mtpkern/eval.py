@@ -425,6 +425,9 @@ def evaluate_checkpoint(path, *, data: str | None = None, device: torch.device, 
     speed = speed_summary(runs, eos)
     if "medusa" in speed:
         speed["medusa"]["tree"] = repr(default_tree(model.config.n_heads))
+    if speed["hf"] is not None:
+        speed["hf"]["weights"] = {"gpt2": "the model", "mtp": "trunk + head-0 block as a GPT-2",
+                                  "medusa": "the base"}[model.config.model_type]
 
     texts = [tokenizer.decode(_strip_eos(t, eos), skip_special_tokens=True) for t in runs["ntp"]["tokens"]]
     refs = [rec["response"] for rec in samples]

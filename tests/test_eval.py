@@ -151,7 +151,7 @@ def test_evaluate_end_to_end(runs, tmp_path):
     out = tmp_path / "report" / "eval.json"
     # The medusa run is given by its checkpoint directory: its run files are one level up.
     report = evaluate([runs / "ntp", runs / "mtp", runs / "medusa" / "checkpoint"], json_path=out,
-                      device="cpu", max_samples=2, max_new_tokens=10, progress=False)
+                      device="cpu", max_samples=2, max_new_tokens=10, max_batches=2, progress=False)
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))
     assert report["schema"] == "mtpkern.eval/1" and report["device"]["type"] == "cpu"
     models = {m["model_type"]: m for m in report["models"]}
@@ -186,6 +186,7 @@ def test_evaluate_end_to_end(runs, tmp_path):
     # MEDUSA's perplexity is its frozen base's: the ntp run's weights on the same split.
     assert models["medusa"]["quality"]["ppl"] == pytest.approx(models["gpt2"]["quality"]["ppl"], rel=1e-5)
     assert "base" in models["medusa"]["quality"]["ppl_of"]
+    assert models["mtp"]["speed"]["hf"]["weights"].startswith("trunk + head-0")
 
     table = (out.parent / "eval.md").read_text()
     assert report["device"]["name"] in table
