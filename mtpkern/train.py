@@ -33,6 +33,7 @@ calls per micro-batch, none through ``DDP.forward``): for MTP the backward calls
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import math
@@ -500,16 +501,18 @@ def train(cfg: TrainConfig) -> TrainResult:
     """Train ``cfg.objective`` and write OUT/checkpoint, OUT/log.jsonl, OUT/train_config.json and
     OUT/summary.json (see the module docstring). Works unchanged under torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    created = False
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0"))).type == "cuda" else "gloo"
         dist.init_process_group(backend)
-        created = True
-    try:
-        return _train(cfg, world)
-    finally:
-        if created:
-            dist.destroy_process_group()
+        # destroyed at exit, not after this run: a process group initialised again after a
+        # destroy reads stale rendezvous keys under torchrun (gloo then fails to connect)
+        atexit.register(_destroy_process_group)
+    return _train(cfg, world)
+
+
+def _destroy_process_group():
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _train(cfg: TrainConfig, world: int) -> TrainResult:
