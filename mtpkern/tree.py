@@ -100,6 +100,21 @@ class Tree:
             paths.extend(list(p) for p in itertools.product(*(range(w) for w in widths[:d])))
         return cls(paths)
 
+    @classmethod
+    def parse(cls, spec: str) -> Tree:
+        """A tree from a command-line spec: "mc_sim_7b_63", "chainN" or per-depth widths "4,2,2"."""
+        spec = spec.strip()
+        if spec.lower() == "mc_sim_7b_63":
+            return cls(MC_SIM_7B_63)
+        try:
+            if spec.lower().startswith("chain"):
+                return cls.chain(int(spec[5:]))
+            return cls.from_widths([int(w) for w in spec.split(",")])
+        except ValueError:
+            raise ValueError(
+                f"tree spec {spec!r} is not 'mc_sim_7b_63', 'chainN' or comma-separated widths like '4,2,2'"
+            ) from None
+
     def check(self, *, n_heads: int | None = None, topk: int | None = None) -> None:
         """Raise ValueError if a path is deeper than ``n_heads`` or uses a rank ``>= topk``."""
         for path in self.choices:
