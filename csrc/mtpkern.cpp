@@ -1,7 +1,7 @@
 // The mtpkern operator library: schemas of the C++ ops, and the stub that makes this shared
 // object importable as the Python module mtpkern._C (importing it registers the ops).
-// Kernels: csrc/<op>_cpu.cpp (CPU) and csrc/cuda/<op>.cu (CUDA); fake implementations for
-// torch.compile live beside the public functions in mtpkern/ops/<op>.py.
+// Per op: csrc/<op>_api.cpp (CPU kernel, CUDA entry point) and csrc/cuda/<op>.cu (CUDA kernel);
+// fake implementations for torch.compile live beside the public functions in mtpkern/ops/<op>.py.
 #include <Python.h>
 #include <torch/library.h>
 

@@ -68,6 +68,12 @@ def test_reference_rejects_moves_outside_the_cache(path, prefix, count, msg):
         kv_compact_ref_(k, v, idx(path), idx(prefix), idx(count))
 
 
+def test_reference_rejects_one_buffer_passed_twice():
+    k, _ = caches((1, 1, 2, 16, 4))
+    with pytest.raises(ValueError, match="different tensors"):
+        kv_compact_ref_(k, k, idx([0, 2]), idx(0), idx(2))
+
+
 # ---------------------------------------------------------------- the extension's kernels
 
 @needs_ext
@@ -107,6 +113,7 @@ def test_boundary_checks():
         (ValueError, "5-D", (k[0], v[0], path, zero, two)),
         (ValueError, "v_cache has shape", (k, v[..., :2].contiguous(), path, zero, two)),
         (ValueError, "contiguous", (k.transpose(3, 4), v.transpose(3, 4), path, zero, two)),
+        (ValueError, "different tensors", (k, k, path, zero, two)),
         (TypeError, "path must be int64", (k, v, path.int(), zero, two)),
         (ValueError, "path must be 1-D", (k, v, path.view(1, 2), zero, two)),
         (ValueError, "at most 1024", (k, v, torch.zeros(1025, dtype=torch.int64), zero, two)),

@@ -1,13 +1,8 @@
 // CUDA kernel of mtpkern::tree_buffers: one block builds the whole tree's buffers (T <= 4096),
 // one thread per node walking its (at most max_depth + 1) ancestors. Invalid nodes get depth -1
 // and are never followed out of bounds; the Python wrapper turns them into a ValueError.
-#include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
-
-#include "mtpkern.h"
+// Torch glue (checks, outputs, registration): csrc/tree_mask_api.cpp.
+#include "../kernels.h"
 
 namespace mtpkern {
 
@@ -27,24 +22,12 @@ __global__ void tree_buffers_kernel(const int64_t* __restrict__ parents, int64_t
   for (int64_t i = threadIdx.x; i < T; i += blockDim.x) is_leaf[i] = depth[i] >= 0 && !has_child[i];
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> tree_buffers_cuda(const at::Tensor& parents,
-                                                                            int64_t max_depth) {
-  check_tree_buffers(parents, max_depth);
-  const c10::cuda::CUDAGuard guard(parents.device());
-  const int64_t T = parents.size(0), W = (T + 31) / 32;
-  const auto opts = parents.options();
-  at::Tensor mask = at::empty({T, W}, opts.dtype(at::kInt));
-  at::Tensor depth = at::empty({T}, opts);
-  at::Tensor retrieve = at::empty({T, max_depth + 1}, opts);
-  at::Tensor is_leaf = at::empty({T}, opts.dtype(at::kBool));
-  const int threads = static_cast<int>(std::min<int64_t>(1024, (T + 31) / 32 * 32));
-  tree_buffers_kernel<<<1, threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      parents.data_ptr<int64_t>(), T, W, max_depth, mask.data_ptr<int32_t>(), depth.data_ptr<int64_t>(),
-      retrieve.data_ptr<int64_t>(), is_leaf.data_ptr<bool>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {mask, depth, retrieve, is_leaf};
+cudaError_t launch_tree_buffers(const int64_t* parents, int64_t T, int64_t max_depth, int32_t* mask, int64_t* depth,
+                                int64_t* retrieve, bool* is_leaf, cudaStream_t stream) {
+  const int threads = static_cast<int>(T >= 1024 ? 1024 : (T + 31) / 32 * 32);
+  tree_buffers_kernel<<<1, threads, 0, stream>>>(parents, T, (T + 31) / 32, max_depth, mask, depth, retrieve,
+                                                 is_leaf);
+  return cudaGetLastError();
 }
-
-TORCH_LIBRARY_IMPL(mtpkern, CUDA, m) { m.impl("tree_buffers", &tree_buffers_cuda); }
 
 }  // namespace mtpkern

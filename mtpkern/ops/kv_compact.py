@@ -5,7 +5,7 @@ The accepted path (root first) must end up contiguous after the prefix, for ever
 row and head, in one launch. ``prefix_len`` and ``count`` are device tensors, so the op never
 syncs with the host and can sit inside a CUDA graph.
 
-Kernels: ``csrc/kv_compact_cpu.cpp`` and ``csrc/cuda/kv_compact.cu`` (op ``mtpkern::kv_compact_``).
+Kernels: ``csrc/kv_compact_api.cpp`` and ``csrc/cuda/kv_compact.cu`` (op ``mtpkern::kv_compact_``).
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ def kv_compact_ref_(k_cache: Tensor, v_cache: Tensor, path: Tensor, prefix_len: 
     if k_cache.dim() != 5 or v_cache.shape != k_cache.shape or v_cache.dtype != k_cache.dtype:
         raise ValueError(f"kv_compact_: k_cache and v_cache must both be [L, B, H, S, Dh] of one dtype, got "
                          f"{tuple(k_cache.shape)} {k_cache.dtype} and {tuple(v_cache.shape)} {v_cache.dtype}")
+    if k_cache.numel() and k_cache.data_ptr() == v_cache.data_ptr():
+        raise ValueError("kv_compact_: k_cache and v_cache must be different tensors")
     if path.dim() != 1 or path.dtype != torch.int64:
         raise ValueError(f"kv_compact_: path must be 1-D int64, got {path.dtype} of shape {tuple(path.shape)}")
     S, prefix, n = k_cache.shape[3], int(prefix_len), int(count)

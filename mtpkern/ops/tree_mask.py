@@ -5,7 +5,7 @@ A tree has T nodes in topological order; node 0 is the root (the last accepted t
 (shared with the tree-attention op) is int32 [T, W], W = ceil(T / 32): in row i, bit j % 32 of
 word j // 32 is set iff node j is node i or one of its ancestors.
 
-Kernels: ``csrc/tree_mask_cpu.cpp`` and ``csrc/cuda/tree_mask.cu`` (op ``mtpkern::tree_buffers``).
+Kernels: ``csrc/tree_mask_api.cpp`` and ``csrc/cuda/tree_mask.cu`` (op ``mtpkern::tree_buffers``).
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ Inputs for a tree of T nodes (node 0 = the root, the last accepted token):
 Dp1 = max_depth + 1. Entries outside [0, T) (padding or bad input) are never dereferenced: a draft
 on such an entry, or whose parent entry is such, is simply not accepted.
 
-Kernels: ``csrc/verify_cpu.cpp`` and ``csrc/cuda/verify.cu`` (ops ``mtpkern::verify_greedy`` and
+Kernels: ``csrc/verify_api.cpp`` and ``csrc/cuda/verify.cu`` (ops ``mtpkern::verify_greedy`` and
 ``mtpkern::verify_typical``).
 """
 

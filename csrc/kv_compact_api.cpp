@@ -1,5 +1,9 @@
-// CPU kernel of mtpkern::kv_compact_. Unlike the CUDA kernel (which skips bad indices, as it
-// cannot raise without a sync), it raises on any index outside the cache.
+// mtpkern::kv_compact_: the CPU kernel and the CUDA entry point (kernel: cuda/kv_compact.cu).
+// Unlike the CUDA kernel (which skips bad indices, as it cannot raise without a host sync), the
+// CPU kernel raises on any move outside the cache.
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <cstring>
@@ -36,6 +40,25 @@ void kv_compact_cpu(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& 
   }
 }
 
+void kv_compact_cuda(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& path, const at::Tensor& prefix_len,
+                     const at::Tensor& count) {
+  check_kv_compact(k_cache, v_cache, path, prefix_len, count);
+  const c10::cuda::CUDAGuard guard(k_cache.device());
+  const CompactArgs a{k_cache.data_ptr(),
+                      v_cache.data_ptr(),
+                      path.data_ptr<int64_t>(),
+                      prefix_len.data_ptr(),
+                      prefix_len.scalar_type() == at::kLong,
+                      count.data_ptr(),
+                      count.scalar_type() == at::kLong,
+                      k_cache.size(0) * k_cache.size(1) * k_cache.size(2),
+                      path.size(0),
+                      k_cache.size(3),
+                      k_cache.size(4) * static_cast<int64_t>(k_cache.element_size())};
+  C10_CUDA_CHECK(launch_kv_compact(a, c10::cuda::getCurrentCUDAStream()));
+}
+
 TORCH_LIBRARY_IMPL(mtpkern, CPU, m) { m.impl("kv_compact_", &kv_compact_cpu); }
+TORCH_LIBRARY_IMPL(mtpkern, CUDA, m) { m.impl("kv_compact_", &kv_compact_cuda); }
 
 }  // namespace mtpkern

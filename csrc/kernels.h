@@ -1,0 +1,131 @@
+// The arithmetic of mtpkern's kernels, written once as host+device functions, so the CPU
+// kernels that CI runs execute the same logic as the GPU kernels; and the raw-pointer launchers
+// of csrc/cuda/*.cu. Torch-free on purpose: nvcc parses a .cu file once per GPU architecture,
+// so the .cu files include only this header and stay quick to build.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cmath>
+#include <cstdint>
+
+#ifdef __CUDACC__
+#define MTPKERN_HD __host__ __device__ __forceinline__
+#else
+#define MTPKERN_HD inline
+#endif
+
+namespace mtpkern {
+
+constexpr int64_t kMaxTreeNodes = 4096;    // one thread block handles a whole tree
+constexpr int64_t kMaxCompactPath = 1024;  // the compaction kernel stages the whole path in shared memory
+
+// ---------------------------------------------------------------- tree buffers
+
+// Depth of node i, or -1 when the chain i -> parent -> ... -> 0 is not a valid tree path
+// (a parent outside [0, node), root parent != -1, or deeper than max_depth). Parents point
+// strictly backwards, so the walk takes at most min(i, max_depth + 1) steps on any input.
+MTPKERN_HD int64_t node_depth(const int64_t* parents, int64_t i, int64_t max_depth) {
+  int64_t depth = 0;
+  for (int64_t node = i; node != 0;) {
+    const int64_t p = parents[node];
+    if (p < 0 || p >= node || ++depth > max_depth) return -1;
+    node = p;
+  }
+  return parents[0] == -1 ? depth : -1;
+}
+
+// Row i of the buffers: its depth, its packed ancestor-mask row (W words) and its retrieve row
+// (max_depth + 1 entries, the path root..i then -1). Invalid nodes get depth -1, an empty mask
+// row and an all -1 retrieve row. Returns the depth.
+MTPKERN_HD int64_t tree_row(const int64_t* parents, int64_t max_depth, int64_t i, int32_t* mask_row, int64_t W,
+                            int64_t* retrieve_row) {
+  const int64_t d = node_depth(parents, i, max_depth);
+  for (int64_t w = 0; w < W; ++w) mask_row[w] = 0;
+  for (int64_t c = 0; c <= max_depth; ++c) retrieve_row[c] = -1;
+  int64_t node = i;
+  for (int64_t c = d; c >= 0; --c) {  // no iterations when d == -1
+    retrieve_row[c] = node;
+    mask_row[node >> 5] |= static_cast<int32_t>(1u << (node & 31));
+    node = parents[node];
+  }
+  return d;
+}
+
+// ---------------------------------------------------------------- verification
+
+struct VerifyArgs {
+  const int64_t* tree_tokens;
+  const int64_t* target_argmax;
+  const float* node_prob;       // typical acceptance only
+  const float* parent_entropy;  // typical acceptance only
+  int64_t T;
+  float epsilon, alpha;
+  bool typical;
+};
+
+// Whether the draft at `node`, child of `parent` on a path, is accepted. Indices outside
+// [0, T) (padding or bad input) are never dereferenced: such a draft is simply rejected.
+MTPKERN_HD bool draft_accepted(const VerifyArgs& a, int64_t parent, int64_t node) {
+  if (parent < 0 || parent >= a.T || node < 0 || node >= a.T) return false;
+  if (a.typical) return a.node_prob[node] > fminf(a.epsilon, a.alpha * expf(-a.parent_entropy[node]));
+  return a.tree_tokens[node] == a.target_argmax[parent];
+}
+
+// Number of leading drafts accepted along one path row of Dp1 entries (column 0 = root).
+MTPKERN_HD int64_t accept_length(const VerifyArgs& a, const int64_t* row, int64_t Dp1) {
+  int64_t n = 0;
+  while (n + 1 < Dp1 && draft_accepted(a, row[n], row[n + 1])) ++n;
+  return n;
+}
+
+// The best row wins on accept length, ties going to the smaller row index: maximise this key.
+MTPKERN_HD uint64_t best_key(int64_t n, int64_t p) {
+  return (static_cast<uint64_t>(n) << 32) | (0xffffffffull - static_cast<uint64_t>(p));
+}
+MTPKERN_HD int64_t key_row(uint64_t key) { return static_cast<int64_t>(0xffffffffull - (key & 0xffffffffull)); }
+MTPKERN_HD int64_t key_length(uint64_t key) { return static_cast<int64_t>(key >> 32); }
+
+// Entry j of the output tokens for chosen row `row` with n accepted drafts: the drafts, then
+// the bonus token (the target's argmax at the last accepted node), then -1.
+MTPKERN_HD int64_t output_token(const VerifyArgs& a, const int64_t* row, int64_t n, int64_t j) {
+  if (j < n) return a.tree_tokens[row[j + 1]];  // accepted, hence in range
+  if (j > n) return -1;
+  const int64_t last = row[n];
+  return (last >= 0 && last < a.T) ? a.target_argmax[last] : -1;
+}
+
+// ---------------------------------------------------------------- KV compaction
+
+// Whether path entry i (node index `node`) names a move from and to slots inside the cache.
+MTPKERN_HD bool move_in_range(int64_t node, int64_t i, int64_t prefix, int64_t S) {
+  const int64_t src = prefix + node, dst = prefix + i;
+  return node >= 0 && src >= 0 && src < S && dst >= 0 && dst < S;
+}
+
+MTPKERN_HD int64_t load_index(const void* p, bool is64) {
+  return is64 ? *static_cast<const int64_t*>(p) : static_cast<int64_t>(*static_cast<const int32_t*>(p));
+}
+
+// ---------------------------------------------------------------- launchers (csrc/cuda/*.cu)
+
+cudaError_t launch_tree_buffers(const int64_t* parents, int64_t T, int64_t max_depth, int32_t* mask, int64_t* depth,
+                                int64_t* retrieve, bool* is_leaf, cudaStream_t stream);
+
+cudaError_t launch_verify(const VerifyArgs& a, const int64_t* paths, int64_t P, int64_t Dp1, int64_t* accept_len,
+                          int64_t* best_path, int64_t* last_node, int64_t* tokens, cudaStream_t stream);
+
+struct CompactArgs {
+  void* k;  // [slices, S, row_bytes] raw bytes, whatever the dtype
+  void* v;
+  const int64_t* path;  // [N]
+  const void* prefix_len;  // 0-d int64 or int32 on the device
+  bool prefix64;
+  const void* count;
+  bool count64;
+  int64_t slices, N, S, row_bytes;
+};
+
+cudaError_t launch_kv_compact(const CompactArgs& a, cudaStream_t stream);
+
+}  // namespace mtpkern
