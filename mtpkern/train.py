@@ -489,6 +489,11 @@ class _Batches:
         return micro, n_tokens, int(lengths.sum())
 
 
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    # a copy from pageable memory would make the host wait for the GPU's queue: pin it first
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+
+
 def _amp_dtype(precision: str, device: torch.device):
     if precision == "auto":
         if device.type != "cuda":
@@ -619,8 +624,7 @@ def _train(cfg: TrainConfig, world: int) -> TrainResult:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             for m, (idx, labels) in enumerate(micro):
-                idx = idx.to(device, non_blocking=True)
-                labels = labels.to(device, non_blocking=True)
+                idx, labels = _to_device(idx, device), _to_device(labels, device)
                 last = m == len(micro) - 1
                 # DDP averages gradients over ranks; scaling by world turns that into the sum
                 # the global N_j normalisation needs
