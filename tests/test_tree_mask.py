@@ -14,7 +14,7 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 def assert_buffers_equal(got, want):
     for name, g, w in zip(want._fields, got, want):
-        assert g.dtype == w.dtype and g.shape == w.shape, f"{name}: {g.dtype}{tuple(g.shape)} vs {w.dtype}{tuple(w.shape)}"
+        assert g.dtype == w.dtype and g.shape == w.shape, f"{name}: {g.dtype} {g.shape} vs {w.dtype} {w.shape}"
         assert torch.equal(g.cpu(), w.cpu()), f"{name} differs:\n{g}\nvs\n{w}"
 
 

@@ -160,8 +160,13 @@ def test_cpu_kernels_match_references(T, seed):
 
 @needs_ext
 def test_cpu_kernel_on_hand_made_edge_cases():
-    for argmax, paths in [(argmax_with(n0=11, n1=0), PATHS), (argmax_with(n0=11, n1=13), torch.tensor([[0, 100, 3], [-7, 1, 3]])),
-                          (argmax_with(n0=11), torch.tensor([[-7, 1]])), (argmax_with(n0=3), torch.tensor([[0], [0]]))]:
+    cases = [
+        (argmax_with(n0=11, n1=0), PATHS),  # tie
+        (argmax_with(n0=11, n1=13), torch.tensor([[0, 100, 3], [-7, 1, 3]])),  # out-of-range entries
+        (argmax_with(n0=11), torch.tensor([[-7, 1]])),  # bad root: bonus -1
+        (argmax_with(n0=3), torch.tensor([[0], [0]])),  # root-only paths
+    ]
+    for argmax, paths in cases:
         assert as_lists(verify_greedy(TOKENS, argmax, paths, backend="cuda")) == as_lists(
             verify_greedy_ref(TOKENS, argmax, paths))
 

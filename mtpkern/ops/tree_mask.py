@@ -73,7 +73,8 @@ def tree_buffers_ref(parents: Tensor, max_depth: int) -> TreeBuffers:
     Invalid trees raise ValueError naming the node (host-side, so this syncs on CUDA).
     """
     if parents.dim() != 1 or parents.dtype != torch.int64:
-        raise ValueError(f"tree_buffers: parents must be 1-D int64, got {parents.dtype} of shape {tuple(parents.shape)}")
+        raise ValueError(f"tree_buffers: parents must be 1-D int64, got {parents.dtype} "
+                         f"of shape {tuple(parents.shape)}")
     par = parents.tolist()
     depth = _tree_depths(par, max_depth)
     T = len(par)
