@@ -4,7 +4,7 @@ trees checked against hand-computed values."""
 import pytest
 import torch
 
-from mtpkern.ops.tree_mask import unpack_mask
+from mtpkern.ops.tree_attention import unpack_tree_mask
 from mtpkern.tree import MC_SIM_7B_63, Tree
 
 # Given out of order on purpose: the Tree sorts by depth, then lexicographically.
@@ -37,7 +37,7 @@ def test_small_tree_buffers_by_hand():
     assert tt.dense_mask.int().tolist() == dense
     # bit j of row i: 0b1, 0b11, 0b101, 0b1011, 0b10011, 0b100101
     assert tt.mask[:, 0].tolist() == [1, 3, 5, 11, 19, 37]
-    assert torch.equal(unpack_mask(tt.mask, 6), tt.dense_mask)
+    assert torch.equal(unpack_tree_mask(tt.mask, 6), tt.dense_mask)
 
 
 def test_chain():

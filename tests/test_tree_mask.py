@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from mtpkern.ops import _backend
-from mtpkern.ops.tree_mask import MAX_NODES, pack_bool_mask, tree_buffers, tree_buffers_ref, unpack_mask
+from mtpkern.ops.tree_attention import pack_tree_mask, unpack_tree_mask
+from mtpkern.ops.tree_mask import MAX_NODES, tree_buffers, tree_buffers_ref
 
 needs_ext = pytest.mark.skipif(not _backend.HAS_CUDA_EXT, reason="the C++ extension mtpkern._C is not built")
 needs_gpu = pytest.mark.skipif(not (torch.cuda.is_available() and _backend.HAS_CUDA_EXT),
@@ -73,9 +74,9 @@ def test_chain_across_words_sets_the_sign_bit():
 @pytest.mark.parametrize("T", [1, 31, 32, 33, 97])
 def test_pack_unpack_round_trip(T):
     dense = torch.rand(T, T, generator=torch.Generator().manual_seed(T)) < 0.5
-    packed = pack_bool_mask(dense)
+    packed = pack_tree_mask(dense)
     assert packed.dtype == torch.int32 and packed.shape == (T, (T + 31) // 32)
-    assert torch.equal(unpack_mask(packed, T), dense)
+    assert torch.equal(unpack_tree_mask(packed, T), dense)
 
 
 @pytest.mark.parametrize("T", [1, 2, 7, 64, 97])
@@ -84,7 +85,7 @@ def test_reference_matches_naive_ancestors(T):
     parents = random_parents(T, gen)
     out = tree_buffers_ref(parents, max_depth=T)
     anc = naive_ancestors(parents.tolist())
-    assert torch.equal(unpack_mask(out.mask, T), anc)
+    assert torch.equal(unpack_tree_mask(out.mask, T), anc)
     assert torch.equal(out.depth, anc.sum(1) - 1)
     for i in range(T):
         row = out.retrieve[i]

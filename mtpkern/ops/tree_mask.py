@@ -15,6 +15,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from mtpkern.ops.tree_attention import pack_tree_mask
+
 from mtpkern.ops import _backend
 
 MAX_NODES = 4096  # the CUDA kernel builds a whole tree in one thread block
@@ -25,22 +27,6 @@ class TreeBuffers(NamedTuple):
     depth: Tensor  # int64 [T], root 0; position id of node i is prefix_len + depth[i]
     retrieve: Tensor  # int64 [T, max_depth + 1]: row i = the path root..i (node indices), padded with -1
     is_leaf: Tensor  # bool [T]
-
-
-def pack_bool_mask(mask: Tensor) -> Tensor:
-    """bool [T, T] -> int32 [T, W]: bit j % 32 of word j // 32 in row i is mask[i, j]."""
-    rows, T = mask.shape
-    W = (T + 31) // 32
-    bits = torch.zeros(rows, W * 32, dtype=torch.int64, device=mask.device)
-    bits[:, :T] = mask.to(torch.int64)
-    words = (bits.view(rows, W, 32) << torch.arange(32, device=mask.device)).sum(-1)  # in [0, 2**32)
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)  # the same 32 bits, signed
-
-
-def unpack_mask(packed: Tensor, T: int) -> Tensor:
-    """int32 [R, W] -> bool [R, T], the inverse of :func:`pack_bool_mask`."""
-    bits = (packed.to(torch.int64).unsqueeze(-1) >> torch.arange(32, device=packed.device)) & 1
-    return bits.flatten(-2)[..., :T].bool()
 
 
 def _tree_depths(parents: list[int], max_depth: int) -> list[int]:
@@ -90,7 +76,7 @@ def tree_buffers_ref(parents: Tensor, max_depth: int) -> TreeBuffers:
     has_child = torch.zeros(T, dtype=torch.bool)
     has_child[par[1:]] = True
     dev = parents.device
-    return TreeBuffers(pack_bool_mask(dense).to(dev), torch.tensor(depth, device=dev), retrieve.to(dev),
+    return TreeBuffers(pack_tree_mask(dense).to(dev), torch.tensor(depth, device=dev), retrieve.to(dev),
                        (~has_child).to(dev))
 
 
