@@ -472,7 +472,8 @@ def generate(
     backend = None if fused else "eager"
     eng = _engine(model, tree, max(need, P0), fused, backend, cuda_graph)
     device = model.device
-    sampling = temperature > 0
+    # Typical acceptance samples nothing: its drafts are top-k and its next root the argmax.
+    sampling = temperature > 0 and (tree is None or acceptance == "rejection")
 
     def probs(logits):
         return sampling_probs(logits, temperature, top_k, top_p)
