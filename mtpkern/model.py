@@ -326,15 +326,20 @@ class _Family(nn.Module):
 
     def save_pretrained(self, directory, tokenizer=None) -> None:
         """Write safetensors + config.json (+ the tokenizer) atomically into ``directory``."""
+        with atomic_directory(directory) as tmp:
+            self.write_files(tmp, tokenizer)
+
+    def write_files(self, directory, tokenizer=None) -> None:
+        """Write the checkpoint files into an existing directory (not atomic on its own: for
+        callers that publish a larger checkpoint with ``atomic_directory`` themselves)."""
         from safetensors.torch import save_file
 
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        with atomic_directory(directory) as tmp:
-            save_file(state, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
-            with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
-                json.dump(self.config.to_hf_dict(), f, indent=2)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(tmp)
+        save_file(state, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
+        with open(os.path.join(directory, CONFIG_NAME), "w") as f:
+            json.dump(self.config.to_hf_dict(), f, indent=2)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(directory)
 
     @classmethod
     def from_pretrained(cls, name_or_dir, *, device=None, dtype=None):

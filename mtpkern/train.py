@@ -389,7 +389,8 @@ def _build_model(cfg: TrainConfig, train_records, checkpoint: Path, world: int):
     if tokenizer is None:
         tokenizer = _rank0_tokenizer(train_records, cfg.vocab_size, world)
     if not cfg.base:
-        shape = GPT2Config.tiny(len(tokenizer)) if cfg.config == "tiny" else GPT2Config(vocab_size=len(tokenizer))
+        ids = dict(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id)
+        shape = GPT2Config.tiny(**ids) if cfg.config == "tiny" else GPT2Config(**ids)
         shape.n_positions = max(shape.n_positions, cfg.max_len)
         base = GPT2(shape)
     model = _model_for_objective(base, cfg)
@@ -441,7 +442,7 @@ def _save_checkpoint(path: Path, model, tokenizer, state: dict) -> None:
     """Model + tokenizer + trainer state, published in one atomic rename: a crash mid-write
     leaves the previous checkpoint whole."""
     with atomic_directory(path) as tmp:
-        model.save_pretrained(tmp, tokenizer=tokenizer)
+        model.write_files(tmp, tokenizer=tokenizer)
         torch.save(state, tmp / STATE_NAME)
 
 
