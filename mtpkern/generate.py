@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import math
 import time
-import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -33,6 +32,8 @@ import torch.nn.functional as F
 
 from mtpkern.model import GPT2, Attn, KVCache, MedusaModel, MTPModel
 from mtpkern.ops.fused_logits import MAX_K, fused_logits
+from mtpkern.ops.kv_compact import kv_compact_
+from mtpkern.ops.verify import verify_greedy, verify_typical
 from mtpkern.tree import MC_SIM_7B_63, Tree, TreeTensors
 
 STRATEGIES = ("ntp", "mtp", "medusa")
@@ -143,6 +144,8 @@ def prefill(model, cache: KVCache, input_ids: torch.Tensor, *, heads: int) -> to
     its last position [heads, D] (the other positions only fill the cache)."""
     P = input_ids.shape[0]
     _check_room(cache, 0, P)
+    # A causal mask through eager attention in every kernels mode: the tree kernel is made
+    # for short trees over a long prefix, the prompt is the opposite.
     pos = torch.arange(P, device=input_ids.device)
     causal = torch.ones(P, P, dtype=torch.bool, device=input_ids.device).tril()
     out = model(input_ids[None], pos, attn=Attn(cache, pos, mask=causal), heads=heads,
@@ -245,9 +248,9 @@ class _CudaGraphStep:
 
 
 def decode_step(eng: _Engine, root: torch.Tensor, prefix_len: int, sample) -> torch.Tensor:
-    """NTP: put the root in the cache; return the next token (0-d)."""
-    h = eng.forward(root.view(1), prefix_len)[:, 0]
-    return sample(h)
+    """NTP: put the root in the cache; return the next token (0-d), ``sample``d from the
+    head-0 hidden states [1, D]."""
+    return sample(eng.forward(root.view(1), prefix_len)[:, 0])[0]
 
 
 def speculative_step(eng: _Engine, root: torch.Tensor, topk: torch.Tensor, prefix_len: int, *,
@@ -257,9 +260,6 @@ def speculative_step(eng: _Engine, root: torch.Tensor, topk: torch.Tensor, prefi
     Returns (accepted tokens as a host list: the accepted drafts and the model's own next
     token, which is the next root; the next root (0-d); the next drafts' top-k).
     """
-    from mtpkern.ops.kv_compact import kv_compact_
-    from mtpkern.ops.verify import verify_greedy, verify_typical
-
     tt, model, b = eng.tt, eng.model, eng.backend
     tokens = tree_candidates(root, topk, tt)
     hidden = eng.forward(tokens, prefix_len)  # [T, heads, D]
@@ -305,23 +305,24 @@ def rejection_step(eng: _Engine, root: torch.Tensor, drafts: torch.Tensor, q: to
 # ----------------------------------------------------------------------------- entry point
 
 
-def default_tree(model, strategy: str) -> Tree:
-    """mtp: a chain over every draft head (blockwise parallel decoding). medusa: MEDUSA's
-    ``mc_sim_7b_63`` tree, cut to the model's number of MEDUSA heads and to the vocabulary."""
+def default_tree(model, strategy: str, acceptance: str = "greedy") -> Tree:
+    """mtp, and rejection sampling: a chain over every draft head (blockwise parallel
+    decoding). medusa: MEDUSA's ``mc_sim_7b_63`` tree, cut to the model's number of MEDUSA
+    heads and to the vocabulary."""
     drafts = model.n_heads - 1
-    if strategy == "mtp":
+    if strategy == "mtp" or acceptance == "rejection":
         return Tree.chain(drafts)
     top = min(10, model.config.vocab_size)
     return Tree([p for p in MC_SIM_7B_63 if len(p) <= drafts and max(p) < top])
 
 
-def _resolve_tree(model, strategy: str, tree) -> Tree | None:
+def _resolve_tree(model, strategy: str, tree, acceptance: str) -> Tree | None:
     if strategy == "ntp":
         if tree is not None:
             raise ValueError("tree applies to strategy 'mtp' or 'medusa', not 'ntp'")
         return None
     if tree is None:
-        tree = default_tree(model, strategy)
+        tree = default_tree(model, strategy, acceptance)
     elif not isinstance(tree, Tree):
         tree = Tree(tree)
     if len(tree) == 1:
@@ -389,10 +390,6 @@ def _describe(model) -> str:
     return f"{type(model).__name__} with {model.n_heads} head(s)"
 
 
-# CUDA graphs and their caches, reused by later calls with the same model, tree and kernels.
-_GRAPHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
 def _engine(model, tree: Tree | None, cache_len: int, fused: bool, backend, cuda_graph: bool) -> _Engine:
     tt = (tree or Tree.chain(0)).tensors(model.device)
     heads = 1 + (tree.max_depth if tree is not None else 0)
@@ -400,14 +397,16 @@ def _engine(model, tree: Tree | None, cache_len: int, fused: bool, backend, cuda
         cache = model.new_cache(1, cache_len)
         return _Engine(model, cache, tree, tt, heads, fused, backend,
                        _make_forward(model, cache, tt, heads, fused, False))
-    # One cache over the whole context, so one captured graph serves every prompt length.
+    # Captured graphs and their cache live on the model (a cycle the garbage collector frees
+    # with it) and serve later calls with the same tree and kernels. One cache spans the
+    # whole context, so one graph serves every prompt length.
+    graphs = model.__dict__.setdefault("_mtpkern_decode_graphs", {})
     key = (tree, fused, model.dtype, model.device)
-    per_model = _GRAPHED.setdefault(model, {})
-    if key not in per_model:
+    if key not in graphs:
         cache = model.new_cache(1, model.config.n_positions)
-        per_model[key] = _Engine(model, cache, tree, tt, heads, fused, backend,
-                                 _make_forward(model, cache, tt, heads, fused, True))
-    return per_model[key]
+        graphs[key] = _Engine(model, cache, tree, tt, heads, fused, backend,
+                              _make_forward(model, cache, tt, heads, fused, True))
+    return graphs[key]
 
 
 def _sync(device: torch.device) -> float:
@@ -452,7 +451,7 @@ def generate(
     The output ends at the first ``eos_token_id`` (included) and never exceeds max_new_tokens.
     """
     _check_args(model, strategy, acceptance, kernels, temperature, top_k, top_p, max_new_tokens, cuda_graph)
-    tree = _resolve_tree(model, strategy, tree)
+    tree = _resolve_tree(model, strategy, tree, acceptance)
     if acceptance == "rejection" and tree is not None and not tree.is_chain:
         raise ValueError("acceptance 'rejection' is implemented for chains of drafts only, not trees")
     ids = _prompt(input_ids, model.config.vocab_size, model.device)
@@ -470,7 +469,7 @@ def generate(
         raise ValueError(f"{what} needs {need} cache slots, {over} more than the model's context of {ctx}; {hint}")
     fused = kernels == "fused" or (kernels == "auto" and model.device.type == "cuda")
     backend = None if fused else "eager"
-    eng = _engine(model, tree, max(need, P0), fused, backend, cuda_graph)
+    eng = _engine(model, tree, need, fused, backend, cuda_graph)
     device = model.device
     # Typical acceptance samples nothing: its drafts are top-k and its next root the argmax.
     sampling = temperature > 0 and (tree is None or acceptance == "rejection")
@@ -510,7 +509,7 @@ def generate(
     while not done:
         ts = time.perf_counter()
         if tree is None:
-            root = decode_step(eng, root, prefix_len, next_token)[0]
+            root = decode_step(eng, root, prefix_len, next_token)
             chunk = [int(root)]
         elif acceptance == "rejection":
             chunk, root, drafts, q = rejection_step(eng, root, drafts, q, prefix_len, probs, generator)

@@ -125,3 +125,13 @@ def medusa_model() -> MedusaModel:
 @pytest.fixture(scope="session")
 def mtp_model() -> MTPModel:
     return tiny_mtp()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Tiny models decode several times faster on one thread (two threads on a loaded 2-core
+    machine mostly wait for each other); modules that import this fixture run on one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -7,7 +7,7 @@ import functools
 import pytest
 import torch
 
-from _tiny import VOCAB, gpt2_model, medusa_model, mtp_model, random_prompts  # noqa: F401 (fixtures)
+from _tiny import VOCAB, gpt2_model, medusa_model, mtp_model, random_prompts, single_thread  # noqa: F401
 from mtpkern.generate import GenerationResult, generate, prefill, sampling_probs
 from mtpkern.model import to_hf
 from mtpkern.tree import Tree

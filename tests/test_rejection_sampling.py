@@ -11,6 +11,7 @@ import math
 import pytest
 import torch
 
+from _tiny import single_thread  # noqa: F401 (fixture)
 from mtpkern.generate import generate, sampling_probs, speculative_sample
 from mtpkern.model import GPT2, GPT2Config, MedusaModel
 from mtpkern.tree import Tree
