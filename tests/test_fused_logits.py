@@ -4,13 +4,17 @@ On CPU the Triton kernels run in the interpreter (fp32 / fp16, small shapes plus
 vocabulary); bf16 and the large shapes run on a GPU only.
 """
 
+import importlib
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mtpkern.ops import fused_logits as fl_mod
 from mtpkern.ops.fused_logits import LogitsStats, fused_logits, fused_logits_ref, logits_stats
+
+# the module itself (mtpkern.ops re-exports the function under the module's name)
+fl_mod = importlib.import_module("mtpkern.ops.fused_logits")
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
