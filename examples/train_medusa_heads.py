@@ -38,8 +38,10 @@ def main(argv=None):
     query = load_records(args.data, limit=1)[0]["query"]
     ids = torch.tensor(tokenizer(format_prompt(query))["input_ids"])
     tree = Tree.from_widths([3] + [1] * (args.heads - 1))
-    medusa = generate(model, ids, max_new_tokens=64, strategy="medusa", tree=tree, eos_token_id=tokenizer.eos_token_id)
-    plain = generate(model, ids, max_new_tokens=64, strategy="ntp", eos_token_id=tokenizer.eos_token_id)
+    budget = min(64, model.config.n_positions - len(ids) - len(tree) + 2)  # what the context leaves
+    medusa = generate(model, ids, max_new_tokens=budget, strategy="medusa", tree=tree,
+                      eos_token_id=tokenizer.eos_token_id)
+    plain = generate(model, ids, max_new_tokens=budget, strategy="ntp", eos_token_id=tokenizer.eos_token_id)
     assert medusa.tokens == plain.tokens, "MEDUSA greedy output must equal plain greedy output"
     print(tokenizer.decode(medusa.tokens, skip_special_tokens=True))
     print(f"{plain.num_steps} forward passes plain, {medusa.num_steps} with MEDUSA "
