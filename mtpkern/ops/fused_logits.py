@@ -36,9 +36,11 @@ MAX_K = 64
 _MERGE_KEYS = 2048  # candidate keys the merge kernel holds per step
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
+# Globals a compiled kernel reads must be tl.constexpr instances (an annotation is not
+# enough: the interpreter accepts it, the compiler raises NameError).
 # Smaller than the key of any float32, -inf included: pads partial top-k lists.
-_MIN_KEY: tl.constexpr = -(2**63) + 1
-_LOW_MASK: tl.constexpr = 0x7FFFFFFF
+_MIN_KEY = tl.constexpr(-(2**63) + 1)
+_LOW_MASK = tl.constexpr(0x7FFFFFFF)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -49,14 +51,15 @@ def _to_key(z, cols):
     """Order-preserving int64 key of (float32 value, int32 index), ties broken by lower index."""
     bits = z.to(tl.int32, bitcast=True)
     ordered = bits ^ ((bits >> 31) & _LOW_MASK)
-    return (ordered.to(tl.int64) << 32) | (_LOW_MASK - cols).to(tl.int64)
+    # cols ^ _LOW_MASK = 2**31 - 1 - cols (tensor first: the interpreter's constexpr - tensor fails)
+    return (ordered.to(tl.int64) << 32) | (cols ^ _LOW_MASK).to(tl.int64)
 
 
 @triton.jit
 def _from_key(key):
     ordered = (key >> 32).to(tl.int32)
     bits = ordered ^ ((ordered >> 31) & _LOW_MASK)
-    index = _LOW_MASK - (key & _LOW_MASK)
+    index = (key & _LOW_MASK) ^ _LOW_MASK
     return bits.to(tl.float32, bitcast=True), index
 
 
@@ -81,6 +84,9 @@ def _logits_partials_kernel(
     cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     row_ok = rows < R
     col_ok = cols < V
+    # The block's first weight row, in int64: V * D can pass 2**31 (large vocabularies).
+    w_ptr += pid_v.to(tl.int64) * BLOCK_V * stride_wv
+    local_cols = tl.arange(0, BLOCK_V)
 
     acc = tl.zeros((BLOCK_R, BLOCK_V), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
@@ -92,7 +98,7 @@ def _logits_partials_kernel(
             other=0.0,
         )
         w = tl.load(
-            w_ptr + cols[:, None] * stride_wv + ds[None, :] * stride_wd,
+            w_ptr + local_cols[:, None] * stride_wv + ds[None, :] * stride_wd,
             mask=col_ok[:, None] & d_ok[None, :],
             other=0.0,
         )
@@ -265,7 +271,7 @@ def _check_inputs(hidden: Tensor, weight: Tensor, k: int, target: Optional[Tenso
             raise ValueError(f"target is on {target.device} but hidden is on {hidden.device}")
 
 
-def _config(R: int, V: int, k: int) -> dict:
+def _config(R: int, V: int, k: int, fp32: bool = False) -> dict:
     # tl.dot wants at least 16 rows; more than 64 rows per program costs registers, so
     # R > 64 takes two row blocks (the second read of a weight tile then hits L2).
     block_r = min(64, max(16, triton.next_power_of_2(R)))
@@ -278,7 +284,9 @@ def _config(R: int, V: int, k: int) -> dict:
     # The merge kernel takes BLOCK_B blocks' candidates (BLOCK_B * K_PAD keys) per step.
     block_b = min(triton.next_power_of_2(nb), max(1, _MERGE_KEYS // k_pad))
     return dict(
-        BLOCK_R=block_r, BLOCK_V=block_v, BLOCK_D=64, K_PAD=k_pad, NB=nb, BLOCK_B=block_b,
+        # fp32's exact ("ieee") dot runs on the FMA units with its operands in registers: a
+        # 64-wide D step spills on an A100 (tests/test_triton_compile.py checks), 32 does not.
+        BLOCK_R=block_r, BLOCK_V=block_v, BLOCK_D=32 if fp32 else 64, K_PAD=k_pad, NB=nb, BLOCK_B=block_b,
         num_warps=8 if block_r >= 64 else 4,
     )
 
@@ -286,7 +294,8 @@ def _config(R: int, V: int, k: int) -> dict:
 def _launch(hidden: Tensor, weight: Tensor, k: int, target: Optional[Tensor], scale: float):
     R, D = hidden.shape
     V = weight.shape[0]
-    cfg = _config(R, V, k)
+    fp32 = hidden.dtype == torch.float32
+    cfg = _config(R, V, k, fp32)
     nb, k_pad = cfg["NB"], cfg["K_PAD"]
     dev = hidden.device
     keys = torch.empty((R, nb, k), dtype=torch.int64, device=dev)
@@ -314,7 +323,7 @@ def _launch(hidden: Tensor, weight: Tensor, k: int, target: Optional[Tensor], sc
         BLOCK_R=cfg["BLOCK_R"],
         BLOCK_V=cfg["BLOCK_V"],
         BLOCK_D=cfg["BLOCK_D"],
-        INPUT_PRECISION="ieee" if hidden.dtype == torch.float32 else "tf32",
+        INPUT_PRECISION="ieee" if fp32 else "tf32",  # TF32 would break fp32's token identity
         num_warps=cfg["num_warps"],
         num_stages=3,
     )
