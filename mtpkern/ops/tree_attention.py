@@ -45,7 +45,9 @@ def _softmax_step(s, v, m_i, l_i, acc, INPUT_PRECISION: tl.constexpr):
     return m_new, l_i, acc
 
 
-@triton.jit
+# T is not specialised: T = 1 (plain decoding) and T % 16 == 0 would each compile a kernel of
+# their own, for no gain (T only bounds the loops and masks).
+@triton.jit(do_not_specialize=["T"])
 def _tree_attention_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, prefix_ptr, mask_ptr,
     T, W, H, qk_scale,  # qk_scale = softmax scale * log2(e)
@@ -226,6 +228,14 @@ def _check_inputs(q, k_cache, v_cache, prefix_len, tree_mask) -> None:
         raise ValueError("tree_mask must be contiguous")
 
 
+def _check_int32_offsets(**tensors: Tensor) -> None:
+    """The kernel computes element offsets in int32 (int64 ones cost it registers)."""
+    for name, t in tensors.items():
+        if sum((n - 1) * s for n, s in zip(t.shape, t.stride())) >= 2**31:
+            raise ValueError(f"{name} {tuple(t.shape)} spans 2**31 elements or more; the Triton kernel's "
+                             "offsets are int32 (split the batch, or use backend='eager')")
+
+
 def _check_prefix_len_value(prefix: int, T: int, S: int) -> None:
     if not 0 <= prefix <= S - T:
         raise ValueError(f"prefix_len = {prefix} out of range: need 0 <= prefix_len <= S - T = {S - T}")
@@ -253,8 +263,11 @@ def _launch(q, k_cache, v_cache, prefix_len, tree_mask, scale: float) -> Tensor:
         # fake tensors; a fake implementation only needs the output's metadata anyway.
         return out
     # Decoding trees are small (T <= 64): 16-row query blocks spread B*H*T/16 programs over
-    # the SMs. A long causal prefill takes the usual 64-row blocks.
-    block_m = 16 if T <= 64 else 64
+    # the SMs. A long causal prefill takes the usual 64-row blocks. fp32's exact ("ieee") dot
+    # runs on the FMA units with its operands in registers: 16-row blocks and 8 warps keep
+    # ptxas from spilling (tests/test_triton_compile.py checks).
+    fp32 = q.dtype == torch.float32
+    block_m = 16 if T <= 64 or fp32 else 64
     block_n = 64
     grid = (triton.cdiv(T, block_m), B * H)
     torch.library.wrap_triton(_tree_attention_kernel)[grid](
@@ -264,8 +277,8 @@ def _launch(q, k_cache, v_cache, prefix_len, tree_mask, scale: float) -> Tensor:
         HEAD_DIM=Dh,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
-        INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=4 if Dh <= 64 else 8,
+        INPUT_PRECISION="ieee" if fp32 else "tf32",  # TF32 would break fp32's token identity
+        num_warps=8 if fp32 or Dh > 64 else 4,
         num_stages=2,
     )
     return out
@@ -310,6 +323,7 @@ def tree_attention(
         return tree_attention_ref(q, k_cache, v_cache, prefix_len, tree_mask, scale=scale)
     if prefix_len.device.type == "cpu":  # checking a CUDA value would sync; a CPU one is free
         _check_prefix_len_value(int(prefix_len.reshape(())), q.shape[2], k_cache.shape[2])
+    _check_int32_offsets(q=q, k_cache=k_cache, v_cache=v_cache)
     return torch.ops.mtpkern.tree_attention(
         q, k_cache, v_cache, prefix_len, tree_mask, _resolve_scale(scale, q.shape[-1])
     )
