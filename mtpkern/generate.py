@@ -199,11 +199,17 @@ class _Engine:
     forward: Callable  # (tokens [T], prefix_len int) -> hidden [T, heads, D]
 
 
+def _device_int(value: int, device: torch.device) -> torch.Tensor:
+    """A 0-d int64 tensor on ``device`` without a host sync (torch.tensor(value, device=cuda)
+    copies from pageable memory and waits for the stream)."""
+    return torch.full((), value, dtype=torch.long, device=device)
+
+
 def _make_forward(model, cache, tt, heads, fused, cuda_graph):
     if not cuda_graph:
         def forward(tokens, prefix_len: int):
             _check_room(cache, prefix_len, tokens.shape[0])
-            p = torch.tensor(prefix_len, device=tokens.device)
+            p = _device_int(prefix_len, tokens.device)
             return tree_step(model, cache, tokens, p, tt, heads=heads, span=prefix_len + tokens.shape[0], fused=fused)
 
         return forward
@@ -230,15 +236,18 @@ class _CudaGraphStep:
     def __init__(self, fn, T: int, device: torch.device):
         self.tokens = torch.zeros(T, dtype=torch.long, device=device)
         self.prefix_len = torch.zeros((), dtype=torch.long, device=device)
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
-            for _ in range(2):  # lazy initialisation (cuBLAS handles, autotuning) outside the graph
-                fn(self.tokens, self.prefix_len)
-        torch.cuda.current_stream(device).wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.out = fn(self.tokens, self.prefix_len)
+        # torch.cuda.graph captures on the current device: make it the model's (cuda:1 while
+        # cuda:0 is current would otherwise run the kernels eagerly and capture nothing).
+        with torch.cuda.device(device):
+            stream = torch.cuda.Stream(device)
+            stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(stream):
+                for _ in range(2):  # lazy initialisation (cuBLAS handles, Triton compiles) outside the graph
+                    fn(self.tokens, self.prefix_len)
+            torch.cuda.current_stream(device).wait_stream(stream)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.out = fn(self.tokens, self.prefix_len)
 
     def __call__(self, tokens: torch.Tensor, prefix_len: int) -> torch.Tensor:
         self.tokens.copy_(tokens)
@@ -277,8 +286,9 @@ def speculative_step(eng: _Engine, root: torch.Tensor, topk: torch.Tensor, prefi
                              epsilon=epsilon, alpha=alpha, backend=b)
     count = res.accept_len + 1
     if not eng.tree.is_chain:  # a chain's accepted path is already in place
-        prefix = torch.tensor(prefix_len, device=tokens.device)
-        kv_compact_(eng.cache.k, eng.cache.v, tt.paths[res.best_path], prefix, count, backend=b)
+        # index_select, not tt.paths[res.best_path]: indexing with a 0-d tensor calls .item().
+        path = tt.paths.index_select(0, res.best_path.view(1))[0]
+        kv_compact_(eng.cache.k, eng.cache.v, path, _device_int(prefix_len, tokens.device), count, backend=b)
     last = hidden.index_select(0, res.last_node.view(1))[0]  # [heads, D]
     next_topk = draft_topk(model, last, eng.tree.max_depth, topk.shape[1], b)
     next_root = res.tokens.gather(0, res.accept_len.view(1))[0]
@@ -399,8 +409,14 @@ def _engine(model, tree: Tree | None, cache_len: int, fused: bool, backend, cuda
                        _make_forward(model, cache, tt, heads, fused, False))
     # Captured graphs and their cache live on the model (a cycle the garbage collector frees
     # with it) and serve later calls with the same tree and kernels. One cache spans the
-    # whole context, so one graph serves every prompt length.
-    graphs = model.__dict__.setdefault("_mtpkern_decode_graphs", {})
+    # whole context, so one graph serves every prompt length. A graph reads the weights at
+    # the addresses it was captured with: once any moved (model.to(), load_state_dict with
+    # assign=True), every graph is stale and is dropped.
+    weights = [t.data_ptr() for t in (*model.parameters(), *model.buffers())]
+    cached = model.__dict__.get("_mtpkern_decode_graphs")
+    if cached is None or cached[0] != weights:
+        cached = model.__dict__["_mtpkern_decode_graphs"] = (weights, {})
+    graphs = cached[1]
     key = (tree, fused, model.dtype, model.device)
     if key not in graphs:
         cache = model.new_cache(1, model.config.n_positions)
