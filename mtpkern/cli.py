@@ -98,7 +98,7 @@ def cmd_train(args) -> int:
 def cmd_demo(args) -> int:
     from mtpkern.demo import run_demo
 
-    run_demo(out=args.out, device=args.device, steps=args.steps, quick=args.quick)
+    run_demo(out=args.out, device=args.device, steps=args.steps, quick=args.quick, overwrite=args.overwrite)
     return 0
 
 
@@ -190,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--device", type=_device, default="auto")
     d.add_argument("--steps", type=_positive_int, help="training steps of the NTP and MTP models")
     d.add_argument("--quick", action="store_true", help="a much shorter run (smoke test)")
+    d.add_argument("--overwrite", action="store_true", help="replace a previous demo run in --out")
     d.set_defaults(func=cmd_demo)
 
     g = sub.add_parser("generate", help="decode from a checkpoint")

@@ -14,6 +14,7 @@ table ``report.md`` and the plots (loss curves, tokens/s, accepted lengths, head
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -25,12 +26,21 @@ DEMO_MEDUSA_STEPS = 300
 QUICK_STEPS = 30
 
 
-def run_demo(out="demo_out", device: str = "auto", steps: int | None = None, quick: bool = False) -> dict:
+RUNS = ("ntp", "mtp", "medusa")
+
+
+def run_demo(out="demo_out", device: str = "auto", steps: int | None = None, quick: bool = False,
+             overwrite: bool = False) -> dict:
     from mtpkern.eval import evaluate
     from mtpkern.train import TrainConfig, train
 
     t0 = time.perf_counter()
     out = Path(out)
+    previous = [out / r for r in RUNS if (out / r).exists()]
+    if previous and not overwrite:
+        raise ValueError(f"{out} already holds a demo run; pass --overwrite to replace it, or --out elsewhere")
+    for run in previous:  # only the demo's own run folders
+        shutil.rmtree(run)
     steps = steps or (QUICK_STEPS if quick else DEMO_STEPS)
     medusa_steps = max(1, steps * DEMO_MEDUSA_STEPS // DEMO_STEPS)
     common = dict(

@@ -74,3 +74,18 @@ def test_generate_command_rejects_a_prompt_longer_than_the_context(medusa_dir, c
     err = capsys.readouterr().err
     assert code == 2
     assert "context" in err and "Traceback" not in err
+
+
+def test_demo_end_to_end_quick(tmp_path):
+    """The README's main command, shortened: three trainings, the evaluation, table and plots."""
+    out = tmp_path / "demo"
+    r = run_cli("demo", "--quick", "--steps", "2", "--out", str(out), "--device", "cpu", timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for run in ("ntp", "mtp", "medusa"):
+        assert (out / run / "checkpoint" / "model.safetensors").is_file()
+    table = (out / "report.md").read_text()
+    assert "| ntp (gpt2) | ntp |" in table and "| mtp (mtp) | mtp |" in table and "| medusa (medusa) | medusa |" in table
+    plots = sorted(p.name for p in (out / "report_plots").iterdir())
+    assert "train_loss.png" in plots and all((out / "report_plots" / p).stat().st_size > 0 for p in plots)
+    again = run_cli("demo", "--quick", "--steps", "2", "--out", str(out), "--device", "cpu")
+    assert again.returncode == 2 and "pass --overwrite" in again.stderr
