@@ -1,0 +1,266 @@
+"""Compile every Triton kernel for real GPUs (H100 = sm_90, A100 = sm_80) on a machine without one.
+
+The CPU tests run the kernels in Triton's interpreter, which accepts code the compiler rejects
+(a global annotated ``tl.constexpr`` instead of built as one: fused_logits never compiled until
+this test) and knows nothing of shared memory, registers or tensor cores. Here the launchers run for real GPT-2 shapes with a recorder in place of
+``torch.library.wrap_triton``; each recorded launch is then compiled ahead of time through the
+kernel's own JIT path (the same argument specialisation as a real launch), with a stand-in
+driver that names the target GPU and never launches. Triton ships ``ptxas``, so no GPU, driver
+or CUDA toolkit is needed; ``TRITON_PTXAS_PATH`` points Triton at another ``ptxas`` if needed.
+
+Checked per compiled kernel: it compiles; its shared memory fits one block on that GPU; ptxas
+spills no more than a few bytes; the grid fits CUDA's limits; and an fp32 launch contains no TF32
+tensor-core instruction (TF32 would break greedy decoding's token identity with eager fp32).
+
+The compiles run in a subprocess with ``TRITON_INTERPRET=0`` (tests/conftest.py sets it to 1,
+and ``@triton.jit`` then builds interpreter objects). By hand: ``python tests/test_triton_compile.py 90``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+# Per-block shared memory a kernel may use (the opt-in maximum): H100 227 KiB, A100 163 KiB.
+MAX_SHARED = {90: 227 * 1024, 80: 163 * 1024}
+ARCHS = tuple(MAX_SHARED)
+
+# ptxas may spill a few bytes on its own to raise occupancy; register pressure shows as hundreds
+# (fp32's FMA-unit dots did, before their blocks were sized for it).
+MAX_SPILL_BYTES = 32
+
+# GPT-2 124M: vocab 50257, width 768, 12 heads of 64, context 1024.
+VOCAB, WIDTH, HEADS, CONTEXT = 50257, 768, 12, 1024
+DTYPES = ("float32", "float16", "bfloat16")
+HEAD_DIMS = (16, 32, 64, 128)
+
+# ------------------------------------------------------------------ the launches (subprocess side)
+
+
+def _fused_logits_launches(torch, fl):
+    """R rows, top-k, target: next-token argmax (1, 1), the draft heads' top-10 (6, 10), the
+    nodes of a 64-node tree with typical acceptance's targets (64, 1, int64), the largest k
+    over two row blocks (97, 64, int32)."""
+    cases = ((1, 1, None), (6, 10, None), (64, 1, torch.int64), (97, fl.MAX_K, torch.int32))
+    for name in DTYPES:
+        dtype = getattr(torch, name)
+        weight = torch.empty(VOCAB, WIDTH, dtype=dtype)  # never touched: only its pointer and strides
+        for R, k, target_dtype in cases:
+            target = None if target_dtype is None else torch.zeros(R, dtype=target_dtype)
+            yield f"fused_logits {name} R={R} k={k} target={target_dtype}", name, fl._launch, (
+                torch.empty(R, WIDTH, dtype=dtype), weight, k, target, 1.0
+            )
+
+
+def _tree_attention_launches(torch, ta):
+    """T tokens over the cache: one decode token (T = 1), a 64-node tree, a 97-token causal
+    prefill (the 64-row blocks); every head dim the op accepts, q as the model's transposed view."""
+    for name in DTYPES:
+        dtype = getattr(torch, name)
+        for Dh in HEAD_DIMS:
+            cache = torch.empty(1, HEADS, CONTEXT, Dh, dtype=dtype)
+            for T in (1, 64, 97):
+                if T == 97 and Dh < 64:
+                    continue
+                q = torch.empty(1, T, HEADS, Dh, dtype=dtype).transpose(1, 2)
+                mask = ta.pack_tree_mask(torch.ones(T, T, dtype=torch.bool).tril())
+                prefix = torch.tensor(CONTEXT - T)
+                yield f"tree_attention {name} Dh={Dh} T={T}", name, ta._launch, (
+                    q, cache, cache, prefix, mask, Dh**-0.5
+                )
+
+
+class _CompileOnlyDriver:
+    """Just enough of a Triton driver for ``JITFunction.run(..., warmup=True)``: it compiles for
+    ``target`` and never loads or launches anything."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def get_current_target(self):
+        return self.target
+
+    def get_current_device(self):
+        return self.target.arch  # JIT caches are per device: one "device" per target
+
+    def get_current_stream(self, device=None):
+        return 0
+
+
+def _ptxas_report(ptx: str, arch: int) -> dict:
+    import tempfile
+
+    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        cmd = [get_ptxas(arch).path, "-v", f"--gpu-name={sm_arch_from_capability(arch)}", src,
+               "-o", os.path.join(tmp, "k.o")]
+        log = subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
+    regs = re.search(r"Used (\d+) registers", log)
+    spills = [int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", log)]
+    return {"registers": int(regs.group(1)) if regs else -1, "spill_bytes": sum(spills)}
+
+
+def compile_all(arch: int) -> list[dict] | dict:
+    """Run every launcher case with a recorder, compile each distinct launch for sm_<arch>."""
+    import importlib
+
+    import torch
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    try:
+        subprocess.run([get_ptxas(arch).path, "--version"], capture_output=True, check=True)
+    except (OSError, RuntimeError, subprocess.CalledProcessError) as e:
+        return {"skip": f"no usable ptxas ({e}); point TRITON_PTXAS_PATH at one"}
+
+    fl = importlib.import_module("mtpkern.ops.fused_logits")
+    ta = importlib.import_module("mtpkern.ops.tree_attention")
+
+    launches = []
+
+    class Recorder:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append((case, dtype, self.kernel, grid, args, kwargs))
+
+    torch.library.wrap_triton = Recorder  # the launchers look it up at call time
+    for case, dtype, launcher, args in [*_fused_logits_launches(torch, fl), *_tree_attention_launches(torch, ta)]:
+        launcher(*args)
+
+    triton.runtime.driver.set_active(_CompileOnlyDriver(GPUTarget("cuda", arch, 32)))
+    results, seen = [], set()
+    for case, dtype, kernel, grid, args, kwargs in launches:
+        row = {"case": case, "kernel": kernel.__name__, "grid": list(grid),
+               "input_precision": kwargs.get("INPUT_PRECISION"), "fp32": dtype == "float32"}
+        try:
+            compiled = kernel.run(*args, grid=grid, warmup=True, **kwargs)
+        except Exception as e:  # reported per case, so one failure does not hide the others
+            results.append({**row, "error": f"{type(e).__name__}: {e}"[-3000:]})
+            continue
+        key = compiled.hash if hasattr(compiled, "hash") else compiled.metadata.hash
+        if key in seen:
+            continue
+        seen.add(key)
+        ptx = compiled.asm["ptx"]
+        results.append({
+            **row,
+            "shared": compiled.metadata.shared,
+            "num_warps": compiled.metadata.num_warps,
+            "tf32_mma": bool(re.search(r"\b(?:w?gmma|mma)\S*\.tf32", ptx)),
+            "mma": bool(re.search(r"\bw?g?mma\.", ptx)),
+            **_ptxas_report(ptx, arch),
+        })
+    return results
+
+
+# ------------------------------------------------------------------ the tests (pytest side)
+
+
+def _run_compiles() -> dict[int, list[dict]]:
+    """One subprocess per GPU target, all at once (the CPU cores share the work)."""
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    procs = {arch: subprocess.Popen([sys.executable, __file__, str(arch)], env=env, text=True,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE) for arch in ARCHS}
+    outputs = {arch: (proc.communicate(timeout=900), proc.returncode) for arch, proc in procs.items()}
+    results = {}
+    for arch, ((out, err), code) in outputs.items():
+        if code != 0:
+            raise AssertionError(f"sm_{arch} compile subprocess failed ({code}):\n{err[-6000:]}")
+        results[arch] = json.loads(out.strip().splitlines()[-1])
+        if "skip" in results[arch]:
+            pytest.skip(results[arch]["skip"])
+    return results
+
+
+@pytest.fixture(scope="module")
+def all_compiled():
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    return _run_compiles()
+
+
+@pytest.fixture(params=ARCHS, ids=lambda a: f"sm_{a}")
+def compiled(request, all_compiled):
+    return request.param, all_compiled[request.param]
+
+
+def test_every_launch_compiles(compiled):
+    arch, rows = compiled
+    failures = [f"{r['case']} ({r['kernel']}): {r['error']}" for r in rows if "error" in r]
+    assert not failures, f"sm_{arch}: {len(failures)} launches do not compile:\n" + "\n\n".join(failures)
+    kernels = {r["kernel"] for r in rows}
+    assert kernels == {"_logits_partials_kernel", "_logits_merge_kernel", "_tree_attention_kernel"}, kernels
+
+
+def test_shared_memory_fits_one_block(compiled):
+    arch, rows = compiled
+    over = [f"{r['case']} ({r['kernel']}): {r['shared']} bytes" for r in rows if r.get("shared", 0) > MAX_SHARED[arch]]
+    assert not over, f"sm_{arch}: shared memory over {MAX_SHARED[arch]} bytes per block:\n" + "\n".join(over)
+
+
+def test_no_register_pressure(compiled):
+    arch, rows = compiled
+    spills = [f"{r['case']} ({r['kernel']}): {r['spill_bytes']} bytes, {r['registers']} registers"
+              for r in rows if r.get("spill_bytes", 0) > MAX_SPILL_BYTES]
+    assert not spills, f"sm_{arch}: ptxas spills more than {MAX_SPILL_BYTES} bytes:\n" + "\n".join(spills)
+
+
+def test_grid_within_cuda_limits(compiled):
+    _, rows = compiled
+    for r in rows:
+        x, *yz = r["grid"]
+        assert 1 <= x < 2**31 and all(1 <= d <= 65535 for d in yz), f"{r['case']}: grid {r['grid']}"
+
+
+def test_fp32_stays_ieee(compiled):
+    """fp32 must not use TF32 tensor cores: greedy decoding promises eager fp32's tokens."""
+    _, rows = compiled
+    fp32 = [r for r in rows if r["fp32"] and "error" not in r]
+    assert fp32, "no fp32 launch was compiled"
+    for r in fp32:
+        if r["input_precision"] is not None:
+            assert r["input_precision"] == "ieee", f"{r['case']}: INPUT_PRECISION={r['input_precision']}"
+        assert not r["tf32_mma"], f"{r['case']} ({r['kernel']}): TF32 tensor-core instruction in fp32 code"
+
+
+def test_half_precision_uses_tensor_cores(compiled):
+    """The fp16/bf16 dots should become MMA instructions (a sanity check of the checks above)."""
+    _, rows = compiled
+    dots = [r for r in rows if not r["fp32"] and r["kernel"] != "_logits_merge_kernel" and "error" not in r]
+    assert dots and all(r["mma"] for r in dots), [r["case"] for r in dots if not r["mma"]]
+
+
+# ------------------------------------------------------------------ limits the host checks for the GPU
+
+
+def test_tree_attention_rejects_offsets_beyond_int32():
+    """The kernel's element offsets are int32; a cache past 2**31 elements is a clear error
+    before any launch (meta tensors: no memory is allocated)."""
+    import torch
+
+    from mtpkern.ops import _backend
+    from mtpkern.ops.tree_attention import pack_tree_mask, tree_attention
+
+    if not _backend.triton_interpret():
+        pytest.skip("meta tensors reach the Triton path only under TRITON_INTERPRET=1")
+    B, H, S, Dh = 4096, 12, 1024, 64  # 3.2e9 elements per layer
+    q = torch.empty(B, H, 1, Dh, device="meta", dtype=torch.float16)
+    cache = torch.empty(B, H, S, Dh, device="meta", dtype=torch.float16)
+    mask = pack_tree_mask(torch.ones(1, 1, dtype=torch.bool)).to("meta")
+    with pytest.raises(ValueError, match=r"k_cache .* 2\*\*31 elements"):
+        tree_attention(q, cache, cache, torch.zeros((), dtype=torch.long, device="meta"), mask, backend="triton")
+
+
+if __name__ == "__main__":
+    print(json.dumps(compile_all(int(sys.argv[1]))))
