@@ -21,6 +21,7 @@ values, indices ascending, so ``argmax`` is the first index of the maximum like
 ``torch.argmax``, and one int64 maximum carries a value and its index together.
 """
 
+import contextlib
 import math
 from typing import NamedTuple, Optional
 
@@ -312,28 +313,30 @@ def _launch(hidden: Tensor, weight: Tensor, k: int, target: Optional[Tensor], sc
         return topv, topi, argmax, lse, entropy, target_logit
 
     grid = (triton.cdiv(R, cfg["BLOCK_R"]), nb)
-    torch.library.wrap_triton(_logits_partials_kernel)[grid](
-        hidden, weight, target if target is not None else target_logit,
-        keys, stats, target_logit,
-        R, V, D, nb, k,
-        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-        scale,
-        HAS_TARGET=target is not None,
-        K_PAD=k_pad,
-        BLOCK_R=cfg["BLOCK_R"],
-        BLOCK_V=cfg["BLOCK_V"],
-        BLOCK_D=cfg["BLOCK_D"],
-        INPUT_PRECISION="ieee" if fp32 else "tf32",  # TF32 would break fp32's token identity
-        num_warps=cfg["num_warps"],
-        num_stages=3,
-    )
-    torch.library.wrap_triton(_logits_merge_kernel)[(R,)](
-        keys, stats, topv, topi, argmax, lse, entropy,
-        R, nb, k,
-        K_PAD=k_pad,
-        BLOCK_B=cfg["BLOCK_B"],
-        num_warps=4,
-    )
+    # Triton launches on the current CUDA device, not the tensors' one.
+    with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
+        torch.library.wrap_triton(_logits_partials_kernel)[grid](
+            hidden, weight, target if target is not None else target_logit,
+            keys, stats, target_logit,
+            R, V, D, nb, k,
+            hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+            scale,
+            HAS_TARGET=target is not None,
+            K_PAD=k_pad,
+            BLOCK_R=cfg["BLOCK_R"],
+            BLOCK_V=cfg["BLOCK_V"],
+            BLOCK_D=cfg["BLOCK_D"],
+            INPUT_PRECISION="ieee" if fp32 else "tf32",  # TF32 would break fp32's token identity
+            num_warps=cfg["num_warps"],
+            num_stages=3,
+        )
+        torch.library.wrap_triton(_logits_merge_kernel)[(R,)](
+            keys, stats, topv, topi, argmax, lse, entropy,
+            R, nb, k,
+            K_PAD=k_pad,
+            BLOCK_B=cfg["BLOCK_B"],
+            num_warps=4,
+        )
     return topv, topi, argmax, lse, entropy, target_logit
 
 

@@ -13,6 +13,7 @@ own bit is set (every valid tree sets it). A chain mask (lower triangle) makes t
 prefill of T tokens.
 """
 
+import contextlib
 import math
 from typing import Optional
 
@@ -270,17 +271,19 @@ def _launch(q, k_cache, v_cache, prefix_len, tree_mask, scale: float) -> Tensor:
     block_m = 16 if T <= 64 or fp32 else 64
     block_n = 64
     grid = (triton.cdiv(T, block_m), B * H)
-    torch.library.wrap_triton(_tree_attention_kernel)[grid](
-        q, k_cache, v_cache, out, prefix_len, tree_mask,
-        T, tree_mask.shape[1], H, scale * _LOG2E,
-        *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
-        HEAD_DIM=Dh,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        INPUT_PRECISION="ieee" if fp32 else "tf32",  # TF32 would break fp32's token identity
-        num_warps=8 if fp32 or Dh > 64 else 4,
-        num_stages=2,
-    )
+    # Triton launches on the current CUDA device, not the tensors' one.
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+        torch.library.wrap_triton(_tree_attention_kernel)[grid](
+            q, k_cache, v_cache, out, prefix_len, tree_mask,
+            T, tree_mask.shape[1], H, scale * _LOG2E,
+            *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
+            HEAD_DIM=Dh,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            INPUT_PRECISION="ieee" if fp32 else "tf32",  # TF32 would break fp32's token identity
+            num_warps=8 if fp32 or Dh > 64 else 4,
+            num_stages=2,
+        )
     return out
 
 
