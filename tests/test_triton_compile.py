@@ -2,10 +2,11 @@
 
 The CPU tests run the kernels in Triton's interpreter, which accepts code the compiler rejects
 (a global annotated ``tl.constexpr`` instead of built as one: fused_logits never compiled until
-this test) and knows nothing of shared memory, registers or tensor cores. Here the launchers run for real GPT-2 shapes with a recorder in place of
-``torch.library.wrap_triton``; each recorded launch is then compiled ahead of time through the
-kernel's own JIT path (the same argument specialisation as a real launch), with a stand-in
-driver that names the target GPU and never launches. Triton ships ``ptxas``, so no GPU, driver
+this test) and knows nothing of shared memory, registers or tensor cores. Here the launchers
+run for real GPT-2 shapes with a recorder in place of ``torch.library.wrap_triton``; each
+recorded launch is then compiled ahead of time through the kernel's own JIT path (the same
+argument specialisation as a real launch), with a stand-in driver that names the target GPU
+and never launches. Triton ships ``ptxas``, so no GPU, driver
 or CUDA toolkit is needed; ``TRITON_PTXAS_PATH`` points Triton at another ``ptxas`` if needed.
 
 Checked per compiled kernel: it compiles; its shared memory fits one block on that GPU; ptxas
