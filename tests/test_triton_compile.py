@@ -242,6 +242,46 @@ def test_half_precision_uses_tensor_cores(compiled):
     assert dots and all(r["mma"] for r in dots), [r["case"] for r in dots if not r["mma"]]
 
 
+# ------------------------------------------------------------------ GPU configurations, run on the CPU
+
+
+def test_fused_logits_gpu_blocks_in_the_interpreter(monkeypatch):
+    """The interpreter gets 1024-column blocks (it pays per program); run the GPU's blocks
+    once: 128 columns, a last block narrower than k (its top-k holds padding), fp32's 32-wide
+    D steps, and a merge over more blocks than one step holds."""
+    import importlib
+
+    import torch
+
+    from mtpkern.ops import _backend
+
+    if not _backend.triton_interpret():
+        pytest.skip("on a GPU the other tests run these blocks")
+    fl = importlib.import_module("mtpkern.ops.fused_logits")
+    cpu_config = fl._config
+
+    def gpu_config(*args):
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        try:
+            return cpu_config(*args)
+        finally:
+            monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+    monkeypatch.setattr(fl, "_config", gpu_config)
+    R, V, D, k = 3, 5000, 64, 40  # 40 blocks, the last with 8 columns; 32 blocks per merge step
+    cfg = gpu_config(R, V, k, True)
+    assert (cfg["BLOCK_V"], cfg["BLOCK_D"]) == (128, 32) and V % 128 < k and cfg["NB"] > cfg["BLOCK_B"]
+    g = torch.Generator().manual_seed(0)
+    hidden, weight = torch.randn(R, D, generator=g), torch.randn(V, D, generator=g)
+    target = torch.tensor([V - 1, 0, -1])
+    out = fl.fused_logits(hidden, weight, k, target, backend="triton")
+    ref = fl.fused_logits_ref(hidden, weight, k, target)
+    assert torch.equal(out.topk_indices, ref.topk_indices) and torch.equal(out.argmax, ref.argmax)
+    for name in ("topk_values", "lse", "entropy", "target_logit"):
+        torch.testing.assert_close(getattr(out, name), getattr(ref, name), rtol=1e-5, atol=1e-5,
+                                   equal_nan=True, msg=lambda m, name=name: f"{name}: {m}")
+
+
 # ------------------------------------------------------------------ limits the host checks for the GPU
 
 
