@@ -141,6 +141,7 @@ def cmd_eval(args) -> int:
     evaluate(
         args.models, data=args.data, json_path=args.json, device=args.device, max_samples=args.max_samples,
         max_new_tokens=args.max_new_tokens, kernels=args.kernels, hf_baseline=not args.no_hf,
+        dtype=args.dtype, cuda_graph=args.cuda_graph,
     )
     return 0
 
@@ -218,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-samples", type=_positive_int, default=50)
     e.add_argument("--max-new-tokens", type=_positive_int, default=96)
     e.add_argument("--kernels", choices=["auto", "eager", "fused"], default="auto")
+    e.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="default: fp16 on CUDA, fp32 on CPU")
+    e.add_argument("--cuda-graph", action="store_true", help="decode with CUDA graphs (CUDA only)")
     e.add_argument("--no-hf", action="store_true", help="skip the transformers generate baseline")
     e.set_defaults(func=cmd_eval)
 

@@ -1,5 +1,6 @@
 """The command line: one-line errors for bad input, and the commands on tiny models."""
 
+import json
 import os
 import subprocess
 import sys
@@ -89,3 +90,23 @@ def test_demo_end_to_end_quick(tmp_path):
     assert "train_loss.png" in plots and all((out / "report_plots" / p).stat().st_size > 0 for p in plots)
     again = run_cli("demo", "--quick", "--steps", "2", "--out", str(out), "--device", "cpu")
     assert again.returncode == 2 and "pass --overwrite" in again.stderr
+
+    # `mtpkern eval` on the demo's runs, from the command line
+    report = tmp_path / "eval" / "report.json"
+    ev = run_cli("eval", str(out / "ntp"), str(out / "medusa" / "checkpoint"), "--json", str(report),
+                 "--device", "cpu", "--max-samples", "2", "--max-new-tokens", "8", "--no-hf")
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    data = json.loads(report.read_text())
+    assert [m["model_type"] for m in data["models"]] == ["gpt2", "medusa"]
+    assert data["models"][1]["speed"]["medusa"]["agrees_with_ntp"] == 1.0
+    assert report.with_suffix(".md").is_file()
+
+
+def test_bench_command_quick(tmp_path):
+    path = tmp_path / "bench.json"
+    code = main(["bench", "--device", "cpu", "--quick", "--prompts", "1", "--max-new-tokens", "6", "--json", str(path)])
+    assert code == 0
+    report = json.loads(path.read_text())
+    assert report["device"]["type"] == "cpu"
+    assert {"ntp/eager", "mtp/eager", "medusa/eager", "hf/dynamic"} <= set(report["cases"])
+    assert report["cases"]["ntp/eager"]["tokens_per_second"] > 0
