@@ -37,7 +37,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mtpkern.eval import (
-    default_tree,
+    eval_tree,
     device_info,
     hf_decoder,
     pick_device,
@@ -99,7 +99,7 @@ def engine_cases(models: dict, device) -> list[tuple[str, object, dict]]:
         model = models[strategy]
         kw = dict(strategy=strategy)
         if strategy == "medusa":
-            kw["tree"] = default_tree(model.config.n_heads)
+            kw["tree"] = eval_tree(model.config.n_heads)
         cases += [(f"{strategy}/eager", model, dict(kw, kernels="eager")),
                   (f"{strategy}/fused", model, dict(kw, kernels="fused"))]
         if cuda:
@@ -249,7 +249,7 @@ def run_bench(device: str = "cuda", json_path=None, model_dir=None, max_new_toke
     if "medusa" in models:
         for kernels in ("eager", "fused"):
             try:
-                breakdown[kernels] = step_breakdown(models["medusa"], default_tree(models["medusa"].config.n_heads),
+                breakdown[kernels] = step_breakdown(models["medusa"], eval_tree(models["medusa"].config.n_heads),
                                                     prefix_len=ids[0].shape[1] + max_new_tokens // 2,
                                                     kernels=kernels, iters=2 if quick else 50)
             except Exception as e:  # noqa: BLE001

@@ -210,7 +210,7 @@ def strategies_for(model) -> list[str]:
     return {"gpt2": ["ntp"], "mtp": ["ntp", "mtp"], "medusa": ["ntp", "medusa"]}[model.config.model_type]
 
 
-def default_tree(n_medusa_heads: int):
+def eval_tree(n_medusa_heads: int):
     """A small tree over the heads: top-4 at depth 1, top-2 at depth 2, top-1 below (at most
     4 + 8 + 8 + ... nodes), cut to the number of heads."""
     from mtpkern.tree import Tree
@@ -289,7 +289,7 @@ def decode_prompts(model, prompts: list[torch.Tensor], *, max_new_tokens: int, e
         kw = dict(max_new_tokens=max_new_tokens, strategy=strategy, eos_token_id=eos_token_id,
                   kernels=kernels, cuda_graph=cuda_graph)
         if strategy == "medusa":
-            kw["tree"] = default_tree(model.config.n_heads)
+            kw["tree"] = eval_tree(model.config.n_heads)
         runners[strategy] = lambda ids, kw=kw: generate(model, ids, **kw)
     if hf_baseline:
         runners["hf"] = hf_decoder(model, max_new_tokens, eos_token_id)
@@ -404,7 +404,7 @@ def evaluate_checkpoint(path, *, data: str | None = None, device: torch.device, 
     heads = evaluate_heads(model, loader, device, max_batches=max_batches)
 
     # Generation: the same prompts for every strategy; prompts that leave no room are skipped.
-    slack = {"gpt2": 1, "mtp": model.n_heads, "medusa": len(default_tree(model.config.n_heads))}
+    slack = {"gpt2": 1, "mtp": model.n_heads, "medusa": len(eval_tree(model.config.n_heads))}
     room = model.config.n_positions - max_new_tokens - slack[model.config.model_type]  # draft slots
     samples, prompts = [], []
     for rec in val:
@@ -424,7 +424,7 @@ def evaluate_checkpoint(path, *, data: str | None = None, device: torch.device, 
     memory = peak_memory(device)
     speed = speed_summary(runs, eos)
     if "medusa" in speed:
-        speed["medusa"]["tree"] = repr(default_tree(model.config.n_heads))
+        speed["medusa"]["tree"] = repr(eval_tree(model.config.n_heads))
     if speed["hf"] is not None:
         speed["hf"]["weights"] = {"gpt2": "the model", "mtp": "trunk + head-0 block as a GPT-2",
                                   "medusa": "the base"}[model.config.model_type]

@@ -161,11 +161,6 @@ def _check_room(cache: KVCache, prefix_len: int, T: int) -> None:
         )
 
 
-def head_logits(model, hidden: torch.Tensor, j: int) -> torch.Tensor:
-    """Float logits [R, V] of head j for hidden states [R, D]."""
-    return (hidden @ model.head_weight(j).T).float()
-
-
 def draft_topk(model, hidden: torch.Tensor, depth: int, k: int, backend: str | None) -> torch.Tensor:
     """Top-k token ids [depth, k] of draft heads 1..depth, from one position's hidden states
     [heads, D]."""
@@ -304,10 +299,10 @@ def rejection_step(eng: _Engine, root: torch.Tensor, drafts: torch.Tensor, q: to
     distributions, from the draft heads at the last accepted node)."""
     tokens = torch.cat([root.view(1), drafts])
     hidden = eng.forward(tokens, prefix_len)
-    p = probs(head_logits(eng.model, hidden[:, 0], 0))
+    p = probs(eng.model.head_logits(hidden[:, 0], 0))
     out = speculative_sample(p, q, drafts, generator)
     a = len(out) - 1  # the chain's nodes 0..a are accepted and already in place
-    next_q = torch.cat([probs(head_logits(eng.model, hidden[a : a + 1, j], j)) for j in range(1, drafts.numel() + 1)])
+    next_q = torch.cat([probs(eng.model.head_logits(hidden[a : a + 1, j], j)) for j in range(1, drafts.numel() + 1)])
     next_drafts = torch.multinomial(next_q, 1, generator=generator)[:, 0]
     return out, torch.tensor(out[-1], device=root.device), next_drafts, next_q
 
@@ -495,7 +490,7 @@ def generate(
 
     def next_token(h):  # h [R, D] head-0 hidden states -> [R] tokens
         if sampling:
-            return torch.multinomial(probs(head_logits(model, h, 0)), 1, generator=generator)[:, 0]
+            return torch.multinomial(probs(model.head_logits(h, 0)), 1, generator=generator)[:, 0]
         return fused_logits(h, model.head_weight(0), 1, backend=backend).argmax
 
     out: list[int] = []
@@ -514,7 +509,7 @@ def generate(
     h = prefill(model, eng.cache, ids, heads=eng.heads)  # [heads, D]
     root = next_token(h[:1])[0]
     if tree is not None and acceptance == "rejection":
-        q = torch.cat([probs(head_logits(model, h[j : j + 1], j)) for j in range(1, T)])
+        q = torch.cat([probs(model.head_logits(h[j : j + 1], j)) for j in range(1, T)])
         drafts = torch.multinomial(q, 1, generator=generator)[:, 0]
     elif tree is not None:
         topk = draft_topk(model, h, tree.max_depth, tree.topk, backend)

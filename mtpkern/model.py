@@ -312,12 +312,16 @@ class _Family(nn.Module):
                 x = block(x, attn, first_layer + i)
         return x
 
+    def head_logits(self, hidden: torch.Tensor, j: int) -> torch.Tensor:
+        """Head j's float logits [..., V] from its hidden states [..., D]."""
+        return (hidden @ self.head_weight(j).T).float()
+
     def unembed(self, hidden: torch.Tensor) -> torch.Tensor:
         """[..., J, D] -> [..., J, V] float logits."""
         J = hidden.shape[-2]
         if all(self.head_weight(j) is self.unembed_weight for j in range(J)):
             return (hidden @ self.unembed_weight.T).float()
-        return torch.stack([(hidden[..., j, :] @ self.head_weight(j).T).float() for j in range(J)], dim=-2)
+        return torch.stack([self.head_logits(hidden[..., j, :], j) for j in range(J)], dim=-2)
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)

@@ -202,8 +202,8 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 def head_logits(model: nn.Module, hidden_j: torch.Tensor, j: int) -> torch.Tensor:
-    """Head j's float logits from its hidden states [..., D]: hidden_j @ W_j^T."""
-    return (hidden_j @ _unwrap(model).head_weight(j).T).float()
+    """Head j's float logits from its hidden states [..., D] (through a DDP wrapper too)."""
+    return _unwrap(model).head_logits(hidden_j, j)
 
 
 def head_loss(model, hidden_j: torch.Tensor, labels: torch.Tensor, j: int, n_tokens=None) -> torch.Tensor:

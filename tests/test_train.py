@@ -130,6 +130,9 @@ class Oracle(nn.Module):
     def head_weight(self, j):
         return self.eye
 
+    def head_logits(self, hidden, j):
+        return (hidden @ self.head_weight(j).T).float()
+
     def forward(self, idx, logits=False):
         B, T = self.truth.shape
         hidden = torch.zeros(B, T, self.n_heads, self.eye.shape[0])
