@@ -1,4 +1,4 @@
-"""The ``mtpkern`` command line: train, demo, generate, eval, bench.
+"""mtpkern: train GPT-2 models that predict several tokens per pass, decode with them, compare them.
 
 Bad arguments and bad inputs end with a one-line error and exit status 2, never a traceback
 (set ``MTPKERN_DEBUG=1`` to see one).
