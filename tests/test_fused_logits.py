@@ -5,6 +5,7 @@ vocabulary); bf16 and the large shapes run on a GPU only.
 """
 
 import importlib
+import math
 
 import pytest
 import torch
@@ -158,41 +159,136 @@ def test_random_shapes(R, V, D, k, seed):
     _check(hidden, weight, min(k, V), target, scale=0.5)
 
 
+def _errors(hidden, weight, k, target=None, scale=1.0):
+    """(type, message) of the error each way of calling the op raises: the public function with
+    each backend, and the registered op directly (the Triton path, and on CPU tensors without
+    the interpreter its eager path). One contract: they must all agree."""
+    calls = {
+        "eager": lambda: fused_logits(hidden, weight, k, target, scale=scale, backend="eager"),
+        "triton": lambda: fused_logits(hidden, weight, k, target, scale=scale, backend="triton"),
+        "op": lambda: torch.ops.mtpkern.fused_logits(hidden, weight, k, target, scale),
+    }
+    if not fl_mod._backend.triton_interpret() and hidden.device.type == "cpu":
+        del calls["triton"]
+    out = {}
+    for name, call in calls.items():
+        with pytest.raises(Exception) as info:
+            call()
+        out[name] = (info.type, str(info.value))
+    return out
+
+
+def _assert_one_error(errors, error, match):
+    assert len(set(errors.values())) == 1, errors
+    (kind, message), = set(errors.values())
+    assert kind is error, errors
+    assert match in message and message.startswith("fused_logits: ") and "\n" not in message, errors
+
+
 @pytest.mark.parametrize(
     "make, error, match",
     [
-        (lambda h, w: (h, w.half()), TypeError, "weight.dtype"),
-        (lambda h, w: (h.int(), w.int()), TypeError, "hidden.dtype"),
+        (lambda h, w: (h, w.half()), TypeError, "weight is float16 but hidden is float32"),
+        (lambda h, w: (h.int(), w.int()), TypeError, "hidden must be float32, float16 or bfloat16, got int32"),
         (lambda h, w: (h[None], w), ValueError, "hidden must be 2-D"),
         (lambda h, w: (h, w[:, :-1]), ValueError, "disagree on D"),
+        (lambda h, w: (h[:0], w), ValueError, "empty input"),
         (lambda h, w: (h, w.to("meta")), ValueError, "weight is on"),
     ],
 )
 def test_bad_tensors(make, error, match):
     hidden, weight = make(*_inputs(3, 97, 16, torch.float32))
-    with pytest.raises(error, match=match):
-        fused_logits(hidden, weight, 5)
+    _assert_one_error(_errors(hidden, weight, 5), error, match)
 
 
 @pytest.mark.parametrize("k", [0, 65, 98, 2.0])
 def test_bad_k(k):
     hidden, weight = _inputs(3, 97, 16, torch.float32)
-    with pytest.raises(ValueError, match="k must be"):
-        fused_logits(hidden, weight, k)
+    if isinstance(k, float):  # the op's schema takes an int: only the public function sees a float
+        with pytest.raises(ValueError, match="fused_logits: k must be"):
+            fused_logits(hidden, weight, k)
+        return
+    _assert_one_error(_errors(hidden, weight, k), ValueError, "k must be an int in [1, min(64, V=97)]")
+
+
+def test_k_above_the_vocabulary_is_refused_by_the_op():
+    """torch.ops.mtpkern.fused_logits with k > V used to return indices outside the vocabulary."""
+    hidden, weight = _inputs(2, 5, 16, torch.float32)
+    _assert_one_error(_errors(hidden, weight, 8), ValueError, "got 8")
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), -float("inf")])
+def test_bad_scale(scale):
+    hidden, weight = _inputs(3, 97, 16, torch.float32)
+    _assert_one_error(_errors(hidden, weight, 5, scale=scale), ValueError, "scale must be a finite number")
 
 
 @pytest.mark.parametrize(
     "target, error, match",
     [
-        (torch.zeros(3), TypeError, "target.dtype"),
+        (torch.zeros(3), TypeError, "target must be int32 or int64, got float32"),
         (torch.zeros(4, dtype=torch.long), ValueError, "target must have shape"),
         (torch.zeros(3, dtype=torch.long, device="meta"), ValueError, "target is on"),
     ],
 )
 def test_bad_target(target, error, match):
     hidden, weight = _inputs(3, 97, 16, torch.float32, device="cpu")
-    with pytest.raises(error, match=match):
-        fused_logits(hidden, weight, 5, target)
+    _assert_one_error(_errors(hidden, weight, 5, target), error, match)
+
+
+# ----------------------------------------------------------------------------- NaN contract
+
+
+def _every_backend(hidden, weight, k, target=None):
+    outs = {"eager": fused_logits(hidden, weight, k, target, backend="eager")}
+    if fl_mod._backend.triton_usable(hidden.device):
+        outs["triton"] = fused_logits(hidden, weight, k, target, backend="triton")
+    return outs
+
+
+@pytest.mark.parametrize("V", [97, 2500])  # one and several V blocks (the NaN's block merged in)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_nan_weight_row_poisons_every_row_not_argmax(V, dtype):
+    """A NaN weight row makes every row's logits hold a NaN: NaN stats and -1 indices, never
+    the NaN's column as a valid-looking argmax (torch.argmax would pick it)."""
+    hidden, weight = _inputs(4, V, 16, dtype)
+    weight[V // 3] = float("nan")
+    target = torch.tensor([0, 1, V // 3, V - 1], device=hidden.device)
+    for name, out in _every_backend(hidden, weight, 5, target).items():
+        assert torch.equal(out.argmax, torch.full_like(out.argmax, -1)), name
+        assert (out.topk_indices == -1).all(), name
+        for field in ("topk_values", "lse", "entropy", "target_logit"):
+            assert getattr(out, field).isnan().all(), (name, field)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_nan_hidden_row_poisons_only_that_row(dtype):
+    hidden, weight = _inputs(3, 2500, 16, dtype)
+    hidden[1, 4] = float("nan")
+    target = torch.tensor([5, 6, 7], device=hidden.device)
+    clean = fused_logits_ref(hidden[[0, 2]], weight, 5, target[[0, 2]])
+    for name, out in _every_backend(hidden, weight, 5, target).items():
+        assert out.argmax[1] == -1 and (out.topk_indices[1] == -1).all(), name
+        assert out.lse[1].isnan() and out.entropy[1].isnan() and out.target_logit[1].isnan(), name
+        assert out.topk_values[1].isnan().all(), name
+        assert torch.equal(out.argmax[[0, 2]], clean.argmax), name
+        assert torch.equal(out.topk_indices[[0, 2]], clean.topk_indices), name
+        assert out.lse[[0, 2]].isfinite().all() and out.target_logit[[0, 2]].isfinite().all(), name
+
+
+@pytest.mark.parametrize("V", [97, 2500])
+def test_all_zero_logits_give_argmax_zero(V):
+    """Zero hidden rows: every logit is 0 (or -0.0), and argmax is index 0 in every backend,
+    as documented; lse = entropy = log V."""
+    hidden, weight = _inputs(2, V, 16, torch.float32)
+    hidden.zero_()
+    for name, out in _every_backend(hidden, weight, 4).items():
+        assert torch.equal(out.argmax, torch.zeros_like(out.argmax)), name
+        assert torch.equal(out.topk_values, torch.zeros_like(out.topk_values)), name
+        if name == "triton":  # its ties go to the lower index (torch.topk leaves tie order open)
+            assert torch.equal(out.topk_indices, torch.arange(4, device=hidden.device).expand(2, 4))
+        torch.testing.assert_close(out.lse, torch.full_like(out.lse, math.log(V)))
+        torch.testing.assert_close(out.entropy, torch.full_like(out.entropy, math.log(V)))
 
 
 def test_opcheck_kernel():

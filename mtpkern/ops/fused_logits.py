@@ -18,7 +18,19 @@ Top-k keys: a float32 value is mapped to an int32 with the same order (negative 
 their magnitude bits flipped), shifted into the high half of an int64, and the low half holds
 ``2**31 - 1 - index``. Sorting the keys descending sorts values descending and, among equal
 values, indices ascending, so ``argmax`` is the first index of the maximum like
-``torch.argmax``, and one int64 maximum carries a value and its index together.
+``torch.argmax``, and one int64 maximum carries a value and its index together: all-zero
+logits give argmax 0 in every backend. (``-0.0`` would key below ``+0.0``; the kernel's sums
+start from ``+0.0``, so it never produces a negative zero.)
+
+NaN contract (every backend): a row whose logits hold a NaN (a NaN in its hidden row, in any
+weight row, or ``inf - inf``) gets NaN ``topk_values``, ``lse``, ``entropy`` and
+``target_logit``, and ``-1`` (not a token) as ``argmax`` and every ``topk_indices`` entry:
+never a valid-looking token. Other rows are unaffected. (``torch.argmax`` would name the NaN's
+column, so one NaN weight row would become every row's argmax.)
+
+Every input is checked inside the registered op ``torch.ops.mtpkern.fused_logits`` (shapes,
+dtypes, devices, ``1 <= k <= min(64, V)``, a finite ``scale``), so calling it directly is as
+safe as :func:`fused_logits`; the checks read no tensor values, so they also run on fake tensors.
 """
 
 import contextlib
@@ -32,6 +44,7 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 
 from mtpkern.ops import _backend
+from mtpkern.runtime import dtype_name
 
 MAX_K = 64
 _MERGE_KEYS = 2048  # candidate keys the merge kernel holds per step
@@ -67,7 +80,7 @@ def _from_key(key):
 @triton.jit
 def _logits_partials_kernel(
     h_ptr, w_ptr, target_ptr,  # inputs: hidden [R, D], weight [V, D], target [R] (or dummy)
-    keys_ptr, stats_ptr, target_logit_ptr,  # outputs: [R, NB, k] int64, [3, R, NB], [R]
+    keys_ptr, stats_ptr, target_logit_ptr,  # outputs: [R, NB, k] int64, [4, R, NB], [R]
     R, V, D, NB, k,
     stride_hr, stride_hd, stride_wv, stride_wd,
     scale,
@@ -105,8 +118,11 @@ def _logits_partials_kernel(
         )
         acc = tl.dot(h, tl.trans(w), acc, input_precision=INPUT_PRECISION)
 
-    z = tl.where(col_ok[None, :], acc * scale, float("-inf"))
-    m = tl.max(z, axis=1)  # finite: every block holds at least one column
+    z = acc * scale
+    nan = z != z
+    # A NaN row is flagged (4th stats plane) and its NaNs taken as -inf, so the rest stays defined.
+    z = tl.where(col_ok[None, :] & ~nan, z, float("-inf"))
+    m = tl.max(z, axis=1)  # finite unless the row is all NaN here: every block holds a column
     shifted = z - m[:, None]
     e = tl.exp(shifted)  # 0 on padded columns
     s = tl.sum(e, axis=1)
@@ -116,6 +132,7 @@ def _logits_partials_kernel(
     tl.store(stats_ptr + part, m, mask=row_ok)
     tl.store(stats_ptr + R * NB + part, s, mask=row_ok)
     tl.store(stats_ptr + 2 * R * NB + part, t, mask=row_ok)
+    tl.store(stats_ptr + 3 * R * NB + part, tl.sum(nan.to(tl.float32), axis=1), mask=row_ok)
 
     # The block's top-k by k rounds of "take the max, knock it out": keys are unique, and a
     # row reduction per round is cheap next to the weight tile's load (and, unlike the
@@ -140,7 +157,7 @@ def _logits_partials_kernel(
 @triton.jit
 def _logits_merge_kernel(
     keys_ptr, stats_ptr,  # partials from _logits_partials_kernel
-    topv_ptr, topi_ptr, argmax_ptr, lse_ptr, entropy_ptr,  # outputs
+    topv_ptr, topi_ptr, argmax_ptr, lse_ptr, entropy_ptr, target_logit_ptr,  # outputs
     R, NB, k,
     K_PAD: tl.constexpr,
     BLOCK_B: tl.constexpr,
@@ -151,11 +168,15 @@ def _logits_merge_kernel(
     m_ptr = stats_ptr + r * NB
     s_ptr = m_ptr + R * NB
     t_ptr = s_ptr + R * NB
+    nan_ptr = t_ptr + R * NB
 
     m_run = tl.full((BLOCK_B,), float("-inf"), dtype=tl.float32)
+    nan_run = tl.zeros((BLOCK_B,), dtype=tl.float32)
     for b0 in range(0, NB, BLOCK_B):
         m_run = tl.maximum(m_run, tl.load(m_ptr + b0 + bs, mask=b0 + bs < NB, other=float("-inf")))
+        nan_run += tl.load(nan_ptr + b0 + bs, mask=b0 + bs < NB, other=0.0)
     big_m = tl.max(m_run, axis=0)
+    row_nan = tl.sum(nan_run, axis=0) > 0
 
     s_acc = tl.zeros((BLOCK_B,), dtype=tl.float32)
     t_acc = tl.zeros((BLOCK_B,), dtype=tl.float32)
@@ -188,13 +209,16 @@ def _logits_merge_kernel(
     big_s = tl.sum(s_acc, axis=0)
     big_t = tl.sum(t_acc, axis=0)
     log_s = tl.log(big_s)
-    tl.store(lse_ptr + r, big_m + log_s)
-    tl.store(entropy_ptr + r, log_s - big_t / big_s)
+    tl.store(lse_ptr + r, tl.where(row_nan, float("nan"), big_m + log_s))
+    tl.store(entropy_ptr + r, tl.where(row_nan, float("nan"), log_s - big_t / big_s))
 
     values, index = _from_key(best)
+    values = tl.where(row_nan, float("nan"), values)
+    index = tl.where(row_nan, -1, index)
     tl.store(topv_ptr + r * k + ks, values, mask=ks < k)
     tl.store(topi_ptr + r * k + ks, index.to(tl.int64), mask=ks < k)
     tl.store(argmax_ptr + r, tl.sum(tl.where(ks == 0, index, 0), axis=0).to(tl.int64))
+    tl.store(target_logit_ptr + r, float("nan"), mask=row_nan)
 
 
 # ----------------------------------------------------------------------------- reference
@@ -215,6 +239,7 @@ def logits_stats(z: Tensor, k: int = 10, target: Optional[Tensor] = None) -> Log
     topk = the k largest z (descending), argmax = first index of max z,
     lse = log sum_v exp(z_v), entropy = -sum_v p_v log p_v with p = softmax(z) (= lse - sum p z),
     target_logit = z[target] where 0 <= target < V, else NaN.
+    A row holding a NaN gets NaN values and -1 indices (the module's NaN contract).
 
     This is what eager PyTorch does after a plain LM head; the benchmark times it.
     """
@@ -229,7 +254,12 @@ def logits_stats(z: Tensor, k: int = 10, target: Optional[Tensor] = None) -> Log
         valid = (target >= 0) & (target < z.shape[1])
         picked = z.gather(1, target.long().clamp(0, z.shape[1] - 1)[:, None])[:, 0]
         target_logit = torch.where(valid, picked, float("nan"))
-    return LogitsStats(topv, topi, z.argmax(dim=-1), lse, entropy, target_logit)
+    nan = z.isnan().any(dim=-1)  # no host sync: every output is masked with where
+    topv = torch.where(nan[:, None], float("nan"), topv)
+    topi = torch.where(nan[:, None], -1, topi)
+    argmax = torch.where(nan, -1, z.argmax(dim=-1))
+    target_logit = torch.where(nan, float("nan"), target_logit)
+    return LogitsStats(topv, topi, argmax, lse, entropy, target_logit)
 
 
 def fused_logits_ref(
@@ -245,31 +275,39 @@ def fused_logits_ref(
 # ----------------------------------------------------------------------------- launcher
 
 
-def _check_inputs(hidden: Tensor, weight: Tensor, k: int, target: Optional[Tensor]) -> None:
+def _finite_scale(scale) -> float:
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"fused_logits: scale must be a finite number, got {scale!r}")
+    return float(scale)
+
+
+def _check_inputs(hidden: Tensor, weight: Tensor, k: int, target: Optional[Tensor], scale: float) -> None:
+    """Every argument check, for every backend (no tensor values read: fake tensors pass through)."""
     if hidden.dim() != 2:
-        raise ValueError(f"hidden must be 2-D [R, D], got shape {tuple(hidden.shape)}")
+        raise ValueError(f"fused_logits: hidden must be 2-D [R, D], got shape {list(hidden.shape)}")
     if weight.dim() != 2:
-        raise ValueError(f"weight must be 2-D [V, D], got shape {tuple(weight.shape)}")
+        raise ValueError(f"fused_logits: weight must be 2-D [V, D], got shape {list(weight.shape)}")
     (R, D), (V, Dw) = hidden.shape, weight.shape
     if D != Dw:
-        raise ValueError(f"hidden [R, D] and weight [V, D] disagree on D: {D} vs {Dw}")
+        raise ValueError(f"fused_logits: hidden [R, D] and weight [V, D] disagree on D: {D} vs {Dw}")
     if R == 0 or V == 0 or D == 0:
-        raise ValueError(f"empty input: hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)}")
+        raise ValueError(f"fused_logits: empty input: hidden {list(hidden.shape)}, weight {list(weight.shape)}")
     if hidden.dtype not in _DTYPES:
-        raise TypeError(f"hidden.dtype must be float32, float16 or bfloat16, got {hidden.dtype}")
+        raise TypeError(f"fused_logits: hidden must be float32, float16 or bfloat16, got {dtype_name(hidden.dtype)}")
     if weight.dtype != hidden.dtype:
-        raise TypeError(f"weight.dtype ({weight.dtype}) must equal hidden.dtype ({hidden.dtype})")
+        raise TypeError(f"fused_logits: weight is {dtype_name(weight.dtype)} but hidden is {dtype_name(hidden.dtype)}")
     if weight.device != hidden.device:
-        raise ValueError(f"weight is on {weight.device} but hidden is on {hidden.device}")
+        raise ValueError(f"fused_logits: weight is on {weight.device} but hidden is on {hidden.device}")
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= min(MAX_K, V):
-        raise ValueError(f"k must be an int in [1, min({MAX_K}, V={V})], got {k!r}")
+        raise ValueError(f"fused_logits: k must be an int in [1, min({MAX_K}, V={V})], got {k!r}")
+    _finite_scale(scale)
     if target is not None:
         if target.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"target.dtype must be int32 or int64, got {target.dtype}")
+            raise TypeError(f"fused_logits: target must be int32 or int64, got {dtype_name(target.dtype)}")
         if target.shape != (R,):
-            raise ValueError(f"target must have shape [R] = [{R}], got {tuple(target.shape)}")
+            raise ValueError(f"fused_logits: target must have shape [R] = [{R}], got {list(target.shape)}")
         if target.device != hidden.device:
-            raise ValueError(f"target is on {target.device} but hidden is on {hidden.device}")
+            raise ValueError(f"fused_logits: target is on {target.device} but hidden is on {hidden.device}")
 
 
 def _config(R: int, V: int, k: int, fp32: bool = False) -> dict:
@@ -300,7 +338,7 @@ def _launch(hidden: Tensor, weight: Tensor, k: int, target: Optional[Tensor], sc
     nb, k_pad = cfg["NB"], cfg["K_PAD"]
     dev = hidden.device
     keys = torch.empty((R, nb, k), dtype=torch.int64, device=dev)
-    stats = torch.empty((3, R, nb), dtype=torch.float32, device=dev)
+    stats = torch.empty((4, R, nb), dtype=torch.float32, device=dev)
     target_logit = torch.full((R,), float("nan"), dtype=torch.float32, device=dev)
     topv = torch.empty((R, k), dtype=torch.float32, device=dev)
     topi = torch.empty((R, k), dtype=torch.int64, device=dev)
@@ -331,7 +369,7 @@ def _launch(hidden: Tensor, weight: Tensor, k: int, target: Optional[Tensor], sc
             num_stages=3,
         )
         torch.library.wrap_triton(_logits_merge_kernel)[(R,)](
-            keys, stats, topv, topi, argmax, lse, entropy,
+            keys, stats, topv, topi, argmax, lse, entropy, target_logit,
             R, nb, k,
             K_PAD=k_pad,
             BLOCK_B=cfg["BLOCK_B"],
@@ -348,6 +386,7 @@ def _fused_logits_op(
     hidden: Tensor, weight: Tensor, k: int, target: Optional[Tensor], scale: float
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     # This body is also the fake implementation (run on fake tensors under torch.compile).
+    _check_inputs(hidden, weight, k, target, scale)
     if hidden.device.type == "cpu" and not _backend.triton_interpret():
         return tuple(t.contiguous() for t in fused_logits_ref(hidden, weight, k, target, scale=scale))
     return _launch(hidden, weight, k, target, scale)
@@ -370,15 +409,13 @@ def fused_logits(
     hidden [R, D] (any strides), weight [V, D], same float dtype and device; 1 <= k <= 64.
     The [R, V] logits are never materialised. ``p(target) = exp(target_logit - lse)``.
     backend: None (automatic), "triton" or "eager" (the fp32 reference).
+    A row whose logits hold a NaN gets NaN values and -1 indices (see the module docstring).
     """
-    _check_inputs(hidden, weight, k, target)
-    scale = float(scale)
-    if not math.isfinite(scale):
-        raise ValueError(f"scale must be finite, got {scale}")
-    choice = _backend.pick(hidden.device, ("triton", "eager"), backend)
-    if choice == "eager":
+    # Checked here too: a non-int k or non-number scale would otherwise meet the op's schema first.
+    _check_inputs(hidden, weight, k, target, scale)
+    if _backend.pick(hidden.device, ("triton", "eager"), backend) == "eager":
         return fused_logits_ref(hidden, weight, k, target, scale=scale)
-    return LogitsStats(*torch.ops.mtpkern.fused_logits(hidden, weight, k, target, scale))
+    return LogitsStats(*torch.ops.mtpkern.fused_logits(hidden, weight, k, target, float(scale)))
 
 
 __all__ = ["LogitsStats", "fused_logits", "fused_logits_ref", "logits_stats", "MAX_K"]
