@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mtpkern.ops import _backend
 from mtpkern.ops.tree_attention import (
     dense_tree_mask,
     pack_tree_mask,
@@ -232,37 +233,161 @@ def _good(device=DEV):
                 tree_mask=pack_tree_mask(random_tree(5)).to(device))
 
 
+def _errors(args, scale=None):
+    """(type, message) raised by each way of calling the op: the public function with each
+    backend, and the registered op directly (on CPU tensors also without the interpreter, where
+    it runs its eager path). One contract: they must all agree."""
+    args = dict(args)
+    op_scale = 0.25 if scale is None else scale
+
+    def op():
+        return torch.ops.mtpkern.tree_attention(*args.values(), op_scale)
+
+    def op_without_interpreter():
+        with pytest.MonkeyPatch.context() as m:
+            m.setenv("TRITON_INTERPRET", "0")
+            return op()
+
+    calls = {
+        "eager": lambda: tree_attention(**args, scale=scale, backend="eager"),
+        "triton": lambda: tree_attention(**args, scale=scale, backend="triton"),
+        "op": op,
+    }
+    if args["q"].device.type == "cpu":
+        calls["op, no interpreter"] = op_without_interpreter
+    if not _backend.triton_usable(args["q"].device):
+        del calls["triton"]
+    out = {}
+    for name, call in calls.items():
+        with pytest.raises(Exception) as info:
+            call()
+        out[name] = (info.type, str(info.value))
+    return out
+
+
+def _assert_one_error(errors, error, match):
+    assert len(set(errors.values())) == 1, errors
+    (kind, message), = set(errors.values())
+    assert kind is error, errors
+    assert match in message and message.startswith("tree_attention: ") and "\n" not in message, errors
+
+
 @pytest.mark.parametrize(
     "change, error, match",
     [
         (lambda a: {"q": a["q"][0]}, ValueError, "q must be 4-D"),
-        (lambda a: {"k_cache": a["k_cache"].half()}, TypeError, r"k_cache.dtype"),
-        (lambda a: {"q": a["q"].int()}, TypeError, "q.dtype"),
+        (lambda a: {"k_cache": a["k_cache"].half()}, TypeError, "k_cache is float16 but q is float32"),
+        (lambda a: {"q": a["q"].int()}, TypeError, "q must be float32, float16 or bfloat16, got int32"),
         (lambda a: {"v_cache": a["v_cache"][:, :, :8]}, ValueError, "differ"),
         (lambda a: {n: a[n][:, :1] for n in ("k_cache", "v_cache")}, ValueError, "does not match"),
         (lambda a: {k: a[k][..., :8] for k in ("q", "k_cache", "v_cache")}, ValueError, "head dim"),
-        (lambda a: {"tree_mask": a["tree_mask"][:, :0]}, ValueError, r"\[5, 1\]"),
-        (lambda a: {"tree_mask": a["tree_mask"].long()}, TypeError, "tree_mask.dtype"),
-        (lambda a: {"prefix_len": torch.tensor(3.0, device=DEV)}, ValueError, "prefix_len must be"),
-        (lambda a: {"prefix_len": torch.tensor([3, 4], device=DEV)}, ValueError, "prefix_len must be"),
+        (lambda a: {"tree_mask": a["tree_mask"][:, :0]}, ValueError, "[5, 1]"),
+        (lambda a: {"tree_mask": a["tree_mask"].long()}, TypeError, "tree_mask must be int32"),
+        (lambda a: {"prefix_len": torch.tensor(2.7, device=DEV)}, TypeError,
+         "prefix_len must be int32 or int64, got float32"),
+        (lambda a: {"prefix_len": torch.tensor([3, 4], device=DEV)}, ValueError, "prefix_len must be a 0-d or [1]"),
         (lambda a: {"tree_mask": a["tree_mask"].to("meta")}, ValueError, "tree_mask is on"),
     ],
 )
 def test_bad_inputs(change, error, match):
     args = _good()
     args.update(change(args))
-    with pytest.raises(error, match=match):
-        tree_attention(**args)
+    _assert_one_error(_errors(args), error, match)
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf")])
+def test_bad_scale(scale):
+    _assert_one_error(_errors(_good(), scale=scale), ValueError, "scale must be a finite number")
 
 
 @pytest.mark.parametrize("prefix", [-1, 12])  # S - T = 11
 def test_prefix_len_out_of_range(prefix):
+    """The registered op used to read past the cache (values around 1e29 on CPU)."""
     args = _good(device="cpu")
     args["prefix_len"] = torch.tensor(prefix)
-    with pytest.raises(ValueError, match="prefix_len = .* out of range"):
-        tree_attention(**args)
-    with pytest.raises(ValueError, match="out of range"):
-        tree_attention_ref(**args)
+    _assert_one_error(_errors(args), ValueError, f"prefix_len = {prefix} out of range: need 0 <= prefix_len <= S - T = 11")
+
+
+@needs_cuda
+@pytest.mark.parametrize("prefix", [-1, 12, 2**40])
+def test_cuda_prefix_len_out_of_range_gives_nan(prefix):
+    """On a GPU the value is not checked on the host (no sync): the kernel refuses with NaN rows."""
+    args = _good()
+    args["prefix_len"] = torch.tensor(prefix, device="cuda")
+    assert torch.ops.mtpkern.tree_attention(*args.values(), 0.25).isnan().all()
+
+
+# ----------------------------------------------------------------------------- NaN contract
+
+
+def _every_backend(q, k, v, prefix, mask):
+    args = (q, k, v, torch.tensor(prefix, device=q.device), pack_tree_mask(mask).to(q.device))
+    outs = {"eager": tree_attention(*args, backend="eager"), "op": torch.ops.mtpkern.tree_attention(*args, 0.25)}
+    if _backend.triton_usable(q.device):
+        outs["triton"] = tree_attention(*args, scale=0.25, backend="triton")
+    if q.device.type == "cpu":
+        with pytest.MonkeyPatch.context() as m:
+            m.setenv("TRITON_INTERPRET", "0")
+            outs["op, no interpreter"] = torch.ops.mtpkern.tree_attention(*args, 0.25)
+    return outs
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_nonfinite_v_in_slots_a_row_cannot_see_changes_nothing(dtype, bad):
+    """NaN / inf in V slots a row cannot see (masked tree slots and slots >= P + T) leave that
+    row exactly as with clean values; rows that see the slot become NaN (and so does a row
+    that sees a NaN K)."""
+    T, P, S = 5, 3, 16
+    q, k, v = _inputs(1, 2, T, 16, S, dtype)
+    mask = torch.eye(T, dtype=torch.bool)
+    mask[:, 0] = True  # every node sees node 0 (the root); node 3 is seen by node 3 only
+    clean = tree_attention_ref(q, k, v, torch.tensor(P, device=DEV), pack_tree_mask(mask).to(DEV))
+    v = v.clone()
+    v[:, :, P + 3, 1] = bad  # tree node 3
+    v[:, :, P + T + 2] = bad  # an unused slot
+    k = k.clone()
+    k[:, :, P + 2, 0] = float("nan")  # tree node 2's K: masked for every row but row 2
+    for name, out in _every_backend(q, k, v, P, mask).items():
+        others = [0, 1, 4]
+        torch.testing.assert_close(out[:, :, others].float(), clean[:, :, others].float(),
+                                   atol=ATOL[dtype], rtol=0, msg=name)
+        assert out[:, :, 3].isnan().all(), name  # sees its own non-finite V
+        assert out[:, :, 2].isnan().all(), name  # sees its own non-finite K
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_nan_query_row_gives_nan_row(dtype):
+    T, P = 6, 20
+    q, k, v = _inputs(1, 2, T, 16, 40, dtype)
+    mask = random_tree(T)
+    clean = tree_attention_ref(q, k, v, torch.tensor(P, device=DEV), pack_tree_mask(mask).to(DEV))
+    q = q.clone()
+    q[0, 1, 4, 7] = float("nan")
+    for name, out in _every_backend(q, k, v, P, mask).items():
+        assert out[0, 1, 4].isnan().all(), name
+        keep = torch.ones_like(out, dtype=torch.bool)
+        keep[0, 1, 4] = False
+        torch.testing.assert_close(out[keep].float(), clean[keep].float(), atol=ATOL[dtype], rtol=0, msg=name)
+
+
+def test_nonfinite_prefix_v_poisons_every_row():
+    T, P = 4, 70  # two prefix blocks in the kernel
+    q, k, v = _inputs(1, 1, T, 16, 80, torch.float32)
+    v = v.clone()
+    v[0, 0, 65, 3] = float("inf")
+    for name, out in _every_backend(q, k, v, P, random_tree(T)).items():
+        assert out.isnan().all(), name
+
+
+def test_row_that_sees_nothing_is_zeros():
+    T = 3
+    q, k, v = _inputs(1, 1, T, 16, 8, torch.float32)
+    mask = torch.eye(T, dtype=torch.bool)
+    mask[1, 1] = False  # an invalid mask: row 1 sees nothing (P = 0)
+    for name, out in _every_backend(q, k, v, 0, mask).items():
+        assert torch.equal(out[0, 0, 1], torch.zeros(16, device=DEV)), name
+        assert out[0, 0, [0, 2]].isfinite().all(), name
 
 
 def test_opcheck_kernel():

@@ -11,6 +11,20 @@ Packed mask format (shared with the C++ ops): int32 [T, W], W = ceil(T / 32); bi
 is bit ``j % 32`` of word ``j // 32`` (bit 31 is the sign bit). A token sees itself iff its
 own bit is set (every valid tree sets it). A chain mask (lower triangle) makes this a causal
 prefill of T tokens.
+
+Input checks: the registered op ``torch.ops.mtpkern.tree_attention`` checks every shape, dtype and
+device itself (also on fake tensors), so calling it directly is as safe as :func:`tree_attention`.
+The value of ``prefix_len`` must satisfy ``0 <= P <= S - T``. Where ``prefix_len`` is a CPU tensor
+(the eager reference, and the Triton interpreter) it is checked on the host: ``ValueError``. On a
+GPU, checking it would cost a host sync per call (and break CUDA-graph capture), so the kernel
+reads it and refuses instead: for an out-of-range P it reads nothing and writes NaN to every
+output row (so the caller sees NaN, never values read past the cache). The eager reference
+checks on the host everywhere (it is a reference: a sync is fine).
+
+NaN contract (every backend): a slot a token cannot see never affects its output, whatever it
+holds (NaN or inf in a masked-out or unused K or V slot changes nothing). A NaN reaching a row
+through what it sees (its query, a visible K) makes that row NaN, and so does a non-finite V in
+a visible slot; a row that sees no slot at all (only an invalid mask with P = 0) is zeros.
 """
 
 import contextlib
@@ -24,6 +38,7 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 
 from mtpkern.ops import _backend
+from mtpkern.runtime import dtype_name
 
 HEAD_DIMS = (16, 32, 64, 128)
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -46,12 +61,18 @@ def _softmax_step(s, v, m_i, l_i, acc, INPUT_PRECISION: tl.constexpr):
     return m_new, l_i, acc
 
 
+@triton.jit
+def _nonfinite_rows(v):
+    """[N, D] tile -> [N]: whether each row holds a NaN or an inf."""
+    return tl.max(((v != v) | (tl.abs(v) == float("inf"))).to(tl.int32), axis=1) > 0
+
+
 # T is not specialised: T = 1 (plain decoding) and T % 16 == 0 would each compile a kernel of
 # their own, for no gain (T only bounds the loops and masks).
 @triton.jit(do_not_specialize=["T"])
 def _tree_attention_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, prefix_ptr, mask_ptr,
-    T, W, H, qk_scale,  # qk_scale = softmax scale * log2(e)
+    T, S, W, H, qk_scale,  # qk_scale = softmax scale * log2(e)
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
@@ -65,7 +86,11 @@ def _tree_attention_kernel(
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
-    prefix = tl.load(prefix_ptr).to(tl.int32)
+    prefix = tl.load(prefix_ptr).to(tl.int64)
+    # An out-of-range P (only a device tensor can get here unchecked) reads nothing: NaN out.
+    bad_prefix = (prefix < 0) | (prefix > S - T)
+    prefix = tl.where(bad_prefix, 0, prefix).to(tl.int32)
+    n_tree = tl.where(bad_prefix, 0, T)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -82,6 +107,7 @@ def _tree_attention_kernel(
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
+    poison = tl.zeros((BLOCK_M,), dtype=tl.int32)  # rows that see a non-finite V
 
     # The prefix: every slot below P is visible to every tree token.
     for start in range(0, prefix, BLOCK_N):
@@ -89,12 +115,13 @@ def _tree_attention_kernel(
         ok = slots < prefix
         kt = tl.load(k_base + slots[None, :] * stride_ks, mask=ok[None, :], other=0.0)
         v = tl.load(v_base + slots[:, None] * stride_vs, mask=ok[:, None], other=0.0)
+        poison = tl.maximum(poison, tl.max(_nonfinite_rows(v).to(tl.int32), axis=0))
         s = tl.dot(q, kt, input_precision=INPUT_PRECISION) * qk_scale
         s = tl.where(ok[None, :], s, float("-inf"))
         m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, INPUT_PRECISION)
 
     # The tree tokens: slot P + j is visible to token i iff bit j of mask row i is set.
-    for start in range(0, T, BLOCK_N):
+    for start in range(0, n_tree, BLOCK_N):
         js = start + offs_n
         ok = js < T
         words = tl.load(
@@ -104,12 +131,18 @@ def _tree_attention_kernel(
         slots = prefix + js
         kt = tl.load(k_base + slots[None, :] * stride_ks, mask=ok[None, :], other=0.0)
         v = tl.load(v_base + slots[:, None] * stride_vs, mask=ok[:, None], other=0.0)
+        # A non-finite V must not reach the rows that cannot see it (0 * NaN = NaN in the dot):
+        # zero it, and poison the rows that can.
+        v_bad = _nonfinite_rows(v)
+        v = tl.where(v_bad[:, None], 0.0, v)
+        poison = tl.maximum(poison, tl.max((visible & v_bad[None, :]).to(tl.int32), axis=1))
         s = tl.dot(q, kt, input_precision=INPUT_PRECISION) * qk_scale
         s = tl.where(visible, s, float("-inf"))
         m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, INPUT_PRECISION)
 
     # A row that sees nothing (only possible with an invalid mask and P = 0) outputs zeros.
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    out = tl.where((poison > 0)[:, None] | bad_prefix, float("nan"), out)
     tl.store(
         o_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od,
         out.to(o_ptr.dtype.element_ty),
@@ -156,12 +189,19 @@ def dense_tree_mask(prefix_len: Tensor, tree_mask: Tensor, S: int) -> Tensor:
 
 
 def _attention_dense(q, k_cache, v_cache, prefix_len, tree_mask, scale):
-    """The reference's maths without host syncs (also the op's CPU and fake implementation)."""
-    visible = dense_tree_mask(prefix_len, tree_mask, k_cache.shape[2])
+    """The reference's maths without host syncs (also the op's CPU implementation)."""
+    visible = dense_tree_mask(prefix_len, tree_mask, k_cache.shape[2])  # [T, S]
     scores = scale * (q.float() @ k_cache.float().transpose(-1, -2))
     scores = scores.masked_fill(~visible, float("-inf"))
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a row that sees nothing -> 0
-    return (probs @ v_cache.float()).to(q.dtype)
+    probs = torch.softmax(scores, dim=-1)
+    probs = torch.where(visible.any(-1, keepdim=True), probs, 0.0)  # a row that sees nothing -> 0
+    # Non-finite V slots are zeroed (0 * NaN would reach rows that cannot see them), and the
+    # rows that can see one are set to NaN (the module's NaN contract).
+    v = v_cache.float()
+    bad = ~v.isfinite().all(-1, keepdim=True)  # [B, H, S, 1]
+    out = probs @ v.masked_fill(bad, 0.0)
+    poisoned = (visible.float() @ bad.float()) > 0  # [B, H, T, 1]
+    return out.masked_fill(poisoned, float("nan")).to(q.dtype)
 
 
 def tree_attention_ref(
@@ -171,12 +211,13 @@ def tree_attention_ref(
 
     out[b, h, i] = sum_s softmax_s(scale * q[b, h, i] . k[b, h, s] + bias[i, s]) v[b, h, s],
     bias[i, s] = 0 where s < P, or s = P + j with bit j of row i of ``tree_mask`` set, and
-    -inf elsewhere; scale defaults to 1/sqrt(Dh). A row that sees no slot outputs 0.
+    -inf elsewhere; scale defaults to 1/sqrt(Dh). A row that sees no slot outputs 0; a row that
+    sees a non-finite V outputs NaN, and slots a row cannot see never affect it.
     Checks ``P + T <= S`` on the host (the kernel cannot, without a sync).
     """
-    _check_inputs(q, k_cache, v_cache, prefix_len, tree_mask)
-    _check_prefix_len_value(int(prefix_len.reshape(())), q.shape[2], k_cache.shape[2])
-    scale = _resolve_scale(scale, q.shape[-1])
+    scale = _resolve_scale(scale, q)
+    _check_inputs(q, k_cache, v_cache, prefix_len, tree_mask, scale)
+    _check_prefix_len_value(prefix_len, q.shape[2], k_cache.shape[2])
     return _attention_dense(q, k_cache, v_cache, prefix_len, tree_mask, scale)
 
 
@@ -186,67 +227,76 @@ def tree_attention_ref(
 def _check_packed(packed: Tensor, T: int) -> None:
     W = (T + 31) // 32
     if packed.dtype != torch.int32:
-        raise TypeError(f"tree_mask.dtype must be torch.int32 (packed bits), got {packed.dtype}")
+        raise TypeError(f"tree_attention: tree_mask must be int32 (packed bits), got {dtype_name(packed.dtype)}")
     if packed.shape != (T, W):
         raise ValueError(
-            f"tree_mask must have shape [T, ceil(T/32)] = [{T}, {W}], got {tuple(packed.shape)}"
+            f"tree_attention: tree_mask must have shape [T, ceil(T/32)] = [{T}, {W}], got {list(packed.shape)}"
         )
 
 
-def _check_inputs(q, k_cache, v_cache, prefix_len, tree_mask) -> None:
+def _check_inputs(q, k_cache, v_cache, prefix_len, tree_mask, scale: float) -> None:
+    """Every check that reads no tensor value, for every backend (fake tensors pass through)."""
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D, got shape {tuple(t.shape)}")
+            raise ValueError(f"tree_attention: {name} must be 4-D, got shape {list(t.shape)}")
     B, H, T, Dh = q.shape
     if k_cache.shape != v_cache.shape:
-        raise ValueError(f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} differ")
+        raise ValueError(f"tree_attention: k_cache {list(k_cache.shape)} and v_cache {list(v_cache.shape)} differ")
     Bk, Hk, S, Dk = k_cache.shape
     if (Bk, Hk, Dk) != (B, H, Dh):
         raise ValueError(
-            f"q [B, H, T, Dh] = {tuple(q.shape)} does not match "
-            f"k_cache [B, H, S, Dh] = {tuple(k_cache.shape)}"
+            f"tree_attention: q [B, H, T, Dh] = {list(q.shape)} does not match "
+            f"k_cache [B, H, S, Dh] = {list(k_cache.shape)}"
         )
     if Dh not in HEAD_DIMS:
-        raise ValueError(f"head dim must be one of {HEAD_DIMS}, got {Dh}")
+        raise ValueError(f"tree_attention: head dim must be one of {HEAD_DIMS}, got {Dh}")
     if not 1 <= T <= S:
-        raise ValueError(f"q has T = {T} tree tokens; need 1 <= T <= S = {S}")
+        raise ValueError(f"tree_attention: q has T = {T} tree tokens; need 1 <= T <= S = {S}")
     if q.dtype not in _DTYPES:
-        raise TypeError(f"q.dtype must be float32, float16 or bfloat16, got {q.dtype}")
+        raise TypeError(f"tree_attention: q must be float32, float16 or bfloat16, got {dtype_name(q.dtype)}")
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         if t.dtype != q.dtype:
-            raise TypeError(f"{name}.dtype ({t.dtype}) must equal q.dtype ({q.dtype})")
+            raise TypeError(f"tree_attention: {name} is {dtype_name(t.dtype)} but q is {dtype_name(q.dtype)}")
     others = {"k_cache": k_cache, "v_cache": v_cache, "prefix_len": prefix_len, "tree_mask": tree_mask}
     for name, t in others.items():
         if t.device != q.device:
-            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
-    if prefix_len.dtype not in (torch.int32, torch.int64) or prefix_len.numel() != 1 or prefix_len.dim() > 1:
-        raise ValueError(
-            "prefix_len must be a 0-d or [1] int32/int64 tensor, "
-            f"got {prefix_len.dtype} of shape {tuple(prefix_len.shape)}"
-        )
+            raise ValueError(f"tree_attention: {name} is on {t.device} but q is on {q.device}")
+    if prefix_len.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"tree_attention: prefix_len must be int32 or int64, got {dtype_name(prefix_len.dtype)}")
+    if prefix_len.numel() != 1 or prefix_len.dim() > 1:
+        raise ValueError(f"tree_attention: prefix_len must be a 0-d or [1] tensor, got shape {list(prefix_len.shape)}")
     _check_packed(tree_mask, T)
     if not tree_mask.is_contiguous():
-        raise ValueError("tree_mask must be contiguous")
+        raise ValueError("tree_attention: tree_mask must be contiguous")
+    _check_scale(scale)
 
 
 def _check_int32_offsets(**tensors: Tensor) -> None:
     """The kernel computes element offsets in int32 (int64 ones cost it registers)."""
     for name, t in tensors.items():
         if sum((n - 1) * s for n, s in zip(t.shape, t.stride())) >= 2**31:
-            raise ValueError(f"{name} {tuple(t.shape)} spans 2**31 elements or more; the Triton kernel's "
-                             "offsets are int32 (split the batch, or use backend='eager')")
+            raise ValueError(f"tree_attention: {name} {list(t.shape)} spans 2**31 elements or more; the "
+                             "Triton kernel's offsets are int32 (split the batch, or use backend='eager')")
 
 
-def _check_prefix_len_value(prefix: int, T: int, S: int) -> None:
+def _check_prefix_len_value(prefix_len: Tensor, T: int, S: int) -> None:
+    """On the host: a sync on CUDA, so only the reference and CPU tensors come here."""
+    prefix = int(prefix_len.reshape(()))
     if not 0 <= prefix <= S - T:
-        raise ValueError(f"prefix_len = {prefix} out of range: need 0 <= prefix_len <= S - T = {S - T}")
+        raise ValueError(f"tree_attention: prefix_len = {prefix} out of range: need 0 <= prefix_len <= S - T = {S - T}")
 
 
-def _resolve_scale(scale: Optional[float], head_dim: int) -> float:
-    scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
-    if not math.isfinite(scale):
-        raise ValueError(f"scale must be finite, got {scale}")
-    return scale
+def _check_scale(scale) -> None:
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"tree_attention: scale must be a finite number, got {scale!r}")
+
+
+def _resolve_scale(scale, q: Tensor) -> float:
+    """``scale``, or 1/sqrt(Dh) for None, as a float (a bad q is left to the op's checks)."""
+    if scale is None:
+        return 1.0 / math.sqrt(q.shape[-1]) if q.dim() == 4 and q.shape[-1] > 0 else 1.0
+    _check_scale(scale)
+    return float(scale)
 
 
 def _empty_out(q: Tensor) -> Tensor:
@@ -275,7 +325,7 @@ def _launch(q, k_cache, v_cache, prefix_len, tree_mask, scale: float) -> Tensor:
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
         torch.library.wrap_triton(_tree_attention_kernel)[grid](
             q, k_cache, v_cache, out, prefix_len, tree_mask,
-            T, tree_mask.shape[1], H, scale * _LOG2E,
+            T, k_cache.shape[2], tree_mask.shape[1], H, scale * _LOG2E,
             *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
             HEAD_DIM=Dh,
             BLOCK_M=block_m,
@@ -295,8 +345,12 @@ def _tree_attention_op(
     q: Tensor, k_cache: Tensor, v_cache: Tensor, prefix_len: Tensor, tree_mask: Tensor, scale: float
 ) -> Tensor:
     # This body is also the fake implementation (run on fake tensors under torch.compile).
+    _check_inputs(q, k_cache, v_cache, prefix_len, tree_mask, scale)
+    if prefix_len.device.type == "cpu" and not is_fake(prefix_len):  # free on the host
+        _check_prefix_len_value(prefix_len, q.shape[2], k_cache.shape[2])
     if q.device.type == "cpu" and not _backend.triton_interpret():
         return _empty_out(q).copy_(_attention_dense(q, k_cache, v_cache, prefix_len, tree_mask, scale))
+    _check_int32_offsets(q=q, k_cache=k_cache, v_cache=v_cache)
     return _launch(q, k_cache, v_cache, prefix_len, tree_mask, scale)
 
 
@@ -318,18 +372,12 @@ def tree_attention(
     q [B, H, T, Dh], k_cache / v_cache [B, H, S, Dh] (any strides, same dtype and device),
     prefix_len a 0-d or [1] int tensor on that device, tree_mask the packed int32 [T, W] mask.
     Returns [B, H, T, Dh] in q's dtype. scale defaults to 1/sqrt(Dh).
-    backend: None (automatic), "triton" or "eager" (the fp32 reference).
+    backend: None (automatic), "triton" or "eager" (the fp32 reference). The op checks its
+    inputs itself; an out-of-range prefix_len on a GPU gives NaN rows (see the module doc).
     """
-    _check_inputs(q, k_cache, v_cache, prefix_len, tree_mask)
-    choice = _backend.pick(q.device, ("triton", "eager"), backend)
-    if choice == "eager":
+    if _backend.pick(q.device, ("triton", "eager"), backend) == "eager":
         return tree_attention_ref(q, k_cache, v_cache, prefix_len, tree_mask, scale=scale)
-    if prefix_len.device.type == "cpu":  # checking a CUDA value would sync; a CPU one is free
-        _check_prefix_len_value(int(prefix_len.reshape(())), q.shape[2], k_cache.shape[2])
-    _check_int32_offsets(q=q, k_cache=k_cache, v_cache=v_cache)
-    return torch.ops.mtpkern.tree_attention(
-        q, k_cache, v_cache, prefix_len, tree_mask, _resolve_scale(scale, q.shape[-1])
-    )
+    return torch.ops.mtpkern.tree_attention(q, k_cache, v_cache, prefix_len, tree_mask, _resolve_scale(scale, q))
 
 
 __all__ = [
