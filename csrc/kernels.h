@@ -66,9 +66,13 @@ struct VerifyArgs {
 
 // Whether the draft at `node`, child of `parent` on a path, is accepted. Indices outside
 // [0, T) (padding or bad input) are never dereferenced: such a draft is simply rejected.
+// A NaN never accepts: fminf would drop a NaN threshold (NaN entropy), so it is tested first.
 MTPKERN_HD bool draft_accepted(const VerifyArgs& a, int64_t parent, int64_t node) {
   if (parent < 0 || parent >= a.T || node < 0 || node >= a.T) return false;
-  if (a.typical) return a.node_prob[node] > fminf(a.epsilon, a.alpha * expf(-a.parent_entropy[node]));
+  if (a.typical) {
+    const float t = a.alpha * expf(-a.parent_entropy[node]);
+    return t == t && a.node_prob[node] > fminf(a.epsilon, t);  // t == t: not NaN, on host and device
+  }
   return a.tree_tokens[node] == a.target_argmax[parent];
 }
 

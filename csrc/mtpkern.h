@@ -1,9 +1,16 @@
 // The input checks at the C++ boundary, shared by the CPU and CUDA entry points of every op
 // (csrc/<op>_api.cpp), so the CPU kernels that CI runs exercise the GPU path's checks too.
+// mtpkern/ops/_checks.py and the ops' eager references run the same checks in the same order,
+// with the same exception types (TORCH_CHECK_TYPE -> TypeError for dtypes, TORCH_CHECK_VALUE ->
+// ValueError for everything else) and messages: keep the two in step.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
+#include <c10/util/StringUtil.h>
+
+#include <cmath>
+#include <string>
 
 #include "kernels.h"
 
@@ -33,7 +40,7 @@ inline void check_vector(const at::Tensor& t, const char* op, const char* name, 
 }
 
 inline void check_same_device(const at::Tensor& a, const at::Tensor& b, const char* op, const char* name) {
-  TORCH_CHECK(a.device() == b.device(), op, ": ", name, " is on ", b.device(), " but the other inputs are on ",
+  TORCH_CHECK_VALUE(a.device() == b.device(), op, ": ", name, " is on ", b.device(), " but the other inputs are on ",
               a.device());
 }
 
@@ -64,8 +71,14 @@ inline void check_verify(const at::Tensor& tree_tokens, const at::Tensor& target
   check_same_device(tree_tokens, paths, op, "paths");
 }
 
+// A finite number >= 0. NaN prints without a sign, as Python's "%g" prints it.
+inline void check_nonnegative_finite(double v, const char* op, const char* name) {
+  TORCH_CHECK_VALUE(std::isfinite(v) && v >= 0, op, ": ", name, " must be finite and non-negative, got ",
+                    std::isnan(v) ? std::string("nan") : c10::str(v));
+}
+
 inline void check_verify_typical(const at::Tensor& tree_tokens, const at::Tensor& node_prob,
-                                 const at::Tensor& parent_entropy) {
+                                 const at::Tensor& parent_entropy, double epsilon, double alpha) {
   const char* op = "verify_typical";
   check_vector(node_prob, op, "node_prob", at::kFloat);
   check_vector(parent_entropy, op, "parent_entropy", at::kFloat);
@@ -73,6 +86,8 @@ inline void check_verify_typical(const at::Tensor& tree_tokens, const at::Tensor
                     ": node_prob and parent_entropy need one entry per node (", tree_tokens.size(0), ")");
   check_same_device(tree_tokens, node_prob, op, "node_prob");
   check_same_device(tree_tokens, parent_entropy, op, "parent_entropy");
+  check_nonnegative_finite(epsilon, op, "epsilon");
+  check_nonnegative_finite(alpha, op, "alpha");
 }
 
 inline void check_scalar_index(const at::Tensor& cache, const at::Tensor& t, const char* name) {

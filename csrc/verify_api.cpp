@@ -56,7 +56,7 @@ static VerifyArgs typical_args(const at::Tensor& tree_tokens, const at::Tensor& 
                                const at::Tensor& node_prob, const at::Tensor& parent_entropy, const at::Tensor& paths,
                                double epsilon, double alpha) {
   check_verify(tree_tokens, target_argmax, paths, "verify_typical");
-  check_verify_typical(tree_tokens, node_prob, parent_entropy);
+  check_verify_typical(tree_tokens, node_prob, parent_entropy, epsilon, alpha);
   return {tree_tokens.data_ptr<int64_t>(), target_argmax.data_ptr<int64_t>(), node_prob.data_ptr<float>(),
           parent_entropy.data_ptr<float>(), tree_tokens.size(0), static_cast<float>(epsilon),
           static_cast<float>(alpha), true};

@@ -11,7 +11,7 @@ from mtpkern.generate import generate
 from mtpkern.ops import _backend
 from mtpkern.ops.fused_logits import fused_logits, fused_logits_ref
 from mtpkern.ops.kv_compact import kv_compact_, kv_compact_ref_
-from mtpkern.ops.tree_attention import pack_tree_mask, tree_attention, tree_attention_ref
+from mtpkern.ops.tree_attention import tree_attention, tree_attention_ref
 from mtpkern.ops.tree_mask import tree_buffers, tree_buffers_ref
 from mtpkern.ops.verify import verify_greedy, verify_greedy_ref, verify_typical, verify_typical_ref
 

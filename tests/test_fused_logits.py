@@ -14,6 +14,8 @@ from hypothesis import strategies as st
 
 from mtpkern.ops.fused_logits import LogitsStats, fused_logits, fused_logits_ref, logits_stats
 
+from _errors import assert_one_error, errors_of
+
 # the module itself (mtpkern.ops re-exports the function under the module's name)
 fl_mod = importlib.import_module("mtpkern.ops.fused_logits")
 
@@ -160,29 +162,21 @@ def test_random_shapes(R, V, D, k, seed):
 
 
 def _errors(hidden, weight, k, target=None, scale=1.0):
-    """(type, message) of the error each way of calling the op raises: the public function with
-    each backend, and the registered op directly (the Triton path, and on CPU tensors without
-    the interpreter its eager path). One contract: they must all agree."""
+    """The error of each way of calling the op: the public function with each backend, and the
+    registered op directly (the Triton path, and on CPU tensors without the interpreter its
+    eager path)."""
     calls = {
         "eager": lambda: fused_logits(hidden, weight, k, target, scale=scale, backend="eager"),
         "triton": lambda: fused_logits(hidden, weight, k, target, scale=scale, backend="triton"),
         "op": lambda: torch.ops.mtpkern.fused_logits(hidden, weight, k, target, scale),
     }
-    if not fl_mod._backend.triton_interpret() and hidden.device.type == "cpu":
+    if not fl_mod._backend.triton_usable(hidden.device):
         del calls["triton"]
-    out = {}
-    for name, call in calls.items():
-        with pytest.raises(Exception) as info:
-            call()
-        out[name] = (info.type, str(info.value))
-    return out
+    return errors_of(calls)
 
 
 def _assert_one_error(errors, error, match):
-    assert len(set(errors.values())) == 1, errors
-    (kind, message), = set(errors.values())
-    assert kind is error, errors
-    assert match in message and message.startswith("fused_logits: ") and "\n" not in message, errors
+    assert_one_error(errors, error, match, "fused_logits")
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,8 @@ import torch
 from mtpkern.ops import _backend
 from mtpkern.ops.kv_compact import kv_compact_, kv_compact_ref_
 
+from _errors import assert_one_error, errors_of
+
 needs_ext = pytest.mark.skipif(not _backend.HAS_CUDA_EXT, reason="the C++ extension mtpkern._C is not built")
 needs_gpu = pytest.mark.skipif(not (torch.cuda.is_available() and _backend.HAS_CUDA_EXT),
                                reason="needs a CUDA GPU and the built extension")
@@ -102,29 +104,40 @@ def test_cpu_kernel_rejects_moves_outside_the_cache():
     assert torch.equal(k, before)  # checked before anything moved
 
 
-@needs_ext
-def test_boundary_checks():
-    op = torch.ops.mtpkern.kv_compact_
-    k, v = caches((1, 1, 2, 8, 4))
-    path, zero, two = idx([0, 2]), idx(0), idx(2)
-    cases = [
-        (TypeError, "v_cache is float16", (k, v.half(), path, zero, two)),
-        (TypeError, "caches must be float32, float16 or bfloat16, got int64", (k.long(), v.long(), path, zero, two)),
-        (ValueError, "5-D", (k[0], v[0], path, zero, two)),
-        (ValueError, "v_cache has shape", (k, v[..., :2].contiguous(), path, zero, two)),
-        (ValueError, "contiguous", (k.transpose(3, 4), v.transpose(3, 4), path, zero, two)),
-        (ValueError, "different tensors", (k, k, path, zero, two)),
-        (TypeError, "path must be int64", (k, v, path.int(), zero, two)),
-        (ValueError, "path must be 1-D", (k, v, path.view(1, 2), zero, two)),
-        (ValueError, "at most 1024", (k, v, torch.zeros(1025, dtype=torch.int64), zero, two)),
-        (ValueError, "prefix_len must be a 0-d", (k, v, path, idx([0]), two)),
-        (TypeError, "count must be int64 or int32, got float32", (k, v, path, zero, torch.tensor(2.0))),
-    ]
-    if torch.cuda.is_available():
-        cases.append((RuntimeError, "count is on cpu", (k.cuda(), v.cuda(), path.cuda(), zero.cuda(), two)))
-    for exc, msg, args in cases:
-        with pytest.raises(exc, match=msg):
-            op(*args)
+BACKENDS = ["eager"] + (["cuda"] if _backend.HAS_CUDA_EXT else [])  # cuda: the C++ kernels (here on CPU)
+_K, _V = caches((1, 1, 2, 8, 4))
+_PATH, _ZERO, _TWO = idx([0, 2]), idx(0), idx(2)
+
+
+@pytest.mark.parametrize("error, match, args", [
+    (TypeError, "v_cache is float16 but k_cache is float32", (_K, _V.half(), _PATH, _ZERO, _TWO)),
+    (TypeError, "caches must be float32, float16 or bfloat16, got int64", (_K.long(), _V.long(), _PATH, _ZERO, _TWO)),
+    (ValueError, "k_cache must be 5-D [L, B, H, S, Dh], got shape [1, 2, 8, 4]", (_K[0], _V[0], _PATH, _ZERO, _TWO)),
+    (ValueError, "v_cache has shape [1, 1, 2, 8, 2] but k_cache has [1, 1, 2, 8, 4]",
+     (_K, _V[..., :2].contiguous(), _PATH, _ZERO, _TWO)),
+    (ValueError, "k_cache and v_cache must be contiguous", (_K.transpose(3, 4), _V.transpose(3, 4), _PATH, _ZERO, _TWO)),
+    (ValueError, "v_cache is on meta but the other inputs are on cpu", (_K, _V.to("meta"), _PATH, _ZERO, _TWO)),
+    (ValueError, "different tensors", (_K, _K, _PATH, _ZERO, _TWO)),
+    (TypeError, "path must be int64, got int32", (_K, _V, _PATH.int(), _ZERO, _TWO)),
+    (ValueError, "path must be 1-D, got shape [1, 2]", (_K, _V, _PATH.view(1, 2), _ZERO, _TWO)),
+    (ValueError, "path must be contiguous", (_K, _V, idx([0, 9, 2, 9])[::2], _ZERO, _TWO)),
+    (ValueError, "path has 1025 entries, at most 1024", (_K, _V, torch.zeros(1025, dtype=torch.int64), _ZERO, _TWO)),
+    (ValueError, "prefix_len must be a 0-d tensor, got shape [1]", (_K, _V, _PATH, idx([0]), _TWO)),
+    (TypeError, "prefix_len must be int64 or int32, got float32", (_K, _V, _PATH, torch.tensor(2.7), _TWO)),
+    (TypeError, "count must be int64 or int32, got float32", (_K, _V, _PATH, _ZERO, torch.tensor(2.0))),
+    (ValueError, "count = 3 is outside [0, 2]", (_K, _V, _PATH, _ZERO, idx(3))),
+    (ValueError, "path[1] = 2 with prefix_len = 6 moves slot 8 to slot 7, outside the cache's 8 slots",
+     (_K, _V, _PATH, idx(6), _TWO)),
+])
+def test_one_error_in_every_backend(error, match, args):
+    """The same bad input, the same exception type and message: eager, C++ and the op itself
+    (a float prefix_len used to be truncated by eager and refused by C++)."""
+    before = [a.clone() for a in args[:2] if a.device.type != "meta"]
+    calls = {b: (lambda b=b: kv_compact_(*args, backend=b)) for b in BACKENDS}
+    calls["op"] = lambda: torch.ops.mtpkern.kv_compact_(*args)
+    assert_one_error(errors_of(calls), error, match, "kv_compact_")
+    for old, new in zip(before, args[:2]):
+        assert torch.equal(old, new)  # checked before anything moved
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -19,6 +19,8 @@ from mtpkern.ops.tree_attention import (
     unpack_tree_mask,
 )
 
+from _errors import assert_one_error, errors_of
+
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
@@ -234,9 +236,8 @@ def _good(device=DEV):
 
 
 def _errors(args, scale=None):
-    """(type, message) raised by each way of calling the op: the public function with each
-    backend, and the registered op directly (on CPU tensors also without the interpreter, where
-    it runs its eager path). One contract: they must all agree."""
+    """The error of each way of calling the op: the public function with each backend, and the
+    registered op directly (on CPU tensors also without the interpreter, its eager path)."""
     args = dict(args)
     op_scale = 0.25 if scale is None else scale
 
@@ -257,19 +258,11 @@ def _errors(args, scale=None):
         calls["op, no interpreter"] = op_without_interpreter
     if not _backend.triton_usable(args["q"].device):
         del calls["triton"]
-    out = {}
-    for name, call in calls.items():
-        with pytest.raises(Exception) as info:
-            call()
-        out[name] = (info.type, str(info.value))
-    return out
+    return errors_of(calls)
 
 
 def _assert_one_error(errors, error, match):
-    assert len(set(errors.values())) == 1, errors
-    (kind, message), = set(errors.values())
-    assert kind is error, errors
-    assert match in message and message.startswith("tree_attention: ") and "\n" not in message, errors
+    assert_one_error(errors, error, match, "tree_attention")
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,8 @@ from mtpkern.ops import _backend
 from mtpkern.ops.tree_attention import pack_tree_mask, unpack_tree_mask
 from mtpkern.ops.tree_mask import MAX_NODES, tree_buffers, tree_buffers_ref
 
+from _errors import assert_one_error, errors_of
+
 needs_ext = pytest.mark.skipif(not _backend.HAS_CUDA_EXT, reason="the C++ extension mtpkern._C is not built")
 needs_gpu = pytest.mark.skipif(not (torch.cuda.is_available() and _backend.HAS_CUDA_EXT),
                                reason="needs a CUDA GPU and the built extension")
@@ -144,21 +146,25 @@ def test_cpu_kernel_matches_reference(T):
     assert_buffers_equal(tree_buffers(parents, max_depth, backend="cuda"), tree_buffers_ref(parents, max_depth))
 
 
-@needs_ext
-def test_boundary_checks():
-    op = torch.ops.mtpkern.tree_buffers
-    with pytest.raises(TypeError, match="int64"):
-        op(torch.tensor([-1, 0], dtype=torch.int32), 1)
-    with pytest.raises(ValueError, match="1-D"):
-        op(torch.tensor([[-1, 0]]), 1)
-    with pytest.raises(ValueError, match="contiguous"):
-        op(torch.tensor([-1, 9, 0, 9])[::2], 1)
-    with pytest.raises(ValueError, match="nodes"):
-        op(torch.empty(0, dtype=torch.int64), 1)
-    with pytest.raises(ValueError, match="nodes"):
-        op(torch.arange(-1, MAX_NODES), 1)
-    with pytest.raises(ValueError, match="max_depth"):
-        op(torch.tensor([-1, 0]), -1)
+BACKENDS = ["eager"] + (["cuda"] if _backend.HAS_CUDA_EXT else [])  # cuda: the C++ kernels (here on CPU)
+
+
+@pytest.mark.parametrize("error, match, parents, max_depth", [
+    (TypeError, "parents must be int64, got int32", torch.tensor([-1, 0], dtype=torch.int32), 1),
+    (ValueError, "parents must be 1-D, got shape [1, 2]", torch.tensor([[-1, 0]]), 1),
+    (ValueError, "parents must be contiguous", torch.tensor([-1, 9, 0, 9])[::2], 1),
+    (ValueError, "a tree has 1..4096 nodes, got 0", torch.empty(0, dtype=torch.int64), 1),
+    (ValueError, "a tree has 1..4096 nodes, got 4097", torch.arange(-1, MAX_NODES), 1),
+    (ValueError, "max_depth must be in [0, 4096), got -1", torch.tensor([-1, 0]), -1),
+    (ValueError, "node 2 has parent 5", torch.tensor([-1, 0, 5, 1]), 3),
+])
+def test_one_error_in_every_backend(error, match, parents, max_depth):
+    """The same bad input, the same exception type and message: eager and C++ (int32 parents
+    used to be a ValueError in eager and a TypeError in C++)."""
+    calls = {b: (lambda b=b: tree_buffers(parents, max_depth, backend=b)) for b in BACKENDS}
+    if "node" not in match:  # the C++ op flags invalid nodes (depth -1); the wrapper raises
+        calls["op"] = lambda: torch.ops.mtpkern.tree_buffers(parents, max_depth)
+    assert_one_error(errors_of(calls), error, match, "tree_buffers")
 
 
 @pytest.mark.parametrize("device", DEVICES)

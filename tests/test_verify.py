@@ -9,6 +9,8 @@ from mtpkern.ops import _backend
 from mtpkern.ops.tree_mask import tree_buffers_ref
 from mtpkern.ops.verify import verify_greedy, verify_greedy_ref, verify_typical, verify_typical_ref
 
+from _errors import assert_one_error, errors_of
+
 needs_ext = pytest.mark.skipif(not _backend.HAS_CUDA_EXT, reason="the C++ extension mtpkern._C is not built")
 needs_gpu = pytest.mark.skipif(not (torch.cuda.is_available() and _backend.HAS_CUDA_EXT),
                                reason="needs a CUDA GPU and the built extension")
@@ -141,8 +143,90 @@ def test_reference_rejects_bad_input():
         verify_greedy_ref(TOKENS, TOKENS, PATHS[0])
     with pytest.raises(ValueError, match="target_argmax"):
         verify_greedy_ref(TOKENS, TOKENS[:3], PATHS)
-    with pytest.raises(ValueError, match="node_prob"):
+    with pytest.raises(TypeError, match="node_prob"):
         verify_typical_ref(TOKENS, TOKENS, torch.zeros(6, dtype=torch.float64), torch.zeros(6), PATHS)
+
+
+# ---------------------------------------------------------------- one exception contract, one NaN contract
+
+BACKENDS = ["eager"] + (["cuda"] if _backend.HAS_CUDA_EXT else [])  # cuda: the C++ kernels (here on CPU)
+PROB = torch.full((6,), 0.5)
+ENTROPY = torch.zeros(6)
+
+
+def _greedy_calls(tokens, argmax, paths):
+    calls = {b: (lambda b=b: verify_greedy(tokens, argmax, paths, backend=b)) for b in BACKENDS}
+    calls["op"] = lambda: torch.ops.mtpkern.verify_greedy(tokens, argmax, paths)
+    return calls
+
+
+def _typical_calls(tokens, argmax, prob, entropy, paths, eps, alpha):
+    calls = {b: (lambda b=b: verify_typical(tokens, argmax, prob, entropy, paths, epsilon=eps, alpha=alpha,
+                                            backend=b)) for b in BACKENDS}
+    calls["op"] = lambda: torch.ops.mtpkern.verify_typical(tokens, argmax, prob, entropy, paths, eps, alpha)
+    return calls
+
+
+@pytest.mark.parametrize("change, error, match", [
+    (dict(tokens=TOKENS.int()), TypeError, "tree_tokens must be int64, got int32"),
+    (dict(tokens=TOKENS[None]), ValueError, "tree_tokens must be 1-D, got shape [1, 6]"),
+    (dict(tokens=TOKENS[:0], argmax=TOKENS[:0]), ValueError, "the tree has no nodes"),
+    (dict(argmax=TOKENS.float()), TypeError, "target_argmax must be int64, got float32"),
+    (dict(argmax=torch.arange(12)[::2]), ValueError, "target_argmax must be contiguous"),
+    (dict(argmax=TOKENS[:5]), ValueError, "target_argmax has 5 entries but tree_tokens has 6"),
+    (dict(paths=PATHS.int()), TypeError, "paths must be int64, got int32"),
+    (dict(paths=PATHS[0]), ValueError, "paths must be 2-D [P, max_depth + 1], got shape [3]"),
+    (dict(paths=PATHS.t()), ValueError, "paths must be contiguous"),
+    (dict(paths=PATHS[:0]), ValueError, "paths must have at least one row and column, got [0, 3]"),
+    (dict(paths=PATHS.to("meta")), ValueError, "paths is on meta but the other inputs are on cpu"),
+])
+def test_greedy_one_error_in_every_backend(change, error, match):
+    a = dict(tokens=TOKENS, argmax=argmax_with(n0=11), paths=PATHS) | change
+    assert_one_error(errors_of(_greedy_calls(a["tokens"], a["argmax"], a["paths"])), error, match, "verify_greedy")
+
+
+@pytest.mark.parametrize("change, error, match", [
+    (dict(tokens=TOKENS.int()), TypeError, "tree_tokens must be int64, got int32"),
+    (dict(prob=PROB.double()), TypeError, "node_prob must be float32, got float64"),
+    (dict(entropy=ENTROPY[:5]), ValueError, "node_prob and parent_entropy need one entry per node (6)"),
+    (dict(eps=float("nan")), ValueError, "epsilon must be finite and non-negative, got nan"),
+    (dict(eps=-0.5), ValueError, "epsilon must be finite and non-negative, got -0.5"),
+    (dict(eps=float("inf")), ValueError, "epsilon must be finite and non-negative, got inf"),
+    (dict(alpha=float("nan")), ValueError, "alpha must be finite and non-negative, got nan"),
+    (dict(alpha=-1.0), ValueError, "alpha must be finite and non-negative, got -1"),
+    (dict(alpha=-float("inf")), ValueError, "alpha must be finite and non-negative, got -inf"),
+])
+def test_typical_one_error_in_every_backend(change, error, match):
+    a = dict(tokens=TOKENS, argmax=argmax_with(n0=11), prob=PROB, entropy=ENTROPY, paths=PATHS,
+             eps=0.09, alpha=0.3) | change
+    errors = errors_of(_typical_calls(*a.values()))
+    assert_one_error(errors, error, match, "verify_typical")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_typical_nan_never_accepts(backend):
+    """A NaN probability or entropy rejects its draft in every backend (C++'s fminf used to drop
+    a NaN threshold and accept)."""
+    prob = torch.full((6,), 0.5)
+    entropy = torch.zeros(6)
+    r = verify_typical(TOKENS, argmax_with(n2=7), prob, entropy, PATHS, backend=backend)
+    assert as_lists(r) == [2, 0, 3, [11, 13, 99]]  # every draft passes, row 0 wins
+    entropy[[1, 2]] = float("nan")  # nodes 1 and 2: every path's first draft
+    r = verify_typical(TOKENS, argmax_with(n0=7), prob, entropy, PATHS, backend=backend)
+    assert as_lists(r) == [0, 0, 0, [7, -1, -1]]
+    prob[3] = float("nan")
+    entropy[[1, 2]] = 0.0
+    r = verify_typical(TOKENS, argmax_with(n4=8), prob, entropy, PATHS, backend=backend)
+    assert as_lists(r) == [2, 1, 4, [11, 14, 8]]  # node 3 rejected: row 1 wins
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_greedy_nan_logits_row_accepts_nothing_below_it(backend):
+    """fused_logits gives argmax -1 for a NaN logits row: nothing below that node is accepted,
+    and -1 (not a token) is the bonus where that node is the last accepted one."""
+    argmax = argmax_with(n0=11, n1=-1, n2=12)
+    r = verify_greedy(TOKENS, argmax, PATHS, backend=backend)
+    assert as_lists(r) == [1, 0, 1, [11, -1, -1]]
 
 
 # ---------------------------------------------------------------- the extension's kernels
@@ -192,7 +276,7 @@ def test_boundary_checks():
     with pytest.raises(ValueError, match="one entry per node"):
         t(TOKENS, TOKENS, prob[:5], prob[:5], PATHS, 0.09, 0.3)
     if torch.cuda.is_available():
-        with pytest.raises(RuntimeError, match="paths is on cpu"):
+        with pytest.raises(ValueError, match="paths is on cpu"):
             g(TOKENS.cuda(), TOKENS.cuda(), PATHS)
 
 

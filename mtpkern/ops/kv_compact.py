@@ -6,14 +6,60 @@ row and head, in one launch. ``prefix_len`` and ``count`` are device tensors, so
 syncs with the host and can sit inside a CUDA graph.
 
 Kernels: ``csrc/kv_compact_api.cpp`` and ``csrc/cuda/kv_compact.cu`` (op ``mtpkern::kv_compact_``).
+Every backend checks shapes, dtypes, devices and layout with the same exception types and
+messages (``_check`` here mirrors ``check_kv_compact`` in ``csrc/mtpkern.h``). Values
+(``count``, the moves) are checked on the host by the eager reference and the C++ CPU kernel;
+the CUDA kernel skips moves outside the cache instead (it cannot raise without a sync). The op
+copies bytes, so NaNs move like any other value.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
 from mtpkern.ops import _backend
+from mtpkern.ops._checks import check_same_device, check_vector
+from mtpkern.runtime import dtype_name
+
+MAX_PATH = 1024  # the CUDA kernel stages the whole path in shared memory (kMaxCompactPath)
+
+
+def _check_scalar_index(cache: Tensor, t: Tensor, name: str) -> None:
+    if t.dim() != 0:
+        raise ValueError(f"kv_compact_: {name} must be a 0-d tensor, got shape {list(t.shape)}")
+    if t.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"kv_compact_: {name} must be int64 or int32, got {dtype_name(t.dtype)}")
+    check_same_device(cache, t, "kv_compact_", name)
+
+
+def _check(k: Tensor, v: Tensor, path: Tensor, prefix_len: Tensor, count: Tensor) -> None:
+    """``check_kv_compact`` of csrc/mtpkern.h: the same checks, order, types and messages."""
+    if k.dim() != 5:
+        raise ValueError(f"kv_compact_: k_cache must be 5-D [L, B, H, S, Dh], got shape {list(k.shape)}")
+    if v.shape != k.shape:
+        raise ValueError(f"kv_compact_: v_cache has shape {list(v.shape)} but k_cache has {list(k.shape)}")
+    if k.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"kv_compact_: caches must be float32, float16 or bfloat16, got {dtype_name(k.dtype)}")
+    if v.dtype != k.dtype:
+        raise TypeError(f"kv_compact_: v_cache is {dtype_name(v.dtype)} but k_cache is {dtype_name(k.dtype)}")
+    if not (k.is_contiguous() and v.is_contiguous()):
+        raise ValueError("kv_compact_: k_cache and v_cache must be contiguous")
+    check_same_device(k, v, "kv_compact_", "v_cache")
+    # One buffer passed twice would be compacted twice. (Fake and meta tensors have no data.)
+    no_data = is_fake(k) or k.device.type == "meta"
+    if k.numel() and (k is v if no_data else k.data_ptr() == v.data_ptr()):
+        raise ValueError("kv_compact_: k_cache and v_cache must be different tensors")
+    check_vector(path, "kv_compact_", "path", torch.int64)
+    if path.shape[0] > MAX_PATH:
+        raise ValueError(f"kv_compact_: path has {path.shape[0]} entries, at most {MAX_PATH} are supported")
+    check_same_device(k, path, "kv_compact_", "path")
+    _check_scalar_index(k, prefix_len, "prefix_len")
+    _check_scalar_index(k, count, "count")
+    L, B, H, _, Dh = k.shape
+    if L * B * H > 2**31 - 1 or Dh * k.element_size() > 2 * 65535:
+        raise ValueError(f"kv_compact_: cache shape {list(k.shape)} is too large for one launch")
 
 
 def kv_compact_ref_(k_cache: Tensor, v_cache: Tensor, path: Tensor, prefix_len: Tensor, count: Tensor) -> None:
@@ -24,13 +70,7 @@ def kv_compact_ref_(k_cache: Tensor, v_cache: Tensor, path: Tensor, prefix_len: 
     Reads (index_select) happen before writes (index_copy_), so overlapping ranges are safe.
     Moves outside the S slots raise ValueError (a host sync on CUDA: this is a reference).
     """
-    if k_cache.dim() != 5 or v_cache.shape != k_cache.shape or v_cache.dtype != k_cache.dtype:
-        raise ValueError(f"kv_compact_: k_cache and v_cache must both be [L, B, H, S, Dh] of one dtype, got "
-                         f"{tuple(k_cache.shape)} {k_cache.dtype} and {tuple(v_cache.shape)} {v_cache.dtype}")
-    if k_cache.numel() and k_cache.data_ptr() == v_cache.data_ptr():
-        raise ValueError("kv_compact_: k_cache and v_cache must be different tensors")
-    if path.dim() != 1 or path.dtype != torch.int64:
-        raise ValueError(f"kv_compact_: path must be 1-D int64, got {path.dtype} of shape {tuple(path.shape)}")
+    _check(k_cache, v_cache, path, prefix_len, count)
     S, prefix, n = k_cache.shape[3], int(prefix_len), int(count)
     if not 0 <= n <= path.numel():
         raise ValueError(f"kv_compact_: count = {n} is outside [0, {path.numel()}]")
@@ -56,6 +96,7 @@ if not _backend.HAS_CUDA_EXT:  # the extension defines the op in C++; otherwise 
 
 @torch.library.register_fake("mtpkern::kv_compact_")
 def _kv_compact_fake(k_cache, v_cache, path, prefix_len, count):
+    _check(k_cache, v_cache, path, prefix_len, count)  # reads no values: fake tensors fail like real ones
     return None
 
 

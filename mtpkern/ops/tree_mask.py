@@ -6,6 +6,10 @@ A tree has T nodes in topological order; node 0 is the root (the last accepted t
 word j // 32 is set iff node j is node i or one of its ancestors.
 
 Kernels: ``csrc/tree_mask_api.cpp`` and ``csrc/cuda/tree_mask.cu`` (op ``mtpkern::tree_buffers``).
+Both backends check ``parents`` (1-D contiguous int64, 1..4096 nodes) and ``max_depth`` with the
+same exception types and messages. The C++ op marks the nodes of an invalid tree with depth -1
+(it cannot raise from a GPU without a sync); :func:`tree_buffers` turns those marks into the
+reference's ValueError naming the node. NaN cannot occur (integer inputs only).
 """
 
 from __future__ import annotations
@@ -15,9 +19,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from mtpkern.ops.tree_attention import pack_tree_mask
-
 from mtpkern.ops import _backend
+from mtpkern.ops._checks import check_vector
+from mtpkern.ops.tree_attention import pack_tree_mask
 
 MAX_NODES = 4096  # the CUDA kernel builds a whole tree in one thread block
 
@@ -29,13 +33,18 @@ class TreeBuffers(NamedTuple):
     is_leaf: Tensor  # bool [T]
 
 
-def _tree_depths(parents: list[int], max_depth: int) -> list[int]:
-    """The depth of every node; ValueError naming the first node that breaks the tree rules."""
-    T = len(parents)
+def _check(parents: Tensor, max_depth: int) -> None:
+    """``check_tree_buffers`` of csrc/mtpkern.h: the same checks, order, types and messages."""
+    check_vector(parents, "tree_buffers", "parents", torch.int64)
+    T = parents.shape[0]
     if not 1 <= T <= MAX_NODES:
         raise ValueError(f"tree_buffers: a tree has 1..{MAX_NODES} nodes, got {T}")
     if not 0 <= max_depth < MAX_NODES:
         raise ValueError(f"tree_buffers: max_depth must be in [0, {MAX_NODES}), got {max_depth}")
+
+
+def _tree_depths(parents: list[int], max_depth: int) -> list[int]:
+    """The depth of every node; ValueError naming the first node that breaks the tree rules."""
     if parents[0] != -1:
         raise ValueError(f"tree_buffers: node 0 is the root, its parent must be -1, got {parents[0]}")
     depth = [0]
@@ -58,9 +67,7 @@ def tree_buffers_ref(parents: Tensor, max_depth: int) -> TreeBuffers:
 
     Invalid trees raise ValueError naming the node (host-side, so this syncs on CUDA).
     """
-    if parents.dim() != 1 or parents.dtype != torch.int64:
-        raise ValueError(f"tree_buffers: parents must be 1-D int64, got {parents.dtype} "
-                         f"of shape {tuple(parents.shape)}")
+    _check(parents, max_depth)
     par = parents.tolist()
     depth = _tree_depths(par, max_depth)
     T = len(par)
@@ -91,6 +98,7 @@ if not _backend.HAS_CUDA_EXT:  # the extension defines the op in C++; otherwise 
 
 @torch.library.register_fake("mtpkern::tree_buffers")
 def _tree_buffers_fake(parents, max_depth):
+    _check(parents, max_depth)
     T = parents.shape[0]
     return (parents.new_empty(T, (T + 31) // 32, dtype=torch.int32), parents.new_empty(T),
             parents.new_empty(T, max_depth + 1), parents.new_empty(T, dtype=torch.bool))

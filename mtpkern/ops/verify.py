@@ -8,7 +8,15 @@ Dp1 = max_depth + 1. Entries outside [0, T) (padding or bad input) are never der
 on such an entry, or whose parent entry is such, is simply not accepted.
 
 Kernels: ``csrc/verify_api.cpp`` and ``csrc/cuda/verify.cu`` (ops ``mtpkern::verify_greedy`` and
-``mtpkern::verify_typical``).
+``mtpkern::verify_typical``). Every backend checks its inputs with the same checks (``_check``
+here mirrors ``check_verify`` in ``csrc/mtpkern.h``): one exception type and message per bad input.
+``epsilon`` and ``alpha`` must be finite and non-negative.
+
+NaN contract (every backend): a NaN never makes a draft pass. In typical acceptance a draft
+whose ``node_prob`` or ``parent_entropy`` is NaN (NaN logits upstream) is rejected. In greedy
+acceptance a NaN logits row reaches verification as ``target_argmax = -1`` (``fused_logits``'
+NaN contract), which no draft token equals, so its children are rejected, and ``-1`` is the bonus
+token if that node is the last accepted one.
 """
 
 from __future__ import annotations
@@ -19,6 +27,8 @@ import torch
 from torch import Tensor
 
 from mtpkern.ops import _backend
+from mtpkern.ops._checks import check_nonnegative_finite, check_same_device, check_vector
+from mtpkern.runtime import dtype_name
 
 
 class VerifyResult(NamedTuple):
@@ -29,14 +39,40 @@ class VerifyResult(NamedTuple):
 
 
 def _check(tree_tokens: Tensor, target_argmax: Tensor, paths: Tensor, op: str) -> None:
-    for name, t in (("tree_tokens", tree_tokens), ("target_argmax", target_argmax)):
-        if t.dim() != 1 or t.dtype != torch.int64:
-            raise ValueError(f"{op}: {name} must be 1-D int64, got {t.dtype} of shape {tuple(t.shape)}")
-    if tree_tokens.numel() == 0 or target_argmax.shape != tree_tokens.shape:
-        raise ValueError(f"{op}: tree_tokens and target_argmax need one entry per node, got "
-                         f"{tuple(tree_tokens.shape)} and {tuple(target_argmax.shape)}")
-    if paths.dim() != 2 or paths.dtype != torch.int64 or 0 in paths.shape:
-        raise ValueError(f"{op}: paths must be non-empty 2-D int64, got {paths.dtype} of shape {tuple(paths.shape)}")
+    """``check_verify`` of csrc/mtpkern.h: the same checks, order, types and messages."""
+    check_vector(tree_tokens, op, "tree_tokens", torch.int64)
+    check_vector(target_argmax, op, "target_argmax", torch.int64)
+    T = tree_tokens.shape[0]
+    if T < 1:
+        raise ValueError(f"{op}: the tree has no nodes")
+    if target_argmax.shape[0] != T:
+        raise ValueError(f"{op}: target_argmax has {target_argmax.shape[0]} entries but tree_tokens has {T}")
+    if paths.dim() != 2:
+        raise ValueError(f"{op}: paths must be 2-D [P, max_depth + 1], got shape {list(paths.shape)}")
+    if paths.dtype != torch.int64:
+        raise TypeError(f"{op}: paths must be int64, got {dtype_name(paths.dtype)}")
+    if not paths.is_contiguous():
+        raise ValueError(f"{op}: paths must be contiguous")
+    if paths.shape[0] < 1 or paths.shape[1] < 1:
+        raise ValueError(f"{op}: paths must have at least one row and column, got {list(paths.shape)}")
+    if paths.shape[0] >= 2**31:
+        raise ValueError(f"{op}: too many paths")
+    check_same_device(tree_tokens, target_argmax, op, "target_argmax")
+    check_same_device(tree_tokens, paths, op, "paths")
+
+
+def _check_typical(tree_tokens: Tensor, node_prob: Tensor, parent_entropy: Tensor, epsilon, alpha) -> None:
+    """``check_verify_typical`` of csrc/mtpkern.h."""
+    op = "verify_typical"
+    check_vector(node_prob, op, "node_prob", torch.float32)
+    check_vector(parent_entropy, op, "parent_entropy", torch.float32)
+    T = tree_tokens.shape[0]
+    if node_prob.shape[0] != T or parent_entropy.shape[0] != T:
+        raise ValueError(f"{op}: node_prob and parent_entropy need one entry per node ({T})")
+    check_same_device(tree_tokens, node_prob, op, "node_prob")
+    check_same_device(tree_tokens, parent_entropy, op, "parent_entropy")
+    check_nonnegative_finite(epsilon, op, "epsilon")
+    check_nonnegative_finite(alpha, op, "alpha")
 
 
 def _choose(ok: Tensor, tree_tokens: Tensor, target_argmax: Tensor, paths: Tensor) -> VerifyResult:
@@ -86,13 +122,12 @@ def verify_typical_ref(tree_tokens: Tensor, target_argmax: Tensor, node_prob: Te
 
     node_prob[n] is the target probability of tree_tokens[n] under its parent's distribution and
     parent_entropy[n] that distribution's entropy. Rows, ties and tokens as in greedy; the bonus
-    token is target_argmax[last_node].
+    token is target_argmax[last_node]. A NaN threshold or probability rejects the draft.
     """
     _check(tree_tokens, target_argmax, paths, "verify_typical")
-    for name, t in (("node_prob", node_prob), ("parent_entropy", parent_entropy)):
-        if t.dtype != torch.float32 or t.shape != tree_tokens.shape:
-            raise ValueError(f"verify_typical: {name} must be float32 [T], got {t.dtype} of shape {tuple(t.shape)}")
+    _check_typical(tree_tokens, node_prob, parent_entropy, epsilon, alpha)
     step_ok, safe = _in_tree(paths, tree_tokens.shape[0])
+    # clamp keeps a NaN threshold NaN, and nothing is > NaN: such drafts are rejected.
     node_ok = node_prob > torch.clamp(alpha * torch.exp(-parent_entropy), max=epsilon)
     return _choose(step_ok & node_ok[safe[:, 1:]], tree_tokens, target_argmax, paths)
 
@@ -111,13 +146,23 @@ if not _backend.HAS_CUDA_EXT:  # the extension defines the ops in C++; otherwise
     torch.library.impl("mtpkern::verify_typical", ("CPU", "CUDA"), lambda *a: tuple(verify_typical_ref(*a)))
 
 
-def _verify_fake(paths):
+def _verify_outputs(paths):
     return paths.new_empty(()), paths.new_empty(()), paths.new_empty(()), paths.new_empty(paths.shape[1])
 
 
-torch.library.register_fake("mtpkern::verify_greedy", lambda tokens, argmax, paths: _verify_fake(paths))
-torch.library.register_fake("mtpkern::verify_typical", lambda tokens, argmax, prob, ent, paths, eps, alpha:
-                            _verify_fake(paths))
+# The fake implementations run the same checks (they read no values), so meta and fake tensors
+# fail like real ones.
+@torch.library.register_fake("mtpkern::verify_greedy")
+def _verify_greedy_fake(tree_tokens, target_argmax, paths):
+    _check(tree_tokens, target_argmax, paths, "verify_greedy")
+    return _verify_outputs(paths)
+
+
+@torch.library.register_fake("mtpkern::verify_typical")
+def _verify_typical_fake(tree_tokens, target_argmax, node_prob, parent_entropy, paths, epsilon, alpha):
+    _check(tree_tokens, target_argmax, paths, "verify_typical")
+    _check_typical(tree_tokens, node_prob, parent_entropy, epsilon, alpha)
+    return _verify_outputs(paths)
 
 
 # ---------------------------------------------------------------- public functions
@@ -134,6 +179,9 @@ def verify_typical(tree_tokens: Tensor, target_argmax: Tensor, node_prob: Tensor
                    paths: Tensor, *, epsilon: float = 0.09, alpha: float = 0.3,
                    backend: str | None = None) -> VerifyResult:
     """MEDUSA typical acceptance of every candidate path at once; see :func:`verify_typical_ref`."""
+    # Before dispatch: a non-number would otherwise meet the C++ op's schema first.
+    check_nonnegative_finite(epsilon, "verify_typical", "epsilon")
+    check_nonnegative_finite(alpha, "verify_typical", "alpha")
     if _backend.pick(paths.device, ("cuda", "eager"), backend) == "eager":
         return verify_typical_ref(tree_tokens, target_argmax, node_prob, parent_entropy, paths, epsilon, alpha)
     return VerifyResult(*torch.ops.mtpkern.verify_typical(tree_tokens, target_argmax, node_prob, parent_entropy,
