@@ -8,8 +8,10 @@
 | ``verify_greedy`` / ``verify_typical`` | C++/CUDA | argmax, compare, cumprod, best path, gather |
 | ``kv_compact_`` | C++/CUDA | per-layer index_select / index_copy of the accepted KV entries |
 
-Every op is ``torch.ops.mtpkern.<name>`` with a fake implementation; on CPU tensors it runs
-the eager reference. ``MTPKERN_BACKEND=eager|triton|cuda`` forces a backend.
+Every op is ``torch.ops.mtpkern.<name>`` with a fake implementation, and checks its own inputs
+(one exception type and message per bad input in every backend); on CPU tensors it runs the
+eager reference. ``MTPKERN_BACKEND=eager|triton|cuda`` forces a backend: ``_backend``'s
+docstring relates it to ``backend=`` and ``generate(kernels=)``.
 """
 
 from mtpkern.ops._backend import HAS_CUDA_EXT, HAS_TRITON, forced_backend
