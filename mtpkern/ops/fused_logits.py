@@ -19,8 +19,8 @@ their magnitude bits flipped), shifted into the high half of an int64, and the l
 ``2**31 - 1 - index``. Sorting the keys descending sorts values descending and, among equal
 values, indices ascending, so ``argmax`` is the first index of the maximum like
 ``torch.argmax``, and one int64 maximum carries a value and its index together: all-zero
-logits give argmax 0 in every backend. (``-0.0`` would key below ``+0.0``; the kernel's sums
-start from ``+0.0``, so it never produces a negative zero.)
+logits give argmax 0 in every backend. (``-0.0`` keys below ``+0.0``, but the kernel's zero
+logits all share one sign: its sums start from ``+0.0``, and ``+0.0 + -0.0 = +0.0``.)
 
 NaN contract (every backend): a row whose logits hold a NaN (a NaN in its hidden row, in any
 weight row, or ``inf - inf``) gets NaN ``topk_values``, ``lse``, ``entropy`` and
