@@ -183,6 +183,37 @@ def step_breakdown(model, tree, *, prefix_len: int, kernels: str, iters: int = 2
                 tree_nodes=T, prefix_len=prefix_len, kernels=kernels)
 
 
+def verify_compact_backends(model, tree, *, prefix_len: int, iters: int = 200) -> dict:
+    """Median microseconds of greedy verification and KV compaction on ``model``'s device,
+    shapes of one step of ``tree``: the eager references against the C++ extension's kernels
+    (on the CPU its C++ CPU kernels), the measurement behind the decoder's choice of the
+    extension for them. Empty without the extension."""
+    from mtpkern.ops import _backend
+    from mtpkern.ops.kv_compact import kv_compact_
+    from mtpkern.ops.verify import verify_greedy
+    from mtpkern.runtime import time_us
+
+    if not _backend.HAS_CUDA_EXT:
+        return {}
+    device = model.device
+    tt = tree.tensors(device)
+    T = len(tree)
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, model.config.vocab_size, (T,), generator=g).to(device)
+    target = torch.randint(0, model.config.vocab_size, (T,), generator=g).to(device)
+    cache = model.new_cache(1, prefix_len + T)
+    path = tt.paths[-1].contiguous()
+    prefix, count = torch.tensor(prefix_len, device=device), (path >= 0).sum()
+    out = {}
+    with torch.inference_mode():
+        for name, backend in (("eager", "eager"), ("extension", "cuda")):
+            out[f"verify_{name}_us"] = time_us(lambda: verify_greedy(tokens, target, tt.paths, backend=backend),
+                                               device, iters)
+            out[f"kv_compact_{name}_us"] = time_us(
+                lambda: kv_compact_(cache.k, cache.v, path, prefix, count, backend=backend), device, iters)
+    return dict(out, tree_nodes=T)
+
+
 def step_cost_curve(model, *, kernels: str = "auto", cuda_graph: bool = False, sizes=STEP_COST_T,
                     prefix_len: int = 64, iters: int = 10) -> list[dict]:
     """``[{"T", "step_us"}]``: the median time of one greedy step against its tree tokens T,
@@ -224,6 +255,13 @@ def format_bench(report: dict) -> str:
                          f"cached): step {b['step_us']:.0f} us, forward {b['forward_us']:.0f} us, head-0 logits "
                          f"{b['logits_us']:.0f} us; everything but the forward {b['bookkeeping_share']:.0%} of the "
                          f"step ({b['bookkeeping_share_beyond_lm_head']:.0%} beyond the LM head)")
+    vc = report.get("verify_compact") or {}
+    if "error" in vc:
+        lines.append(f"\nVerification / KV compaction backends: failed: {vc['error']}")
+    elif vc:
+        lines.append(f"\nVerification / KV compaction ({vc['tree_nodes']} nodes): eager {vc['verify_eager_us']:.0f} / "
+                     f"{vc['kv_compact_eager_us']:.0f} us, C++ extension {vc['verify_extension_us']:.0f} / "
+                     f"{vc['kv_compact_extension_us']:.0f} us")
     for name, curve in report.get("step_cost", {}).items():
         if isinstance(curve, dict):
             lines.append(f"\nStep cost ({name}): failed: {curve['error']}")
@@ -294,6 +332,13 @@ def run_bench(device: str = "cuda", json_path=None, model_dir=None, max_new_toke
                 except Exception as e:  # noqa: BLE001
                     report["step_breakdown"][kernels] = _error(e)
                 save()
+            try:
+                report["verify_compact"] = verify_compact_backends(
+                    models["medusa"], eval_tree(models["medusa"].config.n_heads),
+                    prefix_len=ids[0].shape[1] + max_new_tokens // 2, iters=20 if quick else 200)
+            except Exception as e:  # noqa: BLE001
+                report["verify_compact"] = _error(e)
+            save()
         for strategy in ("medusa", "mtp"):
             if strategy not in models:
                 continue

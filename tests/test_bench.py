@@ -40,6 +40,12 @@ def test_quick_bench_end_to_end(tmp_path):
         assert "error" not in b, b
         assert 0 < b["forward_us"] and 0 < b["logits_us"] and b["step_us"] > 0
         assert b["bookkeeping_share"] == pytest.approx((b["step_us"] - b["forward_us"]) / b["step_us"])
+    from mtpkern.ops import _backend
+
+    if _backend.HAS_CUDA_EXT:
+        vc = report["verify_compact"]
+        assert min(vc["verify_eager_us"], vc["verify_extension_us"], vc["kv_compact_eager_us"],
+                   vc["kv_compact_extension_us"]) > 0, vc
     for name in ("medusa/auto", "mtp/auto"):
         curve = report["step_cost"][name]
         assert [p["T"] for p in curve] == [1, 2, 4, 8, 16] and all(p["step_us"] > 0 for p in curve), curve
