@@ -264,3 +264,15 @@ def test_whole_step_cuda_graph_matches_eager(medusa_model, mtp_model, tree):
                             == eager.generate(prompt, max_new_tokens=MAX_NEW).tokens), (strategy, tree, kernels)
         finally:
             model.cpu()
+
+
+def test_dynamic_tree_with_fused_kernels(medusa_model, mtp_model):
+    """The fused path (Triton's interpreter on CPU): log-probabilities from the fused logits
+    kernel, the packed mask of a per-step tree through tree attention."""
+    for strategy, model in (("medusa", medusa_model), ("mtp", mtp_model)):
+        ntp = Decoder(model, "ntp", kernels="eager")
+        fused = Decoder(model, strategy, tree="dynamic:6", kernels="fused")
+        for prompt in PROMPTS[:2]:
+            out = fused.generate(prompt, max_new_tokens=12)
+            assert out.tokens == ntp.generate(prompt, max_new_tokens=12).tokens, (strategy, prompt)
+            assert max(out.accept_lengths) > 1
