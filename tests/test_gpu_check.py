@@ -96,3 +96,12 @@ def test_summary_reads_every_benchmarks_json(tmp_path):
     assert "float32 medusa eager: 0.75, 0.900" in out
     assert "ntp: ntp: 1500.0" in out and "transformers static: failed: boom" in out
     assert "bench_e2e.json: unreadable" in out
+
+
+def test_ci_runs_the_readmes_test_command_and_the_gpu_machines_triton():
+    readme = [line for line in (ROOT / "README.md").read_text().splitlines() if line.startswith("pip install torch")]
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert len(readme) >= 2 and readme[1] in ci.splitlines(), "README's second set-up command must be in .ci/run"
+    assert "--target \"$TRITON_SIDE\" triton==3.6.0" in ci
+    assert 'PYTHONPATH="$TRITON_SIDE" python -m pytest -q tests/test_triton_compile.py' in ci
+    assert "set -euo pipefail" in ci  # any failing step, pytest's exit code 5 (nothing collected) included, fails CI
