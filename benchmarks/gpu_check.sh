@@ -115,8 +115,13 @@ record env passed 0 "$(grep -m1 '^torch' "$OUT/env.txt")"
 
 KERNEL_TESTS="tests/test_fused_logits.py tests/test_tree_attention.py tests/test_tree_mask.py tests/test_verify.py tests/test_kv_compact.py tests/test_triton_compat.py"
 DECODE_STATIC=()
-if [ "${HF_STATIC:-0}" = 1 ] && has_flag --hf-static "$PYTHON" benchmarks/bench_decode.py; then
-  DECODE_STATIC=(--hf-static)
+if [ "${HF_STATIC:-0}" = 1 ]; then
+  if has_flag --hf-static "$PYTHON" benchmarks/bench_decode.py; then
+    DECODE_STATIC=(--hf-static)
+    echo "HF_STATIC=1: bench_decode also times transformers' static cache (--hf-static)"
+  else
+    echo "HF_STATIC=1: benchmarks/bench_decode.py has no --hf-static flag; it runs its own default"
+  fi
 fi
 PYTEST=("$PYTHON" -m pytest -q -p no:cacheprovider)
 

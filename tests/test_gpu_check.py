@@ -59,6 +59,13 @@ def test_stage_filter_and_the_no_gpu_reason(tmp_path):
     assert "kernel_tests: skipped" in r.stdout
 
 
+def test_total_budget_and_the_static_baseline_switch(tmp_path):
+    r = run(SCRIPT, OUT=str(tmp_path), DRY_RUN="1", TOTAL_S="10", HF_STATIC="1")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert stages(tmp_path)["collect"] == ("skipped", "no time left in TOTAL_S=10")
+    assert re.search(r"HF_STATIC=1: (bench_decode also times .*--hf-static|.*has no --hf-static flag)", r.stdout)
+
+
 def test_out_defaults_to_gpu_results_at_the_repository_root(tmp_path):
     """Run from a copy (the real gpu_results/ may hold a user's figures): OUT is found from the
     script's place, not the caller's working directory."""
