@@ -14,7 +14,7 @@
 # timeout keeps what was measured.
 #
 # Environment:
-#   OUT=DIR      where logs, JSON and summary.txt go (default: gpu_results)
+#   OUT=DIR      where logs, JSON and summary.txt go (default: gpu_results; relative to the repo root)
 #   PYTHON=EXE   the Python to run (default: python3; the GPU machines have no plain python)
 #   TOTAL_S=N    the budget for all stages together, in seconds (default: 450)
 #   STAGES="a b" run only these stages (names as in the summary); the rest report "skipped"
