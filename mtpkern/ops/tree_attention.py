@@ -173,10 +173,12 @@ def tree_attention_ref(
     out[b, h, i] = sum_s softmax_s(scale * q[b, h, i] . k[b, h, s] + bias[i, s]) v[b, h, s],
     bias[i, s] = 0 where s < P, or s = P + j with bit j of row i of ``tree_mask`` set, and
     -inf elsewhere; scale defaults to 1/sqrt(Dh). A row that sees no slot outputs 0.
-    Checks ``P + T <= S`` on the host (the kernel cannot, without a sync).
+    Checks ``0 <= P <= S - T`` where ``prefix_len`` is on the CPU; on a GPU that check would
+    sync with the host, and the dense mask never reads past the cache anyway.
     """
     _check_inputs(q, k_cache, v_cache, prefix_len, tree_mask)
-    _check_prefix_len_value(int(prefix_len.reshape(())), q.shape[2], k_cache.shape[2])
+    if prefix_len.device.type == "cpu":
+        _check_prefix_len_value(int(prefix_len.reshape(())), q.shape[2], k_cache.shape[2])
     scale = _resolve_scale(scale, q.shape[-1])
     return _attention_dense(q, k_cache, v_cache, prefix_len, tree_mask, scale)
 
