@@ -34,10 +34,10 @@ the N best form a tree; they are found level by level (the best N of each level'
 of the previous level's best N) with fixed shapes, and the tree's mask, depths and paths are
 built on the device by the ``tree_buffers`` op, so a CUDA graph still fits.
 
-CUDA graphs (``cuda_graph=True``): deterministic steps (greedy, typical) with the C++
-extension's verification and compaction are captured whole (forward, logits, verification,
-KV compaction, next drafts) and replayed per step; sampling steps, or a build without the
-extension, replay the forward pass alone. Captures happen on the first ``generate`` and
+CUDA graphs (``cuda_graph=True``): deterministic steps (greedy, typical) are captured whole
+(forward, logits, verification, KV compaction, next drafts) and replayed per step; sampling
+steps, and dynamic trees without the C++ extension (the eager ``tree_buffers`` syncs),
+replay the forward pass alone. Captures happen on the first ``generate`` and
 are kept by the decoder; ``decoder.reset_graphs()`` drops them (after the weights move).
 """
 
@@ -693,8 +693,10 @@ class Decoder:
 
     @property
     def whole_step_graph(self) -> bool:
-        """Whether a CUDA graph replays the whole step (else only its forward pass)."""
-        return self.step.graphable and self.ops_backend == "cuda"
+        """Whether a CUDA graph replays the whole step (else only its forward pass): a step
+        without host randomness whose ops never sync (the extension's kernels; the eager
+        references of verification and compaction too, but not the dynamic tree's buffers)."""
+        return self.step.graphable and (self.ops_backend == "cuda" or not self.dynamic)
 
     def reset_graphs(self) -> None:
         """Drop the captured graphs (they read the weights at the addresses they were captured
