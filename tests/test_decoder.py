@@ -64,20 +64,15 @@ def check_lossless(model, strategy, tree):
 
 @pytest.mark.parametrize("tree", ["dynamic", "dynamic:5", "auto"])
 def test_dynamic_and_auto_trees_are_lossless(medusa_model, mtp_model, tree):
+    """("auto" without calibration is the default tree: its warning has a test of its own.)"""
+    import warnings
+
     for i, (strategy, model) in enumerate(models(medusa_model, mtp_model)):
-        with pytest.warns(UserWarning) if tree == "auto" and not decoder_mod.has_calibration(model) else _nothing():
-            decoder_mod._warned.clear()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
             accept = check_lossless(model, strategy, tree)
         if i < 2:  # trained heads: drafts are really accepted
             assert accept > 1.5, (strategy, tree, accept)
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def test_dynamic_tree_accepts_at_least_the_chain(medusa_model):
