@@ -60,7 +60,7 @@ from typing import Callable, NamedTuple, Sequence
 import torch
 
 from mtpkern.checkpoint import CheckpointError
-from mtpkern.runtime import dtype_name, synchronize
+from mtpkern.runtime import dtype_name, resolve_dtype, synchronize
 from mtpkern.tree import Tree
 
 CALIBRATION_NAME = "calibration.json"
@@ -157,7 +157,10 @@ class Calibration:
             raise CalibrationError(
                 f"{where} was measured on a {theirs.get('model_type')} model with {theirs.get('n_heads')} heads, "
                 f"this is a {mine['model_type']} model with {mine['n_heads']}; rerun `mtpkern calibrate`")
-        diff = [k for k in mine if theirs.get(k) != mine[k]]
+        # The weight hash is exact for a model in float32 or float16 (it rounds to float16);
+        # bfloat16 rounds differently, so such a model is checked by its shape alone.
+        exact = model.dtype in (torch.float32, torch.float16)
+        diff = [k for k in mine if theirs.get(k) != mine[k] and (exact or k != "weights")]
         if diff:
             raise CalibrationError(f"{where} was measured on another model ({', '.join(diff)} differ); "
                                    "rerun `mtpkern calibrate`")
@@ -232,7 +235,8 @@ def calibrate(model, prompts: Sequence, *, max_new_tokens: int = 64, eos_token_i
             reachable = reachable[:n] & (rank < K)
         n_prompts += 1
     if n_prompts == 0:
-        raise ValueError(f"no prompt fits the model's context of {model.config.n_positions} tokens")
+        raise ValueError(f"no prompt to calibrate on: none was given, or none leaves room to decode in the "
+                         f"model's context of {model.config.n_positions} tokens")
     info = dict(source or {}, n_prompts=n_prompts, max_new_tokens=max_new_tokens)
     return Calibration(fingerprint(model), K, counts.tolist(), positions.tolist(), info)
 
@@ -371,8 +375,8 @@ class StepCost:
 def cost_key(model, *, kernels: str, cuda_graph: bool) -> dict:
     """What a measured step cost depends on."""
     cfg = model.config
-    shape = {k: getattr(cfg, k) for k in ("model_type", "vocab_size", "n_embd", "n_layer", "n_head", "n_heads",
-                                          "medusa_layers", "medusa_proj")}
+    shape = {k: getattr(cfg, k) for k in ("model_type", "vocab_size", "n_positions", "n_embd", "n_layer", "n_head",
+                                          "n_heads", "medusa_layers", "medusa_proj")}
     return dict(device=device_name(model.device), torch=torch.__version__, model=shape,
                 dtype=dtype_name(model.dtype), kernels=kernels, cuda_graph=bool(cuda_graph))
 
@@ -385,6 +389,8 @@ def step_cost(model, *, kernels: str = "auto", cuda_graph: bool = False, refresh
     step runs one head block per depth)."""
     if kernels not in ("auto", "eager", "fused"):
         raise ValueError(f"unknown kernels {kernels!r}; choose one of auto, eager, fused")
+    if draft_depth(model) < 1:
+        raise ValueError(f"step_cost times tree steps: it needs a model with draft heads, got {model.n_heads} head(s)")
     if cuda_graph and model.device.type != "cuda":
         raise ValueError(f"cuda_graph=True needs the model on a CUDA device; it is on {model.device}")
     key = cost_key(model, kernels=kernels, cuda_graph=cuda_graph)
@@ -533,8 +539,9 @@ def auto_tree(model, *, device=None, dtype=None, kernels: str = "auto", cuda_gra
     want = torch.device(device) if device is not None else model.device
     if want.type != model.device.type or (want.index is not None and want != model.device):
         raise ValueError(f"auto_tree: the model is on {model.device}, not {device}; move it first")
-    if dtype is not None and dtype != model.dtype:
-        raise ValueError(f"auto_tree: the model is {dtype_name(model.dtype)}, not {dtype_name(dtype)}; cast it first")
+    if dtype is not None and resolve_dtype(dtype) != model.dtype:
+        raise ValueError(f"auto_tree: the model is {dtype_name(model.dtype)}, not {dtype_name(resolve_dtype(dtype))}; "
+                         "cast it first")
     if max_nodes is not None:
         check_budget(max_nodes, max_draft_nodes(model))
     if getattr(model, "calibration", None) is None:
@@ -625,7 +632,7 @@ def calibrate_checkpoint(path, *, data: str | None = None, device: str = "auto",
     from mtpkern.data import load_tokenizer
     from mtpkern.eval import read_run, resolve_checkpoint, validation_records
     from mtpkern.model import load_model
-    from mtpkern.runtime import resolve_device, resolve_dtype
+    from mtpkern.runtime import resolve_device
 
     ckpt, run = resolve_checkpoint(path)
     dev = resolve_device(device)

@@ -326,6 +326,8 @@ def test_step_cost_rejects_bad_settings():
         step_cost(tiny_medusa(), kernels="fast")
     with pytest.raises(ValueError, match="needs the model on a CUDA device"):
         step_cost(tiny_medusa(), cuda_graph=True)
+    with pytest.raises(ValueError, match="needs a model with draft heads"):
+        step_cost(tiny_gpt2())
 
 
 @pytest.mark.parametrize("tree", [None, Tree.chain(3), Tree.from_widths([3, 2])])
@@ -361,7 +363,11 @@ def test_auto_tree_is_the_plan_and_decodes_losslessly(saved_mtp, cost_cache):
         ntp = generate(model, ids, max_new_tokens=30, strategy="ntp", eos_token_id=63)
         assert generate(model, ids, max_new_tokens=30, strategy="mtp", tree=tree, eos_token_id=63).tokens == ntp.tokens
     with pytest.raises(ValueError, match="the model is float32, not float16"):
-        auto_tree(model, dtype=torch.float16)
+        auto_tree(model, dtype="fp16")
+    bf16 = load_model(saved_mtp, dtype=torch.bfloat16)  # the weight hash is float16's: checked by shape
+    assert bf16.calibration is not None
+    step_cost(bf16, timer=fake_timer(calls))
+    assert plan_tree(bf16, calibration=bf16.calibration, max_nodes=1).tree == Tree([[0]])
 
 
 def test_plan_tree_refuses_a_calibration_of_another_model(calibrations):
