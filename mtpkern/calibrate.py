@@ -14,12 +14,14 @@ Three pieces, each usable alone:
   ``mtpkern.load_model`` attaches it as ``model.calibration``.
 * **Cost model** (:func:`step_cost`): the time of one decoding step of the engine (forward
   pass, verification, KV compaction, next drafts, host sync) for T = 1 (a next-token step) to
-  128 tree tokens, sampled at powers of two and interpolated linearly, on the device, dtype, kernels and CUDA-graph setting in use.
-  Measured once and cached in ``$MTPKERN_CACHE/step_cost.json`` (default
-  ``~/.cache/mtpkern``), keyed by device name, torch version, model shape, dtype, kernels and
-  cuda_graph.
-* **Tree optimiser** (:func:`optimise_tree`): for every node budget n the tree with the largest
-  expected accepted length, then the n that maximises expected accepted length / step time.
+  128 tree tokens, sampled at powers of two and interpolated linearly (for MTP one curve per
+  tree depth: each draft head is a transformer block the step runs), on the device, dtype,
+  kernels and CUDA-graph setting in use. Measured once and cached in
+  ``$MTPKERN_CACHE/step_cost.json`` (default ``~/.cache/mtpkern``), keyed by device name,
+  torch version, model shape, dtype, kernels, cuda_graph and tree depth.
+* **Tree optimiser** (:func:`optimise_tree`, :func:`optimise_tree_depths`): for every node
+  budget n (and depth) the tree with the largest expected accepted length, then the one that
+  maximises expected accepted length / step time.
 
 Why greedy best-first expansion is exact (the argument :func:`best_first_nodes` relies on).
 Assumptions: (a) the event "head d's rank-r candidate is the model's own token" has
@@ -53,6 +55,7 @@ import os
 import platform
 import time
 import warnings
+import weakref
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, NamedTuple, Sequence
@@ -308,7 +311,7 @@ def timing_tree(T: int, depth: int, topk: int = TOPK) -> Tree:
 
 
 def time_tree_step(model, tree: Tree | None, *, prefix_len: int, kernels: str = "auto", cuda_graph: bool = False,
-                   min_time: float = 0.2) -> float:
+                   min_time: float = 0.1) -> float:
     """The fastest of several timed runs (the least disturbed by other work on the machine),
     in seconds, of one greedy decoding step of the engine over ``tree`` (None: one
     next-token step) after ``prefix_len`` cached tokens: the forward pass, verification, KV
@@ -381,19 +384,29 @@ def cost_key(model, *, kernels: str, cuda_graph: bool) -> dict:
                 dtype=dtype_name(model.dtype), kernels=kernels, cuda_graph=bool(cuda_graph))
 
 
-def step_cost(model, *, kernels: str = "auto", cuda_graph: bool = False, refresh: bool = False,
-              timer: Callable | None = None) -> StepCost:
-    """The step-cost curve of ``model`` as it is (device, dtype), measured once per setting and
-    cached in ``cache_dir() / "step_cost.json"``; ``refresh`` measures again. Trees of T tokens
-    use the model's full draft depth (an upper bound for shallower trees of MTP models, whose
-    step runs one head block per depth)."""
+def cost_depths(model) -> list[int]:
+    """The tree depths whose step costs differ enough to be measured apart: every depth for MTP
+    (each draft head is a transformer block the step runs over every node), the full depth for
+    MEDUSA (its heads are one residual block each)."""
+    D = draft_depth(model)
+    return list(range(1, D + 1)) if model.config.model_type == "mtp" else [D]
+
+
+def step_cost(model, *, kernels: str = "auto", cuda_graph: bool = False, depth: int | None = None,
+              refresh: bool = False, timer: Callable | None = None) -> StepCost:
+    """The step-cost curve of ``model`` as it is (device, dtype) for trees of ``depth`` (default:
+    every draft head), measured once per setting and cached in ``cache_dir() / "step_cost.json"``;
+    ``refresh`` measures again. ``timer``: what times one step (default :func:`time_tree_step`)."""
     if kernels not in ("auto", "eager", "fused"):
         raise ValueError(f"unknown kernels {kernels!r}; choose one of auto, eager, fused")
     if draft_depth(model) < 1:
         raise ValueError(f"step_cost times tree steps: it needs a model with draft heads, got {model.n_heads} head(s)")
     if cuda_graph and model.device.type != "cuda":
         raise ValueError(f"cuda_graph=True needs the model on a CUDA device; it is on {model.device}")
-    key = cost_key(model, kernels=kernels, cuda_graph=cuda_graph)
+    D = draft_depth(model) if depth is None else depth
+    if isinstance(D, bool) or not isinstance(D, int) or not 1 <= D <= draft_depth(model):
+        raise ValueError(f"depth must be an int in 1..{draft_depth(model)} (the draft heads), got {depth!r}")
+    key = dict(cost_key(model, kernels=kernels, cuda_graph=cuda_graph), depth=D)
     name = json.dumps(key, sort_keys=True)
     path = cache_dir() / "step_cost.json"
     table = _read_cache(path)
@@ -405,7 +418,7 @@ def step_cost(model, *, kernels: str = "auto", cuda_graph: bool = False, refresh
             pass  # a damaged entry of our own cache: measure again
     prefix = min(256, model.config.n_positions // 2)
     sizes = [T for T in COST_SIZES if prefix + T <= model.config.n_positions]
-    D, K = max(1, draft_depth(model)), min(TOPK, model.config.vocab_size)
+    K = min(TOPK, model.config.vocab_size)
     sizes = [T for T in sizes if T - 1 <= sum(K ** d for d in range(1, D + 1))]
     timer = timer or time_tree_step
     seconds = [timer(model, timing_tree(T, D, K) if T > 1 else None, prefix_len=prefix, kernels=kernels,
@@ -512,6 +525,21 @@ def optimise_tree(accept: Sequence[Sequence[float]], cost: Callable[[int], float
     return TreePlan(tree, expected, seconds, rate, 1.0 / cost(1), curve)
 
 
+def optimise_tree_depths(accept: Sequence[Sequence[float]], costs: dict, *, max_tokens: int) -> TreePlan:
+    """:func:`optimise_tree` when the step cost depends on the tree's depth too: ``costs[d]``
+    is the cost of trees at most d deep. For every d the best trees of depth <= d are the
+    best-first nodes of ``accept[:d]``; the best (depth, budget) wins, ties to the shallower."""
+    best = None
+    for d in sorted(costs):
+        T = min(max_tokens, getattr(costs[d], "max_tokens", max_tokens))
+        plan = optimise_tree(accept[:d], costs[d], max_tokens=T)
+        if best is None or plan.tokens_per_second > best.tokens_per_second:
+            best = plan
+    if best is None:
+        raise ValueError("no step cost to optimise against")
+    return best
+
+
 def plan_tree(model, *, kernels: str = "auto", cuda_graph: bool = False, max_nodes: int | None = None,
               calibration: Calibration | None = None) -> TreePlan:
     """The optimised tree of ``model`` (its calibration, or ``calibration``) on its device."""
@@ -522,12 +550,12 @@ def plan_tree(model, *, kernels: str = "auto", cuda_graph: bool = False, max_nod
     limit = max_draft_nodes(model)
     if max_nodes is not None:
         check_budget(max_nodes, limit)
-    cost = step_cost(model, kernels=kernels, cuda_graph=cuda_graph)
-    T = min(cost.max_tokens, limit + 1, (max_nodes or limit) + 1)
-    return optimise_tree(cal.accept, cost, max_tokens=T)
+    costs = {d: step_cost(model, kernels=kernels, cuda_graph=cuda_graph, depth=d) for d in cost_depths(model)}
+    return optimise_tree_depths(cal.accept, costs, max_tokens=min(limit, max_nodes or limit) + 1)
 
 
 _warned_uncalibrated = False
+_auto_trees: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {setting: (calibration, tree)}
 
 
 def auto_tree(model, *, device=None, dtype=None, kernels: str = "auto", cuda_graph: bool = False,
@@ -550,7 +578,13 @@ def auto_tree(model, *, device=None, dtype=None, kernels: str = "auto", cuda_gra
             warnings.warn("tree='auto': the model has no calibration (run `mtpkern calibrate` on its checkpoint); "
                           "using the default tree", stacklevel=2)
         return None
-    return plan_tree(model, kernels=kernels, cuda_graph=cuda_graph, max_nodes=max_nodes).tree
+    # Planned once per model and setting: generate() may ask on every call.
+    key = (model.device, model.dtype, kernels, bool(cuda_graph), max_nodes)
+    planned = _auto_trees.setdefault(model, {})
+    cal = model.calibration
+    if key not in planned or planned[key][0] is not cal:
+        planned[key] = (cal, plan_tree(model, kernels=kernels, cuda_graph=cuda_graph, max_nodes=max_nodes).tree)
+    return planned[key][1]
 
 
 
@@ -721,6 +755,6 @@ def calibrate_after_training(model, records, tokenizer, checkpoint, *, source: d
 __all__ = [
     "Calibration", "CalibrationError", "StepCost", "TreePlan", "calibrate", "calibrate_records", "load_calibration",
     "attach_calibration", "fingerprint", "step_cost", "time_tree_step", "timing_tree", "best_first_nodes",
-    "optimise_tree", "plan_tree", "auto_tree", "select_dynamic", "DynamicTree", "cache_dir", "calibrate_checkpoint", "measure_tree", "format_report",
+    "optimise_tree", "optimise_tree_depths", "cost_depths", "plan_tree", "auto_tree", "select_dynamic", "DynamicTree", "cache_dir", "calibrate_checkpoint", "measure_tree", "format_report",
     "calibrate_after_training", "CALIBRATION_NAME",
 ]

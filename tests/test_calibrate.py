@@ -30,6 +30,7 @@ from mtpkern.calibrate import (
     fingerprint,
     load_calibration,
     optimise_tree,
+    optimise_tree_depths,
     plan_tree,
     select_dynamic,
     step_cost,
@@ -112,6 +113,22 @@ def test_optimise_tree_maximises_tokens_per_second_against_brute_force():
     # a flat cost takes every useful node; a steep one takes the single best
     assert len(optimise_tree(accept, lambda T: 1.0, max_tokens=16).tree) == 1 + len(nodes)
     assert optimise_tree(accept, lambda T: float(T), max_tokens=16).tree == Tree([[0]])
+
+
+def test_depth_aware_optimiser_against_brute_force():
+    """With a step cost per tree depth (MTP runs one head block per depth), the best (tree,
+    depth) over every prefix-closed tree."""
+    accept = [[0.8, 0.15], [0.5, 0.3], [0.4, 0.2]]
+    nodes = [p for d in (1, 2, 3) for p in itertools.product(range(2), repeat=d)]
+    for slope in (0.05, 0.4, 2.0):  # cheap, moderate and expensive deeper heads
+        costs = {d: StepCost([1, 2, 4, 8], [1.0, 1.0 + slope * d, 1.1 + slope * d, 1.5 + slope * d])
+                 for d in (1, 2, 3)}
+        best = max((1 + sum(_score(accept, p) for p in s)) / costs[max(map(len, s))](n + 1)
+                   for n in range(1, 8) for s in _closed_subsets(nodes, n))
+        plan = optimise_tree_depths(accept, costs, max_tokens=8)
+        assert plan.tokens_per_second == pytest.approx(best)
+        depth = plan.tree.max_depth
+        assert plan.tokens_per_second == pytest.approx(plan.expected_accept_length / costs[depth](len(plan.tree)))
 
 
 def test_optimiser_is_deterministic_and_breaks_ties_towards_small_shallow_trees():
@@ -328,6 +345,8 @@ def test_step_cost_rejects_bad_settings():
         step_cost(tiny_medusa(), cuda_graph=True)
     with pytest.raises(ValueError, match="needs a model with draft heads"):
         step_cost(tiny_gpt2())
+    with pytest.raises(ValueError, match=r"depth must be an int in 1..3"):
+        step_cost(tiny_medusa(), depth=4)
 
 
 @pytest.mark.parametrize("tree", [None, Tree.chain(3), Tree.from_widths([3, 2])])
@@ -352,10 +371,13 @@ def test_auto_tree_without_calibration_falls_back_and_says_so_once(monkeypatch):
 def test_auto_tree_is_the_plan_and_decodes_losslessly(saved_mtp, cost_cache):
     model = load_model(saved_mtp)
     calls = []
-    step_cost(model, timer=fake_timer(calls))  # the cost curve, cached: auto_tree reads it
+    for depth in (1, 2, 3):  # MTP: one curve per tree depth, cached; auto_tree reads them
+        step_cost(model, depth=depth, timer=fake_timer(calls))
+    assert calls == [1, 2, 4, 8] + [1, 2, 4, 8, 16, 32, 64] * 2  # depth 1 holds at most 10 nodes
     tree = auto_tree(model, device="cpu", dtype=torch.float32, kernels="auto")
-    assert calls == [1, 2, 4, 8, 16, 32, 64]  # measured once, by the call above
+    assert len(calls) == 18  # nothing measured again
     assert tree == plan_tree(model).tree and len(tree) > 2
+    assert auto_tree(model) is tree  # planned once per model and setting
     best_two = Tree([list(p) for p, _ in best_first_nodes(model.calibration.accept, 2)])
     assert auto_tree(model, max_nodes=2) == best_two  # a flat cost up to 8 tokens: the budget is used
     for p in random_prompts(6, seed=3):
@@ -366,7 +388,8 @@ def test_auto_tree_is_the_plan_and_decodes_losslessly(saved_mtp, cost_cache):
         auto_tree(model, dtype="fp16")
     bf16 = load_model(saved_mtp, dtype=torch.bfloat16)  # the weight hash is float16's: checked by shape
     assert bf16.calibration is not None
-    step_cost(bf16, timer=fake_timer(calls))
+    for depth in (1, 2, 3):
+        step_cost(bf16, depth=depth, timer=fake_timer(calls))
     assert plan_tree(bf16, calibration=bf16.calibration, max_nodes=1).tree == Tree([[0]])
 
 
@@ -451,9 +474,10 @@ def _readme_commands() -> list[str]:
     text = (ROOT / "README.md").read_text()
     section = text.split("## Trees that fit the hardware", 1)[1].split("\n## ", 1)[0]
     blocks = re.findall(r"```bash\n(.*?)```", section, flags=re.S)
-    return [ln.split("  #")[0].strip() for b in blocks for ln in b.splitlines() if ln.strip()]
+    return [ln.strip() for b in blocks for ln in b.splitlines() if ln.strip() and not ln.startswith("#")]
 
 
+@pytest.mark.slow
 def test_the_readme_commands_work(tmp_path, monkeypatch):
     """The README section's commands as written, in an empty directory, with fewer training
     steps and samples (the flags shrink, nothing else changes)."""
@@ -471,7 +495,8 @@ def test_the_readme_commands_work(tmp_path, monkeypatch):
         r = subprocess.run([sys.executable, "-m", "mtpkern.cli", *args], cwd=tmp_path, capture_output=True, text=True,
                            timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert r.returncode == 0, (command, r.stderr[-2000:])
-    assert (tmp_path / "runs" / "mtp" / "checkpoint" / CALIBRATION_NAME).is_file()
+    assert (tmp_path / "runs" / "mtp-tiny" / "checkpoint" / CALIBRATION_NAME).is_file()
+    assert json.loads((tmp_path / "runs" / "mtp-tiny" / "calibrate.json").read_text())["plan"]["nodes"] <= 32
 
 
 # ----------------------------------------------------------------------------- dynamic trees
