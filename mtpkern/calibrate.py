@@ -40,9 +40,15 @@ parent always precedes its children. The n first nodes of that order therefore f
 prefix-closed set, and no set of n nodes has a larger sum: they are the best n-node tree, and
 best-first expansion from the root (a heap of the frontier) lists them in that order, so every
 budget's optimum is a prefix of one list. Monotonicity in rank is not needed (ranks need not
-be expanded in order), so noisy estimates are used as measured. What the assumptions cost:
-acceptance in reality depends on the context, so the prediction is an average, reported beside
-the measured accepted length.
+be expanded in order), so noisy estimates are used as measured.
+
+What the assumptions cost: heads err together (a hard position is hard for every head), and
+decoding does not visit every position (a step skips the tokens it accepts, so easy stretches
+count less than in an average over positions). The calibration therefore also keeps, for
+every generated position, the rank of the model's own token in each head's top-k; the
+candidates (the best-first trees, one per budget) are then scored by replaying greedy decoding
+over those continuations (:func:`simulate_steps`), which is what decoding those prompts with
+that tree does, step for step.
 """
 
 from __future__ import annotations
@@ -110,6 +116,9 @@ class Calibration:
     counts: list[list[int]]
     positions: list[int]
     source: dict = field(default_factory=dict)
+    # Per prompt, per generated position: the rank of the model's own token in each draft
+    # head's top-k, one character per head ("0".."9", "x": not in the top-k, ".": past the end).
+    ranks: list[list[str]] = field(default_factory=list)
 
     @property
     def depth(self) -> int:
@@ -149,6 +158,10 @@ class Calibration:
             if any(c < 0 for row in cal.counts for c in row) or any(
                     sum(row) > n for row, n in zip(cal.counts, cal.positions)):
                 raise ValueError("counts are negative or exceed their positions")
+            cal.ranks = [[str(p) for p in prompt] for prompt in d.get("ranks", [])]
+            allowed = set("x.") | {str(r) for r in range(cal.topk)}
+            if any(len(p) != len(cal.counts) or not set(p) <= allowed for prompt in cal.ranks for p in prompt):
+                raise ValueError(f"ranks must be strings of {len(cal.counts)} characters from {''.join(sorted(allowed))}")
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise CalibrationError(f"{where} is not a valid calibration: {e}") from None
         return cal
@@ -209,10 +222,10 @@ def calibrate(model, prompts: Sequence, *, max_new_tokens: int = 64, eos_token_i
     if kind not in ("mtp", "medusa") or draft_depth(model) < 1:
         raise ValueError(f"calibration needs an MTP or MEDUSA model with draft heads, got a {kind} model "
                          f"with {model.n_heads} head(s)")
-    D, K = draft_depth(model), min(topk, model.config.vocab_size)
+    D, K = draft_depth(model), min(topk, model.config.vocab_size, 10)  # one character per rank
     counts = torch.zeros(D, K, dtype=torch.long)
     positions = torch.zeros(D, dtype=torch.long)
-    n_prompts = 0
+    n_prompts, ranks = 0, []
     for ids in prompts:
         ids = torch.as_tensor(ids, device=model.device).reshape(-1).long()
         P = ids.numel()
@@ -225,6 +238,7 @@ def calibrate(model, prompts: Sequence, *, max_new_tokens: int = 64, eos_token_i
         L = seq.numel()
         hidden = model(seq[None], heads=D + 1, logits=False).hidden[0]  # [L, D + 1, dim]
         reachable = torch.ones(L - P, dtype=torch.bool, device=ids.device)  # positions P-1 .. L-2
+        table = torch.full((L - P, D), -1, dtype=torch.long)  # -1: past the end
         for d in range(1, D + 1):
             n = L - P - d  # positions t = P-1 .. L-d-2 have a token d + 1 ahead
             if n <= 0:
@@ -236,12 +250,14 @@ def calibrate(model, prompts: Sequence, *, max_new_tokens: int = 64, eos_token_i
             counts[d - 1] += torch.bincount(rank[ok], minlength=K + 1)[:K].cpu()
             positions[d - 1] += int(ok.sum())
             reachable = reachable[:n] & (rank < K)
+            table[:n, d - 1] = rank.cpu()
+        ranks.append(["".join("." if r < 0 else "x" if r >= K else str(r) for r in row) for row in table.tolist()])
         n_prompts += 1
     if n_prompts == 0:
         raise ValueError(f"no prompt to calibrate on: none was given, or none leaves room to decode in the "
                          f"model's context of {model.config.n_positions} tokens")
     info = dict(source or {}, n_prompts=n_prompts, max_new_tokens=max_new_tokens)
-    return Calibration(fingerprint(model), K, counts.tolist(), positions.tolist(), info)
+    return Calibration(fingerprint(model), K, counts.tolist(), positions.tolist(), info, ranks)
 
 
 def held_out_prompts(records, tokenizer, model, *, max_samples: int, max_new_tokens: int) -> list[list[int]]:
@@ -473,6 +489,44 @@ def best_first_nodes(accept: Sequence[Sequence[float]], limit: int) -> list[tupl
     return out
 
 
+def simulate_steps(ranks: Sequence[Sequence[str]], tree: Tree | set) -> list[list[int]]:
+    """Replay greedy decoding with ``tree`` over calibrated continuations: per prompt, the
+    tokens each step emits (accepted drafts + the model's own token). A step at position t
+    accepts the deepest tree path equal to the ranks of the model's own tokens at t, and the
+    next step starts after them: exactly what decoding those prompts with ``tree`` does (the
+    tokens are the model's own greedy ones), except that the last step of a generation may
+    also accept drafts past the calibrated end."""
+    return _replay(_parse_ranks(ranks), set(tree.choices) if isinstance(tree, Tree) else tree)
+
+
+def _parse_ranks(ranks) -> list[list[tuple[int, ...]]]:
+    return [[tuple(int(c) if c.isdigit() else -1 for c in row) for row in prompt] for prompt in ranks]
+
+
+def _replay(rows_per_prompt, paths: set) -> list[list[int]]:
+    out = []
+    for rows in rows_per_prompt:
+        steps, t = [], 0
+        while t < len(rows):
+            a = 0
+            while a < len(rows[t]) and rows[t][: a + 1] in paths:
+                a += 1
+            steps.append(1 + a)
+            t += 1 + a
+        out.append(steps)
+    return out
+
+
+def _mean_step(steps: list[list[int]]) -> float:
+    flat = [a for prompt in steps for a in prompt]
+    return sum(flat) / len(flat) if flat else 1.0
+
+
+def simulated_accept_length(ranks: Sequence[Sequence[str]], tree: Tree) -> float:
+    """Mean tokens per step of :func:`simulate_steps`."""
+    return _mean_step(simulate_steps(ranks, tree))
+
+
 @dataclass
 class TreePlan:
     """The chosen tree and what the models predict for it."""
@@ -503,18 +557,29 @@ def check_budget(max_nodes, limit: int) -> None:
                          f"(the model's context less the root and one prompt token), got {max_nodes!r}")
 
 
-def optimise_tree(accept: Sequence[Sequence[float]], cost: Callable[[int], float], *, max_tokens: int) -> TreePlan:
+def optimise_tree(accept: Sequence[Sequence[float]], cost: Callable[[int], float], *, max_tokens: int,
+                  ranks: Sequence[Sequence[str]] | None = None) -> TreePlan:
     """The tree maximising expected tokens/s = E[accepted length](n) / cost(n + 1) over node
     budgets n = 1 .. max_tokens - 1 (``cost`` takes the tree tokens T = n + 1, root included).
-    Ties go to the smaller tree."""
+    Ties go to the smaller tree.
+
+    With ``ranks`` (a calibration's continuations), the candidates are the same best-first
+    trees, but each one's accepted length is replayed over those continuations
+    (:func:`simulate_steps`) instead of taken from the independence model: decoding visits
+    positions unevenly (a step skips what it accepts) and heads err together, which the
+    product of averages misses."""
     if max_tokens < 2:
         raise ValueError(f"a tree needs at least 2 tokens (the root and one draft), got {max_tokens}")
     nodes = best_first_nodes(accept, max_tokens - 1)
     if not nodes:
         raise ValueError("no draft heads to build a tree from")
-    best, expected, curve = None, 1.0, []
-    for n, (_, score) in enumerate(nodes, start=1):
+    rows = _parse_ranks(ranks) if ranks else None
+    best, expected, curve, chosen = None, 1.0, [], set()
+    for n, (path, score) in enumerate(nodes, start=1):
         expected += score
+        chosen.add(path)
+        if rows is not None:
+            expected = _mean_step(_replay(rows, chosen))
         seconds = cost(n + 1)
         rate = expected / seconds
         curve.append(dict(nodes=n, accept_length=expected, step_s=seconds, tokens_per_second=rate))
@@ -525,14 +590,15 @@ def optimise_tree(accept: Sequence[Sequence[float]], cost: Callable[[int], float
     return TreePlan(tree, expected, seconds, rate, 1.0 / cost(1), curve)
 
 
-def optimise_tree_depths(accept: Sequence[Sequence[float]], costs: dict, *, max_tokens: int) -> TreePlan:
+def optimise_tree_depths(accept: Sequence[Sequence[float]], costs: dict, *, max_tokens: int,
+                         ranks: Sequence[Sequence[str]] | None = None) -> TreePlan:
     """:func:`optimise_tree` when the step cost depends on the tree's depth too: ``costs[d]``
     is the cost of trees at most d deep. For every d the best trees of depth <= d are the
     best-first nodes of ``accept[:d]``; the best (depth, budget) wins, ties to the shallower."""
     best = None
     for d in sorted(costs):
         T = min(max_tokens, getattr(costs[d], "max_tokens", max_tokens))
-        plan = optimise_tree(accept[:d], costs[d], max_tokens=T)
+        plan = optimise_tree(accept[:d], costs[d], max_tokens=T, ranks=ranks)
         if best is None or plan.tokens_per_second > best.tokens_per_second:
             best = plan
     if best is None:
@@ -551,7 +617,7 @@ def plan_tree(model, *, kernels: str = "auto", cuda_graph: bool = False, max_nod
     if max_nodes is not None:
         check_budget(max_nodes, limit)
     costs = {d: step_cost(model, kernels=kernels, cuda_graph=cuda_graph, depth=d) for d in cost_depths(model)}
-    return optimise_tree_depths(cal.accept, costs, max_tokens=min(limit, max_nodes or limit) + 1)
+    return optimise_tree_depths(cal.accept, costs, max_tokens=min(limit, max_nodes or limit) + 1, ranks=cal.ranks)
 
 
 _warned_uncalibrated = False
@@ -755,6 +821,6 @@ def calibrate_after_training(model, records, tokenizer, checkpoint, *, source: d
 __all__ = [
     "Calibration", "CalibrationError", "StepCost", "TreePlan", "calibrate", "calibrate_records", "load_calibration",
     "attach_calibration", "fingerprint", "step_cost", "time_tree_step", "timing_tree", "best_first_nodes",
-    "optimise_tree", "optimise_tree_depths", "cost_depths", "plan_tree", "auto_tree", "select_dynamic", "DynamicTree", "cache_dir", "calibrate_checkpoint", "measure_tree", "format_report",
+    "optimise_tree", "optimise_tree_depths", "simulate_steps", "simulated_accept_length", "cost_depths", "plan_tree", "auto_tree", "select_dynamic", "DynamicTree", "cache_dir", "calibrate_checkpoint", "measure_tree", "format_report",
     "calibrate_after_training", "CALIBRATION_NAME",
 ]

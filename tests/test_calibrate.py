@@ -33,6 +33,7 @@ from mtpkern.calibrate import (
     optimise_tree_depths,
     plan_tree,
     select_dynamic,
+    simulate_steps,
     step_cost,
     time_tree_step,
     timing_tree,
@@ -211,6 +212,21 @@ def test_predicted_accept_length_is_close_to_the_measured_one(kind, calibrations
                  for a in generate(model, torch.tensor(p), max_new_tokens=40, strategy=kind, tree=tree).accept_lengths]
         measured = sum(steps) / len(steps)
         assert abs(predicted - measured) < 0.2 * measured, (tree, predicted, measured)
+
+
+@pytest.mark.parametrize("kind", ["mtp", "medusa"])
+def test_replaying_the_calibration_is_decoding_step_for_step(kind):
+    """On the calibrated prompts, the replay gives exactly the steps greedy decoding takes with
+    any tree (but the last, which may accept drafts past the calibrated end)."""
+    model = {"mtp": tiny_mtp, "medusa": tiny_medusa}[kind]()
+    prompts = random_prompts(5, seed=11)
+    cal = calibrate(model, prompts, max_new_tokens=30)
+    for tree in (Tree.chain(1), Tree.chain(3), Tree.from_widths([3, 2, 1]), Tree([[1], [0], [1, 0], [1, 0, 2]])):
+        replayed = simulate_steps(cal.ranks, tree)
+        for p, steps in zip(prompts, replayed):
+            out = generate(model, torch.tensor(p), max_new_tokens=30, strategy=kind, tree=tree)
+            assert out.accept_lengths[:-1] == steps[: len(out.accept_lengths) - 1], tree
+            assert sum(steps) == len(out.tokens) or out.tokens[-1] == model.config.eos_token_id
 
 
 def test_calibration_refuses_a_model_without_draft_heads():
