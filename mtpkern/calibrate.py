@@ -133,7 +133,8 @@ class Calibration:
     def summary(self) -> str:
         """One line: top-1 and top-k acceptance per draft head."""
         heads = ", ".join(f"h{d + 1} {row[0]:.2f}/{sum(row):.2f}" for d, row in enumerate(self.accept))
-        return f"acceptance top-1/top-{self.topk} per draft head: {heads} ({min(self.positions, default=0)}+ positions)"
+        least = min(self.positions, default=0)
+        return f"acceptance top-1/top-{self.topk} per draft head: {heads} ({least}+ positions)"
 
     def to_dict(self) -> dict:
         return dict(schema=SCHEMA, **asdict(self), accept=self.accept)
@@ -162,7 +163,8 @@ class Calibration:
             cal.ranks = [[str(p) for p in prompt] for prompt in d.get("ranks", [])]
             allowed = set("x.") | {str(r) for r in range(cal.topk)}
             if any(len(p) != len(cal.counts) or not set(p) <= allowed for prompt in cal.ranks for p in prompt):
-                raise ValueError(f"ranks must be strings of {len(cal.counts)} characters from {''.join(sorted(allowed))}")
+                raise ValueError(f"ranks must be strings of {len(cal.counts)} characters from "
+                                 f"{''.join(sorted(allowed))}")
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise CalibrationError(f"{where} is not a valid calibration: {e}") from None
         return cal
@@ -192,7 +194,8 @@ def load_calibration(directory, model) -> Calibration | None:
     try:
         raw = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CalibrationError(f"{path} is corrupt (not valid JSON: {e}); delete it or rerun `mtpkern calibrate`") from None
+        raise CalibrationError(f"{path} is corrupt (not valid JSON: {e}); "
+                               "delete it or rerun `mtpkern calibrate`") from None
     if not isinstance(raw, dict):
         raise CalibrationError(f"{path} is not a valid calibration: expected a JSON object")
     cal = Calibration.from_dict(raw, str(path))
@@ -825,8 +828,9 @@ def calibrate_after_training(model, records, tokenizer, checkpoint, *, source: d
     return cal.save(checkpoint)
 
 __all__ = [
-    "Calibration", "CalibrationError", "StepCost", "TreePlan", "calibrate", "calibrate_records", "load_calibration",
-    "attach_calibration", "fingerprint", "step_cost", "time_tree_step", "timing_tree", "best_first_nodes",
-    "optimise_tree", "optimise_tree_depths", "simulate_steps", "simulated_accept_length", "cost_depths", "plan_tree", "auto_tree", "select_dynamic", "DynamicTree", "cache_dir", "calibrate_checkpoint", "measure_tree", "format_report",
-    "calibrate_after_training", "CALIBRATION_NAME",
+    "CALIBRATION_NAME", "Calibration", "CalibrationError", "DynamicTree", "StepCost", "TreePlan", "attach_calibration",
+    "auto_tree", "best_first_nodes", "cache_dir", "calibrate", "calibrate_after_training", "calibrate_checkpoint",
+    "calibrate_records", "cost_depths", "fingerprint", "format_report", "load_calibration", "measure_tree",
+    "optimise_tree", "optimise_tree_depths", "plan_tree", "select_dynamic", "simulate_steps",
+    "simulated_accept_length", "step_cost", "time_tree_step", "timing_tree",
 ]

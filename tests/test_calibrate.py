@@ -309,6 +309,15 @@ def test_counts_that_exceed_their_positions_are_refused(saved_mtp):
         load_model(saved_mtp)
 
 
+def test_ranks_that_are_not_rank_strings_are_refused(saved_mtp):
+    raw = json.loads((saved_mtp / CALIBRATION_NAME).read_text())
+    assert raw["ranks"] and all(len(r) == 3 for prompt in raw["ranks"] for r in prompt)
+    raw["ranks"][0][0] = "0q1"
+    (saved_mtp / CALIBRATION_NAME).write_text(json.dumps(raw))
+    with pytest.raises(CalibrationError, match="ranks must be strings of 3 characters"):
+        load_model(saved_mtp)
+
+
 @pytest.mark.parametrize("max_nodes", [0, -3, 127, 10**6, 2.5, True])
 def test_node_budgets_below_1_or_above_the_cache_are_refused(max_nodes, calibrations):
     model = tiny_mtp()  # context 128: at most 126 draft nodes
