@@ -150,6 +150,23 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_calibrate(args) -> int:
+    import json
+
+    from mtpkern.calibrate import calibrate_checkpoint, format_report
+
+    report = calibrate_checkpoint(
+        args.model, data=args.data, device=args.device, dtype=args.dtype, max_samples=args.max_samples,
+        max_new_tokens=args.max_new_tokens, kernels=args.kernels, cuda_graph=args.cuda_graph,
+        max_nodes=args.max_nodes, measure=not args.no_measure,
+    )
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    print(format_report(report))
+    return 0
+
+
 # ----------------------------------------------------------------------------- parser
 
 
@@ -230,6 +247,20 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--hf-static", action="store_true",
                    help="also time transformers with its static cache (slow: it compiles itself)")
     b.set_defaults(func=cmd_bench)
+
+    c = sub.add_parser("calibrate", help="measure head acceptance and step cost; choose the tree for --tree auto")
+    c.add_argument("model", help="run or checkpoint directory of an MTP or MEDUSA model")
+    c.add_argument("--data", help="held-out data for a bare checkpoint (a run uses its own validation split)")
+    c.add_argument("--device", type=_device, default="auto")
+    c.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="default: fp16 on CUDA, fp32 on CPU")
+    c.add_argument("--kernels", choices=["auto", "eager", "fused"], default="auto")
+    c.add_argument("--cuda-graph", action="store_true", help="time steps replayed from CUDA graphs (CUDA only)")
+    c.add_argument("--max-samples", type=_positive_int, default=32, help="held-out prompts to calibrate on")
+    c.add_argument("--max-new-tokens", type=_positive_int, default=64)
+    c.add_argument("--max-nodes", type=int, help="largest tree to consider, in draft nodes")
+    c.add_argument("--no-measure", action="store_true", help="skip decoding with the chosen tree")
+    c.add_argument("--json", help="also write the report as JSON")
+    c.set_defaults(func=cmd_calibrate)
     return p
 
 
