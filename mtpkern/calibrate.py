@@ -337,28 +337,17 @@ def time_tree_step(model, tree: Tree | None, *, prefix_len: int, kernels: str = 
     next-token step) after ``prefix_len`` cached tokens: the forward pass, verification, KV
     compaction, the next drafts and the step's host sync. Random tokens, so few drafts are
     accepted; what that saves (moving fewer K/V) is small. The one place the cost model times
-    a step: it calls the engine's own step functions (``mtpkern.generate``)."""
-    from mtpkern.generate import _engine, decode_step, speculative_step
-    from mtpkern.ops.fused_logits import fused_logits
+    a step: it runs the engine's own step (``mtpkern.Decoder.run_step``)."""
+    from mtpkern.decoder import Decoder
 
     device = model.device
-    fused = kernels == "fused" or (kernels == "auto" and device.type == "cuda")
-    backend = None if fused else "eager"
-    T = len(tree) if tree is not None else 1
-    V = model.config.vocab_size
+    strategy = "ntp" if tree is None else model.config.model_type
     with torch.inference_mode():
-        eng = _engine(model, tree, prefix_len + T, fused, backend, cuda_graph)
-        root = torch.zeros((), dtype=torch.long, device=device)
-        if tree is None:
-            def step():
-                return decode_step(eng, root, prefix_len, lambda h: fused_logits(
-                    h, model.head_weight(0), 1, backend=backend).argmax)
-        else:
-            drafts = torch.randint(0, V, (tree.max_depth, tree.topk), device=device)
+        decoder = Decoder(model, strategy, tree=tree, kernels=kernels, cuda_graph=cuda_graph)
 
-            def step():
-                return speculative_step(eng, root, drafts, prefix_len, acceptance="greedy", temperature=0.0,
-                                        epsilon=0.0, alpha=0.0)
+        def step():
+            return decoder.run_step(prefix_len)
+
         step()  # warm-up: allocator, kernel caches, graph capture
         times = []
         t_end = time.perf_counter() + min_time

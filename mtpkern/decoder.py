@@ -754,6 +754,7 @@ class Decoder:
                     else "shorten the prompt")
             raise ValueError(f"{what} needs {need} cache slots, {over} more than the model's context of {ctx}; {hint}")
         self.generator = generator
+        self._timing_state = False
         if self.cuda_graph:
             self._prepare_graphs()
         out: list[int] = []
@@ -790,22 +791,31 @@ class Decoder:
     # -- cost model --------------------------------------------------------------------
 
     @torch.inference_mode()
-    def time_step(self, *, prefix_len: int = 64, iters: int = 10, warmup: int = 2) -> float:
-        """Median seconds of one decoding step of this decoder (its tree's T tokens over
-        ``prefix_len`` cached ones), synchronised, on random tokens: the step cost the tree
-        optimiser weighs against accepted length. The cache contents are garbage."""
+    def run_step(self, prefix_len: int) -> list[int]:
+        """One decoding step over ``prefix_len`` cached tokens, as the decode loop runs it (host
+        sync included), for timing: the cache contents are garbage, the root and drafts are
+        those of the previous call (zero hidden states the first time). Returns the output."""
         step = self.step
         if prefix_len + step.T > self.cache.max_len:
             raise ValueError(f"prefix_len {prefix_len} + {step.T} tree nodes exceeds the cache of "
                              f"{self.cache.max_len} slots")
         if self.cuda_graph:
             self._prepare_graphs()
-        h = torch.zeros(step.heads, self.model.config.n_embd, dtype=self.model.dtype, device=self.device)
+        if not getattr(self, "_timing_state", False):
+            h = torch.zeros(step.heads, self.model.config.n_embd, dtype=self.model.dtype, device=self.device)
+            step.begin(h, prefix_len)
+            self._timing_state = True
+        step._start(prefix_len)
+        return self._run_step(prefix_len).tolist()
+
+    @torch.inference_mode()
+    def time_step(self, *, prefix_len: int = 64, iters: int = 10, warmup: int = 2) -> float:
+        """Median seconds of ``run_step(prefix_len)``: one decoding step of this decoder (its
+        tree's T tokens over ``prefix_len`` cached ones), synchronised."""
         times = []
         for i in range(warmup + iters):
-            step.begin(h, prefix_len)
             t0 = now(self.device)
-            self._run_step(prefix_len).tolist()
+            self.run_step(prefix_len)
             if i >= warmup:
                 times.append(time.perf_counter() - t0)
         times.sort()
