@@ -18,8 +18,8 @@ The value of ``prefix_len`` must satisfy ``0 <= P <= S - T``. Where ``prefix_len
 (the eager reference, and the Triton interpreter) it is checked on the host: ``ValueError``. On a
 GPU, checking it would cost a host sync per call (and break CUDA-graph capture), so the kernel
 reads it and refuses instead: for an out-of-range P it reads nothing and writes NaN to every
-output row (so the caller sees NaN, never values read past the cache). The eager reference
-checks on the host everywhere (it is a reference: a sync is fine).
+output row (so the caller sees NaN, never values read past the cache); the eager reference on a
+GPU does the same, without a sync.
 
 NaN contract (every backend): a slot a token cannot see never affects its output, whatever it
 holds (NaN or inf in a masked-out or unused K or V slot changes nothing). A NaN reaching a row
@@ -38,6 +38,7 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 
 from mtpkern.ops import _backend
+from mtpkern.ops._triton_compat import wrap_triton
 from mtpkern.runtime import dtype_name
 
 HEAD_DIMS = (16, 32, 64, 128)
@@ -201,6 +202,10 @@ def _attention_dense(q, k_cache, v_cache, prefix_len, tree_mask, scale):
     bad = ~v.isfinite().all(-1, keepdim=True)  # [B, H, S, 1]
     out = probs @ v.masked_fill(bad, 0.0)
     poisoned = (visible.float() @ bad.float()) > 0  # [B, H, T, 1]
+    # An out-of-range P (unchecked only on a GPU, where checking would sync): NaN, as the kernel.
+    T, S = q.shape[2], k_cache.shape[2]
+    prefix = prefix_len.reshape(()).to(torch.int64)
+    poisoned = poisoned | (prefix < 0) | (prefix > S - T)
     return out.masked_fill(poisoned, float("nan")).to(q.dtype)
 
 
@@ -213,11 +218,13 @@ def tree_attention_ref(
     bias[i, s] = 0 where s < P, or s = P + j with bit j of row i of ``tree_mask`` set, and
     -inf elsewhere; scale defaults to 1/sqrt(Dh). A row that sees no slot outputs 0; a row that
     sees a non-finite V outputs NaN, and slots a row cannot see never affect it.
-    Checks ``P + T <= S`` on the host (the kernel cannot, without a sync).
+    Checks ``0 <= P <= S - T`` where ``prefix_len`` is on the CPU; on a GPU that check would
+    sync with the host, so there an out-of-range P gives NaN rows, as in the kernel.
     """
     scale = _resolve_scale(scale, q)
     _check_inputs(q, k_cache, v_cache, prefix_len, tree_mask, scale)
-    _check_prefix_len_value(prefix_len, q.shape[2], k_cache.shape[2])
+    if prefix_len.device.type == "cpu":
+        _check_prefix_len_value(prefix_len, q.shape[2], k_cache.shape[2])
     return _attention_dense(q, k_cache, v_cache, prefix_len, tree_mask, scale)
 
 
@@ -315,15 +322,17 @@ def _launch(q, k_cache, v_cache, prefix_len, tree_mask, scale: float) -> Tensor:
         return out
     # Decoding trees are small (T <= 64): 16-row query blocks spread B*H*T/16 programs over
     # the SMs. A long causal prefill takes the usual 64-row blocks. fp32's exact ("ieee") dot
-    # runs on the FMA units with its operands in registers: 16-row blocks and 8 warps keep
-    # ptxas from spilling (tests/test_triton_compile.py checks).
+    # runs on the FMA units with its operands in registers: 16-row blocks keep ptxas from
+    # spilling, with 8 warps from head dim 64 up; below that, 8 warps leave each thread so
+    # little work that ptxas caps it at 64 registers and spills (triton 3.6, sm_90), where 4
+    # warps do not (tests/test_triton_compile.py checks).
     fp32 = q.dtype == torch.float32
     block_m = 16 if T <= 64 or fp32 else 64
     block_n = 64
     grid = (triton.cdiv(T, block_m), B * H)
     # Triton launches on the current CUDA device, not the tensors' one.
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
-        torch.library.wrap_triton(_tree_attention_kernel)[grid](
+        wrap_triton(_tree_attention_kernel)[grid](
             q, k_cache, v_cache, out, prefix_len, tree_mask,
             T, k_cache.shape[2], tree_mask.shape[1], H, scale * _LOG2E,
             *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
@@ -331,7 +340,7 @@ def _launch(q, k_cache, v_cache, prefix_len, tree_mask, scale: float) -> Tensor:
             BLOCK_M=block_m,
             BLOCK_N=block_n,
             INPUT_PRECISION="ieee" if fp32 else "tf32",  # TF32 would break fp32's token identity
-            num_warps=8 if fp32 or Dh > 64 else 4,
+            num_warps=8 if (fp32 and Dh >= 64) or Dh > 64 else 4,
             num_stages=2,
         )
     return out
