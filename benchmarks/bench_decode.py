@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 
 from mtpkern.bench import bench_models, time_case
-from mtpkern.eval import device_info, hf_decoder, pick_device, pick_dtype
+from mtpkern.eval import device_info, hf_decoder
+from mtpkern.runtime import resolve_device, resolve_dtype
 from mtpkern.generate import generate
 
 
@@ -96,8 +97,8 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    device = pick_device(args.device)
-    dtype = pick_dtype(args.dtype, device)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
     models, prompts, note = load_models(args, device, dtype)
     n = args.max_new_tokens
     results = {}
