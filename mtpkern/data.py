@@ -350,6 +350,13 @@ def load_tokenizer(name_or_dir):
         where = str(name_or_dir)
         if not has_tokenizer(name_or_dir):
             raise DataError(f"{where} has no tokenizer ({' or '.join(TOKENIZER_FILES)} is missing)")
+        for name in ("tokenizer.json", "tokenizer_config.json"):  # name a damaged file, not a parser's line
+            f = name_or_dir / name
+            if f.is_file():
+                try:
+                    json.loads(f.read_text(encoding="utf-8"))
+                except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                    raise DataError(f"{f} is corrupt: {getattr(e, 'msg', None) or e.reason}") from None
     try:
         tok = AutoTokenizer.from_pretrained(name_or_dir)
     except Exception as e:  # noqa: BLE001 - transformers and tokenizers raise many kinds
