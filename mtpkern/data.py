@@ -324,6 +324,11 @@ def train_tokenizer(records: list[dict], vocab_size: int = 2048, *, min_frequenc
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json")  # a fast tokenizer, or GPT-2's vocab + merges
 
 
+def has_tokenizer(directory) -> bool:
+    """Whether a local directory holds tokenizer files."""
+    return any((Path(directory) / f).is_file() for f in TOKENIZER_FILES)
+
+
 def load_tokenizer(name_or_dir):
     """``AutoTokenizer.from_pretrained`` with ``pad_token = eos_token`` if unset.
 
@@ -335,9 +340,6 @@ def load_tokenizer(name_or_dir):
     from transformers import AutoTokenizer
 
     from mtpkern.checkpoint import CheckpointError, is_local, resolve_checkpoint
-
-    def has_tokenizer(path: Path) -> bool:
-        return any((path / f).is_file() for f in TOKENIZER_FILES)
 
     where = str(name_or_dir)
     if is_local(name_or_dir):

@@ -66,6 +66,7 @@ from mtpkern.data import (
     IGNORE_INDEX,
     SFTDataset,
     collate,
+    has_tokenizer,
     load_records,
     load_tokenizer,
     split_records,
@@ -373,10 +374,6 @@ class _StopRequest:
             signal.signal(sig, handler)
 
 
-def _has_tokenizer(directory: Path) -> bool:
-    return any((directory / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json"))
-
-
 def _build_model(cfg: TrainConfig, train_records, checkpoint: Path, world: int):
     """(model, tokenizer): resumed, from ``cfg.base``, or from scratch with a new tokenizer."""
     if cfg.resume:
@@ -393,7 +390,7 @@ def _build_model(cfg: TrainConfig, train_records, checkpoint: Path, world: int):
         base = load_model(cfg.base).float()
         if not is_local(cfg.base):  # a hub name: its tokenizer comes from the hub too
             tokenizer = load_tokenizer(cfg.base)
-        elif _has_tokenizer(model_source(cfg.base)):
+        elif has_tokenizer(model_source(cfg.base)):
             tokenizer = load_tokenizer(cfg.base)
     if tokenizer is None:
         tokenizer = _rank0_tokenizer(train_records, cfg.vocab_size, world)
