@@ -280,6 +280,7 @@ class _Family(nn.Module):
 
     config: GPT2Config
     gradient_checkpointing: bool = False
+    calibration = None  # head acceptance (mtpkern.calibrate.Calibration), attached by load_model
 
     # number of prediction heads J; head j predicts token t + j + 1
     @property
@@ -614,10 +615,12 @@ def to_hf(model: GPT2):
     return hf.to(model.device).eval()
 
 
-def load_model(name_or_dir, *, device=None, dtype=None) -> _Family:
+def load_model(name_or_dir, *, device=None, dtype=None, calibration: bool = True) -> _Family:
     """Load any model of the family from a directory written by ``save_pretrained`` (or the run
     directory of ``mtpkern train`` that holds it), or a Hugging Face GPT-2 checkpoint (directory
-    or hub name) as a ``GPT2``. A bad config is a ``CheckpointError`` naming the file and field."""
+    or hub name) as a ``GPT2``. A bad config is a ``CheckpointError`` naming the file and field.
+    ``calibration``: attach the directory's ``calibration.json`` as ``model.calibration`` (checked
+    against the weights; see ``mtpkern.calibrate``), or ignore it (False)."""
     if is_local(name_or_dir):
         path = resolve_checkpoint(name_or_dir)[0]
         cfg_file = require_file(path, CONFIG_NAME)
@@ -632,12 +635,12 @@ def load_model(name_or_dir, *, device=None, dtype=None) -> _Family:
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{cfg_file} is not a valid config: {e}") from None
         if "mtpkern" in raw:
-            return _load_ours(path, raw, device=device, dtype=dtype)
+            return _load_ours(path, raw, device=device, dtype=dtype, calibration=calibration)
         name_or_dir = path
     return _load_hf_gpt2(name_or_dir, device=device, dtype=dtype)
 
 
-def _load_ours(path: Path, raw: dict, *, device, dtype) -> _Family:
+def _load_ours(path: Path, raw: dict, *, device, dtype, calibration: bool = True) -> _Family:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -654,6 +657,10 @@ def _load_ours(path: Path, raw: dict, *, device, dtype) -> _Family:
     _load_state(model, state, weights)
     if isinstance(model, MedusaModel):
         model.freeze_base()
+    if calibration:  # before the cast: the fingerprint reads the weights as saved
+        from mtpkern.calibrate import attach_calibration
+
+        attach_calibration(model, path)
     return model.to(device=device, dtype=dtype).eval()
 
 

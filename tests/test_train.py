@@ -43,10 +43,12 @@ def make_base(directory: Path) -> Path:
 
 
 def tiny_run(out: Path, objective: str, base: Path, **kw) -> TrainConfig:
-    """A few-step run: 80 synthetic records, batch 4, up to 128 tokens, a log record every step."""
+    """A few-step run: 80 synthetic records, batch 4, up to 128 tokens, a log record every step.
+    On the CPU in fp32 wherever the tests run: they compare losses and weights exactly, which a
+    GPU's "auto" precision (bf16 autocast) and kernels would not reproduce."""
     args = dict(objective=objective, out=str(out), base=str(base), data_limit=80, steps=6, batch_size=4,
                 max_len=128, lr=3e-3, val_fraction=0.1, eval_every=1000, eval_batches=2, save_every=1000,
-                log_every=1, progress=False)
+                log_every=1, progress=False, device="cpu", precision="fp32")
     args.update(kw)
     return TrainConfig(**args)
 
@@ -293,7 +295,8 @@ def test_a_signal_writes_a_checkpoint_and_exits_non_zero(tmp_path, base_dir, sig
     env.pop("MTPKERN_DEBUG", None)
     cmd = [sys.executable, "-m", "mtpkern.cli", "train", "ntp", "--out", str(out), "--base", str(base_dir),
            "--data-limit", "80", "--steps", "100000", "--batch-size", "4", "--max-len", "128",
-           "--eval-every", "100000", "--save-every", "100000", "--no-progress"]
+           "--eval-every", "100000", "--save-every", "100000", "--no-progress", "--device", "cpu",
+           "--precision", "fp32"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         log = out / "log.jsonl"
