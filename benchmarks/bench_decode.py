@@ -32,7 +32,8 @@ from pathlib import Path
 import torch
 
 from mtpkern.bench import bench_models, step_cost_curve, time_case
-from mtpkern.eval import device_info, hf_decoder, pick_device, pick_dtype
+from mtpkern.eval import device_info, hf_decoder
+from mtpkern.runtime import resolve_device, resolve_dtype
 from mtpkern.generate import generate
 
 
@@ -119,8 +120,8 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    device = pick_device(args.device)
-    dtype = pick_dtype(args.dtype, device)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
     models, prompts, note = load_models(args, device, dtype)
     n = args.max_new_tokens
     report = dict(device=device_info(device, dtype), weights=note, max_new_tokens=n, prompts=len(prompts),

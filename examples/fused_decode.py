@@ -16,19 +16,19 @@ import torch
 
 from mtpkern import generate, load_model
 from mtpkern.data import format_prompt, load_tokenizer
+from mtpkern.runtime import resolve_device, resolve_dtype
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", help="a run directory or its checkpoint/ folder")
     p.add_argument("--prompt", default="Tom has 12 apples and buys 7 more. How many apples does he have?")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
     args = p.parse_args(argv)
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
-    model = load_model(args.checkpoint, device=device, dtype=dtype)
+    device = resolve_device("auto")
+    model = load_model(args.checkpoint, device=device, dtype=resolve_dtype(args.dtype))
     tokenizer = load_tokenizer(args.checkpoint)
     ids = torch.tensor(tokenizer(format_prompt(args.prompt))["input_ids"], device=device)
     strategy = {"gpt2": "ntp"}.get(model.config.model_type, model.config.model_type)
@@ -38,7 +38,7 @@ def main(argv=None):
         for _ in range(2):  # the first call warms up (Triton compiles, caches allocate)
             runs[kernels] = generate(model, ids, max_new_tokens=args.max_new_tokens, strategy=strategy,
                                      eos_token_id=tokenizer.eos_token_id, kernels=kernels,
-                                     cuda_graph=kernels == "auto" and device == "cuda")
+                                     cuda_graph=kernels == "auto" and device.type == "cuda")
     print(tokenizer.decode(runs["auto"].tokens, skip_special_tokens=True))
     for kernels, r in runs.items():
         print(f"{kernels:>5}: {r.tokens_per_second:8.1f} tok/s, mean accepted length {r.mean_accept_length:.2f} ({device})")

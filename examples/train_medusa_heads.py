@@ -2,8 +2,8 @@
 
     python examples/train_medusa_heads.py --base PATH_OR_HF_NAME --data my_data.jsonl --out runs/medusa
 
-The base (a Hugging Face GPT-2 directory or hub name, or an mtpkern checkpoint) stays frozen;
-only the heads train. The data is JSONL with MetaMathQA's fields: {"query": ..., "response": ...}.
+The base (a Hugging Face GPT-2 directory or hub name, or an mtpkern run or checkpoint directory)
+stays frozen; only the heads train. The data is JSONL with MetaMathQA's fields: {"query": ..., "response": ...}.
 Greedy MEDUSA decoding is lossless: the script checks that its output equals plain greedy.
 """
 
@@ -19,7 +19,8 @@ from mtpkern.tree import Tree
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--base", required=True)
+    p.add_argument("--base", required=True,
+                   help="a Hugging Face GPT-2 (directory or hub name), or an mtpkern run or checkpoint directory")
     p.add_argument("--data", required=True, help="a .jsonl / .json file of {query, response} records")
     p.add_argument("--out", required=True)
     p.add_argument("--heads", type=int, default=4)

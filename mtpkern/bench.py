@@ -38,15 +38,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from mtpkern.eval import (
-    eval_tree,
-    device_info,
-    hf_decoder,
-    pick_device,
-    pick_dtype,
-    resolve_checkpoint,
-)
-from mtpkern.runtime import timed
+from mtpkern.checkpoint import resolve_checkpoint
+from mtpkern.eval import device_info, eval_tree, hf_decoder
+from mtpkern.runtime import resolve_device, resolve_dtype, timed
 
 SCHEMA = "mtpkern.bench/1"
 MTP_HEADS = 4  # Gloeckle et al.'s n = 4
@@ -290,8 +284,8 @@ def run_bench(device: str = "cuda", json_path=None, model_dir=None, max_new_toke
     if max_new_tokens < 1 or prompts < 1 or prompt_len < 1:
         raise ValueError(f"max_new_tokens, prompts and prompt_len must be >= 1, "
                          f"got {max_new_tokens}, {prompts}, {prompt_len}")
-    dev = pick_device(device)
-    dt = pick_dtype(dtype, dev)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
     from mtpkern.generate import generate
 
     models = bench_models(model_dir, quick=quick, device=dev, dtype=dt)

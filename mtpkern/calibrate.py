@@ -728,7 +728,8 @@ def calibrate_checkpoint(path, *, data: str | None = None, device: str = "auto",
     ``measure``) decode held-out prompts with it and with ``ntp`` to set the prediction beside
     what happens. Returns the report (printed by :func:`format_report`)."""
     from mtpkern.data import load_tokenizer
-    from mtpkern.eval import read_run, resolve_checkpoint, validation_records
+    from mtpkern.checkpoint import resolve_checkpoint
+    from mtpkern.eval import read_run, validation_records
     from mtpkern.model import load_model
     from mtpkern.runtime import resolve_device
 

@@ -1,17 +1,28 @@
-"""Checkpoint files: clear errors for bad checkpoints, and atomic directory writes.
+"""Checkpoint files: finding them, clear errors for bad ones, and atomic directory writes.
+
+A run directory (``OUT`` of ``mtpkern train``) holds ``checkpoint/`` beside its logs; every
+command and function that takes a model accepts the run directory or the checkpoint folder
+itself, through :func:`resolve_checkpoint`.
 
 A checkpoint is a directory. It is written into a temporary sibling first and moved into
 place with renames, so at every moment either the old or the new complete checkpoint
-exists: a crash or a Ctrl-C mid-write never loses the user's last good checkpoint.
+exists: a crash or a Ctrl-C mid-write never loses the user's last good checkpoint. A crash
+between the two renames leaves the old checkpoint under ``.NAME.old-PID``;
+:func:`recover_interrupted_save` puts it back.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
+
+CHECKPOINT_DIR = "checkpoint"  # a run directory's checkpoint folder
+CONFIG_NAME = "config.json"
+RUN_FILES = ("train_config.json", "log.jsonl", "summary.json")
 
 
 class CheckpointError(RuntimeError):
@@ -60,3 +71,102 @@ def require_file(directory: str | os.PathLike, name: str) -> Path:
     if not f.is_file():
         raise CheckpointError(f"checkpoint {str(directory)!r} has no {name}")
     return f
+
+
+def _leftovers(path: Path, kind: str) -> list[Path]:
+    """``atomic_directory``'s own leftovers of ``path``: ``.NAME.old-PID`` or ``.NAME.tmp-XXXX``."""
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.{kind}-" + (r"\d+$" if kind == "old" else r"[\w]+$"))
+    if not path.parent.is_dir():
+        return []
+    return sorted((p for p in path.parent.iterdir() if p.is_dir() and pattern.match(p.name)),
+                  key=lambda p: p.stat().st_mtime)
+
+
+def interrupted_save(path: str | os.PathLike) -> Path | None:
+    """The previous checkpoint that an interrupted save left aside (``path`` itself missing), or
+    None. A crash between ``atomic_directory``'s two renames leaves exactly that state."""
+    path = Path(path)
+    if path.exists():
+        return None
+    complete = [p for p in _leftovers(path, "old") if (p / CONFIG_NAME).is_file()]
+    return complete[-1] if complete else None
+
+
+def recover_interrupted_save(path: str | os.PathLike) -> Path | None:
+    """Put back the checkpoint an interrupted save left aside, then remove the leftovers of
+    earlier saves (only ``atomic_directory``'s own names). Call it only while no other process
+    writes ``path`` (the trainer holds the run's lock). Returns the folder it recovered from."""
+    path = Path(path)
+    recovered = interrupted_save(path)
+    if recovered is not None:
+        os.replace(recovered, path)
+    for leftover in _leftovers(path, "old") + _leftovers(path, "tmp"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    return recovered
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> tuple[Path, Path | None]:
+    """``(checkpoint_dir, run_dir or None)`` for a run directory (holding ``checkpoint/``) or a
+    checkpoint directory (one holding ``config.json``; its parent is the run when it holds the
+    run's files). Anything else is a :class:`CheckpointError` that says what was found."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"no such checkpoint or run directory: {str(path)!r}")
+    if not path.is_dir():
+        raise CheckpointError(f"{str(path)!r} is a file, not a checkpoint or run directory")
+    ckpt = path / CHECKPOINT_DIR
+    if ckpt.is_dir():
+        require_file(ckpt, CONFIG_NAME)
+        return ckpt, path
+    if (path / CONFIG_NAME).is_file():
+        run = path.parent
+        return path, run if any((run / f).is_file() for f in RUN_FILES) else None
+    aside = interrupted_save(ckpt)
+    if aside is not None:
+        raise CheckpointError(f"{str(path)!r} has no checkpoint/: a save was interrupted and left the previous "
+                              f"one in {aside.name}; `mtpkern train ... --resume` recovers it")
+    raise CheckpointError(f"{str(path)!r} is neither a run directory (with checkpoint/) "
+                          f"nor a checkpoint directory (with {CONFIG_NAME})")
+
+
+def is_local(name_or_dir) -> bool:
+    """Whether ``name_or_dir`` means a local path rather than a Hugging Face hub name."""
+    text = str(name_or_dir)
+    return Path(text).exists() or os.sep in text or text.startswith(".")
+
+
+def model_source(name_or_dir):
+    """A local run or checkpoint directory -> its checkpoint directory (:func:`resolve_checkpoint`);
+    a hub name -> itself."""
+    return resolve_checkpoint(name_or_dir)[0] if is_local(name_or_dir) else str(name_or_dir)
+
+
+LOCK_NAME = ".lock"
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: str | os.PathLike):
+    """Hold an exclusive lock on a run directory (created if needed) while the block runs.
+
+    A second process that tries to lock the same directory fails at once with a
+    :class:`CheckpointError` naming the holder's pid. The lock is ``flock`` on ``RUN/.lock``:
+    the kernel releases it when the holder exits, however it dies, so a stale lock file from a
+    dead process never blocks.
+    """
+    import fcntl
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise CheckpointError(f"{run_dir} is in use by another training (pid {holder}): "
+                                  "wait for it to finish, or choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock

@@ -7,7 +7,9 @@ Bad arguments and bad inputs end with a one-line error and exit status 2, never 
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -36,8 +38,18 @@ def _positive_float(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite positive number, got {value}")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"a seed must be from 0 to 2**63 - 1, got {value}")
     return value
 
 
@@ -45,14 +57,6 @@ def _device(text: str) -> str:
     if text not in ("auto", "cpu", "cuda") and not text.startswith("cuda:"):
         raise argparse.ArgumentTypeError(f"device must be auto, cpu or cuda[:N], got {text!r}")
     return text
-
-
-def checkpoint_dir(path) -> Path:
-    """A run directory (``OUT`` of ``mtpkern train``) or a checkpoint directory itself."""
-    path = Path(path)
-    if not (path / "config.json").exists() and (path / "checkpoint" / "config.json").exists():
-        return path / "checkpoint"
-    return path
 
 
 def parse_tree(text: str):
@@ -88,6 +92,10 @@ def cmd_train(args) -> int:
         kw.pop("epochs")
     result = train(TrainConfig(**kw))
     print(f"checkpoint: {result.checkpoint}")
+    if result.signal is not None:  # the checkpoint is written; schedulers still see the interruption
+        name = signal.Signals(result.signal).name
+        print(f"mtpkern train: stopped by {name} at step {result.steps}; continue with --resume", file=sys.stderr)
+        return 128 + result.signal
     return 0
 
 
@@ -104,13 +112,11 @@ def cmd_generate(args) -> int:
     from mtpkern.data import format_prompt, load_tokenizer
     from mtpkern.generate import generate
     from mtpkern.model import load_model
-    ckpt = checkpoint_dir(args.model)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
-    model = load_model(ckpt, device=device)
-    if args.dtype != "fp32":
-        model = model.to({"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype])
-    tokenizer = load_tokenizer(ckpt)
+    from mtpkern.runtime import resolve_device, resolve_dtype
+
+    device = resolve_device(args.device)
+    model = load_model(args.model, device=device, dtype=resolve_dtype(args.dtype))
+    tokenizer = load_tokenizer(args.model)
     text = args.prompt if args.raw else format_prompt(args.prompt)
     ids = torch.tensor([tokenizer(text)["input_ids"]], device=device)
     strategy = args.strategy or {"gpt2": "ntp"}.get(model.config.model_type, model.config.model_type)
@@ -194,8 +200,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
     t.add_argument("--grad-checkpointing", action="store_true")
     t.add_argument("--device", type=_device, default="auto")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    t.add_argument("--seed", type=_seed, default=0)
+    t.add_argument("--resume", action="store_true",
+                   help="continue OUT/checkpoint with the run's saved configuration; only --steps / --epochs "
+                        "(to extend it), --eval-every, --save-every and --device may differ, any other flag "
+                        "that contradicts the saved run is an error")
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(func=cmd_train)
 
@@ -221,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cuda-graph", action="store_true")
     g.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
     g.add_argument("--device", type=_device, default="auto")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=_seed, default=0)
     g.set_defaults(func=cmd_generate)
 
     e = sub.add_parser("eval", help="compare checkpoints: quality, speed, memory, training cost")
@@ -275,7 +284,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("mtpkern: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, TypeError, CheckpointError, FileNotFoundError, NotImplementedError, RuntimeError) as e:
+    except (ValueError, TypeError, CheckpointError, OSError, NotImplementedError, RuntimeError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"mtpkern {args.command}: error: {msg}", file=sys.stderr)
         return 2

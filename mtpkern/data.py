@@ -230,7 +230,12 @@ def _load_metamathqa(split: str, seed: int, limit: int | None) -> list[dict]:
 
 
 def _read_json_file(path: Path) -> list:
-    text = path.read_text(encoding="utf-8")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")  # a UTF-8 byte order mark is fine
+    except UnicodeDecodeError as e:
+        lineno = raw[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{lineno}: not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start})") from None
     if not text.strip():
         raise DataError(f"data file {str(path)!r} is empty")
     if path.suffix == ".jsonl":
@@ -316,16 +321,53 @@ def train_tokenizer(records: list[dict], vocab_size: int = 2048, *, min_frequenc
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN)
 
 
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json")  # a fast tokenizer, or GPT-2's vocab + merges
+
+
+def has_tokenizer(directory) -> bool:
+    """Whether a local directory holds tokenizer files."""
+    return any((Path(directory) / f).is_file() for f in TOKENIZER_FILES)
+
+
 def load_tokenizer(name_or_dir):
-    """``AutoTokenizer.from_pretrained(name_or_dir)`` with ``pad_token = eos_token`` if unset."""
+    """``AutoTokenizer.from_pretrained`` with ``pad_token = eos_token`` if unset.
+
+    ``name_or_dir``: a hub name, or a local checkpoint or run directory (resolved like
+    :func:`mtpkern.load_model`). A local directory without tokenizer files, a corrupt
+    ``tokenizer.json`` or a tokenizer without an eos token is a :class:`DataError` naming the
+    directory: an empty fallback tokenizer would encode every text to nothing.
+    """
     from transformers import AutoTokenizer
 
+    from mtpkern.checkpoint import CheckpointError, is_local, resolve_checkpoint
+
+    where = str(name_or_dir)
+    if is_local(name_or_dir):
+        if not has_tokenizer(Path(name_or_dir)):  # a run directory: its checkpoint holds the tokenizer
+            try:
+                name_or_dir = resolve_checkpoint(name_or_dir)[0]
+            except CheckpointError as e:
+                raise DataError(f"could not load a tokenizer: {e}") from None
+        name_or_dir = Path(name_or_dir)
+        where = str(name_or_dir)
+        if not has_tokenizer(name_or_dir):
+            raise DataError(f"{where} has no tokenizer ({' or '.join(TOKENIZER_FILES)} is missing)")
+        for name in ("tokenizer.json", "tokenizer_config.json"):  # name a damaged file, not a parser's line
+            f = name_or_dir / name
+            if f.is_file():
+                try:
+                    json.loads(f.read_text(encoding="utf-8"))
+                except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                    raise DataError(f"{f} is corrupt: {getattr(e, 'msg', None) or e.reason}") from None
     try:
         tok = AutoTokenizer.from_pretrained(name_or_dir)
-    except OSError as e:
-        raise DataError(f"could not load a tokenizer from {str(name_or_dir)!r}: {e}") from e
+    except Exception as e:  # noqa: BLE001 - transformers and tokenizers raise many kinds
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"could not load a tokenizer from {where!r}: {detail}") from None
+    if len(tok) == 0:
+        raise DataError(f"the tokenizer in {where!r} is empty")
     if tok.eos_token is None:
-        raise DataError(f"tokenizer {str(name_or_dir)!r} has no eos token")
+        raise DataError(f"tokenizer {where!r} has no eos token")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok

@@ -27,6 +27,21 @@ QUICK_STEPS = 30
 
 
 RUNS = ("ntp", "mtp", "medusa")
+MARKER = ".mtpkern-demo"  # written into each run folder the demo creates: --overwrite removes only those
+
+
+def _clear_previous_runs(out: Path, overwrite: bool) -> None:
+    """Remove the demo's own previous runs (with ``--overwrite``); a folder in the way that the
+    demo did not write (no marker) is an error, never deleted."""
+    previous = [out / r for r in RUNS if (out / r).exists()]
+    foreign = [run for run in previous if not (run / MARKER).is_file()]
+    if foreign:
+        raise ValueError(f"{foreign[0]} exists and was not written by the demo: the demo will not replace it; "
+                         "choose another --out")
+    if previous and not overwrite:
+        raise ValueError(f"{out} already holds a demo run; pass --overwrite to replace it, or --out elsewhere")
+    for run in previous:
+        shutil.rmtree(run)
 
 
 def run_demo(out="demo_out", device: str = "auto", steps: int | None = None, quick: bool = False,
@@ -36,11 +51,12 @@ def run_demo(out="demo_out", device: str = "auto", steps: int | None = None, qui
 
     t0 = time.perf_counter()
     out = Path(out)
-    previous = [out / r for r in RUNS if (out / r).exists()]
-    if previous and not overwrite:
-        raise ValueError(f"{out} already holds a demo run; pass --overwrite to replace it, or --out elsewhere")
-    for run in previous:  # only the demo's own run folders
-        shutil.rmtree(run)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} is a file, not a directory")
+    _clear_previous_runs(out, overwrite)
+    for run in RUNS:  # marked before training, so an interrupted demo's runs are the demo's too
+        (out / run).mkdir(parents=True)
+        (out / run / MARKER).write_text("written by `mtpkern demo`; `mtpkern demo --overwrite` may remove this run\n")
     steps = steps or (QUICK_STEPS if quick else DEMO_STEPS)
     medusa_steps = max(1, steps * DEMO_MEDUSA_STEPS // DEMO_STEPS)
     common = dict(

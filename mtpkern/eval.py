@@ -52,17 +52,17 @@ from __future__ import annotations
 
 import json
 import math
-import resource
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from mtpkern.checkpoint import resolve_checkpoint
+from mtpkern.runtime import dtype_name, peak_memory, reset_peak_memory, resolve_device, resolve_dtype, timed
+
 SCHEMA = "mtpkern.eval/1"
-RUN_FILES = ("train_config.json", "log.jsonl", "summary.json")
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -92,21 +92,6 @@ def answer_accuracy(predictions: list[str], references: list[str]) -> float:
 
 
 # ----------------------------------------------------------------------------- inputs
-
-
-def resolve_checkpoint(path) -> tuple[Path, Path | None]:
-    """``(checkpoint_dir, run_dir or None)`` for a run directory (holding ``checkpoint/``)
-    or a checkpoint directory (whose parent is the run when it holds the run's files)."""
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"no such checkpoint or run directory: {str(path)!r}")
-    if (path / "checkpoint" / "config.json").is_file():
-        return path / "checkpoint", path
-    if (path / "config.json").is_file():
-        run = path.parent
-        return path, run if any((run / f).is_file() for f in RUN_FILES) else None
-    raise FileNotFoundError(f"{str(path)!r} is neither a run directory (with checkpoint/) "
-                            "nor a checkpoint directory (with config.json)")
 
 
 def read_run(run_dir: Path | None) -> tuple[dict | None, list[dict], dict | None]:
@@ -163,30 +148,6 @@ def validation_records(train_config: dict | None, data: str | None = None, *, se
     return val, info
 
 
-def pick_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available")
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"unknown device {device!r}: expected auto, cpu or cuda")
-    return dev
-
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-          "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def pick_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
-    """A dtype by name; None: float16 on CUDA (the anchors' setting), float32 on CPU."""
-    if dtype is None:
-        return torch.float16 if device.type == "cuda" else torch.float32
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
-    return DTYPES[dtype]
-
-
 def device_info(device: torch.device, dtype: torch.dtype) -> dict:
     import transformers
 
@@ -195,12 +156,7 @@ def device_info(device: torch.device, dtype: torch.dtype) -> dict:
     else:
         name = f"CPU ({torch.get_num_threads()} threads)"
     return dict(type=device.type, name=name, torch=torch.__version__,
-                transformers=transformers.__version__, dtype=str(dtype).replace("torch.", ""))
-
-
-def synchronize(device: torch.device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+                transformers=transformers.__version__, dtype=dtype_name(dtype))
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -243,15 +199,6 @@ def next_token_gpt2(model):
 
 def _strip_eos(tokens: list[int], eos: int | None) -> list[int]:
     return tokens[: tokens.index(eos)] if eos is not None and eos in tokens else tokens
-
-
-def timed(fn, device: torch.device):
-    """``(fn(), seconds)``, the device synchronised before and after: wall time of the work."""
-    synchronize(device)
-    t0 = time.perf_counter()
-    out = fn()
-    synchronize(device)
-    return out, time.perf_counter() - t0
 
 
 def hf_decoder(model, max_new_tokens: int, eos_token_id: int | None, *, static_cache: bool = False):
@@ -346,20 +293,6 @@ def speed_summary(runs: dict, eos_token_id: int | None) -> dict:
 # ----------------------------------------------------------------------------- memory and training
 
 
-def reset_peak_memory(device: torch.device):
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def peak_memory(device: torch.device) -> dict:
-    """Peak CUDA memory allocated since the last reset, or the process's peak RSS on CPU."""
-    if device.type == "cuda":
-        return dict(decode_peak_bytes=int(torch.cuda.max_memory_allocated(device)),
-                    kind="cuda_max_memory_allocated")
-    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
-    return dict(decode_peak_bytes=int(rss_kb) * 1024, kind="process_peak_rss")
-
-
 def training_summary(log: list[dict], summary: dict | None) -> dict | None:
     """Wall time, peak memory, time per epoch and the loss curve of a run, from its logs."""
     if not log and summary is None:
@@ -394,9 +327,9 @@ def evaluate_checkpoint(path, *, data: str | None = None, device: torch.device, 
     ckpt, run = resolve_checkpoint(path)
     train_config, log, summary = read_run(run)
     name = (run or ckpt).name
+    val, val_info = validation_records(train_config, data)
     model = load_model(ckpt, device=device, dtype=dtype).eval()
     tokenizer = load_tokenizer(ckpt)
-    val, val_info = validation_records(train_config, data)
 
     # Quality of every head on the held-out split (the trainer's own metric code).
     max_len = min(model.config.n_positions, (train_config or {}).get("max_len", model.config.n_positions))
@@ -422,7 +355,8 @@ def evaluate_checkpoint(path, *, data: str | None = None, device: torch.device, 
     reset_peak_memory(device)
     runs = decode_prompts(model, prompts, max_new_tokens=max_new_tokens, eos_token_id=eos, kernels=kernels,
                           cuda_graph=cuda_graph, hf_baseline=hf_baseline, progress=progress, desc=name)
-    memory = peak_memory(device)
+    peak, kind = peak_memory(device)
+    memory = dict(decode_peak_bytes=peak, kind=kind)
     speed = speed_summary(runs, eos)
     if "medusa" in speed:
         speed["medusa"]["tree"] = repr(eval_tree(model.config.n_heads))
@@ -511,8 +445,12 @@ def evaluate(paths: list, *, data: str | None = None, json_path=None, device: st
         raise ValueError("evaluate needs at least one run or checkpoint directory")
     if max_samples < 1 or max_new_tokens < 1:
         raise ValueError(f"max_samples and max_new_tokens must be >= 1, got {max_samples}, {max_new_tokens}")
-    dev = pick_device(device)
-    dt = pick_dtype(dtype, dev)
+    given = str(json_path or "eval.json")
+    json_path = Path(given)
+    if json_path.is_dir() or given.endswith("/"):
+        raise ValueError(f"--json {str(json_path)!r} is a directory: name the report file, e.g. {json_path / 'eval.json'}")
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
     models = [evaluate_checkpoint(p, data=data, device=dev, dtype=dt, max_samples=max_samples,
                                   max_new_tokens=max_new_tokens, max_batches=max_batches, batch_size=batch_size,
                                   kernels=kernels, cuda_graph=cuda_graph, hf_baseline=hf_baseline,
@@ -522,7 +460,6 @@ def evaluate(paths: list, *, data: str | None = None, json_path=None, device: st
                   settings=dict(max_samples=max_samples, max_new_tokens=max_new_tokens, kernels=kernels,
                                 cuda_graph=cuda_graph, hf_baseline=hf_baseline),
                   models=models)
-    json_path = Path(json_path or "eval.json")
     json_path.parent.mkdir(parents=True, exist_ok=True)
     table = format_table(report)
     files = dict(json=str(json_path), table=str(json_path.with_suffix(".md")), plots=[])

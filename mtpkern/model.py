@@ -26,10 +26,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mtpkern.checkpoint import CheckpointError, atomic_directory, require_file
+from mtpkern.checkpoint import CheckpointError, atomic_directory, is_local, require_file, resolve_checkpoint
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
+MODEL_TYPES = ("gpt2", "mtp", "medusa")
 
 
 # ----------------------------------------------------------------------------- config
@@ -52,9 +53,21 @@ class GPT2Config:
     medusa_proj: bool = False  # per-head unembedding instead of the shared one
 
     def __post_init__(self):
+        for f in fields(self):  # a config read from JSON can hold anything: name the field
+            value, kind = getattr(self, f.name), _FIELD_KINDS[f.name]
+            if kind is int and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+                raise ValueError(f"{f.name} must be a non-negative integer, got {value!r}")
+            if kind is float and (not isinstance(value, (int, float)) or isinstance(value, bool)
+                                  or not math.isfinite(value) or value <= 0):
+                raise ValueError(f"{f.name} must be a positive number, got {value!r}")
+            if kind in (str, bool) and not isinstance(value, kind):
+                raise ValueError(f"{f.name} must be a {kind.__name__}, got {value!r}")
+        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
-        if self.model_type not in ("gpt2", "mtp", "medusa"):
+        if self.model_type not in MODEL_TYPES:
             raise ValueError(f"unknown model_type {self.model_type!r}")
         if self.n_heads < 1:
             raise ValueError(f"n_heads must be >= 1, got {self.n_heads}")
@@ -117,9 +130,14 @@ class GPT2Config:
         for key, ok in unsupported.items():
             if key in d and d[key] not in ok:
                 raise CheckpointError(f"GPT-2 config {key}={d[key]!r} is not supported (need one of {ok})")
-        if d.get("n_inner") not in (None, 4 * d["n_embd"]):
+        if d.get("n_inner") is not None and d.get("n_inner") != 4 * d.get("n_embd", 0):
             raise CheckpointError(f"GPT-2 config n_inner={d['n_inner']} is not supported (need 4 * n_embd)")
         extra = d.get("mtpkern", {})
+        if not isinstance(extra, dict):
+            raise ValueError(f"the field 'mtpkern' must be an object, got {extra!r}")
+        for key in ("vocab_size", "n_embd", "n_layer", "n_head"):
+            if key not in d:
+                raise ValueError(f"the field {key!r} is missing")
         eos = d.get("eos_token_id", 50256)
         return cls(
             vocab_size=d["vocab_size"],
@@ -132,6 +150,11 @@ class GPT2Config:
             eos_token_id=eos if eos is not None else 50256,
             **{k: v for k, v in extra.items() if k in ("model_type", "n_heads", "medusa_layers", "medusa_proj")},
         )
+
+
+_FIELD_KINDS = {"vocab_size": int, "n_positions": int, "n_embd": int, "n_layer": int, "n_head": int,
+                "layer_norm_epsilon": float, "bos_token_id": int, "eos_token_id": int, "model_type": str,
+                "n_heads": int, "medusa_layers": int, "medusa_proj": bool}
 
 
 # ----------------------------------------------------------------------------- decoding state
@@ -593,19 +616,27 @@ def to_hf(model: GPT2):
 
 
 def load_model(name_or_dir, *, device=None, dtype=None, calibration: bool = True) -> _Family:
-    """Load any model of the family from a directory written by ``save_pretrained``, or a
-    Hugging Face GPT-2 checkpoint (directory or hub name) as a ``GPT2``. ``calibration``:
-    attach the directory's ``calibration.json`` as ``model.calibration`` (checked against the
-    weights; see ``mtpkern.calibrate``), or ignore it (False)."""
-    path = Path(name_or_dir)
-    if path.exists() or os.sep in str(name_or_dir) or str(name_or_dir).startswith("."):
+    """Load any model of the family from a directory written by ``save_pretrained`` (or the run
+    directory of ``mtpkern train`` that holds it), or a Hugging Face GPT-2 checkpoint (directory
+    or hub name) as a ``GPT2``. A bad config is a ``CheckpointError`` naming the file and field.
+    ``calibration``: attach the directory's ``calibration.json`` as ``model.calibration`` (checked
+    against the weights; see ``mtpkern.calibrate``), or ignore it (False)."""
+    if is_local(name_or_dir):
+        path = resolve_checkpoint(name_or_dir)[0]
         cfg_file = require_file(path, CONFIG_NAME)
         try:
-            raw = json.loads(cfg_file.read_text())
+            raw = json.loads(cfg_file.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{cfg_file} is not valid JSON: {e}") from None
+        if not isinstance(raw, dict):
+            raise CheckpointError(f"{cfg_file} must hold a JSON object, got {type(raw).__name__}")
+        try:  # checked here so a bad field is named, not reported from deep inside transformers
+            GPT2Config.from_hf_dict(raw)
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{cfg_file} is not a valid config: {e}") from None
         if "mtpkern" in raw:
             return _load_ours(path, raw, device=device, dtype=dtype, calibration=calibration)
+        name_or_dir = path
     return _load_hf_gpt2(name_or_dir, device=device, dtype=dtype)
 
 

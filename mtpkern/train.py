@@ -38,8 +38,8 @@ import contextlib
 import json
 import math
 import os
-import resource
 import signal
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -51,26 +51,42 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mtpkern.checkpoint import CheckpointError, atomic_directory, require_file
+from mtpkern.checkpoint import (
+    CHECKPOINT_DIR,
+    CheckpointError,
+    atomic_directory,
+    interrupted_save,
+    is_local,
+    model_source,
+    recover_interrupted_save,
+    require_file,
+    run_lock,
+)
 from mtpkern.data import (
     IGNORE_INDEX,
     SFTDataset,
     collate,
+    has_tokenizer,
     load_records,
     load_tokenizer,
     split_records,
     train_tokenizer,
 )
 from mtpkern.model import GPT2, GPT2Config, MedusaModel, MTPModel, load_model
+from mtpkern.runtime import peak_memory, reset_peak_memory, resolve_device, resolve_dtype
 
 OBJECTIVES = ("ntp", "mtp", "medusa")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SHAPES = ("tiny", "gpt2")
-CHECKPOINT_DIR = "checkpoint"
 STATE_NAME = "trainer_state.pt"
 LOG_NAME = "log.jsonl"
 MIN_LR_RATIO = 0.1  # the cosine decays to 10% of the peak learning rate (nanoGPT, Chinchilla)
 _FAMILY = {"ntp": GPT2, "mtp": MTPModel, "medusa": MedusaModel}
+# On resume a run keeps its saved configuration. These fields may be given anew (to extend a
+# run, or to evaluate, save and log at another rhythm); any other that contradicts the saved
+# one is an error. device, progress and stop_after belong to the process, not the run.
+RESUME_MAY_CHANGE = ("steps", "epochs", "eval_every", "save_every", "log_every", "eval_batches")
+_PER_PROCESS = ("out", "resume", "device", "progress", "stop_after")
 
 
 # ----------------------------------------------------------------------------- config
@@ -115,6 +131,8 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self):
+        # the fields set away from their defaults: on resume, those must agree with the saved run
+        self._given = {f.name for f in fields(self) if getattr(self, f.name) != f.default}
         if self.objective not in OBJECTIVES:
             raise ValueError(f"unknown objective {self.objective!r}: expected one of {OBJECTIVES}")
         if self.steps is not None and self.epochs is not None:
@@ -123,21 +141,30 @@ class TrainConfig:
             self.steps = 200
         if self.steps is not None and self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
-        if self.epochs is not None and not self.epochs > 0:
-            raise ValueError(f"epochs must be > 0, got {self.epochs}")
+        if self.epochs is not None and not (math.isfinite(self.epochs) and self.epochs > 0):
+            raise ValueError(f"epochs must be a finite number > 0, got {self.epochs}")
+        if not str(self.out).strip():
+            raise ValueError("out (--out) is empty: name a run directory")
+        if Path(self.out).exists() and not Path(self.out).is_dir():
+            raise ValueError(f"out (--out) {str(self.out)!r} is a file, not a run directory")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed must be an integer from 0 to 2**63 - 1, got {self.seed}")
         if self.objective == "medusa" and not self.base:
             raise ValueError("objective 'medusa' needs a trained base model (base=...): MEDUSA-1 freezes it")
         if self.config not in SHAPES:
             raise ValueError(f"unknown model config {self.config!r}: expected one of {SHAPES}")
         if self.lr is None:
             self.lr = 1e-3 if self.objective == "medusa" else 3e-4
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
         default_heads = {"ntp": 1, "mtp": 4, "medusa": 5}[self.objective]
         if self.n_heads is None:
             self.n_heads = default_heads
         if self.n_heads < 1 or (self.objective == "ntp" and self.n_heads != 1):
             raise ValueError(f"n_heads={self.n_heads} is invalid for objective {self.objective!r}")
+        if self.objective == "mtp" and self.n_heads < 2:
+            raise ValueError("objective 'mtp' needs n_heads >= 2 (head 0 and at least one draft head): "
+                             "a model with one head cannot decode with the mtp strategy")
         if self.objective == "medusa":
             if self.head_weights is None:
                 self.head_weights = [0.8**k for k in range(self.n_heads)]
@@ -162,26 +189,6 @@ class TrainConfig:
         device = resolve_device(self.device)
         if self.precision == "fp16" and device.type != "cuda":
             raise ValueError("precision 'fp16' needs a CUDA device (use fp32 or bf16 on CPU)")
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """"auto" -> the process's GPU (LOCAL_RANK under torchrun) if CUDA is available, else CPU."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"unknown device {name!r}: expected auto, cpu, cuda or cuda:N") from None
-    if device.type == "cpu":
-        return device
-    if device.type != "cuda":
-        raise ValueError(f"unsupported device {name!r}: expected auto, cpu, cuda or cuda:N")
-    if not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available")
-    index = local_rank if device.index is None else device.index
-    if index >= torch.cuda.device_count():
-        raise ValueError(f"device cuda:{index} does not exist ({torch.cuda.device_count()} GPUs)")
-    return torch.device("cuda", index)
 
 
 def lr_at(step: int, *, lr: float, warmup: int, total: int) -> float:
@@ -333,7 +340,12 @@ class TrainResult:
     wall_time_s: float
     peak_memory_bytes: int  # CUDA max_memory_allocated, or the process's peak RSS on CPU
     interrupted: bool  # stopped by a signal or stop_after before the last step
+    signal: int | None = None  # the signal that stopped it (SIGINT, SIGTERM), checkpoint written
     model: nn.Module | None = field(default=None, repr=False)  # the trained model (eval mode)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or a gradient became non-finite; the last good checkpoint is kept."""
 
 
 class _StopRequest:
@@ -342,12 +354,14 @@ class _StopRequest:
 
     def __init__(self):
         self.requested = False
+        self.signum = None
         self._previous = {}
 
     def _handle(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
+        self.signum = signum
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():  # signal() only works there
@@ -360,32 +374,24 @@ class _StopRequest:
             signal.signal(sig, handler)
 
 
-def _peak_memory(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
-def _has_tokenizer(directory: Path) -> bool:
-    return any((directory / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json"))
-
-
 def _build_model(cfg: TrainConfig, train_records, checkpoint: Path, world: int):
     """(model, tokenizer): resumed, from ``cfg.base``, or from scratch with a new tokenizer."""
     if cfg.resume:
         model = load_model(checkpoint)
         if not isinstance(model, _FAMILY[cfg.objective]):
             raise ValueError(f"cannot resume objective {cfg.objective!r} from a {type(model).__name__} checkpoint")
-        return model, load_tokenizer(checkpoint)
+        if model.config.n_heads != cfg.n_heads:
+            raise CheckpointError(f"{checkpoint} holds a model with {model.config.n_heads} heads, but its run "
+                                  f"says n_heads={cfg.n_heads}")
+        return model, load_tokenizer(checkpoint)  # a lost tokenizer is an error, never an empty one
     torch.manual_seed(cfg.seed)
     tokenizer = None
     if cfg.base:
         base = load_model(cfg.base).float()
-        base_dir = Path(cfg.base)
-        if not base_dir.exists():  # a hub name: its tokenizer comes from the hub too
+        if not is_local(cfg.base):  # a hub name: its tokenizer comes from the hub too
             tokenizer = load_tokenizer(cfg.base)
-        elif _has_tokenizer(base_dir):
-            tokenizer = load_tokenizer(base_dir)
+        elif has_tokenizer(model_source(cfg.base)):
+            tokenizer = load_tokenizer(cfg.base)
     if tokenizer is None:
         tokenizer = _rank0_tokenizer(train_records, cfg.vocab_size, world)
     if not cfg.base:
@@ -495,12 +501,14 @@ def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
 
 
-def _amp_dtype(precision: str, device: torch.device):
+def _amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``precision``, or None for full fp32."""
     if precision == "auto":
         if device.type != "cuda":
             return None
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    dtype = resolve_dtype(precision)
+    return None if dtype is torch.float32 else dtype
 
 
 def train(cfg: TrainConfig) -> TrainResult:
@@ -521,23 +529,91 @@ def _destroy_process_group():
         dist.destroy_process_group()
 
 
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def resumed_config(cfg: TrainConfig, saved: dict) -> TrainConfig:
+    """The configuration of a resumed run: the saved one, with ``cfg``'s per-process fields and
+    the fields of RESUME_MAY_CHANGE that ``cfg`` sets. Any other field that ``cfg`` sets to a
+    value contradicting the saved one is a ``ValueError`` naming the flag."""
+    if saved.get("objective") != cfg.objective:
+        raise ValueError(f"{Path(cfg.out) / CHECKPOINT_DIR} was trained with objective "
+                         f"{saved.get('objective')!r}, not {cfg.objective!r}")
+    names = {f.name for f in fields(TrainConfig)}
+    for name in sorted(cfg._given - set(RESUME_MAY_CHANGE) - set(_PER_PROCESS) - {"objective"}):
+        if name in saved and getattr(cfg, name) != saved[name]:
+            raise ValueError(
+                f"{_flag(name)} {getattr(cfg, name)!r} contradicts the run's saved {saved[name]!r}: a resumed run "
+                f"keeps its configuration; only {', '.join(_flag(n) for n in RESUME_MAY_CHANGE)} may change")
+    merged = {k: v for k, v in saved.items() if k in names}
+    changed = {k: getattr(cfg, k) for k in RESUME_MAY_CHANGE if k in cfg._given}
+    if "steps" in changed or "epochs" in changed:  # a new length replaces the old one, in either unit
+        merged["steps"] = merged["epochs"] = None
+    merged.update(changed)
+    merged.update({k: getattr(cfg, k) for k in _PER_PROCESS})
+    return TrainConfig(**merged)
+
+
 def _train(cfg: TrainConfig, world: int) -> TrainResult:
+    """Hold the run directory's lock (rank 0) for the whole run: a second training into the
+    same ``out`` fails at once instead of interleaving logs and checkpoints."""
+    main = world == 1 or dist.get_rank() == 0
+    with run_lock(cfg.out) if main else contextlib.nullcontext():
+        return _train_locked(cfg, world)
+
+
+def _read_log(log_path: Path, step: int) -> list[str]:
+    """The log records of steps up to ``step`` (a killed run wrote more after its checkpoint);
+    a half-written last line (a run killed mid-write) is dropped, with a warning."""
+    if not log_path.exists():
+        return []
+    lines = [ln for ln in log_path.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
+    kept = []
+    for i, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            if i == len(lines):
+                print(f"mtpkern train: {log_path}:{i}: dropped a half-written last line (the previous run "
+                      "was killed while writing it)", file=sys.stderr)
+                break
+            raise CheckpointError(f"{log_path}:{i}: not valid JSON ({e.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            raise CheckpointError(f"{log_path}:{i}: not a log record (no integer 'step')")
+        if record["step"] <= step:
+            kept.append(line)
+    return kept
+
+
+def _train_locked(cfg: TrainConfig, world: int) -> TrainResult:
     t_start = time.perf_counter()
     rank = dist.get_rank() if world > 1 else 0
     main = rank == 0
     device = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        torch.cuda.reset_peak_memory_stats(device)
+    reset_peak_memory(device)
     out = Path(cfg.out)
     ckpt_dir, log_path = out / CHECKPOINT_DIR, out / LOG_NAME
     state = None
     if cfg.resume:
+        if main:
+            recovered = recover_interrupted_save(ckpt_dir)
+            if recovered is not None:
+                print(f"mtpkern train: recovered {ckpt_dir} from {recovered.name} (a save was interrupted)",
+                      file=sys.stderr)
+        if world > 1:
+            dist.barrier()
         state = _read_state(ckpt_dir)
-        if state["config"]["objective"] != cfg.objective:
-            raise ValueError(f"{ckpt_dir} was trained with objective {state['config']['objective']!r}, not {cfg.objective!r}")
+        cfg = resumed_config(cfg, state["config"])
     elif ckpt_dir.exists():
         raise ValueError(f"{ckpt_dir} already exists: pass resume=True to continue it, or choose another out")
+    elif interrupted_save(ckpt_dir) is not None:
+        raise ValueError(f"{out} holds the checkpoint of an interrupted save ({interrupted_save(ckpt_dir).name}): "
+                         "pass resume=True (--resume) to recover and continue it, or choose another out")
+    elif main:
+        recover_interrupted_save(ckpt_dir)  # nothing to recover: removes stale temporary folders
 
     records = load_records(cfg.data, seed=cfg.seed, limit=cfg.data_limit)
     train_records, val_records = split_records(records, cfg.val_fraction, cfg.seed)
@@ -576,9 +652,7 @@ def _train(cfg: TrainConfig, world: int) -> TrainResult:
     if main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
-        kept = []
-        if cfg.resume and log_path.exists():  # drop records a killed run wrote after its checkpoint
-            kept = [ln for ln in log_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+        kept = _read_log(log_path, step) if cfg.resume else []
         log_path.write_text("".join(ln + "\n" for ln in kept))
 
     def log(record: dict):
@@ -586,10 +660,34 @@ def _train(cfg: TrainConfig, world: int) -> TrainResult:
             with open(log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
+    never = 2**62
+    first_bad = torch.full((), never, dtype=torch.long, device=device)  # first non-finite step, on the device
+
+    def check_finite():
+        """Stop on a non-finite loss or gradient (one host sync; at log and save steps only)."""
+        bad = first_bad.clone()
+        if ddp:
+            dist.all_reduce(bad, op=dist.ReduceOp.MIN)
+        bad = int(bad)
+        if bad < never:
+            kept = f"{ckpt_dir} keeps step {saved_step}" if saved_step is not None else "no checkpoint was written"
+            message = (f"training diverged: the loss or gradient norm became non-finite at step {bad} "
+                       f"(lr {lr_at(bad - 1, lr=cfg.lr, warmup=warmup, total=total):.3g}); stopped without saving, "
+                       f"{kept}")
+            log({"kind": "error", "step": bad, "error": message})
+            raise TrainingDiverged(message)
+
+    saved_step = state["step"] if state is not None else None
+
     def save():
+        nonlocal saved_step
+        check_finite()
         if world > 1:
             dist.barrier()
         if main:
+            if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+                raise TrainingDiverged(f"the weights hold non-finite values at step {step}; "
+                                       f"stopped without overwriting {ckpt_dir}")
             rng = {"torch": torch.get_rng_state()}
             if device.type == "cuda":
                 rng["cuda"] = torch.cuda.get_rng_state(device)
@@ -600,6 +698,7 @@ def _train(cfg: TrainConfig, world: int) -> TrainResult:
                 "data_position": {"epoch": step // batches.steps_per_epoch,
                                   "batch_in_epoch": step % batches.steps_per_epoch},
             })
+            saved_step = step
         if world > 1:
             dist.barrier()
 
@@ -616,11 +715,12 @@ def _train(cfg: TrainConfig, world: int) -> TrainResult:
     n_logged = model.n_heads - 1 if cfg.objective == "medusa" else model.n_heads
     interval = torch.zeros(1 + n_logged, device=device)
     interval_steps, interval_tokens, t_interval = 0, 0, time.perf_counter()
-    metrics, interrupted = None, False
+    metrics, interrupted, stopped_by = None, False, None
     progress = _progress_bar(cfg, main, total, step)
     with _StopRequest() as stop:
         while step < stop_at:
             micro, n_tokens, n_real = batches(step)
+            step_loss = torch.zeros((), device=device)
             lr = lr_at(step, lr=cfg.lr, warmup=warmup, total=total)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -643,10 +743,15 @@ def _train(cfg: TrainConfig, world: int) -> TrainResult:
                                                              n_tokens=n_tokens)
                         scaler.scale(loss * world).backward()
                 interval += torch.cat([loss.detach().reshape(1), per_head])
+                step_loss += loss.detach().float()
             if cfg.objective == "mtp" and ddp:
                 _all_reduce_grads(params, world)
             scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 else None
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+            finite = torch.isfinite(step_loss)
+            if not scaler.is_enabled():  # fp16's scaler skips non-finite steps by design
+                finite &= torch.isfinite(grad_norm)
+            first_bad = torch.where(finite, first_bad, torch.clamp(first_bad, max=step + 1))
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
@@ -658,6 +763,7 @@ def _train(cfg: TrainConfig, world: int) -> TrainResult:
 
             stopping = stop.requested
             if step % cfg.log_every == 0 or step == stop_at:
+                check_finite()
                 # one host sync per log step; under DDP it also agrees on a stop request
                 flags = torch.cat([interval, torch.tensor([float(stop.requested)], device=device)])
                 if ddp:
@@ -668,8 +774,8 @@ def _train(cfg: TrainConfig, world: int) -> TrainResult:
                 record = {
                     "kind": "train", "step": step, "loss": flags[0] / interval_steps,
                     "head_losses": [x / interval_steps for x in flags[1:-1]], "lr": lr,
-                    "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                    "tokens_per_s": interval_tokens / max(dt, 1e-9), "peak_memory_bytes": _peak_memory(device),
+                    "grad_norm": float(grad_norm),
+                    "tokens_per_s": interval_tokens / max(dt, 1e-9), "peak_memory_bytes": peak_memory(device)[0],
                     "elapsed_s": elapsed_before + time.perf_counter() - t_start,
                 }
                 log(record)
@@ -688,6 +794,7 @@ def _train(cfg: TrainConfig, world: int) -> TrainResult:
             else:
                 t_interval += time.perf_counter() - t_pause  # eval and saving are not training time
             if stopping:
+                stopped_by = stop.signum or signal.SIGTERM  # under DDP a peer may have got it
                 break
     progress.close()
     interrupted = step < total
@@ -696,19 +803,20 @@ def _train(cfg: TrainConfig, world: int) -> TrainResult:
         dist.broadcast_object_list(shared, src=0)
         metrics = shared[0]
     wall = elapsed_before + time.perf_counter() - t_start
-    peak = _peak_memory(device)
+    peak, peak_kind = peak_memory(device)
     result = TrainResult(
         checkpoint=str(ckpt_dir), log_path=str(log_path), steps=step,
         val_loss=metrics["loss"] if metrics else None, val_ppl=metrics["ppl"] if metrics else None,
         head_acc=metrics["acc_top1"] if metrics else None, head_acc_top5=metrics["acc_top5"] if metrics else None,
         wall_time_s=wall, peak_memory_bytes=peak, interrupted=interrupted, model=model.eval(),
+        signal=stopped_by,
     )
     if main:
         summary = {f.name: getattr(result, f.name) for f in fields(result) if f.name != "model"}
         summary.update(
             objective=cfg.objective, total_steps=total, tokens=tokens_seen, tokens_per_s=tokens_seen / max(wall, 1e-9),
             time_per_epoch_s=wall * batches.steps_per_epoch / max(step, 1),
-            peak_memory_kind="cuda_max_memory_allocated" if device.type == "cuda" else "peak_rss",
+            peak_memory_kind=peak_kind,
             parameters=model.num_parameters(), trainable_parameters=model.num_parameters(trainable_only=True),
         )
         (out / "summary.json").write_text(json.dumps(summary, indent=2))

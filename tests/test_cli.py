@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -36,6 +37,90 @@ def test_bad_arguments_give_one_line_errors(args, message, tmp_path):
     assert message in r.stderr
     assert "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def run_main(args, capsys, monkeypatch):
+    """``main(args)`` in this process: (exit status, stderr)."""
+    monkeypatch.delenv("MTPKERN_DEBUG", raising=False)
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as e:  # argparse
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+def assert_one_line_error(code, err, *needles):
+    assert code not in (0, None), err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    for needle in needles:
+        assert needle in err, err
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("n_embd", "128", "n_embd must be a non-negative integer, got '128'"),
+    ("n_layer", None, "n_layer must be a non-negative integer, got None"),
+    ("n_head", 4.0, "n_head must be a non-negative integer, got 4.0"),
+    ("mtpkern", "gpt2", "the field 'mtpkern' must be an object"),
+])
+def test_config_field_of_the_wrong_type(medusa_dir, tmp_path, field, value, message, capsys, monkeypatch):
+    ckpt = tmp_path / "run" / "checkpoint"
+    shutil.copytree(medusa_dir, ckpt)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg[field] = value
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    for args in (["generate", tmp_path / "run", "--prompt", "hi", "--device", "cpu"],
+                 ["train", "medusa", "--out", tmp_path / "m", "--base", tmp_path / "run", "--steps", "1"]):
+        code, err = run_main(args, capsys, monkeypatch)
+        assert_one_line_error(code, err, str(ckpt / "config.json"), message)
+
+
+def test_corrupt_tokenizer_json(medusa_dir, tmp_path, capsys, monkeypatch):
+    ckpt = tmp_path / "checkpoint"
+    shutil.copytree(medusa_dir, ckpt)
+    (ckpt / "tokenizer.json").write_text('{"version": "1.0", "model": {"vocab": {"a"')
+    code, err = run_main(["generate", ckpt, "--prompt", "hi", "--device", "cpu"], capsys, monkeypatch)
+    assert_one_line_error(code, err, str(ckpt / "tokenizer.json"), "is corrupt")
+
+
+def test_non_utf8_data(tmp_path, capsys, monkeypatch):
+    data = tmp_path / "d.jsonl"
+    data.write_bytes(b'{"query": "a", "response": "b"}\n{"query": "\xff", "response": "b"}\n')
+    code, err = run_main(["train", "ntp", "--out", tmp_path / "o", "--data", data, "--steps", "1"], capsys, monkeypatch)
+    assert_one_line_error(code, err, f"{data}:2: not UTF-8 text")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--out", "FILE"], "is a file, not a run directory"),
+    (["--out", ""], "--out) is empty"),
+    (["--out", "o", "--epochs", "inf"], "--epochs: expected a finite positive number, got inf"),
+    (["--out", "o", "--lr", "inf"], "--lr: expected a finite positive number, got inf"),
+    (["--out", "o", "--seed", str(2**64)], "--seed: a seed must be from 0 to 2**63 - 1"),
+    (["--out", "o", "--n-heads", "1"], "objective 'mtp' needs n_heads >= 2"),
+])
+def test_bad_train_arguments(tmp_path, args, message, capsys, monkeypatch):
+    (tmp_path / "FILE").write_text("mine")
+    args = [str(tmp_path / a) if a in ("o", "FILE") else a for a in args]
+    code, err = run_main(["train", "mtp", *args, "--steps" if "--epochs" not in args else "--no-progress",
+                          *(["1"] if "--epochs" not in args else [])], capsys, monkeypatch)
+    assert_one_line_error(code, err, message)
+    assert (tmp_path / "FILE").read_text() == "mine" and not (tmp_path / "o").exists()
+
+
+def test_eval_json_pointing_at_a_directory_is_refused_before_evaluating(medusa_dir, tmp_path, capsys, monkeypatch):
+    code, err = run_main(["eval", medusa_dir, "--json", tmp_path, "--device", "cpu", "--data", "synthetic"],
+                         capsys, monkeypatch)
+    assert_one_line_error(code, err, "is a directory: name the report file")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without a GPU")
+def test_cuda_without_a_gpu_gives_the_same_message_everywhere(medusa_dir, tmp_path, capsys, monkeypatch):
+    message = "device 'cuda' requested but CUDA is not available"
+    for args in (["generate", medusa_dir, "--prompt", "hi", "--device", "cuda"],
+                 ["train", "ntp", "--out", tmp_path / "o", "--device", "cuda"],
+                 ["eval", medusa_dir, "--device", "cuda"],
+                 ["bench", "--device", "cuda", "--quick"]):
+        code, err = run_main(args, capsys, monkeypatch)
+        assert_one_line_error(code, err, message)
 
 
 def test_parse_tree_forms():
@@ -101,6 +186,7 @@ def test_demo_end_to_end_quick(tmp_path):
     assert "| ntp (gpt2) | ntp |" in table and "| mtp (mtp) | mtp |" in table and "| medusa (medusa) | medusa |" in table
     plots = sorted(p.name for p in (out / "report_plots").iterdir())
     assert "train_loss.png" in plots and all((out / "report_plots" / p).stat().st_size > 0 for p in plots)
+    assert all((out / run / ".mtpkern-demo").is_file() for run in ("ntp", "mtp", "medusa"))  # its own marks
     again = run_cli("demo", "--quick", "--steps", "2", "--out", str(out), "--device", "cpu")
     assert again.returncode == 2 and "pass --overwrite" in again.stderr
 

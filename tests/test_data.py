@@ -427,3 +427,32 @@ def test_answers_match():
     assert not answers_match("The answer is: -3", "The answer is: 3")
     assert not answers_match("I don't know", "The answer is: 3")
     assert not answers_match("The answer is: 3", "no reference")
+
+
+def test_non_utf8_data_names_the_file_and_line(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b'{"query": "a", "response": "b"}\n{"query": "caf\xe9", "response": "b"}\n')
+    with pytest.raises(DataError, match=r"d.jsonl:2: not UTF-8 text"):
+        load_records(path)
+
+
+@pytest.mark.parametrize("name", ["d.jsonl", "d.json"])
+def test_a_utf8_byte_order_mark_is_accepted(tmp_path, name):
+    path = tmp_path / name
+    text = '{"query": "a", "response": "b"}' if name.endswith("l") else '[{"query": "a", "response": "b"}]'
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    assert load_records(path)[0]["query"] == "a"
+
+
+def test_load_tokenizer_refuses_a_missing_or_corrupt_tokenizer(tokenizer, tmp_path):
+    from mtpkern.model import GPT2, GPT2Config
+
+    ckpt = tmp_path / "run" / "checkpoint"
+    GPT2(GPT2Config.tiny(vocab_size=len(tokenizer), n_layer=1, n_embd=16, n_head=2)).save_pretrained(ckpt)
+    with pytest.raises(DataError, match="has no tokenizer"):  # never an empty fallback tokenizer
+        load_tokenizer(tmp_path / "run")
+    tokenizer.save_pretrained(ckpt)
+    assert len(load_tokenizer(tmp_path / "run")) == len(tokenizer)  # a run directory works too
+    (ckpt / "tokenizer.json").write_text('{"version": "1.0", "trunc')
+    with pytest.raises(DataError, match=r"checkpoint/tokenizer.json is corrupt"):
+        load_tokenizer(ckpt)

@@ -15,7 +15,6 @@ from mtpkern.eval import (
     evaluate,
     next_token_gpt2,
     read_run,
-    resolve_checkpoint,
     training_summary,
     validation_records,
 )
@@ -59,21 +58,6 @@ def _save_tiny(directory, model_type="gpt2"):
              "medusa": lambda: MedusaModel.from_base(base, 2)}[model_type]()
     model.save_pretrained(directory)
     return model
-
-
-def test_resolve_checkpoint_run_and_bare(tmp_path):
-    run = tmp_path / "run"
-    _save_tiny(run / "checkpoint")
-    (run / "train_config.json").write_text("{}")
-    assert resolve_checkpoint(run) == (run / "checkpoint", run)
-    assert resolve_checkpoint(run / "checkpoint") == (run / "checkpoint", run)
-    bare = tmp_path / "bare"
-    _save_tiny(bare)
-    assert resolve_checkpoint(bare) == (bare, None)  # tmp_path holds no run files
-    with pytest.raises(FileNotFoundError, match="neither a run directory"):
-        resolve_checkpoint(tmp_path)
-    with pytest.raises(FileNotFoundError, match="no such"):
-        resolve_checkpoint(tmp_path / "missing")
 
 
 def test_validation_split_is_the_trainers(tmp_path):
@@ -196,6 +180,16 @@ def test_evaluate_end_to_end(runs, tmp_path):
     for png in report["files"]["plots"]:
         with open(png, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_json_pointing_at_a_directory_fails_before_evaluating(tmp_path, monkeypatch):
+    import mtpkern.eval as ev
+
+    monkeypatch.setattr(ev, "evaluate_checkpoint", lambda *a, **k: pytest.fail("evaluated before checking --json"))
+    with pytest.raises(ValueError, match="is a directory: name the report file"):
+        evaluate([tmp_path / "missing_run"], json_path=tmp_path, device="cpu")
+    with pytest.raises(ValueError, match="is a directory"):
+        evaluate([tmp_path / "missing_run"], json_path=str(tmp_path / "new") + "/", device="cpu")
 
 
 def test_evaluate_bare_checkpoint_needs_data(runs, tmp_path):

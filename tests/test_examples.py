@@ -45,6 +45,10 @@ def test_train_medusa_heads_example(user_base_and_data, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert "heads trained" in r.stdout and "forward passes plain" in r.stdout
     assert (tmp_path / "run" / "checkpoint" / "model.safetensors").is_file()
+    # the other example takes the run directory itself, like every command that takes a model
+    r = _run("fused_decode.py", str(tmp_path / "run"), "--max-new-tokens", "4")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "tok/s" in r.stdout
 
 
 def test_fused_decode_example(user_base_and_data, tmp_path):

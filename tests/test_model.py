@@ -246,9 +246,12 @@ def test_failed_save_keeps_the_old_checkpoint(tmp_path, monkeypatch):
 
 
 def test_bad_checkpoints_give_clear_errors(tmp_path):
-    with pytest.raises(CheckpointError, match="does not exist"):
+    with pytest.raises(CheckpointError, match="no such checkpoint or run directory"):
         load_model(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="neither a run directory .* nor a checkpoint directory"):
+        load_model(tmp_path / "empty")
+    (tmp_path / "empty" / "checkpoint").mkdir()
     with pytest.raises(CheckpointError, match="has no config.json"):
         load_model(tmp_path / "empty")
 
@@ -288,3 +291,40 @@ def test_unsupported_hf_variant_is_rejected(tmp_path):
     _hf_model(cfg).save_pretrained(tmp_path)
     with pytest.raises(CheckpointError, match="scale_attn_by_inverse_layer_idx"):
         GPT2.from_pretrained(tmp_path)
+
+
+def test_load_model_accepts_a_run_directory_or_its_checkpoint(tmp_path):
+    model = _tiny()
+    model.save_pretrained(tmp_path / "run" / "checkpoint")
+    for path in (tmp_path / "run", tmp_path / "run" / "checkpoint", str(tmp_path / "run")):
+        loaded = load_model(path)
+        assert torch.equal(loaded.wte.weight, model.wte.weight)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("n_embd", "128", "n_embd must be a non-negative integer, got '128'"),
+    ("n_layer", None, "n_layer must be a non-negative integer, got None"),
+    ("n_head", 4.0, "n_head must be a non-negative integer, got 4.0"),
+    ("mtpkern", "gpt2", "the field 'mtpkern' must be an object, got 'gpt2'"),
+    ("layer_norm_epsilon", "x", "layer_norm_epsilon must be a positive number"),
+    ("vocab_size", 0, "vocab_size must be >= 1"),
+])
+def test_config_field_of_the_wrong_type_names_the_file_and_field(tmp_path, field, value, message):
+    _tiny().save_pretrained(tmp_path / "ck")
+    cfg_file = tmp_path / "ck" / "config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg[field] = value
+    cfg_file.write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError) as e:
+        load_model(tmp_path / "ck")
+    assert str(cfg_file) in str(e.value) and message in str(e.value)
+    assert len(str(e.value).splitlines()) == 1
+
+
+def test_hf_config_of_the_wrong_type_is_named_before_transformers_reads_it(tmp_path):
+    _hf_model(HF_CONFIGS[0]).save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["n_head"] = "2"
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"config.json is not a valid config: n_head must be"):
+        load_model(tmp_path)

@@ -4,6 +4,7 @@ base, checkpoints, resume, signals and config errors. Every run is a tiny model 
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,8 +17,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from mtpkern.checkpoint import CheckpointError
-from mtpkern.data import IGNORE_INDEX, synthetic_records, train_tokenizer
+from mtpkern.checkpoint import CheckpointError, run_lock
+from mtpkern.data import IGNORE_INDEX, DataError, synthetic_records, train_tokenizer
 from mtpkern.model import GPT2, GPT2Config, MedusaModel, MTPModel, ModelOutput, load_model
 from mtpkern.train import (
     TrainConfig,
@@ -26,6 +27,7 @@ from mtpkern.train import (
     medusa_loss,
     mtp_loss_and_backward,
     mtp_loss_naive,
+    TrainingDiverged,
     train,
 )
 
@@ -275,7 +277,7 @@ def test_resume_and_overwrite_errors(tmp_path, base_dir):
     with pytest.raises(ValueError, match="already exists"):
         train(cfg)  # a fresh run never overwrites a checkpoint
     with pytest.raises(ValueError, match="objective 'ntp', not 'mtp'"):
-        train(replace(cfg, objective="mtp", resume=True))
+        train(replace(cfg, objective="mtp", n_heads=2, resume=True))
     state = tmp_path / "run" / "checkpoint" / "trainer_state.pt"
     state.write_bytes(state.read_bytes()[:100])
     with pytest.raises(CheckpointError, match="corrupt or truncated"):
@@ -285,21 +287,17 @@ def test_resume_and_overwrite_errors(tmp_path, base_dir):
         train(replace(cfg, resume=True, steps=4))
 
 
-_SIGTERM_SCRIPT = textwrap.dedent("""
-    import sys, torch
-    from mtpkern.train import TrainConfig, train
-    torch.set_num_threads(1)
-    train(TrainConfig(objective="ntp", out=sys.argv[1], base=sys.argv[2], data_limit=80, steps=100000,
-                      batch_size=4, max_len=128, val_fraction=0.1, eval_every=100000, save_every=100000,
-                      log_every=1, progress=False, device="cpu", precision="fp32"))
-""")
-
-
-def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tmp_path, base_dir):
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_writes_a_checkpoint_and_exits_non_zero(tmp_path, base_dir, sig, code):
+    """The checkpoint is written, and the exit status tells a scheduler the run was interrupted."""
     out = tmp_path / "run"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-c", _SIGTERM_SCRIPT, str(out), str(base_dir)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env.pop("MTPKERN_DEBUG", None)
+    cmd = [sys.executable, "-m", "mtpkern.cli", "train", "ntp", "--out", str(out), "--base", str(base_dir),
+           "--data-limit", "80", "--steps", "100000", "--batch-size", "4", "--max-len", "128",
+           "--eval-every", "100000", "--save-every", "100000", "--no-progress", "--device", "cpu",
+           "--precision", "fp32"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         log = out / "log.jsonl"
         deadline = time.monotonic() + 120
@@ -307,17 +305,93 @@ def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tmp_path, base_dir):
             assert proc.poll() is None, proc.communicate()[0]
             assert time.monotonic() < deadline, "training never started"
             time.sleep(0.2)
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         output, _ = proc.communicate(timeout=120)
     finally:
         proc.kill()
-    assert proc.returncode == 0, output
+    assert proc.returncode == code, output
+    assert f"stopped by {signal.Signals(sig).name}" in output and "--resume" in output
     state = torch.load(out / "checkpoint" / "trainer_state.pt", weights_only=True)
-    assert 2 <= state["step"] < 100000
-    assert train_losses(log)[-1] is not None and len(train_losses(log)) == state["step"]
+    assert 20 <= state["step"] < 100000  # a log record every 10 steps: two were written
+    assert len(train_losses(log)) == state["step"] // 10
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["interrupted"] and summary["steps"] == state["step"]
+    assert summary["interrupted"] and summary["steps"] == state["step"] and summary["signal"] == sig
     assert isinstance(load_model(out / "checkpoint"), GPT2)
+
+
+def test_resume_after_the_tokenizer_is_lost_is_an_error(tmp_path, base_dir):
+    cfg = tiny_run(tmp_path / "run", "ntp", base_dir, steps=2)
+    train(cfg)
+    ckpt = tmp_path / "run" / "checkpoint"
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt"):
+        (ckpt / f).unlink(missing_ok=True)
+    before = (ckpt / "model.safetensors").read_bytes()
+    with pytest.raises(DataError, match="has no tokenizer"):
+        train(replace(cfg, resume=True, steps=4))
+    assert (ckpt / "model.safetensors").read_bytes() == before  # nothing was trained or saved
+
+
+def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(tmp_path, base_dir):
+    out = tmp_path / "run"
+    with pytest.raises(TrainingDiverged, match=r"non-finite at step (\d+) .* keeps step") as e:
+        train(tiny_run(out, "ntp", base_dir, lr=1e6, warmup=0, steps=6, save_every=1))
+    bad = int(re.search(r"at step (\d+)", str(e.value)).group(1))
+    state = torch.load(out / "checkpoint" / "trainer_state.pt", weights_only=True)
+    assert state["step"] == bad - 1  # saved every step until the loss went non-finite
+    model = load_model(out)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert records[-1]["kind"] == "error" and records[-1]["step"] == bad
+
+
+def test_resume_keeps_the_saved_configuration(tmp_path, base_dir):
+    cfg = tiny_run(tmp_path / "run", "mtp", base_dir, n_heads=2, steps=2)
+    train(cfg)
+    for change, flag in [(dict(n_heads=3), "--n-heads 3"), (dict(batch_size=8), "--batch-size 8"),
+                         (dict(lr=1e-3), "--lr 0.001"), (dict(data_limit=60), "--data-limit 60")]:
+        with pytest.raises(ValueError, match=f"{flag} contradicts the run's saved .* only --steps, --epochs"):
+            train(replace(cfg, resume=True, steps=4, **change))
+    # flags left unset take the saved values; --steps may change, to extend the run
+    result = train(TrainConfig(objective="mtp", out=str(tmp_path / "run"), resume=True, steps=4, progress=False))
+    assert result.steps == 4 and result.model.n_heads == 2
+    saved = json.loads((tmp_path / "run" / "train_config.json").read_text())
+    assert saved["n_heads"] == 2 and saved["batch_size"] == 4 and saved["lr"] == 3e-3 and saved["steps"] == 4
+
+
+def test_a_second_training_into_the_same_out_fails_at_once(tmp_path, base_dir):
+    cfg = tiny_run(tmp_path / "run", "ntp", base_dir, steps=2)
+    with run_lock(tmp_path / "run"):  # another training holds the run
+        with pytest.raises(CheckpointError, match="in use by another training"):
+            train(cfg)
+    assert not (tmp_path / "run" / "checkpoint").exists() and not (tmp_path / "run" / "log.jsonl").exists()
+    train(cfg)  # the lock is gone with its holder
+
+
+def test_resume_recovers_an_interrupted_save_and_cleans_leftovers(tmp_path, base_dir):
+    out = tmp_path / "run"
+    cfg = tiny_run(out, "ntp", base_dir, steps=2)
+    train(cfg)
+    # a kill between the two renames of a save, after earlier kills mid-write
+    os.replace(out / "checkpoint", out / ".checkpoint.old-424242")
+    (out / ".checkpoint.tmp-k1ll3d").mkdir()
+    with pytest.raises(ValueError, match=r"interrupted save .*\(--resume\)"):
+        train(cfg)  # a fresh start must not throw the only copy away
+    result = train(replace(cfg, resume=True, steps=4))
+    assert result.steps == 4
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".checkpoint")) == []
+
+
+def test_resume_drops_a_half_written_last_log_line(tmp_path, base_dir, capsys):
+    out = tmp_path / "run"
+    cfg = tiny_run(out, "ntp", base_dir, steps=2)
+    train(cfg)
+    n_lines = len((out / "log.jsonl").read_text().splitlines())
+    with open(out / "log.jsonl", "a") as f:
+        f.write('{"kind": "train", "step": 3, "lo')
+    train(replace(cfg, resume=True, steps=3))
+    assert f"log.jsonl:{n_lines + 1}: dropped a half-written last line" in capsys.readouterr().err
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3]
 
 
 # ----------------------------------------------------------------------------- config errors
@@ -326,8 +400,15 @@ def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tmp_path, base_dir):
 @pytest.mark.parametrize("kw, message", [
     (dict(objective="ppo"), "unknown objective"),
     (dict(steps=10, epochs=1.0), "not both"),
-    (dict(lr=0.0), "lr must be > 0"),
-    (dict(lr=-1e-3), "lr must be > 0"),
+    (dict(lr=0.0), "lr must be a finite number > 0"),
+    (dict(lr=-1e-3), "lr must be a finite number > 0"),
+    (dict(lr=math.inf), "lr must be a finite number > 0, got inf"),
+    (dict(lr=math.nan), "lr must be a finite number > 0, got nan"),
+    (dict(steps=None, epochs=math.inf), "epochs must be a finite number > 0, got inf"),
+    (dict(out=""), "--out\\) is empty"),
+    (dict(seed=2**64), "seed must be an integer from 0 to 2\\*\\*63 - 1"),
+    (dict(seed=-1), "seed must be an integer"),
+    (dict(objective="mtp", n_heads=1), "objective 'mtp' needs n_heads >= 2"),
     (dict(objective="medusa", base=None), "needs a trained base"),
     (dict(device="tpu"), "device"),
     (dict(device="gpu0"), "unknown device"),

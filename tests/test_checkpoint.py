@@ -1,0 +1,97 @@
+"""Run and checkpoint directories: one resolver, recovery from an interrupted save, the run lock."""
+
+import os
+
+import pytest
+
+from mtpkern.checkpoint import (
+    CheckpointError,
+    atomic_directory,
+    interrupted_save,
+    model_source,
+    recover_interrupted_save,
+    resolve_checkpoint,
+    run_lock,
+)
+from mtpkern.model import GPT2, GPT2Config
+
+
+def _save_tiny(directory):
+    GPT2(GPT2Config.tiny(vocab_size=64, n_layer=1, n_embd=16, n_head=2)).save_pretrained(directory)
+
+
+def test_resolve_checkpoint_run_and_bare(tmp_path):
+    run = tmp_path / "run"
+    _save_tiny(run / "checkpoint")
+    (run / "train_config.json").write_text("{}")
+    assert resolve_checkpoint(run) == (run / "checkpoint", run)
+    assert resolve_checkpoint(run / "checkpoint") == (run / "checkpoint", run)
+    assert resolve_checkpoint(str(run)) == (run / "checkpoint", run)
+    bare = tmp_path / "bare"
+    _save_tiny(bare)
+    assert resolve_checkpoint(bare) == (bare, None)  # tmp_path holds no run files
+    assert model_source(run) == run / "checkpoint" and model_source("gpt2") == "gpt2"  # a hub name stays
+    with pytest.raises(CheckpointError, match="neither a run directory"):
+        resolve_checkpoint(tmp_path)
+    with pytest.raises(CheckpointError, match="no such checkpoint or run directory"):
+        resolve_checkpoint(tmp_path / "missing")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(CheckpointError, match="is a file"):
+        resolve_checkpoint(tmp_path / "file")
+    (tmp_path / "half" / "checkpoint").mkdir(parents=True)
+    with pytest.raises(CheckpointError, match="has no config.json"):
+        resolve_checkpoint(tmp_path / "half")
+
+
+def _crash_between_the_renames(path, monkeypatch):
+    """Save over ``path`` and die after the old checkpoint was moved aside, before the new one
+    was moved in: what a kill -9 at that instant leaves."""
+    real_replace = os.replace
+    calls = []
+
+    def replace(src, dst):
+        calls.append((src, dst))
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the process dies here
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_directory(path) as tmp:
+            (tmp / "config.json").write_text("{\"new\": 1}")
+    monkeypatch.setattr(os, "replace", real_replace)
+
+
+def test_recover_an_interrupted_save_and_clean_only_our_leftovers(tmp_path, monkeypatch):
+    ckpt = tmp_path / "checkpoint"
+    _save_tiny(ckpt)
+    before = (ckpt / "config.json").read_text()
+    _crash_between_the_renames(ckpt, monkeypatch)
+    assert not ckpt.exists()
+    aside = interrupted_save(ckpt)
+    assert aside is not None and aside.name == f".checkpoint.old-{os.getpid()}"
+    with pytest.raises(CheckpointError, match="a save was interrupted .* --resume"):
+        resolve_checkpoint(tmp_path)
+    # leftovers of earlier kills, and things that are not ours
+    (tmp_path / ".checkpoint.tmp-abc123").mkdir()
+    (tmp_path / ".checkpoint.old-999999").mkdir()  # incomplete (no config.json): never restored
+    (tmp_path / ".checkpoint.old-notapid").mkdir()
+    (tmp_path / "my_notes").mkdir()
+    assert recover_interrupted_save(ckpt) == aside
+    assert (ckpt / "config.json").read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".checkpoint.old-notapid", "checkpoint", "my_notes"]
+    assert recover_interrupted_save(ckpt) is None  # nothing left to do
+
+
+def test_run_lock_is_exclusive_and_a_stale_lock_does_not_block(tmp_path):
+    run = tmp_path / "run"
+    with run_lock(run):
+        assert (run / ".lock").read_text().strip() == str(os.getpid())
+        with pytest.raises(CheckpointError, match=f"in use by another training \\(pid {os.getpid()}\\)"):
+            with run_lock(run):
+                pass
+    with run_lock(run):  # released on exit
+        pass
+    (run / ".lock").write_text("12345\n")  # a lock file left by a dead process holds no lock
+    with run_lock(run):
+        pass
