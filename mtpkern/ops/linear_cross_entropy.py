@@ -1,0 +1,366 @@
+"""Fused linear cross-entropy: the unembedding and the loss in row chunks, so the ``[N, V]``
+logits and their gradient never exist at once.
+
+For rows ``h_n`` of ``hidden`` [N, D], the unembedding ``W`` [V, D] (bias ``b`` [V] optional)
+and labels ``y_n`` (``ignore_index`` marks rows without a target):
+
+    z_n = W h_n + b,    lse_n = log sum_v exp(z_nv),    loss_n = lse_n - z_n[y_n]
+    dloss_n / dz_n = softmax(z_n) - onehot(y_n)
+
+``reduction`` "sum" adds the loss_n of the valid rows, "mean" divides that by their number
+(NaN when there is none, like ``F.cross_entropy``), "none" returns loss_n (0 on ignored rows).
+With ``g_n`` the gradient reaching loss_n (``dL/dloss`` for "sum", that over the number of valid
+rows for "mean", the incoming row gradient for "none"; 0 on ignored rows) and
+``G = diag(g) dloss/dz`` [N, V]:
+
+    dL/dhidden = G W,    dL/dW = G^T hidden,    dL/db = sum_n G_n
+
+Rows are taken C at a time (C * V fp32 logits, about 64 MiB at GPT-2's vocabulary): the chunk's
+logits are computed (a matmul, fp32 out), one kernel turns them into loss_n and, in place,
+into the chunk of G (online log-sum-exp over V blocks, then a second pass writing the
+gradient), and two matmuls add the chunk's share of dL/dhidden and dL/dW (accumulated in fp32
+over chunks). For "mean" and "sum" the loss is a scalar, so ``g`` is known up to one factor in
+the forward pass: the gradients are computed there (Liger-Kernel's trick, no second matmul over
+the vocabulary) and the backward only scales them. For "none" the forward computes the losses
+only and the backward recomputes the chunks with the incoming row gradients.
+
+The kernel also counts, per row, the logits strictly larger than the target's (the target's
+rank): the target is in the top-k when that count is below k (ties count in its favour, where
+``torch.topk`` may order them either way).
+"""
+
+import contextlib
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
+
+from mtpkern.ops import _backend
+
+REDUCTIONS = ("mean", "sum", "none")
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_CHUNK_ELEMENTS = 2**24  # fp32 logits per chunk: 64 MiB; 256 rows at GPT-2's vocabulary
+
+
+# ----------------------------------------------------------------------------- kernel
+
+
+@triton.jit
+def _cross_entropy_rows_kernel(
+    z_ptr,  # [C, V] fp32 logits of a chunk; overwritten by g_n * (softmax - onehot) if WRITE_GRAD
+    labels_ptr, row_grad_ptr,  # [C] int64, [C] fp32 (g_n, 0 on ignored rows; unused without WRITE_GRAD)
+    loss_ptr, rank_ptr,  # outputs: [C] fp32, [C] int64
+    V, stride_z, ignore_index,
+    WRITE_GRAD: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)  # row * stride_z can pass 2**31
+    z_row = z_ptr + row * stride_z
+    label = tl.load(labels_ptr + row)
+    valid = label != ignore_index
+    target = tl.where(valid, label, 0)
+    z_target = tl.load(z_row + target)
+    cols = tl.arange(0, BLOCK_V)
+
+    # Online log-sum-exp: m is the running maximum, s = sum exp(z - m) so far. Every block
+    # holds at least one column, so m is finite after the first block.
+    m = tl.full((), float("-inf"), tl.float32)
+    s = tl.full((), 0.0, tl.float32)
+    above = tl.full((), 0, tl.int32)
+    for v0 in range(0, V, BLOCK_V):
+        ok = v0 + cols < V
+        z = tl.load(z_row + v0 + cols, mask=ok, other=float("-inf"))
+        m_new = tl.maximum(m, tl.max(z, axis=0))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
+        m = m_new
+        above += tl.sum((z > z_target).to(tl.int32), axis=0)
+    lse = m + tl.log(s)
+    tl.store(loss_ptr + row, tl.where(valid, lse - z_target, 0.0))
+    tl.store(rank_ptr + row, tl.where(valid, above, -1).to(tl.int64))
+
+    if WRITE_GRAD:
+        g = tl.load(row_grad_ptr + row)
+        for v0 in range(0, V, BLOCK_V):
+            ok = v0 + cols < V
+            z = tl.load(z_row + v0 + cols, mask=ok, other=0.0)
+            dz = tl.exp(z - lse) - tl.where(v0 + cols == label, 1.0, 0.0)
+            tl.store(z_row + v0 + cols, dz * g, mask=ok)
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def _cross_entropy_rows_ref(z: Tensor, labels: Tensor, row_grad: Optional[Tensor], ignore_index: int):
+    """The kernel's maths in PyTorch, on one chunk of fp32 logits ``z`` [C, V]:
+    (loss_n, rank_n), and ``z`` overwritten by ``g_n * (softmax(z_n) - onehot(y_n))``."""
+    valid = labels != ignore_index
+    target = torch.where(valid, labels, 0)
+    z_target = z.gather(1, target[:, None])
+    lse = torch.logsumexp(z, dim=1)
+    loss = torch.where(valid, lse - z_target[:, 0], 0.0)
+    rank = torch.where(valid, (z > z_target).sum(1), -1)
+    if row_grad is not None:
+        z.sub_(lse[:, None]).exp_()
+        z.scatter_add_(1, target[:, None], -valid[:, None].to(z.dtype))
+        z.mul_(row_grad[:, None])
+    return loss, rank
+
+
+def _chunk_rows(N: int, V: int) -> int:
+    return max(16, min(max(N, 1), triton.next_power_of_2(_CHUNK_ELEMENTS // V + 1) // 2))
+
+
+def linear_cross_entropy_ref(
+    hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor] = None, ignore_index: int = -100,
+    row_grad: Optional[Tensor] = None, needs: tuple[bool, bool, bool] = (True, True, True), *, kernel: bool = False,
+):
+    """Reference (and the CPU implementation): the chunked pass described in the module docstring.
+
+    Returns ``(loss_n [N] fp32, rank_n [N] int64, dL/dhidden, dL/dW, dL/db)``; the gradients are
+    computed only when ``row_grad`` (``g_n`` [N] fp32, 0 on ignored rows) is given, each where
+    ``needs`` asks for it (else None). In fp32 throughout: the weight is read in fp32 (a copy for
+    half inputs), so at most C * V logits and one chunk of their gradient exist at a time.
+    ``kernel=True`` is the launcher: the Triton kernel does each chunk's cross-entropy, and the
+    matmuls run in the inputs' dtype with fp32 logits and fp32 accumulation of dL/dW over chunks.
+    """
+    N, D = hidden.shape
+    V = weight.shape[0]
+    dev = hidden.device
+    labels = labels.long()
+    half = hidden.dtype != torch.float32
+    w = weight if kernel else weight.float()
+    b = None if bias is None else bias.float()
+    grads = row_grad is not None
+    grad_h = torch.empty(N, D, dtype=hidden.dtype, device=dev) if grads and needs[0] else None
+    grad_w = torch.zeros(V, D, dtype=torch.float32, device=dev) if grads and needs[1] else None
+    grad_b = torch.zeros(V, dtype=torch.float32, device=dev) if grads and needs[2] and bias is not None else None
+    loss = torch.empty(N, dtype=torch.float32, device=dev)
+    rank = torch.empty(N, dtype=torch.int64, device=dev)
+    C = _chunk_rows(N, V)
+    for c0 in range(0, N, C):
+        rows = slice(c0, min(N, c0 + C))
+        h = hidden[rows] if kernel else hidden[rows].float()
+        z = (h @ w.T).float()  # no copy in fp32; cuBLAS accumulates half matmuls in fp32
+        if b is not None:
+            z += b
+        g = row_grad[rows] if grads else None
+        if kernel:
+            _launch(z, labels[rows], g, ignore_index, loss[rows], rank[rows])
+        else:
+            loss[rows], rank[rows] = _cross_entropy_rows_ref(z, labels[rows], g, ignore_index)
+        if not grads:
+            continue
+        dz = z.to(hidden.dtype) if kernel and half else z  # tensor cores take both sides in half
+        if grad_h is not None:
+            grad_h[rows] = dz @ w
+        if grad_w is not None:
+            if kernel and half:
+                grad_w += dz.T @ h  # fp32 accumulation over chunks, no fp32 temporary
+            else:
+                grad_w.addmm_(dz.T, h)
+        if grad_b is not None:
+            grad_b += z.sum(0)
+    cast = lambda t, ref: None if t is None else t.to(ref.dtype)  # noqa: E731
+    return loss, rank, grad_h, cast(grad_w, weight), cast(grad_b, bias)
+
+
+# ----------------------------------------------------------------------------- launcher
+
+
+def _check_inputs(hidden, weight, labels, bias, ignore_index, reduction) -> None:
+    """One-line errors for bad arguments; the label values are checked on real tensors only."""
+    if hidden.dim() != 2:
+        raise ValueError(f"hidden must be 2-D [N, D], got shape {tuple(hidden.shape)}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [V, D], got shape {tuple(weight.shape)}")
+    (N, D), (V, Dw) = hidden.shape, weight.shape
+    if D != Dw:
+        raise ValueError(f"hidden [N, D] and weight [V, D] disagree on D: {D} vs {Dw}")
+    if V == 0 or D == 0:
+        raise ValueError(f"empty weight {tuple(weight.shape)}: V and D must be >= 1")
+    if hidden.dtype not in _DTYPES:
+        raise TypeError(f"hidden.dtype must be float32, float16 or bfloat16, got {hidden.dtype}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight.dtype ({weight.dtype}) must equal hidden.dtype ({hidden.dtype})")
+    if labels.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"labels.dtype must be int32 or int64, got {labels.dtype}")
+    if labels.shape != (N,):
+        raise ValueError(f"labels must have shape [N] = [{N}], got {tuple(labels.shape)}")
+    if bias is not None:
+        if bias.shape != (V,):
+            raise ValueError(f"bias must have shape [V] = [{V}], got {tuple(bias.shape)}")
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"bias.dtype ({bias.dtype}) must equal hidden.dtype ({hidden.dtype})")
+    for name, t in (("weight", weight), ("labels", labels), ("bias", bias)):
+        if t is not None and t.device != hidden.device:
+            raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {', '.join(REDUCTIONS)}, got {reduction!r}")
+    if 0 <= ignore_index < V:
+        raise ValueError(f"ignore_index={ignore_index} is a class of the vocabulary [0, {V}): use a negative value")
+    if N and not is_fake(labels) and labels.device.type != "meta":
+        bad = (labels != ignore_index) & ((labels < 0) | (labels >= V))
+        if bool(bad.any()):  # one host sync: an out-of-range label would read past the logits
+            raise ValueError(f"labels must lie in [0, {V}) or equal ignore_index={ignore_index}, "
+                             f"got {labels[bad][0].item()}")
+
+
+def _config(V: int) -> dict:
+    # The interpreter pays per block step, not per element: wider blocks keep the tests fast.
+    block_v = min(8192 if _backend.triton_interpret() else 4096, triton.next_power_of_2(V))
+    return dict(BLOCK_V=block_v, num_warps=8 if block_v >= 2048 else 4)
+
+
+def _launch(z: Tensor, labels: Tensor, row_grad: Optional[Tensor], ignore_index: int, loss: Tensor, rank: Tensor):
+    """One chunk: loss and rank of each row of ``z``, and ``z`` turned into its gradient."""
+    C, V = z.shape
+    cfg = _config(V)
+    with torch.cuda.device(z.device) if z.device.type == "cuda" else contextlib.nullcontext():
+        _cross_entropy_rows_kernel[(C,)](
+            z, labels, row_grad if row_grad is not None else loss, loss, rank,
+            V, z.stride(0), ignore_index,
+            WRITE_GRAD=row_grad is not None, BLOCK_V=cfg["BLOCK_V"], num_warps=cfg["num_warps"],
+        )
+
+
+def _row_grad(labels: Tensor, ignore_index: int, reduction: str, grad_rows: Optional[Tensor] = None) -> Tensor:
+    """g_n without the incoming scalar: 1 ("sum"), 1 / #valid ("mean"), grad_rows ("none"); 0 on ignored rows."""
+    valid = (labels != ignore_index).float()
+    if reduction == "none":
+        return grad_rows.float() * valid
+    if reduction == "mean":
+        return valid / valid.sum().clamp(min=1)
+    return valid
+
+
+def _run(hidden, weight, labels, bias, ignore_index, row_grad, needs):
+    use_kernel = _backend.pick(hidden.device, ("triton", "eager")) == "triton"
+    return linear_cross_entropy_ref(hidden, weight, labels, bias, ignore_index, row_grad, needs, kernel=use_kernel)
+
+
+# ----------------------------------------------------------------------------- registration
+
+
+@torch.library.custom_op("mtpkern::linear_cross_entropy", mutates_args=())
+def _linear_cross_entropy_op(
+    hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor], ignore_index: int, reduction: str,
+    grad_hidden: bool, grad_weight: bool, grad_bias: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(loss, rank [N], dloss/dhidden, dloss/dweight, dloss/dbias). For "mean" and "sum" the
+    gradients asked for by the three flags are computed here (empty tensors otherwise); for
+    "none" they are always empty (the backward op recomputes them)."""
+    _check_inputs(hidden, weight, labels, bias, ignore_index, reduction)
+    want = reduction != "none" and (grad_hidden or grad_weight or (grad_bias and bias is not None))
+    row_grad = _row_grad(labels, ignore_index, reduction) if want else None
+    loss, rank, gh, gw, gb = _run(hidden, weight, labels, bias, ignore_index, row_grad,
+                                  (grad_hidden, grad_weight, grad_bias))
+    if reduction != "none":
+        loss = loss.sum() / (labels != ignore_index).sum() if reduction == "mean" else loss.sum()
+    empty = lambda t, ref: t if t is not None else ref.new_empty(0)  # noqa: E731
+    return loss, rank, empty(gh, hidden), empty(gw, weight), empty(gb, hidden)
+
+
+@_linear_cross_entropy_op.register_fake
+def _(hidden, weight, labels, bias, ignore_index, reduction, grad_hidden, grad_weight, grad_bias):
+    _check_inputs(hidden, weight, labels, bias, ignore_index, reduction)
+    N = hidden.shape[0]
+    loss = hidden.new_empty((N,) if reduction == "none" else (), dtype=torch.float32)
+    grads = reduction != "none"
+    gh = hidden.new_empty(hidden.shape if grads and grad_hidden else (0,))
+    gw = weight.new_empty(weight.shape if grads and grad_weight else (0,))
+    gb = hidden.new_empty(bias.shape if grads and grad_bias and bias is not None else (0,))
+    return loss, labels.new_empty(N, dtype=torch.int64), gh, gw, gb
+
+
+@torch.library.custom_op("mtpkern::linear_cross_entropy_backward", mutates_args=())
+def _linear_cross_entropy_backward_op(
+    hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor], ignore_index: int, grad_rows: Tensor,
+    grad_hidden: bool, grad_weight: bool, grad_bias: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The gradients of sum_n grad_rows[n] * loss_n (reduction "none"), recomputed chunk by chunk."""
+    _check_inputs(hidden, weight, labels, bias, ignore_index, "none")
+    if grad_rows.shape != labels.shape:
+        raise ValueError(f"grad_rows must have shape [N] = [{labels.shape[0]}], got {tuple(grad_rows.shape)}")
+    row_grad = _row_grad(labels, ignore_index, "none", grad_rows)
+    _, _, gh, gw, gb = _run(hidden, weight, labels, bias, ignore_index, row_grad, (grad_hidden, grad_weight, grad_bias))
+    empty = lambda t, ref: t if t is not None else ref.new_empty(0)  # noqa: E731
+    return empty(gh, hidden), empty(gw, weight), empty(gb, hidden)
+
+
+@_linear_cross_entropy_backward_op.register_fake
+def _(hidden, weight, labels, bias, ignore_index, grad_rows, grad_hidden, grad_weight, grad_bias):
+    _check_inputs(hidden, weight, labels, bias, ignore_index, "none")
+    gh = hidden.new_empty(hidden.shape if grad_hidden else (0,))
+    gw = weight.new_empty(weight.shape if grad_weight else (0,))
+    gb = hidden.new_empty(bias.shape if grad_bias and bias is not None else (0,))
+    return gh, gw, gb
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, labels, bias, ignore_index, reduction, *_ = inputs
+    _, rank, gh, gw, gb = output
+    ctx.mark_non_differentiable(rank, gh, gw, gb)
+    ctx.reduction, ctx.ignore_index, ctx.has_bias = reduction, ignore_index, bias is not None
+    if reduction == "none":
+        ctx.save_for_backward(hidden, weight, labels, bias)
+    else:
+        ctx.save_for_backward(gh, gw, gb)
+
+
+def _backward(ctx, grad_loss, *_):
+    need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[3]
+    if ctx.reduction == "none":
+        hidden, weight, labels, bias = ctx.saved_tensors
+        gh, gw, gb = torch.ops.mtpkern.linear_cross_entropy_backward(
+            hidden, weight, labels, bias, ctx.ignore_index, grad_loss, need_h, need_w, need_b)
+    else:
+        # The forward computed the gradients for dL/dloss = 1; scale them by the real one.
+        gh, gw, gb = (t * grad_loss.to(t.dtype) for t in ctx.saved_tensors)
+    pick = lambda need, t: t if need and t.numel() else None  # noqa: E731
+    return pick(need_h, gh), pick(need_w, gw), None, pick(need_b, gb), None, None, None, None, None
+
+
+torch.library.register_autograd("mtpkern::linear_cross_entropy", _backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- public
+
+
+def linear_cross_entropy(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    bias: Optional[Tensor] = None,
+    return_hits: bool = False,
+):
+    """``F.cross_entropy(hidden @ weight.T + bias, labels, ignore_index=..., reduction=...)``
+    without the [N, V] logits: hidden [N, D], weight [V, D], bias [V] or None (one float dtype,
+    one device), labels [N] int32/int64. The loss is fp32; its gradients reach hidden, weight
+    and bias in their dtypes. Under ``torch.autocast`` hidden, weight and bias are cast to the
+    autocast dtype first, as for a matmul.
+
+    With ``return_hits``: ``(loss, hits)``, hits = int64 [2], how many non-ignored rows have
+    their label in the top-1 and in the top-5 logits.
+    """
+    dev = hidden.device.type
+    if torch.is_autocast_enabled(dev):
+        dtype = torch.get_autocast_dtype(dev)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+    grad = torch.is_grad_enabled()
+    flags = [grad and t is not None and t.requires_grad for t in (hidden, weight, bias)]
+    loss, rank, *_ = torch.ops.mtpkern.linear_cross_entropy(hidden, weight, labels, bias, int(ignore_index),
+                                                          reduction, *flags)
+    if not return_hits:
+        return loss
+    valid = rank >= 0
+    hits = torch.stack([(valid & (rank < 1)).sum(), (valid & (rank < 5)).sum()])
+    return loss, hits
+
+
+__all__ = ["linear_cross_entropy", "linear_cross_entropy_ref", "REDUCTIONS"]
