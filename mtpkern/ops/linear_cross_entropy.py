@@ -41,7 +41,7 @@ from torch._subclasses.fake_tensor import is_fake
 from mtpkern.ops import _backend
 
 REDUCTIONS = ("mean", "sum", "none")
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)  # float64: the reference only
 _CHUNK_ELEMENTS = 2**24  # fp32 logits per chunk: 64 MiB; 256 rows at GPT-2's vocabulary
 
 
@@ -130,23 +130,24 @@ def linear_cross_entropy_ref(
     V = weight.shape[0]
     dev = hidden.device
     labels = labels.long()
-    half = hidden.dtype != torch.float32
-    w = weight if kernel else weight.float()
-    b = None if bias is None else bias.float()
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32  # float64 for gradcheck
+    half = hidden.dtype not in (torch.float32, torch.float64)
+    w = weight if kernel else weight.to(acc)
+    b = None if bias is None else bias.to(acc)
     grads = row_grad is not None
     grad_h = torch.empty(N, D, dtype=hidden.dtype, device=dev) if grads and needs[0] else None
-    grad_w = torch.zeros(V, D, dtype=torch.float32, device=dev) if grads and needs[1] else None
-    grad_b = torch.zeros(V, dtype=torch.float32, device=dev) if grads and needs[2] and bias is not None else None
-    loss = torch.empty(N, dtype=torch.float32, device=dev)
+    grad_w = torch.zeros(V, D, dtype=acc, device=dev) if grads and needs[1] else None
+    grad_b = torch.zeros(V, dtype=acc, device=dev) if grads and needs[2] and bias is not None else None
+    loss = torch.empty(N, dtype=acc, device=dev)
     rank = torch.empty(N, dtype=torch.int64, device=dev)
     C = _chunk_rows(N, V)
     for c0 in range(0, N, C):
         rows = slice(c0, min(N, c0 + C))
-        h = hidden[rows] if kernel else hidden[rows].float()
-        z = (h @ w.T).float()  # no copy in fp32; cuBLAS accumulates half matmuls in fp32
+        h = hidden[rows] if kernel else hidden[rows].to(acc)
+        z = (h @ w.T).to(acc)  # no copy in fp32; cuBLAS accumulates half matmuls in fp32
         if b is not None:
             z += b
-        g = row_grad[rows] if grads else None
+        g = row_grad[rows].to(acc) if grads else None
         if kernel:
             _launch(z, labels[rows], g, ignore_index, loss[rows], rank[rows])
         else:
@@ -182,7 +183,7 @@ def _check_inputs(hidden, weight, labels, bias, ignore_index, reduction) -> None
     if V == 0 or D == 0:
         raise ValueError(f"empty weight {tuple(weight.shape)}: V and D must be >= 1")
     if hidden.dtype not in _DTYPES:
-        raise TypeError(f"hidden.dtype must be float32, float16 or bfloat16, got {hidden.dtype}")
+        raise TypeError(f"hidden.dtype must be float32, float16, bfloat16 or float64, got {hidden.dtype}")
     if weight.dtype != hidden.dtype:
         raise TypeError(f"weight.dtype ({weight.dtype}) must equal hidden.dtype ({hidden.dtype})")
     if labels.dtype not in (torch.int32, torch.int64):
@@ -228,16 +229,16 @@ def _launch(z: Tensor, labels: Tensor, row_grad: Optional[Tensor], ignore_index:
 
 def _row_grad(labels: Tensor, ignore_index: int, reduction: str, grad_rows: Optional[Tensor] = None) -> Tensor:
     """g_n without the incoming scalar: 1 ("sum"), 1 / #valid ("mean"), grad_rows ("none"); 0 on ignored rows."""
-    valid = (labels != ignore_index).float()
+    valid = (labels != ignore_index).double()  # [N] only: exact 1 / count for every dtype
     if reduction == "none":
-        return grad_rows.float() * valid
+        return grad_rows.double() * valid
     if reduction == "mean":
         return valid / valid.sum().clamp(min=1)
     return valid
 
 
 def _run(hidden, weight, labels, bias, ignore_index, row_grad, needs):
-    use_kernel = _backend.pick(hidden.device, ("triton", "eager")) == "triton"
+    use_kernel = _backend.pick(hidden.device, ("triton", "eager")) == "triton" and hidden.dtype != torch.float64
     return linear_cross_entropy_ref(hidden, weight, labels, bias, ignore_index, row_grad, needs, kernel=use_kernel)
 
 
@@ -267,7 +268,8 @@ def _linear_cross_entropy_op(
 def _(hidden, weight, labels, bias, ignore_index, reduction, grad_hidden, grad_weight, grad_bias):
     _check_inputs(hidden, weight, labels, bias, ignore_index, reduction)
     N = hidden.shape[0]
-    loss = hidden.new_empty((N,) if reduction == "none" else (), dtype=torch.float32)
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    loss = hidden.new_empty((N,) if reduction == "none" else (), dtype=acc)
     grads = reduction != "none"
     gh = hidden.new_empty(hidden.shape if grads and grad_hidden else (0,))
     gw = weight.new_empty(weight.shape if grads and grad_weight else (0,))
@@ -303,11 +305,16 @@ def _setup_context(ctx, inputs, output):
     hidden, weight, labels, bias, ignore_index, reduction, *_ = inputs
     _, rank, gh, gw, gb = output
     ctx.mark_non_differentiable(rank, gh, gw, gb)
-    ctx.reduction, ctx.ignore_index, ctx.has_bias = reduction, ignore_index, bias is not None
+    ctx.reduction, ctx.ignore_index = reduction, ignore_index
     if reduction == "none":
         ctx.save_for_backward(hidden, weight, labels, bias)
     else:
         ctx.save_for_backward(gh, gw, gb)
+
+
+def _graph_kept() -> bool:
+    keep = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)  # private: be careful
+    return True if keep is None else bool(keep())
 
 
 def _backward(ctx, grad_loss, *_):
@@ -317,8 +324,14 @@ def _backward(ctx, grad_loss, *_):
         gh, gw, gb = torch.ops.mtpkern.linear_cross_entropy_backward(
             hidden, weight, labels, bias, ctx.ignore_index, grad_loss, need_h, need_w, need_b)
     else:
-        # The forward computed the gradients for dL/dloss = 1; scale them by the real one.
-        gh, gw, gb = (t * grad_loss.to(t.dtype) for t in ctx.saved_tensors)
+        # The forward computed the gradients for dL/dloss = 1; scale them by the real one: in
+        # place when this graph is freed after this backward (eager, retain_graph=False), so
+        # dL/dW needs no second [V, D] buffer; else (a retained or traced graph) a copy.
+        saved = ctx.saved_tensors
+        if all(type(t) is Tensor for t in (*saved, grad_loss)) and not _graph_kept():
+            gh, gw, gb = (t.mul_(grad_loss.to(t.dtype)) for t in saved)
+        else:
+            gh, gw, gb = (t * grad_loss.to(t.dtype) for t in saved)
     pick = lambda need, t: t if need and t.numel() else None  # noqa: E731
     return pick(need_h, gh), pick(need_w, gw), None, pick(need_b, gb), None, None, None, None, None
 
