@@ -1,17 +1,22 @@
 """linear_cross_entropy against the unfused loss (``F.cross_entropy`` on materialised fp32
-logits): the loss and every gradient, over awkward shapes, reductions, bias or not.
+logits): the loss and every gradient, over awkward shapes, reductions, bias or not; and the
+trainer's objectives with the fused and the plain loss (``TrainConfig.loss``, ``--loss``).
 
 On CPU the Triton kernel runs in the interpreter (fp32 / fp16, small D, one GPT-2 vocabulary);
 with TRITON_INTERPRET=0 the op runs its chunked PyTorch reference, tested here too.
 """
 
 import importlib
+import json
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from mtpkern.cli import main as cli_main
+from mtpkern.model import GPT2, GPT2Config, MedusaModel, MTPModel
 from mtpkern.ops.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_ref
+from mtpkern.train import TrainConfig, evaluate_heads, medusa_loss, mtp_loss_and_backward, mtp_loss_naive, ntp_loss, train
 
 lce_mod = importlib.import_module("mtpkern.ops.linear_cross_entropy")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -272,3 +277,85 @@ def test_cuda_autocast_bf16_gradients_reach_fp32_weights():
     assert weight.grad.dtype == torch.float32 and hidden.grad.dtype == torch.float32
     ref = F.cross_entropy((hidden.detach() @ weight.detach().T).float(), labels)
     torch.testing.assert_close(loss.detach(), ref, atol=3e-2, rtol=0)
+
+
+# ----------------------------------------------------------------------------- the trainer
+
+
+def _models():
+    torch.manual_seed(0)
+    base = GPT2(GPT2Config(vocab_size=97, n_positions=32, n_embd=32, n_layer=3, n_head=2))
+    # MEDUSA heads with their own projections: each head's weight, not only the tied one
+    return {"ntp": base, "mtp": MTPModel.from_base(base, n_heads=3),
+            "medusa": MedusaModel.from_base(base, n_heads=3, proj=True)}
+
+
+def _objective_step(objective, model, idx, labels, fused):
+    """One objective's loss and backward, as the trainer runs it; returns the loss."""
+    if objective == "ntp":
+        loss = ntp_loss(model, idx, labels, fused=fused)[0]
+    elif objective == "mtp-naive":
+        loss = mtp_loss_naive(model, idx, labels, fused=fused)
+    elif objective == "medusa":
+        loss = medusa_loss(model, idx, labels, [1.0, 0.8, 0.64], fused=fused)[0]
+    else:
+        return mtp_loss_and_backward(model, idx, labels, scale=2.5, fused=fused)[0]
+    loss.backward()
+    return loss.detach()
+
+
+@pytest.mark.parametrize("objective", ["ntp", "mtp-naive", "mtp-efficient", "medusa"])
+def test_trainer_losses_and_gradients_fused_match_plain(objective):
+    model = _models()[objective.split("-")[0]].train()
+    g = torch.Generator().manual_seed(1)
+    idx = torch.randint(0, 97, (3, 19), generator=g)
+    labels = idx.clone()
+    labels[:, :4] = IGNORE
+    labels[1, -5:] = IGNORE
+    results = {}
+    for fused in (False, True):
+        model.zero_grad(set_to_none=True)
+        loss = _objective_step(objective, model, idx, labels, fused)
+        results[fused] = loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    (plain, plain_grads), (fused, fused_grads) = results[False], results[True]
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
+    assert fused_grads.keys() == plain_grads.keys() and plain_grads
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_evaluate_heads_fused_matches_plain():
+    model = _models()["mtp"]
+    g = torch.Generator().manual_seed(2)
+    idx = torch.randint(0, 97, (4, 23), generator=g)
+    labels = idx.clone()
+    labels[:, :5] = IGNORE
+    batches = [{"input_ids": idx, "labels": labels}]
+    plain = evaluate_heads(model, batches, "cpu", fused=False)
+    fused = evaluate_heads(model, batches, "cpu", fused=True)
+    assert fused["n_tokens"] == plain["n_tokens"]
+    assert fused["acc_top1"] == plain["acc_top1"] and fused["acc_top5"] == plain["acc_top5"]
+    assert fused["head_loss"] == pytest.approx(plain["head_loss"], rel=1e-5)
+
+
+def test_train_loss_flag(tmp_path):
+    """``--loss plain`` on the command line and ``loss="fused"`` (the default) in a TrainConfig
+    train the same model to the same logged losses."""
+    common = ["--config", "tiny", "--data", "synthetic", "--data-limit", "200", "--steps", "3", "--batch-size", "4",
+              "--max-len", "128", "--eval-every", "100", "--device", "cpu", "--no-progress"]
+    assert cli_main(["train", "mtp", "--out", str(tmp_path / "plain"), "--n-heads", "2", "--loss", "plain", *common]) == 0
+    assert json.loads((tmp_path / "plain" / "train_config.json").read_text())["loss"] == "plain"
+    cfg = TrainConfig(objective="mtp", out=str(tmp_path / "fused"), config="tiny", data="synthetic", data_limit=200,
+                      steps=3, batch_size=4, max_len=128, eval_every=100, device="cpu", n_heads=2, progress=False)
+    assert cfg.loss == "fused"
+    train(cfg)
+
+    def losses(run):
+        lines = (tmp_path / run / "log.jsonl").read_text().splitlines()
+        return [r["head_losses"] for r in map(json.loads, lines) if r["kind"] == "train"]
+
+    plain, fused = losses("plain"), losses("fused")  # one record: the mean of the 3 steps
+    assert len(plain) == len(fused) == 1 and len(plain[0]) == 2
+    assert fused[0] == pytest.approx(plain[0], rel=1e-4)
+    with pytest.raises(ValueError, match="unknown loss 'chunked'"):
+        TrainConfig(objective="ntp", out=str(tmp_path / "x"), loss="chunked")

@@ -95,17 +95,20 @@ def _cross_entropy_rows_kernel(
 
 def _cross_entropy_rows_ref(z: Tensor, labels: Tensor, row_grad: Optional[Tensor], ignore_index: int):
     """The kernel's maths in PyTorch, on one chunk of fp32 logits ``z`` [C, V]:
-    (loss_n, rank_n), and ``z`` overwritten by ``g_n * (softmax(z_n) - onehot(y_n))``."""
+    (loss_n, rank_n), and ``z`` overwritten by ``g_n * (softmax(z_n) - onehot(y_n))`` when
+    ``row_grad`` is given. In place: no second [C, V] float buffer."""
     valid = labels != ignore_index
-    target = torch.where(valid, labels, 0)
-    z_target = z.gather(1, target[:, None])
-    lse = torch.logsumexp(z, dim=1)
-    loss = torch.where(valid, lse - z_target[:, 0], 0.0)
+    target = torch.where(valid, labels, 0)[:, None]
+    z_target = z.gather(1, target)
     rank = torch.where(valid, (z > z_target).sum(1), -1)
+    m = z.amax(1, keepdim=True)
+    e = z.sub_(m).exp_()  # z is exp(z - m) from here on
+    s = e.sum(1, keepdim=True)
+    loss = torch.where(valid, (m + s.log() - z_target)[:, 0], 0.0)
     if row_grad is not None:
-        z.sub_(lse[:, None]).exp_()
-        z.scatter_add_(1, target[:, None], -valid[:, None].to(z.dtype))
-        z.mul_(row_grad[:, None])
+        e.div_(s)
+        e.scatter_add_(1, target, -valid[:, None].to(e.dtype))
+        e.mul_(row_grad[:, None])
     return loss, rank
 
 
@@ -115,16 +118,20 @@ def _chunk_rows(N: int, V: int) -> int:
 
 def linear_cross_entropy_ref(
     hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor] = None, ignore_index: int = -100,
-    row_grad: Optional[Tensor] = None, needs: tuple[bool, bool, bool] = (True, True, True), *, kernel: bool = False,
+    row_grad: Optional[Tensor] = None, needs: tuple[bool, bool, bool] = (True, True, True),
+    grad_scale: Optional[Tensor] = None, *, kernel: bool = False,
 ):
     """Reference (and the CPU implementation): the chunked pass described in the module docstring.
 
-    Returns ``(loss_n [N] fp32, rank_n [N] int64, dL/dhidden, dL/dW, dL/db)``; the gradients are
-    computed only when ``row_grad`` (``g_n`` [N] fp32, 0 on ignored rows) is given, each where
-    ``needs`` asks for it (else None). In fp32 throughout: the weight is read in fp32 (a copy for
-    half inputs), so at most C * V logits and one chunk of their gradient exist at a time.
-    ``kernel=True`` is the launcher: the Triton kernel does each chunk's cross-entropy, and the
-    matmuls run in the inputs' dtype with fp32 logits and fp32 accumulation of dL/dW over chunks.
+    Returns ``(loss_n [N], rank_n [N] int64, dL/dhidden, dL/dW, dL/db)``, all float fp32 (float64
+    for float64 inputs). The gradients are those of ``grad_scale * sum_n row_grad[n] * loss_n``,
+    computed only when ``row_grad`` (0 on ignored rows) is given, each where ``needs`` asks for
+    it (else None); ``grad_scale`` (a scalar tensor, default 1) multiplies the fp32 sums at the
+    end, so half-precision chunks of the gradient do not underflow by a factor 1 / N.
+    In fp32 throughout: the weight is read in fp32 (a copy for half inputs), so at most C * V
+    logits and one chunk of their gradient exist at a time. ``kernel=True`` is the launcher:
+    the Triton kernel does each chunk's cross-entropy, and the matmuls run in the inputs' dtype
+    with fp32 logits and fp32 accumulation over chunks.
     """
     N, D = hidden.shape
     V = weight.shape[0]
@@ -135,7 +142,7 @@ def linear_cross_entropy_ref(
     w = weight if kernel else weight.to(acc)
     b = None if bias is None else bias.to(acc)
     grads = row_grad is not None
-    grad_h = torch.empty(N, D, dtype=hidden.dtype, device=dev) if grads and needs[0] else None
+    grad_h = torch.empty(N, D, dtype=acc, device=dev) if grads and needs[0] else None
     grad_w = torch.zeros(V, D, dtype=acc, device=dev) if grads and needs[1] else None
     grad_b = torch.zeros(V, dtype=acc, device=dev) if grads and needs[2] and bias is not None else None
     loss = torch.empty(N, dtype=acc, device=dev)
@@ -164,8 +171,11 @@ def linear_cross_entropy_ref(
                 grad_w.addmm_(dz.T, h)
         if grad_b is not None:
             grad_b += z.sum(0)
-    cast = lambda t, ref: None if t is None else t.to(ref.dtype)  # noqa: E731
-    return loss, rank, grad_h, cast(grad_w, weight), cast(grad_b, bias)
+    if grad_scale is not None:
+        for t in (grad_h, grad_w, grad_b):
+            if t is not None:
+                t *= grad_scale
+    return loss, rank, grad_h, grad_w, grad_b
 
 
 # ----------------------------------------------------------------------------- launcher
@@ -227,19 +237,10 @@ def _launch(z: Tensor, labels: Tensor, row_grad: Optional[Tensor], ignore_index:
         )
 
 
-def _row_grad(labels: Tensor, ignore_index: int, reduction: str, grad_rows: Optional[Tensor] = None) -> Tensor:
-    """g_n without the incoming scalar: 1 ("sum"), 1 / #valid ("mean"), grad_rows ("none"); 0 on ignored rows."""
-    valid = (labels != ignore_index).double()  # [N] only: exact 1 / count for every dtype
-    if reduction == "none":
-        return grad_rows.double() * valid
-    if reduction == "mean":
-        return valid / valid.sum().clamp(min=1)
-    return valid
-
-
-def _run(hidden, weight, labels, bias, ignore_index, row_grad, needs):
+def _run(hidden, weight, labels, bias, ignore_index, row_grad, needs, grad_scale=None):
     use_kernel = _backend.pick(hidden.device, ("triton", "eager")) == "triton" and hidden.dtype != torch.float64
-    return linear_cross_entropy_ref(hidden, weight, labels, bias, ignore_index, row_grad, needs, kernel=use_kernel)
+    return linear_cross_entropy_ref(hidden, weight, labels, bias, ignore_index, row_grad, needs, grad_scale,
+                                    kernel=use_kernel)
 
 
 # ----------------------------------------------------------------------------- registration
@@ -251,17 +252,20 @@ def _linear_cross_entropy_op(
     grad_hidden: bool, grad_weight: bool, grad_bias: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(loss, rank [N], dloss/dhidden, dloss/dweight, dloss/dbias). For "mean" and "sum" the
-    gradients asked for by the three flags are computed here (empty tensors otherwise); for
-    "none" they are always empty (the backward op recomputes them)."""
+    gradients asked for by the three flags are computed here, in fp32 (float64 for float64
+    inputs; empty tensors where not asked for); for "none" they are always empty (the backward
+    op recomputes them)."""
     _check_inputs(hidden, weight, labels, bias, ignore_index, reduction)
     want = reduction != "none" and (grad_hidden or grad_weight or (grad_bias and bias is not None))
-    row_grad = _row_grad(labels, ignore_index, reduction) if want else None
-    loss, rank, gh, gw, gb = _run(hidden, weight, labels, bias, ignore_index, row_grad,
-                                  (grad_hidden, grad_weight, grad_bias))
+    valid = labels != ignore_index
+    count = valid.sum()
+    scale = 1.0 / count.clamp(min=1).double() if reduction == "mean" else None
+    loss, rank, gh, gw, gb = _run(hidden, weight, labels, bias, ignore_index, valid.float() if want else None,
+                                  (grad_hidden, grad_weight, grad_bias), scale)
     if reduction != "none":
-        loss = loss.sum() / (labels != ignore_index).sum() if reduction == "mean" else loss.sum()
-    empty = lambda t, ref: t if t is not None else ref.new_empty(0)  # noqa: E731
-    return loss, rank, empty(gh, hidden), empty(gw, weight), empty(gb, hidden)
+        loss = loss.sum() / count if reduction == "mean" else loss.sum()
+    empty = lambda t: t if t is not None else loss.new_empty(0)  # noqa: E731
+    return loss, rank, empty(gh), empty(gw), empty(gb)
 
 
 @_linear_cross_entropy_op.register_fake
@@ -271,9 +275,9 @@ def _(hidden, weight, labels, bias, ignore_index, reduction, grad_hidden, grad_w
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     loss = hidden.new_empty((N,) if reduction == "none" else (), dtype=acc)
     grads = reduction != "none"
-    gh = hidden.new_empty(hidden.shape if grads and grad_hidden else (0,))
-    gw = weight.new_empty(weight.shape if grads and grad_weight else (0,))
-    gb = hidden.new_empty(bias.shape if grads and grad_bias and bias is not None else (0,))
+    gh = hidden.new_empty(hidden.shape if grads and grad_hidden else (0,), dtype=acc)
+    gw = hidden.new_empty(weight.shape if grads and grad_weight else (0,), dtype=acc)
+    gb = hidden.new_empty(bias.shape if grads and grad_bias and bias is not None else (0,), dtype=acc)
     return loss, labels.new_empty(N, dtype=torch.int64), gh, gw, gb
 
 
@@ -286,10 +290,10 @@ def _linear_cross_entropy_backward_op(
     _check_inputs(hidden, weight, labels, bias, ignore_index, "none")
     if grad_rows.shape != labels.shape:
         raise ValueError(f"grad_rows must have shape [N] = [{labels.shape[0]}], got {tuple(grad_rows.shape)}")
-    row_grad = _row_grad(labels, ignore_index, "none", grad_rows)
+    row_grad = grad_rows * (labels != ignore_index)
     _, _, gh, gw, gb = _run(hidden, weight, labels, bias, ignore_index, row_grad, (grad_hidden, grad_weight, grad_bias))
-    empty = lambda t, ref: t if t is not None else ref.new_empty(0)  # noqa: E731
-    return empty(gh, hidden), empty(gw, weight), empty(gb, hidden)
+    cast = lambda t, ref: t.to(ref.dtype) if t is not None else hidden.new_empty(0)  # noqa: E731
+    return cast(gh, hidden), cast(gw, weight), cast(gb, hidden)
 
 
 @_linear_cross_entropy_backward_op.register_fake
@@ -305,7 +309,7 @@ def _setup_context(ctx, inputs, output):
     hidden, weight, labels, bias, ignore_index, reduction, *_ = inputs
     _, rank, gh, gw, gb = output
     ctx.mark_non_differentiable(rank, gh, gw, gb)
-    ctx.reduction, ctx.ignore_index = reduction, ignore_index
+    ctx.reduction, ctx.ignore_index, ctx.dtypes = reduction, ignore_index, (hidden.dtype, weight.dtype, hidden.dtype)
     if reduction == "none":
         ctx.save_for_backward(hidden, weight, labels, bias)
     else:
@@ -332,6 +336,9 @@ def _backward(ctx, grad_loss, *_):
             gh, gw, gb = (t.mul_(grad_loss.to(t.dtype)) for t in saved)
         else:
             gh, gw, gb = (t * grad_loss.to(t.dtype) for t in saved)
+        # in the inputs' dtypes only now, after the scaling: a loss-scaled fp16 gradient
+        # does not underflow (a no-op in fp32)
+        gh, gw, gb = (t.to(dtype) for t, dtype in zip((gh, gw, gb), ctx.dtypes))
     pick = lambda need, t: t if need and t.numel() else None  # noqa: E731
     return pick(need_h, gh), pick(need_w, gw), None, pick(need_b, gb), None, None, None, None, None
 
