@@ -47,6 +47,8 @@ if [ -f benchmarks/bench_decode.py ]; then
   # transformers' dynamic-cache generate runs at ~19 tok/s on that machine: keep it short.
   stage bench_decode 60 python benchmarks/bench_decode.py --prompts 3 --max-new-tokens 64 --json "$OUT/bench_decode.json"
 fi
+# Training step memory and time, plain vs fused linear cross-entropy (CUDA allocator peak).
+stage bench_memory 90 python benchmarks/bench_mtp_memory.py --repeat 3 --json "$OUT/bench_mtp_memory.json"
 if command -v mtpkern >/dev/null; then
   stage bench_e2e 60 mtpkern bench --device cuda --prompts 3 --max-new-tokens 64 --json "$OUT/bench_e2e.json"
 fi

@@ -43,6 +43,7 @@ from mtpkern.ops import _backend
 REDUCTIONS = ("mean", "sum", "none")
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)  # float64: the reference only
 _CHUNK_ELEMENTS = 2**24  # fp32 logits per chunk: 64 MiB; 256 rows at GPT-2's vocabulary
+_REF_BLOCK_V = 4096
 
 
 # ----------------------------------------------------------------------------- kernel
@@ -100,7 +101,10 @@ def _cross_entropy_rows_ref(z: Tensor, labels: Tensor, row_grad: Optional[Tensor
     valid = labels != ignore_index
     target = torch.where(valid, labels, 0)[:, None]
     z_target = z.gather(1, target)
-    rank = torch.where(valid, (z > z_target).sum(1), -1)
+    # counted over column blocks, like the kernel: a comparison over all of z at once would
+    # allocate [C, V] bools and, to sum them, [C, V] int64s
+    above = sum((z[:, v0 : v0 + _REF_BLOCK_V] > z_target).sum(1) for v0 in range(0, z.shape[1], _REF_BLOCK_V))
+    rank = torch.where(valid, above, -1)
     m = z.amax(1, keepdim=True)
     e = z.sub_(m).exp_()  # z is exp(z - m) from here on
     s = e.sum(1, keepdim=True)
@@ -230,7 +234,7 @@ def _launch(z: Tensor, labels: Tensor, row_grad: Optional[Tensor], ignore_index:
     C, V = z.shape
     cfg = _config(V)
     with torch.cuda.device(z.device) if z.device.type == "cuda" else contextlib.nullcontext():
-        _cross_entropy_rows_kernel[(C,)](
+        torch.library.wrap_triton(_cross_entropy_rows_kernel)[(C,)](
             z, labels, row_grad if row_grad is not None else loss, loss, rank,
             V, z.stride(0), ignore_index,
             WRITE_GRAD=row_grad is not None, BLOCK_V=cfg["BLOCK_V"], num_warps=cfg["num_warps"],
@@ -309,6 +313,7 @@ def _setup_context(ctx, inputs, output):
     hidden, weight, labels, bias, ignore_index, reduction, *_ = inputs
     _, rank, gh, gw, gb = output
     ctx.mark_non_differentiable(rank, gh, gw, gb)
+    ctx.set_materialize_grads(False)  # no [V, D] of zeros as the "gradient" of dloss/dweight
     ctx.reduction, ctx.ignore_index, ctx.dtypes = reduction, ignore_index, (hidden.dtype, weight.dtype, hidden.dtype)
     if reduction == "none":
         ctx.save_for_backward(hidden, weight, labels, bias)
@@ -323,6 +328,8 @@ def _graph_kept() -> bool:
 
 def _backward(ctx, grad_loss, *_):
     need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[3]
+    if grad_loss is None:  # grads are not materialised: none reached the loss
+        return (None,) * 9
     if ctx.reduction == "none":
         hidden, weight, labels, bias = ctx.saved_tensors
         gh, gw, gb = torch.ops.mtpkern.linear_cross_entropy_backward(
