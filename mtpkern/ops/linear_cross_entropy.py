@@ -15,7 +15,7 @@ rows for "mean", the incoming row gradient for "none"; 0 on ignored rows) and
 
     dL/dhidden = G W,    dL/dW = G^T hidden,    dL/db = sum_n G_n
 
-Rows are taken C at a time (C * V fp32 logits, about 64 MiB at GPT-2's vocabulary): the chunk's
+Rows are taken C at a time (C * V fp32 logits, 16 MiB, 64 rows at GPT-2's vocabulary): the chunk's
 logits are computed (a matmul, fp32 out), one kernel turns them into loss_n and, in place,
 into the chunk of G (online log-sum-exp over V blocks, then a second pass writing the
 gradient), and two matmuls add the chunk's share of dL/dhidden and dL/dW (accumulated in fp32
@@ -42,7 +42,7 @@ from mtpkern.ops import _backend
 
 REDUCTIONS = ("mean", "sum", "none")
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)  # float64: the reference only
-_CHUNK_ELEMENTS = 2**24  # fp32 logits per chunk: 64 MiB; 256 rows at GPT-2's vocabulary
+_CHUNK_ELEMENTS = 2**22  # fp32 logits per chunk: 16 MiB; 64 rows at GPT-2's vocabulary
 _REF_BLOCK_V = 4096
 
 
