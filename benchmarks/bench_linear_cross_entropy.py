@@ -55,10 +55,12 @@ def test_linear_cross_entropy(benchmark, bench_against, dtype):
     # the least any implementation moves (the chunks re-read the weight; the logits stay in L2
     # only in the ideal). 3 matmuls of 2 N V D flops each.
     bytes_moved = 2 * V * D * 2 + 2 * N * D * 2 + N * 8
+    # The op checks its labels on the host (one sync): it is timed without a CUDA graph.
     bench_against(benchmark, fused, eager, bytes_moved=bytes_moved,
                   N=N, D=D, V=V, dtype=str(dtype), tflop=round(3 * 2 * N * V * D / 1e12, 3))
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU case runs on machines with a GPU")
 def test_linear_cross_entropy_cpu(benchmark):
     """The CPU path (chunked PyTorch reference) against eager, one thread, 512 rows x D 256."""
     N, Dc = 512, 256

@@ -323,3 +323,16 @@ def test_cuda_torch_compile():
     args = (q, k, v, torch.tensor(512, device="cuda"), pack_tree_mask(random_tree(64)).cuda())
     compiled = torch.compile(tree_attention, fullgraph=True)
     torch.testing.assert_close(compiled(*args), tree_attention(*args), atol=0, rtol=0)
+
+
+@needs_cuda
+def test_cuda_reference_makes_no_host_sync():
+    """The eager reference is what the kernel is timed against: on a GPU it must not sync."""
+    args = _good(device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = tree_attention_ref(**args)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.testing.assert_close(out, tree_attention_ref(**_good(device="cpu")).cuda(), atol=1e-5, rtol=0)

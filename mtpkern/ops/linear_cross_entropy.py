@@ -39,6 +39,7 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 
 from mtpkern.ops import _backend
+from mtpkern.ops._triton_compat import wrap_triton
 
 REDUCTIONS = ("mean", "sum", "none")
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)  # float64: the reference only
@@ -234,7 +235,7 @@ def _launch(z: Tensor, labels: Tensor, row_grad: Optional[Tensor], ignore_index:
     C, V = z.shape
     cfg = _config(V)
     with torch.cuda.device(z.device) if z.device.type == "cuda" else contextlib.nullcontext():
-        torch.library.wrap_triton(_cross_entropy_rows_kernel)[(C,)](
+        wrap_triton(_cross_entropy_rows_kernel)[(C,)](
             z, labels, row_grad if row_grad is not None else loss, loss, rank,
             V, z.stride(0), ignore_index,
             WRITE_GRAD=row_grad is not None, BLOCK_V=cfg["BLOCK_V"], num_warps=cfg["num_warps"],
