@@ -135,6 +135,7 @@ stage bench_kernels 120 gpu "${PYTEST[@]}" benchmarks --cases-json "$OUT/bench_k
 stage agreement 90 gpu "$PYTHON" benchmarks/greedy_agreement.py --prompts 4 --max-new-tokens 64 --json "$OUT/agreement.json"
 stage bench_decode 90 gpu "$PYTHON" benchmarks/bench_decode.py --prompts 3 --max-new-tokens 64 "${DECODE_STATIC[@]}" --json "$OUT/bench_decode.json"
 stage bench_e2e 90 gpu "$PYTHON" -m mtpkern.cli bench --device cuda --prompts 3 --max-new-tokens 64 --json "$OUT/bench_e2e.json"
+stage bench_memory 90 gpu "$PYTHON" benchmarks/bench_mtp_memory.py --repeat 3 --json "$OUT/bench_mtp_memory.json"  # training step: plain vs fused loss
 stage memcheck 90 gpu bash -c memcheck
 stage tests 240 gpu "${PYTEST[@]}" tests $(printf -- '--ignore=%s ' $KERNEL_TESTS) --junitxml="$OUT/tests.xml"
 

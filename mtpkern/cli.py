@@ -82,7 +82,7 @@ def cmd_train(args) -> int:
         objective=args.objective, out=args.out, base=args.base, config=args.config, data=args.data,
         data_limit=args.data_limit, steps=args.steps, epochs=args.epochs, batch_size=args.batch_size,
         grad_accum=args.grad_accum, device=args.device, resume=args.resume, precision=args.precision,
-        grad_checkpointing=args.grad_checkpointing, seed=args.seed, progress=not args.no_progress,
+        grad_checkpointing=args.grad_checkpointing, seed=args.seed, progress=not args.no_progress, loss=args.loss,
     )
     optional = dict(lr=args.lr, n_heads=args.n_heads, medusa_layers=args.medusa_layers, max_len=args.max_len,
                     eval_every=args.eval_every, save_every=args.save_every)
@@ -198,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--eval-every", type=_positive_int)
     t.add_argument("--save-every", type=_positive_int)
     t.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
+    t.add_argument("--loss", choices=["fused", "plain"], default="fused",
+                   help="head losses by fused linear cross-entropy (no [N, V] logits) or from materialised logits")
     t.add_argument("--grad-checkpointing", action="store_true")
     t.add_argument("--device", type=_device, default="auto")
     t.add_argument("--seed", type=_seed, default=0)

@@ -73,10 +73,12 @@ from mtpkern.data import (
     train_tokenizer,
 )
 from mtpkern.model import GPT2, GPT2Config, MedusaModel, MTPModel, load_model
+from mtpkern.ops.linear_cross_entropy import linear_cross_entropy
 from mtpkern.runtime import peak_memory, reset_peak_memory, resolve_device, resolve_dtype
 
 OBJECTIVES = ("ntp", "mtp", "medusa")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+LOSSES = ("fused", "plain")  # head losses by linear_cross_entropy, or from materialised logits
 SHAPES = ("tiny", "gpt2")
 STATE_NAME = "trainer_state.pt"
 LOG_NAME = "log.jsonl"
@@ -115,6 +117,7 @@ class TrainConfig:
     medusa_layers: int = 1
     head_weights: list[float] | None = None  # MEDUSA loss weights, default 0.8**k for head k
     precision: str = "auto"  # "auto" | "fp32" | "bf16" | "fp16"
+    loss: str = "fused"  # "fused" (no [N, V] logits) | "plain" (materialised logits)
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
     grad_checkpointing: bool = False
     max_len: int = 256
@@ -184,6 +187,8 @@ class TrainConfig:
             raise ValueError(f"stop_after must be >= 1, got {self.stop_after}")
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"unknown loss {self.loss!r}: expected one of {LOSSES}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"unknown precision {self.precision!r}: expected one of {PRECISIONS}")
         device = resolve_device(self.device)
@@ -213,48 +218,56 @@ def head_logits(model: nn.Module, hidden_j: torch.Tensor, j: int) -> torch.Tenso
     return _unwrap(model).head_logits(hidden_j, j)
 
 
-def head_loss(model, hidden_j: torch.Tensor, labels: torch.Tensor, j: int, n_tokens=None) -> torch.Tensor:
+def head_loss(model, hidden_j: torch.Tensor, labels: torch.Tensor, j: int, n_tokens=None, fused: bool = True):
     """CE_j = (1 / N_j) sum_{b,t} -log softmax(hidden_j[b, t] W_j^T)[labels[b, t + j + 1]],
     over labels that are not -100. N_j = ``n_tokens[j]`` when given (a global count), else the
     number of such labels in this batch. Logits exist only for positions that have a target."""
     T = labels.shape[1]
     target = labels[:, j + 1 :]
-    logits = head_logits(model, hidden_j[:, : T - j - 1], j)
-    ce = F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    ce = _head_ce_sum(model, hidden_j[:, : T - j - 1].flatten(0, 1), target.flatten(), j, fused)
     n = (target != IGNORE_INDEX).sum().clamp(min=1) if n_tokens is None else max(n_tokens[j], 1)
     return ce / n
 
 
-def _forward_loss(model, idx, labels, heads, weights, n_tokens=None):
+def _head_ce_sum(model, hidden: torch.Tensor, target: torch.Tensor, j: int, fused: bool) -> torch.Tensor:
+    """sum_n CE(head j's logits of hidden [N, D], target [N]) over targets that are not -100:
+    fused, the [N, V] logits never exist at once (mtpkern.ops.linear_cross_entropy)."""
+    if fused:
+        return linear_cross_entropy(hidden, _unwrap(model).head_weight(j), target, IGNORE_INDEX, "sum")
+    return F.cross_entropy(head_logits(model, hidden, j), target, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def _forward_loss(model, idx, labels, heads, weights, n_tokens=None, fused=True):
     """One forward, then sum_j weights[j] * CE_{heads[j]}; returns (loss, per-head CE)."""
     hidden = model(idx, logits=False).hidden
-    per_head = [head_loss(model, hidden[:, :, j], labels, j, n_tokens) for j in heads]
+    per_head = [head_loss(model, hidden[:, :, j], labels, j, n_tokens, fused) for j in heads]
     loss = sum(w * ce for w, ce in zip(weights, per_head))
     return loss, torch.stack(per_head).detach()
 
 
-def ntp_loss(model, idx, labels, *, n_tokens=None):
+def ntp_loss(model, idx, labels, *, n_tokens=None, fused=True):
     """L = CE_0 (plain next-token prediction). Returns (loss, per_head [1])."""
-    return _forward_loss(model, idx, labels, [0], [1.0], n_tokens)
+    return _forward_loss(model, idx, labels, [0], [1.0], n_tokens, fused)
 
 
-def mtp_loss_naive(model, idx, labels, *, n_tokens=None) -> torch.Tensor:
+def mtp_loss_naive(model, idx, labels, *, n_tokens=None, fused=True) -> torch.Tensor:
     """L = (1/n) sum_j CE_j from one full forward: all n heads' logits are alive at once.
     The reference for ``mtp_loss_and_backward`` and the baseline of the memory benchmark."""
     J = _unwrap(model).n_heads
-    return _forward_loss(model, idx, labels, range(J), [1.0 / J] * J, n_tokens)[0]
+    return _forward_loss(model, idx, labels, range(J), [1.0 / J] * J, n_tokens, fused)[0]
 
 
-def medusa_loss(model, idx, labels, head_weights, *, n_tokens=None):
+def medusa_loss(model, idx, labels, head_weights, *, n_tokens=None, fused=True):
     """MEDUSA-1: L = sum_k w_k CE_{k+1} over the MEDUSA heads only (model head k + 1 predicts
     token t + k + 2); the frozen base (head 0) gets no loss. Returns (loss, per_head [n])."""
     n = _unwrap(model).n_heads - 1
     if len(head_weights) != n:
         raise ValueError(f"{len(head_weights)} head weights for {n} MEDUSA heads")
-    return _forward_loss(model, idx, labels, range(1, n + 1), list(head_weights), n_tokens)
+    return _forward_loss(model, idx, labels, range(1, n + 1), list(head_weights), n_tokens, fused)
 
 
-def mtp_loss_and_backward(model: MTPModel, idx, labels, *, scale: float = 1.0, n_tokens=None, scaler=None):
+def mtp_loss_and_backward(model: MTPModel, idx, labels, *, scale: float = 1.0, n_tokens=None, scaler=None,
+                          fused=True):
     """Backpropagate scale * L, L = (1/n) sum_j CE_j, in Gloeckle et al.'s memory-efficient order.
 
     The trunk runs forward once; its output h is detached into a leaf. Each head j then runs
@@ -271,7 +284,7 @@ def mtp_loss_and_backward(model: MTPModel, idx, labels, *, scale: float = 1.0, n
     per_head = []
     backward = torch.autocast(idx.device.type, enabled=False)
     for j in range(J):
-        ce = head_loss(model, model.head_forward(j, h_leaf), labels, j, n_tokens)
+        ce = head_loss(model, model.head_forward(j, h_leaf), labels, j, n_tokens, fused)
         part = ce * (scale / J)
         with backward:
             (scaler.scale(part) if scaler is not None else part).backward()
@@ -286,7 +299,7 @@ def mtp_loss_and_backward(model: MTPModel, idx, labels, *, scale: float = 1.0, n
 
 
 @torch.no_grad()
-def evaluate_heads(model, loader, device, max_batches: int | None = None) -> dict:
+def evaluate_heads(model, loader, device, max_batches: int | None = None, fused: bool = True) -> dict:
     """Validation metrics of every head at its true offset (head j vs token t + j + 1; labels
     -100 ignored): ``loss`` / ``ppl`` of the next-token path (head 0), and per head
     ``head_loss``, ``acc_top1``, ``acc_top5`` and ``n_tokens`` (lists of length J)."""
@@ -305,12 +318,7 @@ def evaluate_heads(model, loader, device, max_batches: int | None = None) -> dic
         for j in range(J):
             target = labels[:, j + 1 :]
             valid = target != IGNORE_INDEX
-            logits = head_logits(model, hidden[:, : T - j - 1, j][valid], j)
-            target = target[valid]
-            top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
-            stats[0, j] += F.cross_entropy(logits, target, reduction="sum")
-            stats[1, j] += (top[:, 0] == target).sum()
-            stats[2, j] += (top == target[:, None]).any(-1).sum()
+            stats[:3, j] += _head_eval_sums(model, hidden[:, : T - j - 1, j][valid], target[valid], j, fused)
             stats[3, j] += valid.sum()
     model.train(was_training)
     ce, top1, top5, count = stats.cpu().tolist()
@@ -323,6 +331,18 @@ def evaluate_heads(model, loader, device, max_batches: int | None = None) -> dic
         "acc_top5": [c / max(n, 1) for c, n in zip(top5, count)],
         "n_tokens": [int(n) for n in count],
     }
+
+
+def _head_eval_sums(model, hidden: torch.Tensor, target: torch.Tensor, j: int, fused: bool) -> torch.Tensor:
+    """(sum of CE, top-1 hits, top-5 hits) of head j on hidden [N, D] against target [N]."""
+    if fused:
+        ce, hits = linear_cross_entropy(hidden, _unwrap(model).head_weight(j), target, IGNORE_INDEX, "sum",
+                                        return_hits=True)
+        return torch.cat([ce.reshape(1).double(), hits.double()])
+    logits = head_logits(model, hidden, j)
+    top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+    ce = F.cross_entropy(logits, target, reduction="sum")
+    return torch.stack([ce.double(), (top[:, 0] == target).sum().double(), (top == target[:, None]).any(-1).sum().double()])
 
 
 # ----------------------------------------------------------------------------- the run
@@ -706,7 +726,7 @@ def _train_locked(cfg: TrainConfig, world: int) -> TrainResult:
         if not main or len(val_ds) == 0:
             return None
         with autocast:
-            m = evaluate_heads(model, val_loader, device, cfg.eval_batches)
+            m = evaluate_heads(model, val_loader, device, cfg.eval_batches, fused=fused)
         log({"kind": "eval", "step": step, "val_loss": m["loss"], "val_ppl": m["ppl"],
              "val_head_loss": m["head_loss"], "val_acc_top1": m["acc_top1"], "val_acc_top5": m["acc_top5"]})
         return m
@@ -717,6 +737,7 @@ def _train_locked(cfg: TrainConfig, world: int) -> TrainResult:
     interval_steps, interval_tokens, t_interval = 0, 0, time.perf_counter()
     metrics, interrupted, stopped_by = None, False, None
     progress = _progress_bar(cfg, main, total, step)
+    fused = cfg.loss == "fused"
     with _StopRequest() as stop:
         while step < stop_at:
             micro, n_tokens, n_real = batches(step)
@@ -732,15 +753,15 @@ def _train_locked(cfg: TrainConfig, world: int) -> TrainResult:
                 if cfg.objective == "mtp":
                     with (ddp.no_sync() if ddp else contextlib.nullcontext()), autocast:
                         loss, per_head = mtp_loss_and_backward(model, idx, labels, scale=world,
-                                                               n_tokens=n_tokens, scaler=scaler)
+                                                               n_tokens=n_tokens, scaler=scaler, fused=fused)
                 else:
                     with (ddp.no_sync() if ddp and not last else contextlib.nullcontext()):
                         with autocast:
                             if cfg.objective == "ntp":
-                                loss, per_head = ntp_loss(ddp or model, idx, labels, n_tokens=n_tokens)
+                                loss, per_head = ntp_loss(ddp or model, idx, labels, n_tokens=n_tokens, fused=fused)
                             else:
                                 loss, per_head = medusa_loss(ddp or model, idx, labels, cfg.head_weights,
-                                                             n_tokens=n_tokens)
+                                                             n_tokens=n_tokens, fused=fused)
                         scaler.scale(loss * world).backward()
                 interval += torch.cat([loss.detach().reshape(1), per_head])
                 step_loss += loss.detach().float()

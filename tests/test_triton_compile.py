@@ -76,6 +76,18 @@ def _tree_attention_launches(torch, ta):
                 )
 
 
+def _linear_cross_entropy_launches(torch, lce):
+    """One chunk of fp32 logits at GPT-2's vocabulary (the chunk's rows are the grid): the
+    forward with and without the gradient written in place."""
+    C = lce._chunk_rows(4096, VOCAB)
+    z = torch.empty(C, VOCAB)
+    labels, row_grad, loss, rank = torch.zeros(C, dtype=torch.long), torch.ones(C), torch.empty(C), torch.empty(C, dtype=torch.long)
+    for grad in (False, True):
+        yield f"linear_cross_entropy rows C={C} grad={grad}", "float32", lce._launch, (
+            z, labels, row_grad if grad else None, -100, loss, rank
+        )
+
+
 class _CompileOnlyDriver:
     """Just enough of a Triton driver for ``JITFunction.run(..., warmup=True)``: it compiles for
     ``target`` and never loads or launches anything."""
@@ -126,6 +138,7 @@ def compile_all(arch: int) -> list[dict] | dict:
 
     fl = importlib.import_module("mtpkern.ops.fused_logits")
     ta = importlib.import_module("mtpkern.ops.tree_attention")
+    lce = importlib.import_module("mtpkern.ops.linear_cross_entropy")
 
     launches = []
 
@@ -137,7 +150,8 @@ def compile_all(arch: int) -> list[dict] | dict:
             return lambda *args, **kwargs: launches.append((case, dtype, self.kernel, grid, args, kwargs))
 
     torch.library.wrap_triton = Recorder  # the launchers look it up at call time
-    for case, dtype, launcher, args in [*_fused_logits_launches(torch, fl), *_tree_attention_launches(torch, ta)]:
+    for case, dtype, launcher, args in [*_fused_logits_launches(torch, fl), *_tree_attention_launches(torch, ta),
+                                        *_linear_cross_entropy_launches(torch, lce)]:
         launcher(*args)
 
     triton.runtime.driver.set_active(_CompileOnlyDriver(GPUTarget("cuda", arch, 32)))
@@ -201,7 +215,8 @@ def test_every_launch_compiles(compiled):
     failures = [f"{r['case']} ({r['kernel']}): {r['error']}" for r in rows if "error" in r]
     assert not failures, f"sm_{arch}: {len(failures)} launches do not compile:\n" + "\n\n".join(failures)
     kernels = {r["kernel"] for r in rows}
-    assert kernels == {"_logits_partials_kernel", "_logits_merge_kernel", "_tree_attention_kernel"}, kernels
+    assert kernels == {"_logits_partials_kernel", "_logits_merge_kernel", "_tree_attention_kernel",
+                       "_cross_entropy_rows_kernel"}, kernels
 
 
 def test_shared_memory_fits_one_block(compiled):

@@ -3,6 +3,7 @@
 | op | kernel | what it replaces |
 |---|---|---|
 | ``fused_logits`` | Triton | LM head matmul + top-k + logsumexp + entropy, without the [R, V] logits |
+| ``linear_cross_entropy`` | Triton | LM head + cross-entropy in training, without the [N, V] logits |
 | ``tree_attention`` | Triton | SDPA over cache + tree with a dense float mask |
 | ``tree_buffers`` | C++/CUDA | building a tree's packed mask, depths and paths on the host |
 | ``verify_greedy`` / ``verify_typical`` | C++/CUDA | argmax, compare, cumprod, best path, gather |
@@ -17,6 +18,7 @@ docstring relates it to ``backend=`` and ``generate(kernels=)``.
 from mtpkern.ops._backend import HAS_CUDA_EXT, HAS_TRITON, forced_backend
 from mtpkern.ops.fused_logits import LogitsStats, fused_logits, fused_logits_ref
 from mtpkern.ops.kv_compact import kv_compact_, kv_compact_ref_
+from mtpkern.ops.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_ref
 from mtpkern.ops.tree_attention import pack_tree_mask, tree_attention, tree_attention_ref, unpack_tree_mask
 from mtpkern.ops.tree_mask import TreeBuffers, tree_buffers, tree_buffers_ref
 from mtpkern.ops.verify import VerifyResult, verify_greedy, verify_greedy_ref, verify_typical, verify_typical_ref
@@ -25,6 +27,7 @@ __all__ = [
     "HAS_CUDA_EXT", "HAS_TRITON", "forced_backend",
     "LogitsStats", "fused_logits", "fused_logits_ref",
     "kv_compact_", "kv_compact_ref_",
+    "linear_cross_entropy", "linear_cross_entropy_ref",
     "pack_tree_mask", "unpack_tree_mask", "tree_attention", "tree_attention_ref",
     "TreeBuffers", "tree_buffers", "tree_buffers_ref",
     "VerifyResult", "verify_greedy", "verify_greedy_ref", "verify_typical", "verify_typical_ref",
