@@ -97,7 +97,7 @@ def ln_qkv_ref(x: Tensor, ln_weight: Tensor, ln_bias: Tensor, weight: Tensor, bi
     h = torch.nn.functional.layer_norm(x.float(), (D,), ln_weight.float(), ln_bias.float(), eps)
     q, k, v = (h @ weight.float().T + bias.float()).split(D, dim=-1)
     for cache, new in ((k_cache, k), (v_cache, v)):
-        cache.index_copy_(2, slots.to(cache.device), new.view(B, T, H, Dh).transpose(1, 2).to(cache.dtype))
+        cache.index_copy_(2, slots.to(cache.device, torch.int64), new.view(B, T, H, Dh).transpose(1, 2).to(cache.dtype))
     return q.to(x.dtype)
 
 
