@@ -12,9 +12,7 @@ reduction dimension K is contiguous) for the M = B * T rows of a decode step, T 
   on the FMA units, so greedy decoding keeps eager fp32's tokens).
 
 Inputs of shape [B, T, K] are addressed by (batch, token) strides, so the model's views (the
-attention output's transposed layout, a sliced tensor) need no copy. Block sizes depend only on
-the dtype, N and K, never on M, so a row's result does not change with the number of tree
-tokens next to it (greedy speculative decoding stays token-identical to ntp).
+attention output's transposed layout, a sliced tensor) need no copy.
 """
 
 from __future__ import annotations
@@ -98,18 +96,23 @@ def blocks(M: int, N: int, K: int, dtype: torch.dtype, *, split_k: bool = False)
     """Block sizes for a [M, K] x [N, K]^T stream (see the module docstring).
 
     GPU: 16 output columns per program (GPT-2's 2304 / 3072 wide projections give 144 / 192
-    programs), K in 128-wide steps (fp32's FMA-unit dots: 32, which ptxas keeps in registers),
-    four pipeline stages so several weight tiles are in flight per SM. The 768-wide outputs give
-    only 48 column blocks: ``split_k`` lets ``linear_residual`` split K until about 128 programs
-    run. The interpreter pays per program and per operation, not per element: it gets blocks
-    as wide as the matrix (up to 256), so the CPU tests stay fast; the kernels are the same.
+    programs), K in 128-wide steps, four pipeline stages so several weight tiles are in flight
+    per SM. Each program reads its rows' K range too (from L2), M / BLOCK_N times the bytes of
+    its weight tile: above 16 rows, half precision takes 32 columns per program to keep that
+    in bounds. fp32's dots run on the FMA units and keep 16 x 32 tiles in registers, for every
+    M, so an fp32 row's result never depends on how many rows share the step (greedy
+    speculative decoding stays token-identical to ntp). The 768-wide outputs give few column
+    blocks: ``split_k`` lets ``linear_residual`` split K until about 128 programs run.
+    The interpreter pays per program and per operation, not per element: it gets blocks as
+    wide as the matrix (up to 256), so the CPU tests stay fast; the kernels are the same.
     """
     block_m = min(128, max(16, triton.next_power_of_2(M)))
     if _backend.triton_interpret():
         return dict(BLOCK_M=block_m, BLOCK_N=min(256, max(16, triton.next_power_of_2(N))),
                     BLOCK_K=min(256, max(16, triton.next_power_of_2(K))), SPLIT_K=1, num_warps=4, num_stages=1)
-    block_n = 16
-    block_k = 32 if dtype == torch.float32 else 128
+    fp32 = dtype == torch.float32
+    block_n = 16 if fp32 or M <= 16 else 32
+    block_k = 32 if fp32 else 128 if M <= 64 else 64
     n_split = 1
     if split_k:  # each split keeps at least two K steps
         n_split = max(1, min(MAX_SPLIT_K, triton.cdiv(_TARGET_PROGRAMS, triton.cdiv(N, block_n)), K // (2 * block_k)))

@@ -6,7 +6,8 @@ output (the model views it as [B, H, T, Dh]), and K and V of token t go to cache
 ``slots[t]`` of every head, so no separate ``index_copy_`` runs. One program per 16 output
 columns reads its [16, D] weight tile once for all rows (``mtpkern/ops/_decode_linear.py``).
 
-Performance model (GPT-2 124M, fp16): W is 3.5 MB of the 14.2 MB a layer reads; 144 programs.
+Performance model: W is 3.5 MB of the 14.2 MB a GPT-2 124M layer reads in fp16; the whole
+step's bytes, launches and expected times are in ``docs/decode_step.md``.
 """
 
 from __future__ import annotations
