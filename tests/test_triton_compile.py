@@ -230,7 +230,7 @@ def test_every_launch_compiles(compiled):
     assert not failures, f"sm_{arch}: {len(failures)} launches do not compile:\n" + "\n\n".join(failures)
     kernels = {r["kernel"] for r in rows}
     assert kernels == {"_logits_partials_kernel", "_logits_merge_kernel", "_tree_attention_kernel",
-                       *DECODE_LAYER_KERNELS}, kernels
+                       "_tree_attention_split_kernel", *DECODE_LAYER_KERNELS}, kernels
 
 
 DECODE_LAYER_KERNELS = {"_ln_qkv_kernel", "_linear_residual_kernel", "_ln_fc_gelu_kernel"}

@@ -120,6 +120,20 @@ def blocks(M: int, N: int, K: int, dtype: torch.dtype, *, split_k: bool = False)
                 num_warps=8 if block_m >= 128 else 4, num_stages=4 if block_m <= 64 else 3)
 
 
+_COUNTERS: dict[torch.device, Tensor] = {}
+
+
+def split_counters(device: torch.device, n: int) -> Tensor:
+    """int32 counters for kernels whose last-arriving program reduces the others' partials
+    (``linear_residual``'s split K, ``tree_attention``'s split prefix). Every counter is zero
+    between launches: the last program of each tile resets its own. One buffer per device, so
+    launches on one stream (and CUDA-graph replays) share it; concurrent streams must not."""
+    buf = _COUNTERS.get(device)
+    if buf is None or buf.numel() < n:
+        buf = _COUNTERS[device] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+    return buf
+
+
 def input_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # TF32 would break fp32's token identity
 

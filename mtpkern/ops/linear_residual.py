@@ -11,8 +11,8 @@ column block last (an atomic counter per block) sums the SPLIT_K partials in spl
 bias and residual, stores the block and resets its counter for the next launch. The sum's
 order never depends on which program came last, so results are deterministic, and the
 partials (SPLIT_K * M * D * 4 bytes: 9 KB at T = 1, 590 KB at T = 64) stay small next to the
-weights. The counters are one persistent zeroed buffer per device, so launches on one stream
-(and CUDA-graph replays) reuse it; launches running concurrently on two streams must not.
+weights. The counters are one persistent zeroed buffer per device
+(``_decode_linear.split_counters``).
 
 Performance model: W is 1.2 MB (attention) and 4.7 MB (MLP) of the 14.2 MB a GPT-2 124M layer
 reads in fp16; the whole step's bytes, launches and expected times are in ``docs/decode_step.md``.
@@ -31,6 +31,7 @@ from torch._subclasses.fake_tensor import is_fake
 from mtpkern.ops import _backend
 from mtpkern.ops._decode_linear import (
     blocks, bt_strides, check_int32_offsets, check_params, check_rows, input_precision, linear_tile, row_offsets,
+    split_counters,
 )
 
 
@@ -108,17 +109,6 @@ def linear_residual_ref(x: Tensor, weight: Tensor, bias: Tensor, residual: Tenso
 
 # ----------------------------------------------------------------------------- launcher
 
-_COUNTERS: dict[torch.device, Tensor] = {}
-
-
-def _counters(device: torch.device, n: int) -> Tensor:
-    """The split-K counters of ``device``: zero between launches (each last program resets its own)."""
-    buf = _COUNTERS.get(device)
-    if buf is None or buf.numel() < n:
-        buf = _COUNTERS[device] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
-    return buf
-
-
 def _check_inputs(x, weight, bias, residual) -> None:
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D [N, K], got shape {tuple(weight.shape)}")
@@ -153,7 +143,7 @@ def _run(x, weight, bias, residual, out, cfg: dict) -> Tensor:
     split = triton.cdiv(K, k_split)  # no empty split
     grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(M, cfg["BLOCK_M"]), split)
     part = torch.empty((split, M, N) if split > 1 else (1,), dtype=torch.float32, device=x.device)
-    counters = _counters(x.device, grid[0] * grid[1]) if split > 1 else part
+    counters = split_counters(x.device, grid[0] * grid[1]) if split > 1 else part
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
         torch.library.wrap_triton(_linear_residual_kernel)[grid](
             x, weight, bias, residual, out, part, counters,
