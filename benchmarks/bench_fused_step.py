@@ -4,7 +4,8 @@ GPT-2 124M shape, random weights, batch 1, a prefix of ``--prefix`` cached token
 pass over T = 1, 16 and 64 tokens (``generate.tree_step``, no LM head), as
 
 - ``eager+graph``: today's per-op layer (dense-mask SDPA) replayed from a CUDA graph;
-- ``compile+graph``: the same step compiled by Inductor, then captured in a CUDA graph;
+- ``compile+graph``: the same step compiled by Inductor, then captured in a CUDA graph (timed
+  last, at ``--compile-t``: each T compiles the model anew);
 - ``fused+graph``: the fused layer (``Block.fused_decode``: ln_qkv, tree attention,
   linear_residual, ln_fc_gelu, linear_residual) replayed from a CUDA graph.
 
@@ -56,15 +57,15 @@ def _replay_us(graph_step, tokens, prefix: int, iters: int) -> float:
     return start.elapsed_time(end) * 1e3 / iters
 
 
-def step_cases(model, prefix: int, iters: int, report: dict, json_path):
+def step_cases(model, names, Ts, prefix: int, iters: int, report: dict, json_path):
     from mtpkern.generate import _CudaGraphStep, tree_step
     from mtpkern.tree import Tree
 
     device = model.device
-    for T in (1, 16, 64):
+    for T in Ts:
         tt = Tree.chain(T - 1).tensors(device)
         tokens = torch.randint(0, model.config.vocab_size, (T,), device=device)
-        for name in ("eager+graph", "compile+graph", "fused+graph"):
+        for name in names:
             case = {"case": name, "T": T, "prefix": prefix}
             try:
                 cache = model.new_cache(1, model.config.n_positions)
@@ -80,14 +81,18 @@ def step_cases(model, prefix: int, iters: int, report: dict, json_path):
             except Exception as e:  # noqa: BLE001 - one failed case must not hide the others
                 case["error"] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
             report["step"].append(case)
+            _speedups(report)
             _write(json_path, report)
             print(json.dumps(case), flush=True)
-    for T in (1, 16, 64):  # the speedups, from the cases just measured
+
+
+def _speedups(report: dict) -> None:
+    """The fused step's speedup over each other step measured at the same T."""
+    for T in sorted({c["T"] for c in report["step"]}):
         times = {c["case"]: c.get("step_us") for c in report["step"] if c["T"] == T}
         if times.get("fused+graph"):
             report["speedup"][f"T={T}"] = {
                 f"over_{k}": v / times["fused+graph"] for k, v in times.items() if v and k != "fused+graph"}
-    _write(json_path, report)
 
 
 def end_to_end_cases(models, prompt_len: int, max_new_tokens: int, report: dict, json_path):
@@ -124,14 +129,16 @@ def main(argv=None) -> int:
     ap.add_argument("--iters", type=int, default=200, help="graph replays per step case")
     ap.add_argument("--max-new-tokens", type=int, default=64, help="tokens per end-to-end run")
     ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    ap.add_argument("--compile-t", default="1,16,64",
+                    help="step sizes T to time torch.compile + CUDA graph at (each compiles the model; '' for none)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
-        reason = "skipped: needs a CUDA GPU (the fused step streams the weights on the GPU; CPU tests cover correctness)"
+        reason = "skipped: needs a CUDA GPU (the fused step streams weights on a GPU; the CPU tests cover correctness)"
         print(reason)
         _write(args.json, {"skipped": reason})
         return 0
     if not 0 <= args.prefix <= 1024 - 64:
-        ap.error(f"--prefix must be in [0, 960] (GPT-2's context of 1024 holds the prefix and 64 tokens), got {args.prefix}")
+        ap.error(f"--prefix must be in [0, 960] (the context of 1024 holds it and 64 tokens), got {args.prefix}")
 
     from mtpkern.bench import bench_models
     from mtpkern.runtime import resolve_dtype
@@ -141,9 +148,15 @@ def main(argv=None) -> int:
     models = bench_models(None, quick=False, device=device, dtype=dtype)
     report = {"device": torch.cuda.get_device_name(device), "dtype": args.dtype, "torch": torch.__version__,
               "model": "GPT-2 124M shape, random weights", "step": [], "speedup": {}, "end_to_end": []}
+    # Compiling is the slow part (tens of seconds per T): it runs last, so a time limit cuts
+    # it rather than the fused and eager figures (the JSON holds every case measured so far).
     with torch.inference_mode():
-        step_cases(models["ntp"], args.prefix, args.iters, report, args.json)
+        step_cases(models["ntp"], ("eager+graph", "fused+graph"), (1, 16, 64), args.prefix, args.iters, report,
+                   args.json)
     end_to_end_cases(models, 32, args.max_new_tokens, report, args.json)
+    compile_t = [int(t) for t in args.compile_t.split(",") if t.strip()]
+    with torch.inference_mode():
+        step_cases(models["ntp"], ("compile+graph",), compile_t, args.prefix, args.iters, report, args.json)
     print(json.dumps(report["speedup"], indent=2))
     failed = [c["case"] for c in report["step"] + report["end_to_end"] if "error" in c]
     if failed:

@@ -61,7 +61,8 @@ def test_matches_reference(T, dtype):
 @pytest.mark.parametrize("B, T, D, H", [(2, 5, 64, 4), (1, 17, 256, 4), (1, 5, 768, 12), (1, 3, 96, 3)])
 def test_wider_shapes_and_batches(B, T, D, H):
     x, p, kc, vc = _inputs(B, T, D, H, 40, torch.float32, seed=D)
-    _check(x, p, kc, vc, torch.tensor([9, 3, 30, 31, 0, 39, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22][:T], device=DEV))
+    slots = [9, 3, 30, 31, 0, 39, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22][:T]  # any order, any gaps
+    _check(x, p, kc, vc, torch.tensor(slots, device=DEV))
 
 
 def test_non_contiguous_inputs_and_cache():

@@ -359,8 +359,8 @@ def test_split_prefix_matches_reference(force_splits, B, H, T, Dh, prefix, S, sp
     from mtpkern.ops._decode_linear import split_counters
 
     assert not split_counters(q.device, 1).any(), "a split counter was left non-zero"
-    again = tree_attention(q, k, v, torch.tensor(prefix, device=DEV), pack_tree_mask(random_tree(T, seed=prefix)).to(DEV),
-                           backend="triton")
+    packed = pack_tree_mask(random_tree(T, seed=prefix)).to(DEV)
+    again = tree_attention(q, k, v, torch.tensor(prefix, device=DEV), packed, backend="triton")
     assert torch.equal(again, out), "the split merge is not deterministic"
 
 

@@ -96,7 +96,8 @@ def _decode_layer_launches(torch, ops):
             y = e(B, T, HEADS, D // HEADS).view(B, T, D)
             yield f"linear_residual attn {name} T={T}", name, ops["linear_residual"]._launch, (
                 y, e(D, D), e(D), x)
-            yield f"ln_fc_gelu {name} T={T}", name, ops["ln_fc_gelu"]._launch, (x, e(D), e(D), e(4 * D, D), e(4 * D), 1e-5)
+            yield f"ln_fc_gelu {name} T={T}", name, ops["ln_fc_gelu"]._launch, (
+                x, e(D), e(D), e(4 * D, D), e(4 * D), 1e-5)
             yield f"linear_residual mlp {name} T={T}", name, ops["linear_residual"]._launch, (
                 e(B, T, 4 * D), e(D, 4 * D), e(D), x)
 
