@@ -111,3 +111,16 @@ def test_cuda_gpt2_width(T, K, dtype):
     args = _inputs(1, T, K, 768, dtype, seed=T)
     out = _check(*args)
     assert torch.equal(linear_residual(*args), out), "split-K reduction is not deterministic"
+
+
+def test_split_counters_never_cache_a_fake_tensor():
+    """While torch.compile traces a launcher, its counters must be fresh (fake) zeros, and the
+    per-device buffer real launches share must stay a real tensor."""
+    from torch._subclasses.fake_tensor import FakeTensorMode, is_fake
+
+    real = split_counters(torch.device("cpu"), 8)
+    with FakeTensorMode() as mode:
+        fake = split_counters(torch.device("cpu"), 8, like=mode.from_tensor(torch.zeros(1)))
+        assert is_fake(fake) and fake.shape == (8,)
+    again = split_counters(torch.device("cpu"), 8)
+    assert again is real and not is_fake(again)

@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
 from mtpkern.ops import _backend
 
@@ -123,11 +124,15 @@ def blocks(M: int, N: int, K: int, dtype: torch.dtype, *, split_k: bool = False)
 _COUNTERS: dict[torch.device, Tensor] = {}
 
 
-def split_counters(device: torch.device, n: int) -> Tensor:
+def split_counters(device: torch.device, n: int, like: Tensor | None = None) -> Tensor:
     """int32 counters for kernels whose last-arriving program reduces the others' partials
     (``linear_residual``'s split K, ``tree_attention``'s split prefix). Every counter is zero
     between launches: the last program of each tile resets its own. One buffer per device, so
-    launches on one stream (and CUDA-graph replays) share it; concurrent streams must not."""
+    launches on one stream (and CUDA-graph replays) share it; concurrent streams must not.
+    While ``torch.compile`` traces (``like`` is a fake tensor) each call gets fresh zeros, so
+    no fake tensor is ever cached."""
+    if like is not None and is_fake(like):
+        return torch.zeros(n, dtype=torch.int32, device=device)
     buf = _COUNTERS.get(device)
     if buf is None or buf.numel() < n:
         buf = _COUNTERS[device] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)

@@ -143,7 +143,7 @@ def _run(x, weight, bias, residual, out, cfg: dict) -> Tensor:
     split = triton.cdiv(K, k_split)  # no empty split
     grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(M, cfg["BLOCK_M"]), split)
     part = torch.empty((split, M, N) if split > 1 else (1,), dtype=torch.float32, device=x.device)
-    counters = split_counters(x.device, grid[0] * grid[1]) if split > 1 else part
+    counters = split_counters(x.device, grid[0] * grid[1], like=x) if split > 1 else part
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
         torch.library.wrap_triton(_linear_residual_kernel)[grid](
             x, weight, bias, residual, out, part, counters,

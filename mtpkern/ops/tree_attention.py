@@ -421,7 +421,7 @@ def _launch_split(q, k_cache, v_cache, prefix_len, tree_mask, scale, out, block_
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
         torch.library.wrap_triton(_tree_attention_split_kernel)[grid](
             q, k_cache, v_cache, out, prefix_len, tree_mask,
-            acc, ml, split_counters(q.device, tiles),
+            acc, ml, split_counters(q.device, tiles, like=q),
             T, tree_mask.shape[1], H, scale * _LOG2E,
             *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
             NUM_SPLITS=splits,
