@@ -336,7 +336,7 @@ def force_splits(monkeypatch):
     ta = importlib.import_module("mtpkern.ops.tree_attention")
 
     def force(n):
-        monkeypatch.setattr(ta, "_prefix_splits", lambda programs, S, T: n)
+        monkeypatch.setattr(ta, "_prefix_splits", lambda heads, S, T: n)
 
     return force
 
@@ -380,14 +380,14 @@ def test_split_prefix_non_contiguous_and_row_that_sees_nothing(force_splits):
 
 
 def test_prefix_splits_on_the_gpu(monkeypatch):
-    """The GPU's choice: T = 1 over GPT-2's context splits 12 heads' prefixes 7 ways (84
-    programs of >= 128 slots); a 64-node tree (48 programs) 3 ways; short caches and long
-    prefills never."""
+    """The GPU's choice: GPT-2's 12 heads over its 1024-slot context split 8 ways (96 programs
+    of >= 128 slots at T = 1), the same for every tree of up to 64 tokens; short caches and
+    long prefills never split."""
     import importlib
 
     ta = importlib.import_module("mtpkern.ops.tree_attention")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    assert ta._prefix_splits(12, 1024, 1) == 7  # (1024 - 1) // 128 slots per split
-    assert ta._prefix_splits(48, 1024, 64) == 3
-    assert ta._prefix_splits(12, 128, 1) == 1
-    assert ta._prefix_splits(12 * 7, 1024, 97) == 1
+    assert ta._prefix_splits(12, 1024, 1) == 8 == ta._prefix_splits(12, 1024, 64)
+    assert ta._prefix_splits(12, 255, 1) == 1
+    assert ta._prefix_splits(128, 1024, 1) == 1
+    assert ta._prefix_splits(12, 1024, 65) == 1

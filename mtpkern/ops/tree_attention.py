@@ -375,7 +375,7 @@ def _launch(q, k_cache, v_cache, prefix_len, tree_mask, scale: float) -> Tensor:
     block_m = 16 if T <= 64 or fp32 else 64
     block_n = 64
     grid = (triton.cdiv(T, block_m), B * H)
-    splits = _prefix_splits(grid[0] * grid[1], k_cache.shape[2], T)
+    splits = _prefix_splits(B * H, k_cache.shape[2], T)
     if splits > 1:
         return _launch_split(q, k_cache, v_cache, prefix_len, tree_mask, scale, out, block_m, block_n, splits)
     # Triton launches on the current CUDA device, not the tensors' one.
@@ -398,15 +398,17 @@ _SPLIT_TARGET_PROGRAMS = 128  # about one per SM of an H100 / H200
 _MIN_SPLIT_SLOTS = 128  # a split streams at least this many cached slots
 
 
-def _prefix_splits(programs: int, S: int, T: int) -> int:
+def _prefix_splits(heads: int, S: int, T: int) -> int:
     """How many programs share each query block's prefix (flash-decoding): enough to give the
-    GPU about 128 programs, each streaming >= 128 slots of a full cache. Decided from the cache
-    length S, not the prefix (a device tensor, unknown here and changing between CUDA-graph
-    replays); the kernel divides the actual prefix evenly. The interpreter always gets 1 (it
-    pays per program); tests force splits through ``_prefix_splits``."""
+    GPU about 128 programs at T = 1 (``heads`` = B * H programs without a split), each
+    streaming >= 128 slots of a full cache. Decided from the cache length S, not the prefix (a
+    device tensor, unknown here and changing between CUDA-graph replays); the kernel divides the
+    actual prefix evenly. The same for every T <= 64, so a row's prefix is summed in the same
+    pieces whatever the tree size. Long prefills (T > 64) and the interpreter (which pays per
+    program) get 1; tests force splits through ``_prefix_splits``."""
     if _backend.triton_interpret() or T > 64:
         return 1
-    return max(1, min(triton.cdiv(_SPLIT_TARGET_PROGRAMS, programs), (S - T) // _MIN_SPLIT_SLOTS))
+    return max(1, min(triton.cdiv(_SPLIT_TARGET_PROGRAMS, heads), S // _MIN_SPLIT_SLOTS))
 
 
 def _launch_split(q, k_cache, v_cache, prefix_len, tree_mask, scale, out, block_m, block_n, splits) -> Tensor:
