@@ -1,11 +1,15 @@
 """Build script: the Python package, plus the optional C++/CUDA extension ``mtpkern._C``.
 
-The extension is built whenever the installed torch has CUDA and a CUDA toolkit (nvcc) is
-found; a GPU is not needed to build it. Without it the package still works (eager fallbacks).
+The extension is built with its CUDA kernels whenever the installed torch has CUDA and a CUDA
+toolkit (nvcc) is found; a GPU is not needed to build it. Without a toolkit, or with a
+CPU-only torch, it is built as a plain C++ extension (its CPU kernels, which the decoder uses
+for verification and KV compaction on the CPU). Without any build the package still works
+(eager fallbacks).
 
 Switches (environment variables):
   MTPKERN_SKIP_CUDA_BUILD=1   build no extension
   MTPKERN_FORCE_CUDA_BUILD=1  a missing toolkit (or a CPU-only torch) is an error
+  MTPKERN_CPU_EXTENSION=1     build the C++ CPU extension even where CUDA could be built
   TORCH_CUDA_ARCH_LIST        architectures to compile for (default: the visible GPU, else 8.0;9.0[;10.0])
   MAX_JOBS                    parallel compile jobs (default: sized to cores and memory)
 
@@ -21,6 +25,7 @@ from setuptools import find_packages, setup
 
 SKIP = os.environ.get("MTPKERN_SKIP_CUDA_BUILD", "0") == "1"
 FORCE = os.environ.get("MTPKERN_FORCE_CUDA_BUILD", "0") == "1"
+CPU_ONLY = os.environ.get("MTPKERN_CPU_EXTENSION", "0") == "1"
 
 
 def find_cuda_home():
@@ -62,6 +67,20 @@ def default_max_jobs():
     return max(1, min(cores, int(mem_gb // 2)))
 
 
+def cpu_extension():
+    """The C++ extension without its CUDA side (-DMTPKERN_CPU_ONLY): the CPU kernels alone."""
+    from torch.utils.cpp_extension import BuildExtension, CppExtension
+
+    os.environ.setdefault("MAX_JOBS", str(default_max_jobs()))
+    ext = CppExtension(
+        name="mtpkern._C",
+        sources=sorted(glob.glob("csrc/*.cpp")),
+        include_dirs=[os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")],
+        extra_compile_args={"cxx": ["-O3", "-DNDEBUG", "-DMTPKERN_CPU_ONLY"]},
+    )
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
 def cuda_extensions():
     """The extension list and build_ext class, or ([], {}) when nothing is built."""
     if SKIP:
@@ -69,6 +88,9 @@ def cuda_extensions():
         return [], {}
     import torch
 
+    if CPU_ONLY:
+        print("mtpkern: MTPKERN_CPU_EXTENSION=1, building the C++ extension without CUDA")
+        return cpu_extension()
     cuda_home = find_cuda_home()
     problem = None
     if torch.version.cuda is None:
@@ -78,8 +100,8 @@ def cuda_extensions():
     if problem:
         if FORCE:
             raise RuntimeError(f"mtpkern: MTPKERN_FORCE_CUDA_BUILD=1 but {problem}")
-        print(f"mtpkern: {problem}; building without the CUDA extension (eager fallbacks)")
-        return [], {}
+        print(f"mtpkern: {problem}; building without the CUDA extension: its C++ CPU kernels only")
+        return cpu_extension()
 
     os.environ["CUDA_HOME"] = cuda_home  # read by torch.utils.cpp_extension at import
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension

@@ -1,11 +1,16 @@
 """Decode speed of ntp / mtp / medusa on the same models and prompts, against transformers.
 
 For every model family: our ``ntp`` (eager; with CUDA graphs on CUDA), the model's own
-speculative strategy (eager and fused kernels; fused + CUDA graphs on CUDA), and
-``transformers`` ``generate`` (greedy, dynamic cache; static cache on CUDA) on the weights of
-the next-token path. Each case is warmed up, synchronised, and reported as the median over
+speculative strategy (default kernels; fused kernels on CPU with ``--fused``; CUDA graphs on
+CUDA), and ``transformers`` ``generate`` (greedy, dynamic cache; its static cache with
+``--hf-static``) on the weights of the next-token path. Each case is warmed up, synchronised, and reported as the median over
 prompts of tokens/s, with the mean accepted length, target forward passes per token, and the
 speedup over our ``ntp`` of the same model and over ``transformers`` (dynamic cache).
+Speculative models run their hand trees, ``auto`` (the calibrated tree; the default tree,
+with a warning, for a model without calibration) and ``dynamic``. The step-cost curve (time
+of one greedy step against its tree tokens T, the cost model's own measurement) is printed,
+kept in the JSON and, with ``--plot``, drawn. The JSON is written case by case; a failing
+case is recorded and the others still run.
 
 Models: ``--model DIR`` (a checkpoint of any family); otherwise, on CUDA, a random GPT-2 124M
 shape with MTP and MEDUSA heads (accepted lengths then measure a random model, not trained
@@ -13,7 +18,7 @@ heads); on CPU, the tiny models of ``tests/_tiny.py``, trained for a few seconds
 pattern, so acceptance is real. Fused kernels on CPU run in Triton's interpreter, so they are
 only timed there with ``--fused``.
 
-    python benchmarks/bench_decode.py --device cpu --threads 1 --prompts 8 --json out.json
+    python benchmarks/bench_decode.py --device cpu --threads 1 --prompts 8 --json out.json --plot step_cost.png
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from mtpkern.bench import bench_models, time_case
+from mtpkern.bench import bench_models, step_cost_curve, time_case
 from mtpkern.eval import device_info, hf_decoder, pick_device, pick_dtype
 from mtpkern.generate import generate
 
@@ -62,8 +67,13 @@ def load_models(args, device, dtype):
     return models, prompts, note
 
 
+HAND_TREES = {"mtp": ["chain:1", "chain:2", None, "2,1,1", "3,2,1"], "medusa": ["chain:2", None, "4,2,1", "3,2,2"]}
+
+
 def cases(models: dict, device: torch.device, fused_on_cpu: bool):
-    """(name, model, strategy family, generate kwargs)."""
+    """(name, model, strategy family, generate kwargs): our ntp, then per speculative model
+    its hand trees (None: the default tree), ``auto`` and ``dynamic``, eager kernels; fused
+    kernels and CUDA graphs on CUDA."""
     cuda = device.type == "cuda"
     out = []
     for family, model in models.items():
@@ -72,13 +82,22 @@ def cases(models: dict, device: torch.device, fused_on_cpu: bool):
             out.append((f"{family}: ntp cuda_graph", model, family, dict(strategy="ntp", cuda_graph=True)))
         if family == "ntp":
             continue
-        out.append((f"{family}: {family} eager", model, family, dict(strategy=family, kernels="eager")))
-        if cuda or fused_on_cpu:
-            out.append((f"{family}: {family} fused", model, family, dict(strategy=family, kernels="fused")))
-        if cuda:
-            out.append((f"{family}: {family} fused cuda_graph", model, family,
-                        dict(strategy=family, kernels="fused", cuda_graph=True)))
+        depth = model.n_heads - 1
+        trees = [t for t in HAND_TREES[family] if t is None or _fits(t, depth)] + ["auto", "dynamic"]
+        for tree in trees:
+            label = f"{family}: {family} tree={tree or 'default'}"
+            out.append((label, model, family, dict(strategy=family, tree=tree)))
+            if fused_on_cpu and not cuda:
+                out.append((label + " fused", model, family, dict(strategy=family, tree=tree, kernels="fused")))
+            if cuda:
+                out.append((label + " cuda_graph", model, family, dict(strategy=family, tree=tree, cuda_graph=True)))
     return out
+
+
+def _fits(spec: str, depth: int) -> bool:
+    from mtpkern.tree import Tree
+
+    return Tree.parse(spec).max_depth <= depth
 
 
 def main(argv=None) -> dict:
@@ -91,7 +110,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--prompt-len", type=int, default=32, help="random prompts' length (random weights)")
     ap.add_argument("--fused", action="store_true", help="also time fused kernels on CPU (Triton interpreter)")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (tiny models run fastest on 1)")
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--hf-static", action="store_true",
+                    help="also time transformers with its static cache (slow: it compiles itself)")
+    ap.add_argument("--step-cost", default="1,2,4,8,16,32,64", help="tree sizes T of the step-cost curve")
+    ap.add_argument("--json", default=None, help="the report, written case by case")
+    ap.add_argument("--plot", default=None, help="a PNG of the step-cost curve")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -100,30 +123,54 @@ def main(argv=None) -> dict:
     dtype = pick_dtype(args.dtype, device)
     models, prompts, note = load_models(args, device, dtype)
     n = args.max_new_tokens
-    results = {}
+    report = dict(device=device_info(device, dtype), weights=note, max_new_tokens=n, prompts=len(prompts),
+                  threads=torch.get_num_threads(), cases={}, step_cost={})
+    results = report["cases"]
+
+    def save():
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(report, indent=2, default=str))
+
+    def run(name, family, fn):
+        try:
+            results[name] = dict(fn(), family=family)
+        except Exception as e:  # noqa: BLE001 - a case that cannot run is reported, not fatal
+            results[name] = dict(error=f"{type(e).__name__}: {e}".strip().splitlines()[0][:200], family=family)
+        save()
+        print(f"{name}: {results[name]}", file=sys.stderr)
+
     with torch.inference_mode():
         for name, model, family, kw in cases(models, device, args.fused):
-            results[name] = dict(time_case(lambda x, m=model, kw=kw: generate(m, x, max_new_tokens=n, **kw),
-                                           prompts, device), family=family)
+            run(name, family, lambda m=model, kw=kw: time_case(
+                lambda x: generate(m, x, max_new_tokens=n, **kw), prompts, device))
         for family, model in models.items():
-            hf_cases = [("dynamic", False)] + ([("static", True)] if device.type == "cuda" else [])
+            hf_cases = [("dynamic", False)] + ([("static", True)] if args.hf_static else [])
             for label, static in hf_cases:
+                run(f"{family}: transformers {label}", family, lambda m=model, static=static: time_case(
+                    hf_decoder(m, n, None, static_cache=static), prompts, device, warmup=2 if static else 1))
+        sizes = [int(t) for t in args.step_cost.split(",") if t.strip()]
+        for family, model in models.items():
+            if family == "ntp":
+                continue
+            for graph in (False, True) if device.type == "cuda" else (False,):
+                label = f"{family}" + (" cuda_graph" if graph else "")
                 try:
-                    r = time_case(hf_decoder(model, n, None, static_cache=static), prompts, device,
-                                  warmup=2 if static else 1)
-                    results[f"{family}: transformers {label}"] = dict(r, family=family)
-                except Exception as e:  # noqa: BLE001 - a baseline that cannot run is reported, not fatal
-                    results[f"{family}: transformers {label}"] = dict(error=f"{type(e).__name__}: {e}"[:200],
-                                                                      family=family)
+                    report["step_cost"][label] = step_cost_curve(model, cuda_graph=graph, sizes=sizes)
+                except Exception as e:  # noqa: BLE001
+                    report["step_cost"][label] = dict(error=f"{type(e).__name__}: {e}".strip().splitlines()[0][:200])
+                save()
     for name, r in results.items():
-        ours = results[f"{r['family']}: ntp"]["tokens_per_second"]
-        hf = results[f"{r['family']}: transformers dynamic"].get("tokens_per_second")
-        if "tokens_per_second" in r:
-            r["speedup_vs_ntp"] = r["tokens_per_second"] / ours
-            r["speedup_vs_hf"] = r["tokens_per_second"] / hf if hf else None
+        if "tokens_per_second" not in r:
+            continue
+        ours = results.get(f"{r['family']}: ntp", {}).get("tokens_per_second")
+        hf = results.get(f"{r['family']}: transformers dynamic", {}).get("tokens_per_second")
+        r["speedup_vs_ntp"] = r["tokens_per_second"] / ours if ours else None
+        r["speedup_vs_hf"] = r["tokens_per_second"] / hf if hf else None
 
-    info = device_info(device, dtype)
-    print(f"device: {info}\nweights: {note}\n{len(prompts)} prompts, {n} new tokens, median over prompts\n")
+    info = report["device"]
+    print(f"device: {info}\nweights: {note}\n{len(prompts)} prompts, {n} new tokens, median over prompts, "
+          f"{torch.get_num_threads()} threads\n")
     print("| case | tokens/s | mean accepted | fwd passes / token | vs our ntp | vs transformers |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for name, r in results.items():
@@ -132,12 +179,17 @@ def main(argv=None) -> dict:
             continue
         acc = f"{r['mean_accept_length']:.2f}" if "mean_accept_length" in r else "-"
         fpt = f"{r['forward_passes_per_token']:.2f}" if "forward_passes_per_token" in r else "-"
+        vs_ntp = f"{r['speedup_vs_ntp']:.2f}x" if r.get("speedup_vs_ntp") else "-"
         vs_hf = f"{r['speedup_vs_hf']:.2f}x" if r.get("speedup_vs_hf") else "-"
-        print(f"| {name} | {r['tokens_per_second']:.1f} | {acc} | {fpt} | {r['speedup_vs_ntp']:.2f}x | {vs_hf} |")
-    report = dict(device=info, weights=note, max_new_tokens=n, prompts=len(prompts), cases=results)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2, default=str))
+        print(f"| {name} | {r['tokens_per_second']:.1f} | {acc} | {fpt} | {vs_ntp} | {vs_hf} |")
+    curves = {k: v for k, v in report["step_cost"].items() if isinstance(v, list)}
+    for label, curve in curves.items():
+        print(f"\nstep cost ({label}): " + ", ".join(f"T={p['T']} {p['step_us']:.0f} us" for p in curve))
+    if args.plot and curves:
+        from mtpkern.plots import plot_step_cost
+
+        report["plot"] = plot_step_cost(curves, args.plot, title=f"Step cost on {info['name']} ({info['dtype']})")
+    save()
     return report
 
 

@@ -1,4 +1,5 @@
-"""tree_buffers for a 64-node tree (the buffers a dynamic tree rebuilds every step)."""
+"""tree_buffers for a 64-node tree (the buffers a dynamic tree rebuilds every step). The eager
+reference builds them on the host (a sync and a copy back), which is what the kernel replaces."""
 
 import pytest
 import torch
@@ -17,4 +18,5 @@ def test_tree_buffers_64(benchmark, bench_against):
     # Read parents; write mask, depth, retrieve, is_leaf.
     bytes_moved = T * 8 + T * W * 4 + T * 8 + T * (max_depth + 1) * 8 + T
     bench_against(benchmark, lambda: tree_buffers(parents, max_depth, check=False, backend="cuda"),
-                  lambda: tree_buffers_ref(parents, max_depth), bytes_moved=bytes_moved, T=T, max_depth=max_depth)
+                  lambda: tree_buffers_ref(parents, max_depth), bytes_moved=bytes_moved, T=T, max_depth=max_depth,
+                  ref_capture=False)  # the reference walks the tree on the host: it syncs

@@ -4,7 +4,9 @@
 // so the .cu files include only this header and stay quick to build.
 #pragma once
 
+#ifndef MTPKERN_CPU_ONLY  // CPU-only builds (setup.py's CppExtension fallback) leave out the CUDA side
 #include <cuda_runtime_api.h>
+#endif
 
 #include <cmath>
 #include <cstdint>
@@ -109,6 +111,8 @@ MTPKERN_HD int64_t load_index(const void* p, bool is64) {
 
 // ---------------------------------------------------------------- launchers (csrc/cuda/*.cu)
 
+#ifndef MTPKERN_CPU_ONLY
+
 cudaError_t launch_tree_buffers(const int64_t* parents, int64_t T, int64_t max_depth, int32_t* mask, int64_t* depth,
                                 int64_t* retrieve, bool* is_leaf, cudaStream_t stream);
 
@@ -127,5 +131,6 @@ struct CompactArgs {
 };
 
 cudaError_t launch_kv_compact(const CompactArgs& a, cudaStream_t stream);
+#endif  // MTPKERN_CPU_ONLY
 
 }  // namespace mtpkern

@@ -1,9 +1,11 @@
 // mtpkern::kv_compact_: the CPU kernel and the CUDA entry point (kernel: cuda/kv_compact.cu).
 // Unlike the CUDA kernel (which skips bad indices, as it cannot raise without a host sync), the
 // CPU kernel raises on any move outside the cache.
+#ifndef MTPKERN_CPU_ONLY  // CPU-only builds (setup.py's CppExtension fallback) leave out the CUDA side
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#endif
 #include <torch/library.h>
 
 #include <cstring>
@@ -40,6 +42,7 @@ void kv_compact_cpu(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& 
   }
 }
 
+#ifndef MTPKERN_CPU_ONLY
 void kv_compact_cuda(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& path, const at::Tensor& prefix_len,
                      const at::Tensor& count) {
   check_kv_compact(k_cache, v_cache, path, prefix_len, count);
@@ -58,7 +61,9 @@ void kv_compact_cuda(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor&
   C10_CUDA_CHECK(launch_kv_compact(a, c10::cuda::getCurrentCUDAStream()));
 }
 
-TORCH_LIBRARY_IMPL(mtpkern, CPU, m) { m.impl("kv_compact_", &kv_compact_cpu); }
 TORCH_LIBRARY_IMPL(mtpkern, CUDA, m) { m.impl("kv_compact_", &kv_compact_cuda); }
+#endif  // MTPKERN_CPU_ONLY
+
+TORCH_LIBRARY_IMPL(mtpkern, CPU, m) { m.impl("kv_compact_", &kv_compact_cpu); }
 
 }  // namespace mtpkern

@@ -1,9 +1,11 @@
 // mtpkern::tree_buffers: the CPU kernel and the CUDA entry point (kernel: cuda/tree_mask.cu).
 // Both run the row logic of kernels.h and mark invalid nodes with depth -1.
 #include <ATen/ops/empty.h>
+#ifndef MTPKERN_CPU_ONLY  // CPU-only builds (setup.py's CppExtension fallback) leave out the CUDA side
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#endif
 #include <torch/library.h>
 
 #include <vector>
@@ -38,6 +40,7 @@ Buffers tree_buffers_cpu(const at::Tensor& parents, int64_t max_depth) {
   return {mask, depth, retrieve, is_leaf};
 }
 
+#ifndef MTPKERN_CPU_ONLY
 Buffers tree_buffers_cuda(const at::Tensor& parents, int64_t max_depth) {
   check_tree_buffers(parents, max_depth);
   const c10::cuda::CUDAGuard guard(parents.device());
@@ -50,7 +53,9 @@ Buffers tree_buffers_cuda(const at::Tensor& parents, int64_t max_depth) {
   return out;
 }
 
-TORCH_LIBRARY_IMPL(mtpkern, CPU, m) { m.impl("tree_buffers", &tree_buffers_cpu); }
 TORCH_LIBRARY_IMPL(mtpkern, CUDA, m) { m.impl("tree_buffers", &tree_buffers_cuda); }
+#endif  // MTPKERN_CPU_ONLY
+
+TORCH_LIBRARY_IMPL(mtpkern, CPU, m) { m.impl("tree_buffers", &tree_buffers_cpu); }
 
 }  // namespace mtpkern

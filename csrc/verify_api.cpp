@@ -1,9 +1,11 @@
 // mtpkern::verify_greedy / verify_typical: the CPU kernels and the CUDA entry points (kernel:
 // cuda/verify.cu). Both score rows with the logic of kernels.h.
 #include <ATen/ops/empty.h>
+#ifndef MTPKERN_CPU_ONLY  // CPU-only builds (setup.py's CppExtension fallback) leave out the CUDA side
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#endif
 #include <torch/library.h>
 
 #include <algorithm>
@@ -35,6 +37,7 @@ static VerifyOut verify_cpu(const VerifyArgs& a, const at::Tensor& paths) {
   return out;
 }
 
+#ifndef MTPKERN_CPU_ONLY
 static VerifyOut verify_cuda(const VerifyArgs& a, const at::Tensor& paths) {
   const c10::cuda::CUDAGuard guard(paths.device());
   auto out = empty_outputs(paths);
@@ -45,6 +48,7 @@ static VerifyOut verify_cuda(const VerifyArgs& a, const at::Tensor& paths) {
                                c10::cuda::getCurrentCUDAStream()));
   return out;
 }
+#endif
 
 static VerifyArgs greedy_args(const at::Tensor& tree_tokens, const at::Tensor& target_argmax, const at::Tensor& paths) {
   check_verify(tree_tokens, target_argmax, paths, "verify_greedy");
@@ -66,9 +70,11 @@ VerifyOut verify_greedy_cpu(const at::Tensor& tree_tokens, const at::Tensor& tar
   return verify_cpu(greedy_args(tree_tokens, target_argmax, paths), paths);
 }
 
+#ifndef MTPKERN_CPU_ONLY
 VerifyOut verify_greedy_cuda(const at::Tensor& tree_tokens, const at::Tensor& target_argmax, const at::Tensor& paths) {
   return verify_cuda(greedy_args(tree_tokens, target_argmax, paths), paths);
 }
+#endif
 
 VerifyOut verify_typical_cpu(const at::Tensor& tree_tokens, const at::Tensor& target_argmax,
                              const at::Tensor& node_prob, const at::Tensor& parent_entropy, const at::Tensor& paths,
@@ -76,20 +82,24 @@ VerifyOut verify_typical_cpu(const at::Tensor& tree_tokens, const at::Tensor& ta
   return verify_cpu(typical_args(tree_tokens, target_argmax, node_prob, parent_entropy, paths, epsilon, alpha), paths);
 }
 
+#ifndef MTPKERN_CPU_ONLY
 VerifyOut verify_typical_cuda(const at::Tensor& tree_tokens, const at::Tensor& target_argmax,
                               const at::Tensor& node_prob, const at::Tensor& parent_entropy, const at::Tensor& paths,
                               double epsilon, double alpha) {
   return verify_cuda(typical_args(tree_tokens, target_argmax, node_prob, parent_entropy, paths, epsilon, alpha), paths);
 }
+#endif
 
 TORCH_LIBRARY_IMPL(mtpkern, CPU, m) {
   m.impl("verify_greedy", &verify_greedy_cpu);
   m.impl("verify_typical", &verify_typical_cpu);
 }
 
+#ifndef MTPKERN_CPU_ONLY
 TORCH_LIBRARY_IMPL(mtpkern, CUDA, m) {
   m.impl("verify_greedy", &verify_greedy_cuda);
   m.impl("verify_typical", &verify_typical_cuda);
 }
+#endif
 
 }  // namespace mtpkern

@@ -4,7 +4,10 @@
 
 On a GPU, ``kernels="auto"`` runs the fused Triton / CUDA ops (multi-head logits, tree
 attention, verification, KV compaction) and ``cuda_graph=True`` replays the fixed-shape steps;
-on a CPU both paths run the eager references. Greedy outputs are token-identical.
+on a CPU both paths run the eager references, and greedy outputs are token-identical. On a GPU
+they usually are too, but not always: the fused kernels and cuBLAS sum in different orders, and
+eager fp32 attention may use TF32 on sm80+, so a near-tie between two tokens can round the other
+way and the outputs part from there (benchmarks/greedy_agreement.py measures how often).
 """
 
 import argparse
@@ -39,8 +42,12 @@ def main(argv=None):
     print(tokenizer.decode(runs["auto"].tokens, skip_special_tokens=True))
     for kernels, r in runs.items():
         print(f"{kernels:>5}: {r.tokens_per_second:8.1f} tok/s, mean accepted length {r.mean_accept_length:.2f} ({device})")
-    same = runs["auto"].tokens == runs["eager"].tokens
-    print("fused and eager outputs are token-identical" if same else "fused and eager outputs differ (low precision)")
+    a, b = runs["auto"].tokens, runs["eager"].tokens
+    if a == b:
+        print("fused and eager outputs are token-identical")
+    else:  # rounding (see the module docstring); say how far they agreed
+        same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        print(f"fused and eager outputs agree on the first {same} of {len(b)} tokens, then differ (rounding on {device})")
 
 
 if __name__ == "__main__":

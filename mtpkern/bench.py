@@ -6,8 +6,9 @@ with every configuration of the engine (:func:`mtpkern.generate.generate`):
 * ``ntp/eager`` and ``ntp/cuda_graph`` (CUDA only),
 * ``mtp/eager``, ``mtp/fused``, ``medusa/eager``, ``medusa/fused`` (eager reference ops with a
   dense attention mask, or the fused kernels), and their ``+cuda_graph`` variants on CUDA,
-* ``hf/dynamic`` and ``hf/static``: ``transformers`` ``generate`` on the same next-token
-  weights with its default dynamic cache and with ``cache_implementation="static"``.
+* ``hf/dynamic`` and (opt-in, ``hf_static``: it compiles itself, minutes on a CPU)
+  ``hf/static``: ``transformers`` ``generate`` on the same next-token weights with its
+  default dynamic cache and with ``cache_implementation="static"``.
 
 Every case decodes exactly ``max_new_tokens`` tokens (no EOS), after a warm-up run (two for
 ``hf/static``, which compiles itself on its first call), with the device synchronised around
@@ -15,8 +16,9 @@ every call. Reported per case, as medians over prompts: tokens/s (new tokens / w
 the call, prefill included), the engine's step time (its own synchronised per-step timings),
 mean accepted length and target forward passes per token.
 
-The breakdown of one speculative step (forward, verification, cache update) times the
-engine's pieces one at a time on the shapes of a real step; see :func:`step_breakdown`.
+The breakdown of one speculative step (the whole step against its forward pass: the share
+of bookkeeping) and the step-cost curve (step time against tree tokens T, the cost model's
+measurement) come with it; see :func:`step_breakdown` and :func:`step_cost_curve`.
 
 With random weights (no ``model_dir``) fresh heads copy the base (MTP heads start as its last
 block, MEDUSA heads as the identity), so every draft is the base's own next token, and the
@@ -43,8 +45,8 @@ from mtpkern.eval import (
     pick_device,
     pick_dtype,
     resolve_checkpoint,
-    timed,
 )
+from mtpkern.runtime import timed
 
 SCHEMA = "mtpkern.bench/1"
 MTP_HEADS = 4  # Gloeckle et al.'s n = 4
@@ -130,58 +132,98 @@ def time_case(run, prompts, device, *, warmup: int = 1) -> dict:
     return res
 
 
-def _time_us(fn, device, iters: int) -> float:
-    """Median microseconds of ``iters`` calls of ``fn()``, each synchronised, after one warm-up."""
-    fn()
-    return statistics.median(timed(fn, device)[1] for _ in range(iters)) * 1e6
+STEP_COST_T = (1, 2, 4, 8, 16, 32, 64)  # tree tokens per step for the step-cost curve
 
 
 def step_breakdown(model, tree, *, prefix_len: int, kernels: str, iters: int = 20) -> dict:
-    """Median microseconds of the parts of one greedy MEDUSA tree step with ``prefix_len``
-    cached tokens, each timed alone with the device synchronised around it:
+    """Median microseconds of one greedy decoding step of ``mtpkern.Decoder`` with
+    ``prefix_len`` cached tokens, and of its parts, each timed alone on the step's shapes:
 
-    * ``forward_us``: the tree forward pass (``tree_step``: every node, every head);
-    * ``verify_us``: head 0's argmax at every node plus ``verify_greedy`` over the paths;
-    * ``cache_update_us``: ``kv_compact_`` of the deepest path into place;
-    * ``draft_us``: the next drafts' top-k from the heads at the last accepted node.
-
-    These are the engine's own functions (``mtpkern.generate``) on the shapes of a real step;
-    their sum falls short of the measured step time by the engine's host work between them
-    (candidate gathering, the one host sync per step, bookkeeping).
+    * ``step_us``: the whole step as the decode loop runs it (its one host sync included);
+    * ``forward_us``: the model's forward pass over the tree's T tokens (every head it needs);
+    * ``logits_us``: head 0's logits and argmax at every node (the LM head the verification
+      needs, which an NTP step pays for one row);
+    * ``bookkeeping_us`` = step - forward: everything else (logits, candidates, verification,
+      KV compaction, next drafts, the sync), and ``bookkeeping_share`` = bookkeeping / step,
+      the issue's measure of a lean step, with ``bookkeeping_share_beyond_lm_head`` counting
+      the LM head as part of the forward pass.
     """
-    from mtpkern.generate import draft_topk, tree_step
-    from mtpkern.ops.fused_logits import fused_logits
+    from mtpkern.decoder import Decoder
+    from mtpkern.runtime import time_us
+
+    strategy = model.config.model_type
+    dec = Decoder(model, strategy, tree=tree, kernels=kernels)
+    step, device = dec.step, model.device
+    T = step.T
+    h = torch.zeros(step.heads, model.config.n_embd, dtype=model.dtype, device=device)
+
+    def whole():
+        step.begin(h, prefix_len)
+        return dec._run_step(prefix_len).tolist()
+
+    def begin():
+        step.begin(h, prefix_len)
+
+    tokens = torch.randint(0, model.config.vocab_size, (T,), device=device)
+    with torch.inference_mode():
+        step.begin(h, prefix_len)
+        tree_bufs = step._candidates()[1]
+        step.forward(tokens, step.prefix, prefix_len, *tree_bufs)  # the mask state of a running decode
+
+        def forward():
+            return step.forward(tokens, step.prefix, prefix_len, *tree_bufs)
+
+        hidden = forward()
+        step_us = time_us(whole, device, iters) - time_us(begin, device, iters)
+        forward_us = time_us(forward, device, iters)
+        logits_us = time_us(lambda: dec.logits.argmax0(hidden[:, 0]), device, iters)
+    return dict(step_us=step_us, forward_us=forward_us, logits_us=logits_us,
+                bookkeeping_us=step_us - forward_us, bookkeeping_share=(step_us - forward_us) / step_us,
+                bookkeeping_share_beyond_lm_head=(step_us - forward_us - logits_us) / step_us,
+                tree_nodes=T, prefix_len=prefix_len, kernels=kernels)
+
+
+def verify_compact_backends(model, tree, *, prefix_len: int, iters: int = 200) -> dict:
+    """Median microseconds of greedy verification and KV compaction on ``model``'s device,
+    shapes of one step of ``tree``: the eager references against the C++ extension's kernels
+    (on the CPU its C++ CPU kernels), the measurement behind the decoder's choice of the
+    extension for them. Empty without the extension."""
+    from mtpkern.ops import _backend
     from mtpkern.ops.kv_compact import kv_compact_
     from mtpkern.ops.verify import verify_greedy
+    from mtpkern.runtime import time_us
 
-    device, fused = model.device, kernels == "fused"
-    backend = None if fused else "eager"
+    if not _backend.HAS_CUDA_EXT:
+        return {}
+    device = model.device
     tt = tree.tensors(device)
-    T, heads = len(tree), 1 + tree.max_depth
+    T = len(tree)
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, model.config.vocab_size, (T,), generator=g).to(device)
+    target = torch.randint(0, model.config.vocab_size, (T,), generator=g).to(device)
     cache = model.new_cache(1, prefix_len + T)
-    tokens = torch.randint(0, model.config.vocab_size, (T,), device=device)
-    prefix = torch.tensor(prefix_len, device=device)
-    path = tt.paths[-1]  # a deepest path: the most K/V to move
-    count = (path >= 0).sum()
-
-    def forward():
-        return tree_step(model, cache, tokens, prefix, tt, heads=heads, span=prefix_len + T, fused=fused)
-
-    def verify():
-        target = fused_logits(hidden[:, 0], model.head_weight(0), 1, backend=backend).argmax
-        return verify_greedy(tokens, target, tt.paths, backend=backend)
-
+    path = tt.paths[-1].contiguous()
+    prefix, count = torch.tensor(prefix_len, device=device), (path >= 0).sum()
+    out = {}
     with torch.inference_mode():
-        hidden = forward()
-        return dict(
-            forward_us=_time_us(forward, device, iters),
-            verify_us=_time_us(verify, device, iters),
-            cache_update_us=_time_us(lambda: kv_compact_(cache.k, cache.v, path, prefix, count, backend=backend),
-                                     device, iters),
-            draft_us=_time_us(lambda: draft_topk(model, hidden[-1], tree.max_depth, tree.topk, backend),
-                              device, iters),
-            tree_nodes=T, prefix_len=prefix_len, kernels=kernels,
-        )
+        for name, backend in (("eager", "eager"), ("extension", "cuda")):
+            out[f"verify_{name}_us"] = time_us(lambda: verify_greedy(tokens, target, tt.paths, backend=backend),
+                                               device, iters)
+            out[f"kv_compact_{name}_us"] = time_us(
+                lambda: kv_compact_(cache.k, cache.v, path, prefix, count, backend=backend), device, iters)
+    return dict(out, tree_nodes=T)
+
+
+def step_cost_curve(model, *, kernels: str = "auto", cuda_graph: bool = False, sizes=STEP_COST_T,
+                    prefix_len: int = 64, iters: int = 10) -> list[dict]:
+    """``[{"T", "step_us"}]``: the median time of one greedy step against its tree tokens T,
+    measured as the cost model measures it (:func:`mtpkern.decoder.time_step`)."""
+    from mtpkern.decoder import time_step
+
+    room = model.config.n_positions - prefix_len
+    return [dict(T=T, step_us=time_step(model, T, kernels=kernels, cuda_graph=cuda_graph, prefix_len=prefix_len,
+                                        iters=iters) * 1e6)
+            for T in sizes if T <= room]
 
 
 def format_bench(report: dict) -> str:
@@ -210,20 +252,40 @@ def format_bench(report: dict) -> str:
             lines.append(f"\nMEDUSA step breakdown ({kernels}): failed: {b['error']}")
         else:
             lines.append(f"\nMEDUSA step breakdown ({kernels}, {b['tree_nodes']} nodes over {b['prefix_len']} "
-                         f"cached): forward {b['forward_us']:.0f} us, verification {b['verify_us']:.0f} us, "
-                         f"cache update {b['cache_update_us']:.0f} us, next drafts {b['draft_us']:.0f} us")
+                         f"cached): step {b['step_us']:.0f} us, forward {b['forward_us']:.0f} us, head-0 logits "
+                         f"{b['logits_us']:.0f} us; everything but the forward {b['bookkeeping_share']:.0%} of the "
+                         f"step ({b['bookkeeping_share_beyond_lm_head']:.0%} beyond the LM head)")
+    vc = report.get("verify_compact") or {}
+    if "error" in vc:
+        lines.append(f"\nVerification / KV compaction backends: failed: {vc['error']}")
+    elif vc:
+        lines.append(f"\nVerification / KV compaction ({vc['tree_nodes']} nodes): eager {vc['verify_eager_us']:.0f} / "
+                     f"{vc['kv_compact_eager_us']:.0f} us, C++ extension {vc['verify_extension_us']:.0f} / "
+                     f"{vc['kv_compact_extension_us']:.0f} us")
+    for name, curve in report.get("step_cost", {}).items():
+        if isinstance(curve, dict):
+            lines.append(f"\nStep cost ({name}): failed: {curve['error']}")
+        else:
+            points = ", ".join(f"T={p['T']} {p['step_us']:.0f} us" for p in curve)
+            lines.append(f"\nStep cost ({name}, greedy step vs tree tokens T): {points}")
     return "\n".join(lines) + "\n"
+
+
+def _error(e: Exception) -> dict:
+    return {"error": f"{type(e).__name__}: {e}".strip().splitlines()[0][:200]}
 
 
 def run_bench(device: str = "cuda", json_path=None, model_dir=None, max_new_tokens: int = 128,
               prompts: int = 5, prompt_len: int = 32, quick: bool = False, dtype: str | None = None,
-              data: str = "synthetic", progress: bool = True) -> dict:
-    """Time every case (module docstring) and return the report; write it as JSON to
-    ``json_path`` if given, and print the table.
+              data: str = "synthetic", progress: bool = True, hf_static: bool = False) -> dict:
+    """Time every case (module docstring), the MEDUSA step breakdown and the step-cost curve,
+    and return the report; print the table, and write the JSON to ``json_path`` if given,
+    case by case (a run cut short keeps what it measured).
 
     ``quick``: a tiny random model (2 layers, 128 wide), for a CPU smoke run. ``dtype``
-    default: float16 on CUDA, float32 on CPU. A case that raises is recorded with its error
-    and the others still run (one broken kernel must not cost the whole GPU session).
+    default: float16 on CUDA, float32 on CPU. ``hf_static``: also time ``transformers`` with
+    its static cache (slow: it compiles itself). A case that raises is recorded with its
+    error and the others still run (one broken kernel must not cost the whole GPU session).
     """
     if max_new_tokens < 1 or prompts < 1 or prompt_len < 1:
         raise ValueError(f"max_new_tokens, prompts and prompt_len must be >= 1, "
@@ -236,24 +298,9 @@ def run_bench(device: str = "cuda", json_path=None, model_dir=None, max_new_toke
     ids = bench_prompts(models["ntp"], prompts, prompt_len, model_dir, data)
     cases = [(name, (lambda x, m=m, kw=kw: generate(m, x, max_new_tokens=max_new_tokens, **kw)), 1)
              for name, m, kw in engine_cases(models, dev)]
-    cases += [("hf/dynamic", hf_decoder(models["ntp"], max_new_tokens, None), 1),
-              ("hf/static", hf_decoder(models["ntp"], max_new_tokens, None, static_cache=True), 2)]
-    results = {}
-    with torch.inference_mode():
-        for name, run, warmup in tqdm(cases, desc="bench", disable=not progress, file=sys.stderr):
-            try:
-                results[name] = time_case(run, ids, dev, warmup=warmup)
-            except Exception as e:  # noqa: BLE001 - record it and time the remaining cases
-                results[name] = {"error": f"{type(e).__name__}: {e}".splitlines()[0][:200]}
-    breakdown = {}
-    if "medusa" in models:
-        for kernels in ("eager", "fused"):
-            try:
-                breakdown[kernels] = step_breakdown(models["medusa"], eval_tree(models["medusa"].config.n_heads),
-                                                    prefix_len=ids[0].shape[1] + max_new_tokens // 2,
-                                                    kernels=kernels, iters=2 if quick else 50)
-            except Exception as e:  # noqa: BLE001
-                breakdown[kernels] = {"error": f"{type(e).__name__}: {e}".splitlines()[0][:200]}
+    cases.append(("hf/dynamic", hf_decoder(models["ntp"], max_new_tokens, None), 1))
+    if hf_static:
+        cases.append(("hf/static", hf_decoder(models["ntp"], max_new_tokens, None, static_cache=True), 2))
     weights = ("Trained weights from the given checkpoint: accepted lengths are real." if model_dir else
                "Random weights: the heads copy the base, so accepted lengths reflect how often a random model "
                "repeats itself; this measures the engine (step cost, ceiling), not trained heads.")
@@ -261,9 +308,49 @@ def run_bench(device: str = "cuda", json_path=None, model_dir=None, max_new_toke
                   settings=dict(max_new_tokens=max_new_tokens, prompts=prompts, prompt_len=ids[0].shape[1],
                                 model=str(model_dir) if model_dir else ("tiny" if quick else "gpt2-124M"),
                                 n_params=models["ntp"].num_parameters()),
-                  cases=results, step_breakdown=breakdown)
+                  cases={}, step_breakdown={}, step_cost={})
+
+    def save():
+        if json_path is not None:
+            Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+            Path(json_path).write_text(json.dumps(report, indent=2))
+
+    iters = 2 if quick else 20
+    with torch.inference_mode():
+        for name, run, warmup in tqdm(cases, desc="bench", disable=not progress, file=sys.stderr):
+            try:
+                report["cases"][name] = time_case(run, ids, dev, warmup=warmup)
+            except Exception as e:  # noqa: BLE001 - record it and time the remaining cases
+                report["cases"][name] = _error(e)
+            save()
+        if "medusa" in models:
+            for kernels in ("auto", "fused") if dev.type == "cuda" else ("auto", "eager"):
+                try:
+                    report["step_breakdown"][kernels] = step_breakdown(
+                        models["medusa"], eval_tree(models["medusa"].config.n_heads),
+                        prefix_len=ids[0].shape[1] + max_new_tokens // 2, kernels=kernels, iters=iters)
+                except Exception as e:  # noqa: BLE001
+                    report["step_breakdown"][kernels] = _error(e)
+                save()
+            try:
+                report["verify_compact"] = verify_compact_backends(
+                    models["medusa"], eval_tree(models["medusa"].config.n_heads),
+                    prefix_len=ids[0].shape[1] + max_new_tokens // 2, iters=20 if quick else 200)
+            except Exception as e:  # noqa: BLE001
+                report["verify_compact"] = _error(e)
+            save()
+        for strategy in ("medusa", "mtp"):
+            if strategy not in models:
+                continue
+            for graph in (False, True) if dev.type == "cuda" else (False,):
+                name = f"{strategy}/auto" + ("+cuda_graph" if graph else "")
+                try:
+                    report["step_cost"][name] = step_cost_curve(
+                        models[strategy], cuda_graph=graph, sizes=STEP_COST_T[:5] if quick else STEP_COST_T,
+                        iters=iters)
+                except Exception as e:  # noqa: BLE001
+                    report["step_cost"][name] = _error(e)
+                save()
     print(format_bench(report))
-    if json_path is not None:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(report, indent=2))
+    save()
     return report

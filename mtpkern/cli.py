@@ -56,18 +56,14 @@ def checkpoint_dir(path) -> Path:
 
 
 def parse_tree(text: str):
-    """``mc_sim_7b_63`` (MEDUSA's 63-node tree), ``chain:N``, or per-depth widths ``4,2,2``."""
-    from mtpkern.tree import MC_SIM_7B_63, Tree
+    """``--tree``: ``auto``, ``dynamic`` / ``dynamic:N`` (kept as text for the decoder), or a
+    tree spec for ``Tree.parse`` (``mc_sim_7b_63``, ``chain:N``, widths ``4,2,2``)."""
+    from mtpkern.tree import Tree
 
-    if text == "mc_sim_7b_63":
-        return Tree(MC_SIM_7B_63)
-    if text.startswith("chain:"):
-        return Tree.chain(_positive_int(text[len("chain:"):]))
-    try:
-        widths = [int(w) for w in text.split(",")]
-    except ValueError:
-        raise ValueError(f"--tree {text!r}: expected mc_sim_7b_63, chain:N or widths like 4,2,2") from None
-    return Tree.from_widths(widths)
+    spec = text.strip().lower()
+    if spec in ("auto", "dynamic") or spec.startswith("dynamic:"):
+        return spec
+    return Tree.parse(text)
 
 
 # ----------------------------------------------------------------------------- commands
@@ -150,7 +146,24 @@ def cmd_bench(args) -> int:
     from mtpkern.bench import run_bench
 
     run_bench(device=args.device, json_path=args.json, model_dir=args.model, max_new_tokens=args.max_new_tokens,
-              prompts=args.prompts, quick=args.quick)
+              prompts=args.prompts, quick=args.quick, hf_static=args.hf_static)
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    import json
+
+    from mtpkern.calibrate import calibrate_checkpoint, format_report
+
+    report = calibrate_checkpoint(
+        args.model, data=args.data, device=args.device, dtype=args.dtype, max_samples=args.max_samples,
+        max_new_tokens=args.max_new_tokens, kernels=args.kernels, cuda_graph=args.cuda_graph,
+        max_nodes=args.max_nodes, measure=not args.no_measure,
+    )
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    print(format_report(report))
     return 0
 
 
@@ -203,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--acceptance", choices=["greedy", "typical", "rejection"], default="greedy")
-    g.add_argument("--tree", help="per-depth widths like 4,2,2, or mc_sim_7b_63")
+    g.add_argument("--tree", help="auto, dynamic[:N], chain:N, mc_sim_7b_63 or per-depth widths like 4,2,2")
     g.add_argument("--kernels", choices=["auto", "eager", "fused"], default="auto")
     g.add_argument("--cuda-graph", action="store_true")
     g.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
@@ -231,7 +244,23 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--max-new-tokens", type=_positive_int, default=128)
     b.add_argument("--prompts", type=_positive_int, default=5)
     b.add_argument("--quick", action="store_true", help="a small model and few tokens (smoke test)")
+    b.add_argument("--hf-static", action="store_true",
+                   help="also time transformers with its static cache (slow: it compiles itself)")
     b.set_defaults(func=cmd_bench)
+
+    c = sub.add_parser("calibrate", help="measure head acceptance and step cost; choose the tree for --tree auto")
+    c.add_argument("model", help="run or checkpoint directory of an MTP or MEDUSA model")
+    c.add_argument("--data", help="held-out data for a bare checkpoint (a run uses its own validation split)")
+    c.add_argument("--device", type=_device, default="auto")
+    c.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="default: fp16 on CUDA, fp32 on CPU")
+    c.add_argument("--kernels", choices=["auto", "eager", "fused"], default="auto")
+    c.add_argument("--cuda-graph", action="store_true", help="time steps replayed from CUDA graphs (CUDA only)")
+    c.add_argument("--max-samples", type=_positive_int, default=32, help="held-out prompts to calibrate on")
+    c.add_argument("--max-new-tokens", type=_positive_int, default=64)
+    c.add_argument("--max-nodes", type=int, help="largest tree to consider, in draft nodes")
+    c.add_argument("--no-measure", action="store_true", help="skip decoding with the chosen tree")
+    c.add_argument("--json", help="also write the report as JSON")
+    c.set_defaults(func=cmd_calibrate)
     return p
 
 

@@ -36,7 +36,8 @@ JSON schema (``schema == "mtpkern.eval/1"``)::
               hf: {tokens_per_second, latency_s, new_tokens, agrees_with_ntp, weights} | null},
       memory: {decode_peak_bytes, kind ("cuda_max_memory_allocated" | "process_peak_rss")},
       training: {wall_time_s, peak_memory_bytes, time_per_epoch_s, curve {step, loss,
-                 head_losses?}} | null
+                 head_losses?}} | null,
+      calibration: {accept [draft head][rank], positions [draft head], summary} | null
     } ]
     files: {json, table, plots [png paths]}
 
@@ -443,6 +444,9 @@ def evaluate_checkpoint(path, *, data: str | None = None, device: torch.device, 
         name=name, path=str(ckpt), model_type=kind, n_heads=model.n_heads, n_params=model.num_parameters(),
         primary=strategies_for(model)[-1], validation=val_info, quality=quality, speed=speed,
         memory=memory, training=training_summary(log, summary),
+        calibration=None if model.calibration is None else dict(  # calibration.json, see mtpkern.calibrate
+            accept=model.calibration.accept, positions=model.calibration.positions,
+            summary=model.calibration.summary()),
     )
 
 
@@ -478,7 +482,8 @@ def format_table(report: dict) -> str:
             _fmt(q["bleu"], ".1f"), " / ".join(f"{a:.2f}" for a in q["head_top1"]),
             _mib(m["memory"]["decode_peak_bytes"]), _fmt(t.get("wall_time_s"), ".0f", " s"),
         ]) + " |")
-    notes = []
+    notes = [f"{m['name']} calibration: {m['calibration']['summary']}"
+             for m in report["models"] if m.get("calibration")]
     if any(m["memory"]["kind"] == "process_peak_rss" for m in report["models"]):
         notes.append("peak mem on CPU is the process's peak RSS so far (it includes earlier models)")
     if any(not m["validation"]["held_out"] for m in report["models"]):

@@ -276,6 +276,7 @@ class _Family(nn.Module):
 
     config: GPT2Config
     gradient_checkpointing: bool = False
+    calibration = None  # head acceptance (mtpkern.calibrate.Calibration), attached by load_model
 
     # number of prediction heads J; head j predicts token t + j + 1
     @property
@@ -610,9 +611,11 @@ def to_hf(model: GPT2):
     return hf.to(model.device).eval()
 
 
-def load_model(name_or_dir, *, device=None, dtype=None) -> _Family:
+def load_model(name_or_dir, *, device=None, dtype=None, calibration: bool = True) -> _Family:
     """Load any model of the family from a directory written by ``save_pretrained``, or a
-    Hugging Face GPT-2 checkpoint (directory or hub name) as a ``GPT2``."""
+    Hugging Face GPT-2 checkpoint (directory or hub name) as a ``GPT2``. ``calibration``:
+    attach the directory's ``calibration.json`` as ``model.calibration`` (checked against the
+    weights; see ``mtpkern.calibrate``), or ignore it (False)."""
     path = Path(name_or_dir)
     if path.exists() or os.sep in str(name_or_dir) or str(name_or_dir).startswith("."):
         cfg_file = require_file(path, CONFIG_NAME)
@@ -621,11 +624,11 @@ def load_model(name_or_dir, *, device=None, dtype=None) -> _Family:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{cfg_file} is not valid JSON: {e}") from None
         if "mtpkern" in raw:
-            return _load_ours(path, raw, device=device, dtype=dtype)
+            return _load_ours(path, raw, device=device, dtype=dtype, calibration=calibration)
     return _load_hf_gpt2(name_or_dir, device=device, dtype=dtype)
 
 
-def _load_ours(path: Path, raw: dict, *, device, dtype) -> _Family:
+def _load_ours(path: Path, raw: dict, *, device, dtype, calibration: bool = True) -> _Family:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -642,6 +645,10 @@ def _load_ours(path: Path, raw: dict, *, device, dtype) -> _Family:
     _load_state(model, state, weights)
     if isinstance(model, MedusaModel):
         model.freeze_base()
+    if calibration:  # before the cast: the fingerprint reads the weights as saved
+        from mtpkern.calibrate import attach_calibration
+
+        attach_calibration(model, path)
     return model.to(device=device, dtype=dtype).eval()
 
 

@@ -101,6 +101,22 @@ def plot_head_accuracy(report: dict, path) -> str:
     return _save(fig, path)
 
 
+def plot_step_cost(curves: dict, path, title: str = "Step cost") -> str:
+    """Median time of one decoding step against its tree tokens T, one line per setting:
+    ``curves`` maps a label to ``[{"T": int, "step_us": float}, ...]`` (the cost model's
+    measurement, :func:`mtpkern.decoder.time_step`)."""
+    fig = Figure(figsize=(6.5, 4.2))
+    ax = fig.add_subplot()
+    for label, points in curves.items():
+        ax.plot([p["T"] for p in points], [p["step_us"] / 1e3 for p in points], marker="o", label=label)
+    ax.set(xlabel="tree tokens T per step", ylabel="step time (ms, median)", title=title)
+    ax.set_xscale("log", base=2)
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
 def write_plots(report: dict, out_dir) -> list[str]:
     """Write every plot that has data into ``out_dir``; returns the paths written."""
     os.makedirs(out_dir, exist_ok=True)

@@ -712,6 +712,11 @@ def _train(cfg: TrainConfig, world: int) -> TrainResult:
             parameters=model.num_parameters(), trainable_parameters=model.num_parameters(trainable_only=True),
         )
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        if cfg.objective in ("mtp", "medusa") and not interrupted:  # head acceptance, for tree="auto"
+            from mtpkern.calibrate import calibrate_after_training
+
+            calibrate_after_training(model, val_records, tokenizer, ckpt_dir, source=dict(
+                source=str(cfg.data), held_out=True, note="the run's own validation split, after training"))
     return result
 
 

@@ -102,18 +102,25 @@ class Tree:
 
     @classmethod
     def parse(cls, spec: str) -> Tree:
-        """A tree from a command-line spec: "mc_sim_7b_63", "chainN" or per-depth widths "4,2,2"."""
-        spec = spec.strip()
-        if spec.lower() == "mc_sim_7b_63":
+        """A tree from a spec, the one parser of the CLI and the library: ``mc_sim_7b_63``
+        (MEDUSA's tree), ``chain:N`` or ``chainN`` (N >= 1 drafts), or per-depth widths
+        ``4,2,2``. A bad spec is a one-line ValueError."""
+        if not isinstance(spec, str):
+            raise ValueError(f"a tree spec must be a string, got {spec!r}")
+        text = spec.strip().lower()
+        if text == "mc_sim_7b_63":
             return cls(MC_SIM_7B_63)
-        try:
-            if spec.lower().startswith("chain"):
-                return cls.chain(int(spec[5:]))
-            return cls.from_widths([int(w) for w in spec.split(",")])
-        except ValueError:
+        if text.startswith("chain"):
+            n = text[len("chain"):].removeprefix(":")
+            if not n.isdigit() or int(n) < 1:
+                raise ValueError(f"tree spec {spec!r}: a chain needs a number of drafts >= 1, like 'chain:3'")
+            return cls.chain(int(n))
+        parts = text.split(",")
+        if not all(p.strip().isdigit() and int(p) >= 1 for p in parts):
             raise ValueError(
-                f"tree spec {spec!r} is not 'mc_sim_7b_63', 'chainN' or comma-separated widths like '4,2,2'"
-            ) from None
+                f"tree spec {spec!r} is not 'mc_sim_7b_63', 'chain:N' or comma-separated widths >= 1 like '4,2,2'"
+            )
+        return cls.from_widths([int(p) for p in parts])
 
     def check(self, *, n_heads: int | None = None, topk: int | None = None) -> None:
         """Raise ValueError if a path is deeper than ``n_heads`` or uses a rank ``>= topk``."""

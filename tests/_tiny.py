@@ -135,3 +135,21 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def assert_same_greedy_tokens(model, prompt, got: list[int], want: list[int], tol: float = 1e-3) -> None:
+    """``got == want``; on a GPU, where the two paths' kernels round differently (cuBLAS picks
+    other kernels for 1-row and T-row products, fused kernels sum in other orders), they may
+    instead part at a near-tie: at the first differing token, the model's top two next-token
+    logits (on the agreed prefix) must lie within ``tol`` (relative) of each other."""
+    if got == want:
+        return
+    device = next(model.parameters()).device
+    assert device.type == "cuda", f"greedy outputs differ on {device}:\n{got}\n{want}"
+    i = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+    with torch.no_grad():
+        z = model(torch.tensor([list(prompt) + want[:i]], device=device), heads=1).logits[0, -1, 0].float()
+    top = z.topk(2).values
+    gap = float(top[0] - top[1])
+    assert gap <= tol * max(1.0, float(top[0].abs())), (
+        f"outputs part at token {i} where the top two logits are {gap:.3g} apart: more than rounding\n{got}\n{want}")

@@ -25,7 +25,7 @@ def test_quick_bench_end_to_end(tmp_path):
     assert report["device"]["type"] == "cpu" and report["device"]["name"]
     cases = report["cases"]
     assert set(cases) == {"ntp/eager", "mtp/eager", "mtp/fused", "medusa/eager", "medusa/fused",
-                          "hf/dynamic", "hf/static"}
+                          "hf/dynamic"}  # hf/static is opt-in
     failed = {name: c["error"] for name, c in cases.items() if "error" in c}
     assert not failed
     for name, c in cases.items():
@@ -35,14 +35,48 @@ def test_quick_bench_end_to_end(tmp_path):
             # ntp: one forward per token plus nothing; speculative: never more than that.
             assert 0 < c["forward_passes_per_token"] <= 1, name
     assert cases["ntp/eager"]["mean_accept_length"] == 1
-    for kernels in ("eager", "fused"):
+    for kernels in ("auto", "eager"):
         b = report["step_breakdown"][kernels]
         assert "error" not in b, b
-        assert min(b["forward_us"], b["verify_us"], b["cache_update_us"], b["draft_us"]) > 0
+        assert 0 < b["forward_us"] and 0 < b["logits_us"] and b["step_us"] > 0
+        assert b["bookkeeping_share"] == pytest.approx((b["step_us"] - b["forward_us"]) / b["step_us"])
+    from mtpkern.ops import _backend
+
+    if _backend.HAS_CUDA_EXT:
+        vc = report["verify_compact"]
+        assert min(vc["verify_eager_us"], vc["verify_extension_us"], vc["kv_compact_eager_us"],
+                   vc["kv_compact_extension_us"]) > 0, vc
+    for name in ("medusa/auto", "mtp/auto"):
+        curve = report["step_cost"][name]
+        assert [p["T"] for p in curve] == [1, 2, 4, 8, 16] and all(p["step_us"] > 0 for p in curve), curve
     assert "Random weights" in report["weights"]
     # The speculative cases draft over the heads: the accepted length is bounded by depth + 1.
     assert cases["mtp/eager"]["mean_accept_length"] <= 4
     assert cases["medusa/eager"]["mean_accept_length"] <= 5
+
+
+def test_a_failing_case_is_recorded_and_the_json_kept_case_by_case(tmp_path, monkeypatch):
+    import mtpkern.bench as bench
+
+    path = tmp_path / "bench.json"
+    real, seen = bench.time_case, []
+
+    def time_case(run, prompts, device, warmup=1):
+        if path.exists():  # what was measured before this case is on disk already
+            seen.append(set(json.loads(path.read_text())["cases"]))
+        if len(seen) == 2:
+            raise RuntimeError("boom\nsecond line")
+        return real(run, prompts, device, warmup=warmup)
+
+    monkeypatch.setattr(bench, "time_case", time_case)
+    monkeypatch.setattr(bench, "STEP_COST_T", (1, 2))
+    report = run_bench(device="cpu", json_path=path, max_new_tokens=3, prompts=1, prompt_len=4, quick=True,
+                       progress=False)
+    assert seen[0] == {"ntp/eager"} and len(seen[-1]) == len(report["cases"]) - 1
+    failed = [name for name, c in report["cases"].items() if "error" in c]
+    assert failed == ["mtp/fused"] and report["cases"]["mtp/fused"]["error"] == "RuntimeError: boom"
+    assert report["cases"]["hf/dynamic"]["tokens_per_second"] > 0  # the cases after it still ran
+    assert json.loads(path.read_text()) == report
 
 
 def test_format_bench_shows_failures():

@@ -42,8 +42,11 @@ def test_parse_tree_forms():
     assert len(parse_tree("mc_sim_7b_63")) == 64  # 63 nodes + the root
     assert parse_tree("chain:3").is_chain
     assert parse_tree("2,1").max_depth == 2
-    with pytest.raises(ValueError, match="expected mc_sim_7b_63, chain:N or widths"):
-        parse_tree("wide")
+    assert parse_tree("chain3") == parse_tree("chain:3")
+    assert parse_tree("auto") == "auto" and parse_tree("dynamic:8") == "dynamic:8"
+    for bad in ("wide", "chain:0", "chain:x"):
+        with pytest.raises(ValueError, match="tree spec"):
+            parse_tree(bad)
 
 
 @pytest.fixture(scope="module")
@@ -59,15 +62,25 @@ def medusa_dir(tmp_path_factory):
     return d
 
 
-@pytest.mark.parametrize("strategy", ["ntp", "medusa"])
-def test_generate_command_prints_text_and_stats(medusa_dir, strategy, capsys):
-    tree = ["--tree", "2,1"] if strategy == "medusa" else []
+@pytest.mark.parametrize("strategy, tree", [("ntp", None), ("medusa", "2,1"), ("medusa", "dynamic:4"),
+                                            ("medusa", "auto")])
+def test_generate_command_prints_text_and_stats(medusa_dir, strategy, tree, capsys):
+    tree = ["--tree", tree] if tree else []
     code = main(["generate", str(medusa_dir.parent), "--prompt", "Tom has 3 apples.", "--strategy", strategy,
                  "--max-new-tokens", "8", "--device", "cpu", *tree])
     out = capsys.readouterr()
     assert code == 0, out.err
     assert f"[{strategy}]" in out.err and "forward passes" in out.err
     assert out.out.strip() != "" or "0 tokens" not in out.err
+
+
+@pytest.mark.parametrize("tree", ["chain:0", "chain:x", "chain0", "dynamic:0", "4;2"])
+def test_generate_command_rejects_a_bad_tree_in_one_line(medusa_dir, tree, capsys):
+    code = main(["generate", str(medusa_dir), "--prompt", "hi", "--max-new-tokens", "4", "--device", "cpu",
+                 "--tree", tree])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert "tree" in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_generate_command_rejects_a_prompt_longer_than_the_context(medusa_dir, capsys):

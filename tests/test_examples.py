@@ -51,4 +51,6 @@ def test_fused_decode_example(user_base_and_data, tmp_path):
     base, _ = user_base_and_data
     r = _run("fused_decode.py", str(base), "--max-new-tokens", "8")
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "tok/s" in r.stdout and "token-identical" in r.stdout
+    assert "tok/s" in r.stdout
+    # On a GPU the two paths' kernels round differently, so a near-tie may part the outputs.
+    assert "token-identical" in r.stdout or (torch.cuda.is_available() and "agree on the first" in r.stdout), r.stdout

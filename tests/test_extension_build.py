@@ -97,8 +97,52 @@ def test_setup_force_switch_makes_a_missing_toolkit_an_error(tmp_path):
     env.pop("MTPKERN_FORCE_CUDA_BUILD", None)  # CI sets it for the real build
     quiet = subprocess.run([sys.executable, "setup.py", "--version"], cwd=ROOT, env=env, capture_output=True,
                            text=True, timeout=120)
-    assert quiet.returncode == 0 and "building without the CUDA extension" in quiet.stdout, quiet.stderr[-3000:]
+    assert quiet.returncode == 0 and "building without the CUDA extension: its C++ CPU kernels only" in quiet.stdout, quiet.stderr[-3000:]
     env["MTPKERN_FORCE_CUDA_BUILD"] = "1"
     forced = subprocess.run([sys.executable, "setup.py", "--version"], cwd=ROOT, env=env, capture_output=True,
                             text=True, timeout=120)
     assert forced.returncode != 0 and "MTPKERN_FORCE_CUDA_BUILD=1 but no CUDA toolkit found" in forced.stderr
+
+
+CPU_ONLY_CHECK = r'''
+import sys
+import torch
+
+torch.ops.load_library(sys.argv[1])  # registers the mtpkern ops of the CPU-only build
+for name in ("tree_buffers", "verify_greedy", "verify_typical", "kv_compact_"):
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"mtpkern::{name}", "CPU"), name
+    assert not torch._C._dispatch_has_kernel_for_dispatch_key(f"mtpkern::{name}", "CUDA"), name
+mask, depth, retrieve, is_leaf = torch.ops.mtpkern.tree_buffers(torch.tensor([-1, 0, 0, 1]), 2)
+assert depth.tolist() == [0, 1, 1, 2] and mask.view(-1).tolist() == [1, 3, 5, 11]
+r = torch.ops.mtpkern.verify_greedy(torch.tensor([5, 6, 7, 8]), torch.tensor([6, 8, 0, 9]), retrieve)
+assert [int(r[0]), int(r[1]), int(r[2]), r[3].tolist()] == [2, 3, 3, [6, 8, 9]], r
+k = torch.arange(8.0).view(1, 1, 1, 8, 1)
+v = -k
+torch.ops.mtpkern.kv_compact_(k, v, torch.tensor([0, 2, 3]), torch.tensor(1), torch.tensor(3))
+assert k.view(-1).tolist() == [0, 1, 3, 4, 4, 5, 6, 7]
+try:
+    torch.ops.mtpkern.kv_compact_(k, v, torch.tensor([0, 9]), torch.tensor(0), torch.tensor(2))
+except ValueError as e:
+    assert "outside the cache" in str(e)
+else:
+    raise AssertionError("a move outside the cache must raise")
+print("cpu extension OK")
+'''
+
+
+def test_cpu_only_build_has_the_cpu_kernels(tmp_path):
+    """Without a CUDA toolkit (forced here by MTPKERN_CPU_EXTENSION=1) setup.py builds the C++
+    extension as a plain CppExtension: every CPU user gets the C++ kernels."""
+    env = {**os.environ, "MTPKERN_CPU_EXTENSION": "1", "MAX_JOBS": "2"}
+    env.pop("MTPKERN_SKIP_CUDA_BUILD", None)
+    build = subprocess.run([sys.executable, "setup.py", "build_ext", "--build-lib", str(tmp_path / "lib"),
+                            "--build-temp", str(tmp_path / "tmp")], cwd=ROOT, env=env, capture_output=True,
+                           text=True, timeout=900)
+    assert build.returncode == 0, build.stderr[-3000:]
+    assert "building the C++ extension without CUDA" in build.stdout
+    built = list((tmp_path / "lib" / "mtpkern").glob("_C*.so"))
+    assert len(built) == 1, list((tmp_path / "lib").rglob("*"))
+    check = subprocess.run([sys.executable, "-c", CPU_ONLY_CHECK, str(built[0])], cwd=tmp_path, capture_output=True,
+                           text=True, timeout=300)
+    assert check.returncode == 0, check.stderr[-3000:]
+    assert "cpu extension OK" in check.stdout

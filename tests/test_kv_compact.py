@@ -74,6 +74,50 @@ def test_reference_rejects_one_buffer_passed_twice():
         kv_compact_ref_(k, k, idx([0, 2]), idx(0), idx(2))
 
 
+def naive_skipping_compact(cache, path, prefix, count):
+    """The CUDA kernel's rule: count clamped into [0, N], moves outside the S slots skipped."""
+    S = cache.shape[3]
+    keep = [(i, node) for i, node in enumerate(path[:max(0, min(count, len(path)))])
+            if node >= 0 and 0 <= prefix + node < S and 0 <= prefix + i < S]
+    old, new = cache.clone(), cache.clone()
+    for i, node in keep:
+        new[..., prefix + i, :] = old[..., prefix + node, :]
+    return new
+
+
+@pytest.mark.parametrize("path,prefix,count", [
+    ([0, 20, 2], 0, 3),          # a source beyond S = 16 in the middle: only that move is skipped
+    ([0, 2, 1, 3, 4, 5], 13, 6),  # destinations past the end: the clamped ones must not clobber slot 15
+    ([0, 3, 1], -2, 3),          # negative prefix: destinations clamped at slot 0
+    ([0, 2, 5], 3, 7),           # count beyond N
+    ([0, 2, 5], 3, -1),          # negative count: nothing moves
+    ([3, -1, 4], 12, 3),         # padding inside count
+])
+@pytest.mark.parametrize("device", DEVICES)
+def test_reference_without_checks_skips_moves_like_the_kernel(monkeypatch, device, path, prefix, count):
+    """On a GPU the reference cannot check without a host sync; its unchecked path (forced here
+    on the CPU too) skips what the CUDA kernel skips, and never syncs."""
+    import mtpkern.ops.kv_compact as kv
+
+    monkeypatch.setattr(kv, "_check_moves", lambda *args: None)
+    k, v = caches((1, 2, 2, 16, 3), device=device)
+    want_k, want_v = naive_skipping_compact(k, path, prefix, count), naive_skipping_compact(v, path, prefix, count)
+    args = idx(path, device), idx(prefix, device), idx(count, device)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        kv_compact_ref_(k, v, *args)
+    finally:
+        if device == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(k, want_k) and torch.equal(v, want_v)
+    if device == "cuda" and _backend.HAS_CUDA_EXT:
+        k2, v2 = caches((1, 2, 2, 16, 3), device=device)
+        kv_compact_(k2, v2, *args, backend="cuda")
+        assert torch.equal(k2, want_k) and torch.equal(v2, want_v)
+
+
 # ---------------------------------------------------------------- the extension's kernels
 
 @needs_ext

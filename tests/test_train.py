@@ -41,10 +41,12 @@ def make_base(directory: Path) -> Path:
 
 
 def tiny_run(out: Path, objective: str, base: Path, **kw) -> TrainConfig:
-    """A few-step run: 80 synthetic records, batch 4, up to 128 tokens, a log record every step."""
+    """A few-step run: 80 synthetic records, batch 4, up to 128 tokens, a log record every step.
+    On the CPU in fp32 wherever the tests run: they compare losses and weights exactly, which a
+    GPU's "auto" precision (bf16 autocast) and kernels would not reproduce."""
     args = dict(objective=objective, out=str(out), base=str(base), data_limit=80, steps=6, batch_size=4,
                 max_len=128, lr=3e-3, val_fraction=0.1, eval_every=1000, eval_batches=2, save_every=1000,
-                log_every=1, progress=False)
+                log_every=1, progress=False, device="cpu", precision="fp32")
     args.update(kw)
     return TrainConfig(**args)
 
@@ -289,7 +291,7 @@ _SIGTERM_SCRIPT = textwrap.dedent("""
     torch.set_num_threads(1)
     train(TrainConfig(objective="ntp", out=sys.argv[1], base=sys.argv[2], data_limit=80, steps=100000,
                       batch_size=4, max_len=128, val_fraction=0.1, eval_every=100000, save_every=100000,
-                      log_every=1, progress=False))
+                      log_every=1, progress=False, device="cpu", precision="fp32"))
 """)
 
 

@@ -105,6 +105,14 @@ def test_checks_against_heads_and_topk():
 def test_parse():
     assert Tree.parse("mc_sim_7b_63") == Tree(MC_SIM_7B_63)
     assert Tree.parse("3,2") == Tree.from_widths([3, 2])
-    assert Tree.parse("chain4") == Tree.chain(4)
+    assert Tree.parse("chain4") == Tree.parse("chain:4") == Tree.parse(" Chain:4 ") == Tree.chain(4)
     with pytest.raises(ValueError, match="tree spec"):
         Tree.parse("3;2")
+    # chainN and chain:N are one form: both accepted, both refused alike, in one line.
+    for bad in ("chain:0", "chain0", "chain:x", "chainx", "chain:", "chain:-1", "chain"):
+        with pytest.raises(ValueError, match="a chain needs a number of drafts >= 1") as info:
+            Tree.parse(bad)
+        assert "\n" not in str(info.value)
+    for bad in ("0,2", "2,,1", "", "4,-1", "wide"):
+        with pytest.raises(ValueError, match="comma-separated widths"):
+            Tree.parse(bad)

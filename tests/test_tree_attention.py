@@ -391,3 +391,16 @@ def test_prefix_splits_on_the_gpu(monkeypatch):
     assert ta._prefix_splits(12, 255, 1) == 1
     assert ta._prefix_splits(128, 1024, 1) == 1
     assert ta._prefix_splits(12, 1024, 65) == 1
+
+
+@needs_cuda
+def test_cuda_reference_makes_no_host_sync():
+    """The eager reference is what the kernel is timed against: on a GPU it must not sync."""
+    args = _good(device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = tree_attention_ref(**args)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.testing.assert_close(out, tree_attention_ref(**_good(device="cpu")).cuda(), atol=1e-5, rtol=0)

@@ -32,6 +32,7 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 
 from mtpkern.ops import _backend
+from mtpkern.ops._triton_compat import wrap_triton
 
 MAX_K = 64
 _MERGE_KEYS = 2048  # candidate keys the merge kernel holds per step
@@ -315,7 +316,7 @@ def _launch(hidden: Tensor, weight: Tensor, k: int, target: Optional[Tensor], sc
     grid = (triton.cdiv(R, cfg["BLOCK_R"]), nb)
     # Triton launches on the current CUDA device, not the tensors' one.
     with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
-        torch.library.wrap_triton(_logits_partials_kernel)[grid](
+        wrap_triton(_logits_partials_kernel)[grid](
             hidden, weight, target if target is not None else target_logit,
             keys, stats, target_logit,
             R, V, D, nb, k,
@@ -330,7 +331,7 @@ def _launch(hidden: Tensor, weight: Tensor, k: int, target: Optional[Tensor], sc
             num_warps=cfg["num_warps"],
             num_stages=3,
         )
-        torch.library.wrap_triton(_logits_merge_kernel)[(R,)](
+        wrap_triton(_logits_merge_kernel)[(R,)](
             keys, stats, topv, topi, argmax, lse, entropy,
             R, nb, k,
             K_PAD=k_pad,

@@ -22,7 +22,9 @@ def kv_compact_ref_(k_cache: Tensor, v_cache: Tensor, path: Tensor, prefix_len: 
         cache[l, b, h, prefix_len + i] <- cache[l, b, h, prefix_len + path[i]]   (old values)
 
     Reads (index_select) happen before writes (index_copy_), so overlapping ranges are safe.
-    Moves outside the S slots raise ValueError (a host sync on CUDA: this is a reference).
+    With ``path``, ``prefix_len`` and ``count`` on the CPU, a move outside the S slots or a count
+    outside [0, N] raises ValueError. On a GPU, checking them would sync with the host, so
+    there, like the CUDA kernel, such moves are skipped and count is clamped: no host sync.
     """
     if k_cache.dim() != 5 or v_cache.shape != k_cache.shape or v_cache.dtype != k_cache.dtype:
         raise ValueError(f"kv_compact_: k_cache and v_cache must both be [L, B, H, S, Dh] of one dtype, got "
@@ -31,18 +33,33 @@ def kv_compact_ref_(k_cache: Tensor, v_cache: Tensor, path: Tensor, prefix_len: 
         raise ValueError("kv_compact_: k_cache and v_cache must be different tensors")
     if path.dim() != 1 or path.dtype != torch.int64:
         raise ValueError(f"kv_compact_: path must be 1-D int64, got {path.dtype} of shape {tuple(path.shape)}")
-    S, prefix, n = k_cache.shape[3], int(prefix_len), int(count)
-    if not 0 <= n <= path.numel():
-        raise ValueError(f"kv_compact_: count = {n} is outside [0, {path.numel()}]")
-    src = prefix + path[:n]
-    dst = prefix + torch.arange(n, device=path.device)
-    bad = (path[:n] < 0) | (src < 0) | (src >= S) | (dst < 0) | (dst >= S)
-    if bool(bad.any()):
-        i = int(bad.nonzero()[0])
-        raise ValueError(f"kv_compact_: path[{i}] = {int(path[i])} with prefix_len = {prefix} moves slot "
-                         f"{prefix + int(path[i])} to slot {prefix + i}, outside the cache's {S} slots")
+    S, N = k_cache.shape[3], path.numel()
+    if all(t.device.type == "cpu" for t in (path, prefix_len, count)):  # checking is free here
+        _check_moves(path, int(prefix_len), int(count), S)
+    if N == 0 or S == 0:
+        return
+    # Entry i writes slot dst = prefix + i, clamped into the cache. Everything it writes is a
+    # function of dst alone (the entry j = dst - prefix whose slot it is: i unless clamped), so
+    # clamped entries that share a slot write the same value and index_copy_ stays
+    # deterministic. A slot with no valid move is copied onto itself.
+    prefix = prefix_len.reshape(()).to(device=path.device, dtype=torch.int64)
+    n = count.reshape(()).to(device=path.device, dtype=torch.int64)
+    dst = (prefix + torch.arange(N, device=path.device)).clamp(0, S - 1)
+    j = dst - prefix
+    node = path[j.clamp(0, N - 1)]
+    move = (j >= 0) & (j < n) & (j < N) & (node >= 0) & (prefix + node >= 0) & (prefix + node < S)
+    src = torch.where(move, prefix + node, dst)
     for cache in (k_cache, v_cache):
         cache.index_copy_(3, dst.to(cache.device), cache.index_select(3, src.to(cache.device)))
+
+
+def _check_moves(path: Tensor, prefix: int, n: int, S: int) -> None:
+    if not 0 <= n <= path.numel():
+        raise ValueError(f"kv_compact_: count = {n} is outside [0, {path.numel()}]")
+    for i, node in enumerate(path[:n].tolist()):
+        if not (node >= 0 and 0 <= prefix + node < S and 0 <= prefix + i < S):
+            raise ValueError(f"kv_compact_: path[{i}] = {node} with prefix_len = {prefix} moves slot "
+                             f"{prefix + node} to slot {prefix + i}, outside the cache's {S} slots")
 
 
 # ---------------------------------------------------------------- registration

@@ -28,6 +28,7 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 
 from mtpkern.ops import _backend
+from mtpkern.ops._triton_compat import wrap_triton
 
 HEAD_DIMS = (16, 32, 64, 128)
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -276,10 +277,12 @@ def tree_attention_ref(
     out[b, h, i] = sum_s softmax_s(scale * q[b, h, i] . k[b, h, s] + bias[i, s]) v[b, h, s],
     bias[i, s] = 0 where s < P, or s = P + j with bit j of row i of ``tree_mask`` set, and
     -inf elsewhere; scale defaults to 1/sqrt(Dh). A row that sees no slot outputs 0.
-    Checks ``P + T <= S`` on the host (the kernel cannot, without a sync).
+    Checks ``0 <= P <= S - T`` where ``prefix_len`` is on the CPU; on a GPU that check would
+    sync with the host, and the dense mask never reads past the cache anyway.
     """
     _check_inputs(q, k_cache, v_cache, prefix_len, tree_mask)
-    _check_prefix_len_value(int(prefix_len.reshape(())), q.shape[2], k_cache.shape[2])
+    if prefix_len.device.type == "cpu":
+        _check_prefix_len_value(int(prefix_len.reshape(())), q.shape[2], k_cache.shape[2])
     scale = _resolve_scale(scale, q.shape[-1])
     return _attention_dense(q, k_cache, v_cache, prefix_len, tree_mask, scale)
 
@@ -369,8 +372,10 @@ def _launch(q, k_cache, v_cache, prefix_len, tree_mask, scale: float) -> Tensor:
         return out
     # Decoding trees are small (T <= 64): 16-row query blocks spread B*H*T/16 programs over
     # the SMs. A long causal prefill takes the usual 64-row blocks. fp32's exact ("ieee") dot
-    # runs on the FMA units with its operands in registers: 16-row blocks and 8 warps keep
-    # ptxas from spilling (tests/test_triton_compile.py checks).
+    # runs on the FMA units with its operands in registers: 16-row blocks keep ptxas from
+    # spilling, with 8 warps from head dim 64 up; below that, 8 warps leave each thread so
+    # little work that ptxas caps it at 64 registers and spills (triton 3.6, sm_90), where 4
+    # warps do not (tests/test_triton_compile.py checks).
     fp32 = q.dtype == torch.float32
     block_m = 16 if T <= 64 or fp32 else 64
     block_n = 64
@@ -380,7 +385,7 @@ def _launch(q, k_cache, v_cache, prefix_len, tree_mask, scale: float) -> Tensor:
         return _launch_split(q, k_cache, v_cache, prefix_len, tree_mask, scale, out, block_m, block_n, splits)
     # Triton launches on the current CUDA device, not the tensors' one.
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
-        torch.library.wrap_triton(_tree_attention_kernel)[grid](
+        wrap_triton(_tree_attention_kernel)[grid](
             q, k_cache, v_cache, out, prefix_len, tree_mask,
             T, tree_mask.shape[1], H, scale * _LOG2E,
             *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
@@ -388,7 +393,7 @@ def _launch(q, k_cache, v_cache, prefix_len, tree_mask, scale: float) -> Tensor:
             BLOCK_M=block_m,
             BLOCK_N=block_n,
             INPUT_PRECISION="ieee" if fp32 else "tf32",  # TF32 would break fp32's token identity
-            num_warps=8 if fp32 or Dh > 64 else 4,
+            num_warps=8 if (fp32 and Dh >= 64) or Dh > 64 else 4,
             num_stages=2,
         )
     return out

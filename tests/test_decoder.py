@@ -1,0 +1,273 @@
+"""The Decoder engine: dynamic and auto trees are lossless (token-identical to greedy ntp, with
+trained and with perturbed random heads, with EOS), one decoder serves many prompts, a step
+syncs with the host once, the dynamic tree is the best N paths, tree specs parse one way."""
+
+import functools
+import types
+
+import pytest
+import torch
+
+import mtpkern.decoder as decoder_mod
+from _tiny import N_DRAFT_HEADS, gpt2_model, medusa_model, mtp_model, random_prompts, single_thread  # noqa: F401
+from mtpkern import Decoder, generate
+from mtpkern.decoder import dynamic_tree, step_cost_tree, time_step
+from mtpkern.model import MedusaModel, MTPModel
+from mtpkern.ops import _backend
+from mtpkern.tree import Tree
+
+N_PROMPTS = 20
+MAX_NEW = 24
+PROMPTS = random_prompts(N_PROMPTS, seed=21)
+
+
+@functools.lru_cache(maxsize=None)
+def perturbed(kind: str):
+    """Heads that are neither trained nor copies of the base: the trained tiny GPT-2 with
+    MEDUSA or MTP heads whose weights get random noise, so drafts are often wrong."""
+    from _tiny import tiny_gpt2
+
+    torch.manual_seed(5)
+    base = tiny_gpt2()
+    if kind == "medusa":
+        model = MedusaModel.from_base(base, n_heads=N_DRAFT_HEADS)
+        params = model.medusa.parameters()
+    else:
+        model = MTPModel.from_base(base, n_heads=1 + N_DRAFT_HEADS)
+        params = model.heads[1:].parameters()
+    with torch.no_grad():
+        for p in params:
+            p.add_(torch.randn_like(p) * 0.05)
+    return model.eval()
+
+
+def models(medusa_model, mtp_model):
+    return [("medusa", medusa_model), ("mtp", mtp_model), ("medusa", perturbed("medusa")),
+            ("mtp", perturbed("mtp"))]
+
+
+def check_lossless(model, strategy, tree):
+    """One decoder per setting, reused over every prompt, with and without EOS: the tokens
+    equal greedy ntp's. Returns the mean accepted length."""
+    ntp, spec = Decoder(model, "ntp"), Decoder(model, strategy, tree=tree)
+    accepted = []
+    for prompt in PROMPTS:
+        ref = ntp.generate(prompt, max_new_tokens=MAX_NEW)
+        out = spec.generate(prompt, max_new_tokens=MAX_NEW)
+        assert out.tokens == ref.tokens, (strategy, tree, prompt)
+        accepted += out.accept_lengths
+        eos = ref.tokens[MAX_NEW // 2]
+        expected = ref.tokens[: ref.tokens.index(eos) + 1]
+        assert spec.generate(prompt, max_new_tokens=MAX_NEW, eos_token_id=eos).tokens == expected, prompt
+    return sum(accepted) / len(accepted)
+
+
+@pytest.mark.parametrize("tree", ["dynamic", "dynamic:5", "auto"])
+def test_dynamic_and_auto_trees_are_lossless(medusa_model, mtp_model, tree):
+    """("auto" without calibration is the default tree: its warning has a test of its own.)"""
+    import warnings
+
+    for i, (strategy, model) in enumerate(models(medusa_model, mtp_model)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            accept = check_lossless(model, strategy, tree)
+        if i < 2:  # trained heads: drafts are really accepted
+            assert accept > 1.5, (strategy, tree, accept)
+
+
+def test_dynamic_tree_accepts_at_least_the_chain(medusa_model):
+    """The dynamic tree of N nodes holds the top-1 chain whenever N >= the depth (the chain's
+    nodes score highest at every depth), so it accepts at least as much per step."""
+    chain = Decoder(medusa_model, "medusa", tree=Tree.chain(N_DRAFT_HEADS))
+    dyn = Decoder(medusa_model, "medusa", tree=f"dynamic:{2 * N_DRAFT_HEADS}")
+    a = [chain.generate(p, max_new_tokens=MAX_NEW) for p in PROMPTS[:8]]
+    b = [dyn.generate(p, max_new_tokens=MAX_NEW) for p in PROMPTS[:8]]
+    assert [r.tokens for r in a] == [r.tokens for r in b]
+    assert sum(r.num_steps for r in b) <= sum(r.num_steps for r in a)
+
+
+def test_dynamic_tree_is_the_best_paths():
+    """dynamic_tree against brute force: every path of ranks < k up to depth D, the N best by
+    summed log-probability (distinct random scores, so the answer is unique)."""
+    import itertools
+
+    g = torch.Generator().manual_seed(0)
+    for D, k, N in [(1, 4, 3), (2, 3, 5), (3, 3, 9), (3, 2, 14), (4, 5, 12)]:
+        logp = torch.log_softmax(torch.randn(D, 8, generator=g), -1).topk(k).values  # sorted per head
+        ids = torch.arange(D * k).view(D, k) + 100  # token = 100 + d * k + rank: names its node
+        sizes = decoder_mod._level_sizes(N, k, D)
+        parents, tokens = dynamic_tree(logp, ids, N, sizes)
+        parents, tokens = parents.tolist(), tokens.tolist()
+        assert len(parents) == N + 1 and all(0 <= p < i for i, p in enumerate(parents) if i)
+
+        def path(node):  # the ranks root..node
+            out = []
+            while node:
+                out.append((tokens[node - 1] - 100) % k)
+                node = parents[node]
+            return tuple(reversed(out))
+
+        got = {path(i) for i in range(1, N + 1)}
+        every = [p for d in range(1, D + 1) for p in itertools.product(range(k), repeat=d)]
+        score = {p: sum(float(logp[i, r]) for i, r in enumerate(p)) for p in every}
+        best = set(sorted(every, key=lambda p: -score[p])[:N])
+        assert got == best, (D, k, N)
+        for i in range(1, N + 1):  # each node's token is its depth's head's token at its rank
+            p = path(i)
+            assert tokens[i - 1] == int(ids[len(p) - 1, p[-1]])
+
+
+def test_decoder_serves_many_prompts(medusa_model):
+    """One decoder, prompts of different lengths in turn, some twice: each result equals a
+    fresh generate() call, so nothing of one prompt leaks into the next."""
+    dec = Decoder(medusa_model, "medusa", tree="3,2,1")
+    order = [PROMPTS[i] for i in (0, 5, 1, 0, 9, 5)]
+    for prompt in order:
+        fresh = generate(medusa_model, prompt, max_new_tokens=MAX_NEW, strategy="medusa", tree=Tree.parse("3,2,1"))
+        assert dec.generate(prompt, max_new_tokens=MAX_NEW).tokens == fresh.tokens
+    assert dec.tree_nodes == len(Tree.parse("3,2,1"))
+
+
+@pytest.mark.skipif(not _backend.HAS_CUDA_EXT, reason="the sync-free verification and compaction are the extension's")
+@pytest.mark.parametrize("strategy, kw", [
+    ("ntp", {}),
+    ("medusa", dict(tree="3,2,1")),
+    ("mtp", {}),
+    ("medusa", dict(tree="dynamic:6")),
+    ("medusa", dict(tree="2,2", acceptance="typical", temperature=0.7)),
+    ("mtp", dict(acceptance="rejection", temperature=0.8)),
+], ids=["ntp", "tree", "chain", "dynamic", "typical", "rejection"])
+def test_one_host_sync_per_step(medusa_model, mtp_model, monkeypatch, strategy, kw):
+    """Count every way a tensor's value reaches Python during the decode loop's steps."""
+    model = mtp_model if strategy == "mtp" else medusa_model
+    dec = Decoder(model, strategy, **kw)
+    calls = []
+    real_run = dec._run_step
+
+    def run_step(prefix):
+        calls.append("step")
+        return real_run(prefix)
+
+    def spy(name):
+        real = getattr(torch.Tensor, name)
+
+        def wrapper(self, *a, **k):
+            calls.append(name)
+            return real(self, *a, **k)
+        return wrapper
+
+    gen = torch.Generator().manual_seed(0)
+    dec.generate(PROMPTS[0], max_new_tokens=4, generator=gen)  # warm-up
+    monkeypatch.setattr(dec, "_run_step", run_step)
+    for name in ("tolist", "item", "__int__", "__bool__", "__float__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, spy(name))
+    prompt = torch.tensor(PROMPTS[3])
+    out = dec.generate(prompt, max_new_tokens=MAX_NEW, generator=gen)
+    monkeypatch.undo()
+    steps = calls.count("step")
+    assert steps == out.num_steps > 0
+    # Per step exactly one tolist; before the loop: the prompt's range check (min and max)
+    # and the first token's tolist.
+    after_first_step = calls[calls.index("step"):]
+    assert after_first_step == ["step", "tolist"] * steps, calls
+
+
+def test_auto_without_calibration_falls_back_and_says_so(medusa_model, monkeypatch):
+    monkeypatch.setattr(decoder_mod, "_calibrate_module", lambda: None)
+    decoder_mod._warned.clear()
+    with pytest.warns(UserWarning, match="tree='auto'"):
+        dec = Decoder(medusa_model, "medusa", tree="auto")
+    assert dec.tree == decoder_mod.default_tree(medusa_model, "medusa")
+    with _no_warning():
+        Decoder(medusa_model, "medusa", tree="auto")  # once
+
+
+class _no_warning:
+    def __enter__(self):
+        import warnings
+
+        self.ctx = warnings.catch_warnings()
+        self.ctx.__enter__()
+        warnings.simplefilter("error")
+
+    def __exit__(self, *exc):
+        self.ctx.__exit__(*exc)
+        return False
+
+
+def test_auto_is_the_default_with_calibration(medusa_model, monkeypatch):
+    """With calibration, tree=None and tree="auto" take calibrate.auto_tree's tree, asked for
+    this device, dtype, kernels and graph setting."""
+    asked = []
+
+    def auto_tree(model, *, device, dtype, kernels, cuda_graph, max_nodes=None):
+        asked.append((device, dtype, kernels, cuda_graph))
+        return Tree.chain(2)
+
+    fake = types.SimpleNamespace(auto_tree=auto_tree, has_calibration=lambda model: True)
+    monkeypatch.setattr(decoder_mod, "_calibrate_module", lambda: fake)
+    assert Decoder(medusa_model, "medusa").tree == Tree.chain(2)
+    assert Decoder(medusa_model, "medusa", tree="auto", kernels="eager").tree == Tree.chain(2)
+    assert asked == [(medusa_model.device, medusa_model.dtype, "auto", False),
+                     (medusa_model.device, medusa_model.dtype, "eager", False)]
+    assert Decoder(medusa_model, "medusa", tree="2,1").tree == Tree.parse("2,1")  # a given tree wins
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("dynamic:0", "node budget"), ("dynamic:x", "node budget"), ("dynamic:100000", "node budget"),
+    ("chain:0", "chain needs"), ("chain:x", "chain needs"), ("4;2", "not 'mc_sim_7b_63'"),
+])
+def test_bad_tree_specs(medusa_model, spec, message):
+    with pytest.raises(ValueError, match=message) as info:
+        Decoder(medusa_model, "medusa", tree=spec)
+    assert "\n" not in str(info.value)
+
+
+def test_generator_on_another_device(medusa_model):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU: a CPU generator with a CUDA model")
+    model = medusa_model.cuda()
+    try:
+        with pytest.raises(ValueError, match="generator is on cpu"):
+            generate(model, PROMPTS[0], max_new_tokens=4, temperature=0.5, generator=torch.Generator())
+    finally:
+        model.cpu()
+
+
+def test_step_cost_tree_and_time_step(medusa_model, gpt2_model):
+    for n in (2, 5, 17, 40):
+        tree = step_cost_tree(n, N_DRAFT_HEADS)
+        assert len(tree) == n and tree.max_depth <= N_DRAFT_HEADS
+    for n in (1, 8):
+        t = time_step(medusa_model, n, iters=3)
+        assert 0 < t < 5
+    with pytest.raises(ValueError, match="no draft heads"):
+        time_step(gpt2_model, 4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("tree", ["3,2,1", "dynamic:6", None])
+def test_whole_step_cuda_graph_matches_eager(medusa_model, mtp_model, tree):
+    for strategy, model in (("medusa", medusa_model), ("mtp", mtp_model)):
+        model = model.cuda()
+        try:
+            for kernels in ("auto", "eager"):
+                graph = Decoder(model, strategy, tree=tree, kernels=kernels, cuda_graph=True)
+                eager = Decoder(model, strategy, tree=tree, kernels=kernels)
+                for prompt in PROMPTS[:6]:
+                    assert (graph.generate(prompt, max_new_tokens=MAX_NEW).tokens
+                            == eager.generate(prompt, max_new_tokens=MAX_NEW).tokens), (strategy, tree, kernels)
+        finally:
+            model.cpu()
+
+
+def test_dynamic_tree_with_fused_kernels(medusa_model, mtp_model):
+    """The fused path (Triton's interpreter on CPU): log-probabilities from the fused logits
+    kernel, the packed mask of a per-step tree through tree attention."""
+    for strategy, model in (("medusa", medusa_model), ("mtp", mtp_model)):
+        ntp = Decoder(model, "ntp", kernels="eager")
+        fused = Decoder(model, strategy, tree="dynamic:6", kernels="fused")
+        for prompt in PROMPTS[:2]:
+            out = fused.generate(prompt, max_new_tokens=12)
+            assert out.tokens == ntp.generate(prompt, max_new_tokens=12).tokens, (strategy, prompt)
+            assert max(out.accept_lengths) > 1
