@@ -44,7 +44,7 @@ def _step_bytes(model, T: int, prefix: int) -> int:
     return params + kv
 
 
-def _replay_us(graph_step, tokens, prefix: int, iters: int) -> float:
+def _replay_us(graph_step, tokens, prefix: torch.Tensor, iters: int) -> float:
     """Mean microseconds per replay over ``iters`` back-to-back replays (CUDA events)."""
     for _ in range(3):
         graph_step(tokens, prefix)
@@ -58,7 +58,7 @@ def _replay_us(graph_step, tokens, prefix: int, iters: int) -> float:
 
 
 def step_cases(model, names, Ts, prefix: int, iters: int, report: dict, json_path):
-    from mtpkern.generate import _CudaGraphStep, tree_step
+    from mtpkern.decoder import _CudaGraph, _Forward
     from mtpkern.tree import Tree
 
     device = model.device
@@ -69,13 +69,14 @@ def step_cases(model, names, Ts, prefix: int, iters: int, report: dict, json_pat
             case = {"case": name, "T": T, "prefix": prefix}
             try:
                 cache = model.new_cache(1, model.config.n_positions)
-                fused = name.startswith("fused")
+                forward = _Forward(model, cache, T, 1, name.startswith("fused"))
 
-                def step(tok, p, cache=cache, tt=tt, fused=fused):
-                    return tree_step(model, cache, tok, p, tt, heads=1, span=cache.max_len, fused=fused)
+                def step(tok, p, forward=forward, tt=tt):
+                    return forward(tok, p, None, tt.depth, tt.dense_mask, tt.mask)
 
                 fn = torch.compile(step, dynamic=False) if name.startswith("compile") else step
-                us = _replay_us(_CudaGraphStep(fn, T, device), tokens, prefix, iters)
+                p = torch.full((), prefix, dtype=torch.long, device=device)
+                us = _replay_us(_CudaGraph(fn, (tokens, p), device), tokens, p, iters)
                 nbytes = _step_bytes(model, T, prefix)
                 case.update(step_us=us, bytes=nbytes, achieved_GBps=nbytes / us / 1e3)
             except Exception as e:  # noqa: BLE001 - one failed case must not hide the others

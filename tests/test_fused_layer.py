@@ -85,7 +85,7 @@ def test_layer_equals_eager(T, prefix, dtype):
 def test_whole_model_tree_step_equals_eager(model_type):
     """Prefill eagerly, then one 17-node tree step through every layer (and every MTP head
     block), fused vs eager: hidden states and the whole KV cache agree."""
-    from mtpkern.generate import prefill, tree_step
+    from mtpkern.decoder import _Forward, prefill
     from mtpkern.tree import Tree
 
     cfg = config(n_layer=3)
@@ -105,7 +105,8 @@ def test_whole_model_tree_step_equals_eager(model_type):
         cache = model.new_cache(1, cfg.n_positions)
         prefill(model, cache, prompt, heads=heads)
         p = torch.tensor(len(prompt), device=DEV)
-        hidden = tree_step(model, cache, tokens, p, tt, heads=heads, span=len(prompt) + T, fused=fused)
+        forward = _Forward(model, cache, T, heads, fused)
+        hidden = forward(tokens, p, len(prompt), tt.depth, tt.dense_mask, tt.mask)
         results.append((hidden, cache))
     (h_e, c_e), (h_f, c_f) = results
     check_close(h_f, h_e, what="hidden states")
