@@ -113,7 +113,7 @@ has_flag() {  # has_flag FLAG COMMAND...: whether COMMAND --help lists FLAG
 } >"$OUT/env.txt" 2>&1
 record env passed 0 "$(grep -m1 '^torch' "$OUT/env.txt")"
 
-KERNEL_TESTS="tests/test_fused_logits.py tests/test_tree_attention.py tests/test_tree_mask.py tests/test_verify.py tests/test_kv_compact.py tests/test_triton_compat.py"
+KERNEL_TESTS="tests/test_fused_logits.py tests/test_tree_attention.py tests/test_tree_mask.py tests/test_verify.py tests/test_kv_compact.py tests/test_triton_compat.py tests/test_ln_qkv.py tests/test_linear_residual.py tests/test_ln_fc_gelu.py"
 DECODE_STATIC=()
 if [ "${HF_STATIC:-0}" = 1 ]; then
   if has_flag --hf-static "$PYTHON" benchmarks/bench_decode.py; then
@@ -134,6 +134,10 @@ stage kernel_tests 150 gpu "${PYTEST[@]}" $KERNEL_TESTS --junitxml="$OUT/kernel_
 stage bench_kernels 120 gpu "${PYTEST[@]}" benchmarks --cases-json "$OUT/bench_kernels.json" --benchmark-json "$OUT/bench_kernels_stats.json"
 stage agreement 90 gpu "$PYTHON" benchmarks/greedy_agreement.py --prompts 4 --max-new-tokens 64 --json "$OUT/agreement.json"
 stage bench_decode 90 gpu "$PYTHON" benchmarks/bench_decode.py --prompts 3 --max-new-tokens 64 "${DECODE_STATIC[@]}" --json "$OUT/bench_decode.json"
+# The fused decode step vs the eager and compiled CUDA-graphed steps (T = 1, 16, 64) and ntp /
+# medusa tokens/s; torch.compile runs last, so a time limit cuts it first.
+stage bench_fused_step 45 gpu "$PYTHON" benchmarks/bench_fused_step.py --iters 100 --max-new-tokens 32 --compile-t 1 \
+  --json "$OUT/bench_fused_step.json"
 stage bench_e2e 90 gpu "$PYTHON" -m mtpkern.cli bench --device cuda --prompts 3 --max-new-tokens 64 --json "$OUT/bench_e2e.json"
 stage bench_memory 90 gpu "$PYTHON" benchmarks/bench_mtp_memory.py --repeat 3 --json "$OUT/bench_mtp_memory.json"  # training step: plain vs fused loss
 stage memcheck 90 gpu bash -c memcheck

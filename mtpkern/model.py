@@ -186,9 +186,10 @@ class Attn:
 
     cache: the static KV cache; the new tokens' K/V are written at ``slots`` (int64 [T]).
     mask: bool [T, S'] over the first S' cache slots (True = attend); eager attention.
-    tree_mask / prefix_len: the fused kernel's inputs instead of ``mask``: every slot below
+    tree_mask / prefix_len: the fused kernels' inputs instead of ``mask``: every slot below
         ``prefix_len`` is visible, and tree token i sees tree token j (at slot prefix_len + j)
-        iff bit j of row i of the packed int32 mask is set.
+        iff bit j of row i of the packed int32 mask is set. With them every block runs its
+        fused decode layer (``Block.fused_decode``), the path of ``kernels="fused"``.
     """
 
     cache: KVCache
@@ -254,8 +255,26 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x, attn: Attn | None = None, layer: int = 0):
+        if attn is not None and attn.tree_mask is not None:
+            return self.fused_decode(x, attn, layer)
         x = x + self.attn(self.ln_1(x), attn, layer)
         return x + self.mlp(self.ln_2(x))
+
+    def fused_decode(self, x, attn: Attn, layer: int):
+        """This block on the decode path in four fused kernels and tree attention (see
+        ``docs/decode_step.md``); the same maths as ``forward``."""
+        from mtpkern.ops import linear_residual, ln_fc_gelu, ln_qkv, tree_attention
+
+        a, m = self.attn, self.mlp
+        B, T, C = x.shape
+        kc, vc = attn.cache.k[layer], attn.cache.v[layer]
+        q = ln_qkv(x, self.ln_1.weight, self.ln_1.bias, a.c_attn.weight, a.c_attn.bias, kc, vc, attn.slots,
+                   eps=self.ln_1.eps)
+        y = tree_attention(q.view(B, T, a.n_head, C // a.n_head).transpose(1, 2), kc, vc, attn.prefix_len,
+                           attn.tree_mask)
+        x = linear_residual(y.transpose(1, 2).reshape(B, T, C), a.c_proj.weight, a.c_proj.bias, x)
+        h = ln_fc_gelu(x, self.ln_2.weight, self.ln_2.bias, m.c_fc.weight, m.c_fc.bias, eps=self.ln_2.eps)
+        return linear_residual(h, m.c_proj.weight, m.c_proj.bias, x)
 
 
 class ResBlock(nn.Module):

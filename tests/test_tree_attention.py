@@ -443,6 +443,74 @@ def test_cuda_torch_compile():
     torch.testing.assert_close(compiled(*args), tree_attention(*args), atol=0, rtol=0)
 
 
+# ----------------------------------------------------------------------------- flash-decoding split
+
+
+@pytest.fixture
+def force_splits(monkeypatch):
+    """Run the split-prefix kernel with ``n`` splits (the interpreter otherwise never splits)."""
+    import importlib
+
+    ta = importlib.import_module("mtpkern.ops.tree_attention")
+
+    def force(n):
+        monkeypatch.setattr(ta, "_prefix_splits", lambda heads, S, T: n)
+
+    return force
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(
+    "B, H, T, Dh, prefix, S, splits",
+    [
+        (1, 2, 1, 16, 300, 320, 4),  # decoding: one token over a long prefix
+        (1, 2, 1, 16, 0, 8, 3),  # no prefix: every split but the last sees nothing
+        (1, 2, 5, 32, 37, 48, 8),  # more splits than prefix blocks
+        (2, 3, 17, 16, 130, 160, 3),  # two query blocks, batch 2
+        (1, 1, 64, 64, 96, 160, 2),
+    ],
+)
+def test_split_prefix_matches_reference(force_splits, B, H, T, Dh, prefix, S, splits, dtype):
+    force_splits(splits)
+    q, k, v = _inputs(B, H, T, Dh, S, dtype, seed=T + prefix)
+    out = _check(q, k, v, prefix, random_tree(T, seed=prefix))
+    from mtpkern.ops._decode_linear import split_counters
+
+    assert not split_counters(q.device, 1).any(), "a split counter was left non-zero"
+    packed = pack_tree_mask(random_tree(T, seed=prefix)).to(DEV)
+    again = tree_attention(q, k, v, torch.tensor(prefix, device=DEV), packed, backend="triton")
+    assert torch.equal(again, out), "the split merge is not deterministic"
+
+
+def test_split_prefix_non_contiguous_and_row_that_sees_nothing(force_splits):
+    force_splits(3)
+    B, H, T, Dh, S = 1, 2, 5, 16, 140
+    g = torch.Generator().manual_seed(8)
+    k = torch.randn(B, S, H, Dh, generator=g).to(DEV).transpose(1, 2)
+    v = torch.randn(B, S, H, Dh, generator=g).to(DEV).transpose(1, 2)
+    q = torch.randn(B, H, Dh, T, generator=g).to(DEV).transpose(2, 3)
+    _check(q, k, v, 100, random_tree(T, seed=8))
+    # prefix 0 and a mask row with no bit: that row outputs zeros, like the one-kernel path
+    tree = random_tree(T, seed=9)
+    tree[2] = False
+    out = _check(q, k, v, 0, tree)
+    assert torch.equal(out[:, :, 2], torch.zeros_like(out[:, :, 2]))
+
+
+def test_prefix_splits_on_the_gpu(monkeypatch):
+    """The GPU's choice: GPT-2's 12 heads over its 1024-slot context split 8 ways (96 programs
+    of >= 128 slots at T = 1), the same for every tree of up to 64 tokens; short caches and
+    long prefills never split."""
+    import importlib
+
+    ta = importlib.import_module("mtpkern.ops.tree_attention")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert ta._prefix_splits(12, 1024, 1) == 8 == ta._prefix_splits(12, 1024, 64)
+    assert ta._prefix_splits(12, 255, 1) == 1
+    assert ta._prefix_splits(128, 1024, 1) == 1
+    assert ta._prefix_splits(12, 1024, 65) == 1
+
+
 @needs_cuda
 def test_cuda_reference_makes_no_host_sync():
     """The eager reference is what the kernel is timed against: on a GPU it must not sync."""

@@ -88,6 +88,32 @@ def _linear_cross_entropy_launches(torch, lce):
         )
 
 
+# ------------------------------------------------------------------ the fused decode layer's kernels
+
+
+def _decode_layer_launches(torch, ops):
+    """GPT-2's decode layer (width 768, 12 heads, context 1024) at T = 1, 16, 64 and 128 tree
+    tokens: ln_qkv into the cache, the attention and MLP-down linear_residual (split K), and
+    ln_fc_gelu; the attention output as the model passes it (tree attention's buffer)."""
+    D, B = WIDTH, 1
+    for name in DTYPES:
+        dtype = getattr(torch, name)
+        e = lambda *shape: torch.empty(*shape, dtype=dtype)  # noqa: E731 - pointers and strides only
+        cache = e(B, HEADS, CONTEXT, D // HEADS)
+        for T in (1, 16, 64, 128):
+            x = e(B, T, D)
+            slots = torch.arange(CONTEXT - T, CONTEXT)
+            yield f"ln_qkv {name} T={T}", name, ops["ln_qkv"]._launch, (
+                x, e(D), e(D), e(3 * D, D), e(3 * D), cache, cache, slots, 1e-5)
+            y = e(B, T, HEADS, D // HEADS).view(B, T, D)
+            yield f"linear_residual attn {name} T={T}", name, ops["linear_residual"]._launch, (
+                y, e(D, D), e(D), x)
+            yield f"ln_fc_gelu {name} T={T}", name, ops["ln_fc_gelu"]._launch, (
+                x, e(D), e(D), e(4 * D, D), e(4 * D), 1e-5)
+            yield f"linear_residual mlp {name} T={T}", name, ops["linear_residual"]._launch, (
+                e(B, T, 4 * D), e(D, 4 * D), e(D), x)
+
+
 class _CompileOnlyDriver:
     """Just enough of a Triton driver for ``JITFunction.run(..., warmup=True)``: it compiles for
     ``target`` and never loads or launches anything."""
@@ -153,6 +179,9 @@ def compile_all(arch: int) -> list[dict] | dict:
     for case, dtype, launcher, args in [*_fused_logits_launches(torch, fl), *_tree_attention_launches(torch, ta),
                                         *_linear_cross_entropy_launches(torch, lce)]:
         launcher(*args)
+    decode_ops = {n: importlib.import_module(f"mtpkern.ops.{n}") for n in ("ln_qkv", "linear_residual", "ln_fc_gelu")}
+    for case, dtype, launcher, args in _decode_layer_launches(torch, decode_ops):
+        launcher(*args)
 
     triton.runtime.driver.set_active(_CompileOnlyDriver(GPUTarget("cuda", arch, 32)))
     results, seen = [], set()
@@ -216,7 +245,26 @@ def test_every_launch_compiles(compiled):
     assert not failures, f"sm_{arch}: {len(failures)} launches do not compile:\n" + "\n\n".join(failures)
     kernels = {r["kernel"] for r in rows}
     assert kernels == {"_logits_partials_kernel", "_logits_merge_kernel", "_tree_attention_kernel",
-                       "_cross_entropy_rows_kernel"}, kernels
+                       "_cross_entropy_rows_kernel", "_tree_attention_split_kernel",
+                       *DECODE_LAYER_KERNELS}, kernels
+
+
+DECODE_LAYER_KERNELS = {"_ln_qkv_kernel", "_linear_residual_kernel", "_ln_fc_gelu_kernel"}
+
+
+def test_decode_layer_kernels_split_k_on_the_gpu(compiled):
+    """The 768-wide projections fill the SMs only with K split: their grids have SPLIT_K > 1
+    (the third grid dimension), and at T <= 16 every decode-layer launch gives about 128
+    programs or more (one per SM of an H100 / H200)."""
+    _, rows = compiled
+    layer = [r for r in rows if r["kernel"] in DECODE_LAYER_KERNELS]
+    assert layer
+    for r in layer:
+        programs = r["grid"][0] * r["grid"][1] * (r["grid"][2] if len(r["grid"]) > 2 else 1)
+        if r["case"].endswith(("T=1", "T=16")):
+            assert programs >= 128, f"{r['case']}: grid {r['grid']}"
+        if r["kernel"] == "_linear_residual_kernel":
+            assert r["grid"][2] > 1, f"{r['case']}: grid {r['grid']} does not split K"
 
 
 def test_shared_memory_fits_one_block(compiled):

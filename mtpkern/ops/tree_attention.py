@@ -25,6 +25,10 @@ NaN contract (every backend): a slot a token cannot see never affects its output
 holds (NaN or inf in a masked-out or unused K or V slot changes nothing). A NaN reaching a row
 through what it sees (its query, a visible K) makes that row NaN, and so does a non-finite V in
 a visible slot; a row that sees no slot at all (only an invalid mask with P = 0) is zeros.
+
+Flash-decoding: when the grid of (query block, batch, head) programs is small (T = 1 gives
+B * H, 12 for GPT-2), ``_tree_attention_split_kernel`` splits each prefix over several programs
+and merges their partial softmax sums in split order (``_prefix_splits`` decides how many).
 """
 
 import contextlib
@@ -149,6 +153,106 @@ def _tree_attention_kernel(
         out.to(o_ptr.dtype.element_ty),
         mask=m_ok[:, None],
     )
+
+
+# Flash-decoding: at T = 1 the grid above is B * H programs (12 for GPT-2), too few to stream a
+# long prefix. This variant splits the prefix over NUM_SPLITS programs per (query block, b, h);
+# the last split also takes the tree tokens. Each writes its unnormalised partial (acc, m, l);
+# the program that finishes a tile last (an atomic counter) merges the splits in split order,
+# so the result never depends on which came last, and resets the counter.
+@triton.jit(do_not_specialize=["T"])
+def _tree_attention_split_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, prefix_ptr, mask_ptr,
+    acc_ptr, ml_ptr, count_ptr,  # partials [tiles, NUM_SPLITS, BLOCK_M, HEAD_DIM], [tiles, NUM_SPLITS, 2, BLOCK_M]
+    T, W, H, qk_scale,
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_vb, stride_vh, stride_vs, stride_vd,
+    stride_ob, stride_oh, stride_ot, stride_od,
+    NUM_SPLITS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    split = tl.program_id(2)
+    b = pid_bh // H
+    h = pid_bh % H
+    prefix = tl.load(prefix_ptr).to(tl.int32)
+    # This split's prefix range, in whole BLOCK_N blocks.
+    chunk = tl.cdiv(tl.cdiv(prefix, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    lo = split * chunk
+    hi = tl.minimum(prefix, lo + chunk)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    m_ok = offs_m < T
+    q = tl.load(
+        q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
+        mask=m_ok[:, None],
+        other=0.0,
+    )
+    k_base = k_ptr + b * stride_kb + h * stride_kh + offs_d[:, None] * stride_kd
+    v_base = v_ptr + b * stride_vb + h * stride_vh + offs_d[None, :] * stride_vd
+
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
+    for start in range(lo, hi, BLOCK_N):
+        slots = start + offs_n
+        ok = slots < hi
+        kt = tl.load(k_base + slots[None, :] * stride_ks, mask=ok[None, :], other=0.0)
+        v = tl.load(v_base + slots[:, None] * stride_vs, mask=ok[:, None], other=0.0)
+        s = tl.dot(q, kt, input_precision=INPUT_PRECISION) * qk_scale
+        s = tl.where(ok[None, :], s, float("-inf"))
+        m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, INPUT_PRECISION)
+    if split == NUM_SPLITS - 1:
+        for start in range(0, T, BLOCK_N):
+            js = start + offs_n
+            ok = js < T
+            words = tl.load(
+                mask_ptr + offs_m[:, None] * W + (js // 32)[None, :], mask=m_ok[:, None] & ok[None, :], other=0
+            )
+            visible = ((words >> (js % 32)[None, :]) & 1) != 0
+            slots = prefix + js
+            kt = tl.load(k_base + slots[None, :] * stride_ks, mask=ok[None, :], other=0.0)
+            v = tl.load(v_base + slots[:, None] * stride_vs, mask=ok[:, None], other=0.0)
+            s = tl.dot(q, kt, input_precision=INPUT_PRECISION) * qk_scale
+            s = tl.where(visible, s, float("-inf"))
+            m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, INPUT_PRECISION)
+
+    tile = pid_bh * tl.num_programs(0) + pid_m
+    rows = tl.arange(0, BLOCK_M)
+    part = tile * NUM_SPLITS + split
+    tl.store(acc_ptr + (part * BLOCK_M + rows[:, None]) * HEAD_DIM + offs_d[None, :], acc)
+    tl.store(ml_ptr + part * 2 * BLOCK_M + rows, m_i)
+    tl.store(ml_ptr + (part * 2 + 1) * BLOCK_M + rows, l_i)
+    tl.debug_barrier()  # every thread's partial is stored before the counter moves
+    arrived = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu")
+    if arrived == NUM_SPLITS - 1:
+        first = tile * NUM_SPLITS
+        m_all = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+        for i in range(NUM_SPLITS):
+            m_all = tl.maximum(m_all, tl.load(ml_ptr + (first + i) * 2 * BLOCK_M + rows, cache_modifier=".cg"))
+        m_safe = tl.where(m_all == float("-inf"), 0.0, m_all)  # a row that sees nothing: all partials 0
+        total = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
+        l_all = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for i in range(NUM_SPLITS):
+            w = tl.exp2(tl.load(ml_ptr + (first + i) * 2 * BLOCK_M + rows, cache_modifier=".cg") - m_safe)
+            l_all += w * tl.load(ml_ptr + ((first + i) * 2 + 1) * BLOCK_M + rows, cache_modifier=".cg")
+            a = tl.load(acc_ptr + ((first + i) * BLOCK_M + rows[:, None]) * HEAD_DIM + offs_d[None, :],
+                        cache_modifier=".cg")
+            total += w[:, None] * a
+        out = total / tl.where(l_all == 0.0, 1.0, l_all)[:, None]
+        tl.store(
+            o_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od,
+            out.to(o_ptr.dtype.element_ty),
+            mask=m_ok[:, None],
+        )
+        tl.store(count_ptr + tile, 0)  # ready for the next launch
 
 
 # ----------------------------------------------------------------------------- reference
@@ -330,6 +434,9 @@ def _launch(q, k_cache, v_cache, prefix_len, tree_mask, scale: float) -> Tensor:
     block_m = 16 if T <= 64 or fp32 else 64
     block_n = 64
     grid = (triton.cdiv(T, block_m), B * H)
+    splits = _prefix_splits(B * H, k_cache.shape[2], T)
+    if splits > 1:
+        return _launch_split(q, k_cache, v_cache, prefix_len, tree_mask, scale, out, block_m, block_n, splits)
     # Triton launches on the current CUDA device, not the tensors' one.
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
         wrap_triton(_tree_attention_kernel)[grid](
@@ -341,6 +448,49 @@ def _launch(q, k_cache, v_cache, prefix_len, tree_mask, scale: float) -> Tensor:
             BLOCK_N=block_n,
             INPUT_PRECISION="ieee" if fp32 else "tf32",  # TF32 would break fp32's token identity
             num_warps=8 if (fp32 and Dh >= 64) or Dh > 64 else 4,
+            num_stages=2,
+        )
+    return out
+
+
+_SPLIT_TARGET_PROGRAMS = 128  # about one per SM of an H100 / H200
+_MIN_SPLIT_SLOTS = 128  # a split streams at least this many cached slots
+
+
+def _prefix_splits(heads: int, S: int, T: int) -> int:
+    """How many programs share each query block's prefix (flash-decoding): enough to give the
+    GPU about 128 programs at T = 1 (``heads`` = B * H programs without a split), each
+    streaming >= 128 slots of a full cache. Decided from the cache length S, not the prefix (a
+    device tensor, unknown here and changing between CUDA-graph replays); the kernel divides the
+    actual prefix evenly. The same for every T <= 64, so a row's prefix is summed in the same
+    pieces whatever the tree size. Long prefills (T > 64) and the interpreter (which pays per
+    program) get 1; tests force splits through ``_prefix_splits``."""
+    if _backend.triton_interpret() or T > 64:
+        return 1
+    return max(1, min(triton.cdiv(_SPLIT_TARGET_PROGRAMS, heads), S // _MIN_SPLIT_SLOTS))
+
+
+def _launch_split(q, k_cache, v_cache, prefix_len, tree_mask, scale, out, block_m, block_n, splits) -> Tensor:
+    from mtpkern.ops._decode_linear import split_counters
+
+    B, H, T, Dh = q.shape
+    grid = (triton.cdiv(T, block_m), B * H, splits)
+    tiles = grid[0] * grid[1]
+    acc = torch.empty((tiles, splits, block_m, Dh), dtype=torch.float32, device=q.device)
+    ml = torch.empty((tiles, splits, 2, block_m), dtype=torch.float32, device=q.device)
+    fp32 = q.dtype == torch.float32
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+        torch.library.wrap_triton(_tree_attention_split_kernel)[grid](
+            q, k_cache, v_cache, out, prefix_len, tree_mask,
+            acc, ml, split_counters(q.device, tiles, like=q),
+            T, tree_mask.shape[1], H, scale * _LOG2E,
+            *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
+            NUM_SPLITS=splits,
+            HEAD_DIM=Dh,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            INPUT_PRECISION="ieee" if fp32 else "tf32",
+            num_warps=8 if fp32 or Dh > 64 else 4,
             num_stages=2,
         )
     return out

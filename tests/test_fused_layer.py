@@ -1,0 +1,153 @@
+"""The fused decode layer (ln_qkv, tree attention, linear_residual, ln_fc_gelu, linear_residual)
+against the eager layer, a whole model against the eager model, and greedy decoding with the
+fused layers against ntp with the same kernels.
+
+On CPU the kernels run in Triton's interpreter (tests/conftest.py), fp32 and fp16.
+"""
+
+import pytest
+import torch
+
+from _fused import DEV, check_close
+from _tiny import config, random_prompts
+from mtpkern.generate import generate
+from mtpkern.model import GPT2, Attn, Block, MedusaModel, MTPModel
+from mtpkern.ops.tree_attention import dense_tree_mask, pack_tree_mask
+
+pytest.importorskip("triton")
+
+
+def _random_tree(T: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.eye(T, dtype=torch.bool)
+    for i in range(1, T):
+        mask[i] |= mask[int(torch.randint(0, i, (1,), generator=g))]
+    return mask
+
+
+def _randomise(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Every parameter random (biases and LayerNorm affines too, which GPT-2's init zeroes)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.endswith("ln_1.weight") or name.endswith("ln_2.weight"):
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    return module
+
+
+def _layer_pair(block, x, cache_k, cache_v, prefix: int, tree: torch.Tensor):
+    """(eager output, eager caches), (fused output, fused caches) for one layer's tree step."""
+    from mtpkern.model import KVCache
+
+    T = x.shape[1]
+    slots = torch.arange(prefix, prefix + T, device=DEV)
+    prefix_len = torch.tensor(prefix, device=DEV)
+    packed = pack_tree_mask(tree).to(DEV)
+    outs = []
+    for fused in (False, True):
+        cache = KVCache.__new__(KVCache)
+        cache.k, cache.v = cache_k.clone(), cache_v.clone()
+        if fused:
+            attn = Attn(cache, slots, tree_mask=packed, prefix_len=prefix_len)
+        else:
+            attn = Attn(cache, slots, mask=dense_tree_mask(prefix_len, packed, prefix + T))
+        outs.append((block(x, attn, 1), cache))
+    return outs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("T, prefix", [(1, 0), (1, 127), (5, 40), (17, 111), (64, 64)])
+@torch.inference_mode()
+def test_layer_equals_eager(T, prefix, dtype):
+    cfg = config()  # D = 64, 4 heads, context 128
+    block = _randomise(Block(cfg), seed=T).to(DEV, dtype)
+    g = torch.Generator().manual_seed(prefix)
+    x = (2 * torch.randn(1, T, cfg.n_embd, generator=g)).to(DEV, dtype)
+    cache = torch.randn(2, 2, 1, cfg.n_head, cfg.n_positions, cfg.head_dim, generator=g).to(DEV, dtype)
+    (out_e, cache_e), (out_f, cache_f) = _layer_pair(block, x, cache[0], cache[1], prefix, _random_tree(T, prefix))
+    if dtype == torch.float32:
+        check_close(out_f, out_e, what="layer output")
+        for name in ("k", "v"):
+            check_close(getattr(cache_f, name), getattr(cache_e, name), what=f"{name} cache")
+    else:  # both in fp16 against the fp32 layer: the fused one may err at most twice as much
+        block32 = block.float()
+        (ref, cache_r), _ = _layer_pair(block32, x.float(), cache[0].float(), cache[1].float(), prefix,
+                                        _random_tree(T, prefix))
+        check_close(out_f, ref, out_e, "layer output")
+        for name in ("k", "v"):
+            check_close(getattr(cache_f, name), getattr(cache_r, name), getattr(cache_e, name), f"{name} cache")
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "mtp", "medusa"])
+@torch.inference_mode()
+def test_whole_model_tree_step_equals_eager(model_type):
+    """Prefill eagerly, then one 17-node tree step through every layer (and every MTP head
+    block), fused vs eager: hidden states and the whole KV cache agree."""
+    from mtpkern.decoder import _Forward, prefill
+    from mtpkern.tree import Tree
+
+    cfg = config(n_layer=3)
+    torch.manual_seed(0)
+    model = {"gpt2": lambda: GPT2(cfg), "mtp": lambda: MTPModel(cfg.__class__(**{**cfg.to_dict(), "n_heads": 3})),
+             "medusa": lambda: MedusaModel(cfg.__class__(**{**cfg.to_dict(), "n_heads": 2}))}[model_type]()
+    model = _randomise(model, seed=1).to(DEV).eval()
+    heads = model.n_heads
+    tree = Tree([[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0], [2], [3], [0, 2], [4], [5], [0, 0, 1], [1, 1],
+                 [2, 0], [0, 3], [0, 0, 0, 0]])
+    tt = tree.tensors(DEV)
+    T = tt.depth.shape[0]
+    prompt = torch.tensor(random_prompts(1, seed=3, min_len=30, max_len=30)[0], device=DEV)
+    tokens = torch.randint(0, cfg.vocab_size, (T,), generator=torch.Generator().manual_seed(4)).to(DEV)
+    results = []
+    for fused in (False, True):
+        cache = model.new_cache(1, cfg.n_positions)
+        prefill(model, cache, prompt, heads=heads)
+        p = torch.tensor(len(prompt), device=DEV)
+        forward = _Forward(model, cache, T, heads, fused)
+        hidden = forward(tokens, p, len(prompt), tt.depth, tt.dense_mask, tt.mask)
+        results.append((hidden, cache))
+    (h_e, c_e), (h_f, c_f) = results
+    check_close(h_f, h_e, what="hidden states")
+    check_close(c_f.k, c_e.k, what="k cache")
+    check_close(c_f.v, c_e.v, what="v cache")
+
+
+@pytest.mark.parametrize("strategy", ["medusa", "mtp"])
+def test_greedy_with_fused_layers_is_ntp(strategy, medusa_model, mtp_model):
+    """Speculative greedy decoding through the fused layers gives exactly the tokens of ntp
+    through the same kernels (and of eager ntp)."""
+    model = medusa_model if strategy == "medusa" else mtp_model
+    for prompt in random_prompts(2, seed=5):
+        ntp = generate(model, prompt, max_new_tokens=10, strategy="ntp", kernels="fused")
+        spec = generate(model, prompt, max_new_tokens=10, strategy=strategy, kernels="fused")
+        eager = generate(model, prompt, max_new_tokens=10, strategy="ntp", kernels="eager")
+        assert spec.tokens == ntp.tokens == eager.tokens, (strategy, prompt)
+        assert max(spec.accept_lengths) > 1, "the heads accepted nothing: the test shows nothing"
+
+
+@pytest.fixture(scope="module")
+def medusa_model():
+    from _tiny import tiny_medusa
+
+    return tiny_medusa()
+
+
+@pytest.fixture(scope="module")
+def mtp_model():
+    from _tiny import tiny_mtp
+
+    return tiny_mtp()
+
+
+def test_eager_kernels_never_reach_the_fused_layer(monkeypatch, medusa_model):
+    """kernels="eager" keeps today's per-op layer (and "fused" does reach the fused one)."""
+    calls = []
+    real = Block.fused_decode
+    monkeypatch.setattr(Block, "fused_decode", lambda self, *a: calls.append(1) or real(self, *a))
+    prompt = random_prompts(1, seed=6)[0]
+    generate(medusa_model, prompt, max_new_tokens=4, strategy="medusa", kernels="eager")
+    assert not calls
+    generate(medusa_model, prompt, max_new_tokens=4, strategy="medusa", kernels="fused")
+    assert calls
