@@ -177,7 +177,9 @@ class _Logits:
         """Head 0's argmax [R] from hidden states [R, D]."""
         if self.fused:
             return fused_logits(h, self.model.head_weight(0), 1).argmax
-        return self._z(h, 0).argmax(-1)
+        z = self._z(h, 0)
+        # The ops' NaN contract: a row with a NaN logit has no argmax (-1), never a valid-looking token.
+        return torch.where(z.isnan().any(-1), -1, z.argmax(-1))
 
     def draft_topk(self, h: torch.Tensor, k: int, logprobs: bool = False):
         """(log-probabilities [D, k] or None, token ids [D, k]) of draft heads 1..D from one
@@ -764,6 +766,9 @@ class Decoder:
         def emit(chunk) -> bool:
             """Append tokens up to EOS / max_new_tokens; True when generation is over."""
             for t in chunk:
+                if t < 0:
+                    raise ValueError(f"the model's logits are NaN at generated token {len(out)}: no token can be chosen "
+                                     "(its weights, or the hidden states they produce, hold NaN or inf)")
                 out.append(t)
                 if t == eos_token_id or len(out) == max_new_tokens:
                     return True

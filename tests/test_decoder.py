@@ -271,3 +271,18 @@ def test_dynamic_tree_with_fused_kernels(medusa_model, mtp_model):
             out = fused.generate(prompt, max_new_tokens=12)
             assert out.tokens == ntp.generate(prompt, max_new_tokens=12).tokens, (strategy, prompt)
             assert max(out.accept_lengths) > 1
+
+
+@pytest.mark.parametrize("strategy", ["ntp", "mtp", "medusa"])
+@pytest.mark.parametrize("kernels", ["eager", "fused"])
+def test_nan_logits_are_a_clear_error_not_a_token(strategy, kernels, gpt2_model, mtp_model, medusa_model):
+    """A model whose head-0 logits turn NaN (one NaN unembedding row) stops with a one-line error:
+    no backend may turn NaN logits into a valid-looking token, or feed -1 to the embedding."""
+    import copy
+
+    model = copy.deepcopy({"ntp": gpt2_model, "mtp": mtp_model, "medusa": medusa_model}[strategy])
+    with torch.no_grad():
+        model.head_weight(0)[7] = float("nan")
+    prompt = random_prompts(1, seed=3)[0]
+    with pytest.raises(ValueError, match="logits are NaN at generated token 0"):
+        generate(model, prompt, max_new_tokens=8, strategy=strategy, kernels=kernels)
