@@ -28,7 +28,8 @@ a visible slot; a row that sees no slot at all (only an invalid mask with P = 0)
 
 Flash-decoding: when the grid of (query block, batch, head) programs is small (T = 1 gives
 B * H, 12 for GPT-2), ``_tree_attention_split_kernel`` splits each prefix over several programs
-and merges their partial softmax sums in split order (``_prefix_splits`` decides how many).
+and merges their partial softmax sums in split order (``_prefix_splits`` decides how many),
+with the same prefix check and NaN contract (the two kernels share their prefix and tree loops).
 """
 
 import contextlib
@@ -258,7 +259,7 @@ def _tree_attention_split_kernel(
         for i in range(NUM_SPLITS):
             w = tl.exp2(tl.load(ml_ptr + (first + i) * 2 * BLOCK_M + rows, cache_modifier=".cg") - m_safe)
             l_part = tl.load(ml_ptr + ((first + i) * 2 + 1) * BLOCK_M + rows, cache_modifier=".cg")
-            # l = NaN: that split saw a non-finite V (not left to w * NaN: w may be 0)
+            # l = NaN: that split saw a non-finite V (or a NaN score); its row is NaN, whatever w is
             poisoned = tl.maximum(poisoned, (l_part != l_part).to(tl.int32))
             l_all += w * l_part
             a = tl.load(acc_ptr + ((first + i) * BLOCK_M + rows[:, None]) * HEAD_DIM + offs_d[None, :],
