@@ -653,70 +653,6 @@ def auto_tree(model, *, device=None, dtype=None, kernels: str = "auto", cuda_gra
 
 
 
-class DynamicTree(NamedTuple):
-    """The n best nodes of one step's draft tree (n + 1 tokens with the root), topologically
-    ordered (by depth), as the tree ops take them."""
-
-    parents: torch.Tensor  # int64 [n + 1], -1 for the root; parents[i] < i
-    depth: torch.Tensor  # int64 [n + 1]
-    head_row: torch.Tensor  # int64 [n]: node i + 1's draft head, as a row of the heads 1..D top-k
-    rank: torch.Tensor  # int64 [n]: node i + 1's rank within that head's top-k
-    score: torch.Tensor  # float32 [n]: the product of the head probabilities on its path
-
-
-def select_dynamic(probs: torch.Tensor, n: int) -> DynamicTree:
-    """EAGLE-2's dynamic tree for one step: the ``n`` paths with the largest products of draft
-    probabilities, ``probs`` [D, K] being draft head d + 1's probabilities of its top-K tokens.
-
-    The same ranking as :func:`best_first_nodes` (with ``probs`` as the acceptance table),
-    computed on the device with fixed shapes and no host sync, so a CUDA graph can hold it: a
-    node among the n best overall is among the n best of its depth, and so is its parent
-    (probabilities are at most 1), so a beam of n per depth, then the n best of the D beams,
-    finds them. Ties go to the shallower node, then to the earlier one in beam order.
-    """
-    if probs.dim() != 2 or probs.shape[0] < 1 or probs.shape[1] < 1:
-        raise ValueError(f"select_dynamic: probs must be [depth, k] with depth, k >= 1, got {tuple(probs.shape)}")
-    D, K = probs.shape
-    available = sum(K ** d for d in range(1, D + 1))
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= available:
-        raise ValueError(f"select_dynamic: n must be an int in 1..{available} (the paths of {D} heads x top-{K}), "
-                         f"got {n!r}")
-    device = probs.device
-    logp = probs.float().clamp_min(1e-30).log()  # sums of logs: no underflow for deep paths
-    scores, parents, ranks, sizes = [], [], [], []
-    prev = torch.zeros(1, device=device)  # the root's log score
-    for d in range(D):
-        cand = (prev[:, None] + logp[d][None, :]).reshape(-1)  # [B_prev * K], ordered (parent, rank)
-        B = min(n, cand.numel())
-        order = torch.sort(cand, descending=True, stable=True).indices[:B]
-        scores.append(cand[order])
-        parents.append(order // K)  # index in the previous depth's beam
-        ranks.append(order % K)
-        sizes.append(B)
-        prev = cand[order]
-    flat = torch.cat(scores)  # every beam, depth by depth
-    keep = torch.sort(flat, descending=True, stable=True).indices[:n]
-    selected = torch.zeros(flat.numel(), dtype=torch.bool, device=device)
-    selected[keep] = True
-    position = torch.cumsum(selected.long(), 0)  # node index (root = 0) of each selected beam entry
-    offsets = [0]
-    for B in sizes[:-1]:
-        offsets.append(offsets[-1] + B)
-    beam_parent = torch.cat([torch.full((sizes[0],), -1, dtype=torch.long, device=device)] +
-                            [parents[d] + offsets[d - 1] for d in range(1, D)])
-    parent_node = torch.where(beam_parent >= 0, position[beam_parent.clamp_min(0)], torch.zeros_like(beam_parent))
-    depth = torch.cat([torch.full((B,), d + 1, dtype=torch.long, device=device) for d, B in enumerate(sizes)])
-    pick = selected.nonzero_static(size=n)[:, 0]  # a fixed size: no host sync
-    root = torch.full((1,), -1, dtype=torch.long, device=device)
-    return DynamicTree(
-        parents=torch.cat([root, parent_node[pick]]),
-        depth=torch.cat([root + 1, depth[pick]]),
-        head_row=depth[pick] - 1,
-        rank=torch.cat(ranks)[pick],
-        score=flat[pick].exp(),
-    )
-
-
 # ----------------------------------------------------------------------------- a checkpoint
 
 
@@ -820,9 +756,9 @@ def calibrate_after_training(model, records, tokenizer, checkpoint, *, source: d
     return cal.save(checkpoint)
 
 __all__ = [
-    "CALIBRATION_NAME", "Calibration", "CalibrationError", "DynamicTree", "StepCost", "TreePlan", "attach_calibration",
+    "CALIBRATION_NAME", "Calibration", "CalibrationError", "StepCost", "TreePlan", "attach_calibration",
     "auto_tree", "best_first_nodes", "cache_dir", "calibrate", "calibrate_after_training", "calibrate_checkpoint",
     "calibrate_records", "cost_depths", "fingerprint", "format_report", "load_calibration", "measure_tree",
-    "optimise_tree", "optimise_tree_depths", "plan_tree", "select_dynamic", "simulate_steps",
+    "optimise_tree", "optimise_tree_depths", "plan_tree", "simulate_steps",
     "simulated_accept_length", "step_cost", "time_tree_step", "timing_tree",
 ]

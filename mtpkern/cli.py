@@ -184,7 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("objective", choices=["ntp", "mtp", "medusa"])
     t.add_argument("--out", required=True, help="run directory (checkpoint/, log.jsonl, summary.json)")
     t.add_argument("--base", help="GPT-2 to start from: a Hugging Face name or directory, or an mtpkern checkpoint")
-    t.add_argument("--config", choices=["tiny", "gpt2"], default="tiny", help="model shape when training from scratch")
+    t.add_argument("--config", choices=["tiny", "demo", "gpt2"], default="tiny",
+                   help="model shape when training from scratch: tiny (4x128), demo (6x128), gpt2 (124M)")
     t.add_argument("--data", default="synthetic", help="synthetic | metamathqa | PATH to .json/.jsonl")
     t.add_argument("--data-limit", type=_positive_int)
     t.add_argument("--steps", type=_positive_int)

@@ -79,7 +79,7 @@ from mtpkern.runtime import peak_memory, reset_peak_memory, resolve_device, reso
 OBJECTIVES = ("ntp", "mtp", "medusa")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 LOSSES = ("fused", "plain")  # head losses by linear_cross_entropy, or from materialised logits
-SHAPES = ("tiny", "gpt2")
+SHAPES = ("tiny", "demo", "gpt2")  # see model_shape
 STATE_NAME = "trainer_state.pt"
 LOG_NAME = "log.jsonl"
 MIN_LR_RATIO = 0.1  # the cosine decays to 10% of the peak learning rate (nanoGPT, Chinchilla)
@@ -394,6 +394,15 @@ class _StopRequest:
             signal.signal(sig, handler)
 
 
+def model_shape(name: str, **ids) -> GPT2Config:
+    """The config of a model trained from scratch: ``tiny`` (4 layers x 128, for tests),
+    ``demo`` (6 layers x 128: deep enough that an MTP model's 3 extra head blocks are a third of
+    its step, as GPT-2 124M's are a fifth, so that speculation can pay on a CPU) or ``gpt2`` (124M)."""
+    if name == "gpt2":
+        return GPT2Config(**ids)
+    return GPT2Config.tiny(**ids, **({"n_layer": 6} if name == "demo" else {}))
+
+
 def _build_model(cfg: TrainConfig, train_records, checkpoint: Path, world: int):
     """(model, tokenizer): resumed, from ``cfg.base``, or from scratch with a new tokenizer."""
     if cfg.resume:
@@ -416,7 +425,7 @@ def _build_model(cfg: TrainConfig, train_records, checkpoint: Path, world: int):
         tokenizer = _rank0_tokenizer(train_records, cfg.vocab_size, world)
     if not cfg.base:
         ids = dict(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id)
-        shape = GPT2Config.tiny(**ids) if cfg.config == "tiny" else GPT2Config(**ids)
+        shape = model_shape(cfg.config, **ids)
         shape.n_positions = max(shape.n_positions, cfg.max_len)
         base = GPT2(shape)
     model = _model_for_objective(base, cfg)

@@ -32,7 +32,6 @@ from mtpkern.calibrate import (
     optimise_tree,
     optimise_tree_depths,
     plan_tree,
-    select_dynamic,
     simulate_steps,
     step_cost,
     time_tree_step,
@@ -527,38 +526,26 @@ def test_the_readme_commands_work(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- dynamic trees
 
 
-def _dynamic_paths(tree):
-    """The paths of ranks of select_dynamic's nodes, from its parents and ranks."""
+def _dynamic_paths(parents, ranks):
+    """The paths of ranks of a dynamic tree's nodes, from its parents and ranks."""
     paths = [()]
-    for i in range(1, tree.parents.numel()):
-        paths.append(paths[int(tree.parents[i])] + (int(tree.rank[i - 1]),))
+    for i in range(1, parents.numel()):
+        paths.append(paths[int(parents[i])] + (int(ranks[i - 1]),))
     return paths[1:]
 
 
 @pytest.mark.parametrize("depth, k, n, seed", [(3, 4, 10, 0), (2, 10, 30, 1), (4, 3, 1, 2), (1, 5, 5, 3),
                                                (3, 2, 14, 4)])
-def test_select_dynamic_picks_the_best_first_nodes(depth, k, n, seed):
-    g = torch.Generator().manual_seed(seed)
-    probs = torch.softmax(torch.randn(depth, 50, generator=g) * 2, -1).sort(-1, descending=True).values[:, :k]
-    tree = select_dynamic(probs, n)
-    expected = best_first_nodes(probs.tolist(), n)
-    assert sorted(_dynamic_paths(tree)) == sorted(p for p, _ in expected)
+def test_dynamic_tree_picks_the_optimisers_best_first_nodes(depth, k, n, seed):
+    """The decoder's per-step dynamic tree (EAGLE-2) is the static optimiser's best-first set
+    for the step's own draft probabilities, and a valid tree in topological order."""
+    from mtpkern.decoder import _level_sizes, dynamic_tree
     from mtpkern.ops.tree_mask import tree_buffers_ref
 
-    bufs = tree_buffers_ref(tree.parents, depth)  # a valid tree in topological order
-    assert torch.equal(bufs.depth.long(), tree.depth) and torch.equal(tree.head_row, tree.depth[1:] - 1)
-    for path, score in zip(_dynamic_paths(tree), tree.score.tolist()):
-        assert score == pytest.approx(_score(probs.tolist(), path), rel=1e-5)
-
-
-def test_select_dynamic_breaks_ties_like_the_static_optimiser():
-    probs = torch.tensor([[0.5, 0.5], [1.0, 0.0]])
-    assert _dynamic_paths(select_dynamic(probs, 3)) == [(0,), (1,), (0, 0)]
-
-
-@pytest.mark.parametrize("shape, n, message", [((2, 3), 0, "n must be an int in 1..12"),
-                                               ((2, 3), 13, "n must be an int in 1..12"),
-                                               ((3,), 2, "probs must be .depth, k.")])
-def test_select_dynamic_rejects_bad_input(shape, n, message):
-    with pytest.raises(ValueError, match=message):
-        select_dynamic(torch.full(shape, 0.3), n)
+    g = torch.Generator().manual_seed(seed)
+    probs = torch.softmax(torch.randn(depth, 50, generator=g) * 2, -1).sort(-1, descending=True).values[:, :k]
+    ranks = torch.arange(k).expand(depth, k)  # token id = rank, so the tokens name the paths
+    parents, tokens = dynamic_tree(probs.log(), ranks, n, _level_sizes(n, k, depth))
+    expected = best_first_nodes(probs.tolist(), n)
+    assert sorted(_dynamic_paths(parents, tokens)) == sorted(p for p, _ in expected)
+    tree_buffers_ref(parents, depth)  # raises unless every parent comes before its children
