@@ -301,6 +301,28 @@ def test_prefix_len_out_of_range(prefix):
     _assert_one_error(_errors(args), ValueError, f"prefix_len = {prefix} out of range: need 0 <= prefix_len <= S - T = 11")
 
 
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("prefix", [-1, 12, 2**40])
+def test_kernel_refuses_out_of_range_prefix_len_with_nan(force_splits, prefix, dtype, splits):
+    """What the kernel does with a P no host check saw (a GPU tensor): it reads nothing (2**40
+    would read far past the cache) and writes NaN to every row, on both paths (one kernel, and
+    the split prefix). The launcher is called directly: the op checks a CPU P on the host."""
+    import importlib
+
+    if not _backend.triton_usable(torch.device(DEV)):
+        pytest.skip("needs Triton (a GPU or the interpreter)")
+    ta = importlib.import_module("mtpkern.ops.tree_attention")
+    force_splits(splits)
+    args = _good()
+    args.update({n: args[n].to(dtype) for n in ("q", "k_cache", "v_cache")})
+    args["prefix_len"] = torch.tensor(prefix, device=DEV)
+    out = ta._launch(*args.values(), 0.25)
+    assert out.shape == args["q"].shape and out.isnan().all()
+    args["prefix_len"] = torch.tensor(3, device=DEV)  # the same launch with a good P is finite
+    assert ta._launch(*args.values(), 0.25).isfinite().all()
+
+
 @needs_cuda
 @pytest.mark.parametrize("prefix", [-1, 12, 2**40])
 def test_cuda_prefix_len_out_of_range_gives_nan(prefix):
@@ -311,6 +333,8 @@ def test_cuda_prefix_len_out_of_range_gives_nan(prefix):
 
 
 # ----------------------------------------------------------------------------- NaN contract
+# Each test runs the Triton kernel both ways: one kernel (splits = 1) and the flash-decoding
+# split prefix with 3 splits (see force_splits below).
 
 
 def _every_backend(q, k, v, prefix, mask):
@@ -325,12 +349,14 @@ def _every_backend(q, k, v, prefix, mask):
     return outs
 
 
+@pytest.mark.parametrize("splits", [1, 3])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_nonfinite_v_in_slots_a_row_cannot_see_changes_nothing(dtype, bad):
+def test_nonfinite_v_in_slots_a_row_cannot_see_changes_nothing(force_splits, dtype, bad, splits):
     """NaN / inf in V slots a row cannot see (masked tree slots and slots >= P + T) leave that
     row exactly as with clean values; rows that see the slot become NaN (and so does a row
     that sees a NaN K)."""
+    force_splits(splits)
     T, P, S = 5, 3, 16
     q, k, v = _inputs(1, 2, T, 16, S, dtype)
     mask = torch.eye(T, dtype=torch.bool)
@@ -349,8 +375,10 @@ def test_nonfinite_v_in_slots_a_row_cannot_see_changes_nothing(dtype, bad):
         assert out[:, :, 2].isnan().all(), name  # sees its own non-finite K
 
 
+@pytest.mark.parametrize("splits", [1, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_nan_query_row_gives_nan_row(dtype):
+def test_nan_query_row_gives_nan_row(force_splits, dtype, splits):
+    force_splits(splits)
     T, P = 6, 20
     q, k, v = _inputs(1, 2, T, 16, 40, dtype)
     mask = random_tree(T)
@@ -364,16 +392,23 @@ def test_nan_query_row_gives_nan_row(dtype):
         torch.testing.assert_close(out[keep].float(), clean[keep].float(), atol=ATOL[dtype], rtol=0, msg=name)
 
 
-def test_nonfinite_prefix_v_poisons_every_row():
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_nonfinite_prefix_v_poisons_every_row(force_splits, dtype, splits):
+    """Slot 65 is in the second prefix block (with 3 splits: the middle split, which neither
+    reads the tree nor merges in the interpreter's program order)."""
+    force_splits(splits)
     T, P = 4, 70  # two prefix blocks in the kernel
-    q, k, v = _inputs(1, 1, T, 16, 80, torch.float32)
+    q, k, v = _inputs(1, 1, T, 16, 80, dtype)
     v = v.clone()
     v[0, 0, 65, 3] = float("inf")
     for name, out in _every_backend(q, k, v, P, random_tree(T)).items():
         assert out.isnan().all(), name
 
 
-def test_row_that_sees_nothing_is_zeros():
+@pytest.mark.parametrize("splits", [1, 3])
+def test_row_that_sees_nothing_is_zeros(force_splits, splits):
+    force_splits(splits)
     T = 3
     q, k, v = _inputs(1, 1, T, 16, 8, torch.float32)
     mask = torch.eye(T, dtype=torch.bool)

@@ -28,7 +28,8 @@ a visible slot; a row that sees no slot at all (only an invalid mask with P = 0)
 
 Flash-decoding: when the grid of (query block, batch, head) programs is small (T = 1 gives
 B * H, 12 for GPT-2), ``_tree_attention_split_kernel`` splits each prefix over several programs
-and merges their partial softmax sums in split order (``_prefix_splits`` decides how many).
+and merges their partial softmax sums in split order (``_prefix_splits`` decides how many),
+with the same prefix check and NaN contract (the two kernels share their prefix and tree loops).
 """
 
 import contextlib
@@ -72,6 +73,69 @@ def _nonfinite_rows(v):
     return tl.max(((v != v) | (tl.abs(v) == float("inf"))).to(tl.int32), axis=1) > 0
 
 
+@triton.jit
+def _read_prefix_len(prefix_ptr, S, T):
+    """(P, tree tokens to read, bad): an out-of-range P (only a device tensor can get here
+    unchecked) reads nothing (P = 0, no tree tokens) and ``bad`` makes every row NaN."""
+    prefix = tl.load(prefix_ptr).to(tl.int64)
+    bad = (prefix < 0) | (prefix > S - T)
+    prefix = tl.where(bad, 0, prefix).to(tl.int32)
+    n_tree = tl.where(bad, 0, T)
+    return prefix, n_tree, bad
+
+
+@triton.jit
+def _attend_prefix(q, k_base, v_base, stride_ks, stride_vs, lo, hi, qk_scale, m_i, l_i, acc, poison,
+                   BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """Prefix slots ``lo .. hi-1``, visible to every tree token; ``poison`` marks the rows that
+    see a non-finite V (every row, here)."""
+    offs_n = tl.arange(0, BLOCK_N)
+    for start in range(lo, hi, BLOCK_N):
+        slots = start + offs_n
+        ok = slots < hi
+        kt = tl.load(k_base + slots[None, :] * stride_ks, mask=ok[None, :], other=0.0)
+        v = tl.load(v_base + slots[:, None] * stride_vs, mask=ok[:, None], other=0.0)
+        poison = tl.maximum(poison, tl.max(_nonfinite_rows(v).to(tl.int32), axis=0))
+        s = tl.dot(q, kt, input_precision=INPUT_PRECISION) * qk_scale
+        s = tl.where(ok[None, :], s, float("-inf"))
+        m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, INPUT_PRECISION)
+    return m_i, l_i, acc, poison
+
+
+@triton.jit
+def _attend_tree(q, k_base, v_base, stride_ks, stride_vs, mask_ptr, offs_m, m_ok, prefix, n_tree, T, W,
+                 qk_scale, m_i, l_i, acc, poison, BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """The tree tokens: slot P + j is visible to token i iff bit j of mask row i is set."""
+    offs_n = tl.arange(0, BLOCK_N)
+    for start in range(0, n_tree, BLOCK_N):
+        js = start + offs_n
+        ok = js < T
+        words = tl.load(
+            mask_ptr + offs_m[:, None] * W + (js // 32)[None, :], mask=m_ok[:, None] & ok[None, :], other=0
+        )
+        visible = ((words >> (js % 32)[None, :]) & 1) != 0
+        slots = prefix + js
+        kt = tl.load(k_base + slots[None, :] * stride_ks, mask=ok[None, :], other=0.0)
+        v = tl.load(v_base + slots[:, None] * stride_vs, mask=ok[:, None], other=0.0)
+        # A non-finite V must not reach the rows that cannot see it (0 * NaN = NaN in the dot):
+        # zero it, and poison the rows that can.
+        v_bad = _nonfinite_rows(v)
+        v = tl.where(v_bad[:, None], 0.0, v)
+        poison = tl.maximum(poison, tl.max((visible & v_bad[None, :]).to(tl.int32), axis=1))
+        s = tl.dot(q, kt, input_precision=INPUT_PRECISION) * qk_scale
+        s = tl.where(visible, s, float("-inf"))
+        m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, INPUT_PRECISION)
+    return m_i, l_i, acc, poison
+
+
+@triton.jit
+def _finish(acc, l_i, nan_rows):
+    """acc / l, NaN where ``nan_rows``; a row that sees nothing (only possible with an invalid
+    mask and P = 0) has l = 0 and outputs zeros."""
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    return tl.where(nan_rows[:, None], float("nan"), out)
+
+
 # T is not specialised: T = 1 (plain decoding) and T % 16 == 0 would each compile a kernel of
 # their own, for no gain (T only bounds the loops and masks).
 @triton.jit(do_not_specialize=["T"])
@@ -91,14 +155,9 @@ def _tree_attention_kernel(
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
-    prefix = tl.load(prefix_ptr).to(tl.int64)
-    # An out-of-range P (only a device tensor can get here unchecked) reads nothing: NaN out.
-    bad_prefix = (prefix < 0) | (prefix > S - T)
-    prefix = tl.where(bad_prefix, 0, prefix).to(tl.int32)
-    n_tree = tl.where(bad_prefix, 0, T)
+    prefix, n_tree, bad_prefix = _read_prefix_len(prefix_ptr, S, T)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     m_ok = offs_m < T
     q = tl.load(
@@ -113,41 +172,12 @@ def _tree_attention_kernel(
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
     poison = tl.zeros((BLOCK_M,), dtype=tl.int32)  # rows that see a non-finite V
-
-    # The prefix: every slot below P is visible to every tree token.
-    for start in range(0, prefix, BLOCK_N):
-        slots = start + offs_n
-        ok = slots < prefix
-        kt = tl.load(k_base + slots[None, :] * stride_ks, mask=ok[None, :], other=0.0)
-        v = tl.load(v_base + slots[:, None] * stride_vs, mask=ok[:, None], other=0.0)
-        poison = tl.maximum(poison, tl.max(_nonfinite_rows(v).to(tl.int32), axis=0))
-        s = tl.dot(q, kt, input_precision=INPUT_PRECISION) * qk_scale
-        s = tl.where(ok[None, :], s, float("-inf"))
-        m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, INPUT_PRECISION)
-
-    # The tree tokens: slot P + j is visible to token i iff bit j of mask row i is set.
-    for start in range(0, n_tree, BLOCK_N):
-        js = start + offs_n
-        ok = js < T
-        words = tl.load(
-            mask_ptr + offs_m[:, None] * W + (js // 32)[None, :], mask=m_ok[:, None] & ok[None, :], other=0
-        )
-        visible = ((words >> (js % 32)[None, :]) & 1) != 0
-        slots = prefix + js
-        kt = tl.load(k_base + slots[None, :] * stride_ks, mask=ok[None, :], other=0.0)
-        v = tl.load(v_base + slots[:, None] * stride_vs, mask=ok[:, None], other=0.0)
-        # A non-finite V must not reach the rows that cannot see it (0 * NaN = NaN in the dot):
-        # zero it, and poison the rows that can.
-        v_bad = _nonfinite_rows(v)
-        v = tl.where(v_bad[:, None], 0.0, v)
-        poison = tl.maximum(poison, tl.max((visible & v_bad[None, :]).to(tl.int32), axis=1))
-        s = tl.dot(q, kt, input_precision=INPUT_PRECISION) * qk_scale
-        s = tl.where(visible, s, float("-inf"))
-        m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, INPUT_PRECISION)
-
-    # A row that sees nothing (only possible with an invalid mask and P = 0) outputs zeros.
-    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-    out = tl.where((poison > 0)[:, None] | bad_prefix, float("nan"), out)
+    m_i, l_i, acc, poison = _attend_prefix(q, k_base, v_base, stride_ks, stride_vs, 0, prefix, qk_scale,
+                                           m_i, l_i, acc, poison, BLOCK_N, INPUT_PRECISION)
+    m_i, l_i, acc, poison = _attend_tree(q, k_base, v_base, stride_ks, stride_vs, mask_ptr, offs_m, m_ok,
+                                         prefix, n_tree, T, W, qk_scale, m_i, l_i, acc, poison,
+                                         BLOCK_N, INPUT_PRECISION)
+    out = _finish(acc, l_i, (poison > 0) | bad_prefix)
     tl.store(
         o_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od,
         out.to(o_ptr.dtype.element_ty),
@@ -157,14 +187,15 @@ def _tree_attention_kernel(
 
 # Flash-decoding: at T = 1 the grid above is B * H programs (12 for GPT-2), too few to stream a
 # long prefix. This variant splits the prefix over NUM_SPLITS programs per (query block, b, h);
-# the last split also takes the tree tokens. Each writes its unnormalised partial (acc, m, l);
-# the program that finishes a tile last (an atomic counter) merges the splits in split order,
-# so the result never depends on which came last, and resets the counter.
+# the last split also takes the tree tokens. Each writes its unnormalised partial (acc, m, l),
+# with l = NaN for the rows it saw a non-finite V in; the program that finishes a tile last (an
+# atomic counter) merges the splits in split order, so the result never depends on which came
+# last, and resets the counter. Same prefix check and NaN contract as the kernel above.
 @triton.jit(do_not_specialize=["T"])
 def _tree_attention_split_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, prefix_ptr, mask_ptr,
     acc_ptr, ml_ptr, count_ptr,  # partials [tiles, NUM_SPLITS, BLOCK_M, HEAD_DIM], [tiles, NUM_SPLITS, 2, BLOCK_M]
-    T, W, H, qk_scale,
+    T, S, W, H, qk_scale,
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
@@ -180,14 +211,13 @@ def _tree_attention_split_kernel(
     split = tl.program_id(2)
     b = pid_bh // H
     h = pid_bh % H
-    prefix = tl.load(prefix_ptr).to(tl.int32)
+    prefix, n_tree, bad_prefix = _read_prefix_len(prefix_ptr, S, T)
     # This split's prefix range, in whole BLOCK_N blocks.
     chunk = tl.cdiv(tl.cdiv(prefix, NUM_SPLITS), BLOCK_N) * BLOCK_N
     lo = split * chunk
     hi = tl.minimum(prefix, lo + chunk)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     m_ok = offs_m < T
     q = tl.load(
@@ -201,35 +231,20 @@ def _tree_attention_split_kernel(
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
-    for start in range(lo, hi, BLOCK_N):
-        slots = start + offs_n
-        ok = slots < hi
-        kt = tl.load(k_base + slots[None, :] * stride_ks, mask=ok[None, :], other=0.0)
-        v = tl.load(v_base + slots[:, None] * stride_vs, mask=ok[:, None], other=0.0)
-        s = tl.dot(q, kt, input_precision=INPUT_PRECISION) * qk_scale
-        s = tl.where(ok[None, :], s, float("-inf"))
-        m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, INPUT_PRECISION)
+    poison = tl.zeros((BLOCK_M,), dtype=tl.int32)
+    m_i, l_i, acc, poison = _attend_prefix(q, k_base, v_base, stride_ks, stride_vs, lo, hi, qk_scale,
+                                           m_i, l_i, acc, poison, BLOCK_N, INPUT_PRECISION)
     if split == NUM_SPLITS - 1:
-        for start in range(0, T, BLOCK_N):
-            js = start + offs_n
-            ok = js < T
-            words = tl.load(
-                mask_ptr + offs_m[:, None] * W + (js // 32)[None, :], mask=m_ok[:, None] & ok[None, :], other=0
-            )
-            visible = ((words >> (js % 32)[None, :]) & 1) != 0
-            slots = prefix + js
-            kt = tl.load(k_base + slots[None, :] * stride_ks, mask=ok[None, :], other=0.0)
-            v = tl.load(v_base + slots[:, None] * stride_vs, mask=ok[:, None], other=0.0)
-            s = tl.dot(q, kt, input_precision=INPUT_PRECISION) * qk_scale
-            s = tl.where(visible, s, float("-inf"))
-            m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, INPUT_PRECISION)
+        m_i, l_i, acc, poison = _attend_tree(q, k_base, v_base, stride_ks, stride_vs, mask_ptr, offs_m, m_ok,
+                                             prefix, n_tree, T, W, qk_scale, m_i, l_i, acc, poison,
+                                             BLOCK_N, INPUT_PRECISION)
 
     tile = pid_bh * tl.num_programs(0) + pid_m
     rows = tl.arange(0, BLOCK_M)
     part = tile * NUM_SPLITS + split
     tl.store(acc_ptr + (part * BLOCK_M + rows[:, None]) * HEAD_DIM + offs_d[None, :], acc)
     tl.store(ml_ptr + part * 2 * BLOCK_M + rows, m_i)
-    tl.store(ml_ptr + (part * 2 + 1) * BLOCK_M + rows, l_i)
+    tl.store(ml_ptr + (part * 2 + 1) * BLOCK_M + rows, tl.where(poison > 0, float("nan"), l_i))
     tl.debug_barrier()  # every thread's partial is stored before the counter moves
     arrived = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu")
     if arrived == NUM_SPLITS - 1:
@@ -240,13 +255,17 @@ def _tree_attention_split_kernel(
         m_safe = tl.where(m_all == float("-inf"), 0.0, m_all)  # a row that sees nothing: all partials 0
         total = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
         l_all = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        poisoned = tl.zeros((BLOCK_M,), dtype=tl.int32)
         for i in range(NUM_SPLITS):
             w = tl.exp2(tl.load(ml_ptr + (first + i) * 2 * BLOCK_M + rows, cache_modifier=".cg") - m_safe)
-            l_all += w * tl.load(ml_ptr + ((first + i) * 2 + 1) * BLOCK_M + rows, cache_modifier=".cg")
+            l_part = tl.load(ml_ptr + ((first + i) * 2 + 1) * BLOCK_M + rows, cache_modifier=".cg")
+            # l = NaN: that split saw a non-finite V (or a NaN score); its row is NaN, whatever w is
+            poisoned = tl.maximum(poisoned, (l_part != l_part).to(tl.int32))
+            l_all += w * l_part
             a = tl.load(acc_ptr + ((first + i) * BLOCK_M + rows[:, None]) * HEAD_DIM + offs_d[None, :],
                         cache_modifier=".cg")
             total += w[:, None] * a
-        out = total / tl.where(l_all == 0.0, 1.0, l_all)[:, None]
+        out = _finish(total, l_all, (poisoned > 0) | bad_prefix)
         tl.store(
             o_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od,
             out.to(o_ptr.dtype.element_ty),
@@ -480,10 +499,10 @@ def _launch_split(q, k_cache, v_cache, prefix_len, tree_mask, scale, out, block_
     ml = torch.empty((tiles, splits, 2, block_m), dtype=torch.float32, device=q.device)
     fp32 = q.dtype == torch.float32
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
-        torch.library.wrap_triton(_tree_attention_split_kernel)[grid](
+        wrap_triton(_tree_attention_split_kernel)[grid](
             q, k_cache, v_cache, out, prefix_len, tree_mask,
             acc, ml, split_counters(q.device, tiles, like=q),
-            T, tree_mask.shape[1], H, scale * _LOG2E,
+            T, k_cache.shape[2], tree_mask.shape[1], H, scale * _LOG2E,
             *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
             NUM_SPLITS=splits,
             HEAD_DIM=Dh,
