@@ -215,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="demo_out")
     d.add_argument("--device", type=_device, default="auto")
     d.add_argument("--steps", type=_positive_int, help="training steps of the NTP and MTP models")
-    d.add_argument("--quick", action="store_true", help="a much shorter run (smoke test)")
+    d.add_argument("--quick", action="store_true", help="a much shorter run on the 4-layer tiny shape (smoke test)")
     d.add_argument("--overwrite", action="store_true", help="replace a previous demo run in --out")
     d.set_defaults(func=cmd_demo)
 

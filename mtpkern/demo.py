@@ -60,7 +60,7 @@ def run_demo(out="demo_out", device: str = "auto", steps: int | None = None, qui
     steps = steps or (QUICK_STEPS if quick else DEMO_STEPS)
     medusa_steps = max(1, steps * DEMO_MEDUSA_STEPS // DEMO_STEPS)
     common = dict(
-        config="demo", data="synthetic", data_limit=400 if quick else 4000, device=device, batch_size=16,
+        config="tiny" if quick else "demo", data="synthetic", data_limit=400 if quick else 4000, device=device, batch_size=16,
         max_len=128, eval_every=max(steps // 4, 1), eval_batches=8, save_every=steps, log_every=10, seed=0,
     )
     if torch.get_num_threads() > 4 and device in ("auto", "cpu") and not torch.cuda.is_available():
