@@ -75,6 +75,13 @@ def check(hidden, weight, labels, bias, reduction):
         torch.testing.assert_close(o, r, atol=tol, rtol=0, equal_nan=True, msg=lambda m, n=name: f"{n}: {m}")
 
 
+@pytest.fixture(autouse=True)
+def interpret_kernel_on_cpu(monkeypatch):
+    """This file tests the Triton kernel: run it in the interpreter on CPU tensors (the automatic
+    choice keeps CPU training on the chunked reference)."""
+    monkeypatch.setattr(lce_mod, "INTERPRET_ON_CPU", True)
+
+
 @pytest.fixture
 def small_chunks(monkeypatch):
     """16-row chunks at these vocabularies, so N runs over several chunks and a partial last one."""
@@ -359,3 +366,21 @@ def test_train_loss_flag(tmp_path):
     assert fused[0] == pytest.approx(plain[0], rel=1e-4)
     with pytest.raises(ValueError, match="unknown loss 'chunked'"):
         TrainConfig(objective="ntp", out=str(tmp_path / "x"), loss="chunked")
+
+
+def test_cpu_training_keeps_the_reference_unless_the_kernel_is_forced(monkeypatch):
+    """Automatic choice on CPU tensors: the chunked reference, even under the interpreter (so
+    CPU training never interprets the kernel); MTPKERN_BACKEND=triton forces the kernel there."""
+    if not lce_mod._backend.triton_interpret():
+        pytest.skip("needs Triton's interpreter")
+    monkeypatch.setattr(lce_mod, "INTERPRET_ON_CPU", False)
+    calls = []
+    real = lce_mod._launch
+    monkeypatch.setattr(lce_mod, "_launch", lambda *a, **k: calls.append(1) or real(*a, **k))
+    h, w, y = torch.randn(5, 8), torch.randn(11, 8), torch.randint(0, 11, (5,))
+    ref = torch.nn.functional.cross_entropy(h @ w.T, y)
+    torch.testing.assert_close(linear_cross_entropy(h, w, y), ref)
+    assert calls == []
+    monkeypatch.setenv("MTPKERN_BACKEND", "triton")
+    torch.testing.assert_close(linear_cross_entropy(h, w, y), ref)
+    assert calls

@@ -242,8 +242,15 @@ def _launch(z: Tensor, labels: Tensor, row_grad: Optional[Tensor], ignore_index:
         )
 
 
+# Under Triton's interpreter (TRITON_INTERPRET=1, the test suite) the automatic choice keeps CPU
+# tensors on the chunked reference: every training test would otherwise interpret this kernel for
+# every head of every step. The op's own tests set this, and MTPKERN_BACKEND=triton forces it.
+INTERPRET_ON_CPU = False
+
+
 def _run(hidden, weight, labels, bias, ignore_index, row_grad, needs, grad_scale=None):
-    use_kernel = _backend.pick(hidden.device, ("triton", "eager")) == "triton" and hidden.dtype != torch.float64
+    use_kernel = (_backend.pick(hidden.device, ("triton", "eager")) == "triton" and hidden.dtype != torch.float64
+                  and (hidden.device.type != "cpu" or INTERPRET_ON_CPU or _backend.forced_backend() == "triton"))
     return linear_cross_entropy_ref(hidden, weight, labels, bias, ignore_index, row_grad, needs, grad_scale,
                                     kernel=use_kernel)
 
