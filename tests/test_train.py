@@ -438,3 +438,15 @@ def test_defaults_resolve_per_objective():
     cfg = TrainConfig(objective="medusa", out="o", base="b")
     assert cfg.n_heads == 5 and cfg.lr == 1e-3 and cfg.steps == 200
     assert cfg.head_weights == pytest.approx([1.0, 0.8, 0.64, 0.512, 0.4096])
+
+
+def test_model_shapes_from_scratch():
+    """`--config tiny|demo|gpt2`: demo is the tiny family at 6 layers (the demo's models)."""
+    from mtpkern.cli import build_parser
+    from mtpkern.train import model_shape
+
+    ids = dict(vocab_size=100, eos_token_id=0, bos_token_id=0)
+    tiny, demo, gpt2 = (model_shape(n, **ids) for n in ("tiny", "demo", "gpt2"))
+    assert (tiny.n_layer, tiny.n_embd) == (4, 128) and (demo.n_layer, demo.n_embd) == (6, 128)
+    assert (gpt2.n_layer, gpt2.n_embd) == (12, 768)
+    assert build_parser().parse_args(["train", "ntp", "--out", "o", "--config", "demo"]).config == "demo"
