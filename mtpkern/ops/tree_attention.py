@@ -444,13 +444,13 @@ def _launch(q, k_cache, v_cache, prefix_len, tree_mask, scale: float) -> Tensor:
         # fake tensors; a fake implementation only needs the output's metadata anyway.
         return out
     # Decoding trees are small (T <= 64): 16-row query blocks spread B*H*T/16 programs over
-    # the SMs. A long causal prefill takes the usual 64-row blocks. fp32's exact ("ieee") dot
+    # the SMs. A long causal prefill takes 32-row blocks. fp32's exact ("ieee") dot
     # runs on the FMA units with its operands in registers: 16-row blocks keep ptxas from
     # spilling, with 8 warps from head dim 64 up; below that, 8 warps leave each thread so
     # little work that ptxas caps it at 64 registers and spills (triton 3.6, sm_90), where 4
     # warps do not (tests/test_triton_compile.py checks).
     fp32 = q.dtype == torch.float32
-    block_m = 16 if T <= 64 or fp32 else 64
+    block_m = 16 if T <= 64 or fp32 else 32  # 64-row blocks spill at Dh=64 in 16 bits (sm_80, triton 3.6)
     block_n = 64
     grid = (triton.cdiv(T, block_m), B * H)
     splits = _prefix_splits(B * H, k_cache.shape[2], T)
