@@ -134,7 +134,9 @@ def step_breakdown(model, tree, *, prefix_len: int, kernels: str, iters: int = 2
     ``prefix_len`` cached tokens, and of its parts, each timed alone on the step's shapes:
 
     * ``step_us``: the whole step as the decode loop runs it (its one host sync included);
-    * ``forward_us``: the model's forward pass over the tree's T tokens (every head it needs);
+    * ``forward_us``: the model's forward passes: head 0 over the tree's T tokens, plus the
+      draft heads where the next drafts come from (``draft_heads_us``: MEDUSA's heads on one
+      node, MTP's head blocks over an accepted path of depth + 1 nodes);
     * ``logits_us``: head 0's logits and argmax at every node (the LM head the verification
       needs, which an NTP step pays for one row);
     * ``bookkeeping_us`` = step - forward: everything else (logits, candidates, verification,
@@ -167,11 +169,17 @@ def step_breakdown(model, tree, *, prefix_len: int, kernels: str, iters: int = 2
         def forward():
             return step.forward(tokens, step.prefix, prefix_len, *tree_bufs)
 
-        h0, _ = forward()
+        h0, carry = forward()
         step_us = time_us(whole, device, iters) - time_us(begin, device, iters)
-        forward_us = time_us(forward, device, iters)
-        logits_us = time_us(lambda: dec.logits.argmax0(h0), device, iters)
-    return dict(step_us=step_us, forward_us=forward_us, logits_us=logits_us,
+        verify_us = time_us(forward, device, iters)
+        logits_us = time_us(lambda: dec.logits.argmax0(h0, step.normed), device, iters)
+        drafts_us = 0.0
+        if step.heads > 1:  # the draft heads' pass as a fully accepted path would run it
+            path = torch.arange(step.heads, device=device).clamp(max=T - 1)
+            last = torch.tensor(min(step.heads, T) - 1, device=device)
+            drafts_us = time_us(lambda: step.drafter(h0, carry, path, last, last, step.prefix, prefix_len), device, iters)
+        forward_us = verify_us + drafts_us
+    return dict(step_us=step_us, forward_us=forward_us, draft_heads_us=drafts_us, logits_us=logits_us,
                 bookkeeping_us=step_us - forward_us, bookkeeping_share=(step_us - forward_us) / step_us,
                 bookkeeping_share_beyond_lm_head=(step_us - forward_us - logits_us) / step_us,
                 tree_nodes=T, prefix_len=prefix_len, kernels=kernels)
