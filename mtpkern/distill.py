@@ -74,15 +74,17 @@ def distill(model, data, out, *, max_new_tokens: int = 128, temperature: float =
     dev = resolve_device(device)
     net = load_model(model, device=dev, dtype=resolve_dtype(dtype, dev)).eval()
     tokenizer = load_tokenizer(model)
-    decoder = Decoder(net, "ntp", temperature=temperature, top_p=top_p)
     eos, ctx = tokenizer.eos_token_id, net.config.n_positions
+    encoded = tokenizer([format_prompt(r["query"]) for r in prompts], add_special_tokens=False)["input_ids"]
+    if all(len(ids) >= ctx for ids in encoded):
+        raise ValueError(f"no prompt of {str(data)!r} fits the model's context of {ctx} tokens with room to answer")
+    decoder = Decoder(net, "ntp", temperature=temperature, top_p=top_p)
     start = kept[-1]["source_index"] + 1 if kept else 0
     written = skipped = 0
     bar = _progress(len(prompts), start, progress)
     with open(out, "a", encoding="utf-8") as f:
         for i in range(start, len(prompts)):
-            rec = prompts[i]
-            ids = tokenizer(format_prompt(rec["query"]), add_special_tokens=False)["input_ids"]
+            rec, ids = prompts[i], encoded[i]
             room = min(max_new_tokens, ctx - len(ids))
             if room < 1:
                 skipped += 1
