@@ -29,7 +29,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from functools import partial
 from pathlib import Path
 
@@ -600,7 +600,7 @@ def _train_locked(cfg: TrainConfig, world: int) -> TrainResult:
                                              collate_fn=partial(collate, pad_id=tokenizer.pad_token_id))
 
     if cfg.objective == "medusa2" and cfg.head_warmup is None:
-        cfg.head_warmup = round(0.25 * total)  # resolved once: saved with the run, kept on resume
+        cfg = replace(cfg, head_warmup=round(0.25 * total))  # resolved once: saved with the run, kept on resume
     objective = _OBJECTIVE_CLASSES[cfg.objective](cfg, fused=cfg.loss == "fused")
     model.to(device)
     objective.prepare(model, device)

@@ -130,6 +130,16 @@ def test_medusa2_trains_the_backbone_after_the_heads_warmup(tmp_path, base_dir):
     assert (default.lr, default.heads_coefficient, default.backbone_lr_ratio, default.n_heads) == (1e-3, 0.2, 0.25, 5)
 
 
+def test_medusa2_heads_warm_up_for_a_quarter_of_the_run_by_default(tmp_path, base_dir):
+    cfg = tiny_run(tmp_path / "run", "medusa2", base_dir, n_heads=2, steps=8)
+    train(cfg)
+    assert cfg.head_warmup is None  # the caller's config is not changed
+    saved = json.loads((tmp_path / "run" / "train_config.json").read_text())
+    assert saved["head_warmup"] == 2
+    state = torch.load(tmp_path / "run" / "checkpoint" / "trainer_state.pt", weights_only=True)
+    assert state["config"]["head_warmup"] == 2  # a resumed run keeps it, whatever its new length
+
+
 @pytest.mark.parametrize("kw", [
     dict(objective="medusa", medusa_proj=True, lr=1e-2),
     dict(objective="medusa2", head_warmup=3),
