@@ -69,7 +69,7 @@ def step_cases(model, names, Ts, prefix: int, iters: int, report: dict, json_pat
             case = {"case": name, "T": T, "prefix": prefix}
             try:
                 cache = model.new_cache(1, model.config.n_positions)
-                forward = _Forward(model, cache, T, 1, name.startswith("fused"))
+                forward = _Forward(model, cache, T, name.startswith("fused"))
 
                 def step(tok, p, forward=forward, tt=tt):
                     return forward(tok, p, None, tt.depth, tt.dense_mask, tt.mask)

@@ -167,10 +167,10 @@ def step_breakdown(model, tree, *, prefix_len: int, kernels: str, iters: int = 2
         def forward():
             return step.forward(tokens, step.prefix, prefix_len, *tree_bufs)
 
-        hidden = forward()
+        h0, _ = forward()
         step_us = time_us(whole, device, iters) - time_us(begin, device, iters)
         forward_us = time_us(forward, device, iters)
-        logits_us = time_us(lambda: dec.logits.argmax0(hidden[:, 0]), device, iters)
+        logits_us = time_us(lambda: dec.logits.argmax0(h0), device, iters)
     return dict(step_us=step_us, forward_us=forward_us, logits_us=logits_us,
                 bookkeeping_us=step_us - forward_us, bookkeeping_share=(step_us - forward_us) / step_us,
                 bookkeeping_share_beyond_lm_head=(step_us - forward_us - logits_us) / step_us,

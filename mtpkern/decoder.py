@@ -126,7 +126,8 @@ def eager_tree_mask(dense: torch.Tensor, prefix: torch.Tensor, span: int) -> tor
 
 class _Forward:
     """One forward pass of T tree tokens at cache slots prefix + i and positions prefix +
-    depth[i], returning the hidden states [T, heads, D].
+    depth[i], returning head 0's hidden states [T, D] (what verification needs) and the carry
+    [T, D] the draft heads start from (``_Drafts``).
 
     Eager attention with a host prefix (no CUDA graph) keeps one bool mask [T, cache] and only
     updates it: the slots that joined the prefix since the last step turn on, and the tree's
@@ -135,8 +136,8 @@ class _Forward:
     kernels read the packed mask and the prefix directly.
     """
 
-    def __init__(self, model, cache: KVCache, T: int, heads: int, fused: bool):
-        self.model, self.cache, self.heads, self.fused = model, cache, heads, fused
+    def __init__(self, model, cache: KVCache, T: int, fused: bool):
+        self.model, self.cache, self.fused = model, cache, fused
         self.offsets = torch.arange(T, device=cache.k.device)
         self.mask = torch.zeros(T, cache.max_len, dtype=torch.bool, device=cache.k.device)
         self.mask_prefix = 0  # slots [0, mask_prefix) of self.mask are on
@@ -144,8 +145,10 @@ class _Forward:
     def reset(self) -> None:
         self.mask_prefix = 0
 
-    def __call__(self, tokens, prefix: torch.Tensor, prefix_host: int | None, depth, dense, packed):
-        T = tokens.shape[0]
+    def attn(self, prefix: torch.Tensor, prefix_host: int | None, dense, packed) -> Attn:
+        """How T new tokens at slots prefix + i attend: to the prefix and, among themselves,
+        as ``dense`` (bool [T, T]) / ``packed`` (its bit-packed rows) say."""
+        T = dense.shape[0]
         slots = prefix + self.offsets
         if self.fused:
             attn = Attn(self.cache, slots, tree_mask=packed, prefix_len=prefix)
@@ -158,8 +161,48 @@ class _Forward:
             self.mask[:, p:p + T] = dense
             self.mask_prefix = p
             attn = Attn(self.cache, slots, mask=self.mask[:, :p + T])
-        out = self.model(tokens[None], prefix + depth, attn=attn, heads=self.heads, logits=False)
-        return out.hidden[0]
+        return attn
+
+    def __call__(self, tokens, prefix: torch.Tensor, prefix_host: int | None, depth, dense, packed):
+        h0, carry = self.model.decode_hidden(tokens[None], prefix + depth, self.attn(prefix, prefix_host, dense, packed))
+        return h0[0], carry[0]
+
+
+class _Drafts:
+    """The draft heads' hidden states where the next drafts come from: the last accepted node.
+
+    MEDUSA's heads are a function of that node's hidden state alone. MTP's heads are blocks
+    with KV caches of their own, so they run over the whole accepted path (R = depth + 1 rows,
+    written at slots prefix + i, causal among themselves; rows past the accepted length write
+    slots the next step overwrites before it reads them) and give the row of the last
+    accepted node. Rejected nodes never reach the draft heads: a verification pass costs head
+    0 alone, whatever the number of heads."""
+
+    def __init__(self, dec: Decoder, depth: int, n: int):
+        self.model, self.n = dec.model, n
+        self.on_path = dec.model.draft_on_path and n > 0
+        if self.on_path:
+            tt = Tree.chain(depth).tensors(dec.device)
+            self.rows = _Forward(dec.model, dec.cache, depth + 1, dec.fused)
+            self.causal = (tt.dense_mask, tt.mask)
+
+    def reset(self) -> None:
+        if self.on_path:
+            self.rows.reset()
+
+    def __call__(self, h0, carry, path, accept_len, last_node, prefix, prefix_host) -> torch.Tensor:
+        """[1 + n, D]: head 0 and draft heads 1..n at the last accepted node."""
+        last = last_node.view(1)
+        h = h0.index_select(0, last)
+        if self.n == 0:
+            return h
+        if self.on_path:
+            attn = self.rows.attn(prefix, prefix_host, *self.causal)
+            d = self.model.draft_hidden(carry.index_select(0, path.clamp(min=0))[None], self.n, attn)
+            d = d.index_select(0, accept_len.view(1))[0]
+        else:
+            d = self.model.draft_hidden(carry.index_select(0, last)[None], self.n)[0]
+        return torch.cat([h, d])
 
 
 class _Logits:
@@ -177,9 +220,10 @@ class _Logits:
         """Head 0's argmax [R] from hidden states [R, D]."""
         if self.fused:
             return fused_logits(h, self.model.head_weight(0), 1).argmax
-        z = self._z(h, 0)
-        # The ops' NaN contract: a row with a NaN logit has no argmax (-1), never a valid-looking token.
-        return torch.where(z.isnan().any(-1), -1, z.argmax(-1))
+        # The ops' NaN contract: a row with a NaN logit has no argmax (-1), never a
+        # valid-looking token. max() propagates NaN, so one reduction finds both.
+        top, arg = self._z(h, 0).max(-1)
+        return torch.where(top.isnan(), -1, arg)
 
     def draft_topk(self, h: torch.Tensor, k: int, logprobs: bool = False):
         """(log-probabilities [D, k] or None, token ids [D, k]) of draft heads 1..D from one
@@ -214,7 +258,8 @@ class _Step:
     def __init__(self, dec: Decoder):
         self.dec = dec
         self.prefix = torch.zeros((), dtype=torch.long, device=dec.device)
-        self.forward = _Forward(dec.model, dec.cache, self.T, self.heads, dec.fused)
+        self.forward = _Forward(dec.model, dec.cache, self.T, dec.fused)
+        self.drafter = _Drafts(dec, self.heads - 1, self.heads - 1)
         self.in_place = False  # set while a CUDA graph is captured or replayed
 
     def _set(self, name: str, value: torch.Tensor) -> None:
@@ -232,6 +277,7 @@ class _Step:
     def _start(self, prefix: int) -> None:
         self.prefix.fill_(prefix)
         self.forward.reset()
+        self.drafter.reset()
 
 
 class _NTPStep(_Step):
@@ -259,8 +305,8 @@ class _NTPStep(_Step):
         return torch.cat([self.count, self.root])
 
     def body(self, prefix_host):
-        hidden = self.forward(self.root, self.prefix, prefix_host, *self.tree)
-        self._set("root", self._next(hidden[:, 0]))
+        h0, _ = self.forward(self.root, self.prefix, prefix_host, *self.tree)
+        self._set("root", self._next(h0))
         self.prefix += 1
         return torch.cat([self.count, self.root])
 
@@ -323,13 +369,13 @@ class _TreeStep(_Step):
     def body(self, prefix_host):
         dec = self.dec
         tokens, tree, paths, parents = self._candidates()
-        hidden = self.forward(tokens, self.prefix, prefix_host, *tree)  # [T, heads, D]
-        target = dec.logits.argmax0(hidden[:, 0])
+        h0, carry = self.forward(tokens, self.prefix, prefix_host, *tree)  # [T, D] each
+        target = dec.logits.argmax0(h0)
         if dec.acceptance == "greedy":
             res = verify_greedy(tokens, target, paths, backend=dec.ops_backend)
         else:
             # p(node | parent) and the parent's entropy, both at the sampling temperature.
-            stats = fused_logits(hidden[parents[1:], 0], dec.model.head_weight(0), 1, tokens[1:],
+            stats = fused_logits(h0[parents[1:]], dec.model.head_weight(0), 1, tokens[1:],
                                  scale=1.0 / dec.temperature, backend=dec.logits_backend)
             one, zero = stats.lse.new_ones(1), stats.lse.new_zeros(1)
             node_prob = torch.cat([one, torch.exp(stats.target_logit - stats.lse)])
@@ -337,11 +383,11 @@ class _TreeStep(_Step):
             res = verify_typical(tokens, target, node_prob, parent_entropy, paths,
                                  epsilon=dec.typical_epsilon, alpha=dec.typical_alpha, backend=dec.ops_backend)
         count = (res.accept_len + 1).view(1)
+        # index_select, not paths[best]: indexing with a 0-d tensor calls .item().
+        path = paths.index_select(0, res.best_path.view(1)).view(-1)
         if not self.chain:  # a chain's accepted path is already in place
-            # index_select, not paths[best]: indexing with a 0-d tensor calls .item().
-            path = paths.index_select(0, res.best_path.view(1)).view(-1)
             kv_compact_(dec.cache.k, dec.cache.v, path, self.prefix, count.view(()), backend=dec.ops_backend)
-        self._drafts(hidden.index_select(0, res.last_node.view(1))[0])
+        self._drafts(self.drafter(h0, carry, path, res.accept_len, res.last_node, self.prefix, prefix_host))
         self._set("root", res.tokens.gather(0, res.accept_len.view(1)))
         self.prefix += count[0]
         return torch.cat([count, res.tokens])
@@ -402,6 +448,7 @@ class _ChainSamplingStep(_Step):
         one = torch.ones(n + 1, n + 1, dtype=torch.bool, device=dec.device).tril()
         tt = tree.tensors(dec.device)
         self.tree = (tt.depth, one, tt.mask)
+        self.path = torch.arange(n + 1, device=dec.device)
 
     def _probs(self, h, j):
         dec = self.dec
@@ -419,11 +466,11 @@ class _ChainSamplingStep(_Step):
 
     def body(self, prefix_host):
         tokens = torch.cat([self.root, self.drafts])
-        hidden = self.forward(tokens, self.prefix, prefix_host, *self.tree)
-        p = self._probs(hidden[:, 0], 0)
+        h0, carry = self.forward(tokens, self.prefix, prefix_host, *self.tree)
+        p = self._probs(h0, 0)
         a, out = speculative_sample_device(p, self.q, self.drafts, self.dec.generator)
         # The chain's nodes 0..a are accepted and already in place.
-        self._drafts(hidden.index_select(0, a.view(1))[0])
+        self._drafts(self.drafter(h0, carry, self.path, a, a, self.prefix, prefix_host))
         self.root = out.gather(0, a.view(1))
         self.prefix += a + 1
         return torch.cat([(a + 1).view(1), out])
@@ -705,7 +752,7 @@ class Decoder:
         with: after ``model.to()`` or ``load_state_dict(assign=True)``, capture again)."""
         self._graph, self._graph_weights = None, None
         self.step.in_place = False
-        self.step.forward = _Forward(self.model, self.cache, self.step.T, self.step.heads, self.fused)
+        self.step.forward = _Forward(self.model, self.cache, self.step.T, self.fused)
 
     def _prepare_graphs(self) -> None:
         weights = [t.data_ptr() for t in (*self.model.parameters(), *self.model.buffers())]

@@ -355,6 +355,48 @@ class _Family(nn.Module):
                 x = block(x, attn, first_layer + i)
         return x
 
+    # -- the decoding engine's split of a step (mtpkern.decoder) ----------------------
+    #
+    # A speculative step verifies T tree tokens with head 0 alone (``decode_hidden``), then
+    # runs the draft heads only where the next drafts come from (``draft_hidden``): MEDUSA's
+    # heads on the last accepted node, MTP's head blocks on the accepted path (their KV
+    # caches need every accepted position, never a rejected one).
+
+    draft_on_path = False  # whether draft_hidden needs the whole accepted path (its KV caches)
+
+    def decode_hidden(self, idx, pos, attn: Attn) -> tuple[torch.Tensor, torch.Tensor]:
+        """(head 0's hidden states [B, T, D], the carry ``draft_hidden`` starts from [B, T, D])."""
+        raise NotImplementedError
+
+    def draft_hidden(self, carry: torch.Tensor, n: int, attn: Attn | None = None) -> torch.Tensor:
+        """Draft heads 1..n's hidden states [R, n, D] from carry rows [1, R, D] (MTP: at cache
+        slots ``attn.slots``)."""
+        return carry.new_zeros(carry.shape[1], 0, carry.shape[2])
+
+    def _stacked(self, key: str, groups) -> list[torch.Tensor]:
+        """``[torch.stack(g) for g in groups()]`` (each ``(tensors, transpose)``), kept between
+        calls and refreshed in place when a parameter changes (its version or storage), so
+        that a CUDA graph that captured them keeps reading the right memory. The check walks
+        the kept tensors, not the modules: a few microseconds per call."""
+        cache = self.__dict__.setdefault("_stacked_cache", {})
+        hit = cache.get(key)
+        # Inference tensors keep no version counter: their storage alone identifies them.
+        stamp = lambda ts: [(t.data_ptr(), None if t.is_inference() else t._version) for t in ts]  # noqa: E731
+        if hit is not None and stamp(hit[0]) == hit[1]:
+            return hit[2]
+        spec = groups()
+        sources = [t for tensors, _ in spec for t in tensors]
+        with torch.no_grad():
+            fresh = [torch.stack([t.detach().T if tr else t.detach() for t in tensors]) for tensors, tr in spec]
+        if hit is not None and (torch.is_inference_mode_enabled() or not any(x.is_inference() for x in hit[2])):
+            if [(x.shape, x.dtype) for x in hit[2]] == [(x.shape, x.dtype) for x in fresh]:
+                with torch.no_grad():
+                    for old, new in zip(hit[2], fresh):
+                        old.copy_(new)
+                fresh = hit[2]
+        cache[key] = (sources, stamp(sources), fresh)
+        return fresh
+
     def head_logits(self, hidden: torch.Tensor, j: int) -> torch.Tensor:
         """Head j's float logits [..., V] from its hidden states [..., D]."""
         return (hidden @ self.head_weight(j).T).float()
@@ -426,6 +468,10 @@ class GPT2(_Family):
         x = self._blocks(self.h, self.embed(idx, pos), attn, 0)
         return self.ln_f(x)
 
+    def decode_hidden(self, idx, pos, attn: Attn):
+        h = self.hidden_states(idx, pos, attn)
+        return h, h
+
     def forward(self, idx, pos=None, *, attn: Attn | None = None, heads: int | None = None,
                 select: torch.Tensor | None = None, logits: bool = True) -> ModelOutput:
         h = self.hidden_states(idx, pos, attn)
@@ -484,6 +530,52 @@ class MTPModel(_Family):
         """Head k on the trunk output: the final-normalised hidden states [B, T, D]."""
         first = self.config.n_layer - 1 + k
         return self.ln_f(self._blocks(self.heads[k : k + 1], h, attn, first))
+
+    draft_on_path = True
+
+    def decode_hidden(self, idx, pos, attn: Attn):
+        h = self.trunk_forward(idx, pos, attn)
+        return self.head_forward(0, h, attn), h
+
+    def draft_hidden(self, carry, n, attn=None):
+        """Heads 1..n over the accepted path's trunk outputs. With eager attention the n head
+        blocks run as one batch (stacked weights, one op where n blocks would take n): on a
+        CPU a block costs its op count; the fused kernels run them one by one."""
+        if n == 0:
+            return super().draft_hidden(carry, 0)
+        if attn.tree_mask is not None:
+            return torch.stack([self.head_forward(k, carry, attn)[0] for k in range(1, n + 1)], dim=1)
+        return self._grouped_heads(carry, n, attn).permute(1, 0, 2)
+
+    def _grouped_heads(self, x: torch.Tensor, n: int, attn: Attn) -> torch.Tensor:
+        """Blocks heads[1..n] on the same input x [1, R, D] at once: [n, R, D], final-normed."""
+        R, D = x.shape[1], x.shape[2]
+        H, eps = self.config.n_head, self.config.layer_norm_epsilon
+        first = self.config.n_layer  # cache layer of head 1
+
+        def groups():
+            heads = list(self.heads[1 : n + 1])
+            return [([get(b) for b in heads], t) for get, t in (
+                (lambda b: b.ln_1.weight, False), (lambda b: b.ln_1.bias, False),
+                (lambda b: b.attn.c_attn.weight, True), (lambda b: b.attn.c_attn.bias, False),
+                (lambda b: b.attn.c_proj.weight, True), (lambda b: b.attn.c_proj.bias, False),
+                (lambda b: b.ln_2.weight, False), (lambda b: b.ln_2.bias, False),
+                (lambda b: b.mlp.c_fc.weight, True), (lambda b: b.mlp.c_fc.bias, False),
+                (lambda b: b.mlp.c_proj.weight, True), (lambda b: b.mlp.c_proj.bias, False))]
+
+        ln1w, ln1b, qkvw, qkvb, ow, ob, ln2w, ln2b, fcw, fcb, pw, pb = (
+            t if t.dim() == 3 else t[:, None] for t in self._stacked(f"mtp{n}", groups))
+        a = F.layer_norm(x, (D,), eps=eps) * ln1w + ln1b
+        q, k, v = (t.reshape(n, R, H, D // H).transpose(1, 2) for t in torch.baddbmm(qkvb, a, qkvw).split(D, dim=2))
+        kc, vc = attn.cache.k[first : first + n, 0], attn.cache.v[first : first + n, 0]
+        kc.index_copy_(2, attn.slots, k)
+        vc.index_copy_(2, attn.slots, v)
+        s = attn.mask.shape[-1]
+        y = F.scaled_dot_product_attention(q, kc[:, :, :s], vc[:, :, :s], attn_mask=attn.mask)
+        x = x + torch.baddbmm(ob, y.transpose(1, 2).reshape(n, R, D), ow)
+        h = F.gelu(torch.baddbmm(fcb, F.layer_norm(x, (D,), eps=eps) * ln2w + ln2b, fcw), approximate="tanh")
+        x = x + torch.baddbmm(pb, h, pw)
+        return self.ln_f(x)
 
     def forward(self, idx, pos=None, *, attn: Attn | None = None, heads: int | None = None,
                 select: torch.Tensor | None = None, logits: bool = True) -> ModelOutput:
@@ -558,6 +650,25 @@ class MedusaModel(_Family):
         if j == 0 or self.medusa[j - 1].proj is None:
             return self.unembed_weight
         return self.medusa[j - 1].proj.weight
+
+    def decode_hidden(self, idx, pos, attn: Attn):
+        h = self.base.hidden_states(idx, pos, attn)
+        return h, h
+
+    def draft_hidden(self, carry, n, attn=None):
+        """MEDUSA heads 1..n on the rows [1, R, D] at once: each residual layer is one batched
+        matmul over the heads' stacked weights, [R, n, D]."""
+        if n == 0:
+            return super().draft_hidden(carry, 0)
+        def groups():
+            lin = [[h.blocks[i].linear for h in self.medusa[:n]] for i in range(self.config.medusa_layers)]
+            return [g for layer in lin for g in (([m.weight for m in layer], True), ([m.bias for m in layer], False))]
+
+        stacked = self._stacked(f"medusa{n}", groups)
+        x = carry.expand(n, -1, -1)
+        for w, b in zip(stacked[0::2], stacked[1::2]):
+            x = x + F.silu(torch.baddbmm(b[:, None], x, w))
+        return x.permute(1, 0, 2)
 
     def forward(self, idx, pos=None, *, attn: Attn | None = None, heads: int | None = None,
                 select: torch.Tensor | None = None, logits: bool = True) -> ModelOutput:

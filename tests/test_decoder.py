@@ -286,3 +286,47 @@ def test_nan_logits_are_a_clear_error_not_a_token(strategy, kernels, gpt2_model,
     prompt = random_prompts(1, seed=3)[0]
     with pytest.raises(ValueError, match="logits are NaN at generated token 0"):
         generate(model, prompt, max_new_tokens=8, strategy=strategy, kernels=kernels)
+
+
+@pytest.mark.parametrize("kind", ["mtp", "medusa"])
+@pytest.mark.parametrize("tree", ["chain:3", "3,2,1"])
+def test_draft_heads_see_what_a_full_forward_sees(kind, tree, medusa_model, mtp_model):
+    """The draft heads run only on accepted nodes (MTP: its head blocks over the accepted path,
+    batched, with rows past the accepted length written and later overwritten): at every step,
+    the hidden states the next drafts come from equal those of one causal forward pass over
+    the whole decoded sequence at the last accepted position."""
+    model = medusa_model if kind == "medusa" else mtp_model
+    dec = Decoder(model, kind, tree=tree)
+    drafts = dec.step._drafts
+    accepted = []
+    for prompt in PROMPTS[:4]:
+        seen = []
+        dec.step._drafts = lambda h: (seen.append(h.clone()), drafts(h))[1]
+        out = dec.generate(prompt, max_new_tokens=MAX_NEW)
+        assert len(seen) == 1 + len(out.accept_lengths)  # begin, then one per step
+        seq = torch.tensor(list(prompt) + out.tokens)
+        with torch.no_grad():
+            full = model(seq[None], heads=dec.step.heads, logits=False).hidden[0]  # [L, J, D]
+        pos = len(prompt) - 1
+        for h, n in zip(seen, [0] + out.accept_lengths):
+            pos += n
+            if pos < len(seq):  # the last step may accept past max_new_tokens
+                torch.testing.assert_close(h, full[pos], atol=2e-5, rtol=1e-4)
+        accepted += out.accept_lengths
+    assert len(set(accepted)) > 1  # short and long accepted paths both happened
+
+
+def test_stacked_head_weights_follow_the_parameters():
+    """The draft heads' stacked weights are refreshed when a head's parameters change in place."""
+    model = perturbed("medusa")
+    x = torch.randn(1, 2, model.config.n_embd)
+    with torch.no_grad():
+        before = model.draft_hidden(x, N_DRAFT_HEADS)
+        model.medusa[0].blocks[0].linear.weight.add_(1.0)
+        after = model.draft_hidden(x, N_DRAFT_HEADS)
+        model.medusa[0].blocks[0].linear.weight.sub_(1.0)
+        again = model.draft_hidden(x, N_DRAFT_HEADS)
+    ref = torch.stack([model.medusa[k](x[0]) for k in range(N_DRAFT_HEADS)], dim=1)
+    assert not torch.allclose(before[:, 0], after[:, 0])
+    torch.testing.assert_close(before[:, 1:], after[:, 1:])
+    torch.testing.assert_close(again, ref)

@@ -105,11 +105,19 @@ def test_whole_model_tree_step_equals_eager(model_type):
         cache = model.new_cache(1, cfg.n_positions)
         prefill(model, cache, prompt, heads=heads)
         p = torch.tensor(len(prompt), device=DEV)
-        forward = _Forward(model, cache, T, heads, fused)
-        hidden = forward(tokens, p, len(prompt), tt.depth, tt.dense_mask, tt.mask)
-        results.append((hidden, cache))
+        forward = _Forward(model, cache, T, fused)
+        h0, carry = forward(tokens, p, len(prompt), tt.depth, tt.dense_mask, tt.mask)
+        # The draft heads over a 4-node accepted path (MTP: its head blocks, fused one by
+        # one or eagerly as one batch, writing their own cache layers).
+        chain = Tree.chain(3).tensors(DEV)
+        attn = _Forward(model, cache, 4, fused).attn(p, len(prompt), chain.dense_mask, chain.mask)
+        drafts = model.draft_hidden(carry[[0, 1, 3, 5]][None], heads - 1, attn)
+        results.append(((h0, carry, drafts), cache))
     (h_e, c_e), (h_f, c_f) = results
-    check_close(h_f, h_e, what="hidden states")
+    check_close(h_f[0], h_e[0], what="head 0 hidden states")
+    check_close(h_f[1], h_e[1], what="draft heads' carry")
+    if heads > 1:
+        check_close(h_f[2], h_e[2], what="draft heads' hidden states")
     check_close(c_f.k, c_e.k, what="k cache")
     check_close(c_f.v, c_e.v, what="v cache")
 
