@@ -53,7 +53,7 @@ def distill(model, data, out, *, max_new_tokens: int = 128, temperature: float =
     from mtpkern.data import format_prompt, load_prompts, load_tokenizer
     from mtpkern.decoder import Decoder
     from mtpkern.model import load_model
-    from mtpkern.runtime import resolve_device, resolve_dtype
+    from mtpkern.runtime import dtype_name, resolve_device, resolve_dtype
 
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
@@ -66,13 +66,14 @@ def distill(model, data, out, *, max_new_tokens: int = 128, temperature: float =
         raise ValueError(f"--out {str(out)!r} must name a .jsonl file (one record per line)")
     if out.is_dir():
         raise ValueError(f"--out {str(out)!r} is a directory, not a .jsonl file")
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
     settings = dict(model=str(model), data=str(data), max_new_tokens=max_new_tokens, temperature=float(temperature),
-                    top_p=float(top_p), seed=seed, limit=limit)
+                    top_p=float(top_p), seed=seed, limit=limit, dtype=dtype_name(dt))
     prompts = load_prompts(data, seed=seed, limit=limit)
     kept = _resume(out, settings, prompts)
 
-    dev = resolve_device(device)
-    net = load_model(model, device=dev, dtype=resolve_dtype(dtype, dev)).eval()
+    net = load_model(model, device=dev, dtype=dt).eval()
     tokenizer = load_tokenizer(model)
     eos, ctx = tokenizer.eos_token_id, net.config.n_positions
     encoded = tokenizer([format_prompt(r["query"]) for r in prompts], add_special_tokens=False)["input_ids"]

@@ -34,7 +34,8 @@ JSON schema (``schema == "mtpkern.eval/1"``)::
       quality: {val_loss, ppl, ppl_of (which path), head_top1 [J], head_top5 [J],
                 bleu (0-100), answer_accuracy (0-1), n_samples,
                 original_base? (medusa2 runs: {path, val_loss, ppl, answer_accuracy} of the
-                frozen base they started from, on the same split and prompts)},
+                frozen base they started from, on the same split and prompts; None values and
+                an ``error`` when it can no longer be loaded)},
       speed: {<strategy>: {tokens_per_second, latency_s, new_tokens, mean_accept_length,
                           forward_passes_per_token, speedup_theoretical, speedup_vs_ntp,
                           speedup_vs_hf, agrees_with_ntp, accept_lengths [int], tree?},
@@ -404,7 +405,12 @@ def original_base_quality(base, loader, prompts, refs, tokenizer, *, device, dty
     from mtpkern.model import MedusaModel, load_model
     from mtpkern.train import evaluate_heads
 
-    model = load_model(base, device=device, dtype=dtype).eval()
+    from mtpkern.checkpoint import CheckpointError
+
+    try:
+        model = load_model(base, device=device, dtype=dtype).eval()
+    except (CheckpointError, OSError) as e:  # moved or deleted since the run: say so, evaluate the rest
+        return dict(path=str(base), val_loss=None, ppl=None, answer_accuracy=None, error=str(e).splitlines()[0])
     if isinstance(model, MedusaModel):
         model = model.base
     heads = evaluate_heads(model, loader, device, max_batches=max_batches)

@@ -204,6 +204,12 @@ def test_evaluate_shows_projections_and_what_medusa2_traded(runs, tmp_path):
     table = (tmp_path / "e.md").read_text()
     assert "| proj (medusa, own projections) |" in table and "| m2 (medusa2) |" in table
     assert "m2 (MEDUSA-2) trades quality" in table
+    # a base moved away since the run is reported, not fatal
+    from mtpkern.eval import original_base_quality
+
+    gone = original_base_quality(tmp_path / "moved", None, [], [], None, device="cpu", dtype=torch.float32,
+                                 max_batches=1, max_new_tokens=4, kernels="auto")
+    assert gone["ppl"] is None and "moved" in gone["error"]
 
 
 def test_json_pointing_at_a_directory_fails_before_evaluating(tmp_path, monkeypatch):
