@@ -20,8 +20,9 @@ same prompts (the first ``--head-records`` records of the corpus). They are meas
 held-out problems of every kind (another seed of the generator):
 
 - mean accepted length: greedy MEDUSA decoding through the engine (``mtpkern.eval``'s
-  ``decode_prompts`` with its evaluation tree), tokens per verification step; the tokens are
-  checked against the model's own greedy ``ntp`` (lossless);
+  ``decode_prompts``) with one tree for every variant (``eval_tree``: top-4, top-2, top-1),
+  tokens per verification step; the tokens are checked against the model's own greedy
+  ``ntp`` (lossless);
 - top-1 accuracy per head against the corpus' responses (``corpus top-1``) and against the
   model's own greedy responses (``own top-1``: what acceptance depends on), both from
   ``mtpkern.train.evaluate_heads``;
@@ -44,7 +45,7 @@ import torch
 
 from mtpkern.data import SYNTHETIC_KINDS, SFTDataset, collate, format_prompt, load_tokenizer, synthetic_records
 from mtpkern.distill import distill
-from mtpkern.eval import decode_prompts, eval_tree, speed_summary
+from mtpkern.eval import decode_prompts, decoders_for, eval_tree, speed_summary
 from mtpkern.model import load_model
 from mtpkern.train import TrainConfig, evaluate_heads, train
 
@@ -79,8 +80,9 @@ def measure(checkpoint: str, eval_records: list[dict], max_new_tokens: int) -> d
     eos = tokenizer.eos_token_id
     prompts = [torch.tensor([tokenizer(format_prompt(r["query"]), add_special_tokens=False)["input_ids"]])
                for r in eval_records]
+    tree = eval_tree(model.config.n_heads)  # one tree for every variant, not each one's calibrated tree
     runs = decode_prompts(model, prompts, max_new_tokens=max_new_tokens, eos_token_id=eos, hf_baseline=False,
-                          progress=False)
+                          progress=False, decoders=decoders_for(model, tree=tree))
     speed = speed_summary(runs, eos)["medusa"]
     own = [dict(r, response=tokenizer.decode([t for t in toks if t != eos], skip_special_tokens=True))
            for r, toks in zip(eval_records, runs["ntp"]["tokens"])]
@@ -93,7 +95,7 @@ def measure(checkpoint: str, eval_records: list[dict], max_new_tokens: int) -> d
     corpus, mine = heads(eval_records), heads(own)
     return dict(accept_length=speed["mean_accept_length"], lossless=speed["agrees_with_ntp"],
                 corpus_top1=corpus["acc_top1"][1:], own_top1=mine["acc_top1"][1:], ppl=corpus["ppl"],
-                tree=repr(eval_tree(model.config.n_heads)))
+                tree=runs["medusa"]["tree"])
 
 
 def main(argv=None) -> dict:

@@ -74,7 +74,7 @@ from mtpkern.tree import Tree
 
 CALIBRATION_NAME = "calibration.json"
 SCHEMA = "mtpkern.calibration/1"
-COST_SCHEMA = "mtpkern.step_cost/1"
+COST_SCHEMA = "mtpkern.step_cost/2"  # /2: verification runs head 0 alone (decoder)
 TOPK = 10  # ranks calibrated per head
 COST_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)  # tree tokens T at which a step is timed
 COST_ROUNDS = 2

@@ -102,9 +102,16 @@ def prefill(model, cache: KVCache, input_ids: torch.Tensor, *, heads: int) -> to
     # for short trees over a long prefix, the prompt is the opposite.
     pos = torch.arange(P, device=input_ids.device)
     causal = torch.ones(P, P, dtype=torch.bool, device=input_ids.device).tril()
-    out = model(input_ids[None], pos, attn=Attn(cache, pos, mask=causal), heads=heads,
-                select=pos[-1:], logits=False)
-    return out.hidden[0, 0]
+    attn = Attn(cache, pos, mask=causal)
+    h0, carry = model.decode_hidden(input_ids[None], pos, attn)
+    last = h0[0, -1:]
+    if heads == 1:
+        return last
+    if model.draft_on_path:  # MTP: the draft heads' blocks fill their caches over the whole prompt
+        drafts = model.draft_hidden(carry, heads - 1, attn)[-1]
+    else:
+        drafts = model.draft_hidden(last[None], heads - 1)[0]
+    return torch.cat([last, drafts])
 
 
 def _check_room(cache: KVCache, prefix_len: int, T: int) -> None:

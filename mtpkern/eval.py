@@ -226,29 +226,40 @@ def hf_decoder(model, max_new_tokens: int, eos_token_id: int | None, *, static_c
     return run
 
 
+def decoders_for(model, *, kernels: str = "auto", cuda_graph: bool = False, tree=None) -> dict:
+    """One ``mtpkern.Decoder`` per strategy of ``model``, built once and reused over prompts
+    (as a user holds one). The speculative strategy's tree: ``tree``, else the decoder's
+    default (``auto`` when the checkpoint carries calibration, else ``default_tree``)."""
+    from mtpkern.decoder import Decoder
+
+    return {s: Decoder(model, s, kernels=kernels, cuda_graph=cuda_graph, tree=None if s == "ntp" else tree)
+            for s in strategies_for(model)}
+
+
 def decode_prompts(model, prompts: list[torch.Tensor], *, max_new_tokens: int, eos_token_id: int | None,
                    kernels: str = "auto", cuda_graph: bool = False, hf_baseline: bool = True,
-                   progress: bool = True, desc: str = "") -> dict:
+                   progress: bool = True, desc: str = "", decoders: dict | None = None) -> dict:
     """Greedy-decode every prompt with each strategy of ``model`` (and ``transformers``).
 
     Returns ``{strategy: {"tokens": [[int]], "times": [s], "steps": [int],
-    "accept_lengths": [int]}}`` (``"hf"`` without steps). Each strategy first decodes
-    ``prompts[0]`` once untimed (warm-up: allocator, kernel caches, CUDA graph capture).
+    "accept_lengths": [int]}}`` (``"hf"`` without steps; speculative strategies also
+    ``"tree"``, the tree decoded with). Each strategy first decodes ``prompts[0]`` once
+    untimed (warm-up: allocator, kernel caches, CUDA graph capture). ``decoders``: from
+    :func:`decoders_for` (built here when not given).
     """
-    from mtpkern.generate import generate
-
     device = model.device
+    decoders = decoders or decoders_for(model, kernels=kernels, cuda_graph=cuda_graph)
     runners = {}
-    for strategy in strategies_for(model):
-        kw = dict(max_new_tokens=max_new_tokens, strategy=strategy, eos_token_id=eos_token_id,
-                  kernels=kernels, cuda_graph=cuda_graph)
-        if strategy == "medusa":
-            kw["tree"] = eval_tree(model.config.n_heads)
-        runners[strategy] = lambda ids, kw=kw: generate(model, ids, **kw)
+    for strategy, dec in decoders.items():
+        runners[strategy] = lambda ids, dec=dec: dec.generate(ids, max_new_tokens=max_new_tokens,
+                                                              eos_token_id=eos_token_id)
     if hf_baseline:
         runners["hf"] = hf_decoder(model, max_new_tokens, eos_token_id)
 
     runs = {name: {"tokens": [], "times": [], "steps": [], "accept_lengths": []} for name in runners}
+    for strategy, dec in decoders.items():
+        if strategy != "ntp":
+            runs[strategy]["tree"] = f"dynamic:{dec.tree_nodes - 1}" if dec.dynamic else repr(dec.tree)
     with torch.inference_mode():
         for run in runners.values():
             run(prompts[0])
@@ -344,8 +355,9 @@ def evaluate_checkpoint(path, *, data: str | None = None, device: torch.device, 
     heads = evaluate_heads(model, loader, device, max_batches=max_batches)
 
     # Generation: the same prompts for every strategy; prompts that leave no room are skipped.
-    slack = {"gpt2": 1, "mtp": model.n_heads, "medusa": len(eval_tree(model.config.n_heads))}
-    room = model.config.n_positions - max_new_tokens - slack[model.config.model_type]  # draft slots
+    decoders = decoders_for(model, kernels=kernels, cuda_graph=cuda_graph)
+    slack = max(d.tree_nodes for d in decoders.values())  # draft slots
+    room = model.config.n_positions - max_new_tokens - slack
     samples, prompts = [], []
     for rec in val:
         ids = tokenizer(format_prompt(rec["query"]), add_special_tokens=False)["input_ids"]
@@ -360,12 +372,14 @@ def evaluate_checkpoint(path, *, data: str | None = None, device: torch.device, 
     eos = tokenizer.eos_token_id
     reset_peak_memory(device)
     runs = decode_prompts(model, prompts, max_new_tokens=max_new_tokens, eos_token_id=eos, kernels=kernels,
-                          cuda_graph=cuda_graph, hf_baseline=hf_baseline, progress=progress, desc=name)
+                          cuda_graph=cuda_graph, hf_baseline=hf_baseline, progress=progress, desc=name,
+                          decoders=decoders)
     peak, kind = peak_memory(device)
     memory = dict(decode_peak_bytes=peak, kind=kind)
     speed = speed_summary(runs, eos)
-    if "medusa" in speed:
-        speed["medusa"]["tree"] = repr(eval_tree(model.config.n_heads))
+    for strategy in ("mtp", "medusa"):
+        if strategy in speed:
+            speed[strategy]["tree"] = runs[strategy]["tree"]
     if speed["hf"] is not None:
         speed["hf"]["weights"] = {"gpt2": "the model", "mtp": "trunk + head-0 block as a GPT-2",
                                   "medusa": "the base"}[model.config.model_type]
@@ -401,11 +415,10 @@ def original_base_quality(base, loader, prompts, refs, tokenizer, *, device, dty
                           kernels) -> dict:
     """The quality a MEDUSA-2 run traded: the original (frozen) base's validation loss,
     perplexity and greedy answer accuracy on the same split and prompts as the new backbone."""
+    from mtpkern.checkpoint import CheckpointError
     from mtpkern.generate import generate
     from mtpkern.model import MedusaModel, load_model
     from mtpkern.train import evaluate_heads
-
-    from mtpkern.checkpoint import CheckpointError
 
     try:
         model = load_model(base, device=device, dtype=dtype).eval()

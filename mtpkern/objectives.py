@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 from mtpkern.data import IGNORE_INDEX
 from mtpkern.model import GPT2, MedusaModel, MTPModel
-from mtpkern.ops.linear_cross_entropy import linear_cross_entropy
+from mtpkern.ops.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_accumulate_
 
 # ----------------------------------------------------------------------------- losses
 
@@ -162,8 +162,29 @@ def mtp_loss_and_backward(model: MTPModel, idx, labels, *, scale: float = 1.0, n
     h_leaf = h.detach().requires_grad_()
     per_head = []
     backward = torch.autocast(idx.device.type, enabled=False)
+    W = model.unembed_weight
+    # Fused: the heads' shared unembedding gradient is added into W.grad in place by each head
+    # (linear_cross_entropy_accumulate_), never one [V, D] buffer per head beside it.
+    into = (fused and W.requires_grad and W.dtype in (torch.float32, torch.float64)
+            and all(model.head_weight(j) is W for j in range(J)))
+    if into and W.grad is None:
+        W.grad = torch.zeros_like(W, dtype=torch.float64 if W.dtype == torch.float64 else torch.float32)
     for j in range(J):
-        ce = head_loss(model, model.head_forward(j, h_leaf), labels, j, n_tokens, fused)
+        hidden_j = model.head_forward(j, h_leaf)
+        if into:
+            T = labels.shape[1]
+            target = labels[:, j + 1 :].flatten()
+            n = (target != IGNORE_INDEX).sum().clamp(min=1) if n_tokens is None else max(n_tokens[j], 1)
+            g = torch.as_tensor(scale / J, dtype=torch.float64, device=W.device) / n
+            if scaler is not None:
+                g = scaler.scale(g)
+            x = hidden_j[:, : T - j - 1].flatten(0, 1)
+            ce_sum, grad_x = linear_cross_entropy_accumulate_(x, W, target, W.grad, g, IGNORE_INDEX)
+            with backward:
+                x.backward(grad_x)
+            per_head.append((ce_sum / n).detach().float())
+            continue
+        ce = head_loss(model, hidden_j, labels, j, n_tokens, fused)
         part = ce * (scale / J)
         with backward:
             (scaler.scale(part) if scaler is not None else part).backward()

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from mtpkern.cli import main as cli_main
 from mtpkern.model import GPT2, GPT2Config, MedusaModel, MTPModel
-from mtpkern.ops.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_ref
+from mtpkern.ops.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_accumulate_, linear_cross_entropy_ref
 from mtpkern.train import TrainConfig, evaluate_heads, medusa_loss, mtp_loss_and_backward, mtp_loss_naive, ntp_loss, train
 
 lce_mod = importlib.import_module("mtpkern.ops.linear_cross_entropy")
@@ -384,3 +384,62 @@ def test_cpu_training_keeps_the_reference_unless_the_kernel_is_forced(monkeypatc
     monkeypatch.setenv("MTPKERN_BACKEND", "triton")
     torch.testing.assert_close(linear_cross_entropy(h, w, y), ref)
     assert calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("N, V, D", [(1, 97, 16), (37, 300, 24)])
+def test_accumulate_adds_the_weight_gradient_in_place(N, V, D, dtype, small_chunks):
+    """linear_cross_entropy_accumulate_: the summed loss and dL/dhidden of grad_scale * sum CE,
+    and dL/dweight added onto what grad_weight already held."""
+    hidden, weight, labels, _ = _inputs(N, V, D, dtype)
+    scale = 0.37
+    start = torch.randn(V, D, generator=torch.Generator().manual_seed(3)).to(DEV)
+    acc = start.clone()
+    loss, grad_h = linear_cross_entropy_accumulate_(hidden, weight, labels, acc, torch.tensor(scale))
+    h32, w32 = _fp32(hidden, weight)
+    ref = unfused(h32, w32, labels, None, "sum")
+    ref_h, ref_w = torch.autograd.grad(ref * scale, (h32, w32))
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(loss.float(), ref.detach(), atol=tol * max(1.0, ref.abs().item()), rtol=0)
+    torch.testing.assert_close(grad_h.float(), ref_h, atol=tol, rtol=0)
+    assert grad_h.dtype == dtype and acc.dtype == torch.float32
+    torch.testing.assert_close(acc - start, ref_w, atol=tol, rtol=0)
+
+
+@pytest.mark.parametrize("interpret", ["1", "0"], ids=["kernel", "reference"])
+def test_accumulate_opcheck(interpret, monkeypatch):
+    if DEV == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", interpret)
+    hidden, weight, labels, _ = _inputs(7, 50, 8, torch.float32)
+    acc = torch.zeros(50, 8, device=DEV)
+    torch.library.opcheck(torch.ops.mtpkern.linear_cross_entropy_accumulate_.default,
+                          (hidden.detach(), weight.detach(), labels, IGNORE, torch.tensor(0.5), acc))
+
+
+@pytest.mark.parametrize("acc, match", [
+    (lambda w: torch.zeros(w.shape[0] + 1, w.shape[1]), r"grad_weight must be float32 \(51, 8\)"),
+    (lambda w: torch.zeros(w.shape, dtype=torch.float16), "grad_weight must be float32"),
+    (lambda w: torch.zeros(w.shape[1], w.shape[0]).T, "grad_weight must be contiguous"),
+])
+def test_accumulate_bad_inputs(acc, match):
+    hidden, weight, labels, _ = _inputs(7, 51, 8, torch.float32, device="cpu")
+    with pytest.raises(ValueError, match=match):
+        linear_cross_entropy_accumulate_(hidden, weight, labels, acc(weight), 1.0)
+    with pytest.raises(ValueError, match="grad_scale must be a 0-d tensor"):
+        linear_cross_entropy_accumulate_(hidden, weight, labels, torch.zeros(51, 8), torch.ones(2))
+
+
+def test_mtp_efficient_fused_accumulates_over_micro_batches():
+    """Two micro-batches into the same .grad (gradient accumulation): the fused memory-efficient
+    MTP order adds into the unembedding's existing gradient exactly as autograd does."""
+    model = _models()["mtp"].train()
+    g = torch.Generator().manual_seed(2)
+    batches = [torch.randint(0, 97, (2, 17), generator=g) for _ in range(2)]
+    grads = {}
+    for fused in (False, True):
+        model.zero_grad(set_to_none=True)
+        for idx in batches:
+            mtp_loss_and_backward(model, idx, idx.clone(), scale=0.5, fused=fused)
+        grads[fused] = {n: p.grad.clone() for n, p in model.named_parameters()}
+    for name, grad in grads[False].items():
+        torch.testing.assert_close(grads[True][name], grad, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")

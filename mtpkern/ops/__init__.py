@@ -21,7 +21,11 @@ docstring relates it to ``backend=`` and ``generate(kernels=)``.
 from mtpkern.ops._backend import HAS_CUDA_EXT, HAS_TRITON, forced_backend
 from mtpkern.ops.fused_logits import LogitsStats, fused_logits, fused_logits_ref
 from mtpkern.ops.kv_compact import kv_compact_, kv_compact_ref_
-from mtpkern.ops.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_ref
+from mtpkern.ops.linear_cross_entropy import (
+    linear_cross_entropy,
+    linear_cross_entropy_accumulate_,
+    linear_cross_entropy_ref,
+)
 from mtpkern.ops.linear_residual import linear_residual, linear_residual_ref
 from mtpkern.ops.ln_fc_gelu import ln_fc_gelu, ln_fc_gelu_ref
 from mtpkern.ops.ln_qkv import ln_qkv, ln_qkv_ref
@@ -33,7 +37,7 @@ __all__ = [
     "HAS_CUDA_EXT", "HAS_TRITON", "forced_backend",
     "LogitsStats", "fused_logits", "fused_logits_ref",
     "kv_compact_", "kv_compact_ref_",
-    "linear_cross_entropy", "linear_cross_entropy_ref",
+    "linear_cross_entropy", "linear_cross_entropy_accumulate_", "linear_cross_entropy_ref",
     "linear_residual", "linear_residual_ref", "ln_fc_gelu", "ln_fc_gelu_ref", "ln_qkv", "ln_qkv_ref",
     "pack_tree_mask", "unpack_tree_mask", "tree_attention", "tree_attention_ref",
     "TreeBuffers", "tree_buffers", "tree_buffers_ref",

@@ -124,7 +124,7 @@ def _chunk_rows(N: int, V: int) -> int:
 def linear_cross_entropy_ref(
     hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor] = None, ignore_index: int = -100,
     row_grad: Optional[Tensor] = None, needs: tuple[bool, bool, bool] = (True, True, True),
-    grad_scale: Optional[Tensor] = None, *, kernel: bool = False,
+    grad_scale: Optional[Tensor] = None, *, kernel: bool = False, grad_w_into: Optional[Tensor] = None,
 ):
     """Reference (and the CPU implementation): the chunked pass described in the module docstring.
 
@@ -136,7 +136,8 @@ def linear_cross_entropy_ref(
     In fp32 throughout: the weight is read in fp32 (a copy for half inputs), so at most C * V
     logits and one chunk of their gradient exist at a time. ``kernel=True`` is the launcher:
     the Triton kernel does each chunk's cross-entropy, and the matmuls run in the inputs' dtype
-    with fp32 logits and fp32 accumulation over chunks.
+    with fp32 logits and fp32 accumulation over chunks. ``grad_w_into``: a [V, D] fp32 tensor the
+    chunks' dL/dW are added into (then ``grad_scale`` must be None: fold it into ``row_grad``).
     """
     N, D = hidden.shape
     V = weight.shape[0]
@@ -149,6 +150,8 @@ def linear_cross_entropy_ref(
     grads = row_grad is not None
     grad_h = torch.empty(N, D, dtype=acc, device=dev) if grads and needs[0] else None
     grad_w = torch.zeros(V, D, dtype=acc, device=dev) if grads and needs[1] else None
+    if grad_w_into is not None:
+        grad_w = grad_w_into
     grad_b = torch.zeros(V, dtype=acc, device=dev) if grads and needs[2] and bias is not None else None
     loss = torch.empty(N, dtype=acc, device=dev)
     rank = torch.empty(N, dtype=torch.int64, device=dev)
@@ -177,7 +180,7 @@ def linear_cross_entropy_ref(
         if grad_b is not None:
             grad_b += z.sum(0)
     if grad_scale is not None:
-        for t in (grad_h, grad_w, grad_b):
+        for t in (grad_h, grad_b) if grad_w_into is not None else (grad_h, grad_w, grad_b):
             if t is not None:
                 t *= grad_scale
     return loss, rank, grad_h, grad_w, grad_b
@@ -248,11 +251,11 @@ def _launch(z: Tensor, labels: Tensor, row_grad: Optional[Tensor], ignore_index:
 INTERPRET_ON_CPU = False
 
 
-def _run(hidden, weight, labels, bias, ignore_index, row_grad, needs, grad_scale=None):
+def _run(hidden, weight, labels, bias, ignore_index, row_grad, needs, grad_scale=None, grad_w_into=None):
     use_kernel = (_backend.pick(hidden.device, ("triton", "eager")) == "triton" and hidden.dtype != torch.float64
                   and (hidden.device.type != "cpu" or INTERPRET_ON_CPU or _backend.forced_backend() == "triton"))
     return linear_cross_entropy_ref(hidden, weight, labels, bias, ignore_index, row_grad, needs, grad_scale,
-                                    kernel=use_kernel)
+                                    kernel=use_kernel, grad_w_into=grad_w_into)
 
 
 # ----------------------------------------------------------------------------- registration
@@ -361,6 +364,35 @@ def _backward(ctx, grad_loss, *_):
 torch.library.register_autograd("mtpkern::linear_cross_entropy", _backward, setup_context=_setup_context)
 
 
+@torch.library.custom_op("mtpkern::linear_cross_entropy_accumulate_", mutates_args=("grad_weight",))
+def _linear_cross_entropy_accumulate_op(
+    hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int, grad_scale: Tensor, grad_weight: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """(sum of the valid rows' losses, dL/dhidden) for L = grad_scale * that sum, with dL/dweight
+    added into ``grad_weight`` in place (no autograd: the caller drives the backward)."""
+    _check_inputs(hidden, weight, labels, None, ignore_index, "sum")
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    if grad_weight.shape != weight.shape or grad_weight.dtype != acc or grad_weight.device != hidden.device:
+        raise ValueError(f"grad_weight must be {str(acc).removeprefix('torch.')} {tuple(weight.shape)} on "
+                         f"{hidden.device}, got {str(grad_weight.dtype).removeprefix('torch.')} "
+                         f"{tuple(grad_weight.shape)} on {grad_weight.device}")
+    if grad_scale.dim() != 0:
+        raise ValueError(f"grad_scale must be a 0-d tensor, got shape {tuple(grad_scale.shape)}")
+    if not grad_weight.is_contiguous():
+        raise ValueError("grad_weight must be contiguous")
+    row_grad = (labels != ignore_index).to(acc) * grad_scale.to(device=hidden.device, dtype=acc)
+    loss, _, gh, _, _ = _run(hidden, weight, labels, None, ignore_index, row_grad, (True, True, False),
+                             grad_w_into=grad_weight)
+    return loss.sum(), gh.to(hidden.dtype)
+
+
+@_linear_cross_entropy_accumulate_op.register_fake
+def _(hidden, weight, labels, ignore_index, grad_scale, grad_weight):
+    _check_inputs(hidden, weight, labels, None, ignore_index, "sum")
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    return hidden.new_empty((), dtype=acc), hidden.new_empty(hidden.shape)
+
+
 # ----------------------------------------------------------------------------- public
 
 
@@ -398,4 +430,25 @@ def linear_cross_entropy(
     return loss, hits
 
 
-__all__ = ["linear_cross_entropy", "linear_cross_entropy_ref", "REDUCTIONS"]
+def linear_cross_entropy_accumulate_(hidden: Tensor, weight: Tensor, labels: Tensor, grad_weight: Tensor,
+                                     grad_scale, ignore_index: int = -100) -> tuple[Tensor, Tensor]:
+    """One head's share of a backward whose heads share an unembedding (MTP in Gloeckle et al.'s
+    memory-efficient order): returns ``(sum of the valid rows' CE, dL/dhidden)`` for
+    ``L = grad_scale * sum_n CE_n`` and adds dL/dweight into ``grad_weight`` (fp32 [V, D], e.g.
+    the weight's ``.grad``) chunk by chunk. Through autograd every head's forward would hold a
+    [V, D] gradient of its own next to the accumulated ``.grad`` until its backward; here none
+    exists. Nothing is recorded for autograd: backpropagate dL/dhidden yourself
+    (``hidden_before_detach.backward(grad)``). ``grad_scale``: a number or a 0-d tensor (no host
+    sync). Under ``torch.autocast`` hidden and weight are cast to the autocast dtype first.
+    """
+    dev = hidden.device.type
+    if torch.is_autocast_enabled(dev):
+        dtype = torch.get_autocast_dtype(dev)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+    if not torch.is_tensor(grad_scale):
+        grad_scale = torch.tensor(float(grad_scale), dtype=torch.float64)
+    return torch.ops.mtpkern.linear_cross_entropy_accumulate_(hidden.detach(), weight.detach(), labels,
+                                                             int(ignore_index), grad_scale.detach(), grad_weight)
+
+
+__all__ = ["linear_cross_entropy", "linear_cross_entropy_accumulate_", "linear_cross_entropy_ref", "REDUCTIONS"]
