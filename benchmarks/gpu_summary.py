@@ -67,12 +67,22 @@ def agreement(report) -> list[str]:
     return lines
 
 
+def memory(report) -> list[str]:
+    lines = ["training step memory (peak MiB, vs ntp-fused, step s)"]
+    for r in report.get("results", []):
+        vs = r.get("vs_ntp_fused")
+        lines.append(f"  {r['variant']}: {r['peak_bytes'] / 2**20:.0f} MiB"
+                     + (f", {vs:.2f}x" if vs else "") + (f", {r['step_s']:.3f} s" if r.get("step_s") else ""))
+    return lines
+
+
 def main(out: str) -> None:
     out = Path(out)
     lines = stages(out)
     for file, show in (("bench_kernels.json", kernels), ("agreement.json", agreement),
                        ("bench_decode.json", lambda r: decode("bench_decode", r)),
-                       ("bench_e2e.json", lambda r: decode("mtpkern bench", r))):
+                       ("bench_e2e.json", lambda r: decode("mtpkern bench", r)),
+                       ("bench_mtp_memory.json", memory)):
         report = _load(out / file)
         if report is None:
             continue

@@ -143,8 +143,8 @@ class _Forward:
     kernels read the packed mask and the prefix directly.
     """
 
-    def __init__(self, model, cache: KVCache, T: int, fused: bool):
-        self.model, self.cache, self.fused = model, cache, fused
+    def __init__(self, model, cache: KVCache, T: int, fused: bool, final_norm: bool = True):
+        self.model, self.cache, self.fused, self.final_norm = model, cache, fused, final_norm
         self.offsets = torch.arange(T, device=cache.k.device)
         self.mask = torch.zeros(T, cache.max_len, dtype=torch.bool, device=cache.k.device)
         self.mask_prefix = 0  # slots [0, mask_prefix) of self.mask are on
@@ -171,7 +171,8 @@ class _Forward:
         return attn
 
     def __call__(self, tokens, prefix: torch.Tensor, prefix_host: int | None, depth, dense, packed):
-        h0, carry = self.model.decode_hidden(tokens[None], prefix + depth, self.attn(prefix, prefix_host, dense, packed))
+        attn = self.attn(prefix, prefix_host, dense, packed)
+        h0, carry = self.model.decode_hidden(tokens[None], prefix + depth, attn, final_norm=self.final_norm)
         return h0[0], carry[0]
 
 
@@ -185,8 +186,8 @@ class _Drafts:
     accepted node. Rejected nodes never reach the draft heads: a verification pass costs head
     0 alone, whatever the number of heads."""
 
-    def __init__(self, dec: Decoder, depth: int, n: int):
-        self.model, self.n = dec.model, n
+    def __init__(self, dec: Decoder, depth: int, n: int, normed: bool = True):
+        self.model, self.n, self.normed = dec.model, n, normed
         self.on_path = dec.model.draft_on_path and n > 0
         if self.on_path:
             tt = Tree.chain(depth).tensors(dec.device)
@@ -201,14 +202,16 @@ class _Drafts:
         """[1 + n, D]: head 0 and draft heads 1..n at the last accepted node."""
         last = last_node.view(1)
         h = h0.index_select(0, last)
+        if not self.normed:  # the verification's logits kernel applied the final norm itself
+            h = self.model.final_norm(h)
         if self.n == 0:
             return h
         if self.on_path:
             attn = self.rows.attn(prefix, prefix_host, *self.causal)
             d = self.model.draft_hidden(carry.index_select(0, path.clamp(min=0))[None], self.n, attn)
             d = d.index_select(0, accept_len.view(1))[0]
-        else:
-            d = self.model.draft_hidden(carry.index_select(0, last)[None], self.n)[0]
+        else:  # MEDUSA's heads start from head 0's normalised state
+            d = self.model.draft_hidden(h[None], self.n)[0]
         return torch.cat([h, d])
 
 
@@ -223,10 +226,18 @@ class _Logits:
     def _z(self, h, j):
         return h.float() @ self.model.head_weight(j).float().T
 
-    def argmax0(self, h: torch.Tensor) -> torch.Tensor:
-        """Head 0's argmax [R] from hidden states [R, D]."""
+    def norm(self, normed: bool) -> dict:
+        """``fused_logits``' arguments that apply the final norm (none when ``h`` is normed)."""
+        if normed:
+            return {}
+        ln = self.model.final_norm
+        return dict(norm_weight=ln.weight, norm_bias=ln.bias, eps=ln.eps)
+
+    def argmax0(self, h: torch.Tensor, normed: bool = True) -> torch.Tensor:
+        """Head 0's argmax [R] from hidden states [R, D] (before the final norm: ``normed=False``,
+        fused kernels only)."""
         if self.fused:
-            return fused_logits(h, self.model.head_weight(0), 1).argmax
+            return fused_logits(h, self.model.head_weight(0), 1, **self.norm(normed)).argmax
         # The ops' NaN contract: a row with a NaN logit has no argmax (-1), never a
         # valid-looking token. max() propagates NaN, so one reduction finds both.
         top, arg = self._z(h, 0).max(-1)
@@ -258,6 +269,7 @@ class _Step:
     device prefix) is updated in place, so a CUDA graph can capture ``body``."""
 
     T: int  # cache slots a step writes
+    logits_norm = True  # head 0 only goes through fused_logits (which can apply the final norm)
     heads: int  # heads the forward pass computes
     emit: int  # most tokens one step emits
     graphable: bool  # body is free of host syncs and host randomness
@@ -265,8 +277,11 @@ class _Step:
     def __init__(self, dec: Decoder):
         self.dec = dec
         self.prefix = torch.zeros((), dtype=torch.long, device=dec.device)
-        self.forward = _Forward(dec.model, dec.cache, self.T, dec.fused)
-        self.drafter = _Drafts(dec, self.heads - 1, self.heads - 1)
+        # With fused kernels the verification's logits kernel applies the final norm in its
+        # prologue (no launch of its own), where the step reads head 0 through it alone.
+        self.normed = not (dec.fused and self.logits_norm)
+        self.forward = _Forward(dec.model, dec.cache, self.T, dec.fused, final_norm=self.normed)
+        self.drafter = _Drafts(dec, self.heads - 1, self.heads - 1, normed=self.normed)
         self.in_place = False  # set while a CUDA graph is captured or replayed
 
     def _set(self, name: str, value: torch.Tensor) -> None:
@@ -292,6 +307,7 @@ class _NTPStep(_Step):
 
     def __init__(self, dec: Decoder):
         self.T, self.heads = 1, 1
+        self.logits_norm = not dec.sampling  # sampling reads the full logits
         super().__init__(dec)
         self.graphable = not dec.sampling
         one = torch.ones(1, 1, dtype=torch.bool, device=dec.device)
@@ -299,12 +315,12 @@ class _NTPStep(_Step):
         self.root = torch.zeros(1, dtype=torch.long, device=dec.device)
         self.count = torch.ones(1, dtype=torch.long, device=dec.device)
 
-    def _next(self, h):  # head-0 hidden states [1, D] -> [1]
+    def _next(self, h, normed: bool = True):  # head-0 hidden states [1, D] -> [1]
         dec = self.dec
         if dec.sampling:
             probs = sampling_probs(dec.model.head_logits(h, 0), dec.temperature, dec.top_k, dec.top_p)
             return torch.multinomial(probs, 1, generator=dec.generator)[:, 0]
-        return dec.logits.argmax0(h)
+        return dec.logits.argmax0(h, normed)
 
     def begin(self, hidden, prefix):
         self._start(prefix)
@@ -313,7 +329,7 @@ class _NTPStep(_Step):
 
     def body(self, prefix_host):
         h0, _ = self.forward(self.root, self.prefix, prefix_host, *self.tree)
-        self._set("root", self._next(h0))
+        self._set("root", self._next(h0, self.normed))
         self.prefix += 1
         return torch.cat([self.count, self.root])
 
@@ -377,13 +393,14 @@ class _TreeStep(_Step):
         dec = self.dec
         tokens, tree, paths, parents = self._candidates()
         h0, carry = self.forward(tokens, self.prefix, prefix_host, *tree)  # [T, D] each
-        target = dec.logits.argmax0(h0)
+        target = dec.logits.argmax0(h0, self.normed)
         if dec.acceptance == "greedy":
             res = verify_greedy(tokens, target, paths, backend=dec.ops_backend)
         else:
             # p(node | parent) and the parent's entropy, both at the sampling temperature.
             stats = fused_logits(h0[parents[1:]], dec.model.head_weight(0), 1, tokens[1:],
-                                 scale=1.0 / dec.temperature, backend=dec.logits_backend)
+                                 scale=1.0 / dec.temperature, backend=dec.logits_backend,
+                                 **dec.logits.norm(self.normed))
             one, zero = stats.lse.new_ones(1), stats.lse.new_zeros(1)
             node_prob = torch.cat([one, torch.exp(stats.target_logit - stats.lse)])
             parent_entropy = torch.cat([zero, stats.entropy])
@@ -446,6 +463,8 @@ def dynamic_tree(logp: torch.Tensor, ids: torch.Tensor, n_nodes: int, level_size
 
 class _ChainSamplingStep(_Step):
     """Speculative sampling over the chain root, drafts [n] (sampled from q [n, V])."""
+
+    logits_norm = False  # it samples from the full logits
 
     def __init__(self, dec: Decoder, tree: Tree):
         n = tree.max_depth
@@ -759,7 +778,7 @@ class Decoder:
         with: after ``model.to()`` or ``load_state_dict(assign=True)``, capture again)."""
         self._graph, self._graph_weights = None, None
         self.step.in_place = False
-        self.step.forward = _Forward(self.model, self.cache, self.step.T, self.fused)
+        self.step.forward = _Forward(self.model, self.cache, self.step.T, self.fused, final_norm=self.step.normed)
 
     def _prepare_graphs(self) -> None:
         weights = [t.data_ptr() for t in (*self.model.parameters(), *self.model.buffers())]

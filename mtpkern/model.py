@@ -364,9 +364,16 @@ class _Family(nn.Module):
 
     draft_on_path = False  # whether draft_hidden needs the whole accepted path (its KV caches)
 
-    def decode_hidden(self, idx, pos, attn: Attn) -> tuple[torch.Tensor, torch.Tensor]:
-        """(head 0's hidden states [B, T, D], the carry ``draft_hidden`` starts from [B, T, D])."""
+    def decode_hidden(self, idx, pos, attn: Attn, *, final_norm: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """(head 0's hidden states [B, T, D], the carry ``draft_hidden`` starts from [B, T, D]).
+        ``final_norm=False``: head 0's states before ``self.final_norm``, for a logits kernel
+        that applies the norm in its prologue (``fused_logits(norm_weight=...)``)."""
         raise NotImplementedError
+
+    @property
+    def final_norm(self) -> nn.LayerNorm:
+        """The LayerNorm between head 0's last block and the unembedding."""
+        return self.ln_f
 
     def draft_hidden(self, carry: torch.Tensor, n: int, attn: Attn | None = None) -> torch.Tensor:
         """Draft heads 1..n's hidden states [R, n, D] from carry rows [1, R, D] (MTP: at cache
@@ -463,13 +470,13 @@ class GPT2(_Family):
     def n_cache_layers(self) -> int:
         return self.config.n_layer
 
-    def hidden_states(self, idx, pos=None, attn: Attn | None = None) -> torch.Tensor:
-        """The final-normalised hidden states [B, T, D]."""
+    def hidden_states(self, idx, pos=None, attn: Attn | None = None, final_norm: bool = True) -> torch.Tensor:
+        """The final-normalised hidden states [B, T, D] (before the norm with ``final_norm=False``)."""
         x = self._blocks(self.h, self.embed(idx, pos), attn, 0)
-        return self.ln_f(x)
+        return self.ln_f(x) if final_norm else x
 
-    def decode_hidden(self, idx, pos, attn: Attn):
-        h = self.hidden_states(idx, pos, attn)
+    def decode_hidden(self, idx, pos, attn: Attn, *, final_norm: bool = True):
+        h = self.hidden_states(idx, pos, attn, final_norm)
         return h, h
 
     def forward(self, idx, pos=None, *, attn: Attn | None = None, heads: int | None = None,
@@ -526,16 +533,18 @@ class MTPModel(_Family):
         """The shared trunk's output [B, T, D] (not normalised)."""
         return self._blocks(self.trunk, self.embed(idx, pos), attn, 0)
 
-    def head_forward(self, k: int, h: torch.Tensor, attn: Attn | None = None) -> torch.Tensor:
-        """Head k on the trunk output: the final-normalised hidden states [B, T, D]."""
+    def head_forward(self, k: int, h: torch.Tensor, attn: Attn | None = None, final_norm: bool = True) -> torch.Tensor:
+        """Head k on the trunk output: the final-normalised hidden states [B, T, D] (before the
+        norm with ``final_norm=False``)."""
         first = self.config.n_layer - 1 + k
-        return self.ln_f(self._blocks(self.heads[k : k + 1], h, attn, first))
+        x = self._blocks(self.heads[k : k + 1], h, attn, first)
+        return self.ln_f(x) if final_norm else x
 
     draft_on_path = True
 
-    def decode_hidden(self, idx, pos, attn: Attn):
+    def decode_hidden(self, idx, pos, attn: Attn, *, final_norm: bool = True):
         h = self.trunk_forward(idx, pos, attn)
-        return self.head_forward(0, h, attn), h
+        return self.head_forward(0, h, attn, final_norm), h
 
     def draft_hidden(self, carry, n, attn=None):
         """Heads 1..n over the accepted path's trunk outputs. With eager attention the n head
@@ -651,9 +660,13 @@ class MedusaModel(_Family):
             return self.unembed_weight
         return self.medusa[j - 1].proj.weight
 
-    def decode_hidden(self, idx, pos, attn: Attn):
-        h = self.base.hidden_states(idx, pos, attn)
+    def decode_hidden(self, idx, pos, attn: Attn, *, final_norm: bool = True):
+        h = self.base.hidden_states(idx, pos, attn, final_norm)
         return h, h
+
+    @property
+    def final_norm(self) -> nn.LayerNorm:
+        return self.base.ln_f
 
     def draft_hidden(self, carry, n, attn=None):
         """MEDUSA heads 1..n on the rows [1, R, D] at once: each residual layer is one batched

@@ -159,3 +159,32 @@ def test_eager_kernels_never_reach_the_fused_layer(monkeypatch, medusa_model):
     assert not calls
     generate(medusa_model, prompt, max_new_tokens=4, strategy="medusa", kernels="fused")
     assert calls
+
+
+@pytest.mark.parametrize("strategy, rows_per_step", [("ntp", 0), ("medusa", 1), ("mtp", 0)])
+def test_final_norm_is_in_the_logits_kernel(strategy, rows_per_step, medusa_model, mtp_model):
+    """With fused kernels a greedy step runs no LayerNorm over its tree tokens: the logits kernel
+    normalises head 0 in its prologue (a speculative step normalises the one accepted row the
+    next drafts start from; MTP's draft heads end in their own norms), and the tokens equal
+    eager ntp's."""
+    model = mtp_model if strategy == "mtp" else medusa_model
+    norm = model.final_norm
+    calls = []
+    real = type(norm).forward
+    prompt = random_prompts(1, seed=8)[0]
+    eager = generate(model, prompt, max_new_tokens=8, strategy="ntp", kernels="eager")
+    try:
+        norm.forward = lambda x: calls.append(x.shape[-2]) or real(norm, x)
+        out = generate(model, prompt, max_new_tokens=8, strategy=strategy, kernels="fused")
+    finally:
+        del norm.forward
+    assert out.tokens == eager.tokens
+    # The prompt's pass: head 0's norm over the prompt (MTP: and its draft heads', batched).
+    step_rows = calls[1 if strategy != "mtp" else 2:]
+    if strategy == "ntp":
+        assert step_rows == []  # no norm call at all after the prompt
+    elif strategy == "medusa":
+        assert step_rows == [1] * len(out.accept_lengths)  # one row per step, never the tree
+    else:  # MTP: head 0's one accepted row, then each draft head's over the accepted path
+        depth = model.n_heads - 1
+        assert step_rows == ([1] + [depth + 1] * depth) * len(out.accept_lengths), calls

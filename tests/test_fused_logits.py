@@ -350,3 +350,67 @@ def test_cuda_torch_compile():
     out, ref = compiled(hidden, weight), fused_logits(hidden, weight, 10)
     assert torch.equal(out.topk_indices, ref.topk_indices)
     torch.testing.assert_close(out.entropy, ref.entropy)
+
+
+# ----------------------------------------------------------------------------- final LayerNorm prologue
+
+
+def _norm(D, dtype, seed=7, device=DEV):
+    g = torch.Generator().manual_seed(seed)
+    return ((1 + 0.3 * torch.randn(D, generator=g)).to(device, dtype), (0.2 * torch.randn(D, generator=g)).to(device, dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("R, V, D, k", [(1, 97, 32, 1), (5, 300, 48, 5), (17, 257, 40, 10), (70, 130, 16, 3)])
+def test_norm_prologue_matches_layer_norm_then_logits(R, V, D, k, dtype):
+    """fused_logits(h, W, norm=(g, b)) == the stats of LayerNorm(h) @ W.T: the model's final norm
+    folded into the kernel, over awkward R and D (not multiples of the blocks), off-centre rows."""
+    hidden, weight = _inputs(R, V, D, dtype)
+    hidden = (hidden.float() * 3 + 1.5).to(dtype)  # a mean and scale for the norm to remove
+    g, b = _norm(D, dtype)
+    target = torch.randint(-1, V, (R,), generator=torch.Generator().manual_seed(1)).to(DEV)
+    out = fused_logits(hidden, weight, k, target, norm_weight=g, norm_bias=b, eps=1e-5, backend="triton")
+    ref = fused_logits_ref(hidden, weight, k, target, norm_weight=g, norm_bias=b, eps=1e-5)
+    normed = torch.nn.functional.layer_norm(hidden.float(), (D,), g.float(), b.float(), 1e-5)
+    z = normed.to(dtype).float() @ weight.float().T
+    if dtype == torch.float32:
+        tol = 1e-4 * max(1.0, z.abs().max().item())
+    else:  # eager fp16: LayerNorm in fp16, then the fp16 matmul
+        eager_h = torch.nn.functional.layer_norm(hidden, (D,), g, b, 1e-5)
+        tol = 2 * _max_err(logits_stats((eager_h @ weight.T).float(), k, target), ref) + ATOL
+    assert_stats_close(out, ref, z, tol)
+
+
+def test_norm_prologue_non_contiguous_hidden():
+    hidden, weight = _inputs(6, 97, 32, torch.float32)
+    wide = torch.zeros(6, 64, device=DEV)
+    wide[:, ::2] = hidden
+    g, b = _norm(32, torch.float32)
+    out = fused_logits(wide[:, ::2], weight, 4, norm_weight=g, norm_bias=b, backend="triton")
+    ref = fused_logits_ref(hidden, weight, 4, norm_weight=g, norm_bias=b)
+    torch.testing.assert_close(out.topk_values, ref.topk_values, atol=1e-4, rtol=0)
+    assert torch.equal(out.argmax, ref.argmax)
+
+
+@pytest.mark.parametrize("kw, error, match", [
+    (lambda g, b: dict(norm_weight=g), ValueError, "norm_weight and norm_bias come together"),
+    (lambda g, b: dict(norm_weight=g[:-1], norm_bias=b[:-1]), ValueError, r"norm_weight must have shape \[D\] = \[32\]"),
+    (lambda g, b: dict(norm_weight=g.double(), norm_bias=b.double()), TypeError, "norm_weight is float64"),
+    (lambda g, b: dict(norm_weight=g, norm_bias=b, eps=0.0), ValueError, "eps must be a finite number > 0"),
+    (lambda g, b: dict(norm_weight=g, norm_bias=b, eps=float("nan")), ValueError, "eps must be a finite number > 0"),
+])
+def test_norm_bad_inputs(kw, error, match):
+    hidden, weight = _inputs(3, 97, 32, torch.float32)
+    g, b = _norm(32, torch.float32)
+    with pytest.raises(error, match=match):
+        fused_logits(hidden, weight, 4, **kw(g, b))
+    with pytest.raises(error, match=match):  # the registered op checks them itself
+        torch.ops.mtpkern.fused_logits(hidden, weight, 4, None, 1.0, **kw(g, b))
+
+
+def test_norm_opcheck():
+    hidden, weight = _inputs(3, 97, 32, torch.float32)
+    g, b = _norm(32, torch.float32)
+    utils = None if DEV == "cuda" else ("test_schema", "test_autograd_registration", "test_faketensor")
+    kwargs = {} if utils is None else {"test_utils": utils}
+    torch.library.opcheck(torch.ops.mtpkern.fused_logits.default, (hidden, weight, 5, None, 1.0, g, b, 1e-5), **kwargs)

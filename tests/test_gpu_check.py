@@ -93,6 +93,8 @@ def test_summary_reads_every_benchmarks_json(tmp_path):
     (tmp_path / "bench_decode.json").write_text(json.dumps({"cases": {
         "ntp: ntp": {"tokens_per_second": 1500.0}, "ntp: transformers static": {"error": "boom", "family": "ntp"}}}))
     (tmp_path / "bench_e2e.json").write_text("{not json")
+    (tmp_path / "bench_mtp_memory.json").write_text(json.dumps({"results": [
+        {"variant": "ntp-fused", "peak_bytes": 800 * 2**20, "vs_ntp_fused": 1.0, "step_s": 0.25}]}))
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_summary.py"), str(tmp_path)],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
@@ -103,6 +105,7 @@ def test_summary_reads_every_benchmarks_json(tmp_path):
     assert "float32 medusa eager: 0.75, 0.900" in out
     assert "ntp: ntp: 1500.0" in out and "transformers static: failed: boom" in out
     assert "bench_e2e.json: unreadable" in out
+    assert "ntp-fused: 800 MiB, 1.00x, 0.250 s" in out
 
 
 def test_ci_runs_the_readmes_test_command_and_the_gpu_machines_triton():

@@ -86,7 +86,8 @@ def interpret_kernel_on_cpu(monkeypatch):
 def small_chunks(monkeypatch):
     """16-row chunks at these vocabularies, so N runs over several chunks and a partial last one."""
     monkeypatch.setattr(lce_mod, "_CHUNK_ELEMENTS", 2**12)
-    assert lce_mod._chunk_rows(1000, 300) == 16
+    monkeypatch.setattr(lce_mod, "_CPU_CHUNK_ELEMENTS", 2**12)
+    assert lce_mod._chunk_rows(1000, 300) == lce_mod._chunk_rows(1000, 300, cpu=True) == 16
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -443,3 +444,10 @@ def test_mtp_efficient_fused_accumulates_over_micro_batches():
         grads[fused] = {n: p.grad.clone() for n, p in model.named_parameters()}
     for name, grad in grads[False].items():
         torch.testing.assert_close(grads[True][name], grad, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_cpu_chunks_are_larger_than_the_kernels():
+    """The CPU reference takes 64 MiB of logits per chunk (fewer rewrites of dL/dW), the Triton
+    launcher 16 MiB: 256 and 64 rows at GPT-2's vocabulary."""
+    assert lce_mod._chunk_rows(4096, 50257, cpu=True) == 256
+    assert lce_mod._chunk_rows(4096, 50257) == 64

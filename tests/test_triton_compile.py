@@ -56,6 +56,12 @@ def _fused_logits_launches(torch, fl):
             yield f"fused_logits {name} R={R} k={k} target={target_dtype}", name, fl._launch, (
                 torch.empty(R, WIDTH, dtype=dtype), weight, k, target, 1.0
             )
+        # the final LayerNorm in the prologue: a verification's argmax over 1 and 64 tree tokens
+        norm = (torch.empty(WIDTH, dtype=dtype), torch.empty(WIDTH, dtype=dtype), 1e-5)
+        for R in (1, 64):
+            yield f"fused_logits {name} R={R} k=1 norm", name, fl._launch, (
+                torch.empty(R, WIDTH, dtype=dtype), weight, 1, None, 1.0, *norm
+            )
 
 
 def _tree_attention_launches(torch, ta):

@@ -14,6 +14,10 @@ numbers per row, so the logits stay on chip:
    ``T = sum_b exp(m_b - M) (t_b + (m_b - M) s_b)``, ``lse = M + log S`` and
    ``entropy = log S - T / S``; the global top-k is the top-k of the blocks' top-k.
 
+With ``norm_weight`` / ``norm_bias`` the rows go through a LayerNorm first, in the partials
+kernel's prologue (two fp32 passes over each program's rows for the mean and variance, then the
+normalised rows feed the dot): the model's final norm without a launch of its own.
+
 Top-k keys: a float32 value is mapped to an int32 with the same order (negative floats get
 their magnitude bits flipped), shifted into the high half of an int64, and the low half holds
 ``2**31 - 1 - index``. Sorting the keys descending sorts values descending and, among equal
@@ -81,11 +85,13 @@ def _from_key(key):
 @triton.jit
 def _logits_partials_kernel(
     h_ptr, w_ptr, target_ptr,  # inputs: hidden [R, D], weight [V, D], target [R] (or dummy)
+    ln_w_ptr, ln_b_ptr,  # the final LayerNorm's weight and bias [D] (or dummies)
     keys_ptr, stats_ptr, target_logit_ptr,  # outputs: [R, NB, k] int64, [4, R, NB], [R]
     R, V, D, NB, k,
     stride_hr, stride_hd, stride_wv, stride_wd,
-    scale,
+    scale, eps,
     HAS_TARGET: tl.constexpr,
+    HAS_NORM: tl.constexpr,
     K_PAD: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_V: tl.constexpr,
@@ -103,6 +109,25 @@ def _logits_partials_kernel(
     w_ptr += pid_v.to(tl.int64) * BLOCK_V * stride_wv
     local_cols = tl.arange(0, BLOCK_V)
 
+    if HAS_NORM:
+        # The final LayerNorm in the prologue: each program normalises its rows itself (R x D
+        # reads, next to a BLOCK_V x D weight tile), in fp32, two passes like torch's.
+        mean = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            ds = d0 + tl.arange(0, BLOCK_D)
+            x = tl.load(h_ptr + rows[:, None] * stride_hr + ds[None, :] * stride_hd,
+                        mask=row_ok[:, None] & (ds < D)[None, :], other=0.0).to(tl.float32)
+            mean += tl.sum(x, axis=1)
+        mean = mean / D
+        var = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            ds = d0 + tl.arange(0, BLOCK_D)
+            x = tl.load(h_ptr + rows[:, None] * stride_hr + ds[None, :] * stride_hd,
+                        mask=row_ok[:, None] & (ds < D)[None, :], other=0.0).to(tl.float32)
+            x = tl.where((ds < D)[None, :], x - mean[:, None], 0.0)
+            var += tl.sum(x * x, axis=1)
+        rstd = 1.0 / tl.sqrt(var / D + eps)
+
     acc = tl.zeros((BLOCK_R, BLOCK_V), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         ds = d0 + tl.arange(0, BLOCK_D)
@@ -112,6 +137,11 @@ def _logits_partials_kernel(
             mask=row_ok[:, None] & d_ok[None, :],
             other=0.0,
         )
+        if HAS_NORM:
+            g = tl.load(ln_w_ptr + ds, mask=d_ok, other=0.0).to(tl.float32)
+            b = tl.load(ln_b_ptr + ds, mask=d_ok, other=0.0).to(tl.float32)
+            # normalised in fp32, then rounded to the weight's dtype like eager LayerNorm's output
+            h = ((h.to(tl.float32) - mean[:, None]) * rstd[:, None] * g[None, :] + b[None, :]).to(h.dtype)
         w = tl.load(
             w_ptr + local_cols[:, None] * stride_wv + ds[None, :] * stride_wd,
             mask=col_ok[:, None] & d_ok[None, :],
@@ -264,13 +294,19 @@ def logits_stats(z: Tensor, k: int = 10, target: Optional[Tensor] = None) -> Log
 
 
 def fused_logits_ref(
-    hidden: Tensor, weight: Tensor, k: int = 10, target: Optional[Tensor] = None, *, scale: float = 1.0
+    hidden: Tensor, weight: Tensor, k: int = 10, target: Optional[Tensor] = None, *, scale: float = 1.0,
+    norm_weight: Optional[Tensor] = None, norm_bias: Optional[Tensor] = None, eps: float = 1e-5,
 ) -> LogitsStats:
-    """Reference: ``logits_stats(z, k, target)`` with ``z = scale * hidden @ weight.T`` in fp32.
+    """Reference: ``logits_stats(z, k, target)`` with ``z = scale * h @ weight.T`` in fp32, where
+    ``h = hidden``, or ``LayerNorm(hidden; norm_weight, norm_bias, eps)`` when a norm is given.
 
     It materialises the [R, V] logits (in fp32), which the kernel never does.
     """
-    return logits_stats(scale * (hidden.float() @ weight.float().T), k, target)
+    h = hidden.float()
+    if norm_weight is not None:
+        h = torch.nn.functional.layer_norm(h, (h.shape[-1],), norm_weight.float(), norm_bias.float(), eps)
+        h = h.to(hidden.dtype).float()  # rounded to the input dtype, as the kernel feeds its dot
+    return logits_stats(scale * (h @ weight.float().T), k, target)
 
 
 # ----------------------------------------------------------------------------- launcher
@@ -282,7 +318,8 @@ def _finite_scale(scale) -> float:
     return float(scale)
 
 
-def _check_inputs(hidden: Tensor, weight: Tensor, k: int, target: Optional[Tensor], scale: float) -> None:
+def _check_inputs(hidden: Tensor, weight: Tensor, k: int, target: Optional[Tensor], scale: float,
+                  norm_weight: Optional[Tensor] = None, norm_bias: Optional[Tensor] = None, eps: float = 1e-5) -> None:
     """Every argument check, for every backend (no tensor values read: fake tensors pass through)."""
     if hidden.dim() != 2:
         raise ValueError(f"fused_logits: hidden must be 2-D [R, D], got shape {list(hidden.shape)}")
@@ -309,6 +346,18 @@ def _check_inputs(hidden: Tensor, weight: Tensor, k: int, target: Optional[Tenso
             raise ValueError(f"fused_logits: target must have shape [R] = [{R}], got {list(target.shape)}")
         if target.device != hidden.device:
             raise ValueError(f"fused_logits: target is on {target.device} but hidden is on {hidden.device}")
+    if (norm_weight is None) != (norm_bias is None):
+        raise ValueError("fused_logits: norm_weight and norm_bias come together (a LayerNorm's weight and bias)")
+    if norm_weight is not None:
+        for name, t in (("norm_weight", norm_weight), ("norm_bias", norm_bias)):
+            if t.shape != (D,):
+                raise ValueError(f"fused_logits: {name} must have shape [D] = [{D}], got {list(t.shape)}")
+            if t.dtype != hidden.dtype:
+                raise TypeError(f"fused_logits: {name} is {dtype_name(t.dtype)} but hidden is {dtype_name(hidden.dtype)}")
+            if t.device != hidden.device:
+                raise ValueError(f"fused_logits: {name} is on {t.device} but hidden is on {hidden.device}")
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (math.isfinite(eps) and eps > 0):
+            raise ValueError(f"fused_logits: eps must be a finite number > 0, got {eps!r}")
 
 
 def _config(R: int, V: int, k: int, fp32: bool = False) -> dict:
@@ -331,7 +380,8 @@ def _config(R: int, V: int, k: int, fp32: bool = False) -> dict:
     )
 
 
-def _launch(hidden: Tensor, weight: Tensor, k: int, target: Optional[Tensor], scale: float):
+def _launch(hidden: Tensor, weight: Tensor, k: int, target: Optional[Tensor], scale: float,
+            norm_weight: Optional[Tensor] = None, norm_bias: Optional[Tensor] = None, eps: float = 1e-5):
     R, D = hidden.shape
     V = weight.shape[0]
     fp32 = hidden.dtype == torch.float32
@@ -356,11 +406,13 @@ def _launch(hidden: Tensor, weight: Tensor, k: int, target: Optional[Tensor], sc
     with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
         wrap_triton(_logits_partials_kernel)[grid](
             hidden, weight, target if target is not None else target_logit,
+            norm_weight if norm_weight is not None else hidden, norm_bias if norm_bias is not None else hidden,
             keys, stats, target_logit,
             R, V, D, nb, k,
             hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-            scale,
+            scale, float(eps),
             HAS_TARGET=target is not None,
+            HAS_NORM=norm_weight is not None,
             K_PAD=k_pad,
             BLOCK_R=cfg["BLOCK_R"],
             BLOCK_V=cfg["BLOCK_V"],
@@ -384,13 +436,15 @@ def _launch(hidden: Tensor, weight: Tensor, k: int, target: Optional[Tensor], sc
 
 @torch.library.triton_op("mtpkern::fused_logits", mutates_args=())
 def _fused_logits_op(
-    hidden: Tensor, weight: Tensor, k: int, target: Optional[Tensor], scale: float
+    hidden: Tensor, weight: Tensor, k: int, target: Optional[Tensor], scale: float,
+    norm_weight: Optional[Tensor] = None, norm_bias: Optional[Tensor] = None, eps: float = 1e-5,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     # This body is also the fake implementation (run on fake tensors under torch.compile).
-    _check_inputs(hidden, weight, k, target, scale)
+    _check_inputs(hidden, weight, k, target, scale, norm_weight, norm_bias, eps)
     if hidden.device.type == "cpu" and not _backend.triton_interpret():
-        return tuple(t.contiguous() for t in fused_logits_ref(hidden, weight, k, target, scale=scale))
-    return _launch(hidden, weight, k, target, scale)
+        return tuple(t.contiguous() for t in fused_logits_ref(hidden, weight, k, target, scale=scale,
+                                                               norm_weight=norm_weight, norm_bias=norm_bias, eps=eps))
+    return _launch(hidden, weight, k, target, scale, norm_weight, norm_bias, eps)
 
 
 # ----------------------------------------------------------------------------- public
@@ -403,20 +457,26 @@ def fused_logits(
     target: Optional[Tensor] = None,
     *,
     scale: float = 1.0,
+    norm_weight: Optional[Tensor] = None,
+    norm_bias: Optional[Tensor] = None,
+    eps: float = 1e-5,
     backend: Optional[str] = None,
 ) -> LogitsStats:
     """Top-k, argmax, logsumexp, entropy and target logit of ``z = scale * hidden @ weight.T``.
 
     hidden [R, D] (any strides), weight [V, D], same float dtype and device; 1 <= k <= 64.
+    ``norm_weight``, ``norm_bias`` [D] (with ``eps``): a LayerNorm applied to hidden first, in
+    the kernel's prologue (the model's final norm without a launch of its own).
     The [R, V] logits are never materialised. ``p(target) = exp(target_logit - lse)``.
     backend: None (automatic), "triton" or "eager" (the fp32 reference).
     A row whose logits hold a NaN gets NaN values and -1 indices (see the module docstring).
     """
     # Checked here too: a non-int k or non-number scale would otherwise meet the op's schema first.
-    _check_inputs(hidden, weight, k, target, scale)
+    _check_inputs(hidden, weight, k, target, scale, norm_weight, norm_bias, eps)
+    norm = dict(norm_weight=norm_weight, norm_bias=norm_bias, eps=float(eps))
     if _backend.pick(hidden.device, ("triton", "eager"), backend) == "eager":
-        return fused_logits_ref(hidden, weight, k, target, scale=scale)
-    return LogitsStats(*torch.ops.mtpkern.fused_logits(hidden, weight, k, target, float(scale)))
+        return fused_logits_ref(hidden, weight, k, target, scale=scale, **norm)
+    return LogitsStats(*torch.ops.mtpkern.fused_logits(hidden, weight, k, target, float(scale), **norm))
 
 
 __all__ = ["LogitsStats", "fused_logits", "fused_logits_ref", "logits_stats", "MAX_K"]
