@@ -43,6 +43,26 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {value}")
+    return value
+
+
 def _seed(text: str) -> int:
     try:
         value = int(text)
@@ -85,7 +105,9 @@ def cmd_train(args) -> int:
         grad_checkpointing=args.grad_checkpointing, seed=args.seed, progress=not args.no_progress, loss=args.loss,
     )
     optional = dict(lr=args.lr, n_heads=args.n_heads, medusa_layers=args.medusa_layers, max_len=args.max_len,
-                    eval_every=args.eval_every, save_every=args.save_every)
+                    eval_every=args.eval_every, save_every=args.save_every, medusa_proj=args.medusa_proj or None,
+                    heads_coefficient=args.heads_coefficient, backbone_lr_ratio=args.backbone_lr_ratio,
+                    head_warmup=args.head_warmup, backbone_loss=args.backbone_loss, teacher=args.teacher)
     kw.update({k: v for k, v in optional.items() if v is not None})
     if args.steps is None and args.epochs is None:
         kw.pop("steps")
@@ -96,6 +118,17 @@ def cmd_train(args) -> int:
         name = signal.Signals(result.signal).name
         print(f"mtpkern train: stopped by {name} at step {result.steps}; continue with --resume", file=sys.stderr)
         return 128 + result.signal
+    return 0
+
+
+def cmd_distill(args) -> int:
+    from mtpkern.distill import distill
+
+    r = distill(args.model, args.data, args.out, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                top_p=args.top_p, seed=args.seed, limit=args.data_limit, device=args.device, dtype=args.dtype,
+                progress=not args.no_progress)
+    print(f"{r.out}: {r.kept + r.written} records ({r.written} new, {r.kept} kept from an earlier run, "
+          f"{r.skipped} prompts skipped: too long for the context) of {r.total} prompts")
     return 0
 
 
@@ -180,8 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="mtpkern", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train an NTP, MTP or MEDUSA-1 model")
-    t.add_argument("objective", choices=["ntp", "mtp", "medusa"])
+    t = sub.add_parser("train", help="train an NTP, MTP, MEDUSA-1 or MEDUSA-2 model")
+    t.add_argument("objective", choices=["ntp", "mtp", "medusa", "medusa2"],
+                   help="medusa: heads on a frozen --base (MEDUSA-1); medusa2: heads and --base trained together")
     t.add_argument("--out", required=True, help="run directory (checkpoint/, log.jsonl, summary.json)")
     t.add_argument("--base", help="GPT-2 to start from: a Hugging Face name or directory, or an mtpkern checkpoint")
     t.add_argument("--config", choices=["tiny", "demo", "gpt2"], default="tiny",
@@ -195,6 +229,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=_positive_float)
     t.add_argument("--n-heads", type=_positive_int)
     t.add_argument("--medusa-layers", type=_positive_int)
+    t.add_argument("--medusa-proj", action="store_true",
+                   help="MEDUSA heads with their own unembedding, initialised from the LM head (default: shared)")
+    t.add_argument("--heads-coefficient", type=_positive_float,
+                   help="medusa2: lambda in L = backbone loss + lambda * head losses (default 0.2)")
+    t.add_argument("--backbone-lr-ratio", type=_positive_float,
+                   help="medusa2: backbone learning rate / heads' learning rate (default 0.25)")
+    t.add_argument("--head-warmup", type=_non_negative_int,
+                   help="medusa2: steps of heads alone before the backbone joins (default 25%% of the run)")
+    t.add_argument("--backbone-loss", choices=["ce", "kl"],
+                   help="medusa2: the backbone's loss: ce (the labels, default) or kl (KL to the original model)")
+    t.add_argument("--teacher", help="medusa2 with --backbone-loss kl: the teacher model (default: --base)")
     t.add_argument("--max-len", type=_positive_int)
     t.add_argument("--eval-every", type=_positive_int)
     t.add_argument("--save-every", type=_positive_int)
@@ -210,6 +255,20 @@ def build_parser() -> argparse.ArgumentParser:
                         "that contradicts the saved run is an error")
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("distill", help="self-distillation: write the model's own responses to the prompts of --data")
+    s.add_argument("model", help="checkpoint or run directory (with its tokenizer)")
+    s.add_argument("--data", required=True, help="synthetic | metamathqa | PATH to .json/.jsonl records with a 'query'")
+    s.add_argument("--out", required=True, help="the .jsonl file to write (run again to resume it)")
+    s.add_argument("--data-limit", type=_positive_int, help="the first N prompts of --data")
+    s.add_argument("--max-new-tokens", type=_positive_int, default=128)
+    s.add_argument("--temperature", type=_non_negative_float, default=0.0, help="0: greedy (default); > 0: sampled")
+    s.add_argument("--top-p", type=_positive_float, default=1.0)
+    s.add_argument("--seed", type=_seed, default=0, help="record i is sampled with seed + i")
+    s.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="default: fp16 on CUDA, fp32 on CPU")
+    s.add_argument("--device", type=_device, default="auto")
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(func=cmd_distill)
 
     d = sub.add_parser("demo", help="the offline demo: train NTP, MTP and MEDUSA-1 on synthetic maths and compare")
     d.add_argument("--out", default="demo_out")

@@ -212,6 +212,33 @@ def load_records(source: str | os.PathLike, *, seed: int = 0, limit: int | None 
     return _validate(records, str(source))
 
 
+def load_prompts(source: str | os.PathLike, *, seed: int = 0, limit: int | None = None) -> list[dict]:
+    """The prompts of ``source`` (as for :func:`load_records`), for generating responses: a
+    file's records need a non-empty string ``"query"`` only (a ``"response"`` is ignored).
+    A source without a prompt is a :class:`DataError`."""
+    path = Path(source)
+    if source in KNOWN_SOURCES or not path.is_file():
+        records = load_records(source, seed=seed, limit=limit)
+    else:
+        if limit is not None and (not isinstance(limit, int) or limit < 1):
+            raise DataError(f"limit must be a positive int or None, got {limit!r}")
+        try:
+            records = _read_json_file(path)[:limit]
+        except DataError as e:
+            if "holds no records" in str(e) or "is empty" in str(e):
+                raise DataError(f"{path}: no prompts to answer (the file holds no records)") from None
+            raise
+    out = []
+    for i, rec in enumerate(records):
+        if not isinstance(rec, dict) or not isinstance(rec.get("query"), str):
+            raise DataError(f"{source}: record {i} has no string field 'query' (the prompt)")
+        if rec["query"].strip():
+            out.append(dict(rec, type=rec.get("type", "unknown")))
+    if not out:
+        raise DataError(f"{source}: no prompts to answer (every 'query' is empty)")
+    return out
+
+
 def _load_metamathqa(split: str, seed: int, limit: int | None) -> list[dict]:
     try:
         import datasets  # optional dependency, imported only when asked for

@@ -17,19 +17,25 @@ checkpoint directory), on a validation split it did not train on:
   peak resident set size of the *process* (``getrusage``; it never goes down, so it covers
   everything loaded before); training peak memory and time per epoch from the run's logs.
 
-Perplexity is always that of the next-token path. For MEDUSA that path is the frozen base
-model, and the report says so: MEDUSA-1 heads cannot change it.
+Perplexity is always that of the next-token path. For MEDUSA-1 that path is the frozen base
+model, and the report says so: MEDUSA-1 heads cannot change it. MEDUSA-2 fine-tunes it, so the
+report adds the original base's perplexity and answer accuracy beside the new backbone's.
 
 JSON schema (``schema == "mtpkern.eval/1"``)::
 
     device:   {type, name, torch, transformers, dtype}
     settings: {max_samples, max_new_tokens, kernels, cuda_graph, hf_baseline}
     models: [ {
-      name, path (checkpoint dir), model_type ("gpt2"|"mtp"|"medusa"), n_heads (J), n_params,
+      name, path (checkpoint dir), model_type ("gpt2"|"mtp"|"medusa"), objective (the run's:
+      "ntp"|"mtp"|"medusa"|"medusa2"), medusa_proj (MEDUSA heads with their own unembedding),
+      n_heads (J), n_params,
       primary: the strategy of the table row ("ntp" | "mtp" | "medusa"),
       validation: {source, seed, val_fraction, limit, n_records, held_out (bool), note},
       quality: {val_loss, ppl, ppl_of (which path), head_top1 [J], head_top5 [J],
-                bleu (0-100), answer_accuracy (0-1), n_samples},
+                bleu (0-100), answer_accuracy (0-1), n_samples,
+                original_base? (medusa2 runs: {path, val_loss, ppl, answer_accuracy} of the
+                frozen base they started from, on the same split and prompts; None values and
+                an ``error`` when it can no longer be loaded)},
       speed: {<strategy>: {tokens_per_second, latency_s, new_tokens, mean_accept_length,
                           forward_passes_per_token, speedup_theoretical, speedup_vs_ntp,
                           speedup_vs_hf, agrees_with_ntp, accept_lengths [int], tree?},
@@ -381,6 +387,7 @@ def evaluate_checkpoint(path, *, data: str | None = None, device: torch.device, 
     texts = [tokenizer.decode(_strip_eos(t, eos), skip_special_tokens=True) for t in runs["ntp"]["tokens"]]
     refs = [rec["response"] for rec in samples]
     kind = model.config.model_type
+    objective = (train_config or {}).get("objective", kind if kind != "gpt2" else "ntp")
     quality = dict(
         val_loss=heads["loss"], ppl=heads["ppl"],
         ppl_of={"gpt2": "the model", "mtp": "head 0 (trunk + head-0 block)",
@@ -388,14 +395,44 @@ def evaluate_checkpoint(path, *, data: str | None = None, device: torch.device, 
         head_top1=heads["acc_top1"], head_top5=heads["acc_top5"],
         bleu=bleu(texts, refs), answer_accuracy=answer_accuracy(texts, refs), n_samples=len(samples),
     )
+    if objective == "medusa2":
+        quality["ppl_of"] = "the MEDUSA-2 backbone (head 0), fine-tuned with the heads"
+        quality["original_base"] = original_base_quality(train_config["base"], loader, prompts, refs, tokenizer,
+                                                         device=device, dtype=dtype, max_batches=max_batches,
+                                                         max_new_tokens=max_new_tokens, kernels=kernels)
     return dict(
-        name=name, path=str(ckpt), model_type=kind, n_heads=model.n_heads, n_params=model.num_parameters(),
+        name=name, path=str(ckpt), model_type=kind, objective=objective,
+        medusa_proj=bool(model.config.medusa_proj), n_heads=model.n_heads, n_params=model.num_parameters(),
         primary=strategies_for(model)[-1], validation=val_info, quality=quality, speed=speed,
         memory=memory, training=training_summary(log, summary),
         calibration=None if model.calibration is None else dict(  # calibration.json, see mtpkern.calibrate
             accept=model.calibration.accept, positions=model.calibration.positions,
             summary=model.calibration.summary()),
     )
+
+
+def original_base_quality(base, loader, prompts, refs, tokenizer, *, device, dtype, max_batches, max_new_tokens,
+                          kernels) -> dict:
+    """The quality a MEDUSA-2 run traded: the original (frozen) base's validation loss,
+    perplexity and greedy answer accuracy on the same split and prompts as the new backbone."""
+    from mtpkern.checkpoint import CheckpointError
+    from mtpkern.generate import generate
+    from mtpkern.model import MedusaModel, load_model
+    from mtpkern.train import evaluate_heads
+
+    try:
+        model = load_model(base, device=device, dtype=dtype).eval()
+    except (CheckpointError, OSError) as e:  # moved or deleted since the run: say so, evaluate the rest
+        return dict(path=str(base), val_loss=None, ppl=None, answer_accuracy=None, error=str(e).splitlines()[0])
+    if isinstance(model, MedusaModel):
+        model = model.base
+    heads = evaluate_heads(model, loader, device, max_batches=max_batches)
+    eos = tokenizer.eos_token_id
+    with torch.inference_mode():
+        outs = [generate(model, ids, max_new_tokens=max_new_tokens, eos_token_id=eos, kernels=kernels).tokens
+                for ids in prompts]
+    texts = [tokenizer.decode(_strip_eos(list(t), eos), skip_special_tokens=True) for t in outs]
+    return dict(path=str(base), val_loss=heads["loss"], ppl=heads["ppl"], answer_accuracy=answer_accuracy(texts, refs))
 
 
 # ----------------------------------------------------------------------------- the report
@@ -422,9 +459,12 @@ def format_table(report: dict) -> str:
     ]
     for m in report["models"]:
         s, q, t = m["speed"][m["primary"]], m["quality"], m["training"] or {}
-        ppl = _fmt(q["ppl"], ".2f") + (" (base)" if m["model_type"] == "medusa" else "")
+        medusa2 = m.get("objective") == "medusa2"
+        ppl = _fmt(q["ppl"], ".2f") + (" (base)" if m["model_type"] == "medusa" and not medusa2 else "")
+        kind = m.get("objective", m["model_type"]) if m["model_type"] == "medusa" else m["model_type"]
+        kind += ", own projections" if m.get("medusa_proj") else ""
         lines.append(" | ".join([
-            f"| {m['name']} ({m['model_type']})", m["primary"], _fmt(s["tokens_per_second"], ".1f"),
+            f"| {m['name']} ({kind})", m["primary"], _fmt(s["tokens_per_second"], ".1f"),
             _fmt(s["speedup_vs_ntp"], ".2f", "x"), _fmt(s["speedup_vs_hf"], ".2f", "x"),
             _fmt(s["mean_accept_length"], ".2f"), ppl, _fmt(q["answer_accuracy"], ".1%"),
             _fmt(q["bleu"], ".1f"), " / ".join(f"{a:.2f}" for a in q["head_top1"]),
@@ -432,6 +472,12 @@ def format_table(report: dict) -> str:
         ]) + " |")
     notes = [f"{m['name']} calibration: {m['calibration']['summary']}"
              for m in report["models"] if m.get("calibration")]
+    for m in report["models"]:
+        orig = m["quality"].get("original_base")
+        if orig:
+            notes.append(f"{m['name']} (MEDUSA-2) trades quality: its backbone's ppl {_fmt(m['quality']['ppl'], '.2f')}, "
+                         f"answer acc {_fmt(m['quality']['answer_accuracy'], '.1%')}; the original base "
+                         f"({orig['path']}): ppl {_fmt(orig['ppl'], '.2f')}, answer acc {_fmt(orig['answer_accuracy'], '.1%')}")
     if any(m["memory"]["kind"] == "process_peak_rss" for m in report["models"]):
         notes.append("peak mem on CPU is the process's peak RSS so far (it includes earlier models)")
     if any(not m["validation"]["held_out"] for m in report["models"]):

@@ -609,8 +609,8 @@ class MedusaHead(nn.Module):
 
 
 class MedusaModel(_Family):
-    """MEDUSA-1 (Cai et al. 2024): a frozen base GPT-2 plus n residual-block heads on its final
-    hidden state. Head 0 is the base (token t + 1); MEDUSA head k (0-based) is head k + 1 and
+    """MEDUSA (Cai et al. 2024): a base GPT-2 plus n residual-block heads on its final hidden
+    state; the base is frozen (MEDUSA-1) unless a MEDUSA-2 training unfreezes it. Head 0 is the base (token t + 1); MEDUSA head k (0-based) is head k + 1 and
     predicts token t + k + 2."""
 
     def __init__(self, config: GPT2Config):
@@ -639,7 +639,8 @@ class MedusaModel(_Family):
 
     def train(self, mode: bool = True):
         super().train(mode)
-        self.base.eval()  # frozen: never in training mode
+        if not any(p.requires_grad for p in self.base.parameters()):
+            self.base.eval()  # frozen (MEDUSA-1): never in training mode; MEDUSA-2 trains it
         return self
 
     @property

@@ -1,34 +1,21 @@
-"""One trainer for three objectives: next-token (ntp), multi-token (mtp) and MEDUSA-1 (medusa).
-
-Labels are aligned with the inputs (the Hugging Face convention) and ``-100`` marks tokens
-without a target (prompt, padding). Head j at position t predicts token t + j + 1, so its loss
-is the cross-entropy against the labels shifted by j + 1:
-
-    CE_j = (1 / N_j) * sum_{b, t} -log softmax(z_j[b, t])[labels[b, t + j + 1]]
-
-over the N_j positions whose shifted label is not -100. The objectives:
-
-    ntp:    L = CE_0                                  all parameters
-    mtp:    L = (1 / n) * sum_{j < n} CE_j            all parameters (Gloeckle et al. 2024)
-    medusa: L = sum_k w_k * CE_{k+1},  w_k = 0.8**k   MEDUSA heads only, the base frozen
-                                                      (MEDUSA-1, Cai et al. 2024)
+"""One trainer for four objectives: next-token (ntp), multi-token (mtp), MEDUSA-1 (medusa) and
+MEDUSA-2 (medusa2). Each objective is a small object in ``mtpkern.objectives`` (its loss, the
+maths and the per-head metrics from a batch); this module holds the generic loop: the
+schedule, resume state, logging, evaluation and checkpoints.
 
 Within a training step N_j counts the whole global batch (every micro-batch of every process),
 so a step's gradient does not depend on how the batch is split for gradient accumulation or
 over processes.
 
-MTP uses the paper's memory-efficient order: the trunk runs forward once; each head then runs
-forward, computes its loss and backpropagates to the trunk output, whose gradient accumulates,
-freeing its logits before the next head; one trunk backward ends the step. Peak logits memory
-is O(V) instead of O(nV).
-
 Distributed: under ``torchrun`` (``WORLD_SIZE`` > 1) the trainer initialises the process group
 (nccl on GPU, gloo on CPU), shards every global batch deterministically over the ranks and
 wraps the model in DistributedDataParallel; rank 0 writes logs and checkpoints between
 barriers. ``batch_size`` is per process: the global batch is batch_size x grad_accum x world.
-DDP's reducer expects one backward per forward, which the MTP order breaks (n + 1 backward
-calls per micro-batch, none through ``DDP.forward``): for MTP the backward calls run under
-``no_sync()`` and the gradients are averaged afterwards in one flat all-reduce per step.
+DDP's reducer expects one backward per forward of every trained parameter, which MTP's order
+(n + 1 backward calls per micro-batch, none through ``DDP.forward``) and MEDUSA-2's head warmup
+(no gradient for the backbone) break: for those (``Objective.manual_grad_sync``) the backward
+calls run under ``no_sync()`` and the gradients are averaged afterwards in one flat all-reduce
+per step.
 """
 
 from __future__ import annotations
@@ -42,7 +29,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from functools import partial
 from pathlib import Path
 
@@ -73,17 +60,28 @@ from mtpkern.data import (
     train_tokenizer,
 )
 from mtpkern.model import GPT2, GPT2Config, MedusaModel, MTPModel, load_model
-from mtpkern.ops.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_accumulate_
+from mtpkern.objectives import (  # noqa: F401 - the losses are part of this module's API
+    OBJECTIVES as _OBJECTIVE_CLASSES,
+    _unwrap,
+    head_logits,
+    head_loss,
+    medusa2_loss,
+    medusa_loss,
+    mtp_loss_and_backward,
+    mtp_loss_naive,
+    ntp_loss,
+)
+from mtpkern.ops.linear_cross_entropy import linear_cross_entropy
 from mtpkern.runtime import peak_memory, reset_peak_memory, resolve_device, resolve_dtype
 
-OBJECTIVES = ("ntp", "mtp", "medusa")
+OBJECTIVES = ("ntp", "mtp", "medusa", "medusa2")
+BACKBONE_LOSSES = ("ce", "kl")  # MEDUSA-2 backbone: the labels, or KL to the original model
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 LOSSES = ("fused", "plain")  # head losses by linear_cross_entropy, or from materialised logits
 SHAPES = ("tiny", "demo", "gpt2")  # see model_shape
 STATE_NAME = "trainer_state.pt"
 LOG_NAME = "log.jsonl"
 MIN_LR_RATIO = 0.1  # the cosine decays to 10% of the peak learning rate (nanoGPT, Chinchilla)
-_FAMILY = {"ntp": GPT2, "mtp": MTPModel, "medusa": MedusaModel}
 # On resume a run keeps its saved configuration. These fields may be given anew (to extend a
 # run, or to evaluate, save and log at another rhythm); any other that contradicts the saved
 # one is an error. device, progress and stop_after belong to the process, not the run.
@@ -99,9 +97,9 @@ class TrainConfig:
     """One field per CLI flag. ``None`` fields are resolved per objective in ``__post_init__``;
     invalid values raise ``ValueError`` with a one-line message."""
 
-    objective: str  # "ntp" | "mtp" | "medusa"
+    objective: str  # "ntp" | "mtp" | "medusa" | "medusa2"
     out: str  # output directory
-    base: str | None = None  # HF GPT-2 name/dir or an mtpkern checkpoint dir; required for medusa
+    base: str | None = None  # HF GPT-2 name/dir or an mtpkern checkpoint dir; required for medusa(2)
     config: str = "tiny"  # model shape when training from scratch: "tiny" | "gpt2" (124M)
     data: str = "synthetic"  # "synthetic" | "metamathqa" | a .json/.jsonl path
     data_limit: int | None = None
@@ -109,13 +107,20 @@ class TrainConfig:
     epochs: float | None = None
     batch_size: int = 16  # per process
     grad_accum: int = 1
-    lr: float | None = None  # default 3e-4 (ntp, mtp), 1e-3 (medusa)
+    lr: float | None = None  # default 3e-4 (ntp, mtp), 1e-3 (medusa, medusa2: the heads' rate)
     weight_decay: float = 0.1
     warmup: int | None = None  # warmup steps, default 5% of the total
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
-    n_heads: int | None = None  # default mtp 4, medusa 5 (ntp has 1)
+    n_heads: int | None = None  # default mtp 4, medusa(2) 5 (ntp has 1)
     medusa_layers: int = 1
+    medusa_proj: bool = False  # MEDUSA heads with their own unembedding (initialised from the LM head)
     head_weights: list[float] | None = None  # MEDUSA loss weights, default 0.8**k for head k
+    # MEDUSA-2 (see mtpkern.objectives for the recipe and where the defaults come from)
+    heads_coefficient: float = 0.2  # lambda: L = backbone loss + lambda * sum_k w_k CE_{k+1}
+    backbone_lr_ratio: float = 0.25  # backbone learning rate / heads' learning rate
+    head_warmup: int | None = None  # steps of heads alone before the backbone joins; default 25%
+    backbone_loss: str = "ce"  # "ce" (the labels) | "kl" (KL to the teacher's distribution)
+    teacher: str | None = None  # the KL teacher, default the base
     precision: str = "auto"  # "auto" | "fp32" | "bf16" | "fp16"
     loss: str = "fused"  # "fused" (no [N, V] logits) | "plain" (materialised logits)
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
@@ -152,15 +157,35 @@ class TrainConfig:
             raise ValueError(f"out (--out) {str(self.out)!r} is a file, not a run directory")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
             raise ValueError(f"seed must be an integer from 0 to 2**63 - 1, got {self.seed}")
+        medusa = self.objective in ("medusa", "medusa2")
         if self.objective == "medusa" and not self.base:
-            raise ValueError("objective 'medusa' needs a trained base model (base=...): MEDUSA-1 freezes it")
+            raise ValueError("objective 'medusa' needs a trained base model (base=..., --base): MEDUSA-1 freezes it")
+        if self.objective == "medusa2" and not self.base:
+            raise ValueError("objective 'medusa2' needs a trained base model (base=..., --base): MEDUSA-2 "
+                             "fine-tunes it together with the heads")
+        if self.medusa_proj and not medusa:
+            raise ValueError(f"medusa_proj (--medusa-proj) gives MEDUSA heads their own unembedding: objective "
+                             f"{self.objective!r} has no MEDUSA heads")
+        if self.objective != "medusa2":
+            for name, default in (("backbone_loss", "ce"), ("teacher", None), ("head_warmup", None)):
+                if getattr(self, name) != default:
+                    raise ValueError(f"{name} ({_flag(name)}) is a MEDUSA-2 setting: objective "
+                                     f"{self.objective!r} does not take it")
+        if self.backbone_loss not in BACKBONE_LOSSES:
+            raise ValueError(f"unknown backbone_loss {self.backbone_loss!r}: expected one of {BACKBONE_LOSSES}")
+        if self.teacher is not None and self.backbone_loss != "kl":
+            raise ValueError("teacher (--teacher) is the KL teacher: it needs backbone_loss 'kl' (--backbone-loss kl)")
+        if not (math.isfinite(self.heads_coefficient) and self.heads_coefficient > 0):
+            raise ValueError(f"heads_coefficient must be a finite number > 0, got {self.heads_coefficient}")
+        if not (math.isfinite(self.backbone_lr_ratio) and self.backbone_lr_ratio > 0):
+            raise ValueError(f"backbone_lr_ratio must be a finite number > 0, got {self.backbone_lr_ratio}")
         if self.config not in SHAPES:
             raise ValueError(f"unknown model config {self.config!r}: expected one of {SHAPES}")
         if self.lr is None:
-            self.lr = 1e-3 if self.objective == "medusa" else 3e-4
+            self.lr = 1e-3 if medusa else 3e-4
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
-        default_heads = {"ntp": 1, "mtp": 4, "medusa": 5}[self.objective]
+        default_heads = {"ntp": 1, "mtp": 4, "medusa": 5, "medusa2": 5}[self.objective]
         if self.n_heads is None:
             self.n_heads = default_heads
         if self.n_heads < 1 or (self.objective == "ntp" and self.n_heads != 1):
@@ -168,7 +193,7 @@ class TrainConfig:
         if self.objective == "mtp" and self.n_heads < 2:
             raise ValueError("objective 'mtp' needs n_heads >= 2 (head 0 and at least one draft head): "
                              "a model with one head cannot decode with the mtp strategy")
-        if self.objective == "medusa":
+        if medusa:
             if self.head_weights is None:
                 self.head_weights = [0.8**k for k in range(self.n_heads)]
             if len(self.head_weights) != self.n_heads:
@@ -181,6 +206,8 @@ class TrainConfig:
             raise ValueError(f"max_len must be >= 2, got {self.max_len}")
         if self.warmup is not None and self.warmup < 0:
             raise ValueError(f"warmup must be >= 0, got {self.warmup}")
+        if self.head_warmup is not None and self.head_warmup < 0:
+            raise ValueError(f"head_warmup must be >= 0, got {self.head_warmup}")
         if self.grad_clip < 0 or self.weight_decay < 0:
             raise ValueError("grad_clip and weight_decay must be >= 0")
         if self.stop_after is not None and self.stop_after < 1:
@@ -204,116 +231,6 @@ def lr_at(step: int, *, lr: float, warmup: int, total: int) -> float:
         return lr * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return lr * (MIN_LR_RATIO + (1 - MIN_LR_RATIO) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-# ----------------------------------------------------------------------------- losses
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
-def head_logits(model: nn.Module, hidden_j: torch.Tensor, j: int) -> torch.Tensor:
-    """Head j's float logits from its hidden states [..., D] (through a DDP wrapper too)."""
-    return _unwrap(model).head_logits(hidden_j, j)
-
-
-def head_loss(model, hidden_j: torch.Tensor, labels: torch.Tensor, j: int, n_tokens=None, fused: bool = True):
-    """CE_j = (1 / N_j) sum_{b,t} -log softmax(hidden_j[b, t] W_j^T)[labels[b, t + j + 1]],
-    over labels that are not -100. N_j = ``n_tokens[j]`` when given (a global count), else the
-    number of such labels in this batch. Logits exist only for positions that have a target."""
-    T = labels.shape[1]
-    target = labels[:, j + 1 :]
-    ce = _head_ce_sum(model, hidden_j[:, : T - j - 1].flatten(0, 1), target.flatten(), j, fused)
-    n = (target != IGNORE_INDEX).sum().clamp(min=1) if n_tokens is None else max(n_tokens[j], 1)
-    return ce / n
-
-
-def _head_ce_sum(model, hidden: torch.Tensor, target: torch.Tensor, j: int, fused: bool) -> torch.Tensor:
-    """sum_n CE(head j's logits of hidden [N, D], target [N]) over targets that are not -100:
-    fused, the [N, V] logits never exist at once (mtpkern.ops.linear_cross_entropy)."""
-    if fused:
-        return linear_cross_entropy(hidden, _unwrap(model).head_weight(j), target, IGNORE_INDEX, "sum")
-    return F.cross_entropy(head_logits(model, hidden, j), target, ignore_index=IGNORE_INDEX, reduction="sum")
-
-
-def _forward_loss(model, idx, labels, heads, weights, n_tokens=None, fused=True):
-    """One forward, then sum_j weights[j] * CE_{heads[j]}; returns (loss, per-head CE)."""
-    hidden = model(idx, logits=False).hidden
-    per_head = [head_loss(model, hidden[:, :, j], labels, j, n_tokens, fused) for j in heads]
-    loss = sum(w * ce for w, ce in zip(weights, per_head))
-    return loss, torch.stack(per_head).detach()
-
-
-def ntp_loss(model, idx, labels, *, n_tokens=None, fused=True):
-    """L = CE_0 (plain next-token prediction). Returns (loss, per_head [1])."""
-    return _forward_loss(model, idx, labels, [0], [1.0], n_tokens, fused)
-
-
-def mtp_loss_naive(model, idx, labels, *, n_tokens=None, fused=True) -> torch.Tensor:
-    """L = (1/n) sum_j CE_j from one full forward: all n heads' logits are alive at once.
-    The reference for ``mtp_loss_and_backward`` and the baseline of the memory benchmark."""
-    J = _unwrap(model).n_heads
-    return _forward_loss(model, idx, labels, range(J), [1.0 / J] * J, n_tokens, fused)[0]
-
-
-def medusa_loss(model, idx, labels, head_weights, *, n_tokens=None, fused=True):
-    """MEDUSA-1: L = sum_k w_k CE_{k+1} over the MEDUSA heads only (model head k + 1 predicts
-    token t + k + 2); the frozen base (head 0) gets no loss. Returns (loss, per_head [n])."""
-    n = _unwrap(model).n_heads - 1
-    if len(head_weights) != n:
-        raise ValueError(f"{len(head_weights)} head weights for {n} MEDUSA heads")
-    return _forward_loss(model, idx, labels, range(1, n + 1), list(head_weights), n_tokens, fused)
-
-
-def mtp_loss_and_backward(model: MTPModel, idx, labels, *, scale: float = 1.0, n_tokens=None, scaler=None,
-                          fused=True):
-    """Backpropagate scale * L, L = (1/n) sum_j CE_j, in Gloeckle et al.'s memory-efficient order.
-
-    The trunk runs forward once; its output h is detached into a leaf. Each head j then runs
-    forward on the leaf, computes CE_j and backpropagates it into the head's weights and the
-    leaf's gradient, and its graph (logits included) is freed before the next head. A final
-    trunk backward with the accumulated dL/dh ends the pass. Gradients equal those of
-    ``mtp_loss_naive`` (the same sum, split by linearity). Call it inside the caller's autocast;
-    the backward calls run with autocast off, as PyTorch recommends. ``scaler`` is an optional
-    ``torch.amp.GradScaler`` (fp16). Returns detached (L, per_head [n]) tensors: no host sync.
-    """
-    J = model.n_heads
-    h = model.trunk_forward(idx)
-    h_leaf = h.detach().requires_grad_()
-    per_head = []
-    backward = torch.autocast(idx.device.type, enabled=False)
-    W = model.unembed_weight
-    # Fused: the heads' shared unembedding gradient is added into W.grad in place by each head
-    # (linear_cross_entropy_accumulate_), never one [V, D] buffer per head beside it.
-    into = (fused and W.requires_grad and W.dtype in (torch.float32, torch.float64)
-            and all(model.head_weight(j) is W for j in range(J)))
-    if into and W.grad is None:
-        W.grad = torch.zeros_like(W, dtype=torch.float64 if W.dtype == torch.float64 else torch.float32)
-    for j in range(J):
-        hidden_j = model.head_forward(j, h_leaf)
-        if into:
-            T = labels.shape[1]
-            target = labels[:, j + 1 :].flatten()
-            n = (target != IGNORE_INDEX).sum().clamp(min=1) if n_tokens is None else max(n_tokens[j], 1)
-            g = torch.as_tensor(scale / J, dtype=torch.float64, device=W.device) / n
-            if scaler is not None:
-                g = scaler.scale(g)
-            x = hidden_j[:, : T - j - 1].flatten(0, 1)
-            ce_sum, grad_x = linear_cross_entropy_accumulate_(x, W, target, W.grad, g, IGNORE_INDEX)
-            with backward:
-                x.backward(grad_x)
-            per_head.append((ce_sum / n).detach().float())
-            continue
-        ce = head_loss(model, hidden_j, labels, j, n_tokens, fused)
-        part = ce * (scale / J)
-        with backward:
-            (scaler.scale(part) if scaler is not None else part).backward()
-        per_head.append(ce.detach())
-    with backward:
-        h.backward(h_leaf.grad)
-    per_head = torch.stack(per_head)
-    return per_head.mean(), per_head
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -428,11 +345,12 @@ def _build_model(cfg: TrainConfig, train_records, checkpoint: Path, world: int):
     """(model, tokenizer): resumed, from ``cfg.base``, or from scratch with a new tokenizer."""
     if cfg.resume:
         model = load_model(checkpoint)
-        if not isinstance(model, _FAMILY[cfg.objective]):
+        if not isinstance(model, _OBJECTIVE_CLASSES[cfg.objective].family):
             raise ValueError(f"cannot resume objective {cfg.objective!r} from a {type(model).__name__} checkpoint")
-        if model.config.n_heads != cfg.n_heads:
-            raise CheckpointError(f"{checkpoint} holds a model with {model.config.n_heads} heads, but its run "
-                                  f"says n_heads={cfg.n_heads}")
+        if model.config.n_heads != cfg.n_heads or model.config.medusa_proj != cfg.medusa_proj:
+            raise CheckpointError(f"{checkpoint} holds a model with {model.config.n_heads} heads (medusa_proj "
+                                  f"{model.config.medusa_proj}), but its run says n_heads={cfg.n_heads} "
+                                  f"(medusa_proj {cfg.medusa_proj})")
         return model, load_tokenizer(checkpoint)  # a lost tokenizer is an error, never an empty one
     torch.manual_seed(cfg.seed)
     tokenizer = None
@@ -464,25 +382,23 @@ def _rank0_tokenizer(records, vocab_size, world):
 
 
 def _model_for_objective(base, cfg: TrainConfig):
-    family = _FAMILY[cfg.objective]
+    family = _OBJECTIVE_CLASSES[cfg.objective].family
     if isinstance(base, family):  # continue training a model of the same family
         if cfg.objective != "ntp" and base.config.n_heads != cfg.n_heads:
             raise ValueError(f"base {cfg.base} has {base.config.n_heads} heads, not n_heads={cfg.n_heads}")
+        if base.config.medusa_proj != cfg.medusa_proj:
+            raise ValueError(f"base {cfg.base} has medusa_proj={base.config.medusa_proj}, not {cfg.medusa_proj}")
         return base
     if type(base) is not GPT2:
         raise ValueError(f"objective {cfg.objective!r} cannot start from a {type(base).__name__} base ({cfg.base})")
     if cfg.objective == "mtp":
         return MTPModel.from_base(base, n_heads=cfg.n_heads)
-    return MedusaModel.from_base(base, n_heads=cfg.n_heads, n_layers=cfg.medusa_layers)
+    return MedusaModel.from_base(base, n_heads=cfg.n_heads, n_layers=cfg.medusa_layers, proj=cfg.medusa_proj)
 
 
-def _optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices and embeddings only, not on biases and LayerNorms."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
+def _optimizer(groups: list[dict], cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over the objective's parameter groups (see ``Objective.param_groups``)."""
+    groups = [g for g in groups if g["params"]]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
 
 
@@ -503,8 +419,12 @@ def _save_checkpoint(path: Path, model, tokenizer, state: dict) -> None:
 
 
 def _all_reduce_grads(params: list[torch.Tensor], world: int) -> None:
-    """Average the gradients over the processes in one flat all-reduce (the MTP path)."""
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    """Average the gradients over the processes in one flat all-reduce (``manual_grad_sync``);
+    parameters without a gradient (MEDUSA-2's backbone during the heads' warmup) keep none."""
+    params = [p for p in params if p.grad is not None]  # every rank runs the same graph: the same ones
+    if not params:
+        return
+    grads = [p.grad for p in params]
     flat = torch.cat([g.flatten() for g in grads])
     dist.all_reduce(flat)
     flat /= world
@@ -679,11 +599,15 @@ def _train_locked(cfg: TrainConfig, world: int) -> TrainResult:
     val_loader = torch.utils.data.DataLoader(val_ds, batch_size=cfg.batch_size,
                                              collate_fn=partial(collate, pad_id=tokenizer.pad_token_id))
 
+    if cfg.objective == "medusa2" and cfg.head_warmup is None:
+        cfg = replace(cfg, head_warmup=round(0.25 * total))  # resolved once: saved with the run, kept on resume
+    objective = _OBJECTIVE_CLASSES[cfg.objective](cfg, fused=cfg.loss == "fused")
     model.to(device)
+    objective.prepare(model, device)
     model.gradient_checkpointing = cfg.grad_checkpointing
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = _optimizer(model, cfg, device)
+    optimizer = _optimizer(objective.param_groups(model), cfg, device)
     amp_dtype = _amp_dtype(cfg.precision, device)
     autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
@@ -762,8 +686,7 @@ def _train_locked(cfg: TrainConfig, world: int) -> TrainResult:
         return m
 
     # the logged objective and per-head losses, summed over the steps of a log interval
-    n_logged = model.n_heads - 1 if cfg.objective == "medusa" else model.n_heads
-    interval = torch.zeros(1 + n_logged, device=device)
+    interval = torch.zeros(1 + objective.n_logged(model), device=device)
     interval_steps, interval_tokens, t_interval = 0, 0, time.perf_counter()
     metrics, interrupted, stopped_by = None, False, None
     progress = _progress_bar(cfg, main, total, step)
@@ -774,28 +697,15 @@ def _train_locked(cfg: TrainConfig, world: int) -> TrainResult:
             step_loss = torch.zeros((), device=device)
             lr = lr_at(step, lr=cfg.lr, warmup=warmup, total=total)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * objective.lr_scale(group.get("part", "all"), step, warmup)
             for m, (idx, labels) in enumerate(micro):
                 idx, labels = _to_device(idx, device), _to_device(labels, device)
-                last = m == len(micro) - 1
-                # DDP averages gradients over ranks; scaling by world turns that into the sum
-                # the global N_j normalisation needs
-                if cfg.objective == "mtp":
-                    with (ddp.no_sync() if ddp else contextlib.nullcontext()), autocast:
-                        loss, per_head = mtp_loss_and_backward(model, idx, labels, scale=world,
-                                                               n_tokens=n_tokens, scaler=scaler, fused=fused)
-                else:
-                    with (ddp.no_sync() if ddp and not last else contextlib.nullcontext()):
-                        with autocast:
-                            if cfg.objective == "ntp":
-                                loss, per_head = ntp_loss(ddp or model, idx, labels, n_tokens=n_tokens, fused=fused)
-                            else:
-                                loss, per_head = medusa_loss(ddp or model, idx, labels, cfg.head_weights,
-                                                             n_tokens=n_tokens, fused=fused)
-                        scaler.scale(loss * world).backward()
-                interval += torch.cat([loss.detach().reshape(1), per_head])
-                step_loss += loss.detach().float()
-            if cfg.objective == "mtp" and ddp:
+                loss, per_head = objective.backward(model, ddp, idx, labels, n_tokens=n_tokens, step=step,
+                                                    world=world, scaler=scaler, autocast=autocast,
+                                                    last=m == len(micro) - 1)
+                interval += torch.cat([loss.reshape(1), per_head])
+                step_loss += loss.float()
+            if objective.manual_grad_sync and ddp:
                 _all_reduce_grads(params, world)
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
@@ -871,7 +781,7 @@ def _train_locked(cfg: TrainConfig, world: int) -> TrainResult:
             parameters=model.num_parameters(), trainable_parameters=model.num_parameters(trainable_only=True),
         )
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
-        if cfg.objective in ("mtp", "medusa") and not interrupted:  # head acceptance, for tree="auto"
+        if cfg.objective != "ntp" and not interrupted:  # head acceptance, for tree="auto"
             from mtpkern.calibrate import calibrate_after_training
 
             calibrate_after_training(model, val_records, tokenizer, ckpt_dir, source=dict(

@@ -96,3 +96,32 @@ def test_bad_arguments():
         run_bench(device="cpu", quick=True, prompts=0)
     with pytest.raises(ValueError, match="unknown dtype"):
         run_bench(device="cpu", quick=True, dtype="float99")
+
+
+def test_bench_heads_quick_runs_every_variant(tmp_path):
+    """benchmarks/bench_heads.py --quick, shrunk further: every variant trains, decodes losslessly
+    and is measured, and the JSON holds the figures the table shows."""
+    import runpy
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_heads.py"
+    bench = runpy.run_path(str(script))
+    threads = torch.get_num_threads()
+    try:
+        report = bench["main"](["--quick", "--corpus", "90", "--base-steps", "3", "--head-steps", "2",
+                                "--head-records", "24", "--eval-prompts", "2", "--max-new-tokens", "6",
+                                "--json", str(tmp_path / "heads.json"), "--out", str(tmp_path / "runs")])
+    finally:
+        torch.set_num_threads(threads)
+    assert json.loads((tmp_path / "heads.json").read_text()) == json.loads(json.dumps(report))
+    assert report["sizes"]["head_steps"] == 2 and report["sizes"]["base_steps"] == 3
+    assert len(report["variants"]) == 6 and report["distilled_records"] > 0
+    for name, r in report["variants"].items():
+        assert r["lossless"] == 1.0, name
+        assert r["accept_length"] >= 1 and len(r["corpus_top1"]) == len(r["own_top1"]) == 3, name
+        assert all(0 <= a <= 1 for a in r["corpus_top1"] + r["own_top1"]), name
+    # MEDUSA-1 never changes its base: the base's perplexity; MEDUSA-2 trains it
+    v = report["variants"]
+    assert v["medusa1 shared (base: all kinds)"]["ppl"] == pytest.approx(report["bases"]["base: all kinds"]["ppl"])
+    assert v["medusa2 ce (base: all kinds)"]["ppl"] != pytest.approx(report["bases"]["base: all kinds"]["ppl"])
+    assert (tmp_path / "runs" / "heads_distilled.jsonl").is_file()

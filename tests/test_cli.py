@@ -209,3 +209,50 @@ def test_bench_command_quick(tmp_path):
     assert report["device"]["type"] == "cpu"
     assert {"ntp/eager", "mtp/eager", "medusa/eager", "hf/dynamic"} <= set(report["cases"])
     assert report["cases"]["ntp/eager"]["tokens_per_second"] > 0
+
+
+# ----------------------------------------------------------------------------- MEDUSA-2, projections, distill
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "medusa2", "--out", "o", "--steps", "1"], "objective 'medusa2' needs a trained base model"),
+    (["train", "mtp", "--out", "o", "--steps", "1", "--medusa-proj"], "objective 'mtp' has no MEDUSA heads"),
+    (["train", "medusa", "--out", "o", "--base", "b", "--backbone-loss", "kl"], "is a MEDUSA-2 setting"),
+    (["train", "medusa2", "--out", "o", "--base", "b", "--head-warmup", "-1"], "expected an integer >= 0"),
+    (["distill", "d", "--data", "EMPTY", "--out", "x.jsonl"], "no prompts to answer"),
+    (["distill", "d", "--data", "synthetic", "--out", "x.jsonl", "--temperature", "-1"], "expected a finite number >= 0"),
+])
+def test_new_commands_give_one_line_errors_before_any_work(args, message, tmp_path, capsys, monkeypatch):
+    (tmp_path / "EMPTY").write_text("")
+    (tmp_path / "EMPTY").rename(tmp_path / "EMPTY.jsonl")
+    args = [str(tmp_path / a) if a in ("o", "d", "b", "x.jsonl") else str(tmp_path / "EMPTY.jsonl") if a == "EMPTY"
+            else a for a in args]
+    code, err = run_main(args, capsys, monkeypatch)
+    assert_one_line_error(code, err, message)
+    assert not (tmp_path / "o").exists() and not (tmp_path / "x.jsonl").exists()
+
+
+def test_medusa2_and_distill_commands_with_every_switch(tmp_path, capsys, monkeypatch):
+    from mtpkern.model import load_model
+    from test_train import make_base
+
+    base = make_base(tmp_path / "base")
+    data = tmp_path / "d.jsonl"
+    code, err = run_main(["distill", base, "--data", "synthetic", "--out", data, "--data-limit", "24",
+                          "--max-new-tokens", "6", "--temperature", "0.7", "--top-p", "0.9", "--seed", "2",
+                          "--dtype", "fp32", "--device", "cpu", "--no-progress"], capsys, monkeypatch)
+    assert code == 0, err
+    assert len(data.read_text().splitlines()) == 24
+    settings = json.loads((tmp_path / "d.jsonl.distill.json").read_text())
+    assert (settings["temperature"], settings["top_p"], settings["seed"], settings["max_new_tokens"]) == (0.7, 0.9, 2, 6)
+    out = tmp_path / "run"
+    code, err = run_main(["train", "medusa2", "--out", out, "--base", base, "--data", data, "--steps", "2",
+                          "--batch-size", "4", "--n-heads", "2", "--medusa-proj", "--heads-coefficient", "0.3",
+                          "--backbone-lr-ratio", "0.5", "--head-warmup", "1", "--backbone-loss", "kl",
+                          "--teacher", base, "--device", "cpu", "--precision", "fp32", "--loss", "plain",
+                          "--no-progress"], capsys, monkeypatch)
+    assert code == 0, err
+    cfg = json.loads((out / "train_config.json").read_text())
+    assert (cfg["objective"], cfg["medusa_proj"], cfg["heads_coefficient"], cfg["backbone_lr_ratio"],
+            cfg["head_warmup"], cfg["backbone_loss"], cfg["teacher"]) == ("medusa2", True, 0.3, 0.5, 1, "kl", str(base))
+    assert load_model(out).config.medusa_proj

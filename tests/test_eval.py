@@ -182,6 +182,36 @@ def test_evaluate_end_to_end(runs, tmp_path):
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def test_evaluate_shows_projections_and_what_medusa2_traded(runs, tmp_path):
+    """A MEDUSA-1 run with its own projections and a MEDUSA-2 run: the report names them, and
+    gives the original base's perplexity and answer accuracy beside the MEDUSA-2 backbone's."""
+    from mtpkern.train import TrainConfig, train
+
+    common = dict(DATA, steps=2, batch_size=4, log_every=2, eval_every=2, eval_batches=1, save_every=2,
+                  device="cpu", progress=False, base=str(runs / "ntp" / "checkpoint"), n_heads=2)
+    train(TrainConfig(objective="medusa", out=str(tmp_path / "proj"), medusa_proj=True, **common))
+    train(TrainConfig(objective="medusa2", out=str(tmp_path / "m2"), head_warmup=0, lr=1e-2, **common))
+    report = evaluate([runs / "ntp", tmp_path / "proj", tmp_path / "m2"], json_path=tmp_path / "e.json", device="cpu",
+                      max_samples=2, max_new_tokens=8, max_batches=2, progress=False, hf_baseline=False, plots=False)
+    ntp, proj, m2 = report["models"]
+    assert (proj["objective"], proj["medusa_proj"], m2["objective"], m2["medusa_proj"]) == ("medusa", True, "medusa2", False)
+    assert "original_base" not in proj["quality"]
+    orig = m2["quality"]["original_base"]
+    assert orig["ppl"] == pytest.approx(ntp["quality"]["ppl"], rel=1e-5)  # the same weights, split and prompts
+    assert orig["answer_accuracy"] == ntp["quality"]["answer_accuracy"]
+    assert m2["quality"]["ppl"] != pytest.approx(orig["ppl"], rel=1e-6)  # the backbone was trained
+    assert m2["speed"]["medusa"]["agrees_with_ntp"] == 1.0
+    table = (tmp_path / "e.md").read_text()
+    assert "| proj (medusa, own projections) |" in table and "| m2 (medusa2) |" in table
+    assert "m2 (MEDUSA-2) trades quality" in table
+    # a base moved away since the run is reported, not fatal
+    from mtpkern.eval import original_base_quality
+
+    gone = original_base_quality(tmp_path / "moved", None, [], [], None, device="cpu", dtype=torch.float32,
+                                 max_batches=1, max_new_tokens=4, kernels="auto")
+    assert gone["ppl"] is None and "moved" in gone["error"]
+
+
 def test_json_pointing_at_a_directory_fails_before_evaluating(tmp_path, monkeypatch):
     import mtpkern.eval as ev
 

@@ -97,6 +97,9 @@ def tiny_cli(argv: list[str], changes: list[str]) -> list[str]:
         _set(argv, "--max-new-tokens", TINY["max_new_tokens"], changes)
     elif command == "generate":
         _set(argv, "--max-new-tokens", TINY["max_new_tokens"], changes)
+    elif command == "distill":
+        _set(argv, "--data-limit", TINY["data_limit"], changes)
+        _set(argv, "--max-new-tokens", TINY["max_new_tokens"], changes)
     elif command == "bench":
         if "--quick" not in argv:
             changes.append("+ --quick")

@@ -1,0 +1,177 @@
+"""Self-distillation data: the model's own responses to the prompts of a data source.
+
+Heads trained on text the model did not write learn a distribution it does not follow, and
+speculative decoding accepts fewer of their drafts. ``distill`` answers every prompt (the
+``query`` of each record) with the model itself and writes the records, in the data schema
+(``{"query", "response", "type"}`` plus ``"source_index"``), to a JSONL file that every
+training objective reads (``--data FILE.jsonl``).
+
+- Greedy (``temperature=0``, the default) or sampled (``temperature``, ``top_p``): record i is
+  sampled with its own generator seeded by ``seed + i``, so the output is a function of the
+  settings alone, whether or not the run was interrupted.
+- One prompt at a time: the decoding engine (``mtpkern.decoder.Decoder``) decodes batch 1; the
+  one decoder, and its cache, serve every prompt.
+- Resumable: the settings are written beside the output (``FILE.jsonl.distill.json``); run
+  the same command again and it keeps the records written (a half-written last line, from a
+  killed run, is dropped), then continues after the last one. Other settings for an existing
+  output are an error: a file is never half of one run and half of another.
+- A tqdm progress bar when tqdm is installed.
+
+Prompts that leave no room in the model's context for one new token are skipped, and counted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+SETTINGS_SUFFIX = ".distill.json"
+
+
+@dataclass
+class DistillResult:
+    out: str
+    written: int  # records written by this call
+    kept: int  # records already there from an earlier call
+    skipped: int  # prompts too long for the model's context
+    total: int  # prompts in the source
+
+
+def distill(model, data, out, *, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
+            seed: int = 0, limit: int | None = None, device: str = "auto", dtype: str | None = None,
+            progress: bool = True) -> DistillResult:
+    """Write ``model``'s responses to the prompts of ``data`` to ``out`` (JSONL; see the module
+    docstring). ``model``: a checkpoint or run directory (or Hugging Face GPT-2) with a
+    tokenizer. ``data``: "synthetic", "metamathqa" or a .json/.jsonl file of records with a
+    ``query`` (a ``response`` is not needed). ``limit``: the first ``limit`` prompts.
+    Bad input is a ``ValueError`` (or ``DataError`` / ``CheckpointError``) before any decoding."""
+    from mtpkern.data import format_prompt, load_prompts, load_tokenizer
+    from mtpkern.decoder import Decoder
+    from mtpkern.model import load_model
+    from mtpkern.runtime import dtype_name, resolve_device, resolve_dtype
+
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    if not (temperature >= 0 and temperature < float("inf")):
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    out = Path(out)
+    if out.suffix != ".jsonl":
+        raise ValueError(f"--out {str(out)!r} must name a .jsonl file (one record per line)")
+    if out.is_dir():
+        raise ValueError(f"--out {str(out)!r} is a directory, not a .jsonl file")
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    settings = dict(model=str(model), data=str(data), max_new_tokens=max_new_tokens, temperature=float(temperature),
+                    top_p=float(top_p), seed=seed, limit=limit, dtype=dtype_name(dt))
+    prompts = load_prompts(data, seed=seed, limit=limit)
+    kept = _resume(out, settings, prompts)
+
+    net = load_model(model, device=dev, dtype=dt).eval()
+    tokenizer = load_tokenizer(model)
+    eos, ctx = tokenizer.eos_token_id, net.config.n_positions
+    encoded = tokenizer([format_prompt(r["query"]) for r in prompts], add_special_tokens=False)["input_ids"]
+    if all(len(ids) >= ctx for ids in encoded):
+        raise ValueError(f"no prompt of {str(data)!r} fits the model's context of {ctx} tokens with room to answer")
+    decoder = Decoder(net, "ntp", temperature=temperature, top_p=top_p)
+    start = kept[-1]["source_index"] + 1 if kept else 0
+    written = skipped = 0
+    bar = _progress(len(prompts), start, progress)
+    with open(out, "a", encoding="utf-8") as f:
+        for i in range(start, len(prompts)):
+            rec, ids = prompts[i], encoded[i]
+            room = min(max_new_tokens, ctx - len(ids))
+            if room < 1:
+                skipped += 1
+                bar.update(1)
+                continue
+            gen = torch.Generator(device=dev).manual_seed(seed + i) if temperature > 0 else None
+            tokens = decoder.generate(torch.tensor(ids, device=dev), max_new_tokens=room, eos_token_id=eos,
+                                      generator=gen).tokens
+            if tokens and tokens[-1] == eos:
+                tokens = tokens[:-1]
+            response = tokenizer.decode(tokens, skip_special_tokens=True)
+            f.write(json.dumps({"query": rec["query"], "response": response, "type": rec.get("type", "unknown"),
+                                "source_index": i}) + "\n")
+            f.flush()  # a record is either whole on disk or dropped on resume
+            written += 1
+            bar.update(1)
+    bar.close()
+    return DistillResult(out=str(out), written=written, kept=len(kept), skipped=skipped, total=len(prompts))
+
+
+def _resume(out: Path, settings: dict, prompts: list[dict]) -> list[dict]:
+    """The records an earlier call with the same settings wrote to ``out`` (the file cut after
+    the last whole one), or [] for a new output, whose settings are then written."""
+    meta = out.with_name(out.name + SETTINGS_SUFFIX)
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        meta.write_text(json.dumps(settings, indent=2))
+        out.write_text("")
+        return []
+    if not meta.exists():
+        raise ValueError(f"{out} exists but was not written by mtpkern distill (no {meta.name}): "
+                         "choose another --out; it is never overwritten")
+    try:
+        saved = json.loads(meta.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{meta} is not valid JSON ({e.msg})") from None
+    changed = [k for k in settings if saved.get(k) != settings[k]]
+    if changed:
+        k = changed[0]
+        raise ValueError(f"{out} was distilled with {k}={saved.get(k)!r}, not {settings[k]!r}: resuming needs the "
+                         "same settings (or choose another --out)")
+    raw = out.read_bytes()
+    lines = raw.split(b"\n")
+    records, good = [], 0
+    for n, line in enumerate(lines):
+        if not line.strip():
+            good += len(line) + 1
+            continue
+        if n == len(lines) - 1:  # no newline after it: half-written by a killed run
+            print(f"mtpkern distill: {out}: dropped a half-written last line", file=sys.stderr)
+            break
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            raise ValueError(f"{out}:{n + 1}: not valid JSON: the file was changed by hand") from None
+        i = rec.get("source_index") if isinstance(rec, dict) else None
+        if (not isinstance(i, int) or i >= len(prompts) or prompts[i]["query"] != rec.get("query")
+                or (records and i <= records[-1]["source_index"])):
+            raise ValueError(f"{out}:{n + 1}: not the next record of {settings['data']!r} in prompt order: the file was "
+                             "changed by hand")
+        records.append(rec)
+        good += len(line) + 1
+    if good < len(raw):
+        with open(out, "r+b") as f:
+            f.truncate(good)
+            f.flush()
+            os.fsync(f.fileno())
+    return records
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        tqdm = None
+    if tqdm is None or not enabled:
+        return _NoBar()
+    return tqdm(total=total, initial=initial, desc="distill", dynamic_ncols=True, file=sys.stderr)
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+__all__ = ["distill", "DistillResult"]

@@ -1,0 +1,131 @@
+"""Self-distillation (mtpkern.distill): deterministic, resumable without duplicates, trainable,
+and bad input reported in one line before any decoding."""
+
+import json
+
+import pytest
+import torch
+
+from mtpkern.data import DataError, load_records
+from mtpkern.distill import SETTINGS_SUFFIX, distill
+from mtpkern.train import train
+from test_train import make_base, one_thread, tiny_run  # noqa: F401 - one_thread is autouse
+
+SETTINGS = dict(data="synthetic", limit=6, max_new_tokens=12, device="cpu", progress=False)
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    return make_base(tmp_path_factory.mktemp("base"))
+
+
+@pytest.fixture(scope="module")
+def greedy(tmp_path_factory, base_dir):
+    out = tmp_path_factory.mktemp("greedy") / "d.jsonl"
+    result = distill(base_dir, out=out, **SETTINGS)
+    return out, result
+
+
+def _records(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_distill_writes_the_models_greedy_responses(greedy, base_dir):
+    from mtpkern.data import format_prompt, load_tokenizer
+    from mtpkern.generate import generate
+    from mtpkern.model import load_model
+
+    out, result = greedy
+    assert (result.written, result.kept, result.skipped, result.total) == (6, 0, 0, 6)
+    records = _records(out)
+    prompts = load_records("synthetic", limit=6)
+    assert [r["source_index"] for r in records] == list(range(6))
+    assert [r["query"] for r in records] == [p["query"] for p in prompts]
+    assert [r["type"] for r in records] == [p["type"] for p in prompts]
+    # the response is the model's own greedy continuation of the prompt
+    model, tok = load_model(base_dir), load_tokenizer(base_dir)
+    ids = torch.tensor(tok(format_prompt(prompts[2]["query"]), add_special_tokens=False)["input_ids"])
+    tokens = generate(model, ids, max_new_tokens=12, eos_token_id=tok.eos_token_id).tokens
+    tokens = tokens[:-1] if tokens[-1] == tok.eos_token_id else tokens
+    assert records[2]["response"] == tok.decode(tokens, skip_special_tokens=True)
+    assert all(r["response"] != p["response"] for r, p in zip(records, prompts))  # not the corpus' answers
+
+
+def test_greedy_distillation_is_deterministic(greedy, base_dir, tmp_path):
+    again = tmp_path / "again.jsonl"
+    distill(base_dir, out=again, **SETTINGS)
+    assert again.read_bytes() == greedy[0].read_bytes()
+
+
+def test_sampled_distillation_is_seeded(base_dir, tmp_path, greedy):
+    a, b, c = (distill(base_dir, out=tmp_path / f"{n}.jsonl", temperature=1.0, seed=s, **SETTINGS).out
+               for n, s in (("a", 3), ("b", 3), ("c", 4)))
+    read = lambda p: [r["response"] for r in _records(tmp_path / p.split("/")[-1])]  # noqa: E731
+    assert read(a) == read(b)
+    assert read(a) != read(c) and read(a) != [r["response"] for r in _records(greedy[0])]
+
+
+def test_an_interrupted_distillation_resumes_without_duplicates(greedy, base_dir, tmp_path, capsys):
+    full = greedy[0].read_bytes()
+    out = tmp_path / "d.jsonl"
+    distill(base_dir, out=out, **SETTINGS)
+    lines = full.split(b"\n")
+    # a run killed while writing record 3: two whole records, then half of the third
+    out.write_bytes(b"\n".join(lines[:2]) + b"\n" + lines[2][:15])
+    result = distill(base_dir, out=out, **SETTINGS)
+    assert (result.kept, result.written) == (2, 4)
+    assert "dropped a half-written last line" in capsys.readouterr().err
+    assert out.read_bytes() == full
+    # run again: nothing to do, nothing duplicated
+    result = distill(base_dir, out=out, **SETTINGS)
+    assert (result.kept, result.written) == (6, 0) and out.read_bytes() == full
+
+
+def test_training_reads_distilled_data(greedy, base_dir, tmp_path):
+    result = train(tiny_run(tmp_path / "run", "medusa", base_dir, data=str(greedy[0]), data_limit=None, n_heads=2,
+                            steps=2, val_fraction=0.2))
+    assert result.steps == 2
+
+
+def test_bad_input_is_a_one_line_error_before_decoding(base_dir, tmp_path, greedy):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text(json.dumps({"query": "  ", "response": "x"}) + "\n")
+    no_query = tmp_path / "no_query.json"
+    no_query.write_text(json.dumps([{"response": "x"}]))
+    for source, message in [(empty, "no prompts"), (blank, "no prompts"), (no_query, "no string field 'query'")]:
+        with pytest.raises(DataError, match=message) as e:
+            distill(base_dir, source, tmp_path / "o.jsonl", progress=False)
+        assert "\n" not in str(e.value)
+        assert not (tmp_path / "o.jsonl").exists()
+    with pytest.raises(ValueError, match="must name a .jsonl file"):
+        distill(base_dir, "synthetic", tmp_path / "o.json")
+    # an existing output with other settings, or one not written by distill, is never touched
+    out = greedy[0]
+    before = out.read_bytes()
+    with pytest.raises(ValueError, match="distilled with max_new_tokens=12, not 20"):
+        distill(base_dir, out=out, **dict(SETTINGS, max_new_tokens=20))
+    foreign = tmp_path / "foreign.jsonl"
+    foreign.write_text('{"query": "q", "response": "r"}\n')
+    with pytest.raises(ValueError, match="not written by mtpkern distill"):
+        distill(base_dir, out=foreign, **SETTINGS)
+    assert out.read_bytes() == before and foreign.read_text() == '{"query": "q", "response": "r"}\n'
+    assert (out.parent / (out.name + SETTINGS_SUFFIX)).is_file()
+
+
+def test_prompts_too_long_for_the_context_are_skipped_or_an_error(tmp_path):
+    from mtpkern.data import train_tokenizer, synthetic_records
+    from mtpkern.model import GPT2, GPT2Config
+
+    tok = train_tokenizer(synthetic_records(200, seed=7), vocab_size=512)
+    data = tmp_path / "p.jsonl"
+    data.write_text(json.dumps({"query": "Tom has 3 apples."}) + "\n" + json.dumps({"query": "word " * 200}) + "\n")
+    for ctx in (64, 32):
+        model_dir = tmp_path / f"ctx{ctx}"
+        GPT2(GPT2Config(vocab_size=len(tok), n_positions=ctx, n_embd=32, n_layer=1, n_head=2,
+                        eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id)).save_pretrained(model_dir, tok)
+    r = distill(tmp_path / "ctx64", data, tmp_path / "a.jsonl", max_new_tokens=8, device="cpu", progress=False)
+    assert (r.written, r.skipped, r.total) == (1, 1, 2)
+    with pytest.raises(ValueError, match="no prompt of .* fits the model's context of 32 tokens"):
+        distill(tmp_path / "ctx32", data, tmp_path / "b.jsonl", device="cpu", progress=False)
