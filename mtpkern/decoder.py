@@ -108,9 +108,9 @@ def prefill(model, cache: KVCache, input_ids: torch.Tensor, *, heads: int) -> to
     if heads == 1:
         return last
     if model.draft_on_path:  # MTP: the draft heads' blocks fill their caches over the whole prompt
-        drafts = model.draft_hidden(carry, heads - 1, attn)[-1]
+        drafts = model.draft_hidden(carry, heads - 1, attn)
     else:
-        drafts = model.draft_hidden(last[None], heads - 1)[0]
+        drafts = model.draft_hidden(last[None], heads - 1)
     return torch.cat([last, drafts])
 
 
@@ -208,10 +208,9 @@ class _Drafts:
             return h
         if self.on_path:
             attn = self.rows.attn(prefix, prefix_host, *self.causal)
-            d = self.model.draft_hidden(carry.index_select(0, path.clamp(min=0))[None], self.n, attn)
-            d = d.index_select(0, accept_len.view(1))[0]
+            d = self.model.draft_hidden(carry.index_select(0, path.clamp(min=0))[None], self.n, attn, accept_len)
         else:  # MEDUSA's heads start from head 0's normalised state
-            d = self.model.draft_hidden(h[None], self.n)[0]
+            d = self.model.draft_hidden(h[None], self.n)
         return torch.cat([h, d])
 
 

@@ -375,16 +375,19 @@ class _Family(nn.Module):
         """The LayerNorm between head 0's last block and the unembedding."""
         return self.ln_f
 
-    def draft_hidden(self, carry: torch.Tensor, n: int, attn: Attn | None = None) -> torch.Tensor:
-        """Draft heads 1..n's hidden states [R, n, D] from carry rows [1, R, D] (MTP: at cache
-        slots ``attn.slots``)."""
-        return carry.new_zeros(carry.shape[1], 0, carry.shape[2])
+    def draft_hidden(self, carry: torch.Tensor, n: int, attn: Attn | None = None,
+                     row: torch.Tensor | None = None) -> torch.Tensor:
+        """Draft heads 1..n's hidden states [n, D] at row ``row`` (a 0-d index; default the last)
+        of the carry rows [1, R, D]. MTP's head blocks also write their K/V for every row, at
+        cache slots ``attn.slots``."""
+        return carry.new_zeros(0, carry.shape[2])
 
-    def _stacked(self, key: str, groups) -> list[torch.Tensor]:
-        """``[torch.stack(g) for g in groups()]`` (each ``(tensors, transpose)``), kept between
-        calls and refreshed in place when a parameter changes (its version or storage), so
-        that a CUDA graph that captured them keeps reading the right memory. The check walks
-        the kept tensors, not the modules: a few microseconds per call."""
+    def _stacked(self, key: str, groups, derive=None) -> list[torch.Tensor]:
+        """``[torch.stack(g) for g in groups()]`` (each ``(tensors, transpose)``), passed through
+        ``derive`` when given, kept between calls and refreshed in place when a parameter
+        changes (its version or storage), so that a CUDA graph that captured them keeps reading
+        the right memory. The check walks the kept tensors, not the modules: a few microseconds
+        per call."""
         cache = self.__dict__.setdefault("_stacked_cache", {})
         hit = cache.get(key)
         # Inference tensors keep no version counter: their storage alone identifies them.
@@ -395,6 +398,8 @@ class _Family(nn.Module):
         sources = [t for tensors, _ in spec for t in tensors]
         with torch.no_grad():
             fresh = [torch.stack([t.detach().T if tr else t.detach() for t in tensors]) for tensors, tr in spec]
+            if derive is not None:
+                fresh = [t.contiguous() for t in derive(*fresh)]
         if hit is not None and (torch.is_inference_mode_enabled() or not any(x.is_inference() for x in hit[2])):
             if [(x.shape, x.dtype) for x in hit[2]] == [(x.shape, x.dtype) for x in fresh]:
                 with torch.no_grad():
@@ -546,18 +551,23 @@ class MTPModel(_Family):
         h = self.trunk_forward(idx, pos, attn)
         return self.head_forward(0, h, attn, final_norm), h
 
-    def draft_hidden(self, carry, n, attn=None):
-        """Heads 1..n over the accepted path's trunk outputs. With eager attention the n head
-        blocks run as one batch (stacked weights, one op where n blocks would take n): on a
-        CPU a block costs its op count; the fused kernels run them one by one."""
+    def draft_hidden(self, carry, n, attn=None, row=None):
+        """Heads 1..n over the accepted path's trunk outputs: every row's K/V into the heads'
+        caches, the rest of each block at ``row`` alone. With eager attention the n head blocks
+        run as one batch (stacked weights, one op where n blocks would take n: on a CPU a block
+        costs its op count); the fused kernels run them one by one."""
         if n == 0:
             return super().draft_hidden(carry, 0)
+        row = (torch.full((), carry.shape[1] - 1, device=carry.device) if row is None else row).view(1)
         if attn.tree_mask is not None:
-            return torch.stack([self.head_forward(k, carry, attn)[0] for k in range(1, n + 1)], dim=1)
-        return self._grouped_heads(carry, n, attn).permute(1, 0, 2)
+            return torch.cat([self.head_forward(k, carry, attn)[0].index_select(0, row) for k in range(1, n + 1)])
+        return self._grouped_heads(carry, n, attn, row)[:, 0]
 
-    def _grouped_heads(self, x: torch.Tensor, n: int, attn: Attn) -> torch.Tensor:
-        """Blocks heads[1..n] on the same input x [1, R, D] at once: [n, R, D], final-normed."""
+    def _grouped_heads(self, x: torch.Tensor, n: int, attn: Attn, row: torch.Tensor) -> torch.Tensor:
+        """Blocks heads[1..n] on the same input x [1, R, D] at once: K/V of every row into the
+        cache, the states [n, 1, D] (final-normed) of ``row`` [1]. Each LayerNorm's affine is
+        folded into the projection after it (W diag(g) and b + W beta, kept with the stacked
+        weights)."""
         R, D = x.shape[1], x.shape[2]
         H, eps = self.config.n_head, self.config.layer_norm_epsilon
         first = self.config.n_layer  # cache layer of head 1
@@ -572,19 +582,23 @@ class MTPModel(_Family):
                 (lambda b: b.mlp.c_fc.weight, True), (lambda b: b.mlp.c_fc.bias, False),
                 (lambda b: b.mlp.c_proj.weight, True), (lambda b: b.mlp.c_proj.bias, False))]
 
-        ln1w, ln1b, qkvw, qkvb, ow, ob, ln2w, ln2b, fcw, fcb, pw, pb = (
-            t if t.dim() == 3 else t[:, None] for t in self._stacked(f"mtp{n}", groups))
-        a = F.layer_norm(x, (D,), eps=eps) * ln1w + ln1b
-        q, k, v = (t.reshape(n, R, H, D // H).transpose(1, 2) for t in torch.baddbmm(qkvb, a, qkvw).split(D, dim=2))
+        def fold(ln1w, ln1b, qkvw, qkvb, ow, ob, ln2w, ln2b, fcw, fcb, pw, pb):
+            # (norm(x) g + beta) Wt + b = norm(x) (g[:, None] Wt) + (beta Wt + b)
+            return (ln1w[:, :, None] * qkvw, (ln1b[:, None] @ qkvw) + qkvb[:, None], ow, ob[:, None],
+                    ln2w[:, :, None] * fcw, (ln2b[:, None] @ fcw) + fcb[:, None], pw, pb[:, None])
+
+        qkvw, qkvb, ow, ob, fcw, fcb, pw, pb = self._stacked(f"mtp{n}", groups, fold)
+        qkv = torch.baddbmm(qkvb, F.layer_norm(x, (D,), eps=eps).expand(n, R, D), qkvw)
+        q, k, v = (t.reshape(n, R, H, D // H).transpose(1, 2) for t in qkv.split(D, dim=2))
         kc, vc = attn.cache.k[first : first + n, 0], attn.cache.v[first : first + n, 0]
         kc.index_copy_(2, attn.slots, k)
         vc.index_copy_(2, attn.slots, v)
         s = attn.mask.shape[-1]
-        y = F.scaled_dot_product_attention(q, kc[:, :, :s], vc[:, :, :s], attn_mask=attn.mask)
-        x = x + torch.baddbmm(ob, y.transpose(1, 2).reshape(n, R, D), ow)
-        h = F.gelu(torch.baddbmm(fcb, F.layer_norm(x, (D,), eps=eps) * ln2w + ln2b, fcw), approximate="tanh")
-        x = x + torch.baddbmm(pb, h, pw)
-        return self.ln_f(x)
+        y = F.scaled_dot_product_attention(q.index_select(2, row), kc[:, :, :s], vc[:, :, :s],
+                                           attn_mask=attn.mask.index_select(0, row))  # [n, H, 1, Dh]
+        x = x.index_select(1, row) + torch.baddbmm(ob, y.transpose(1, 2).reshape(n, 1, D), ow)
+        h = F.gelu(torch.baddbmm(fcb, F.layer_norm(x, (D,), eps=eps), fcw), approximate="tanh")
+        return self.ln_f(x + torch.baddbmm(pb, h, pw))
 
     def forward(self, idx, pos=None, *, attn: Attn | None = None, heads: int | None = None,
                 select: torch.Tensor | None = None, logits: bool = True) -> ModelOutput:
@@ -668,11 +682,12 @@ class MedusaModel(_Family):
     def final_norm(self) -> nn.LayerNorm:
         return self.base.ln_f
 
-    def draft_hidden(self, carry, n, attn=None):
-        """MEDUSA heads 1..n on the rows [1, R, D] at once: each residual layer is one batched
-        matmul over the heads' stacked weights, [R, n, D]."""
+    def draft_hidden(self, carry, n, attn=None, row=None):
+        """MEDUSA heads 1..n at one row of [1, R, D] at once: each residual layer is one batched
+        matmul over the heads' stacked weights, [n, D]."""
         if n == 0:
             return super().draft_hidden(carry, 0)
+        carry = carry[:, -1:] if row is None else carry.index_select(1, row.view(1))
         def groups():
             lin = [[h.blocks[i].linear for h in self.medusa[:n]] for i in range(self.config.medusa_layers)]
             return [g for layer in lin for g in (([m.weight for m in layer], True), ([m.bias for m in layer], False))]
@@ -681,7 +696,7 @@ class MedusaModel(_Family):
         x = carry.expand(n, -1, -1)
         for w, b in zip(stacked[0::2], stacked[1::2]):
             x = x + F.silu(torch.baddbmm(b[:, None], x, w))
-        return x.permute(1, 0, 2)
+        return x[:, 0]
 
     def forward(self, idx, pos=None, *, attn: Attn | None = None, heads: int | None = None,
                 select: torch.Tensor | None = None, logits: bool = True) -> ModelOutput:
