@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from mtpkern.bench import bench_models, step_cost_curve, time_case
+from mtpkern.bench import bench_models, bench_prompts, step_cost_curve, time_case
 from mtpkern.eval import device_info, hf_decoder
 from mtpkern.runtime import resolve_device, resolve_dtype
 from mtpkern.generate import generate
@@ -54,7 +54,10 @@ def load_models(args, device, dtype):
         model = load_model(args.model, device=device, dtype=dtype).eval()
         kind = model.config.model_type
         models = {"ntp": model} if kind == "gpt2" else {"ntp": model, kind: model}
-        note = f"checkpoint {args.model}"
+        # Prompts from --data through the checkpoint's tokenizer, so the heads see what they
+        # were trained on (random token ids would measure acceptance on noise).
+        prompts = bench_prompts(model, args.prompts, args.prompt_len, args.model, data=args.data)
+        return models, prompts, f"checkpoint {args.model}, prompts from {args.data}"
     elif device.type == "cuda":
         models = bench_models(None, quick=False, device=device, dtype=dtype)
         note = "random GPT-2 124M shape: accepted lengths measure a random model, not trained heads"
@@ -109,6 +112,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--prompt-len", type=int, default=32, help="random prompts' length (random weights)")
+    ap.add_argument("--data", default="synthetic", help="where a --model checkpoint's prompts come from")
     ap.add_argument("--fused", action="store_true", help="also time fused kernels on CPU (Triton interpreter)")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (tiny models run fastest on 1)")
     ap.add_argument("--hf-static", action="store_true",

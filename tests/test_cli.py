@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -256,3 +257,27 @@ def test_medusa2_and_distill_commands_with_every_switch(tmp_path, capsys, monkey
     assert (cfg["objective"], cfg["medusa_proj"], cfg["heads_coefficient"], cfg["backbone_lr_ratio"],
             cfg["head_warmup"], cfg["backbone_loss"], cfg["teacher"]) == ("medusa2", True, 0.3, 0.5, 1, "kl", str(base))
     assert load_model(out).config.medusa_proj
+
+
+def test_bench_decode_on_a_checkpoint_takes_prompts_from_data(medusa_dir, tmp_path, monkeypatch):
+    """benchmarks/bench_decode.py --model DIR --data SRC: real prompts through the checkpoint's
+    tokenizer (not random ids), every case and the step-cost curve in the JSON."""
+    import json
+    import runpy
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps({"query": f"{i} + 2?", "response": f"The answer is: {i + 2}"})
+                              for i in range(4)) + "\n")
+    out = tmp_path / "bd.json"
+    monkeypatch.setattr(sys, "argv", ["bench_decode.py", "--device", "cpu", "--threads", "1", "--model", str(medusa_dir),
+                                      "--data", str(data), "--prompts", "2", "--max-new-tokens", "4",
+                                      "--step-cost", "1,2", "--json", str(out)])
+    runpy.run_path(str(root / "benchmarks" / "bench_decode.py"), run_name="__main__")
+    report = json.loads(out.read_text())
+    assert report["weights"].endswith(f"prompts from {data}") and report["prompts"] == 2
+    cases = report["cases"]
+    assert cases["medusa: medusa tree=auto"]["tokens_per_second"] > 0
+    assert all("error" not in c for c in cases.values()), cases
+    assert [p["T"] for p in report["step_cost"]["medusa"]] == [1, 2]
