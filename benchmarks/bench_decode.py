@@ -12,7 +12,8 @@ of one greedy step against its tree tokens T, the cost model's own measurement) 
 kept in the JSON and, with ``--plot``, drawn. The JSON is written case by case; a failing
 case is recorded and the others still run.
 
-Models: ``--model DIR`` (a checkpoint of any family); otherwise, on CUDA, a random GPT-2 124M
+Models: ``--model DIR`` (a checkpoint of any family: prompts from ``--data`` through its
+tokenizer, every case stopping at its EOS like ``mtpkern eval``); otherwise, on CUDA, a random GPT-2 124M
 shape with MTP and MEDUSA heads (accepted lengths then measure a random model, not trained
 heads); on CPU, the tiny models of ``tests/_tiny.py``, trained for a few seconds on a periodic
 pattern, so acceptance is real. Fused kernels on CPU run in Triton's interpreter, so they are
@@ -57,7 +58,10 @@ def load_models(args, device, dtype):
         # Prompts from --data through the checkpoint's tokenizer, so the heads see what they
         # were trained on (random token ids would measure acceptance on noise).
         prompts = bench_prompts(model, args.prompts, args.prompt_len, args.model, data=args.data)
-        return models, prompts, f"checkpoint {args.model}, prompts from {args.data}"
+        # ... and they stop at the tokenizer's EOS, as a user's decode does: past its answer a
+        # fine-tuned model writes what it was never trained on, and acceptance means nothing.
+        args.eos = getattr(model.config, "eos_token_id", None)
+        return models, prompts, f"checkpoint {args.model}, prompts from {args.data}, stopping at EOS"
     elif device.type == "cuda":
         models = bench_models(None, quick=False, device=device, dtype=dtype)
         note = "random GPT-2 124M shape: accepted lengths measure a random model, not trained heads"
@@ -126,6 +130,7 @@ def main(argv=None) -> dict:
 
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
+    args.eos = None  # random weights and the tiny models decode exactly max_new_tokens
     models, prompts, note = load_models(args, device, dtype)
     n = args.max_new_tokens
     report = dict(device=device_info(device, dtype), weights=note, max_new_tokens=n, prompts=len(prompts),
@@ -148,12 +153,12 @@ def main(argv=None) -> dict:
     with torch.inference_mode():
         for name, model, family, kw in cases(models, device, args.fused):
             run(name, family, lambda m=model, kw=kw: time_case(
-                lambda x: generate(m, x, max_new_tokens=n, **kw), prompts, device))
+                lambda x: generate(m, x, max_new_tokens=n, eos_token_id=args.eos, **kw), prompts, device))
         for family, model in models.items():
             hf_cases = [("dynamic", False)] + ([("static", True)] if args.hf_static else [])
             for label, static in hf_cases:
                 run(f"{family}: transformers {label}", family, lambda m=model, static=static: time_case(
-                    hf_decoder(m, n, None, static_cache=static), prompts, device, warmup=2 if static else 1))
+                    hf_decoder(m, n, args.eos, static_cache=static), prompts, device, warmup=2 if static else 1))
         sizes = [int(t) for t in args.step_cost.split(",") if t.strip()]
         for family, model in models.items():
             if family == "ntp":

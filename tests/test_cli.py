@@ -276,7 +276,7 @@ def test_bench_decode_on_a_checkpoint_takes_prompts_from_data(medusa_dir, tmp_pa
                                       "--step-cost", "1,2", "--json", str(out)])
     runpy.run_path(str(root / "benchmarks" / "bench_decode.py"), run_name="__main__")
     report = json.loads(out.read_text())
-    assert report["weights"].endswith(f"prompts from {data}") and report["prompts"] == 2
+    assert report["weights"].endswith(f"prompts from {data}, stopping at EOS") and report["prompts"] == 2
     cases = report["cases"]
     assert cases["medusa: medusa tree=auto"]["tokens_per_second"] > 0
     assert all("error" not in c for c in cases.values()), cases
