@@ -92,6 +92,10 @@ def cases(models: dict, device: torch.device, fused_on_cpu: bool):
             continue
         depth = model.n_heads - 1
         trees = [t for t in HAND_TREES[family] if t is None or _fits(t, depth)] + ["auto", "dynamic"]
+        # dynamic trees at auto's node budget too: the two selection rules at equal cost
+        auto_nodes = _auto_nodes(model, family)
+        if auto_nodes:
+            trees.append(f"dynamic:{auto_nodes}")
         for tree in trees:
             label = f"{family}: {family} tree={tree or 'default'}"
             out.append((label, model, family, dict(strategy=family, tree=tree)))
@@ -100,6 +104,19 @@ def cases(models: dict, device: torch.device, fused_on_cpu: bool):
             if cuda:
                 out.append((label + " cuda_graph", model, family, dict(strategy=family, tree=tree, cuda_graph=True)))
     return out
+
+
+def _auto_nodes(model, family: str) -> int | None:
+    """Draft nodes of the tree ``auto`` picks for ``model`` (None without calibration)."""
+    import warnings
+
+    from mtpkern.decoder import Decoder, has_calibration
+
+    if not has_calibration(model):
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return Decoder(model, family, tree="auto").tree_nodes - 1
 
 
 def _fits(spec: str, depth: int) -> bool:

@@ -271,7 +271,14 @@ def test_bench_decode_on_a_checkpoint_takes_prompts_from_data(medusa_dir, tmp_pa
     data.write_text("\n".join(json.dumps({"query": f"{i} + 2?", "response": f"The answer is: {i + 2}"})
                               for i in range(4)) + "\n")
     out = tmp_path / "bd.json"
-    monkeypatch.setattr(sys, "argv", ["bench_decode.py", "--device", "cpu", "--threads", "1", "--model", str(medusa_dir),
+    # a calibrated copy, so that auto plans a tree and the dynamic case at auto's budget runs
+    from mtpkern.calibrate import calibrate_checkpoint
+
+    ckpt = tmp_path / "run" / "checkpoint"
+    shutil.copytree(medusa_dir, ckpt)
+    monkeypatch.setenv("MTPKERN_CACHE", str(tmp_path / "cache"))
+    calibrate_checkpoint(ckpt, data=str(data), max_samples=2, max_new_tokens=4, measure=False)
+    monkeypatch.setattr(sys, "argv", ["bench_decode.py", "--device", "cpu", "--threads", "1", "--model", str(ckpt),
                                       "--data", str(data), "--prompts", "2", "--max-new-tokens", "4",
                                       "--step-cost", "1,2", "--json", str(out)])
     runpy.run_path(str(root / "benchmarks" / "bench_decode.py"), run_name="__main__")
@@ -279,5 +286,6 @@ def test_bench_decode_on_a_checkpoint_takes_prompts_from_data(medusa_dir, tmp_pa
     assert report["weights"].endswith(f"prompts from {data}, stopping at EOS") and report["prompts"] == 2
     cases = report["cases"]
     assert cases["medusa: medusa tree=auto"]["tokens_per_second"] > 0
+    assert any(name.startswith("medusa: medusa tree=dynamic:") for name in cases), list(cases)
     assert all("error" not in c for c in cases.values()), cases
     assert [p["T"] for p in report["step_cost"]["medusa"]] == [1, 2]
