@@ -401,7 +401,7 @@ class _Family(nn.Module):
             if derive is not None:
                 fresh = [t.contiguous() for t in derive(*fresh)]
         if hit is not None and (torch.is_inference_mode_enabled() or not any(x.is_inference() for x in hit[2])):
-            if [(x.shape, x.dtype) for x in hit[2]] == [(x.shape, x.dtype) for x in fresh]:
+            if [(x.shape, x.dtype, x.device) for x in hit[2]] == [(x.shape, x.dtype, x.device) for x in fresh]:
                 with torch.no_grad():
                     for old, new in zip(hit[2], fresh):
                         old.copy_(new)

@@ -330,3 +330,15 @@ def test_stacked_head_weights_follow_the_parameters():
     assert not torch.allclose(before[0], after[0])
     torch.testing.assert_close(before[1:], after[1:])
     torch.testing.assert_close(again, ref)
+
+
+def test_stacked_head_weights_follow_a_dtype_change():
+    """After model.to(another dtype) the draft heads' stacked weights are rebuilt in that dtype
+    (kept ones are only refreshed in place when shape, dtype and device all match)."""
+    model = MedusaModel.from_base(perturbed("medusa").base, n_heads=N_DRAFT_HEADS).eval()
+    x = torch.randn(1, 2, model.config.n_embd)
+    with torch.no_grad():
+        model.draft_hidden(x, N_DRAFT_HEADS)
+        model.to(torch.float64)
+        out = model.draft_hidden(x.double(), N_DRAFT_HEADS)
+    assert out.dtype == torch.float64
