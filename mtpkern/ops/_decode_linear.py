@@ -40,6 +40,15 @@ def row_offsets(rows, T, stride_b, stride_t):
 
 
 @triton.jit
+def output_tile(M, N, T, stride_xb, stride_xt, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's tile: (rows, cols, row_ok, col_ok, the rows' offsets into x [B, T, K]), for
+    a grid of (column blocks, row blocks, ...)."""
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return rows, cols, rows < M, cols < N, row_offsets(rows, T, stride_xb, stride_xt)
+
+
+@triton.jit
 def layer_norm_stats(x_ptr, row_off, row_ok, stride_k, K, eps, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """Mean and 1 / sqrt(var + eps) of each row, in fp32 (one pass: sum and sum of squares)."""
     s1 = tl.zeros((BLOCK_M,), dtype=tl.float32)

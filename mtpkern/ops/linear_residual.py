@@ -30,7 +30,7 @@ from torch._subclasses.fake_tensor import is_fake
 
 from mtpkern.ops import _backend
 from mtpkern.ops._decode_linear import (
-    blocks, bt_strides, check_int32_offsets, check_params, check_rows, input_precision, linear_tile, row_offsets,
+    blocks, bt_strides, check_int32_offsets, check_params, check_rows, input_precision, linear_tile, output_tile, row_offsets,
     split_counters,
 )
 
@@ -64,14 +64,8 @@ def _linear_residual_kernel(
     BLOCK_K: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
+    rows, cols, row_ok, col_ok, x_off = output_tile(M, N, T, stride_xb, stride_xt, BLOCK_M, BLOCK_N)
     pid_k = tl.program_id(2)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < M
-    col_ok = cols < N
-    x_off = row_offsets(rows, T, stride_xb, stride_xt)
     k_lo = pid_k * K_SPLIT
     k_hi = tl.minimum(K, k_lo + K_SPLIT)
 
@@ -86,7 +80,7 @@ def _linear_residual_kernel(
         mask = row_ok[:, None] & col_ok[None, :]
         tl.store(part_ptr + (pid_k * M + rows[:, None]) * N + cols[None, :], acc, mask=mask)
         tl.debug_barrier()  # every thread's partial is stored before the counter moves
-        tile = pid_m * tl.num_programs(0) + pid_n
+        tile = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
         arrived = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu")
         if arrived == SPLIT_K - 1:  # the last of the tile's splits: reduce in split order
             total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)

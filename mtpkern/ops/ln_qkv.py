@@ -23,7 +23,7 @@ from torch._subclasses.fake_tensor import is_fake
 from mtpkern.ops import _backend
 from mtpkern.ops._decode_linear import (
     blocks, bt_strides, check_int32_offsets, check_params, check_rows, input_precision,
-    layer_norm_stats, linear_tile, row_offsets,
+    layer_norm_stats, linear_tile, output_tile,
 )
 
 
@@ -46,13 +46,7 @@ def _ln_qkv_kernel(
     BLOCK_K: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < M
-    col_ok = cols < 3 * D
-    x_off = row_offsets(rows, T, stride_xb, stride_xt)
+    rows, cols, row_ok, col_ok, x_off = output_tile(M, 3 * D, T, stride_xb, stride_xt, BLOCK_M, BLOCK_N)
 
     mean, rstd = layer_norm_stats(x_ptr, x_off, row_ok, stride_xd, D, eps, BLOCK_M, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
