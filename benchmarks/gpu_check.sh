@@ -10,7 +10,7 @@
 # and never stops at its first failure; a failed stage does not stop the script, which exits
 # non-zero if any stage failed. The stage limits are sized for a cold machine (Triton JIT
 # compiles, the extension build) and clipped so that the whole run ends within TOTAL_S; on an
-# H100/H200 it takes under 8 minutes. Every benchmark writes its JSON case by case, so a
+# H100/H200 it takes about 8 minutes. Every benchmark writes its JSON case by case, so a
 # timeout keeps what was measured.
 #
 # Environment:
@@ -23,13 +23,19 @@
 #                (tests/test_gpu_check.py runs it so on a CPU machine)
 #   HF_STATIC=1  also time transformers' static-cache generate (it compiles itself, ~17 s) in
 #                bench_decode, where that script has the --hf-static flag
+#   JOBS=N       test files run at once in the kernel_tests and tests stages (default: 8); each
+#                file is its own pytest process, so a crash in one (a segfault) loses only that file
+#   PACK=0|1     1 (default): at the end everything the run wrote goes into $OUT/gpu_results.tgz,
+#                beside summary.txt (two files to fetch from a remote machine); 0: leave them loose
 #
 # A stage is one line in the list at the bottom:  stage NAME LIMIT_S gpu|any COMMAND...
 set -u
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 OUT=${OUT:-gpu_results}
-TOTAL_S=${TOTAL_S:-450}
+TOTAL_S=${TOTAL_S:-480}
+JOBS=${JOBS:-8}
+PACK=${PACK:-1}
 DRY_RUN=${DRY_RUN:-0}
 STAGES=${STAGES:-}
 mkdir -p "$OUT"
@@ -98,8 +104,46 @@ memcheck() {  # compute-sanitizer memcheck of the extension's kernels, skipped w
   return "$rc"
 }
 
-export -f memcheck
-export PYTHON OUT
+pytest_files() {  # pytest_files NAME LIMIT_S FILE...: one pytest process per file, $JOBS at a time
+  local name=$1 limit=$2; shift 2
+  local dir="$OUT/$name.files"
+  mkdir -p "$dir"
+  printf '%s\n' "$@" | xargs -P "$JOBS" -I{} bash -c \
+    'f={}; log="$0/$(basename "$f" .py).log"; timeout -k 5 "$1" "$PYTHON" -m pytest -q -p no:cacheprovider -rfE "$f" >"$log" 2>&1; echo "rc=$?" >>"$log"' "$dir" "$limit"
+  local bad=0 f log rc
+  for f in "$@"; do
+    log="$dir/$(basename "$f" .py).log"
+    rc=$(tail -1 "$log" | sed 's/^rc=//')
+    echo "$f: rc=$rc $(grep -E '[0-9]+ (passed|failed|skipped|errors?)' "$log" | tail -1 | tr -d '=')"
+    case "$rc" in 0) ;; 124|137) bad=1; echo "  timed out after $limit s" ;; 139) bad=1; grep -A4 'Fatal Python error' "$log" ;; *) bad=1; grep -E '^(FAILED|ERROR) ' "$log" ;; esac
+  done
+  # one total line, in pytest's words, for the stage's note
+  cat "$dir"/*.log | grep -E '^=*.*[0-9]+ (passed|failed|skipped|errors?)' | grep -oE '[0-9]+ (passed|failed|skipped|errors?)' |
+    awk '{n[$2]+=$1} END {printf "%d passed, %d failed, %d skipped, %d errors\n", n["passed"], n["failed"], n["skipped"], n["errors"]+n["error"]}'
+  return "$bad"
+}
+
+cxx_errors() {  # does a C++ exception from the extension reach Python, or crash the process?
+  c++ --version | head -1
+  local probe
+  for probe in \
+      "import torch; torch.ones(2) @ torch.ones(3)" \
+      "import torch, mtpkern.ops; torch.ops.mtpkern.kv_compact_(torch.zeros(1,1,1,4,1), torch.zeros(1,1,1,4,1), torch.tensor([0, 9]), torch.tensor(0), torch.tensor(2))" \
+      "import mtpkern.ops.kv_compact as m, torch; m.kv_compact_(torch.zeros(1,1,1,4,1), torch.zeros(1,1,1,4,1), torch.tensor([0, 9]), torch.tensor(0), torch.tensor(2), backend='cuda')"; do
+    "$PYTHON" -X faulthandler -c "$probe" >"$OUT/cxx_probe.out" 2>&1
+    echo "rc=$? for: $probe"
+    grep -m1 -E 'Error|Fatal' "$OUT/cxx_probe.out"
+  done
+  rm -f "$OUT/cxx_probe.out"
+  if command -v cuda-gdb >/dev/null 2>&1; then  # where a crash happens (the machines have no plain gdb)
+    timeout 40 cuda-gdb -batch -ex run -ex bt --args "$PYTHON" -c "import torch, mtpkern.ops; torch.ops.mtpkern.kv_compact_(torch.zeros(1,1,1,4,1), torch.zeros(1,1,1,4,1), torch.tensor([0, 9]), torch.tensor(0), torch.tensor(2))" 2>&1 |
+      grep -E '^#|signal|exited' | head -30
+  fi
+  return 0
+}
+
+export -f memcheck pytest_files cxx_errors
+export PYTHON OUT JOBS
 
 has_flag() {  # has_flag FLAG COMMAND...: whether COMMAND --help lists FLAG
   local flag=$1; shift
@@ -130,18 +174,26 @@ INSTALL_KIND=gpu
 stage install 180 "$INSTALL_KIND" env MAX_JOBS=16 MTPKERN_FORCE_CUDA_BUILD=1 "$PYTHON" -m pip install --no-build-isolation --no-deps -e .
 stage import_ext 30 gpu "$PYTHON" -c "import torch; from mtpkern import _C; from mtpkern.ops import _backend; assert _backend.HAS_CUDA_EXT; print('mtpkern._C OK', _C.__file__)"
 stage collect 120 any "${PYTEST[@]}" --collect-only benchmarks
-stage kernel_tests 150 gpu "${PYTEST[@]}" $KERNEL_TESTS --junitxml="$OUT/kernel_tests.xml"
+stage cxx_errors 60 gpu bash -c cxx_errors
+stage kernel_tests 150 gpu bash -c 'pytest_files kernel_tests 140 "$@"' _ $KERNEL_TESTS
 stage bench_kernels 120 gpu "${PYTEST[@]}" benchmarks --cases-json "$OUT/bench_kernels.json" --benchmark-json "$OUT/bench_kernels_stats.json"
 stage agreement 90 gpu "$PYTHON" benchmarks/greedy_agreement.py --prompts 4 --max-new-tokens 64 --json "$OUT/agreement.json"
 stage bench_decode 90 gpu "$PYTHON" benchmarks/bench_decode.py --prompts 3 --max-new-tokens 64 "${DECODE_STATIC[@]}" --json "$OUT/bench_decode.json"
+stage bench_e2e 90 gpu "$PYTHON" -m mtpkern.cli bench --device cuda --prompts 3 --max-new-tokens 64 --json "$OUT/bench_e2e.json"
+stage tests 180 gpu bash -c 'pytest_files tests 170 "$@"' _ $(ls tests/test_*.py | grep -v -F "$(printf '%s\n' $KERNEL_TESTS)")
 # The fused decode step vs the eager and compiled CUDA-graphed steps (T = 1, 16, 64) and ntp /
 # medusa tokens/s; torch.compile runs last, so a time limit cuts it first.
 stage bench_fused_step 45 gpu "$PYTHON" benchmarks/bench_fused_step.py --iters 100 --max-new-tokens 32 --compile-t 1 \
   --json "$OUT/bench_fused_step.json"
-stage bench_e2e 90 gpu "$PYTHON" -m mtpkern.cli bench --device cuda --prompts 3 --max-new-tokens 64 --json "$OUT/bench_e2e.json"
 stage bench_memory 90 gpu "$PYTHON" benchmarks/bench_mtp_memory.py --repeat 3 --json "$OUT/bench_mtp_memory.json"  # training step: plain vs fused loss
 stage memcheck 90 gpu bash -c memcheck
-stage tests 240 gpu "${PYTEST[@]}" tests $(printf -- '--ignore=%s ' $KERNEL_TESTS) --junitxml="$OUT/tests.xml"
 
 "$PYTHON" benchmarks/gpu_summary.py "$OUT" | tee "$OUT/summary.txt"
-! grep -q $'\tFAILED\t' "$OUT/stages.tsv"
+FAILED=0
+grep -q $'\tFAILED\t' "$OUT/stages.tsv" && FAILED=1
+if [ "$PACK" = 1 ]; then  # only what this run wrote: the stage logs and files, the JSON, the XML
+  ( shopt -s nullglob; cd "$OUT" && written=(env.txt stages.tsv ./*.log ./*.json ./*.xml ./*.files) &&
+    tar czf gpu_results.tgz "${written[@]}" && rm -rf -- "${written[@]}" ) &&
+    echo "packed into $OUT/gpu_results.tgz (beside summary.txt)"
+fi
+exit "$FAILED"

@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
-GPU_STAGES = ("import_ext", "kernel_tests", "bench_kernels", "agreement", "bench_decode", "bench_fused_step",
+GPU_STAGES = ("import_ext", "cxx_errors", "kernel_tests", "bench_kernels", "agreement", "bench_decode", "bench_fused_step",
               "bench_e2e", "bench_memory", "memcheck", "tests")
 
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
@@ -22,7 +23,7 @@ pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("ti
 
 
 def run(script: Path, **env):
-    env = {**os.environ, "PYTHON": sys.executable, "PYTHONPATH": str(ROOT), **env}
+    env = {**os.environ, "PYTHON": sys.executable, "PYTHONPATH": str(ROOT), "PACK": "0", **env}
     return subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env, timeout=600,
                           cwd=script.parent)
 
@@ -46,7 +47,7 @@ def test_dry_run_skips_gpu_stages_and_collects_every_benchmark(tmp_path):
         assert re.search(rf"^benchmarks/{path.name}::test_", collected, re.M), f"{path.name} not collected"
     assert "error" not in collected.lower(), collected
     summary = (tmp_path / "summary.txt").read_text()
-    assert "2 passed, 0 failed, 11 skipped" in summary and summary in r.stdout
+    assert "2 passed, 0 failed, 12 skipped" in summary and summary in r.stdout
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the reason a CPU machine gives")
@@ -115,3 +116,34 @@ def test_ci_runs_the_readmes_test_command_and_the_gpu_machines_triton():
     assert "--target \"$TRITON_SIDE\" triton==3.6.0" in ci
     assert 'PYTHONPATH="$TRITON_SIDE" python -m pytest -q tests/test_triton_compile.py' in ci
     assert "set -euo pipefail" in ci  # any failing step, pytest's exit code 5 (nothing collected) included, fails CI
+
+
+def test_pack_leaves_a_tarball_beside_the_summary(tmp_path):
+    """PACK=1 (the default): a remote machine returns two files, not one per stage."""
+    (tmp_path / "notes.md").write_text("a user's file")  # not written by the run: left alone
+    r = run(SCRIPT, OUT=str(tmp_path), DRY_RUN="1", TOTAL_S="300", STAGES="collect", PACK="1")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu_results.tgz", "notes.md", "summary.txt"]
+    with tarfile.open(tmp_path / "gpu_results.tgz") as tar:
+        names = {n.removeprefix("./") for n in tar.getnames()}
+    assert {"env.txt", "stages.tsv", "collect.log"} <= names, names
+
+
+def test_test_files_run_one_process_each_and_a_crash_loses_one_file(tmp_path):
+    """The kernel_tests / tests stages' runner: every file reports, a segfault included, and one
+    total line sums pytest's counts."""
+    tests = tmp_path / "t"
+    tests.mkdir()
+    (tests / "test_ok.py").write_text("def test_a():\n    assert 1\n\ndef test_b():\n    assert 2\n")
+    (tests / "test_crash.py").write_text("import ctypes\n\ndef test_boom():\n    ctypes.string_at(0)\n")
+    (tests / "test_fail.py").write_text("def test_no():\n    assert 0\n")
+    files = [str(tests / f"test_{n}.py") for n in ("ok", "crash", "fail")]
+    cmd = f"source <(sed -n '/^pytest_files()/,/^}}/p' {SCRIPT}); pytest_files demo 60 " + " ".join(files)
+    r = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                       env={**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path), "JOBS": "2"})
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert re.search(r"test_ok.py: rc=0 .*2 passed", r.stdout), r.stdout
+    assert re.search(r"test_crash.py: rc=139", r.stdout) and "Fatal Python error" in r.stdout, r.stdout
+    assert "FAILED " in r.stdout and "test_no" in r.stdout, r.stdout
+    assert r.stdout.strip().splitlines()[-1] == "2 passed, 1 failed, 0 skipped, 0 errors", r.stdout
+    assert sorted(p.name for p in (tmp_path / "demo.files").iterdir()) == ["test_crash.log", "test_fail.log", "test_ok.log"]
