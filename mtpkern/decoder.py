@@ -43,6 +43,8 @@ are kept by the decoder; ``decoder.reset_graphs()`` drops them (after the weight
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import math
 import time
 import warnings
@@ -521,8 +523,27 @@ class _CudaGraph:
                     fn(*self.inputs)
             torch.cuda.current_stream(device).wait_stream(stream)
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
+            with _no_collection(), torch.cuda.graph(self.graph):
                 self.out = fn(*self.inputs)
+
+
+@contextlib.contextmanager
+def _no_collection():
+    """Python's cyclic garbage collector off for a capture, after one collection first.
+
+    Decoders that were dropped still hold their CUDA graphs until a collection frees them, and
+    destroying a graph is not allowed while another is being captured: a collection that
+    happens to run inside a capture invalidates it ("operation not permitted when stream is
+    capturing", seen on an H200 in the decode benchmark's tenth decoder). torch no longer
+    collects before a capture by itself (``torch.compiler.config.force_cudagraph_gc``)."""
+    gc.collect()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
     def __call__(self, *inputs):
         for static, x in zip(self.inputs, inputs):

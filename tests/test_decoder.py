@@ -3,6 +3,7 @@ trained and with perturbed random heads, with EOS), one decoder serves many prom
 syncs with the host once, the dynamic tree is the best N paths, tree specs parse one way."""
 
 import functools
+import gc
 import types
 
 import pytest
@@ -259,6 +260,52 @@ def test_whole_step_cuda_graph_matches_eager(medusa_model, mtp_model, tree):
                             == eager.generate(prompt, max_new_tokens=MAX_NEW).tokens), (strategy, tree, kernels)
         finally:
             model.cpu()
+
+
+def test_capture_runs_with_the_collector_off_after_a_collection():
+    """A collection inside a CUDA-graph capture may destroy a dropped decoder's graph, which
+    invalidates the capture: captures run after a collection, with the collector off."""
+    from mtpkern.decoder import _no_collection
+
+    class Cycle:
+        collected = False
+
+        def __init__(self):
+            self.me = self
+
+        def __del__(self):
+            Cycle.collected = True
+
+    Cycle()  # unreachable, in a reference cycle: only the cyclic collector frees it
+    assert gc.isenabled()
+    with _no_collection():
+        assert Cycle.collected and not gc.isenabled()
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with _no_collection():
+            pass
+        assert not gc.isenabled()  # a caller's choice to keep it off is kept
+    finally:
+        gc.enable()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_captures_survive_dropped_decoders(medusa_model):
+    """Decoders created and dropped one after another, the collector running at nearly every
+    allocation: no capture may be invalidated by an old graph's destruction."""
+    model = medusa_model.cuda()
+    threshold = gc.get_threshold()
+    gc.set_threshold(1)
+    try:
+        first = None
+        for tree in ("chain:1", "chain:2", "3,2,1", None):
+            out = Decoder(model, "medusa", tree=tree, kernels="auto", cuda_graph=True).generate(PROMPTS[0], max_new_tokens=8)
+            first = first or out.tokens
+            assert out.tokens == first, tree
+    finally:
+        gc.set_threshold(*threshold)
+        model.cpu()
 
 
 def test_dynamic_tree_with_fused_kernels(medusa_model, mtp_model):
