@@ -98,6 +98,7 @@ def _logits_partials_kernel(
     BLOCK_D: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
+    scale, eps = tl.cast(scale, tl.float32), tl.cast(eps, tl.float32)  # torch.compile passes Python floats as fp64
     # Row blocks vary fastest, so the programs sharing a weight tile run together (L2 hits).
     pid_r = tl.program_id(0)
     pid_v = tl.program_id(1)

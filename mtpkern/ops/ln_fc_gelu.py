@@ -46,6 +46,7 @@ def _ln_fc_gelu_kernel(
 ):
     rows, cols, row_ok, col_ok, x_off = output_tile(M, N, T, stride_xb, stride_xt, BLOCK_M, BLOCK_N)
 
+    eps = tl.cast(eps, tl.float32)  # torch.compile passes Python floats as fp64
     mean, rstd = layer_norm_stats(x_ptr, x_off, row_ok, stride_xd, D, eps, BLOCK_M, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc = linear_tile(acc, x_ptr, x_off, row_ok, stride_xd, w_ptr, cols, col_ok, stride_wn, stride_wk,
