@@ -4,6 +4,8 @@ A forced backend an op lacks must fall back to that op's automatic choice (it us
 forever); every op and a whole ``generate`` are run with the variable set to every value.
 """
 
+import copy
+
 import pytest
 import torch
 
@@ -19,6 +21,8 @@ from _tiny import medusa_model, mtp_model, random_prompts, single_thread  # noqa
 
 CPU = torch.device("cpu")
 FORCED = ["eager", "triton", "cuda", "auto"]
+# Where every backend can run: Triton needs CUDA tensors unless the interpreter is on (CPU CI).
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 needs_ext = pytest.mark.skipif(not _backend.HAS_CUDA_EXT, reason="needs the built extension mtpkern._C")
 needs_interp = pytest.mark.skipif(not _backend.triton_interpret(), reason="needs TRITON_INTERPRET=1 on CPU")
 
@@ -78,36 +82,37 @@ def test_every_op_runs_under_the_variable(monkeypatch, forced):
     monkeypatch.setenv("MTPKERN_BACKEND", forced)
     g = torch.Generator().manual_seed(0)
 
-    h, w = torch.randn(5, 32, generator=g), torch.randn(97, 32, generator=g)
-    target = torch.tensor([0, 5, 96, 3, 7])
+    h, w = torch.randn(5, 32, generator=g).to(DEV), torch.randn(97, 32, generator=g).to(DEV)
+    target = torch.tensor([0, 5, 96, 3, 7], device=DEV)
     got, ref = fused_logits(h, w, 4, target), fused_logits_ref(h, w, 4, target)
     torch.testing.assert_close(got.topk_values, ref.topk_values, rtol=1e-5, atol=1e-5)
     assert torch.equal(got.argmax, ref.argmax)
     torch.testing.assert_close(got.lse, ref.lse, rtol=1e-5, atol=1e-5)
 
     parents, bufs = _tree()
+    parents, bufs = parents.to(DEV), type(bufs)(*(t.to(DEV) for t in bufs))
     T = parents.numel()
-    q = torch.randn(1, 2, T, 16, generator=g)
-    k, v = torch.randn(1, 2, 16, 16, generator=g), torch.randn(1, 2, 16, 16, generator=g)
-    P = torch.tensor(5)
+    q = torch.randn(1, 2, T, 16, generator=g).to(DEV)
+    k, v = torch.randn(1, 2, 16, 16, generator=g).to(DEV), torch.randn(1, 2, 16, 16, generator=g).to(DEV)
+    P = torch.tensor(5, device=DEV)
     torch.testing.assert_close(tree_attention(q, k, v, P, bufs.mask), tree_attention_ref(q, k, v, P, bufs.mask),
                                rtol=1e-5, atol=1e-5)
 
     for got, ref in zip(tree_buffers(parents, 3), tree_buffers_ref(parents, 3)):
         assert torch.equal(got, ref)
 
-    tokens = torch.tensor([9, 4, 2, 7, 1, 3])
-    argmax = torch.tensor([4, 7, 3, 0, 0, 0])
+    tokens = torch.tensor([9, 4, 2, 7, 1, 3], device=DEV)
+    argmax = torch.tensor([4, 7, 3, 0, 0, 0], device=DEV)
     for got, ref in zip(verify_greedy(tokens, argmax, bufs.retrieve), verify_greedy_ref(tokens, argmax, bufs.retrieve)):
         assert torch.equal(got, ref)
-    prob, ent = torch.rand(T, generator=g), torch.rand(T, generator=g)
+    prob, ent = torch.rand(T, generator=g).to(DEV), torch.rand(T, generator=g).to(DEV)
     for got, ref in zip(verify_typical(tokens, argmax, prob, ent, bufs.retrieve),
                         verify_typical_ref(tokens, argmax, prob, ent, bufs.retrieve)):
         assert torch.equal(got, ref)
 
-    kc, vc = torch.randn(2, 1, 2, 12, 4, generator=g), torch.randn(2, 1, 2, 12, 4, generator=g)
+    kc, vc = torch.randn(2, 1, 2, 12, 4, generator=g).to(DEV), torch.randn(2, 1, 2, 12, 4, generator=g).to(DEV)
     kr, vr = kc.clone(), vc.clone()
-    path, count = torch.tensor([0, 2, 5]), torch.tensor(3)
+    path, count = torch.tensor([0, 2, 5], device=DEV), torch.tensor(3, device=DEV)
     kv_compact_(kc, vc, path, P, count)
     kv_compact_ref_(kr, vr, path, P, count)
     assert torch.equal(kc, kr) and torch.equal(vc, vr)
@@ -120,6 +125,7 @@ def test_generate_runs_under_the_variable(monkeypatch, medusa_model, mtp_model, 
     if forced == "cuda" and not _backend.HAS_CUDA_EXT:
         pytest.skip("needs the built extension mtpkern._C")
     prompt = random_prompts(1, seed=3)[0]
+    medusa_model, mtp_model = (copy.deepcopy(m).to(DEV) for m in (medusa_model, mtp_model))
     runs = [(medusa_model, "medusa", "greedy"), (mtp_model, "mtp", "greedy"), (medusa_model, "medusa", "typical")]
     temperature = {"greedy": 0.0, "typical": 0.7}
     for model, strategy, acceptance in runs:

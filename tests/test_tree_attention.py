@@ -194,7 +194,7 @@ def test_prefix_len_forms(shape, dtype):
     q, k, v = _inputs(1, 1, 3, 16, 16, torch.float32)
     packed = pack_tree_mask(random_tree(3)).to(DEV)
     out = tree_attention(q, k, v, prefix_len.to(DEV), packed, backend="triton")
-    ref = tree_attention_ref(q, k, v, torch.tensor(7), packed)
+    ref = tree_attention_ref(q, k, v, torch.tensor(7, device=DEV), packed)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
 
 
