@@ -60,10 +60,18 @@ def decode(title: str, report) -> list[str]:
 
 
 def agreement(report) -> list[str]:
-    lines = ["greedy agreement with plain decoding (identical outputs, agreeing fraction)"]
+    lines = ["greedy agreement with plain decoding (identical outputs, agreeing fraction; divergences)"]
     for name, c in report.get("cases", {}).items():
-        lines.append(f"  {name}: " + (f"{c['identical']:.2f}, {c['agreement']:.3f}" if "agreement" in c
-                                      else f"failed: {c.get('error', '?')[:70]}"))
+        if "agreement" not in c:
+            lines.append(f"  {name}: failed: {c.get('error', '?')[:70]}")
+            continue
+        line = f"  {name}: {c['identical']:.2f}, {c['agreement']:.3f}"
+        found = c.get("divergences") or []
+        if found:
+            gaps = [abs(d["fp32_gap"]) for d in found if "fp32_gap" in d]
+            line += (f"; {len(found)} at near-ties" if c.get("explained") else f"; {len(found)}, NOT ALL NEAR-TIES: A BUG")
+            line += f" (largest fp32 gap {max(gaps):.2g})" if gaps else ""
+        lines.append(line)
     return lines
 
 

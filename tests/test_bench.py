@@ -125,3 +125,37 @@ def test_bench_heads_quick_runs_every_variant(tmp_path):
     assert v["medusa1 shared (base: all kinds)"]["ppl"] == pytest.approx(report["bases"]["base: all kinds"]["ppl"])
     assert v["medusa2 ce (base: all kinds)"]["ppl"] != pytest.approx(report["bases"]["base: all kinds"]["ppl"])
     assert (tmp_path / "runs" / "heads_distilled.jsonl").is_file()
+
+
+def _agreement_script():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "greedy_agreement.py"
+    spec = importlib.util.spec_from_file_location("greedy_agreement", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_agreement_tells_near_ties_from_real_disagreements():
+    """A divergence is judged in fp32: two tokens whose logits are equal (a tie that half
+    precision may break either way) against a token far below the argmax (a bug)."""
+    from mtpkern.model import GPT2, GPT2Config
+
+    script = _agreement_script()
+    torch.manual_seed(0)
+    model = GPT2(GPT2Config.tiny(vocab_size=64, n_layer=1)).eval()
+    prompt = torch.tensor([3, 9, 4])
+    with torch.no_grad():
+        z = model(prompt[None]).logits[0, -1, 0]
+        a, low = int(z.argmax()), int(z.argmin())
+        b = next(t for t in range(64) if t not in (a, 3, 9, 4))  # not in the prompt: its embedding may change
+        model.unembed_weight[b] = model.unembed_weight[a]  # b's logit is a's, exactly
+        tie = script.divergence(model, prompt, [a, 5], [b, 5], torch.float16)
+        real = script.divergence(model, prompt, [a, 5], [low, 5], torch.float16)
+    assert tie["position"] == 0 and tie["tie"] and tie["fp32_gap"] == 0.0, tie
+    assert not real["tie"] and real["fp32_gap"] > 0, real
+    assert script.divergence(model, prompt, [a, 5], [a, 5], torch.float16) is None
+    assert script.divergence(model, prompt, [a, 5], [a], torch.float16) == {"position": 1, "tie": False,
+                                                                         "why": "lengths differ"}

@@ -89,8 +89,12 @@ def test_summary_reads_every_benchmarks_json(tmp_path):
     (tmp_path / "bench_kernels.json").write_text(json.dumps({"device": "X", "cases": [
         {"name": "test_tree_attention[512]", "file": "bench_tree_attention.py", **case},
         {"name": "test_verify_greedy", "file": "bench_verify.py", **case}]}))
-    (tmp_path / "agreement.json").write_text(json.dumps({"cases": {"float32 medusa eager": {"identical": 0.75,
-                                                                                             "agreement": 0.9}}}))
+    tie = {"prompt": 2, "position": 25, "fp32_gap": -6e-4, "tie": True}
+    (tmp_path / "agreement.json").write_text(json.dumps({"cases": {
+        "float32 medusa eager": {"identical": 0.75, "agreement": 0.9},
+        "float16 medusa fused": {"identical": 0.75, "agreement": 0.85, "divergences": [tie], "explained": True},
+        "float16 mtp fused": {"identical": 0.5, "agreement": 0.5, "explained": False,
+                              "divergences": [tie, {**tie, "fp32_gap": 1.5, "tie": False}]}}}))
     (tmp_path / "bench_decode.json").write_text(json.dumps({"cases": {
         "ntp: ntp": {"tokens_per_second": 1500.0}, "ntp: transformers static": {"error": "boom", "family": "ntp"}}}))
     (tmp_path / "bench_e2e.json").write_text("{not json")
@@ -104,6 +108,8 @@ def test_summary_reads_every_benchmarks_json(tmp_path):
     assert "tree_attention tree_attention[512]: 12.5 vs 70.0 us, 5.6x" in out and "target <= 15 us: met" in out
     assert "target <= 10 us: MISSED" in out
     assert "float32 medusa eager: 0.75, 0.900" in out
+    assert "float16 medusa fused: 0.75, 0.850; 1 at near-ties (largest fp32 gap 0.0006)" in out
+    assert "float16 mtp fused: 0.50, 0.500; 2, NOT ALL NEAR-TIES: A BUG (largest fp32 gap 1.5)" in out
     assert "ntp: ntp: 1500.0" in out and "transformers static: failed: boom" in out
     assert "bench_e2e.json: unreadable" in out
     assert "ntp-fused: 800 MiB, 1.00x, 0.250 s" in out
