@@ -7,6 +7,8 @@ with the peak memory of each (the fused op's point). CPU: the chunked PyTorch pa
 on CPU tensors, at a smaller shape, one thread, with the same comparison.
 """
 
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -58,6 +60,21 @@ def test_linear_cross_entropy(benchmark, bench_against, dtype):
     # The op checks its labels on the host (one sync): it is timed without a CUDA graph.
     bench_against(benchmark, fused, eager, bytes_moved=bytes_moved,
                   N=N, D=D, V=V, dtype=str(dtype), tflop=round(3 * 2 * N * V * D / 1e12, 3))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("log2_elements", [22, 24, 26])
+def test_linear_cross_entropy_chunk_size(benchmark, bench_against, monkeypatch, log2_elements):
+    """fp16 at 4096 rows with 2**e fp32 logits per chunk (64, 256, 1024 rows): launches and
+    dL/dW rewrites per chunk against the chunk's memory."""
+    lce = importlib.import_module("mtpkern.ops.linear_cross_entropy")
+    monkeypatch.setattr(lce, "_CHUNK_ELEMENTS", 2**log2_elements)
+    N, device = 4096, torch.device("cuda")
+    hidden, weight, labels = _inputs(N, D, V, torch.float16, device)
+    fused, eager = _fused(hidden, weight, labels), _eager(hidden, weight, labels)
+    benchmark.extra_info["fused_peak_mib"] = _peak_mib(fused, device)
+    bench_against(benchmark, fused, eager, bytes_moved=2 * V * D * 2 + 2 * N * D * 2 + N * 8, N=N, D=D, V=V,
+                  chunk_rows=lce._chunk_rows(N, V))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU case runs on machines with a GPU")

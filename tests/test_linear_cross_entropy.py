@@ -446,8 +446,10 @@ def test_mtp_efficient_fused_accumulates_over_micro_batches():
         torch.testing.assert_close(grads[True][name], grad, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
 
 
-def test_cpu_chunks_are_larger_than_the_kernels():
+def test_chunk_sizes():
     """The CPU reference takes 32 MiB of logits per chunk (fewer rewrites of dL/dW), the Triton
-    launcher 16 MiB: 128 and 64 rows at GPT-2's vocabulary."""
+    launcher 256 MiB (fewer launches): 128 and 1024 rows at GPT-2's vocabulary, and never more
+    rows than there are."""
     assert lce_mod._chunk_rows(4096, 50257, cpu=True) == 128
-    assert lce_mod._chunk_rows(4096, 50257) == 64
+    assert lce_mod._chunk_rows(4096, 50257) == 1024
+    assert lce_mod._chunk_rows(300, 50257) == 300
