@@ -159,3 +159,22 @@ def test_agreement_tells_near_ties_from_real_disagreements():
     assert script.divergence(model, prompt, [a, 5], [a, 5], torch.float16) is None
     assert script.divergence(model, prompt, [a, 5], [a], torch.float16) == {"position": 1, "tie": False,
                                                                          "why": "lengths differ"}
+
+
+def test_decode_layer_sweep_dry_run(tmp_path):
+    """The GPU block-size sweep, run in the interpreter on tiny shapes: every configuration it
+    would time computes the reference's result, so a GPU run spends its time on timing."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "sweep.json"
+    r = subprocess.run([sys.executable, str(root / "benchmarks" / "sweep_decode_layer.py"), "--dry-run", "--json", str(out)],
+                       capture_output=True, text=True, timeout=600, env={**__import__("os").environ, "PYTHONPATH": str(root)})
+    assert r.returncode == 0, r.stderr[-3000:]
+    results = json.loads(out.read_text())["results"]
+    assert {(x["op"], x["rows"]) for x in results} == {(op, m) for op in ("ln_qkv", "ln_fc_gelu", "linear_residual")
+                                                      for m in (1, 32)}
+    assert all("error" not in x and x["rel_err"] < 1e-5 for x in results), [x for x in results if "error" in x]
+    assert any(isinstance(x["config"], dict) and x["config"]["SPLIT_K"] == 2 for x in results)
