@@ -3,8 +3,9 @@
 For every model family: our ``ntp`` (eager; with CUDA graphs on CUDA), the model's own
 speculative strategy (default kernels; fused kernels on CPU with ``--fused``; CUDA graphs on
 CUDA), and ``transformers`` ``generate`` (greedy, dynamic cache; its static cache with
-``--hf-static``) on the weights of the next-token path. Each case is warmed up, synchronised, and reported as the median over
-prompts of tokens/s, with the mean accepted length, target forward passes per token, and the
+``--hf-static``) on the weights of the next-token path. Each case holds one ``Decoder`` for
+all its prompts, as a user does (its cache, tree and CUDA graphs made once, by the warm-up
+prompt), is synchronised, and is reported as the median over prompts of tokens/s, with the mean accepted length, target forward passes per token, and the
 speedup over our ``ntp`` of the same model and over ``transformers`` (dynamic cache).
 Speculative models run their hand trees, ``auto`` (the calibrated tree; the default tree,
 with a warning, for a model without calibration) and ``dynamic``. The step-cost curve (time
@@ -32,10 +33,9 @@ from pathlib import Path
 
 import torch
 
-from mtpkern.bench import bench_models, bench_prompts, step_cost_curve, time_case
+from mtpkern.bench import bench_models, bench_prompts, decoder_run, step_cost_curve, time_case
 from mtpkern.eval import device_info, hf_decoder
 from mtpkern.runtime import resolve_device, resolve_dtype
-from mtpkern.generate import generate
 
 
 def tiny_trained_models():
@@ -170,7 +170,7 @@ def main(argv=None) -> dict:
     with torch.inference_mode():
         for name, model, family, kw in cases(models, device, args.fused):
             run(name, family, lambda m=model, kw=kw: time_case(
-                lambda x: generate(m, x, max_new_tokens=n, eos_token_id=args.eos, **kw), prompts, device))
+                decoder_run(m, max_new_tokens=n, eos_token_id=args.eos, **kw), prompts, device))
         for family, model in models.items():
             hf_cases = [("dynamic", False)] + ([("static", True)] if args.hf_static else [])
             for label, static in hf_cases:

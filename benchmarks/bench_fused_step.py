@@ -97,8 +97,7 @@ def _speedups(report: dict) -> None:
 
 
 def end_to_end_cases(models, prompt_len: int, max_new_tokens: int, report: dict, json_path):
-    from mtpkern.bench import time_case
-    from mtpkern.generate import generate
+    from mtpkern.bench import decoder_run, time_case
 
     g = torch.Generator().manual_seed(0)
     device = models["ntp"].device
@@ -109,12 +108,8 @@ def end_to_end_cases(models, prompt_len: int, max_new_tokens: int, report: dict,
     for name, strategy, kernels in cases:
         case = {"case": name, "prompt_len": prompt_len, "max_new_tokens": max_new_tokens}
         try:
-            model = models[strategy]
-
-            def run(ids, model=model, strategy=strategy, kernels=kernels):
-                return generate(model, ids, max_new_tokens=max_new_tokens, strategy=strategy, kernels=kernels,
-                                cuda_graph=True)
-
+            run = decoder_run(models[strategy], max_new_tokens=max_new_tokens, strategy=strategy, kernels=kernels,
+                              cuda_graph=True)
             case.update(time_case(run, prompts, device))
         except Exception as e:  # noqa: BLE001
             case["error"] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
