@@ -10,8 +10,9 @@ flushed before each sample, the median device time), against the default ``block
 eager ops (LayerNorm + addmm [+ GELU], or addmm + add).
 
     python benchmarks/sweep_decode_layer.py --json sweep.json [--rows 1,32] [--ops ln_qkv,...]
-    (21 configurations per LayerNorm op and row count, 63 for linear_residual: about 4 minutes
-    of compiles on one core; one process per op, run side by side, divides that by three)
+    (20 tensor-core configurations per LayerNorm op and row count and 60 for linear_residual, plus
+    up to 12 / 36 GEMV ones at 1-4 rows: minutes of compiles on one core; one process per op,
+    run side by side, divides that by three)
     python benchmarks/sweep_decode_layer.py --dry-run   # every configuration once, tiny shapes,
                                                         # in Triton's interpreter (no GPU needed)
 
@@ -33,17 +34,24 @@ OPS = ("ln_qkv", "ln_fc_gelu", "linear_residual")
 WIDTH, HEADS, CONTEXT = 768, 12, 1024  # GPT-2 124M
 
 
-def grid(op: str, dry_run: bool) -> list[dict]:
-    """The configurations to try (``blocks()``'s keys; BLOCK_M is set per row count)."""
-    if dry_run:
-        return [dict(BLOCK_N=16, BLOCK_K=64, SPLIT_K=s, num_warps=4, num_stages=2) for s in (1, 2)][
-            : 2 if op == "linear_residual" else 1]
-    out = []
+def grid(op: str, dry_run: bool, rows: int) -> list[dict]:
+    """The configurations to try (``blocks()``'s keys; BLOCK_M comes from the defaults): tensor-core
+    tiles, and for 1-4 rows the GEMV path (``DOT=False``: no padding to 16 rows, thinner tiles)."""
     splits = (1, 4, 8) if op == "linear_residual" else (1,)
+    gemv_m = 1 << (rows - 1).bit_length()
+    if dry_run:
+        out = [dict(BLOCK_N=16, BLOCK_K=64, SPLIT_K=s, num_warps=4, num_stages=2, DOT=True) for s in splits[:2]]
+        return out + ([dict(BLOCK_M=gemv_m, BLOCK_N=8, BLOCK_K=32, SPLIT_K=splits[-1], num_warps=4, num_stages=2,
+                            DOT=False)] if rows <= 4 else [])
+    out = []
     for n, k, w, st, s in itertools.product((16, 32, 64), (64, 128, 256), (4, 8), (2, 4), splits):
         if (n == 64 and k == 256) or (w == 8 and n < 64):  # too much shared memory; 8 warps on a thin tile
             continue
-        out.append(dict(BLOCK_N=n, BLOCK_K=k, SPLIT_K=s, num_warps=w, num_stages=st))
+        out.append(dict(BLOCK_N=n, BLOCK_K=k, SPLIT_K=s, num_warps=w, num_stages=st, DOT=True))
+    if rows <= 4:
+        for n, k, st, s in itertools.product((8, 16, 32), (128, 256, 512), (2, 3), splits):
+            if n * k * gemv_m <= 8192:  # the product tile in fp32 registers: 64 per thread at 4 warps
+                out.append(dict(BLOCK_M=gemv_m, BLOCK_N=n, BLOCK_K=k, SPLIT_K=s, num_warps=4, num_stages=st, DOT=False))
     return out
 
 
@@ -112,7 +120,7 @@ def main(argv=None) -> dict:
             ref = ref_fn(*pos, **kw)
             base = default_blocks(M, pos[3].shape[0] if op != "linear_residual" else pos[1].shape[0],
                                   WIDTH if op != "linear_residual" else 4 * WIDTH, dtype, split_k=op == "linear_residual")
-            candidates = [("default", None)] + [(json.dumps(c, sort_keys=True), c) for c in grid(op, args.dry_run)]
+            candidates = [("default", None)] + [(json.dumps(c, sort_keys=True), c) for c in grid(op, args.dry_run, M)]
             for name, cfg in candidates:
                 row = {"op": op, "rows": M, "config": name if cfg is None else cfg}
                 try:

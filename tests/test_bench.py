@@ -177,4 +177,6 @@ def test_decode_layer_sweep_dry_run(tmp_path):
     assert {(x["op"], x["rows"]) for x in results} == {(op, m) for op in ("ln_qkv", "ln_fc_gelu", "linear_residual")
                                                       for m in (1, 32)}
     assert all("error" not in x and x["rel_err"] < 1e-5 for x in results), [x for x in results if "error" in x]
-    assert any(isinstance(x["config"], dict) and x["config"]["SPLIT_K"] == 2 for x in results)
+    assert any(isinstance(x["config"], dict) and x["config"]["SPLIT_K"] == 4 for x in results)
+    gemv = [x for x in results if isinstance(x["config"], dict) and not x["config"]["DOT"]]
+    assert {(x["op"], x["rows"]) for x in gemv} == {(op, 1) for op in ("ln_qkv", "ln_fc_gelu", "linear_residual")}

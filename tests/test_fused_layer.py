@@ -188,3 +188,45 @@ def test_final_norm_is_in_the_logits_kernel(strategy, rows_per_step, medusa_mode
     else:  # MTP: head 0's one accepted row, then each draft head's over the accepted path
         depth = model.n_heads - 1
         assert step_rows == ([1] + [depth + 1] * depth) * len(out.accept_lengths), calls
+
+
+# ---------------------------------------------------------------- the GEMV path (DOT=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("M, block_m", [(1, 1), (3, 4)])
+def test_gemv_path_of_every_layer_kernel(monkeypatch, dtype, M, block_m):
+    """The decode-layer kernels with ``DOT=False`` (products summed on the FMA units, the
+    block-size sweep's GEMV variant) against the fp32 references: widths that do not divide
+    into the tiles, a split K, strided inputs."""
+    import importlib
+
+    from _fused import ATOL, rand, strided
+
+    g = torch.Generator().manual_seed(M)
+    D, H, S = 48, 3, 40
+    gemv = dict(DOT=False, BLOCK_M=block_m, BLOCK_N=8, BLOCK_K=32, SPLIT_K=2, num_warps=4, num_stages=2)
+    mods = {n: importlib.import_module(f"mtpkern.ops.{n}") for n in ("ln_qkv", "ln_fc_gelu", "linear_residual")}
+    for mod in mods.values():
+        monkeypatch.setattr(mod, "blocks", lambda *a, **k: dict(gemv))
+    x = strided(rand(g, 1, M, D, dtype=dtype))
+    lnw, lnb = 1 + rand(g, D, scale=0.1, dtype=dtype), rand(g, D, scale=0.1, dtype=dtype)
+    tol = dict(atol=ATOL[dtype], rtol=1e-5 if dtype == torch.float32 else 1e-2)
+
+    w, b = rand(g, 3 * D, D, scale=0.2, dtype=dtype), rand(g, 3 * D, scale=0.1, dtype=dtype)
+    caches = [torch.zeros(1, H, S, D // H, dtype=dtype, device=DEV) for _ in range(4)]
+    slots = torch.arange(5, 5 + M, device=DEV)
+    q = mods["ln_qkv"].ln_qkv(x, lnw, lnb, w, b, caches[0], caches[1], slots, backend="triton")
+    q_ref = mods["ln_qkv"].ln_qkv_ref(x, lnw, lnb, w, b, caches[2], caches[3], slots)
+    torch.testing.assert_close(q.float(), q_ref.float(), **tol)
+    torch.testing.assert_close(caches[0].float(), caches[2].float(), **tol)
+    torch.testing.assert_close(caches[1].float(), caches[3].float(), **tol)
+
+    w, b = rand(g, 4 * D + 5, D, scale=0.2, dtype=dtype), rand(g, 4 * D + 5, scale=0.1, dtype=dtype)
+    h = mods["ln_fc_gelu"].ln_fc_gelu(x, lnw, lnb, w, b, backend="triton")
+    torch.testing.assert_close(h.float(), mods["ln_fc_gelu"].ln_fc_gelu_ref(x, lnw, lnb, w, b).float(), **tol)
+
+    xk, r = rand(g, 1, M, 4 * D + 5, dtype=dtype), rand(g, 1, M, D, dtype=dtype)
+    w, b = rand(g, D, 4 * D + 5, scale=0.1, dtype=dtype), rand(g, D, scale=0.1, dtype=dtype)
+    out = mods["linear_residual"].linear_residual(xk, w, b, r, backend="triton")
+    torch.testing.assert_close(out.float(), mods["linear_residual"].linear_residual_ref(xk, w, b, r).float(), **tol)

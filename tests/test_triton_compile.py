@@ -120,6 +120,32 @@ def _decode_layer_launches(torch, ops):
                 e(B, T, 4 * D), e(D, 4 * D), e(D), x)
 
 
+GEMV = dict(DOT=False, BLOCK_N=16, BLOCK_K=256, SPLIT_K=4, num_warps=4, num_stages=3)
+
+
+def _decode_layer_gemv_launches(torch, ops):
+    """The decode-layer kernels' GEMV path (``DOT=False``, which the block-size sweep times) in
+    half precision at 1 and 4 rows, through the launchers with ``blocks`` replaced."""
+    D, B = WIDTH, 1
+    for name in ("float16", "bfloat16"):
+        dtype = getattr(torch, name)
+        e = lambda *shape: torch.empty(*shape, dtype=dtype)  # noqa: E731
+        cache = e(B, HEADS, CONTEXT, D // HEADS)
+        for T in (1, 4):
+            x = e(B, T, D)
+            cases = [("ln_qkv", (x, e(D), e(D), e(3 * D, D), e(3 * D), cache, cache, torch.arange(T), 1e-5)),
+                     ("ln_fc_gelu", (x, e(D), e(D), e(4 * D, D), e(4 * D), 1e-5)),
+                     ("linear_residual", (e(B, T, 4 * D), e(D, 4 * D), e(D), x))]
+            for op, args in cases:
+                mod = ops[op]
+                default = mod.blocks
+                mod.blocks = lambda *a, T=T, **k: dict(GEMV, BLOCK_M=T)
+                try:
+                    yield f"{op} {name} T={T} [gemv]", name, mod._launch, args
+                finally:
+                    mod.blocks = default
+
+
 class _CompileOnlyDriver:
     """Just enough of a Triton driver for ``JITFunction.run(..., warmup=True)``: it compiles for
     ``target`` and never loads or launches anything."""
@@ -187,6 +213,8 @@ def compile_all(arch: int) -> list[dict] | dict:
         launcher(*args)
     decode_ops = {n: importlib.import_module(f"mtpkern.ops.{n}") for n in ("ln_qkv", "linear_residual", "ln_fc_gelu")}
     for case, dtype, launcher, args in _decode_layer_launches(torch, decode_ops):
+        launcher(*args)
+    for case, dtype, launcher, args in _decode_layer_gemv_launches(torch, decode_ops):
         launcher(*args)
 
     triton.runtime.driver.set_active(_CompileOnlyDriver(GPUTarget("cuda", arch, 32)))
@@ -296,10 +324,12 @@ def test_decode_layer_kernels_split_k_on_the_gpu(compiled):
     assert layer
     for r in layer:
         programs = r["grid"][0] * r["grid"][1] * (r["grid"][2] if len(r["grid"]) > 2 else 1)
-        if r["case"].endswith(("T=1", "T=16")):
+        if r["case"].endswith(("T=1", "T=16")):  # not the GEMV variants ("... [gemv]")
             assert programs >= 128, f"{r['case']}: grid {r['grid']}"
         if r["kernel"] == "_linear_residual_kernel":
             assert r["grid"][2] > 1, f"{r['case']}: grid {r['grid']} does not split K"
+    gemv = [r for r in layer if "[gemv]" in r["case"]]
+    assert len({r["kernel"] for r in gemv}) == 3 and not any(r["mma"] for r in gemv if "error" not in r), gemv
 
 
 def test_shared_memory_fits_one_block(compiled):
@@ -336,7 +366,8 @@ def test_fp32_stays_ieee(compiled):
 def test_half_precision_uses_tensor_cores(compiled):
     """The fp16/bf16 dots should become MMA instructions (a sanity check of the checks above)."""
     _, rows = compiled
-    dots = [r for r in rows if not r["fp32"] and r["kernel"] != "_logits_merge_kernel" and "error" not in r]
+    dots = [r for r in rows if not r["fp32"] and r["kernel"] != "_logits_merge_kernel" and "error" not in r
+            and "[gemv]" not in r["case"]]
     assert dots and all(r["mma"] for r in dots), [r["case"] for r in dots if not r["mma"]]
 
 

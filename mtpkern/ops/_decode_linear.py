@@ -73,10 +73,13 @@ def linear_tile(
     HAS_LN: tl.constexpr,
     BLOCK_K: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    DOT: tl.constexpr = True,
 ):
     """acc [BLOCK_M, BLOCK_N] += a[:, k_lo:k_hi] @ W[cols, k_lo:k_hi].T, where a = x, or
     LayerNorm(x) = (x - mean) * rstd * ln_weight + ln_bias rounded to W's dtype (as eager
-    rounds the LayerNorm's output before the linear layer)."""
+    rounds the LayerNorm's output before the linear layer). ``DOT``: on the tensor cores
+    (``tl.dot``, which needs 16 rows, padding one decode row to 16), else as products summed in
+    fp32 on the FMA units, for 1-4 rows (a GEMV: no padding, tiles of any width)."""
     for k0 in range(k_lo, k_hi, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < k_hi
@@ -88,7 +91,11 @@ def linear_tile(
             g = tl.load(lnw_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
             b = tl.load(lnb_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
             x = (x.to(tl.float32) - mean[:, None]) * rstd[:, None] * g[None, :] + b[None, :]
-        acc = tl.dot(x.to(w.dtype), tl.trans(w), acc, input_precision=INPUT_PRECISION)
+        if DOT:
+            acc = tl.dot(x.to(w.dtype), tl.trans(w), acc, input_precision=INPUT_PRECISION)
+        else:  # [BLOCK_M, 1, BLOCK_K] x [1, BLOCK_N, BLOCK_K], summed over K
+            a = x.to(w.dtype).to(tl.float32)
+            acc += tl.sum(a[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
     return acc
 
 
@@ -115,11 +122,14 @@ def blocks(M: int, N: int, K: int, dtype: torch.dtype, *, split_k: bool = False)
     blocks: ``split_k`` lets ``linear_residual`` split K until about 128 programs run.
     The interpreter pays per program and per operation, not per element: it gets blocks as
     wide as the matrix (up to 256), so the CPU tests stay fast; the kernels are the same.
+    ``DOT=False`` (a GEMV on the FMA units, ``linear_tile``) is not chosen here yet:
+    ``benchmarks/sweep_decode_layer.py`` times it against these blocks on a GPU.
     """
     block_m = min(128, max(16, triton.next_power_of_2(M)))
     if _backend.triton_interpret():
         return dict(BLOCK_M=block_m, BLOCK_N=min(256, max(16, triton.next_power_of_2(N))),
-                    BLOCK_K=min(256, max(16, triton.next_power_of_2(K))), SPLIT_K=1, num_warps=4, num_stages=1)
+                    BLOCK_K=min(256, max(16, triton.next_power_of_2(K))), SPLIT_K=1, num_warps=4, num_stages=1,
+                    DOT=True)
     fp32 = dtype == torch.float32
     block_n = 16 if fp32 or M <= 16 else 32
     block_k = 32 if fp32 else 128 if M <= 64 else 64
@@ -127,7 +137,7 @@ def blocks(M: int, N: int, K: int, dtype: torch.dtype, *, split_k: bool = False)
     if split_k:  # each split keeps at least two K steps
         n_split = max(1, min(MAX_SPLIT_K, triton.cdiv(_TARGET_PROGRAMS, triton.cdiv(N, block_n)), K // (2 * block_k)))
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=n_split,
-                num_warps=8 if block_m >= 128 else 4, num_stages=4 if block_m <= 64 else 3)
+                num_warps=8 if block_m >= 128 else 4, num_stages=4 if block_m <= 64 else 3, DOT=True)
 
 
 _COUNTERS: dict[torch.device, Tensor] = {}

@@ -63,6 +63,7 @@ def _linear_residual_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    DOT: tl.constexpr,
 ):
     rows, cols, row_ok, col_ok, x_off = output_tile(M, N, T, stride_xb, stride_xt, BLOCK_M, BLOCK_N)
     pid_k = tl.program_id(2)
@@ -72,7 +73,7 @@ def _linear_residual_kernel(
     no_ln = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc = linear_tile(acc, x_ptr, x_off, row_ok, stride_xk, w_ptr, cols, col_ok, stride_wn, stride_wk,
-                      k_lo, k_hi, x_ptr, x_ptr, no_ln, no_ln, False, BLOCK_K, INPUT_PRECISION)
+                      k_lo, k_hi, x_ptr, x_ptr, no_ln, no_ln, False, BLOCK_K, INPUT_PRECISION, DOT)
     if SPLIT_K == 1:
         _bias_residual_store(acc, b_ptr, r_ptr, o_ptr, rows, cols, row_ok, col_ok, T,
                              stride_rb, stride_rt, stride_rn, stride_ob, stride_ot, stride_on)
@@ -145,7 +146,7 @@ def _run(x, weight, bias, residual, out, cfg: dict) -> Tensor:
             *bt_strides(x), *weight.stride(), *bt_strides(residual), *bt_strides(out),
             SPLIT_K=split,
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-            INPUT_PRECISION=input_precision(x.dtype),
+            INPUT_PRECISION=input_precision(x.dtype), DOT=cfg["DOT"],
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
     return out

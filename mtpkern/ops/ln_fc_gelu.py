@@ -43,6 +43,7 @@ def _ln_fc_gelu_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    DOT: tl.constexpr,
 ):
     rows, cols, row_ok, col_ok, x_off = output_tile(M, N, T, stride_xb, stride_xt, BLOCK_M, BLOCK_N)
 
@@ -50,7 +51,7 @@ def _ln_fc_gelu_kernel(
     mean, rstd = layer_norm_stats(x_ptr, x_off, row_ok, stride_xd, D, eps, BLOCK_M, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc = linear_tile(acc, x_ptr, x_off, row_ok, stride_xd, w_ptr, cols, col_ok, stride_wn, stride_wk,
-                      0, D, lnw_ptr, lnb_ptr, mean, rstd, True, BLOCK_K, INPUT_PRECISION)
+                      0, D, lnw_ptr, lnb_ptr, mean, rstd, True, BLOCK_K, INPUT_PRECISION, DOT)
     acc = gelu_tanh(acc + tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :])
     h_off = row_offsets(rows, T, stride_hb, stride_ht)
     tl.store(h_ptr + h_off[:, None] + cols[None, :] * stride_hn, acc.to(h_ptr.dtype.element_ty),
@@ -103,7 +104,7 @@ def _launch(x, ln_weight, ln_bias, weight, bias, eps: float) -> Tensor:
             M, T, N, D, eps,
             *bt_strides(x), *weight.stride(), *bt_strides(h),
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-            INPUT_PRECISION=input_precision(x.dtype),
+            INPUT_PRECISION=input_precision(x.dtype), DOT=cfg["DOT"],
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
     return h
