@@ -669,7 +669,8 @@ def _prompt(input_ids, vocab_size: int, device) -> torch.Tensor:
     if ids.dim() == 2:
         if ids.shape[0] != 1:
             raise ValueError(
-                f"input_ids has batch size {ids.shape[0]}: generate decodes one sequence at a time (batch 1)"
+                f"input_ids has batch size {ids.shape[0]}: a Decoder decodes one sequence at a time (batch 1); "
+                "mtpkern.BatchDecoder or mtpkern.generate decode a batch"
             )
         ids = ids[0]
     if ids.dim() != 1:

@@ -44,19 +44,46 @@ def generate(
     kernels: str = "auto",
     typical_epsilon: float = 0.09,
     typical_alpha: float = 0.3,
-) -> GenerationResult:
+    attention_mask=None,
+) -> GenerationResult | list[GenerationResult]:
     """Generate up to ``max_new_tokens`` tokens after ``input_ids`` ([T] or [1, T]; batch 1):
     ``Decoder(model, strategy, ...).generate(input_ids, ...)``; see :class:`Decoder` for
     ``strategy``, ``tree`` (a Tree, choices, a spec, "auto", "dynamic"), ``acceptance``,
     ``kernels`` and ``cuda_graph``. The output ends at the first ``eos_token_id`` (included)
     and never exceeds max_new_tokens.
+
+    A batch (a list of token sequences of any lengths, a [B, T] tensor with B > 1, or any
+    ``input_ids`` with an ``attention_mask``, 1 on tokens and 0 on padding at either end) is
+    decoded at once by :class:`mtpkern.batch.BatchDecoder`: greedy, eager kernels, static
+    trees; one result per prompt, each row's tokens those of decoding it alone.
     """
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    if attention_mask is not None or _is_batch(input_ids):
+        from mtpkern.batch import BatchDecoder
+
+        unsupported = [name for name, on in (
+            (f"acceptance={acceptance!r}", acceptance != "greedy"), (f"temperature={temperature}", temperature != 0.0),
+            (f"kernels={kernels!r}", kernels not in ("auto", "eager")), ("cuda_graph=True", cuda_graph),
+            ("a generator", generator is not None)) if on]
+        if unsupported:
+            raise ValueError(f"a batch of prompts decodes greedily with eager kernels (for now); got "
+                             f"{', '.join(unsupported)}: decode the prompts one by one for those")
+        n = len(input_ids) if attention_mask is None else torch.as_tensor(attention_mask).shape[0]
+        return BatchDecoder(model, strategy, tree=tree, max_batch=max(1, n)).generate(
+            input_ids, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, attention_mask=attention_mask)
     decoder = Decoder(model, strategy, tree=tree, kernels=kernels, cuda_graph=cuda_graph, acceptance=acceptance,
                       temperature=temperature, top_k=top_k, top_p=top_p, typical_epsilon=typical_epsilon,
                       typical_alpha=typical_alpha)
     return decoder.generate(input_ids, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, generator=generator)
+
+
+def _is_batch(input_ids) -> bool:
+    """A list of sequences, or a 2-D tensor of more than one row (a [1, T] tensor stays batch 1)."""
+    if isinstance(input_ids, torch.Tensor):
+        return input_ids.dim() == 2 and input_ids.shape[0] > 1
+    return (isinstance(input_ids, (list, tuple)) and len(input_ids) > 0
+            and isinstance(input_ids[0], (list, tuple, torch.Tensor)))
 
 
 __all__ = [

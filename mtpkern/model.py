@@ -184,8 +184,10 @@ class KVCache:
 class Attn:
     """How the new tokens attend during decoding.
 
-    cache: the static KV cache; the new tokens' K/V are written at ``slots`` (int64 [T]).
-    mask: bool [T, S'] over the first S' cache slots (True = attend); eager attention.
+    cache: the static KV cache; the new tokens' K/V are written at ``slots`` (int64 [T], or
+        [B, T]: each row's own slots, eager attention only).
+    mask: bool [T, S'] over the first S' cache slots (True = attend), or [B, 1, T, S'] per row;
+        eager attention.
     tree_mask / prefix_len: the fused kernels' inputs instead of ``mask``: every slot below
         ``prefix_len`` is visible, and tree token i sees tree token j (at slot prefix_len + j)
         iff bit j of row i of the packed int32 mask is set. With them every block runs its
@@ -224,8 +226,13 @@ class SelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
             kc, vc = attn.cache.k[layer], attn.cache.v[layer]
-            kc.index_copy_(2, attn.slots, k)
-            vc.index_copy_(2, attn.slots, v)
+            if attn.slots.dim() == 2:  # per-row slots [B, T] (batched decoding: rows drift apart)
+                rows = torch.arange(B, device=x.device)[:, None]
+                kc[rows, :, attn.slots] = k.transpose(1, 2)
+                vc[rows, :, attn.slots] = v.transpose(1, 2)
+            else:
+                kc.index_copy_(2, attn.slots, k)
+                vc.index_copy_(2, attn.slots, v)
             if attn.tree_mask is not None:
                 from mtpkern.ops.tree_attention import tree_attention
 

@@ -1,0 +1,248 @@
+"""Batched greedy decoding: many prompts at once, each row token-identical to decoding it alone.
+
+``BatchDecoder(model, strategy, tree=..., max_batch=...)`` owns one static KV cache with a row
+per prompt. Rows accept different numbers of tokens per step, so their cache positions drift
+apart: every row keeps its own prefix length, and a step writes each row's tree tokens at that
+row's own slots and positions, with a per-row attention mask (its prefix, then the tree's
+ancestor mask). No padding token ever enters a row's cache as context: prompts of different
+lengths are prefilled row by row, each from slot 0.
+
+One step runs the model's forward pass once for all rows (the pass that costs: every weight is
+read once per step, whatever B is); verification, KV compaction and the next drafts then run
+per row through the same code as batch-1 decoding (``mtpkern.decoder``), so a row's tokens are
+the ones batch-1 greedy decoding gives for that prompt. A row that reaches its EOS or
+``max_new_tokens`` stops: its prefix stays where it is, and the remaining steps recompute its
+last slots (a finished row costs what a masked row would) and discard them.
+
+This first version decodes greedily with eager kernels, for ``ntp``, ``mtp`` and ``medusa``
+and static trees (hand trees, the default, ``auto``); sampling, typical acceptance, dynamic
+trees, fused kernels and CUDA graphs decode batch 1 (``mtpkern.Decoder``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import torch
+
+from mtpkern.decoder import (
+    GenerationResult, _check_args, _Logits, _prompt, _resolve_tree, prefill,
+)
+from mtpkern.model import Attn, KVCache
+from mtpkern.ops.verify import verify_greedy
+from mtpkern.runtime import now
+
+__all__ = ["BatchDecoder", "generate_batch", "split_padded"]
+
+
+def _row_view(cache: KVCache, b: int) -> KVCache:
+    """Row b of a batched cache as a batch-1 cache (views: writes land in the batched one)."""
+    view = KVCache.__new__(KVCache)
+    view.k, view.v = cache.k[:, b : b + 1], cache.v[:, b : b + 1]
+    return view
+
+
+def split_padded(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[torch.Tensor]:
+    """The prompts of a padded batch: row b's tokens where ``attention_mask[b]`` is 1. Padding
+    may sit on either side of a row, never between its tokens."""
+    ids, mask = torch.as_tensor(input_ids), torch.as_tensor(attention_mask)
+    if ids.dim() != 2:
+        raise ValueError(f"input_ids with an attention_mask must be [B, T], got shape {tuple(ids.shape)}")
+    if mask.shape != ids.shape:
+        raise ValueError(f"attention_mask {tuple(mask.shape)} and input_ids {tuple(ids.shape)} differ in shape")
+    if mask.dtype == torch.bool:
+        mask = mask.long()
+    if mask.dtype.is_floating_point or mask.dtype.is_complex or not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError("attention_mask must hold 0 (padding) and 1 (token) only")
+    prompts = []
+    for b in range(ids.shape[0]):
+        on = mask[b].nonzero().view(-1)
+        if on.numel() == 0:
+            raise ValueError(f"row {b} of attention_mask is all padding: the prompt is empty")
+        if int(on[-1] - on[0]) + 1 != on.numel():
+            raise ValueError(f"row {b} of attention_mask has padding between real tokens (a hole at position "
+                             f"{int(on[0]) + int((on.diff() > 1).nonzero()[0]) + 1}): pad on the left or the right only")
+        prompts.append(ids[b, on])
+    return prompts
+
+
+class BatchDecoder:
+    """Greedy batched decoding of ``model`` with ``strategy`` ("ntp", "mtp", "medusa") and a
+    static ``tree`` (as :class:`mtpkern.Decoder` takes it; ``None``: the calibrated ``auto``
+    tree, else the default), for up to ``max_batch`` prompts per call."""
+
+    def __init__(self, model, strategy: str = "ntp", *, tree=None, max_batch: int = 16):
+        _check_args(model, strategy, "greedy", "eager", 0.0, 0, 1.0, False)
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
+        tree, dynamic = _resolve_tree(model, strategy, tree, "greedy", "eager", False)
+        if dynamic:
+            raise ValueError("batched decoding takes static trees (a hand tree, the default or 'auto'); "
+                             "tree='dynamic' decodes one prompt at a time (mtpkern.Decoder)")
+        self.model, self.strategy, self.tree, self.max_batch = model, strategy, tree, max_batch
+        dev = self.device = model.device
+        cfg = model.config
+        if tree is None:
+            self.T, self.heads, self.k, self.chain = 1, 1, 1, True
+            self.depth = torch.zeros(1, dtype=torch.long, device=dev)
+            self.dense = torch.ones(1, 1, dtype=torch.bool, device=dev)
+        else:
+            tt = tree.tensors(dev)
+            self.T, self.heads, self.k, self.chain = len(tree), 1 + tree.max_depth, tree.topk, tree.is_chain
+            self.depth, self.dense, self.paths = tt.depth, tt.dense_mask, tt.paths
+            self.flat = tt.head_row * self.k + tt.rank  # node i + 1's entry of a row's flattened top-k
+        self.logits = _Logits(model, fused=False)
+        self.cache = KVCache(model.n_cache_layers, max_batch, cfg.n_head, cfg.n_positions, cfg.head_dim,
+                             dtype=model.dtype, device=dev)
+        self.offsets = torch.arange(self.T, device=dev)
+
+    def __repr__(self) -> str:
+        return (f"BatchDecoder({type(self.model).__name__}, strategy={self.strategy!r}, tree={self.tree!r}, "
+                f"max_batch={self.max_batch})")
+
+    # -- inputs ------------------------------------------------------------------------
+
+    def _prompts(self, prompts, attention_mask, max_new_tokens: int) -> list[torch.Tensor]:
+        if attention_mask is not None:
+            prompts = split_padded(prompts, attention_mask)
+        elif isinstance(prompts, torch.Tensor):
+            if prompts.dim() != 2:
+                raise ValueError(f"a batch of prompts is a list of sequences or a [B, T] tensor, got shape "
+                                 f"{tuple(prompts.shape)}")
+            prompts = list(prompts)
+        elif not isinstance(prompts, Sequence) or isinstance(prompts, (str, bytes)):
+            raise TypeError(f"prompts must be a list of token sequences or a [B, T] tensor, got {type(prompts).__name__}")
+        if len(prompts) == 0:
+            raise ValueError("no prompts: the batch is empty")
+        if len(prompts) > self.max_batch:
+            raise ValueError(f"{len(prompts)} prompts, but this decoder's cache holds {self.max_batch} rows "
+                             f"(BatchDecoder(..., max_batch={len(prompts)}))")
+        out = []
+        ctx = self.model.config.n_positions
+        for b, p in enumerate(prompts):
+            try:
+                ids = _prompt(p, self.model.config.vocab_size, self.device)
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"prompt {b}: {e}") from None
+            need = ids.shape[0] + max_new_tokens + self.T - 2
+            if need > ctx:
+                raise ValueError(f"prompt {b} ({ids.shape[0]} tokens) + max_new_tokens ({max_new_tokens}) needs "
+                                 f"{need} cache slots, {need - ctx} more than the model's context of {ctx}")
+            out.append(ids)
+        return out
+
+    # -- one step for every row --------------------------------------------------------
+
+    def _mask(self, prefix: torch.Tensor) -> torch.Tensor:
+        """bool [B, 1, T, S']: row b sees its slots below prefix[b] and, at prefix[b] + j, tree
+        node j where the tree's ancestor mask says so."""
+        span = int(prefix.max()) + self.T
+        rel = torch.arange(span, device=self.device)[None, :] - prefix[:, None]  # [B, S']
+        in_tree = (rel >= 0) & (rel < self.T)
+        tree = self.dense[:, rel.clamp(0, self.T - 1)].permute(1, 0, 2) & in_tree[:, None, :]  # [B, T, S']
+        return ((rel < 0)[:, None, :] | tree)[:, None]
+
+    def _drafts(self, b: int, h0, carry, path, accept_len, last_node, prefix_b: int) -> torch.Tensor:
+        """Row b's next draft tokens [heads - 1, k], as batch-1 decoding makes them."""
+        model, n = self.model, self.heads - 1
+        h = h0.index_select(0, last_node.view(1))  # [1, D], final-normed
+        if model.draft_on_path:  # MTP: the head blocks over the accepted path, in row b's own caches
+            R = self.heads
+            view = _row_view(self.cache, b)
+            causal = torch.ones(R, R, dtype=torch.bool, device=self.device).tril()
+            mask = torch.cat([torch.ones(R, prefix_b, dtype=torch.bool, device=self.device), causal], dim=1)
+            attn = Attn(view, prefix_b + torch.arange(R, device=self.device), mask=mask)
+            d = model.draft_hidden(carry.index_select(0, path.clamp(min=0))[None], n, attn, accept_len)
+        else:
+            d = model.draft_hidden(h[None], n)
+        return self.logits.draft_topk(torch.cat([h, d]), self.k)[1]
+
+    # -- decoding ----------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def generate(self, prompts, *, max_new_tokens: int, eos_token_id: int | None = None,
+                 attention_mask=None) -> list[GenerationResult]:
+        """Decode up to ``max_new_tokens`` tokens after each prompt: a list of token sequences
+        (lists or 1-D tensors, any lengths) or a [B, T] tensor (with ``attention_mask`` [B, T],
+        1 on tokens, 0 on padding at either end). One :class:`GenerationResult` per prompt, in
+        order; each row ends at its own first ``eos_token_id`` (included)."""
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+        ids = self._prompts(prompts, attention_mask, max_new_tokens)
+        B, T, model, dev = len(ids), self.T, self.model, self.device
+        t0 = now(dev)
+        outs: list[list[int]] = [[] for _ in range(B)]
+        accepted: list[list[int]] = [[] for _ in range(B)]
+        done = [False] * B
+
+        def emit(b: int, chunk) -> None:
+            for t in chunk:
+                if t < 0:
+                    raise ValueError(f"prompt {b}: the model's logits are NaN at generated token {len(outs[b])}")
+                outs[b].append(t)
+                if t == eos_token_id or len(outs[b]) == max_new_tokens:
+                    done[b] = True
+                    return
+
+        # Prefill row by row (prompts of any lengths, each from slot 0), then each row's first
+        # token and drafts, as batch-1 decoding makes them.
+        root = torch.zeros(B, dtype=torch.long, device=dev)
+        topk = torch.zeros(B, max(self.heads - 1, 1), self.k, dtype=torch.long, device=dev)
+        for b in range(B):
+            h = prefill(model, _row_view(self.cache, b), ids[b], heads=self.heads)  # [heads, D]
+            root[b] = self.logits.argmax0(h[:1])[0]
+            if self.heads > 1:
+                topk[b] = self.logits.draft_topk(h, self.k)[1]
+        first = root.tolist()
+        for b in range(B):
+            emit(b, first[b : b + 1])
+        prefill_time = time.perf_counter() - t0
+        prefix_host = [int(p.shape[0]) for p in ids]
+        prefix = torch.tensor(prefix_host, device=dev)
+        view = KVCache.__new__(KVCache)
+        view.k, view.v = self.cache.k[:, :B], self.cache.v[:, :B]
+        step_times: list[float] = []
+        active_steps = [0] * B
+        while not all(done):
+            ts = time.perf_counter()
+            tokens = root[:, None] if T == 1 else torch.cat([root[:, None], topk.view(B, -1).index_select(1, self.flat)], 1)
+            slots = prefix[:, None] + self.offsets[None, :]
+            attn = Attn(view, slots, mask=self._mask(prefix))
+            h0, carry = model.decode_hidden(tokens, prefix[:, None] + self.depth[None, :], attn)  # [B, T, D]
+            target = self.logits.argmax0(h0.reshape(B * T, -1)).view(B, T)
+            for b in range(B):
+                if done[b]:
+                    continue
+                active_steps[b] += 1
+                if T == 1:
+                    n, new = 1, target[b, :1]
+                    root[b] = new[0]
+                else:
+                    res = verify_greedy(tokens[b], target[b], self.paths)
+                    n = int(res.accept_len) + 1
+                    path = self.paths[int(res.best_path)]
+                    if not self.chain:  # move the accepted nodes' K/V to the slots after the prefix
+                        p = prefix_host[b]
+                        src, dst = p + path[:n], p + torch.arange(n, device=dev)
+                        for c in (self.cache.k, self.cache.v):
+                            c[:, b, :, dst] = c[:, b, :, src]
+                    topk[b] = self._drafts(b, h0[b], carry[b], path, res.accept_len, res.last_node, prefix_host[b])
+                    new = res.tokens[:n]
+                    root[b] = res.tokens[n - 1]
+                accepted[b].append(n)
+                emit(b, new.tolist())
+                prefix_host[b] += n
+            prefix = torch.tensor(prefix_host, device=dev)
+            step_times.append(time.perf_counter() - ts)
+        total = time.perf_counter() - t0
+        return [GenerationResult(outs[b], active_steps[b], accepted[b], step_times[: active_steps[b]], prefill_time, total)
+                for b in range(B)]
+
+
+def generate_batch(model, prompts, *, max_new_tokens: int, strategy: str = "ntp", tree=None,
+                   eos_token_id: int | None = None, attention_mask=None) -> list[GenerationResult]:
+    """``BatchDecoder(model, strategy, tree=tree, max_batch=len(prompts)).generate(...)``."""
+    n = len(prompts) if attention_mask is None else torch.as_tensor(attention_mask).shape[0]
+    return BatchDecoder(model, strategy, tree=tree, max_batch=max(1, n)).generate(
+        prompts, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, attention_mask=attention_mask)

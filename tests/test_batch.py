@@ -1,0 +1,131 @@
+"""Batched greedy decoding (``mtpkern.batch``): every row token-identical to batch-1 greedy ntp
+of that prompt alone, for ntp, mtp and medusa, chains and trees, with EOS mid-batch, B = 1, B
+larger than the number of distinct prompts, prompts of mixed lengths (lists and a padded
+tensor with a mask); and the bad inputs."""
+
+import pytest
+import torch
+
+from _tiny import N_DRAFT_HEADS, gpt2_model, medusa_model, mtp_model, random_prompts, single_thread  # noqa: F401
+from mtpkern import Decoder
+from mtpkern.batch import BatchDecoder, generate_batch, split_padded
+
+PROMPTS = random_prompts(24, seed=33, min_len=2, max_len=30)
+MAX_NEW = 20
+
+
+def _reference(model, prompts, eos=None):
+    ntp = Decoder(model, "ntp")
+    return [ntp.generate(p, max_new_tokens=MAX_NEW, eos_token_id=eos).tokens for p in prompts]
+
+
+@pytest.mark.parametrize("strategy, tree", [("ntp", None), ("medusa", None), ("medusa", "chain:2"),
+                                            ("medusa", "3,2,1"), ("mtp", None), ("mtp", "2,1,1")])
+def test_batched_greedy_equals_each_prompt_alone(gpt2_model, medusa_model, mtp_model, strategy, tree):
+    model = {"ntp": gpt2_model, "medusa": medusa_model, "mtp": mtp_model}[strategy]
+    want = _reference(model, PROMPTS)
+    dec = BatchDecoder(model, strategy, tree=tree, max_batch=len(PROMPTS))
+    got = dec.generate(PROMPTS, max_new_tokens=MAX_NEW)
+    assert [r.tokens for r in got] == want
+    if strategy != "ntp":
+        assert max(max(r.accept_lengths) for r in got) > 1  # the drafts are accepted, not only the roots
+    for r in got:
+        assert sum(r.accept_lengths) >= len(r.tokens) - 1 and r.num_steps == len(r.accept_lengths)
+
+
+@pytest.mark.parametrize("strategy", ["medusa", "mtp"])
+def test_eos_mid_batch_and_rows_of_their_own_length(medusa_model, mtp_model, strategy):
+    """Each row stops at its own EOS (a different token per row: the one its plain output has
+    at a row-dependent position) while the others go on."""
+    model = medusa_model if strategy == "medusa" else mtp_model
+    prompts = PROMPTS[:12]
+    full = _reference(model, prompts)
+    dec = BatchDecoder(model, strategy, max_batch=12)
+    for b, (p, ref) in enumerate(zip(prompts, full)):
+        eos = ref[3 + b % 9]
+        want = ref[: ref.index(eos) + 1]
+        # the whole batch with this row's EOS: every row ends at its own first occurrence of it
+        got = dec.generate(prompts, max_new_tokens=MAX_NEW, eos_token_id=eos)
+        assert got[b].tokens == want
+        for other, r in zip(full, got):
+            assert r.tokens == (other[: other.index(eos) + 1] if eos in other else other)
+
+
+def test_one_row_and_more_rows_than_distinct_prompts(medusa_model):
+    want = _reference(medusa_model, PROMPTS[:3])
+    dec = BatchDecoder(medusa_model, "medusa", max_batch=16)
+    assert [r.tokens for r in dec.generate(PROMPTS[:1], max_new_tokens=MAX_NEW)] == want[:1]
+    batch = [PROMPTS[i % 3] for i in range(16)]  # each prompt five or six times
+    got = dec.generate(batch, max_new_tokens=MAX_NEW)
+    assert [r.tokens for r in got] == [want[i % 3] for i in range(16)]
+    # the decoder is reused: a later, smaller batch is unaffected by the rows it left in the cache
+    assert [r.tokens for r in dec.generate(PROMPTS[1:3], max_new_tokens=MAX_NEW)] == want[1:3]
+
+
+def test_padded_tensor_with_a_mask(medusa_model):
+    prompts = PROMPTS[:5]
+    width = max(len(p) for p in prompts) + 2
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, p in enumerate(prompts):
+        start = 0 if b % 2 else width - len(p)  # right padding on odd rows, left padding on even rows
+        ids[b, start : start + len(p)] = torch.tensor(p)
+        mask[b, start : start + len(p)] = 1
+    got = generate_batch(medusa_model, ids, attention_mask=mask, strategy="medusa", max_new_tokens=MAX_NEW)
+    assert [r.tokens for r in got] == _reference(medusa_model, prompts)
+    same = [PROMPTS[0], PROMPTS[0]]
+    square = torch.tensor(same)
+    assert [r.tokens for r in generate_batch(medusa_model, square, strategy="medusa", max_new_tokens=8)] == [
+        r.tokens for r in generate_batch(medusa_model, same, strategy="medusa", max_new_tokens=8)]
+
+
+def test_bad_inputs(medusa_model):
+    dec = BatchDecoder(medusa_model, "medusa", max_batch=4)
+    ctx = medusa_model.config.n_positions
+    cases = [
+        (lambda: dec.generate([[1, 2], []], max_new_tokens=4), ValueError, "prompt 1: the prompt is empty"),
+        (lambda: dec.generate([[1, 2], [3] * (ctx - 2)], max_new_tokens=8), ValueError,
+         f"prompt 1 ({ctx - 2} tokens) + max_new_tokens (8) needs"),
+        (lambda: dec.generate([[1]] * 5, max_new_tokens=4), ValueError, "5 prompts, but this decoder's cache holds 4 rows"),
+        (lambda: dec.generate([], max_new_tokens=4), ValueError, "no prompts"),
+        (lambda: dec.generate([[1, 99999]], max_new_tokens=4), ValueError, "prompt 0: token id 99999 is outside"),
+        (lambda: dec.generate([[1.5, 2.0]], max_new_tokens=4), TypeError, "prompt 0: input_ids must hold integer"),
+        (lambda: dec.generate("hello", max_new_tokens=4), TypeError, "prompts must be a list of token sequences"),
+        (lambda: dec.generate([[1, 2]], max_new_tokens=0), ValueError, "max_new_tokens must be an int >= 1"),
+        (lambda: dec.generate(torch.ones(2, 3, dtype=torch.long), max_new_tokens=4,
+                              attention_mask=torch.tensor([[1, 0, 1], [1, 1, 1]])), ValueError,
+         "row 0 of attention_mask has padding between real tokens (a hole at position 1)"),
+        (lambda: dec.generate(torch.ones(2, 3, dtype=torch.long), max_new_tokens=4,
+                              attention_mask=torch.tensor([[0, 0, 0], [1, 1, 1]])), ValueError,
+         "row 0 of attention_mask is all padding"),
+        (lambda: dec.generate(torch.ones(2, 3, dtype=torch.long), max_new_tokens=4,
+                              attention_mask=torch.ones(2, 4)), ValueError, "attention_mask (2, 4) and input_ids (2, 3)"),
+        (lambda: dec.generate(torch.ones(2, 3, dtype=torch.long), max_new_tokens=4,
+                              attention_mask=torch.full((2, 3), 2)), ValueError, "0 (padding) and 1 (token) only"),
+        (lambda: BatchDecoder(medusa_model, "medusa", max_batch=0), ValueError, "max_batch must be an int >= 1"),
+        (lambda: BatchDecoder(medusa_model, "medusa", tree="dynamic"), ValueError, "batched decoding takes static trees"),
+        (lambda: BatchDecoder(medusa_model, "mtp"), ValueError, "strategy 'mtp' needs an MTPModel"),
+    ]
+    for call, kind, match in cases:
+        with pytest.raises(kind) as info:
+            call()
+        assert match in str(info.value) and "\n" not in str(info.value), (match, str(info.value))
+
+
+def test_split_padded():
+    ids = torch.tensor([[0, 5, 6], [7, 8, 0]])
+    got = split_padded(ids, torch.tensor([[0, 1, 1], [1, 1, 0]], dtype=torch.bool))
+    assert [g.tolist() for g in got] == [[5, 6], [7, 8]]
+
+
+def test_generate_takes_a_batch(medusa_model):
+    """``mtpkern.generate`` with a list of prompts returns one result per prompt; a [1, T]
+    tensor stays batch 1 (one result), and a Decoder refuses a batch, naming the engines that take one."""
+    from mtpkern import generate
+
+    got = generate(medusa_model, PROMPTS[:4], strategy="medusa", max_new_tokens=MAX_NEW)
+    assert isinstance(got, list) and [r.tokens for r in got] == _reference(medusa_model, PROMPTS[:4])
+    one = generate(medusa_model, torch.tensor([PROMPTS[0]]), strategy="medusa", max_new_tokens=MAX_NEW)
+    assert one.tokens == got[0].tokens
+    with pytest.raises(ValueError, match="mtpkern.BatchDecoder or mtpkern.generate decode a batch"):
+        Decoder(medusa_model, "medusa").generate(torch.tensor([PROMPTS[0][:3], PROMPTS[1][:3]]), max_new_tokens=4)
