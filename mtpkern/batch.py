@@ -8,9 +8,11 @@ ancestor mask). No padding token ever enters a row's cache as context: prompts o
 lengths are prefilled row by row, each from slot 0.
 
 One step runs the model's forward pass once for all rows (the pass that costs: every weight is
-read once per step, whatever B is); verification, KV compaction and the next drafts then run
-per row through the same code as batch-1 decoding (``mtpkern.decoder``), so a row's tokens are
-the ones batch-1 greedy decoding gives for that prompt. A row that reaches its EOS or
+read once per step, whatever B is), then verification (the ops' greedy rule), KV compaction
+and the next drafts for all rows at once, and syncs with the host once. Verification accepts
+exactly what batch-1 decoding accepts from the same drafts, so a row's tokens are the ones
+greedy ``ntp`` gives for that prompt alone (the drafts themselves may round differently
+from batch 1's, which can change how many are accepted, never the output). A row that reaches its EOS or
 ``max_new_tokens`` stops: its prefix stays where it is, and the remaining steps recompute its
 last slots (a finished row costs what a masked row would) and discard them.
 
@@ -30,7 +32,6 @@ from mtpkern.decoder import (
     GenerationResult, _check_args, _Logits, _prompt, _resolve_tree, prefill,
 )
 from mtpkern.model import Attn, KVCache
-from mtpkern.ops.verify import verify_greedy
 from mtpkern.runtime import now
 
 __all__ = ["BatchDecoder", "generate_batch", "split_padded"]
@@ -143,20 +144,49 @@ class BatchDecoder:
         tree = self.dense[:, rel.clamp(0, self.T - 1)].permute(1, 0, 2) & in_tree[:, None, :]  # [B, T, S']
         return ((rel < 0)[:, None, :] | tree)[:, None]
 
-    def _drafts(self, b: int, h0, carry, path, accept_len, last_node, prefix_b: int) -> torch.Tensor:
-        """Row b's next draft tokens [heads - 1, k], as batch-1 decoding makes them."""
-        model, n = self.model, self.heads - 1
-        h = h0.index_select(0, last_node.view(1))  # [1, D], final-normed
-        if model.draft_on_path:  # MTP: the head blocks over the accepted path, in row b's own caches
+    def _drafts(self, h0, carry, path, accept_len, last_node, prefix, view) -> torch.Tensor:
+        """Every row's next draft tokens [B, heads - 1, k] from this step's head-0 states h0 and
+        carry [B, T, D], the accepted paths [B, D + 1] (padded with -1), accepted lengths and
+        last nodes [B] and the prefixes [B] the step started from."""
+        model, n, B = self.model, self.heads - 1, h0.shape[0]
+        rows = torch.arange(B, device=self.device)
+        h = h0[rows, last_node]  # [B, D], final-normed
+        if model.draft_on_path:  # MTP: the head blocks over each row's accepted path, in its own caches
             R = self.heads
-            view = _row_view(self.cache, b)
-            causal = torch.ones(R, R, dtype=torch.bool, device=self.device).tril()
-            mask = torch.cat([torch.ones(R, prefix_b, dtype=torch.bool, device=self.device), causal], dim=1)
-            attn = Attn(view, prefix_b + torch.arange(R, device=self.device), mask=mask)
-            d = model.draft_hidden(carry.index_select(0, path.clamp(min=0))[None], n, attn, accept_len)
+            x = carry[rows[:, None], path.clamp(min=0)]  # [B, R, D]
+            slots = prefix[:, None] + torch.arange(R, device=self.device)[None, :]
+            span = int(prefix.max()) + R
+            rel = torch.arange(span, device=self.device)[None, None, :] - slots[:, :, None]  # [B, R, S']
+            mask = (rel <= 0)[:, None]  # the prefix, and the path causally
+            if B == 1:  # batch 1's own path: the n head blocks grouped into one (a CPU pays per op)
+                attn = Attn(_row_view(self.cache, 0), slots[0], mask=mask[0, 0])
+                d = model.draft_hidden(x, n, attn, accept_len)[None]
+            else:
+                attn = Attn(view, slots, mask=mask)
+                d = torch.stack([model.head_forward(j, x, attn)[rows, accept_len] for j in range(1, n + 1)], 1)
         else:
-            d = model.draft_hidden(h[None], n)
-        return self.logits.draft_topk(torch.cat([h, d]), self.k)[1]
+            d = model.heads_at(h, n).transpose(0, 1)  # [B, n, D]
+        hd = d.reshape(B * n, -1)
+        if self.logits.shared:
+            z = self.logits._z(hd, 1).view(B, n, -1)
+        else:
+            z = torch.stack([self.logits._z(d[:, j], j + 1) for j in range(n)], 1)
+        return z.topk(self.k, dim=-1).indices
+
+    def _verify(self, tokens, target):
+        """Greedy verification of every row at once (``verify_greedy_ref``'s rule): (accepted
+        drafts [B], the accepted path [B, D + 1], its last node [B], the emitted tokens [B, D + 1]:
+        the target's argmax along the path, whose first accepted + 1 are the output)."""
+        paths = self.paths
+        valid, safe = paths >= 0, paths.clamp(min=0)
+        ok = valid[None, :, 1:] & (tokens[:, safe[:, 1:]] == target[:, safe[:, :-1]])  # [B, P, D]
+        accept = ok.long().cumprod(-1).sum(-1)  # [B, P]
+        best = accept.argmax(-1)  # the first longest path, as the ops choose
+        accept_len = accept.gather(1, best[:, None])[:, 0]
+        path = paths[best]  # [B, D + 1]
+        rows = torch.arange(tokens.shape[0], device=self.device)
+        last = path[rows, accept_len]
+        return accept_len, path, last, target[rows[:, None], path.clamp(min=0)]
 
     # -- decoding ----------------------------------------------------------------------
 
@@ -198,42 +228,38 @@ class BatchDecoder:
         for b in range(B):
             emit(b, first[b : b + 1])
         prefill_time = time.perf_counter() - t0
-        prefix_host = [int(p.shape[0]) for p in ids]
-        prefix = torch.tensor(prefix_host, device=dev)
+        prefix = torch.tensor([int(p.shape[0]) for p in ids], device=dev)
+        rows = torch.arange(B, device=dev)
         view = KVCache.__new__(KVCache)
         view.k, view.v = self.cache.k[:, :B], self.cache.v[:, :B]
         step_times: list[float] = []
         active_steps = [0] * B
         while not all(done):
             ts = time.perf_counter()
+            active = torch.tensor([not d for d in done], device=dev)
             tokens = root[:, None] if T == 1 else torch.cat([root[:, None], topk.view(B, -1).index_select(1, self.flat)], 1)
-            slots = prefix[:, None] + self.offsets[None, :]
-            attn = Attn(view, slots, mask=self._mask(prefix))
+            attn = Attn(view, prefix[:, None] + self.offsets[None, :], mask=self._mask(prefix))
             h0, carry = model.decode_hidden(tokens, prefix[:, None] + self.depth[None, :], attn)  # [B, T, D]
             target = self.logits.argmax0(h0.reshape(B * T, -1)).view(B, T)
+            if T == 1:
+                count, out = torch.ones_like(root), target
+            else:
+                accept_len, path, last, out = self._verify(tokens, target)
+                count = accept_len + 1
+                if not self.chain:  # move each row's accepted nodes' K/V to the slots after its prefix
+                    src = prefix[:, None] + path.clamp(min=0)
+                    dst = prefix[:, None] + torch.arange(path.shape[1], device=dev)[None, :]
+                    for c in (self.cache.k, self.cache.v):
+                        c[:, rows[:, None], :, dst] = c[:, rows[:, None], :, src]
+                topk = self._drafts(h0, carry, path, accept_len, last, prefix, view)
+            root = out.gather(1, (count - 1)[:, None])[:, 0]
+            prefix = prefix + torch.where(active, count, 0)  # a finished row stays where it ended
+            host = torch.cat([count[:, None], out], 1).tolist()  # the step's one host sync
             for b in range(B):
-                if done[b]:
-                    continue
-                active_steps[b] += 1
-                if T == 1:
-                    n, new = 1, target[b, :1]
-                    root[b] = new[0]
-                else:
-                    res = verify_greedy(tokens[b], target[b], self.paths)
-                    n = int(res.accept_len) + 1
-                    path = self.paths[int(res.best_path)]
-                    if not self.chain:  # move the accepted nodes' K/V to the slots after the prefix
-                        p = prefix_host[b]
-                        src, dst = p + path[:n], p + torch.arange(n, device=dev)
-                        for c in (self.cache.k, self.cache.v):
-                            c[:, b, :, dst] = c[:, b, :, src]
-                    topk[b] = self._drafts(b, h0[b], carry[b], path, res.accept_len, res.last_node, prefix_host[b])
-                    new = res.tokens[:n]
-                    root[b] = res.tokens[n - 1]
-                accepted[b].append(n)
-                emit(b, new.tolist())
-                prefix_host[b] += n
-            prefix = torch.tensor(prefix_host, device=dev)
+                if not done[b]:
+                    active_steps[b] += 1
+                    accepted[b].append(host[b][0])
+                    emit(b, host[b][1 : 1 + host[b][0]])
             step_times.append(time.perf_counter() - ts)
         total = time.perf_counter() - t0
         return [GenerationResult(outs[b], active_steps[b], accepted[b], step_times[: active_steps[b]], prefill_time, total)

@@ -695,15 +695,19 @@ class MedusaModel(_Family):
         if n == 0:
             return super().draft_hidden(carry, 0)
         carry = carry[:, -1:] if row is None else carry.index_select(1, row.view(1))
+        return self.heads_at(carry[0], n)[:, 0]
+
+    def heads_at(self, h: torch.Tensor, n: int) -> torch.Tensor:
+        """MEDUSA heads 1..n at every row of h [R, D] (final-normed): [n, R, D]."""
         def groups():
             lin = [[h.blocks[i].linear for h in self.medusa[:n]] for i in range(self.config.medusa_layers)]
             return [g for layer in lin for g in (([m.weight for m in layer], True), ([m.bias for m in layer], False))]
 
         stacked = self._stacked(f"medusa{n}", groups)
-        x = carry.expand(n, -1, -1)
+        x = h[None].expand(n, -1, -1)
         for w, b in zip(stacked[0::2], stacked[1::2]):
             x = x + F.silu(torch.baddbmm(b[:, None], x, w))
-        return x[:, 0]
+        return x
 
     def forward(self, idx, pos=None, *, attn: Attn | None = None, heads: int | None = None,
                 select: torch.Tensor | None = None, logits: bool = True) -> ModelOutput:

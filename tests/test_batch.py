@@ -129,3 +129,14 @@ def test_generate_takes_a_batch(medusa_model):
     assert one.tokens == got[0].tokens
     with pytest.raises(ValueError, match="mtpkern.BatchDecoder or mtpkern.generate decode a batch"):
         Decoder(medusa_model, "medusa").generate(torch.tensor([PROMPTS[0][:3], PROMPTS[1][:3]]), max_new_tokens=4)
+
+
+@pytest.mark.parametrize("strategy", ["medusa", "mtp"])
+def test_batches_of_one(medusa_model, mtp_model, strategy):
+    """B = 1 takes batch 1's own drafting path (MTP's grouped head blocks): same tokens."""
+    model = medusa_model if strategy == "medusa" else mtp_model
+    dec = BatchDecoder(model, strategy, tree="2,1,1" if strategy == "mtp" else None, max_batch=1)
+    want = _reference(model, PROMPTS[:6])
+    got = [dec.generate([p], max_new_tokens=MAX_NEW)[0] for p in PROMPTS[:6]]
+    assert [r.tokens for r in got] == want
+    assert max(max(r.accept_lengths) for r in got) > 1
