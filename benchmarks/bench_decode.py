@@ -125,6 +125,52 @@ def _fits(spec: str, depth: int) -> bool:
     return Tree.parse(spec).max_depth <= depth
 
 
+def batch_study(models: dict, prompts: list, sizes: list[int], n: int, eos, device) -> dict:
+    """``{family: {strategy: {B: {tokens_per_second, mean_accept_length}}}}``: each model's own
+    ``ntp`` and its speculative strategy through :class:`mtpkern.batch.BatchDecoder` (one per
+    B, held for all its batches), over batches of B prompts (the prompts cycled to fill the
+    largest B), all rows' tokens over the wall time; one warm-up batch first."""
+    from mtpkern.batch import BatchDecoder
+    from mtpkern.runtime import now
+
+    rows = [p.view(-1) for p in prompts]
+    pool = [rows[i % len(rows)] for i in range(max(len(rows), max(sizes)))]
+    out: dict = {}
+    for family, model in models.items():
+        strategies = ["ntp"] + ([family] if family != "ntp" else [])
+        if family == "ntp" and len(models) > 1:
+            continue  # the speculative families' models carry their own ntp
+        for strategy in strategies:
+            for B in sizes:
+                dec = BatchDecoder(model, strategy, max_batch=B)
+                dec.generate(pool[:B], max_new_tokens=n, eos_token_id=eos)
+                tokens, accepted, t0 = 0, [], now(device)
+                for i in range(0, len(pool) - B + 1, B):
+                    for r in dec.generate(pool[i : i + B], max_new_tokens=n, eos_token_id=eos):
+                        tokens += len(r.tokens)
+                        accepted += r.accept_lengths
+                dt = now(device) - t0
+                out.setdefault(family, {}).setdefault(strategy, {})[str(B)] = dict(
+                    tokens_per_second=tokens / dt, mean_accept_length=sum(accepted) / max(1, len(accepted)))
+                print(f"batch {family}: {strategy} B={B}: {tokens / dt:.1f} tokens/s", file=sys.stderr)
+    return out
+
+
+def _print_batch(batch: dict, sizes: list[int]) -> None:
+    print("| model: strategy | " + " | ".join(f"B={b} tokens/s" for b in sizes) + " | " +
+          " | ".join(f"B={b} vs ntp" for b in sizes) + " | speed-up kept (of the smallest B's) |")
+    print("| --- |" + " ---: |" * (2 * len(sizes) + 1))
+    for family, strategies in batch.items():
+        ntp = strategies["ntp"]
+        for strategy, by_b in strategies.items():
+            tps = [by_b[str(b)]["tokens_per_second"] for b in sizes]
+            vs = [by_b[str(b)]["tokens_per_second"] / ntp[str(b)]["tokens_per_second"] for b in sizes]
+            # the speed-up over ntp at B, as a share of the speed-up at the smallest B
+            kept = "" if strategy == "ntp" else ", ".join(f"B={b} {v / vs[0]:.0%}" for b, v in zip(sizes[1:], vs[1:]))
+            print(f"| {family}: {strategy} | " + " | ".join(f"{t:.1f}" for t in tps) + " | " +
+                  " | ".join(f"{v:.2f}x" for v in vs) + f" | {kept} |")
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="auto")
@@ -140,7 +186,10 @@ def main(argv=None) -> dict:
                     help="also time transformers with its static cache (slow: it compiles itself)")
     ap.add_argument("--step-cost", default="1,2,4,8,16,32,64", help="tree sizes T of the step-cost curve")
     ap.add_argument("--json", default=None, help="the report, written case by case")
-    ap.add_argument("--plot", default=None, help="a PNG of the step-cost curve")
+    ap.add_argument("--plot", default=None, help="a PNG of the step-cost curve (with --batch: of the batch study)")
+    ap.add_argument("--batch", default=None,
+                    help="batch sizes, e.g. 1,4,16: time batched decoding (mtpkern.batch) at each instead of the "
+                         "batch-1 cases: tokens/s and what survives of the speed-up")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -153,6 +202,23 @@ def main(argv=None) -> dict:
     report = dict(device=device_info(device, dtype), weights=note, max_new_tokens=n, prompts=len(prompts),
                   threads=torch.get_num_threads(), cases={}, step_cost={})
     results = report["cases"]
+    if args.batch:
+        sizes = sorted({int(b) for b in args.batch.split(",") if b.strip()})
+        if not sizes or sizes[0] < 1:
+            raise SystemExit(f"--batch: batch sizes >= 1, got {args.batch!r}")
+        with torch.inference_mode():
+            report["batch"] = batch_study(models, prompts, sizes, n, args.eos, device)
+        print(f"device: {report['device']}\nweights: {note}\n{n} new tokens, {torch.get_num_threads()} threads\n")
+        _print_batch(report["batch"], sizes)
+        if args.plot:
+            from mtpkern.plots import plot_batch
+
+            report["plot"] = plot_batch(report["batch"], args.plot,
+                                        title=f"Batched decoding on {report['device']['name']}")
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(report, indent=2, default=str))
+        return report
 
     def save():
         if args.json:

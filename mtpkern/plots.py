@@ -117,6 +117,35 @@ def plot_step_cost(curves: dict, path, title: str = "Step cost") -> str:
     return _save(fig, path)
 
 
+def plot_batch(batch: dict, path, title: str = "Batched decoding") -> str:
+    """Tokens/s against the batch size B (left) and each speculative strategy's speed-up over
+    its own model's ``ntp`` at that B (right). ``batch`` maps a family to
+    ``{strategy: {B: {"tokens_per_second": ...}}}`` (``benchmarks/bench_decode.py --batch``)."""
+    fig = Figure(figsize=(10, 4.2))
+    left, right = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    for family, strategies in batch.items():
+        for strategy, by_b in strategies.items():
+            sizes = sorted(int(b) for b in by_b)
+            left.plot(sizes, [by_b[str(b)]["tokens_per_second"] for b in sizes], marker="o",
+                      label=f"{family} model: {strategy}")
+        ntp = strategies.get("ntp", {})
+        for strategy, by_b in strategies.items():
+            if strategy == "ntp":
+                continue
+            sizes = sorted(int(b) for b in by_b if b in ntp)
+            right.plot(sizes, [by_b[str(b)]["tokens_per_second"] / ntp[str(b)]["tokens_per_second"] for b in sizes],
+                       marker="o", label=f"{strategy} over its ntp")
+    left.set(xlabel="batch size B", ylabel="tokens/s (all rows)", title=title)
+    right.set(xlabel="batch size B", ylabel="speed-up over ntp at the same B", title="What survives of the speed-up")
+    right.axhline(1.0, color="grey", lw=0.8)
+    for ax in (left, right):
+        ax.set_xscale("log", base=2)
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
 def write_plots(report: dict, out_dir) -> list[str]:
     """Write every plot that has data into ``out_dir``; returns the paths written."""
     os.makedirs(out_dir, exist_ok=True)

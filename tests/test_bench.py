@@ -180,3 +180,28 @@ def test_decode_layer_sweep_dry_run(tmp_path):
     assert any(isinstance(x["config"], dict) and x["config"]["SPLIT_K"] == 4 for x in results)
     gemv = [x for x in results if isinstance(x["config"], dict) and not x["config"]["DOT"]]
     assert {(x["op"], x["rows"]) for x in gemv} == {(op, 1) for op in ("ln_qkv", "ln_fc_gelu", "linear_residual")}
+
+
+def test_bench_decode_batch_study(tmp_path):
+    """``bench_decode.py --batch``: tokens/s of each model's ntp and speculative strategy per
+    batch size, the table's speed-up columns, and the plot."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    out, png = tmp_path / "b.json", tmp_path / "b.png"
+    r = subprocess.run([sys.executable, str(root / "benchmarks" / "bench_decode.py"), "--device", "cpu", "--threads", "1",
+                        "--prompts", "3", "--max-new-tokens", "6", "--batch", "1,2", "--json", str(out), "--plot", str(png)],
+                       capture_output=True, text=True, timeout=600,
+                       env={**__import__("os").environ, "PYTHONPATH": str(root)})
+    assert r.returncode == 0, r.stderr[-3000:]
+    batch = json.loads(out.read_text())["batch"]
+    assert set(batch) == {"medusa", "mtp"}
+    for family, strategies in batch.items():
+        assert set(strategies) == {"ntp", family}
+        for by_b in strategies.values():
+            assert set(by_b) == {"1", "2"} and all(v["tokens_per_second"] > 0 for v in by_b.values())
+        assert strategies[family]["1"]["mean_accept_length"] > 1
+    assert "| medusa: medusa |" in r.stdout and "speed-up kept" in r.stdout
+    assert png.stat().st_size > 1000
