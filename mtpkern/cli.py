@@ -53,6 +53,19 @@ def _seed(text: str) -> int:
     return value
 
 
+def _batch_sizes(text: str) -> tuple[int, ...]:
+    """``--batch``: comma-separated batch sizes (``1,4,16``), or ``none``."""
+    if text.strip().lower() == "none":
+        return ()
+    try:
+        sizes = tuple(sorted({int(t) for t in text.split(",") if t.strip()}))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected batch sizes such as 1,4,16 (or none), got {text!r}") from None
+    if not sizes or sizes[0] < 1:
+        raise argparse.ArgumentTypeError(f"batch sizes must be integers >= 1, got {text!r}")
+    return sizes
+
+
 def _device(text: str) -> str:
     if text not in ("auto", "cpu", "cuda") and not text.startswith("cuda:"):
         raise argparse.ArgumentTypeError(f"device must be auto, cpu or cuda[:N], got {text!r}")
@@ -156,7 +169,7 @@ def cmd_eval(args) -> int:
     evaluate(
         args.models, data=args.data, json_path=args.json, device=args.device, max_samples=args.max_samples,
         max_new_tokens=args.max_new_tokens, kernels=args.kernels, hf_baseline=not args.no_hf,
-        dtype=args.dtype, cuda_graph=args.cuda_graph,
+        dtype=args.dtype, cuda_graph=args.cuda_graph, batch_sizes=args.batch,
     )
     return 0
 
@@ -286,6 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="default: fp16 on CUDA, fp32 on CPU")
     e.add_argument("--cuda-graph", action="store_true", help="decode with CUDA graphs (CUDA only)")
     e.add_argument("--no-hf", action="store_true", help="skip the transformers generate baseline")
+    e.add_argument("--batch", type=_batch_sizes, default=(1, 4, 16),
+                   help="batch sizes to time batched decoding at (default 1,4,16; 'none' to skip)")
     e.set_defaults(func=cmd_eval)
 
     b = sub.add_parser("bench", help="end-to-end decode benchmark on the GPT-2 124M shape")

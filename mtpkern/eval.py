@@ -277,6 +277,36 @@ def decode_prompts(model, prompts: list[torch.Tensor], *, max_new_tokens: int, e
     return runs
 
 
+def batched_throughput(model, decoders: dict, prompts: list[torch.Tensor], runs: dict, sizes, *,
+                       max_new_tokens: int, eos_token_id: int | None) -> dict:
+    """``{strategy: {B: {"tokens_per_second", "agrees_with_batch_1"}}}``: every prompt decoded
+    B at a time by :class:`mtpkern.batch.BatchDecoder` (greedy, eager kernels, the decoder's
+    own static tree), all rows' tokens over the wall time after one warm-up batch, and whether
+    every row's tokens equal the batch-1 run's. A dynamic tree decodes batch 1 only: skipped."""
+    from mtpkern.batch import BatchDecoder
+    from mtpkern.runtime import now
+
+    rows = [p.view(-1) for p in prompts]
+    out = {}
+    with torch.inference_mode():
+        for strategy, dec in decoders.items():
+            if getattr(dec, "dynamic", False):
+                out[strategy] = {"skipped": "dynamic trees decode one prompt at a time"}
+                continue
+            for B in sizes:
+                bd = BatchDecoder(model, strategy, tree=None if strategy == "ntp" else dec.tree, max_batch=B)
+                bd.generate(rows[:B], max_new_tokens=max_new_tokens, eos_token_id=eos_token_id)
+                tokens, t0 = [], now(model.device)
+                for i in range(0, len(rows), B):
+                    tokens += [r.tokens for r in bd.generate(rows[i : i + B], max_new_tokens=max_new_tokens,
+                                                             eos_token_id=eos_token_id)]
+                dt = now(model.device) - t0
+                out.setdefault(strategy, {})[str(B)] = dict(
+                    tokens_per_second=sum(len(t) for t in tokens) / dt,
+                    agrees_with_batch_1=sum(t == list(r) for t, r in zip(tokens, runs[strategy]["tokens"])) / len(rows))
+    return out
+
+
 def speed_summary(runs: dict, eos_token_id: int | None) -> dict:
     """Medians and ratios of :func:`decode_prompts`' raw runs (see the module docstring)."""
 
@@ -335,8 +365,9 @@ def training_summary(log: list[dict], summary: dict | None) -> dict | None:
 def evaluate_checkpoint(path, *, data: str | None = None, device: torch.device, dtype: torch.dtype,
                         max_samples: int = 16, max_new_tokens: int = 64, max_batches: int | None = None,
                         batch_size: int = 8, kernels: str = "auto", cuda_graph: bool = False,
-                        hf_baseline: bool = True, progress: bool = True) -> dict:
-    """Quality, speed, memory and training cost of one checkpoint (one entry of ``models``)."""
+                        hf_baseline: bool = True, progress: bool = True, batch_sizes=()) -> dict:
+    """Quality, speed, memory and training cost of one checkpoint (one entry of ``models``);
+    with ``batch_sizes``, also the throughput of batched decoding at each (``batched``)."""
     from mtpkern.data import SFTDataset, collate, format_prompt, load_tokenizer
     from mtpkern.model import load_model
     from mtpkern.train import evaluate_heads
@@ -380,6 +411,10 @@ def evaluate_checkpoint(path, *, data: str | None = None, device: torch.device, 
     for strategy in ("mtp", "medusa"):
         if strategy in speed:
             speed[strategy]["tree"] = runs[strategy]["tree"]
+    batched = None
+    if batch_sizes:
+        batched = batched_throughput(model, decoders, prompts, runs, batch_sizes,
+                                     max_new_tokens=max_new_tokens, eos_token_id=eos)
     if speed["hf"] is not None:
         speed["hf"]["weights"] = {"gpt2": "the model", "mtp": "trunk + head-0 block as a GPT-2",
                                   "medusa": "the base"}[model.config.model_type]
@@ -403,7 +438,7 @@ def evaluate_checkpoint(path, *, data: str | None = None, device: torch.device, 
     return dict(
         name=name, path=str(ckpt), model_type=kind, objective=objective,
         medusa_proj=bool(model.config.medusa_proj), n_heads=model.n_heads, n_params=model.num_parameters(),
-        primary=strategies_for(model)[-1], validation=val_info, quality=quality, speed=speed,
+        primary=strategies_for(model)[-1], validation=val_info, quality=quality, speed=speed, batched=batched,
         memory=memory, training=training_summary(log, summary),
         calibration=None if model.calibration is None else dict(  # calibration.json, see mtpkern.calibrate
             accept=model.calibration.accept, positions=model.calibration.positions,
@@ -484,15 +519,35 @@ def format_table(report: dict) -> str:
         notes.append("some models were evaluated on a split they may have trained on (no train_config.json)")
     notes.append("speedup vs HF: `transformers` `generate` on the same next-token weights "
                  "(MTP: trunk + head 0 as a GPT-2)")
-    return "\n".join(lines + [""] + [f"- {n}" for n in notes]) + "\n"
+    return "\n".join(lines + [""] + [f"- {n}" for n in notes] + _batched_table(report)) + "\n"
+
+
+def _batched_table(report: dict) -> list[str]:
+    """Throughput of batched decoding per model, strategy and batch size, when it was measured."""
+    sizes = report.get("settings", {}).get("batch_sizes") or []
+    rows = [(m["name"], s, by_b) for m in report["models"] for s, by_b in (m.get("batched") or {}).items()]
+    if not sizes or not rows:
+        return []
+    out = ["", "Batched decoding (greedy, eager kernels; all rows' tokens over the wall time):", "",
+           "| model | strategy | " + " | ".join(f"B={b} tokens/s" for b in sizes) + " | rows equal to batch 1 |",
+           "|---|---|" + "---|" * (len(sizes) + 1)]
+    for name, strategy, by_b in rows:
+        if "skipped" in by_b:
+            out.append(f"| {name} | {strategy} | " + " | ".join("-" for _ in sizes) + f" | {by_b['skipped']} |")
+            continue
+        agree = min(by_b[str(b)]["agrees_with_batch_1"] for b in sizes)
+        out.append(f"| {name} | {strategy} | " + " | ".join(f"{by_b[str(b)]['tokens_per_second']:.1f}" for b in sizes)
+                   + f" | {agree:.0%} |")
+    return out
 
 
 def evaluate(paths: list, *, data: str | None = None, json_path=None, device: str = "auto",
              dtype: str | None = None, max_samples: int = 16, max_new_tokens: int = 64,
              max_batches: int | None = None, batch_size: int = 8, kernels: str = "auto",
              cuda_graph: bool = False, hf_baseline: bool = True, plots: bool = True,
-             progress: bool = True) -> dict:
+             progress: bool = True, batch_sizes=()) -> dict:
     """Evaluate every checkpoint in ``paths`` and write the JSON, the table and the plots.
+    ``batch_sizes`` (e.g. ``(1, 4, 16)``): also the tokens/s of batched decoding at each.
 
     ``paths``: run or checkpoint directories. ``data``: the records to evaluate bare
     checkpoints on (runs use their own validation split). ``dtype``: "float32" /
@@ -514,11 +569,11 @@ def evaluate(paths: list, *, data: str | None = None, json_path=None, device: st
     models = [evaluate_checkpoint(p, data=data, device=dev, dtype=dt, max_samples=max_samples,
                                   max_new_tokens=max_new_tokens, max_batches=max_batches, batch_size=batch_size,
                                   kernels=kernels, cuda_graph=cuda_graph, hf_baseline=hf_baseline,
-                                  progress=progress)
+                                  progress=progress, batch_sizes=tuple(batch_sizes))
               for p in paths]
     report = dict(schema=SCHEMA, device=device_info(dev, dt),
                   settings=dict(max_samples=max_samples, max_new_tokens=max_new_tokens, kernels=kernels,
-                                cuda_graph=cuda_graph, hf_baseline=hf_baseline),
+                                cuda_graph=cuda_graph, hf_baseline=hf_baseline, batch_sizes=list(batch_sizes)),
                   models=models)
     json_path.parent.mkdir(parents=True, exist_ok=True)
     table = format_table(report)

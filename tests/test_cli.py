@@ -107,6 +107,20 @@ def test_bad_train_arguments(tmp_path, args, message, capsys, monkeypatch):
     assert (tmp_path / "FILE").read_text() == "mine" and not (tmp_path / "o").exists()
 
 
+def test_eval_batch_sizes(medusa_dir, tmp_path, capsys, monkeypatch):
+    """``mtpkern eval --batch``: the default 1,4,16, ``none`` to skip, and bad sizes as one line."""
+    from mtpkern import cli
+
+    seen = []
+    monkeypatch.setattr("mtpkern.eval.evaluate", lambda *a, **k: seen.append(k["batch_sizes"]))
+    for extra, want in (([], (1, 4, 16)), (["--batch", "none"], ()), (["--batch", "8, 2,2"], (2, 8))):
+        assert cli.main(["eval", str(medusa_dir), *extra]) == 0
+        assert seen[-1] == want
+    for bad in ("0,4", "two", ""):
+        code, err = run_main(["eval", medusa_dir, "--batch", bad], capsys, monkeypatch)
+        assert_one_line_error(code, err, "batch sizes")
+
+
 def test_eval_json_pointing_at_a_directory_is_refused_before_evaluating(medusa_dir, tmp_path, capsys, monkeypatch):
     code, err = run_main(["eval", medusa_dir, "--json", tmp_path, "--device", "cpu", "--data", "synthetic"],
                          capsys, monkeypatch)
@@ -194,11 +208,12 @@ def test_demo_end_to_end_quick(tmp_path):
     # `mtpkern eval` on the demo's runs, from the command line
     report = tmp_path / "eval" / "report.json"
     ev = run_cli("eval", str(out / "ntp"), str(out / "medusa" / "checkpoint"), "--json", str(report),
-                 "--device", "cpu", "--max-samples", "2", "--max-new-tokens", "8", "--no-hf")
+                 "--device", "cpu", "--max-samples", "2", "--max-new-tokens", "8", "--no-hf", "--batch", "2,1")
     assert ev.returncode == 0, ev.stderr[-3000:]
     data = json.loads(report.read_text())
     assert [m["model_type"] for m in data["models"]] == ["gpt2", "medusa"]
     assert data["models"][1]["speed"]["medusa"]["agrees_with_ntp"] == 1.0
+    assert data["settings"]["batch_sizes"] == [1, 2] and set(data["models"][1]["batched"]["medusa"]) == {"1", "2"}
     assert report.with_suffix(".md").is_file()
 
 

@@ -135,7 +135,8 @@ def test_evaluate_end_to_end(runs, tmp_path):
     out = tmp_path / "report" / "eval.json"
     # The medusa run is given by its checkpoint directory: its run files are one level up.
     report = evaluate([runs / "ntp", runs / "mtp", runs / "medusa" / "checkpoint"], json_path=out,
-                      device="cpu", max_samples=2, max_new_tokens=10, max_batches=2, progress=False)
+                      device="cpu", max_samples=3, max_new_tokens=10, max_batches=2, progress=False,
+                      batch_sizes=(1, 2))
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))
     assert report["schema"] == "mtpkern.eval/1" and report["device"]["type"] == "cpu"
     models = {m["model_type"]: m for m in report["models"]}
@@ -150,7 +151,12 @@ def test_evaluate_end_to_end(runs, tmp_path):
         assert q["ppl"] == pytest.approx(math.exp(q["val_loss"]))
         assert len(q["head_top1"]) == len(q["head_top5"]) == J
         assert all(0 <= a <= b <= 1 for a, b in zip(q["head_top1"], q["head_top5"]))
-        assert 0 <= q["bleu"] <= 100 and 0 <= q["answer_accuracy"] <= 1 and q["n_samples"] == 2
+        assert 0 <= q["bleu"] <= 100 and 0 <= q["answer_accuracy"] <= 1 and q["n_samples"] == 3
+        # batched decoding of the same prompts: every row the batch-1 run's tokens
+        assert set(m["batched"]) == {"ntp", m["primary"]}, m["batched"]
+        for by_b in m["batched"].values():
+            assert set(by_b) == {"1", "2"}
+            assert all(v["tokens_per_second"] > 0 and v["agrees_with_batch_1"] == 1.0 for v in by_b.values())
         ntp = m["speed"]["ntp"]
         assert ntp["forward_passes_per_token"] == 1.0 and ntp["mean_accept_length"] == 1.0
         for name, s in m["speed"].items():
@@ -174,6 +180,7 @@ def test_evaluate_end_to_end(runs, tmp_path):
 
     table = (out.parent / "eval.md").read_text()
     assert report["device"]["name"] in table
+    assert "| B=1 tokens/s | B=2 tokens/s | rows equal to batch 1 |" in table and "| 100% |" in table
     for m in report["models"]:
         assert f"| {m['name']} ({m['model_type']}) | {m['primary']} |" in table
     assert len(report["files"]["plots"]) == 4
