@@ -180,6 +180,9 @@ stage bench_kernels 120 gpu "${PYTEST[@]}" benchmarks --cases-json "$OUT/bench_k
 stage agreement 90 gpu "$PYTHON" benchmarks/greedy_agreement.py --prompts 4 --max-new-tokens 64 --json "$OUT/agreement.json"
 stage bench_decode 90 gpu "$PYTHON" benchmarks/bench_decode.py --prompts 3 --max-new-tokens 64 "${DECODE_STATIC[@]}" --json "$OUT/bench_decode.json"
 stage bench_e2e 90 gpu "$PYTHON" -m mtpkern.cli bench --device cuda --prompts 3 --max-new-tokens 64 --json "$OUT/bench_e2e.json"
+# Batched decoding (mtpkern.batch: eager kernels) at B = 1, 4, 16: what survives of the speed-up
+stage bench_batch 60 gpu "$PYTHON" benchmarks/bench_decode.py --prompts 16 --max-new-tokens 48 --batch 1,4,16 \
+  --json "$OUT/bench_batch.json"
 stage tests 180 gpu bash -c 'pytest_files tests 170 "$@"' _ $(ls tests/test_*.py | grep -v -F "$(printf '%s\n' $KERNEL_TESTS)")
 # The fused decode step vs the eager and compiled CUDA-graphed steps (T = 1, 16, 64) and ntp /
 # medusa tokens/s; torch.compile runs last, so a time limit cuts it first.

@@ -84,11 +84,24 @@ def memory(report) -> list[str]:
     return lines
 
 
+def batch(report) -> list[str]:
+    lines = ["batched decoding (tokens/s at B = ..., and over its ntp)"]
+    for family, strategies in report.get("batch", {}).items():
+        ntp = strategies.get("ntp", {})
+        for strategy, by_b in strategies.items():
+            cells = [f"B={b} {v['tokens_per_second']:.0f}"
+                     + (f" ({v['tokens_per_second'] / ntp[b]['tokens_per_second']:.2f}x)" if strategy != "ntp" and b in ntp
+                        else "") for b, v in by_b.items()]
+            lines.append(f"  {family}: {strategy}: " + ", ".join(cells))
+    return lines
+
+
 def main(out: str) -> None:
     out = Path(out)
     lines = stages(out)
     for file, show in (("bench_kernels.json", kernels), ("agreement.json", agreement),
                        ("bench_decode.json", lambda r: decode("bench_decode", r)),
+                       ("bench_batch.json", batch),
                        ("bench_e2e.json", lambda r: decode("mtpkern bench", r)),
                        ("bench_mtp_memory.json", memory)):
         report = _load(out / file)

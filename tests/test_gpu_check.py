@@ -15,7 +15,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
-GPU_STAGES = ("import_ext", "cxx_errors", "kernel_tests", "bench_kernels", "agreement", "bench_decode", "bench_fused_step",
+GPU_STAGES = ("import_ext", "cxx_errors", "kernel_tests", "bench_kernels", "agreement", "bench_decode", "bench_batch",
+              "bench_fused_step",
               "bench_e2e", "bench_memory", "memcheck", "tests")
 
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
@@ -47,7 +48,7 @@ def test_dry_run_skips_gpu_stages_and_collects_every_benchmark(tmp_path):
         assert re.search(rf"^benchmarks/{path.name}::test_", collected, re.M), f"{path.name} not collected"
     assert "error" not in collected.lower(), collected
     summary = (tmp_path / "summary.txt").read_text()
-    assert "2 passed, 0 failed, 12 skipped" in summary and summary in r.stdout
+    assert "2 passed, 0 failed, 13 skipped" in summary and summary in r.stdout
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the reason a CPU machine gives")
@@ -98,6 +99,9 @@ def test_summary_reads_every_benchmarks_json(tmp_path):
     (tmp_path / "bench_decode.json").write_text(json.dumps({"cases": {
         "ntp: ntp": {"tokens_per_second": 1500.0}, "ntp: transformers static": {"error": "boom", "family": "ntp"}}}))
     (tmp_path / "bench_e2e.json").write_text("{not json")
+    (tmp_path / "bench_batch.json").write_text(json.dumps({"batch": {"medusa": {
+        "ntp": {"1": {"tokens_per_second": 100.0}, "4": {"tokens_per_second": 300.0}},
+        "medusa": {"1": {"tokens_per_second": 150.0}, "4": {"tokens_per_second": 330.0}}}}}))
     (tmp_path / "bench_mtp_memory.json").write_text(json.dumps({"results": [
         {"variant": "ntp-fused", "peak_bytes": 800 * 2**20, "vs_ntp_fused": 1.0, "step_s": 0.25}]}))
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_summary.py"), str(tmp_path)],
@@ -112,6 +116,7 @@ def test_summary_reads_every_benchmarks_json(tmp_path):
     assert "float16 mtp fused: 0.50, 0.500; 2, NOT ALL NEAR-TIES: A BUG (largest fp32 gap 1.5)" in out
     assert "ntp: ntp: 1500.0" in out and "transformers static: failed: boom" in out
     assert "bench_e2e.json: unreadable" in out
+    assert "medusa: medusa: B=1 150 (1.50x), B=4 330 (1.10x)" in out
     assert "ntp-fused: 800 MiB, 1.00x, 0.250 s" in out
 
 
