@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from mtpkern.bench import bench_models, bench_prompts, decoder_run, step_cost_curve, time_case
+from mtpkern.bench import batch_study, bench_models, bench_prompts, decoder_run, step_cost_curve, time_case
 from mtpkern.eval import device_info, hf_decoder
 from mtpkern.runtime import resolve_device, resolve_dtype
 
@@ -123,37 +123,6 @@ def _fits(spec: str, depth: int) -> bool:
     from mtpkern.tree import Tree
 
     return Tree.parse(spec).max_depth <= depth
-
-
-def batch_study(models: dict, prompts: list, sizes: list[int], n: int, eos, device) -> dict:
-    """``{family: {strategy: {B: {tokens_per_second, mean_accept_length}}}}``: each model's own
-    ``ntp`` and its speculative strategy through :class:`mtpkern.batch.BatchDecoder` (one per
-    B, held for all its batches), over batches of B prompts (the prompts cycled to fill the
-    largest B), all rows' tokens over the wall time; one warm-up batch first."""
-    from mtpkern.batch import BatchDecoder
-    from mtpkern.runtime import now
-
-    rows = [p.view(-1) for p in prompts]
-    pool = [rows[i % len(rows)] for i in range(max(len(rows), max(sizes)))]
-    out: dict = {}
-    for family, model in models.items():
-        strategies = ["ntp"] + ([family] if family != "ntp" else [])
-        if family == "ntp" and len(models) > 1:
-            continue  # the speculative families' models carry their own ntp
-        for strategy in strategies:
-            for B in sizes:
-                dec = BatchDecoder(model, strategy, max_batch=B)
-                dec.generate(pool[:B], max_new_tokens=n, eos_token_id=eos)
-                tokens, accepted, t0 = 0, [], now(device)
-                for i in range(0, len(pool) - B + 1, B):
-                    for r in dec.generate(pool[i : i + B], max_new_tokens=n, eos_token_id=eos):
-                        tokens += len(r.tokens)
-                        accepted += r.accept_lengths
-                dt = now(device) - t0
-                out.setdefault(family, {}).setdefault(strategy, {})[str(B)] = dict(
-                    tokens_per_second=tokens / dt, mean_accept_length=sum(accepted) / max(1, len(accepted)))
-                print(f"batch {family}: {strategy} B={B}: {tokens / dt:.1f} tokens/s", file=sys.stderr)
-    return out
 
 
 def _print_batch(batch: dict, sizes: list[int]) -> None:

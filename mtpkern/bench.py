@@ -138,6 +138,36 @@ def time_case(run, prompts, device, *, warmup: int = 1) -> dict:
     return res
 
 
+def batch_study(models: dict, prompts: list, sizes: list[int], n: int, eos, device) -> dict:
+    """``{family: {strategy: {B: {tokens_per_second, mean_accept_length}}}}``: each model's own
+    ``ntp`` and its speculative strategy through :class:`mtpkern.batch.BatchDecoder` (one per
+    B, held for all its batches), over batches of B prompts (the prompts cycled to fill the
+    largest B), all rows' tokens over the wall time; one warm-up batch first."""
+    from mtpkern.batch import BatchDecoder
+    from mtpkern.runtime import now
+
+    rows = [p.view(-1) for p in prompts]
+    pool = [rows[i % len(rows)] for i in range(max(len(rows), max(sizes)))]
+    out: dict = {}
+    for family, model in models.items():
+        strategies = ["ntp"] + ([family] if family != "ntp" else [])
+        if family == "ntp" and len(models) > 1:
+            continue  # the speculative families' models carry their own ntp
+        for strategy in strategies:
+            for B in sizes:
+                dec = BatchDecoder(model, strategy, max_batch=B)
+                dec.generate(pool[:B], max_new_tokens=n, eos_token_id=eos)
+                tokens, accepted, t0 = 0, [], now(device)
+                for i in range(0, len(pool) - B + 1, B):
+                    for r in dec.generate(pool[i : i + B], max_new_tokens=n, eos_token_id=eos):
+                        tokens += len(r.tokens)
+                        accepted += r.accept_lengths
+                dt = now(device) - t0
+                out.setdefault(family, {}).setdefault(strategy, {})[str(B)] = dict(
+                    tokens_per_second=tokens / dt, mean_accept_length=sum(accepted) / max(1, len(accepted)))
+    return out
+
+
 STEP_COST_T = (1, 2, 4, 8, 16, 32, 64)  # tree tokens per step for the step-cost curve
 
 
@@ -276,6 +306,17 @@ def format_bench(report: dict) -> str:
         lines.append(f"\nVerification / KV compaction ({vc['tree_nodes']} nodes): eager {vc['verify_eager_us']:.0f} / "
                      f"{vc['kv_compact_eager_us']:.0f} us, C++ extension {vc['verify_extension_us']:.0f} / "
                      f"{vc['kv_compact_extension_us']:.0f} us")
+    batched = report.get("batched")
+    if batched and "error" in batched:
+        lines.append(f"\nBatched decoding: failed: {batched['error']}")
+    elif batched:
+        for family, strategies in batched.items():
+            ntp = strategies.get("ntp", {})
+            for strategy, by_b in strategies.items():
+                cells = [f"B={b} {v['tokens_per_second']:.1f}" + (
+                    f" ({v['tokens_per_second'] / ntp[b]['tokens_per_second']:.2f}x its ntp)"
+                    if strategy != "ntp" and b in ntp else "") for b, v in by_b.items()]
+                lines.append(f"\nBatched decoding ({family} model, {strategy}, tokens/s): " + ", ".join(cells))
     for name, curve in report.get("step_cost", {}).items():
         if isinstance(curve, dict):
             lines.append(f"\nStep cost ({name}): failed: {curve['error']}")
@@ -291,13 +332,14 @@ def _error(e: Exception) -> dict:
 
 def run_bench(device: str = "cuda", json_path=None, model_dir=None, max_new_tokens: int = 128,
               prompts: int = 5, prompt_len: int = 32, quick: bool = False, dtype: str | None = None,
-              data: str = "synthetic", progress: bool = True, hf_static: bool = False) -> dict:
+              data: str = "synthetic", progress: bool = True, hf_static: bool = False, batch_sizes=()) -> dict:
     """Time every case (module docstring), the MEDUSA step breakdown and the step-cost curve,
     and return the report; print the table, and write the JSON to ``json_path`` if given,
     case by case (a run cut short keeps what it measured).
 
     ``quick``: a tiny random model (2 layers, 128 wide), for a CPU smoke run. ``dtype``
-    default: float16 on CUDA, float32 on CPU. ``hf_static``: also time ``transformers`` with
+    default: float16 on CUDA, float32 on CPU. ``batch_sizes`` (e.g. ``(1, 4, 16)``): also the
+    tokens/s of batched decoding (:func:`batch_study`) at each. ``hf_static``: also time ``transformers`` with
     its static cache (slow: it compiles itself). A case that raises is recorded with its
     error and the others still run (one broken kernel must not cost the whole GPU session).
     """
@@ -363,6 +405,12 @@ def run_bench(device: str = "cuda", json_path=None, model_dir=None, max_new_toke
                 except Exception as e:  # noqa: BLE001
                     report["step_cost"][name] = _error(e)
                 save()
+        if batch_sizes:
+            try:
+                report["batched"] = batch_study(models, ids, list(batch_sizes), max_new_tokens, None, dev)
+            except Exception as e:  # noqa: BLE001
+                report["batched"] = _error(e)
+            save()
     print(format_bench(report))
     save()
     return report

@@ -178,7 +178,7 @@ def cmd_bench(args) -> int:
     from mtpkern.bench import run_bench
 
     run_bench(device=args.device, json_path=args.json, model_dir=args.model, max_new_tokens=args.max_new_tokens,
-              prompts=args.prompts, quick=args.quick, hf_static=args.hf_static)
+              prompts=args.prompts, quick=args.quick, hf_static=args.hf_static, batch_sizes=args.batch)
     return 0
 
 
@@ -312,6 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quick", action="store_true", help="a small model and few tokens (smoke test)")
     b.add_argument("--hf-static", action="store_true",
                    help="also time transformers with its static cache (slow: it compiles itself)")
+    b.add_argument("--batch", type=_batch_sizes, default=(1, 4, 16),
+                   help="batch sizes to time batched decoding at (default 1,4,16; 'none' to skip)")
     b.set_defaults(func=cmd_bench)
 
     c = sub.add_parser("calibrate", help="measure head acceptance and step cost; choose the tree for --tree auto")

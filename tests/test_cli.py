@@ -225,6 +225,12 @@ def test_bench_command_quick(tmp_path):
     assert report["device"]["type"] == "cpu"
     assert {"ntp/eager", "mtp/eager", "medusa/eager", "hf/dynamic"} <= set(report["cases"])
     assert report["cases"]["ntp/eager"]["tokens_per_second"] > 0
+    assert set(report["batched"]) == {"mtp", "medusa"}  # the default --batch 1,4,16
+    assert set(report["batched"]["medusa"]["medusa"]) == {"1", "4", "16"}
+    none = tmp_path / "none.json"
+    assert main(["bench", "--device", "cpu", "--quick", "--prompts", "1", "--max-new-tokens", "4", "--batch", "none",
+                 "--json", str(none)]) == 0
+    assert "batched" not in json.loads(none.read_text())
 
 
 # ----------------------------------------------------------------------------- MEDUSA-2, projections, distill
