@@ -16,9 +16,12 @@ from batch 1's, which can change how many are accepted, never the output). A row
 ``max_new_tokens`` stops: its prefix stays where it is, and the remaining steps recompute its
 last slots (a finished row costs what a masked row would) and discard them.
 
-This first version decodes greedily with eager kernels, for ``ntp``, ``mtp`` and ``medusa``
-and static trees (hand trees, the default, ``auto``); sampling, typical acceptance, dynamic
-trees, fused kernels and CUDA graphs decode batch 1 (``mtpkern.Decoder``).
+Sampling takes one random stream per row (``generators``): ``ntp`` sampling and rejection
+sampling (chains) draw row b's tokens from ``generators[b]`` exactly as batch-1 decoding draws
+them from its generator, and typical acceptance (MEDUSA's rule, deterministic) runs the ops'
+rule per row. This first version runs eager kernels and static trees (hand trees, the
+default, ``auto``) for ``ntp``, ``mtp`` and ``medusa``; dynamic trees, fused kernels and CUDA
+graphs decode batch 1 (``mtpkern.Decoder``).
 """
 
 from __future__ import annotations
@@ -31,6 +34,9 @@ import torch
 from mtpkern.decoder import (
     GenerationResult, _check_args, _Logits, _prompt, _resolve_tree, prefill,
 )
+from mtpkern.ops.fused_logits import fused_logits
+from mtpkern.ops.verify import verify_typical
+from mtpkern.sampling import sampling_probs, speculative_sample_device
 from mtpkern.model import Attn, KVCache
 from mtpkern.runtime import now
 
@@ -73,15 +79,24 @@ class BatchDecoder:
     static ``tree`` (as :class:`mtpkern.Decoder` takes it; ``None``: the calibrated ``auto``
     tree, else the default), for up to ``max_batch`` prompts per call."""
 
-    def __init__(self, model, strategy: str = "ntp", *, tree=None, max_batch: int = 16):
-        _check_args(model, strategy, "greedy", "eager", 0.0, 0, 1.0, False)
+    def __init__(self, model, strategy: str = "ntp", *, tree=None, max_batch: int = 16, acceptance: str = "greedy",
+                 temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, typical_epsilon: float = 0.09,
+                 typical_alpha: float = 0.3):
+        _check_args(model, strategy, acceptance, "eager", temperature, top_k, top_p, False)
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
-        tree, dynamic = _resolve_tree(model, strategy, tree, "greedy", "eager", False)
+        tree, dynamic = _resolve_tree(model, strategy, tree, acceptance, "eager", False)
         if dynamic:
             raise ValueError("batched decoding takes static trees (a hand tree, the default or 'auto'); "
                              "tree='dynamic' decodes one prompt at a time (mtpkern.Decoder)")
+        if acceptance == "rejection" and tree is not None and not tree.is_chain:
+            raise ValueError("acceptance 'rejection' is implemented for chains of drafts only, not trees")
         self.model, self.strategy, self.tree, self.max_batch = model, strategy, tree, max_batch
+        self.acceptance, self.temperature, self.top_k, self.top_p = acceptance, float(temperature), top_k, top_p
+        self.typical_epsilon, self.typical_alpha = typical_epsilon, typical_alpha
+        # ntp sampling and rejection sampling draw from each row's own generator; typical
+        # acceptance draws nothing (top-k drafts, the argmax as the next root)
+        self.sampling = temperature > 0 and (strategy == "ntp" or acceptance == "rejection")
         dev = self.device = model.device
         cfg = model.config
         if tree is None:
@@ -91,7 +106,7 @@ class BatchDecoder:
         else:
             tt = tree.tensors(dev)
             self.T, self.heads, self.k, self.chain = len(tree), 1 + tree.max_depth, tree.topk, tree.is_chain
-            self.depth, self.dense, self.paths = tt.depth, tt.dense_mask, tt.paths
+            self.depth, self.dense, self.paths, self.parents = tt.depth, tt.dense_mask, tt.paths, tt.parents
             self.flat = tt.head_row * self.k + tt.rank  # node i + 1's entry of a row's flattened top-k
         self.logits = _Logits(model, fused=False)
         self.cache = KVCache(model.n_cache_layers, max_batch, cfg.n_head, cfg.n_positions, cfg.head_dim,
@@ -145,9 +160,19 @@ class BatchDecoder:
         return ((rel < 0)[:, None, :] | tree)[:, None]
 
     def _drafts(self, h0, carry, path, accept_len, last_node, prefix, view) -> torch.Tensor:
-        """Every row's next draft tokens [B, heads - 1, k] from this step's head-0 states h0 and
-        carry [B, T, D], the accepted paths [B, D + 1] (padded with -1), accepted lengths and
-        last nodes [B] and the prefixes [B] the step started from."""
+        """Every row's next draft tokens [B, heads - 1, k] (the heads' top-k)."""
+        d = self._draft_hidden(h0, carry, path, accept_len, last_node, prefix, view)
+        B, n = d.shape[0], d.shape[1]
+        if self.logits.shared:
+            z = self.logits._z(d.reshape(B * n, -1), 1).view(B, n, -1)
+        else:
+            z = torch.stack([self.logits._z(d[:, j], j + 1) for j in range(n)], 1)
+        return z.topk(self.k, dim=-1).indices
+
+    def _draft_hidden(self, h0, carry, path, accept_len, last_node, prefix, view) -> torch.Tensor:
+        """Every row's draft heads' states [B, heads - 1, D] at its last accepted node, from this
+        step's head-0 states h0 and carry [B, T, D], the accepted paths [B, D + 1] (padded with
+        -1), accepted lengths and last nodes [B] and the prefixes [B] the step started from."""
         model, n, B = self.model, self.heads - 1, h0.shape[0]
         rows = torch.arange(B, device=self.device)
         h = h0[rows, last_node]  # [B, D], final-normed
@@ -166,12 +191,34 @@ class BatchDecoder:
                 d = torch.stack([model.head_forward(j, x, attn)[rows, accept_len] for j in range(1, n + 1)], 1)
         else:
             d = model.heads_at(h, n).transpose(0, 1)  # [B, n, D]
-        hd = d.reshape(B * n, -1)
-        if self.logits.shared:
-            z = self.logits._z(hd, 1).view(B, n, -1)
-        else:
-            z = torch.stack([self.logits._z(d[:, j], j + 1) for j in range(n)], 1)
-        return z.topk(self.k, dim=-1).indices
+        return d
+
+    def _probs(self, h, j):
+        return sampling_probs(self.model.head_logits(h, j), self.temperature, self.top_k, self.top_p)
+
+    def _sample_drafts(self, d: torch.Tensor, gen) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rejection sampling's drafts from one row's draft states d [n, D], as batch 1 draws
+        them: (q [n, V], one token per head [n])."""
+        q = torch.cat([self._probs(d[j - 1 : j], j) for j in range(1, d.shape[0] + 1)])
+        return q, torch.multinomial(q, 1, generator=gen)[:, 0]
+
+    def _verify_typical(self, tokens, target, h0):
+        """Typical acceptance, row by row through the ops' rule (``verify_typical``): p(node |
+        parent) and the parent's entropy at the sampling temperature, as batch 1 computes them."""
+        W, parents = self.model.head_weight(0), self.parents
+        results = []
+        for b in range(tokens.shape[0]):
+            stats = fused_logits(h0[b][parents[1:]], W, 1, tokens[b][1:], scale=1.0 / self.temperature,
+                                 backend="eager")
+            one, zero = stats.lse.new_ones(1), stats.lse.new_zeros(1)
+            res = verify_typical(tokens[b], target[b], torch.cat([one, torch.exp(stats.target_logit - stats.lse)]),
+                                 torch.cat([zero, stats.entropy]), self.paths, epsilon=self.typical_epsilon,
+                                 alpha=self.typical_alpha)
+            results.append(res)
+        accept_len = torch.stack([r.accept_len for r in results]).view(-1)
+        path = self.paths[torch.stack([r.best_path for r in results]).view(-1)]
+        rows = torch.arange(tokens.shape[0], device=self.device)
+        return accept_len, path, path[rows, accept_len], torch.stack([r.tokens for r in results])
 
     def _verify(self, tokens, target):
         """Greedy verification of every row at once (``verify_greedy_ref``'s rule): (accepted
@@ -190,17 +237,39 @@ class BatchDecoder:
 
     # -- decoding ----------------------------------------------------------------------
 
+    def _generators(self, generators, B: int) -> list:
+        """One random stream per row: the given ones, else fresh ones seeded from torch's
+        global generator (so ``torch.manual_seed`` makes a batch reproducible)."""
+        if not self.sampling:
+            return [None] * B
+        if generators is None:
+            seeds = torch.randint(0, 2**62, (B,)).tolist()
+            return [torch.Generator(self.device).manual_seed(s) for s in seeds]
+        generators = list(generators)
+        if len(generators) != B:
+            raise ValueError(f"{len(generators)} generators for {B} prompts: give one per prompt")
+        for b, g in enumerate(generators):
+            if not isinstance(g, torch.Generator) or torch.device(g.device).type != self.device.type:
+                raise ValueError(f"generator {b} must be a torch.Generator on {self.device.type}, got {g!r}")
+        if len({id(g) for g in generators}) != B:
+            raise ValueError("the rows need independent random streams: give a different generator to each prompt")
+        return generators
+
     @torch.inference_mode()
     def generate(self, prompts, *, max_new_tokens: int, eos_token_id: int | None = None,
-                 attention_mask=None) -> list[GenerationResult]:
+                 attention_mask=None, generators=None) -> list[GenerationResult]:
         """Decode up to ``max_new_tokens`` tokens after each prompt: a list of token sequences
         (lists or 1-D tensors, any lengths) or a [B, T] tensor (with ``attention_mask`` [B, T],
         1 on tokens, 0 on padding at either end). One :class:`GenerationResult` per prompt, in
-        order; each row ends at its own first ``eos_token_id`` (included)."""
+        order; each row ends at its own first ``eos_token_id`` (included). Sampling draws row b
+        from ``generators[b]`` (one per prompt, as batch 1 would draw from it; default: fresh
+        ones seeded from torch's global generator)."""
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
         ids = self._prompts(prompts, attention_mask, max_new_tokens)
         B, T, model, dev = len(ids), self.T, self.model, self.device
+        gens = self._generators(generators, B)
+        rejection = self.acceptance == "rejection"
         t0 = now(dev)
         outs: list[list[int]] = [[] for _ in range(B)]
         accepted: list[list[int]] = [[] for _ in range(B)]
@@ -219,10 +288,16 @@ class BatchDecoder:
         # token and drafts, as batch-1 decoding makes them.
         root = torch.zeros(B, dtype=torch.long, device=dev)
         topk = torch.zeros(B, max(self.heads - 1, 1), self.k, dtype=torch.long, device=dev)
+        q = [None] * B  # rejection sampling: each row's draft distributions [n, V]
         for b in range(B):
             h = prefill(model, _row_view(self.cache, b), ids[b], heads=self.heads)  # [heads, D]
-            root[b] = self.logits.argmax0(h[:1])[0]
-            if self.heads > 1:
+            if self.sampling:
+                root[b] = torch.multinomial(self._probs(h[:1], 0), 1, generator=gens[b])[0, 0]
+            else:
+                root[b] = self.logits.argmax0(h[:1])[0]
+            if rejection:
+                q[b], topk[b, :, 0] = self._sample_drafts(h[1:], gens[b])
+            elif self.heads > 1:
                 topk[b] = self.logits.draft_topk(h, self.k)[1]
         first = root.tolist()
         for b in range(B):
@@ -243,8 +318,24 @@ class BatchDecoder:
             target = self.logits.argmax0(h0.reshape(B * T, -1)).view(B, T)
             if T == 1:
                 count, out = torch.ones_like(root), target
+                if self.sampling:
+                    out = torch.stack([torch.multinomial(self._probs(h0[b, :1], 0), 1, generator=gens[b])[0]
+                                       for b in range(B)])
+            elif rejection:  # speculative sampling along each row's chain, from its own stream
+                drawn = [speculative_sample_device(self._probs(h0[b], 0), q[b], topk[b, :, 0], gens[b])
+                         for b in range(B)]
+                accept_len = torch.stack([a.view(()) for a, _ in drawn])
+                out = torch.stack([o for _, o in drawn])
+                count = accept_len + 1
+                path = self.offsets[None, :].expand(B, T)
+                d = self._draft_hidden(h0, carry, path, accept_len, accept_len, prefix, view)
+                for b in range(B):
+                    q[b], topk[b, :, 0] = self._sample_drafts(d[b], gens[b])
             else:
-                accept_len, path, last, out = self._verify(tokens, target)
+                if self.acceptance == "typical":
+                    accept_len, path, last, out = self._verify_typical(tokens, target, h0)
+                else:
+                    accept_len, path, last, out = self._verify(tokens, target)
                 count = accept_len + 1
                 if not self.chain:  # move each row's accepted nodes' K/V to the slots after its prefix
                     src = prefix[:, None] + path.clamp(min=0)
@@ -267,8 +358,11 @@ class BatchDecoder:
 
 
 def generate_batch(model, prompts, *, max_new_tokens: int, strategy: str = "ntp", tree=None,
-                   eos_token_id: int | None = None, attention_mask=None) -> list[GenerationResult]:
-    """``BatchDecoder(model, strategy, tree=tree, max_batch=len(prompts)).generate(...)``."""
+                   eos_token_id: int | None = None, attention_mask=None, generators=None,
+                   **sampling) -> list[GenerationResult]:
+    """``BatchDecoder(model, strategy, tree=tree, max_batch=len(prompts), **sampling).generate(...)``
+    (``sampling``: acceptance, temperature, top_k, top_p, typical_epsilon, typical_alpha)."""
     n = len(prompts) if attention_mask is None else torch.as_tensor(attention_mask).shape[0]
-    return BatchDecoder(model, strategy, tree=tree, max_batch=max(1, n)).generate(
-        prompts, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, attention_mask=attention_mask)
+    return BatchDecoder(model, strategy, tree=tree, max_batch=max(1, n), **sampling).generate(
+        prompts, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, attention_mask=attention_mask,
+        generators=generators)

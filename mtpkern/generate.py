@@ -54,8 +54,9 @@ def generate(
 
     A batch (a list of token sequences of any lengths, a [B, T] tensor with B > 1, or any
     ``input_ids`` with an ``attention_mask``, 1 on tokens and 0 on padding at either end) is
-    decoded at once by :class:`mtpkern.batch.BatchDecoder`: greedy, eager kernels, static
-    trees; one result per prompt, each row's tokens those of decoding it alone.
+    decoded at once by :class:`mtpkern.batch.BatchDecoder` (eager kernels, static trees): one
+    result per prompt; greedy rows are token-identical to decoding each prompt alone, sampled
+    rows draw from streams of their own, seeded from ``generator`` when one is given.
     """
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
@@ -63,15 +64,20 @@ def generate(
         from mtpkern.batch import BatchDecoder
 
         unsupported = [name for name, on in (
-            (f"acceptance={acceptance!r}", acceptance != "greedy"), (f"temperature={temperature}", temperature != 0.0),
-            (f"kernels={kernels!r}", kernels not in ("auto", "eager")), ("cuda_graph=True", cuda_graph),
-            ("a generator", generator is not None)) if on]
+            (f"kernels={kernels!r}", kernels not in ("auto", "eager")), ("cuda_graph=True", cuda_graph)) if on]
         if unsupported:
-            raise ValueError(f"a batch of prompts decodes greedily with eager kernels (for now); got "
+            raise ValueError(f"a batch of prompts decodes with eager kernels (for now); got "
                              f"{', '.join(unsupported)}: decode the prompts one by one for those")
         n = len(input_ids) if attention_mask is None else torch.as_tensor(attention_mask).shape[0]
-        return BatchDecoder(model, strategy, tree=tree, max_batch=max(1, n)).generate(
-            input_ids, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, attention_mask=attention_mask)
+        dec = BatchDecoder(model, strategy, tree=tree, max_batch=max(1, n), acceptance=acceptance,
+                           temperature=temperature, top_k=top_k, top_p=top_p, typical_epsilon=typical_epsilon,
+                           typical_alpha=typical_alpha)
+        gens = None
+        if generator is not None and dec.sampling:  # one stream per row, seeded from the caller's generator
+            seeds = torch.randint(0, 2**62, (n,), generator=generator, device=generator.device).tolist()
+            gens = [torch.Generator(model.device).manual_seed(s) for s in seeds]
+        return dec.generate(input_ids, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
+                            attention_mask=attention_mask, generators=gens)
     decoder = Decoder(model, strategy, tree=tree, kernels=kernels, cuda_graph=cuda_graph, acceptance=acceptance,
                       temperature=temperature, top_k=top_k, top_p=top_p, typical_epsilon=typical_epsilon,
                       typical_alpha=typical_alpha)

@@ -1,7 +1,8 @@
-"""Batched greedy decoding (``mtpkern.batch``): every row token-identical to batch-1 greedy ntp
+"""Batched decoding (``mtpkern.batch``): every greedy row token-identical to batch-1 greedy ntp
 of that prompt alone, for ntp, mtp and medusa, chains and trees, with EOS mid-batch, B = 1, B
 larger than the number of distinct prompts, prompts of mixed lengths (lists and a padded
-tensor with a mask); and the bad inputs."""
+tensor with a mask); sampled rows drawing from their own streams as batch 1 does; typical
+acceptance per row; and the bad inputs."""
 
 import pytest
 import torch
@@ -140,3 +141,60 @@ def test_batches_of_one(medusa_model, mtp_model, strategy):
     got = [dec.generate([p], max_new_tokens=MAX_NEW)[0] for p in PROMPTS[:6]]
     assert [r.tokens for r in got] == want
     assert max(max(r.accept_lengths) for r in got) > 1
+
+
+# ---------------------------------------------------------------- sampling, one stream per row
+
+
+def test_each_row_samples_as_batch_one_from_its_generator(gpt2_model, medusa_model):
+    """Row b with generator seed s draws the tokens batch 1 draws with seed s: ntp sampling
+    (temperature, top-k, top-p) and MEDUSA's rejection sampling along a chain."""
+    from mtpkern import generate
+
+    prompts = PROMPTS[:6]
+    for model, kw in ((gpt2_model, dict(strategy="ntp", temperature=0.9, top_k=20, top_p=0.95)),
+                      (medusa_model, dict(strategy="medusa", acceptance="rejection", temperature=0.8))):
+        want = [generate(model, p, max_new_tokens=MAX_NEW, generator=torch.Generator().manual_seed(100 + b), **kw).tokens
+                for b, p in enumerate(prompts)]
+        dec = BatchDecoder(model, max_batch=6, **kw)
+        got = dec.generate(prompts, max_new_tokens=MAX_NEW,
+                           generators=[torch.Generator().manual_seed(100 + b) for b in range(6)])
+        assert [r.tokens for r in got] == want, kw
+        if kw["strategy"] == "medusa":
+            assert max(max(r.accept_lengths) for r in got) > 1
+        # the same seeds in another order: the rows follow their own streams, not their positions
+        again = dec.generate(prompts[::-1], max_new_tokens=MAX_NEW,
+                             generators=[torch.Generator().manual_seed(105 - b) for b in range(6)])
+        assert [r.tokens for r in again] == want[::-1]
+
+
+def test_typical_acceptance_per_row(medusa_model):
+    from mtpkern import generate
+
+    kw = dict(strategy="medusa", acceptance="typical", temperature=0.7)
+    want = [generate(medusa_model, p, max_new_tokens=MAX_NEW, **kw).tokens for p in PROMPTS[:8]]
+    got = generate_batch(medusa_model, PROMPTS[:8], max_new_tokens=MAX_NEW, **kw)
+    assert [r.tokens for r in got] == want
+    assert max(max(r.accept_lengths) for r in got) > 1
+
+
+def test_generate_seeds_the_rows_from_its_generator(gpt2_model):
+    from mtpkern import generate
+
+    kw = dict(max_new_tokens=8, temperature=1.0)
+    a = generate(gpt2_model, PROMPTS[:4], generator=torch.Generator().manual_seed(7), **kw)
+    b = generate(gpt2_model, PROMPTS[:4], generator=torch.Generator().manual_seed(7), **kw)
+    c = generate(gpt2_model, [PROMPTS[0]] * 4, generator=torch.Generator().manual_seed(7), **kw)
+    assert [r.tokens for r in a] == [r.tokens for r in b]
+    assert len({tuple(r.tokens) for r in c}) > 1  # one prompt, four streams: not four copies
+
+
+def test_generators_are_checked(gpt2_model, medusa_model):
+    dec = BatchDecoder(gpt2_model, temperature=1.0, max_batch=4)
+    g = torch.Generator().manual_seed(0)
+    for gens, match in (([g], "1 generators for 2 prompts"), ([g, g], "independent random streams"),
+                        ([g, "seed"], "generator 1 must be a torch.Generator")):
+        with pytest.raises(ValueError, match=match):
+            dec.generate(PROMPTS[:2], max_new_tokens=4, generators=gens)
+    with pytest.raises(ValueError, match="chains of drafts only"):
+        BatchDecoder(medusa_model, "medusa", acceptance="rejection", temperature=1.0, tree="3,2,1")

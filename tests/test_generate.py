@@ -189,8 +189,9 @@ def test_ntp_sampling_is_seeded_and_top_k_1_is_greedy(gpt2_model):
 @pytest.mark.parametrize(
     "kwargs, error, message",
     [
-        (dict(input_ids=[[1, 2], [3, 4]], temperature=1.0), ValueError, "a batch of prompts decodes greedily"),
-        (dict(input_ids=[[1, 2], [3, 4]], kernels="fused"), ValueError, "got kernels='fused'"),
+        (dict(input_ids=[[1, 2], [3, 4]], kernels="fused"), ValueError, "a batch of prompts decodes with eager kernels"),
+        (dict(input_ids=[[1, 2], [3, 4]], strategy="medusa", temperature=0.5), ValueError,
+         "acceptance 'greedy' decodes deterministically"),
         (dict(input_ids=[]), ValueError, "prompt is empty"),
         (dict(input_ids=[1, VOCAB]), ValueError, f"token id {VOCAB} is outside"),
         (dict(max_new_tokens=0), ValueError, "max_new_tokens must be"),

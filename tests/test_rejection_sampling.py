@@ -142,3 +142,25 @@ def test_top_p_masked_tokens_never_appear(peaky_medusa):
         seen[res.tokens[0], res.tokens[1]] = True
     assert not (seen & ~allowed).any(), f"masked pairs sampled: {(seen & ~allowed).nonzero().tolist()}"
     assert seen.sum() > 1
+
+
+def test_batched_rejection_sampling_matches_plain_sampling(peaky_medusa):
+    """The distribution test at B > 1: 2000 rows of one prompt, each with its own stream, in
+    batches of 400 (``mtpkern.batch``)."""
+    from mtpkern.batch import BatchDecoder
+
+    dec = BatchDecoder(peaky_medusa, "medusa", acceptance="rejection", temperature=1.0, tree=Tree.chain(2),
+                       max_batch=400)
+    counts = torch.zeros(V, V)
+    accepts = set()
+    for rep in range(5):
+        gens = [torch.Generator().manual_seed(10_000 * rep + b) for b in range(400)]
+        for res in dec.generate([PROMPT] * 400, max_new_tokens=3, generators=gens):
+            counts[res.tokens[0], res.tokens[1]] += 1
+            accepts.add(res.accept_lengths[0])
+    assert accepts == {1, 2, 3}
+    exact = exact_pair(peaky_medusa)
+    assert_matches(counts, exact, "(t1, t2), batched")
+    with torch.no_grad():
+        q1 = torch.softmax(peaky_medusa(torch.tensor([PROMPT])).logits[0, -1, 1], -1)
+    assert_differs(counts, exact.sum(1, keepdim=True) * q1[None, :], "(t1, t2) vs accept-every-draft, batched")
