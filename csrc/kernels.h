@@ -78,6 +78,17 @@ MTPKERN_HD bool draft_accepted(const VerifyArgs& a, int64_t parent, int64_t node
   return a.tree_tokens[node] == a.target_argmax[parent];
 }
 
+// Row b of a batch of B trees stored [B, T]: the same arguments, offset to its nodes.
+MTPKERN_HD VerifyArgs row_args(VerifyArgs a, int64_t b) {
+  a.tree_tokens += b * a.T;
+  a.target_argmax += b * a.T;
+  if (a.typical) {
+    a.node_prob += b * a.T;
+    a.parent_entropy += b * a.T;
+  }
+  return a;
+}
+
 // Number of leading drafts accepted along one path row of Dp1 entries (column 0 = root).
 MTPKERN_HD int64_t accept_length(const VerifyArgs& a, const int64_t* row, int64_t Dp1) {
   int64_t n = 0;
@@ -120,8 +131,9 @@ MTPKERN_HD int64_t load_index(const void* p, bool is64) {
 cudaError_t launch_tree_buffers(const int64_t* parents, int64_t T, int64_t max_depth, int32_t* mask, int64_t* depth,
                                 int64_t* retrieve, bool* is_leaf, cudaStream_t stream);
 
-cudaError_t launch_verify(const VerifyArgs& a, const int64_t* paths, int64_t P, int64_t Dp1, int64_t* accept_len,
-                          int64_t* best_path, int64_t* last_node, int64_t* tokens, cudaStream_t stream);
+cudaError_t launch_verify(const VerifyArgs& a, int64_t B, const int64_t* paths, int64_t P, int64_t Dp1,
+                          int64_t* accept_len, int64_t* best_path, int64_t* last_node, int64_t* tokens,
+                          cudaStream_t stream);
 
 struct CompactArgs {
   void* k;  // [slices, S, row_bytes] raw bytes, whatever the dtype

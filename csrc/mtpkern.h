@@ -39,6 +39,15 @@ inline void check_vector(const at::Tensor& t, const char* op, const char* name, 
   TORCH_CHECK_VALUE(t.is_contiguous(), op, ": ", name, " must be contiguous");
 }
 
+// [T] or [B, T] (one row per sequence of a batch), of `dtype`, contiguous.
+inline void check_rows(const at::Tensor& t, const char* op, const char* name, at::ScalarType dtype) {
+  TORCH_CHECK_VALUE(t.dim() == 1 || t.dim() == 2, op, ": ", name, " must be 1-D [T] or 2-D [B, T], got shape ",
+                    t.sizes());
+  TORCH_CHECK_TYPE(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype_name(dtype), ", got ",
+                   dtype_name(t.scalar_type()));
+  TORCH_CHECK_VALUE(t.is_contiguous(), op, ": ", name, " must be contiguous");
+}
+
 inline void check_same_device(const at::Tensor& a, const at::Tensor& b, const char* op, const char* name) {
   TORCH_CHECK_VALUE(a.device() == b.device(), op, ": ", name, " is on ", b.device(), " but the other inputs are on ",
               a.device());
@@ -54,12 +63,18 @@ inline void check_tree_buffers(const at::Tensor& parents, int64_t max_depth) {
 
 inline void check_verify(const at::Tensor& tree_tokens, const at::Tensor& target_argmax, const at::Tensor& paths,
                          const char* op) {
-  check_vector(tree_tokens, op, "tree_tokens", at::kLong);
-  check_vector(target_argmax, op, "target_argmax", at::kLong);
-  const int64_t T = tree_tokens.size(0);
+  check_rows(tree_tokens, op, "tree_tokens", at::kLong);
+  check_rows(target_argmax, op, "target_argmax", at::kLong);
+  const int64_t T = tree_tokens.size(-1);
   TORCH_CHECK_VALUE(T >= 1, op, ": the tree has no nodes");
-  TORCH_CHECK_VALUE(target_argmax.size(0) == T, op, ": target_argmax has ", target_argmax.size(0),
-                    " entries but tree_tokens has ", T);
+  TORCH_CHECK_VALUE(tree_tokens.size(0) >= 1, op, ": the batch is empty (tree_tokens ", tree_tokens.sizes(), ")");
+  if (tree_tokens.dim() == 1 && target_argmax.dim() == 1) {
+    TORCH_CHECK_VALUE(target_argmax.size(0) == T, op, ": target_argmax has ", target_argmax.size(0),
+                      " entries but tree_tokens has ", T);
+  } else {
+    TORCH_CHECK_VALUE(target_argmax.sizes() == tree_tokens.sizes(), op, ": target_argmax has shape ",
+                      target_argmax.sizes(), " but tree_tokens has shape ", tree_tokens.sizes());
+  }
   TORCH_CHECK_VALUE(paths.dim() == 2, op, ": paths must be 2-D [P, max_depth + 1], got shape ", paths.sizes());
   TORCH_CHECK_TYPE(paths.scalar_type() == at::kLong, op, ": paths must be int64, got ",
                    dtype_name(paths.scalar_type()));
@@ -80,10 +95,10 @@ inline void check_nonnegative_finite(double v, const char* op, const char* name)
 inline void check_verify_typical(const at::Tensor& tree_tokens, const at::Tensor& node_prob,
                                  const at::Tensor& parent_entropy, double epsilon, double alpha) {
   const char* op = "verify_typical";
-  check_vector(node_prob, op, "node_prob", at::kFloat);
-  check_vector(parent_entropy, op, "parent_entropy", at::kFloat);
-  TORCH_CHECK_VALUE(node_prob.size(0) == tree_tokens.size(0) && parent_entropy.size(0) == tree_tokens.size(0), op,
-                    ": node_prob and parent_entropy need one entry per node (", tree_tokens.size(0), ")");
+  check_rows(node_prob, op, "node_prob", at::kFloat);
+  check_rows(parent_entropy, op, "parent_entropy", at::kFloat);
+  TORCH_CHECK_VALUE(node_prob.sizes() == tree_tokens.sizes() && parent_entropy.sizes() == tree_tokens.sizes(), op,
+                    ": node_prob and parent_entropy need one entry per node, tree_tokens' shape ", tree_tokens.sizes());
   check_same_device(tree_tokens, node_prob, op, "node_prob");
   check_same_device(tree_tokens, parent_entropy, op, "parent_entropy");
   check_nonnegative_finite(epsilon, op, "epsilon");

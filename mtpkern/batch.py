@@ -35,7 +35,8 @@ from mtpkern.decoder import (
     GenerationResult, _check_args, _Logits, _prompt, _resolve_tree, prefill,
 )
 from mtpkern.ops.fused_logits import fused_logits
-from mtpkern.ops.verify import verify_typical
+from mtpkern.ops import _backend
+from mtpkern.ops.verify import verify_greedy, verify_typical
 from mtpkern.sampling import sampling_probs, speculative_sample_device
 from mtpkern.model import Attn, KVCache
 from mtpkern.runtime import now
@@ -109,6 +110,9 @@ class BatchDecoder:
             self.depth, self.dense, self.paths, self.parents = tt.depth, tt.dense_mask, tt.paths, tt.parents
             self.flat = tt.head_row * self.k + tt.rank  # node i + 1's entry of a row's flattened top-k
         self.logits = _Logits(model, fused=False)
+        # verification: the extension's kernels wherever built (on CPU tensors too: a call for the
+        # whole batch), else the eager rule
+        self.ops_backend = "cuda" if _backend.HAS_CUDA_EXT else "eager"
         self.cache = KVCache(model.n_cache_layers, max_batch, cfg.n_head, cfg.n_positions, cfg.head_dim,
                              dtype=model.dtype, device=dev)
         self.offsets = torch.arange(self.T, device=dev)
@@ -203,27 +207,27 @@ class BatchDecoder:
         return q, torch.multinomial(q, 1, generator=gen)[:, 0]
 
     def _verify_typical(self, tokens, target, h0):
-        """Typical acceptance, row by row through the ops' rule (``verify_typical``): p(node |
-        parent) and the parent's entropy at the sampling temperature, as batch 1 computes them."""
-        W, parents = self.model.head_weight(0), self.parents
-        results = []
-        for b in range(tokens.shape[0]):
-            stats = fused_logits(h0[b][parents[1:]], W, 1, tokens[b][1:], scale=1.0 / self.temperature,
-                                 backend="eager")
-            one, zero = stats.lse.new_ones(1), stats.lse.new_zeros(1)
-            res = verify_typical(tokens[b], target[b], torch.cat([one, torch.exp(stats.target_logit - stats.lse)]),
-                                 torch.cat([zero, stats.entropy]), self.paths, epsilon=self.typical_epsilon,
-                                 alpha=self.typical_alpha)
-            results.append(res)
-        accept_len = torch.stack([r.accept_len for r in results]).view(-1)
-        path = self.paths[torch.stack([r.best_path for r in results]).view(-1)]
-        rows = torch.arange(tokens.shape[0], device=self.device)
-        return accept_len, path, path[rows, accept_len], torch.stack([r.tokens for r in results])
+        """Typical acceptance of every row in one ``verify_typical`` call: p(node | parent) and
+        the parent's entropy at the sampling temperature, as batch 1 computes them."""
+        B, T = tokens.shape
+        parents = self.parents[1:]
+        stats = fused_logits(h0[:, parents].reshape(B * (T - 1), -1), self.model.head_weight(0), 1,
+                             tokens[:, 1:].reshape(-1), scale=1.0 / self.temperature, backend="eager")
+        one, zero = stats.lse.new_ones(B, 1), stats.lse.new_zeros(B, 1)
+        node_prob = torch.cat([one, torch.exp(stats.target_logit - stats.lse).view(B, T - 1)], 1)
+        parent_entropy = torch.cat([zero, stats.entropy.view(B, T - 1)], 1)
+        res = verify_typical(tokens, target, node_prob, parent_entropy, self.paths, epsilon=self.typical_epsilon,
+                             alpha=self.typical_alpha, backend=self.ops_backend)
+        return res.accept_len, self.paths[res.best_path], res.last_node, res.tokens
 
     def _verify(self, tokens, target):
-        """Greedy verification of every row at once (``verify_greedy_ref``'s rule): (accepted
-        drafts [B], the accepted path [B, D + 1], its last node [B], the emitted tokens [B, D + 1]:
-        the target's argmax along the path, whose first accepted + 1 are the output)."""
+        """Greedy verification of every row at once: (accepted drafts [B], the accepted path
+        [B, D + 1], its last node [B], the emitted tokens [B, D + 1], whose first accepted + 1
+        are the output). The extension's kernel takes the whole batch in one call; without it,
+        the same rule in a few batched tensor ops (the op's eager reference goes row by row)."""
+        if self.ops_backend == "cuda":
+            res = verify_greedy(tokens, target, self.paths, backend="cuda")
+            return res.accept_len, self.paths[res.best_path], res.last_node, res.tokens
         paths = self.paths
         valid, safe = paths >= 0, paths.clamp(min=0)
         ok = valid[None, :, 1:] & (tokens[:, safe[:, 1:]] == target[:, safe[:, :-1]])  # [B, P, D]

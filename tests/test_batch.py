@@ -198,3 +198,13 @@ def test_generators_are_checked(gpt2_model, medusa_model):
             dec.generate(PROMPTS[:2], max_new_tokens=4, generators=gens)
     with pytest.raises(ValueError, match="chains of drafts only"):
         BatchDecoder(medusa_model, "medusa", acceptance="rejection", temperature=1.0, tree="3,2,1")
+
+
+def test_verification_without_the_extension(monkeypatch, medusa_model):
+    """Without the C++ kernels the batch is verified by the eager batched rule: same tokens."""
+    from mtpkern.ops import _backend
+
+    want = _reference(medusa_model, PROMPTS[:8])
+    monkeypatch.setattr(_backend, "HAS_CUDA_EXT", False)
+    got = BatchDecoder(medusa_model, "medusa", tree="3,2,1", max_batch=8).generate(PROMPTS[:8], max_new_tokens=MAX_NEW)
+    assert [r.tokens for r in got] == want

@@ -147,6 +147,48 @@ def test_reference_rejects_bad_input():
         verify_typical_ref(TOKENS, TOKENS, torch.zeros(6, dtype=torch.float64), torch.zeros(6), PATHS)
 
 
+# ---------------------------------------------------------------- a batch of trees: one launch, every row
+
+def _batch(B, T, seed):
+    """B rows of one tree shape: different tokens and predictions per row."""
+    _, _, _, _, paths = random_case(T, seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    return (torch.randint(0, 3, (B, T), generator=gen), torch.randint(0, 3, (B, T), generator=gen),
+            torch.rand(B, T, generator=gen), torch.rand(B, T, generator=gen) * 4, paths)
+
+
+BATCH_BACKENDS = ["eager"] + (["cuda"] if _backend.HAS_CUDA_EXT else [])
+
+
+@pytest.mark.parametrize("backend", BATCH_BACKENDS)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("B,T,seed", [(1, 7, 0), (5, 64, 1), (33, 97, 2), (4, 1, 3)])
+def test_batch_rows_equal_single_trees(backend, device, B, T, seed):
+    """[B, T] inputs give, row by row, what each row gives alone (greedy and typical), with a
+    leading B on every output; the 1-D tree stays 0-d."""
+    tokens, argmax, prob, entropy, paths = (t.to(device) for t in _batch(B, T, seed))
+    got = verify_greedy(tokens, argmax, paths, backend=backend)
+    assert got.accept_len.shape == (B,) and got.tokens.shape == (B, paths.shape[1])
+    for b in range(B):
+        assert as_lists(VerifyRow(got, b)) == as_lists(verify_greedy_ref(tokens[b], argmax[b], paths))
+    got = verify_typical(tokens, argmax, prob, entropy, paths, epsilon=0.3, alpha=0.9, backend=backend)
+    for b in range(B):
+        assert as_lists(VerifyRow(got, b)) == as_lists(
+            verify_typical_ref(tokens[b], argmax[b], prob[b], entropy[b], paths, 0.3, 0.9))
+    assert any(int(a) > 0 for a in got.accept_len) or T == 1  # some drafts pass
+
+
+def VerifyRow(r, b):
+    return type(r)(*(t[b] for t in r))
+
+
+@needs_ext
+def test_batch_opcheck():
+    tokens, argmax, prob, entropy, paths = _batch(3, 9, 4)
+    torch.library.opcheck(torch.ops.mtpkern.verify_greedy.default, (tokens, argmax, paths))
+    torch.library.opcheck(torch.ops.mtpkern.verify_typical.default, (tokens, argmax, prob, entropy, paths, 0.1, 0.3))
+
+
 # ---------------------------------------------------------------- one exception contract, one NaN contract
 
 BACKENDS = ["eager"] + (["cuda"] if _backend.HAS_CUDA_EXT else [])  # cuda: the C++ kernels (here on CPU)
@@ -169,7 +211,10 @@ def _typical_calls(tokens, argmax, prob, entropy, paths, eps, alpha):
 
 @pytest.mark.parametrize("change, error, match", [
     (dict(tokens=TOKENS.int()), TypeError, "tree_tokens must be int64, got int32"),
-    (dict(tokens=TOKENS[None]), ValueError, "tree_tokens must be 1-D, got shape [1, 6]"),
+    (dict(tokens=TOKENS[None, None]), ValueError, "tree_tokens must be 1-D [T] or 2-D [B, T], got shape [1, 1, 6]"),
+    (dict(tokens=TOKENS[None]), ValueError, "target_argmax has shape [6] but tree_tokens has shape [1, 6]"),
+    (dict(tokens=torch.zeros(0, 6, dtype=torch.long), argmax=torch.zeros(0, 6, dtype=torch.long)),
+     ValueError, "the batch is empty (tree_tokens [0, 6])"),
     (dict(tokens=TOKENS[:0], argmax=TOKENS[:0]), ValueError, "the tree has no nodes"),
     (dict(argmax=TOKENS.float()), TypeError, "target_argmax must be int64, got float32"),
     (dict(argmax=torch.arange(12)[::2]), ValueError, "target_argmax must be contiguous"),
@@ -188,7 +233,7 @@ def test_greedy_one_error_in_every_backend(change, error, match):
 @pytest.mark.parametrize("change, error, match", [
     (dict(tokens=TOKENS.int()), TypeError, "tree_tokens must be int64, got int32"),
     (dict(prob=PROB.double()), TypeError, "node_prob must be float32, got float64"),
-    (dict(entropy=ENTROPY[:5]), ValueError, "node_prob and parent_entropy need one entry per node (6)"),
+    (dict(entropy=ENTROPY[:5]), ValueError, "node_prob and parent_entropy need one entry per node, tree_tokens' shape [6]"),
     (dict(eps=float("nan")), ValueError, "epsilon must be finite and non-negative, got nan"),
     (dict(eps=-0.5), ValueError, "epsilon must be finite and non-negative, got -0.5"),
     (dict(eps=float("inf")), ValueError, "epsilon must be finite and non-negative, got inf"),

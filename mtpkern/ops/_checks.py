@@ -28,6 +28,16 @@ def check_vector(t: Tensor, op: str, name: str, dtype: torch.dtype) -> None:
         raise ValueError(f"{op}: {name} must be contiguous")
 
 
+def check_rows(t: Tensor, op: str, name: str, dtype: torch.dtype) -> None:
+    """[T] or [B, T], of ``dtype``, contiguous (``check_rows`` in C++)."""
+    if t.dim() not in (1, 2):
+        raise ValueError(f"{op}: {name} must be 1-D [T] or 2-D [B, T], got shape {list(t.shape)}")
+    if t.dtype != dtype:
+        raise TypeError(f"{op}: {name} must be {dtype_name(dtype)}, got {dtype_name(t.dtype)}")
+    if not t.is_contiguous():
+        raise ValueError(f"{op}: {name} must be contiguous")
+
+
 def check_same_device(a: Tensor, b: Tensor, op: str, name: str) -> None:
     if a.device != b.device:
         raise ValueError(f"{op}: {name} is on {b.device} but the other inputs are on {a.device}")

@@ -4,6 +4,9 @@ Inputs for a tree of T nodes (node 0 = the root, the last accepted token):
   tree_tokens    int64 [T]      the token at each node
   target_argmax  int64 [T]      the target model's argmax at each node (its prediction for a child)
   paths          int64 [P, Dp1] candidate paths root..leaf (rows of TreeBuffers.retrieve), -1 padded
+A batch of B sequences sharing one tree shape passes [B, T] node inputs (``node_prob`` and
+``parent_entropy`` too) and gets each output with a leading B: one launch for every row
+(``mtpkern.batch``); a 1-D tree is the batch of one, with 0-d outputs.
 Dp1 = max_depth + 1. Entries outside [0, T) (padding or bad input) are never dereferenced: a draft
 on such an entry, or whose parent entry is such, is simply not accepted.
 
@@ -27,11 +30,13 @@ import torch
 from torch import Tensor
 
 from mtpkern.ops import _backend
-from mtpkern.ops._checks import check_nonnegative_finite, check_same_device, check_vector
+from mtpkern.ops._checks import check_nonnegative_finite, check_rows, check_same_device
 from mtpkern.runtime import dtype_name
 
 
 class VerifyResult(NamedTuple):
+    """One tree's results; a batch's carry a leading B ([B], [B, max_depth + 1])."""
+
     accept_len: Tensor  # int64 0-d: number of accepted draft tokens, 0..max_depth
     best_path: Tensor  # int64 0-d: the chosen row of `paths`
     last_node: Tensor  # int64 0-d: paths[best_path, accept_len], the node whose target logits give the next token
@@ -40,13 +45,19 @@ class VerifyResult(NamedTuple):
 
 def _check(tree_tokens: Tensor, target_argmax: Tensor, paths: Tensor, op: str) -> None:
     """``check_verify`` of csrc/mtpkern.h: the same checks, order, types and messages."""
-    check_vector(tree_tokens, op, "tree_tokens", torch.int64)
-    check_vector(target_argmax, op, "target_argmax", torch.int64)
-    T = tree_tokens.shape[0]
+    check_rows(tree_tokens, op, "tree_tokens", torch.int64)
+    check_rows(target_argmax, op, "target_argmax", torch.int64)
+    T = tree_tokens.shape[-1]
     if T < 1:
         raise ValueError(f"{op}: the tree has no nodes")
-    if target_argmax.shape[0] != T:
-        raise ValueError(f"{op}: target_argmax has {target_argmax.shape[0]} entries but tree_tokens has {T}")
+    if tree_tokens.shape[0] < 1:
+        raise ValueError(f"{op}: the batch is empty (tree_tokens {list(tree_tokens.shape)})")
+    if tree_tokens.dim() == 1 and target_argmax.dim() == 1:
+        if target_argmax.shape[0] != T:
+            raise ValueError(f"{op}: target_argmax has {target_argmax.shape[0]} entries but tree_tokens has {T}")
+    elif target_argmax.shape != tree_tokens.shape:
+        raise ValueError(f"{op}: target_argmax has shape {list(target_argmax.shape)} but tree_tokens has shape "
+                         f"{list(tree_tokens.shape)}")
     if paths.dim() != 2:
         raise ValueError(f"{op}: paths must be 2-D [P, max_depth + 1], got shape {list(paths.shape)}")
     if paths.dtype != torch.int64:
@@ -64,11 +75,11 @@ def _check(tree_tokens: Tensor, target_argmax: Tensor, paths: Tensor, op: str) -
 def _check_typical(tree_tokens: Tensor, node_prob: Tensor, parent_entropy: Tensor, epsilon, alpha) -> None:
     """``check_verify_typical`` of csrc/mtpkern.h."""
     op = "verify_typical"
-    check_vector(node_prob, op, "node_prob", torch.float32)
-    check_vector(parent_entropy, op, "parent_entropy", torch.float32)
-    T = tree_tokens.shape[0]
-    if node_prob.shape[0] != T or parent_entropy.shape[0] != T:
-        raise ValueError(f"{op}: node_prob and parent_entropy need one entry per node ({T})")
+    check_rows(node_prob, op, "node_prob", torch.float32)
+    check_rows(parent_entropy, op, "parent_entropy", torch.float32)
+    if node_prob.shape != tree_tokens.shape or parent_entropy.shape != tree_tokens.shape:
+        raise ValueError(f"{op}: node_prob and parent_entropy need one entry per node, tree_tokens' shape "
+                         f"{list(tree_tokens.shape)}")
     check_same_device(tree_tokens, node_prob, op, "node_prob")
     check_same_device(tree_tokens, parent_entropy, op, "parent_entropy")
     check_nonnegative_finite(epsilon, op, "epsilon")
@@ -109,9 +120,15 @@ def verify_greedy_ref(tree_tokens: Tensor, target_argmax: Tensor, paths: Tensor)
         accept[p] = number of leading passing drafts;  best = argmin over rows of (-accept[p], p)
     """
     _check(tree_tokens, target_argmax, paths, "verify_greedy")
+    if tree_tokens.dim() == 2:  # a batch: every row on its own
+        return _stack([verify_greedy_ref(t, a, paths) for t, a in zip(tree_tokens, target_argmax)])
     step_ok, safe = _in_tree(paths, tree_tokens.shape[0])
     ok = step_ok & (tree_tokens[safe[:, 1:]] == target_argmax[safe[:, :-1]])
     return _choose(ok, tree_tokens, target_argmax, paths)
+
+
+def _stack(rows: list[VerifyResult]) -> VerifyResult:
+    return VerifyResult(*(torch.stack(parts) for parts in zip(*rows)))
 
 
 def verify_typical_ref(tree_tokens: Tensor, target_argmax: Tensor, node_prob: Tensor, parent_entropy: Tensor,
@@ -126,6 +143,9 @@ def verify_typical_ref(tree_tokens: Tensor, target_argmax: Tensor, node_prob: Te
     """
     _check(tree_tokens, target_argmax, paths, "verify_typical")
     _check_typical(tree_tokens, node_prob, parent_entropy, epsilon, alpha)
+    if tree_tokens.dim() == 2:  # a batch: every row on its own
+        return _stack([verify_typical_ref(*row, paths, epsilon, alpha)
+                       for row in zip(tree_tokens, target_argmax, node_prob, parent_entropy)])
     step_ok, safe = _in_tree(paths, tree_tokens.shape[0])
     # clamp keeps a NaN threshold NaN, and nothing is > NaN: such drafts are rejected.
     node_ok = node_prob > torch.clamp(alpha * torch.exp(-parent_entropy), max=epsilon)
@@ -146,8 +166,10 @@ if not _backend.HAS_CUDA_EXT:  # the extension defines the ops in C++; otherwise
     torch.library.impl("mtpkern::verify_typical", ("CPU", "CUDA"), lambda *a: tuple(verify_typical_ref(*a)))
 
 
-def _verify_outputs(paths):
-    return paths.new_empty(()), paths.new_empty(()), paths.new_empty(()), paths.new_empty(paths.shape[1])
+def _verify_outputs(tree_tokens, paths):
+    lead = tuple(tree_tokens.shape[:-1])  # () for one tree, (B,) for a batch
+    return (paths.new_empty(lead), paths.new_empty(lead), paths.new_empty(lead),
+            paths.new_empty(lead + (paths.shape[1],)))
 
 
 # The fake implementations run the same checks (they read no values), so meta and fake tensors
@@ -155,14 +177,14 @@ def _verify_outputs(paths):
 @torch.library.register_fake("mtpkern::verify_greedy")
 def _verify_greedy_fake(tree_tokens, target_argmax, paths):
     _check(tree_tokens, target_argmax, paths, "verify_greedy")
-    return _verify_outputs(paths)
+    return _verify_outputs(tree_tokens, paths)
 
 
 @torch.library.register_fake("mtpkern::verify_typical")
 def _verify_typical_fake(tree_tokens, target_argmax, node_prob, parent_entropy, paths, epsilon, alpha):
     _check(tree_tokens, target_argmax, paths, "verify_typical")
     _check_typical(tree_tokens, node_prob, parent_entropy, epsilon, alpha)
-    return _verify_outputs(paths)
+    return _verify_outputs(tree_tokens, paths)
 
 
 # ---------------------------------------------------------------- public functions
