@@ -124,6 +124,11 @@ MTPKERN_HD int64_t load_index(const void* p, bool is64) {
   return is64 ? *static_cast<const int64_t*>(p) : static_cast<int64_t>(*static_cast<const int32_t*>(p));
 }
 
+// Entry b of a 0-d / [B] int64-or-int32 index tensor.
+MTPKERN_HD int64_t load_row_index(const void* p, bool is64, int64_t b) {
+  return is64 ? static_cast<const int64_t*>(p)[b] : static_cast<int64_t>(static_cast<const int32_t*>(p)[b]);
+}
+
 // ---------------------------------------------------------------- launchers (csrc/cuda/*.cu)
 
 #ifndef MTPKERN_CPU_ONLY
@@ -138,13 +143,18 @@ cudaError_t launch_verify(const VerifyArgs& a, int64_t B, const int64_t* paths, 
 struct CompactArgs {
   void* k;  // [slices, S, row_bytes] raw bytes, whatever the dtype
   void* v;
-  const int64_t* path;  // [N]
-  const void* prefix_len;  // 0-d int64 or int32 on the device
+  const int64_t* path;  // [N], or [B, N] with one row per batch row (per_row)
+  const void* prefix_len;  // 0-d (or [B]: per_row) int64 or int32 on the device
   bool prefix64;
   const void* count;
   bool count64;
   int64_t slices, N, S, row_bytes;
+  bool per_row;  // slice s = (layer, b, head) reads path row b, prefix_len[b], count[b]
+  int64_t B, H;
 };
+
+// Batch row of slice s of a [L, B, H] grid of slices.
+MTPKERN_HD int64_t slice_row(const CompactArgs& a, int64_t s) { return a.per_row ? (s / a.H) % a.B : 0; }
 
 cudaError_t launch_kv_compact(const CompactArgs& a, cudaStream_t stream);
 #endif  // MTPKERN_CPU_ONLY

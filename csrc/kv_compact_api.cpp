@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include "mtpkern.h"
@@ -18,26 +19,35 @@ namespace mtpkern {
 void kv_compact_cpu(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& path, const at::Tensor& prefix_len,
                     const at::Tensor& count) {
   check_kv_compact(k_cache, v_cache, path, prefix_len, count);
-  const int64_t N = path.size(0), S = k_cache.size(3);
-  const int64_t prefix = load_index(prefix_len.data_ptr(), prefix_len.scalar_type() == at::kLong);
-  const int64_t n = load_index(count.data_ptr(), count.scalar_type() == at::kLong);
-  TORCH_CHECK_VALUE(n >= 0 && n <= N, "kv_compact_: count = ", n, " is outside [0, ", N, "]");
-  const int64_t* idx = path.data_ptr<int64_t>();
-  for (int64_t i = 0; i < n; ++i) {
-    TORCH_CHECK_VALUE(move_in_range(idx[i], i, prefix, S), "kv_compact_: path[", i, "] = ", idx[i],
-                      " with prefix_len = ", prefix, " moves slot ", prefix + idx[i], " to slot ", prefix + i,
-                      ", outside the cache's ", S, " slots");
+  const bool per_row = path.dim() == 2;
+  const int64_t N = path.size(-1), S = k_cache.size(3), B = k_cache.size(1), H = k_cache.size(2);
+  const int64_t rows = per_row ? B : 1;
+  std::vector<int64_t> prefix(rows), n(rows);
+  // Every row's values are checked before anything moves.
+  for (int64_t b = 0; b < rows; ++b) {
+    prefix[b] = load_row_index(prefix_len.data_ptr(), prefix_len.scalar_type() == at::kLong, b);
+    n[b] = load_row_index(count.data_ptr(), count.scalar_type() == at::kLong, b);
+    const std::string where = per_row ? c10::str(" (batch row ", b, ")") : std::string();
+    TORCH_CHECK_VALUE(n[b] >= 0 && n[b] <= N, "kv_compact_: count = ", n[b], " is outside [0, ", N, "]", where);
+    const int64_t* idx = path.data_ptr<int64_t>() + b * N;
+    for (int64_t i = 0; i < n[b]; ++i) {
+      TORCH_CHECK_VALUE(move_in_range(idx[i], i, prefix[b], S), "kv_compact_: path[", i, "] = ", idx[i],
+                        " with prefix_len = ", prefix[b], " moves slot ", prefix[b] + idx[i], " to slot ", prefix[b] + i,
+                        ", outside the cache's ", S, " slots", where);
+    }
   }
   const int64_t row = k_cache.size(4) * k_cache.element_size();  // bytes per (slot) vector
-  const int64_t slices = k_cache.size(0) * k_cache.size(1) * k_cache.size(2);
-  std::vector<char> staged(n * row);
+  const int64_t slices = k_cache.size(0) * B * H;
+  std::vector<char> staged(N * row);
   for (at::Tensor* cache : {&k_cache, &v_cache}) {
     char* base = static_cast<char*>(cache->data_ptr());
     for (int64_t s = 0; s < slices; ++s) {
+      const int64_t b = per_row ? (s / H) % B : 0;
+      const int64_t* idx = path.data_ptr<int64_t>() + b * N;
       char* slice = base + s * S * row;
       // All reads before any write: sources and destinations may overlap.
-      for (int64_t i = 0; i < n; ++i) std::memcpy(staged.data() + i * row, slice + (prefix + idx[i]) * row, row);
-      for (int64_t i = 0; i < n; ++i) std::memcpy(slice + (prefix + i) * row, staged.data() + i * row, row);
+      for (int64_t i = 0; i < n[b]; ++i) std::memcpy(staged.data() + i * row, slice + (prefix[b] + idx[i]) * row, row);
+      for (int64_t i = 0; i < n[b]; ++i) std::memcpy(slice + (prefix[b] + i) * row, staged.data() + i * row, row);
     }
   }
 }
@@ -55,9 +65,12 @@ void kv_compact_cuda(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor&
                       count.data_ptr(),
                       count.scalar_type() == at::kLong,
                       k_cache.size(0) * k_cache.size(1) * k_cache.size(2),
-                      path.size(0),
+                      path.size(-1),
                       k_cache.size(3),
-                      k_cache.size(4) * static_cast<int64_t>(k_cache.element_size())};
+                      k_cache.size(4) * static_cast<int64_t>(k_cache.element_size()),
+                      path.dim() == 2,
+                      k_cache.size(1),
+                      k_cache.size(2)};
   C10_CUDA_CHECK(launch_kv_compact(a, c10::cuda::getCurrentCUDAStream()));
 }
 

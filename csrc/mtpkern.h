@@ -112,6 +112,16 @@ inline void check_scalar_index(const at::Tensor& cache, const at::Tensor& t, con
   check_same_device(cache, t, "kv_compact_", name);
 }
 
+// One index per batch row: [B] int64 or int32, contiguous.
+inline void check_row_index(const at::Tensor& cache, const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == cache.size(1), "kv_compact_: with a path per batch row, ", name,
+                    " must be 1-D [", cache.size(1), "], got shape ", t.sizes());
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kLong || t.scalar_type() == at::kInt, "kv_compact_: ", name,
+                   " must be int64 or int32, got ", dtype_name(t.scalar_type()));
+  TORCH_CHECK_VALUE(t.is_contiguous(), "kv_compact_: ", name, " must be contiguous");
+  check_same_device(cache, t, "kv_compact_", name);
+}
+
 inline void check_kv_compact(const at::Tensor& k, const at::Tensor& v, const at::Tensor& path,
                              const at::Tensor& prefix_len, const at::Tensor& count) {
   TORCH_CHECK_VALUE(k.dim() == 5, "kv_compact_: k_cache must be 5-D [L, B, H, S, Dh], got shape ", k.sizes());
@@ -127,12 +137,19 @@ inline void check_kv_compact(const at::Tensor& k, const at::Tensor& v, const at:
   // One buffer passed twice would be compacted twice, and raced on by the K and V blocks.
   TORCH_CHECK_VALUE(k.numel() == 0 || k.data_ptr() != v.data_ptr(), "kv_compact_: k_cache and v_cache must be "
                     "different tensors");
-  check_vector(path, "kv_compact_", "path", at::kLong);
-  TORCH_CHECK_VALUE(path.size(0) <= kMaxCompactPath, "kv_compact_: path has ", path.size(0), " entries, at most ",
+  check_rows(path, "kv_compact_", "path", at::kLong);
+  TORCH_CHECK_VALUE(path.size(-1) <= kMaxCompactPath, "kv_compact_: path has ", path.size(-1), " entries, at most ",
                     kMaxCompactPath, " are supported");
   check_same_device(k, path, "kv_compact_", "path");
-  check_scalar_index(k, prefix_len, "prefix_len");
-  check_scalar_index(k, count, "count");
+  if (path.dim() == 1) {  // one path for every batch row
+    check_scalar_index(k, prefix_len, "prefix_len");
+    check_scalar_index(k, count, "count");
+  } else {  // a path, prefix length and count per batch row
+    TORCH_CHECK_VALUE(path.size(0) == k.size(1), "kv_compact_: path has ", path.size(0),
+                      " rows but the caches have ", k.size(1), " batch rows");
+    check_row_index(k, prefix_len, "prefix_len");
+    check_row_index(k, count, "count");
+  }
   TORCH_CHECK_VALUE(k.size(0) * k.size(1) * k.size(2) <= INT32_MAX && k.size(4) * k.element_size() <= 2 * 65535,
                     "kv_compact_: cache shape ", k.sizes(), " is too large for one launch");
 }

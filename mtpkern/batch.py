@@ -35,6 +35,7 @@ from mtpkern.decoder import (
     GenerationResult, _check_args, _Logits, _prompt, _resolve_tree, prefill,
 )
 from mtpkern.ops.fused_logits import fused_logits
+from mtpkern.ops.kv_compact import kv_compact_
 from mtpkern.ops import _backend
 from mtpkern.ops.verify import verify_greedy, verify_typical
 from mtpkern.sampling import sampling_probs, speculative_sample_device
@@ -206,6 +207,16 @@ class BatchDecoder:
         q = torch.cat([self._probs(d[j - 1 : j], j) for j in range(1, d.shape[0] + 1)])
         return q, torch.multinomial(q, 1, generator=gen)[:, 0]
 
+    def _compact(self, path: torch.Tensor, prefix: torch.Tensor, count: torch.Tensor) -> None:
+        """``kv_compact_`` with a path, prefix length and count per row, over the whole cache
+        (its rows past this batch move nothing)."""
+        B, rows = path.shape[0], self.max_batch
+        if B < rows:
+            path = torch.cat([path, path.new_full((rows - B, path.shape[1]), -1)])
+            prefix = torch.cat([prefix, prefix.new_zeros(rows - B)])
+            count = torch.cat([count, count.new_zeros(rows - B)])
+        kv_compact_(self.cache.k, self.cache.v, path.contiguous(), prefix, count, backend=self.ops_backend)
+
     def _verify_typical(self, tokens, target, h0):
         """Typical acceptance of every row in one ``verify_typical`` call: p(node | parent) and
         the parent's entropy at the sampling temperature, as batch 1 computes them."""
@@ -308,7 +319,6 @@ class BatchDecoder:
             emit(b, first[b : b + 1])
         prefill_time = time.perf_counter() - t0
         prefix = torch.tensor([int(p.shape[0]) for p in ids], device=dev)
-        rows = torch.arange(B, device=dev)
         view = KVCache.__new__(KVCache)
         view.k, view.v = self.cache.k[:, :B], self.cache.v[:, :B]
         step_times: list[float] = []
@@ -341,11 +351,8 @@ class BatchDecoder:
                 else:
                     accept_len, path, last, out = self._verify(tokens, target)
                 count = accept_len + 1
-                if not self.chain:  # move each row's accepted nodes' K/V to the slots after its prefix
-                    src = prefix[:, None] + path.clamp(min=0)
-                    dst = prefix[:, None] + torch.arange(path.shape[1], device=dev)[None, :]
-                    for c in (self.cache.k, self.cache.v):
-                        c[:, rows[:, None], :, dst] = c[:, rows[:, None], :, src]
+                if not self.chain:  # each row's accepted nodes' K/V to the slots after its prefix, one call
+                    self._compact(path, prefix, torch.where(active, count, 0))
                 topk = self._drafts(h0, carry, path, accept_len, last, prefix, view)
             root = out.gather(1, (count - 1)[:, None])[:, 0]
             prefix = prefix + torch.where(active, count, 0)  # a finished row stays where it ended

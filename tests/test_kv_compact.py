@@ -163,7 +163,9 @@ _PATH, _ZERO, _TWO = idx([0, 2]), idx(0), idx(2)
     (ValueError, "v_cache is on meta but the other inputs are on cpu", (_K, _V.to("meta"), _PATH, _ZERO, _TWO)),
     (ValueError, "different tensors", (_K, _K, _PATH, _ZERO, _TWO)),
     (TypeError, "path must be int64, got int32", (_K, _V, _PATH.int(), _ZERO, _TWO)),
-    (ValueError, "path must be 1-D, got shape [1, 2]", (_K, _V, _PATH.view(1, 2), _ZERO, _TWO)),
+    (ValueError, "path must be 1-D [T] or 2-D [B, T], got shape [1, 1, 2]", (_K, _V, _PATH.view(1, 1, 2), _ZERO, _TWO)),
+    (ValueError, "with a path per batch row, prefix_len must be 1-D [1], got shape []",
+     (_K, _V, _PATH.view(1, 2), _ZERO, _TWO)),
     (ValueError, "path must be contiguous", (_K, _V, idx([0, 9, 2, 9])[::2], _ZERO, _TWO)),
     (ValueError, "path has 1025 entries, at most 1024", (_K, _V, torch.zeros(1025, dtype=torch.int64), _ZERO, _TWO)),
     (ValueError, "prefix_len must be a 0-d tensor, got shape [1]", (_K, _V, _PATH, idx([0]), _TWO)),
@@ -235,3 +237,68 @@ def test_cuda_graph_with_device_side_lengths():
         want_k, want_v = k0.clone(), v0.clone()
         kv_compact_ref_(want_k, want_v, path, prefix, count)
         assert torch.equal(k, want_k) and torch.equal(v, want_v)
+
+
+# ---------------------------------------------------------------- a path per batch row
+
+ROWS = [([0, 2, 3], 5, 3), ([0, 1, 4, 5], 0, 4), ([0, 3, -1, -1], 9, 2), ([0, 6, 7, 8], 4, 0)]
+
+
+def _rows_args(device="cpu", index_dtype=torch.int64):
+    N = max(len(p) for p, _, _ in ROWS)
+    path = torch.tensor([p + [-1] * (N - len(p)) for p, _, _ in ROWS], device=device)
+    prefix = torch.tensor([r[1] for r in ROWS], dtype=index_dtype, device=device)
+    count = torch.tensor([r[2] for r in ROWS], dtype=index_dtype, device=device)
+    return path, prefix, count
+
+
+def _naive_rows(cache):
+    out = cache.clone()
+    for b, (path, prefix, count) in enumerate(ROWS):
+        out[:, b : b + 1] = naive_compact(cache[:, b : b + 1], path, prefix, count)
+    return out
+
+
+BACKENDS = ["eager"] + (["cuda"] if _backend.HAS_CUDA_EXT else [])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
+def test_a_path_per_batch_row(backend, device, dtype, index_dtype):
+    """Each batch row follows its own path, prefix length and count (one of them 0), in one call."""
+    k, v = caches((2, len(ROWS), 3, 16, 5), dtype, device, seed=3)
+    want_k, want_v = _naive_rows(k), _naive_rows(v)
+    kv_compact_(k, v, *_rows_args(device, index_dtype), backend=backend)
+    assert torch.equal(k, want_k) and torch.equal(v, want_v)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_bad_row_moves_nothing(backend):
+    k, v = caches((1, len(ROWS), 1, 16, 2))
+    before = k.clone()
+    path, prefix, count = _rows_args()
+    prefix[2] = 13  # row 2 would move slot 13 + 3 = 16, past the 16 slots
+    with pytest.raises(ValueError, match=r"path\[1\] = 3 with prefix_len = 13 moves slot 16 to slot 14, outside "
+                                         r"the cache's 16 slots \(batch row 2\)"):
+        kv_compact_(k, v, path, prefix, count, backend=backend)
+    assert torch.equal(k, before)  # rows 0 and 1 were fine, and still did not move
+
+
+@pytest.mark.parametrize("args, match", [
+    (lambda p, x, c: (p[:3], x, c), "path has 3 rows but the caches have 4 batch rows"),
+    (lambda p, x, c: (p, x[0], c), r"with a path per batch row, prefix_len must be 1-D \[4\], got shape \[\]"),
+    (lambda p, x, c: (p, x, c[:2]), r"with a path per batch row, count must be 1-D \[4\], got shape \[2\]"),
+    (lambda p, x, c: (p, x.float(), c), "prefix_len must be int64 or int32, got float32"),
+    (lambda p, x, c: (p[None], x, c), r"path must be 1-D \[T\] or 2-D \[B, T\], got shape \[1, 4, 4\]"),
+])
+def test_per_row_errors_in_every_backend(args, match):
+    k, v = caches((1, len(ROWS), 1, 16, 2))
+    a = args(*_rows_args())
+    calls = {b: (lambda b=b: kv_compact_(k, v, *a, backend=b)) for b in BACKENDS}
+    calls["op"] = lambda: torch.ops.mtpkern.kv_compact_(k, v, *a)
+    errors = errors_of(calls)
+    assert len(set(errors.values())) == 1, errors
+    (kind, message), = set(errors.values())
+    assert message.startswith("kv_compact_: ") and __import__("re").search(match, message), errors

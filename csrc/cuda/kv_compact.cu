@@ -1,5 +1,6 @@
 // CUDA kernel of mtpkern::kv_compact_: for every (layer, batch row, head) slice of K and V,
-// slot prefix_len + path[i] moves to slot prefix_len + i for i < count, in one launch.
+// slot prefix_len + path[i] moves to slot prefix_len + i for i < count, in one launch (with a
+// path, prefix_len and count per batch row, each slice reads its row's).
 // Sources and destinations overlap (path [0, 2, 3]: slot p+2 -> p+1 while p+3 -> p+2), so each
 // block owns a whole (slice, dim chunk), stages every source vector in shared memory, syncs,
 // and only then writes. prefix_len and count are read on the device (no host sync, CUDA-graph
@@ -19,18 +20,20 @@ __global__ void kv_compact_kernel(CompactArgs a, int64_t row_vecs, int64_t chunk
   Vec* slice = static_cast<Vec*>(blockIdx.y == 0 ? a.k : a.v) + static_cast<int64_t>(blockIdx.x) * a.S * row_vecs;
   const int64_t c0 = static_cast<int64_t>(blockIdx.z) * chunk_vecs;
   const int64_t width = min(chunk_vecs, row_vecs - c0);
-  const int64_t prefix = load_index(a.prefix_len, a.prefix64);
-  const int64_t n = max(int64_t(0), min(load_index(a.count, a.count64), a.N));
+  const int64_t b = slice_row(a, blockIdx.x);  // 0 unless every batch row has its own path
+  const int64_t* path = a.path + b * a.N;
+  const int64_t prefix = load_row_index(a.prefix_len, a.prefix64, b);
+  const int64_t n = max(int64_t(0), min(load_row_index(a.count, a.count64, b), a.N));
 
   // Both phases walk the same (i, c) pairs with the same validity test.
   for (int64_t e = threadIdx.x; e < n * width; e += blockDim.x) {
     const int64_t i = e / width;
-    if (move_in_range(a.path[i], i, prefix, a.S)) stage[e] = slice[(prefix + a.path[i]) * row_vecs + c0 + e % width];
+    if (move_in_range(path[i], i, prefix, a.S)) stage[e] = slice[(prefix + path[i]) * row_vecs + c0 + e % width];
   }
   __syncthreads();
   for (int64_t e = threadIdx.x; e < n * width; e += blockDim.x) {
     const int64_t i = e / width;
-    if (move_in_range(a.path[i], i, prefix, a.S)) slice[(prefix + i) * row_vecs + c0 + e % width] = stage[e];
+    if (move_in_range(path[i], i, prefix, a.S)) slice[(prefix + i) * row_vecs + c0 + e % width] = stage[e];
   }
 }
 

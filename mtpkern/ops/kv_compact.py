@@ -20,7 +20,7 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 
 from mtpkern.ops import _backend
-from mtpkern.ops._checks import check_same_device, check_vector
+from mtpkern.ops._checks import check_rows, check_same_device
 from mtpkern.runtime import dtype_name
 
 MAX_PATH = 1024  # the CUDA kernel stages the whole path in shared memory (kMaxCompactPath)
@@ -31,6 +31,17 @@ def _check_scalar_index(cache: Tensor, t: Tensor, name: str) -> None:
         raise ValueError(f"kv_compact_: {name} must be a 0-d tensor, got shape {list(t.shape)}")
     if t.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"kv_compact_: {name} must be int64 or int32, got {dtype_name(t.dtype)}")
+    check_same_device(cache, t, "kv_compact_", name)
+
+
+def _check_row_index(cache: Tensor, t: Tensor, name: str) -> None:
+    B = cache.shape[1]
+    if t.dim() != 1 or t.shape[0] != B:
+        raise ValueError(f"kv_compact_: with a path per batch row, {name} must be 1-D [{B}], got shape {list(t.shape)}")
+    if t.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"kv_compact_: {name} must be int64 or int32, got {dtype_name(t.dtype)}")
+    if not t.is_contiguous():
+        raise ValueError(f"kv_compact_: {name} must be contiguous")
     check_same_device(cache, t, "kv_compact_", name)
 
 
@@ -51,12 +62,18 @@ def _check(k: Tensor, v: Tensor, path: Tensor, prefix_len: Tensor, count: Tensor
     no_data = is_fake(k) or k.device.type == "meta"
     if k.numel() and (k is v if no_data else k.data_ptr() == v.data_ptr()):
         raise ValueError("kv_compact_: k_cache and v_cache must be different tensors")
-    check_vector(path, "kv_compact_", "path", torch.int64)
-    if path.shape[0] > MAX_PATH:
-        raise ValueError(f"kv_compact_: path has {path.shape[0]} entries, at most {MAX_PATH} are supported")
+    check_rows(path, "kv_compact_", "path", torch.int64)
+    if path.shape[-1] > MAX_PATH:
+        raise ValueError(f"kv_compact_: path has {path.shape[-1]} entries, at most {MAX_PATH} are supported")
     check_same_device(k, path, "kv_compact_", "path")
-    _check_scalar_index(k, prefix_len, "prefix_len")
-    _check_scalar_index(k, count, "count")
+    if path.dim() == 1:  # one path for every batch row
+        _check_scalar_index(k, prefix_len, "prefix_len")
+        _check_scalar_index(k, count, "count")
+    else:  # a path, prefix length and count per batch row
+        if path.shape[0] != k.shape[1]:
+            raise ValueError(f"kv_compact_: path has {path.shape[0]} rows but the caches have {k.shape[1]} batch rows")
+        _check_row_index(k, prefix_len, "prefix_len")
+        _check_row_index(k, count, "count")
     L, B, H, _, Dh = k.shape
     if L * B * H > 2**31 - 1 or Dh * k.element_size() > 2 * 65535:
         raise ValueError(f"kv_compact_: cache shape {list(k.shape)} is too large for one launch")
@@ -73,9 +90,22 @@ def kv_compact_ref_(k_cache: Tensor, v_cache: Tensor, path: Tensor, prefix_len: 
     there, like the CUDA kernel, such moves are skipped and count is clamped: no host sync.
     """
     _check(k_cache, v_cache, path, prefix_len, count)
-    S, N = k_cache.shape[3], path.numel()
+    S = k_cache.shape[3]
+    if path.dim() == 2:  # row b of the batch: its own path, prefix length and count
+        if all(t.device.type == "cpu" for t in (path, prefix_len, count)):  # every row checked before any move
+            for b in range(path.shape[0]):
+                _check_moves(path[b], int(prefix_len[b]), int(count[b]), S, f" (batch row {b})")
+        for b in range(path.shape[0]):
+            _compact(k_cache[:, b], v_cache[:, b], 2, path[b], prefix_len[b], count[b])
+        return
     if all(t.device.type == "cpu" for t in (path, prefix_len, count)):  # checking is free here
         _check_moves(path, int(prefix_len), int(count), S)
+    _compact(k_cache, v_cache, 3, path, prefix_len, count)
+
+
+def _compact(k_cache: Tensor, v_cache: Tensor, dim: int, path: Tensor, prefix_len: Tensor, count: Tensor) -> None:
+    """The moves along the slot dimension ``dim`` of the two caches (views allowed)."""
+    S, N = k_cache.shape[dim], path.numel()
     if N == 0 or S == 0:
         return
     # Entry i writes slot dst = prefix + i, clamped into the cache. Everything it writes is a
@@ -90,16 +120,16 @@ def kv_compact_ref_(k_cache: Tensor, v_cache: Tensor, path: Tensor, prefix_len: 
     move = (j >= 0) & (j < n) & (j < N) & (node >= 0) & (prefix + node >= 0) & (prefix + node < S)
     src = torch.where(move, prefix + node, dst)
     for cache in (k_cache, v_cache):
-        cache.index_copy_(3, dst.to(cache.device), cache.index_select(3, src.to(cache.device)))
+        cache.index_copy_(dim, dst.to(cache.device), cache.index_select(dim, src.to(cache.device)))
 
 
-def _check_moves(path: Tensor, prefix: int, n: int, S: int) -> None:
+def _check_moves(path: Tensor, prefix: int, n: int, S: int, where: str = "") -> None:
     if not 0 <= n <= path.numel():
-        raise ValueError(f"kv_compact_: count = {n} is outside [0, {path.numel()}]")
+        raise ValueError(f"kv_compact_: count = {n} is outside [0, {path.numel()}]{where}")
     for i, node in enumerate(path[:n].tolist()):
         if not (node >= 0 and 0 <= prefix + node < S and 0 <= prefix + i < S):
             raise ValueError(f"kv_compact_: path[{i}] = {node} with prefix_len = {prefix} moves slot "
-                             f"{prefix + node} to slot {prefix + i}, outside the cache's {S} slots")
+                             f"{prefix + node} to slot {prefix + i}, outside the cache's {S} slots{where}")
 
 
 # ---------------------------------------------------------------- registration
@@ -124,7 +154,9 @@ def kv_compact_(k_cache: Tensor, v_cache: Tensor, path: Tensor, prefix_len: Tens
     """Move slot prefix_len + path[i] to slot prefix_len + i for i < count, in K and V, in place.
 
     ``k_cache``, ``v_cache``: contiguous [L, B, H, S, Dh] fp32/fp16/bf16; ``path``: int64 [N],
-    root first, -1 padded; ``prefix_len``, ``count``: 0-d int tensors on the caches' device.
+    root first, -1 padded; ``prefix_len``, ``count``: 0-d int tensors on the caches' device. Or a
+    path per batch row, [B, N], with ``prefix_len`` and ``count`` [B]: row b's slices follow its
+    own (batched decoding, ``mtpkern.batch``), still in one launch.
     The CUDA kernel skips moves outside the cache instead of raising (it cannot without a sync).
     """
     if _backend.pick(k_cache.device, ("cuda", "eager"), backend) == "eager":
