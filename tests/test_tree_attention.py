@@ -278,7 +278,9 @@ def _assert_one_error(errors, error, match):
         (lambda a: {"tree_mask": a["tree_mask"].long()}, TypeError, "tree_mask must be int32"),
         (lambda a: {"prefix_len": torch.tensor(2.7, device=DEV)}, TypeError,
          "prefix_len must be int32 or int64, got float32"),
-        (lambda a: {"prefix_len": torch.tensor([3, 4], device=DEV)}, ValueError, "prefix_len must be a 0-d or [1]"),
+        (lambda a: {"prefix_len": torch.tensor([3, 4, 5], device=DEV)}, ValueError,
+         "prefix_len must be 0-d, [1] or one per batch row [1], got shape [3]"),
+        (lambda a: {"prefix_len": torch.tensor([[3, 4]], device=DEV)}, ValueError, "got shape [1, 2]"),
         (lambda a: {"tree_mask": a["tree_mask"].to("meta")}, ValueError, "tree_mask is on"),
     ],
 )
@@ -557,3 +559,35 @@ def test_cuda_reference_makes_no_host_sync():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.testing.assert_close(out, tree_attention_ref(**_good(device="cpu")).cuda(), atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------- a prefix length per batch row
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("T", [1, 5, 33])
+def test_a_prefix_length_per_batch_row(dtype, T):
+    """Rows of a batch at different prefix lengths (one of them 0), one call: each row as the
+    same call on that row alone with its own prefix length; both kernels (split and not)."""
+    import importlib
+
+    ta = importlib.import_module("mtpkern.ops.tree_attention")  # the package re-exports the function's name
+    B, H, Dh, S = 3, 2, 16, 70
+    q, k, v = _inputs(B, H, T, Dh, S, dtype, seed=T)
+    packed = pack_tree_mask(random_tree(T, seed=T)).to(DEV)
+    prefixes = torch.tensor([9, 0, S - T], device=DEV)
+    ref = tree_attention_ref(q, k, v, prefixes, packed)
+    for b in range(B):
+        alone = tree_attention_ref(q[b:b + 1], k[b:b + 1], v[b:b + 1], prefixes[b], packed)
+        assert torch.equal(ref[b:b + 1], alone), b
+    for splits in (1, 3):
+        ta_splits = ta._prefix_splits
+        ta._prefix_splits = lambda *a, n=splits: n
+        try:
+            out = tree_attention(q, k, v, prefixes, packed, backend="triton")
+        finally:
+            ta._prefix_splits = ta_splits
+        torch.testing.assert_close(out.float(), ref.float(), atol=ATOL[dtype], rtol=1e-3 if dtype != torch.float32 else 0)
+    bad = torch.tensor([9, 0, S - T + 1])  # row 2's tree would end past the cache
+    with pytest.raises(ValueError, match=rf"prefix_len = {S - T + 1} out of range: .* \(batch row 2\)"):
+        tree_attention_ref(q.cpu(), k.cpu(), v.cpu(), bad, packed.cpu())

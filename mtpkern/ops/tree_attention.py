@@ -141,7 +141,7 @@ def _finish(acc, l_i, nan_rows):
 @triton.jit(do_not_specialize=["T"])
 def _tree_attention_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, prefix_ptr, mask_ptr,
-    T, S, W, H, qk_scale,  # qk_scale = softmax scale * log2(e)
+    T, S, W, H, stride_pb, qk_scale,  # qk_scale = softmax scale * log2(e)
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
@@ -156,7 +156,7 @@ def _tree_attention_kernel(
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
-    prefix, n_tree, bad_prefix = _read_prefix_len(prefix_ptr, S, T)
+    prefix, n_tree, bad_prefix = _read_prefix_len(prefix_ptr + b * stride_pb, S, T)  # stride 0: shared
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -196,7 +196,7 @@ def _tree_attention_kernel(
 def _tree_attention_split_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, prefix_ptr, mask_ptr,
     acc_ptr, ml_ptr, count_ptr,  # partials [tiles, NUM_SPLITS, BLOCK_M, HEAD_DIM], [tiles, NUM_SPLITS, 2, BLOCK_M]
-    T, S, W, H, qk_scale,
+    T, S, W, H, stride_pb, qk_scale,
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
@@ -213,7 +213,7 @@ def _tree_attention_split_kernel(
     split = tl.program_id(2)
     b = pid_bh // H
     h = pid_bh % H
-    prefix, n_tree, bad_prefix = _read_prefix_len(prefix_ptr, S, T)
+    prefix, n_tree, bad_prefix = _read_prefix_len(prefix_ptr + b * stride_pb, S, T)  # stride 0: shared
     # This split's prefix range, in whole BLOCK_N blocks.
     chunk = tl.cdiv(tl.cdiv(prefix, NUM_SPLITS), BLOCK_N) * BLOCK_N
     lo = split * chunk
@@ -304,19 +304,25 @@ def unpack_tree_mask(packed: Tensor, T: int) -> Tensor:
 
 def dense_tree_mask(prefix_len: Tensor, tree_mask: Tensor, S: int) -> Tensor:
     """bool [T, S]: slot s is visible to tree token i iff s < P, or s = P + j and bit j of
-    row i of the packed ``tree_mask`` is set. No host sync (P stays a tensor)."""
+    row i of the packed ``tree_mask`` is set; [B, T, S] for a prefix length per batch row
+    ([B], B > 1). No host sync (P stays a tensor)."""
     T = tree_mask.shape[0]
     slots = torch.arange(S, device=tree_mask.device)
+    bits = unpack_tree_mask(tree_mask, T)
+    if _prefix_stride(prefix_len):
+        return torch.stack([dense_tree_mask(p, tree_mask, S) for p in prefix_len])
     prefix = prefix_len.reshape(()).to(device=tree_mask.device, dtype=torch.int64)
     j = slots - prefix  # tree index of each slot
     in_tree = (j >= 0) & (j < T)
-    tree_bits = unpack_tree_mask(tree_mask, T)[:, j.clamp(0, T - 1)]
+    tree_bits = bits[:, j.clamp(0, T - 1)]
     return (slots < prefix) | (in_tree & tree_bits)
 
 
 def _attention_dense(q, k_cache, v_cache, prefix_len, tree_mask, scale):
     """The reference's maths without host syncs (also the op's CPU implementation)."""
-    visible = dense_tree_mask(prefix_len, tree_mask, k_cache.shape[2])  # [T, S]
+    visible = dense_tree_mask(prefix_len, tree_mask, k_cache.shape[2])  # [T, S], or [B, T, S] per row
+    if visible.dim() == 3:
+        visible = visible[:, None]  # [B, 1, T, S]: every head of row b
     scores = scale * (q.float() @ k_cache.float().transpose(-1, -2))
     scores = scores.masked_fill(~visible, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
@@ -329,7 +335,8 @@ def _attention_dense(q, k_cache, v_cache, prefix_len, tree_mask, scale):
     poisoned = (visible.float() @ bad.float()) > 0  # [B, H, T, 1]
     # An out-of-range P (unchecked only on a GPU, where checking would sync): NaN, as the kernel.
     T, S = q.shape[2], k_cache.shape[2]
-    prefix = prefix_len.reshape(()).to(torch.int64)
+    prefix = prefix_len.to(device=q.device, dtype=torch.int64)
+    prefix = prefix.reshape(-1, 1, 1, 1) if _prefix_stride(prefix_len) else prefix.reshape(())
     poisoned = poisoned | (prefix < 0) | (prefix > S - T)
     return out.masked_fill(poisoned, float("nan")).to(q.dtype)
 
@@ -395,8 +402,11 @@ def _check_inputs(q, k_cache, v_cache, prefix_len, tree_mask, scale: float) -> N
             raise ValueError(f"tree_attention: {name} is on {t.device} but q is on {q.device}")
     if prefix_len.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"tree_attention: prefix_len must be int32 or int64, got {dtype_name(prefix_len.dtype)}")
-    if prefix_len.numel() != 1 or prefix_len.dim() > 1:
-        raise ValueError(f"tree_attention: prefix_len must be a 0-d or [1] tensor, got shape {list(prefix_len.shape)}")
+    if not (prefix_len.dim() == 0 or (prefix_len.dim() == 1 and prefix_len.shape[0] in (1, B))):
+        raise ValueError(f"tree_attention: prefix_len must be 0-d, [1] or one per batch row [{B}], got shape "
+                         f"{list(prefix_len.shape)}")
+    if prefix_len.dim() == 1 and not prefix_len.is_contiguous():
+        raise ValueError("tree_attention: prefix_len must be contiguous")
     _check_packed(tree_mask, T)
     if not tree_mask.is_contiguous():
         raise ValueError("tree_attention: tree_mask must be contiguous")
@@ -413,9 +423,11 @@ def _check_int32_offsets(**tensors: Tensor) -> None:
 
 def _check_prefix_len_value(prefix_len: Tensor, T: int, S: int) -> None:
     """On the host: a sync on CUDA, so only the reference and CPU tensors come here."""
-    prefix = int(prefix_len.reshape(()))
-    if not 0 <= prefix <= S - T:
-        raise ValueError(f"tree_attention: prefix_len = {prefix} out of range: need 0 <= prefix_len <= S - T = {S - T}")
+    for b, prefix in enumerate(prefix_len.reshape(-1).tolist()):
+        if not 0 <= prefix <= S - T:
+            row = f" (batch row {b})" if prefix_len.numel() > 1 else ""
+            raise ValueError(f"tree_attention: prefix_len = {prefix} out of range: need 0 <= prefix_len <= S - T = "
+                             f"{S - T}{row}")
 
 
 def _check_scale(scale) -> None:
@@ -462,7 +474,7 @@ def _launch(q, k_cache, v_cache, prefix_len, tree_mask, scale: float) -> Tensor:
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
         wrap_triton(_tree_attention_kernel)[grid](
             q, k_cache, v_cache, out, prefix_len, tree_mask,
-            T, k_cache.shape[2], tree_mask.shape[1], H, scale * _LOG2E,
+            T, k_cache.shape[2], tree_mask.shape[1], H, _prefix_stride(prefix_len), scale * _LOG2E,
             *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
             HEAD_DIM=Dh,
             BLOCK_M=block_m,
@@ -472,6 +484,11 @@ def _launch(q, k_cache, v_cache, prefix_len, tree_mask, scale: float) -> Tensor:
             num_stages=2,
         )
     return out
+
+
+def _prefix_stride(prefix_len: Tensor) -> int:
+    """1 for a prefix length per batch row ([B], B > 1), 0 for one shared by every row."""
+    return 1 if prefix_len.dim() == 1 and prefix_len.shape[0] > 1 else 0
 
 
 _SPLIT_TARGET_PROGRAMS = 128  # about one per SM of an H100 / H200
@@ -504,7 +521,7 @@ def _launch_split(q, k_cache, v_cache, prefix_len, tree_mask, scale, out, block_
         wrap_triton(_tree_attention_split_kernel)[grid](
             q, k_cache, v_cache, out, prefix_len, tree_mask,
             acc, ml, split_counters(q.device, tiles, like=q),
-            T, k_cache.shape[2], tree_mask.shape[1], H, scale * _LOG2E,
+            T, k_cache.shape[2], tree_mask.shape[1], H, _prefix_stride(prefix_len), scale * _LOG2E,
             *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
             NUM_SPLITS=splits,
             HEAD_DIM=Dh,
@@ -550,7 +567,8 @@ def tree_attention(
     """Attention of T tree tokens over a cached prefix and each other (see the module doc).
 
     q [B, H, T, Dh], k_cache / v_cache [B, H, S, Dh] (any strides, same dtype and device),
-    prefix_len a 0-d or [1] int tensor on that device, tree_mask the packed int32 [T, W] mask.
+    prefix_len a 0-d or [1] int tensor on that device (or [B]: each batch row's own prefix
+    length, rows of a batch drifting apart), tree_mask the packed int32 [T, W] mask.
     Returns [B, H, T, Dh] in q's dtype. scale defaults to 1/sqrt(Dh).
     backend: None (automatic), "triton" or "eager" (the fp32 reference). The op checks its
     inputs itself; an out-of-range prefix_len on a GPU gives NaN rows (see the module doc).
