@@ -19,9 +19,11 @@ last slots (a finished row costs what a masked row would) and discard them.
 Sampling takes one random stream per row (``generators``): ``ntp`` sampling and rejection
 sampling (chains) draw row b's tokens from ``generators[b]`` exactly as batch-1 decoding draws
 them from its generator, and typical acceptance (MEDUSA's rule, deterministic) runs the ops'
-rule per row. This first version runs eager kernels and static trees (hand trees, the
-default, ``auto``) for ``ntp``, ``mtp`` and ``medusa``; dynamic trees, fused kernels and CUDA
-graphs decode batch 1 (``mtpkern.Decoder``).
+rule per row. The forward pass runs the fused decoder-layer kernels (``kernels="fused"``, the
+default on CUDA: ``ln_qkv`` writes each row's K and V at its own slots, ``tree_attention`` reads
+each row's prefix length) or eager attention with a per-row mask. Static trees (hand trees,
+the default, ``auto``) for ``ntp``, ``mtp`` and ``medusa``; dynamic trees and CUDA graphs
+decode batch 1 (``mtpkern.Decoder``).
 """
 
 from __future__ import annotations
@@ -83,8 +85,13 @@ class BatchDecoder:
 
     def __init__(self, model, strategy: str = "ntp", *, tree=None, max_batch: int = 16, acceptance: str = "greedy",
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, typical_epsilon: float = 0.09,
-                 typical_alpha: float = 0.3):
-        _check_args(model, strategy, acceptance, "eager", temperature, top_k, top_p, False)
+                 typical_alpha: float = 0.3, kernels: str = "auto"):
+        _check_args(model, strategy, acceptance, kernels, temperature, top_k, top_p, False)
+        # the forward pass: the fused decoder-layer kernels with per-row slots and prefix
+        # lengths (CUDA by default; Triton's interpreter on CPU), or eager attention with a
+        # per-row mask
+        self.kernels = kernels
+        self.fused = kernels == "fused" or (kernels == "auto" and model.device.type == "cuda")
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
         tree, dynamic = _resolve_tree(model, strategy, tree, acceptance, "eager", False)
@@ -105,10 +112,12 @@ class BatchDecoder:
             self.T, self.heads, self.k, self.chain = 1, 1, 1, True
             self.depth = torch.zeros(1, dtype=torch.long, device=dev)
             self.dense = torch.ones(1, 1, dtype=torch.bool, device=dev)
+            self.packed = torch.ones(1, 1, dtype=torch.int32, device=dev)
         else:
             tt = tree.tensors(dev)
             self.T, self.heads, self.k, self.chain = len(tree), 1 + tree.max_depth, tree.topk, tree.is_chain
             self.depth, self.dense, self.paths, self.parents = tt.depth, tt.dense_mask, tt.paths, tt.parents
+            self.packed = tt.mask
             self.flat = tt.head_row * self.k + tt.rank  # node i + 1's entry of a row's flattened top-k
         self.logits = _Logits(model, fused=False)
         # verification: the extension's kernels wherever built (on CPU tensors too: a call for the
@@ -120,7 +129,7 @@ class BatchDecoder:
 
     def __repr__(self) -> str:
         return (f"BatchDecoder({type(self.model).__name__}, strategy={self.strategy!r}, tree={self.tree!r}, "
-                f"max_batch={self.max_batch})")
+                f"max_batch={self.max_batch}, kernels={self.kernels!r})")
 
     # -- inputs ------------------------------------------------------------------------
 
@@ -327,7 +336,11 @@ class BatchDecoder:
             ts = time.perf_counter()
             active = torch.tensor([not d for d in done], device=dev)
             tokens = root[:, None] if T == 1 else torch.cat([root[:, None], topk.view(B, -1).index_select(1, self.flat)], 1)
-            attn = Attn(view, prefix[:, None] + self.offsets[None, :], mask=self._mask(prefix))
+            slots = prefix[:, None] + self.offsets[None, :]
+            if self.fused:  # per-row slots and prefix lengths straight into the kernels: no mask, no sync
+                attn = Attn(view, slots, tree_mask=self.packed, prefix_len=prefix)
+            else:
+                attn = Attn(view, slots, mask=self._mask(prefix))
             h0, carry = model.decode_hidden(tokens, prefix[:, None] + self.depth[None, :], attn)  # [B, T, D]
             target = self.logits.argmax0(h0.reshape(B * T, -1)).view(B, T)
             if T == 1:

@@ -106,6 +106,7 @@ def test_bad_inputs(medusa_model):
         (lambda: BatchDecoder(medusa_model, "medusa", max_batch=0), ValueError, "max_batch must be an int >= 1"),
         (lambda: BatchDecoder(medusa_model, "medusa", tree="dynamic"), ValueError, "batched decoding takes static trees"),
         (lambda: BatchDecoder(medusa_model, "mtp"), ValueError, "strategy 'mtp' needs an MTPModel"),
+        (lambda: BatchDecoder(medusa_model, "medusa", kernels="magic"), ValueError, "unknown kernels 'magic'"),
     ]
     for call, kind, match in cases:
         with pytest.raises(kind) as info:
@@ -207,4 +208,18 @@ def test_verification_without_the_extension(monkeypatch, medusa_model):
     want = _reference(medusa_model, PROMPTS[:8])
     monkeypatch.setattr(_backend, "HAS_CUDA_EXT", False)
     got = BatchDecoder(medusa_model, "medusa", tree="3,2,1", max_batch=8).generate(PROMPTS[:8], max_new_tokens=MAX_NEW)
+    assert [r.tokens for r in got] == want
+
+
+@pytest.mark.parametrize("strategy, tree", [("ntp", None), ("medusa", "3,2,1"), ("mtp", None)])
+def test_fused_kernels_per_row(gpt2_model, medusa_model, mtp_model, strategy, tree):
+    """kernels="fused": ln_qkv writes every row at its own slots, tree attention reads every
+    row's prefix length (Triton's interpreter here): each row as batch-1 greedy decoding."""
+    model = {"ntp": gpt2_model, "medusa": medusa_model, "mtp": mtp_model}[strategy]
+    prompts = PROMPTS[:5]
+    dec = BatchDecoder(model, strategy, tree=tree, max_batch=5, kernels="fused")
+    assert dec.fused and not BatchDecoder(model, strategy, tree=tree, kernels="eager").fused
+    assert BatchDecoder(model, strategy, tree=tree).fused == (model.device.type == "cuda")  # "auto"
+    got = dec.generate(prompts, max_new_tokens=10)
+    want = [Decoder(model, "ntp").generate(p, max_new_tokens=10).tokens for p in prompts]
     assert [r.tokens for r in got] == want

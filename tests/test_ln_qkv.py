@@ -146,3 +146,28 @@ def test_cuda_gpt2_width(T, dtype):
     x, p, kc, vc = _inputs(1, T, 768, 12, S, dtype, seed=T)
     _check(x, p, kc, vc, torch.arange(S - T, S, device=DEV))
 
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_slots_per_batch_row(dtype):
+    """slots [B, T]: each batch row writes its K and V at its own slots (rows of a batch drift
+    apart), every other slot untouched; q as with shared slots."""
+    B, T, S = 3, 5, 40
+    x, p, kc, vc = _inputs(B, T, 64, 4, S, dtype, seed=11)
+    slots = torch.tensor([[9, 10, 11, 12, 13], [0, 1, 2, 3, 4], [35, 36, 37, 38, 39]], device=DEV)
+    k_ref, v_ref = kc.clone(), vc.clone()
+    q = ln_qkv(x, **p, k_cache=kc, v_cache=vc, slots=slots, backend="triton")
+    q_ref = ln_qkv_ref(x, **p, k_cache=k_ref, v_cache=v_ref, slots=slots)
+    atol = 1e-5 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(q.float(), q_ref.float(), atol=atol, rtol=1e-3)
+    for out, ref in ((kc, k_ref), (vc, v_ref)):
+        torch.testing.assert_close(out.float(), ref.float(), atol=atol, rtol=1e-3)  # every slot, written or not
+    for b in range(B):  # the reference itself: row b alone at its slots
+        k_one, v_one = _inputs(B, T, 64, 4, S, dtype, seed=11)[2:]
+        ln_qkv_ref(x[b:b + 1], **p, k_cache=k_one[b:b + 1], v_cache=v_one[b:b + 1], slots=slots[b])
+        assert torch.equal(k_ref[b], k_one[b]) and torch.equal(v_ref[b], v_one[b]), b
+    with pytest.raises(ValueError, match=r"slots\[2, 4\] = 40 is outside the cache's 40 slots"):
+        ln_qkv(x.cpu(), **{k: v.cpu() for k, v in p.items()}, k_cache=kc.cpu(), v_cache=vc.cpu(), slots=slots.cpu() + 1,
+               backend="eager")
+    with pytest.raises(ValueError, match=r"slots must be an int \[T\] = \[5\] \(or per batch row \[B, T\] = \[3, 5\]\)"):
+        ln_qkv(x, **p, k_cache=kc, v_cache=vc, slots=slots[:2])

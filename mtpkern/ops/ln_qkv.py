@@ -34,7 +34,7 @@ from mtpkern.ops._decode_linear import (
 def _ln_qkv_kernel(
     x_ptr, lnw_ptr, lnb_ptr, w_ptr, b_ptr,  # inputs: x [B, T, D], LayerNorm, W [3D, D], b [3D]
     q_ptr, k_ptr, v_ptr, slots_ptr,  # outputs: q [B, T, D]; k / v caches [B, H, S, Dh]; slots [T]
-    M, T, D, S, eps,
+    M, T, D, S, stride_sb, eps,
     stride_xb, stride_xt, stride_xd,
     stride_wn, stride_wk,
     stride_qb, stride_qt, stride_qd,
@@ -67,7 +67,7 @@ def _ln_qkv_kernel(
              mask=row_ok[:, None] & (col_ok & (which == 0))[None, :])
     # A slot outside the cache is skipped (checking it would sync with the host; the public
     # function checks CPU slots): never an out-of-bounds write.
-    slot = tl.load(slots_ptr + t, mask=row_ok, other=-1)
+    slot = tl.load(slots_ptr + b * stride_sb + t, mask=row_ok, other=-1)  # stride_sb 0: every row's slots
     kv_ok = row_ok & (slot >= 0) & (slot < S)
     slot = tl.where(kv_ok, slot, 0).to(tl.int32)
     k_off = (b * stride_kb + slot * stride_ks)[:, None] + (head * stride_kh + d * stride_kd)[None, :]
@@ -94,7 +94,12 @@ def ln_qkv_ref(x: Tensor, ln_weight: Tensor, ln_bias: Tensor, weight: Tensor, bi
     h = torch.nn.functional.layer_norm(x.float(), (D,), ln_weight.float(), ln_bias.float(), eps)
     q, k, v = (h @ weight.float().T + bias.float()).split(D, dim=-1)
     for cache, new in ((k_cache, k), (v_cache, v)):
-        cache.index_copy_(2, slots.to(cache.device, torch.int64), new.view(B, T, H, Dh).transpose(1, 2).to(cache.dtype))
+        new = new.view(B, T, H, Dh).transpose(1, 2).to(cache.dtype)
+        if slots.dim() == 2:  # each batch row at its own slots
+            rows = torch.arange(B, device=cache.device)[:, None]
+            cache[rows, :, slots.to(cache.device, torch.int64)] = new.transpose(1, 2)
+        else:
+            cache.index_copy_(2, slots.to(cache.device, torch.int64), new)
     return q.to(x.dtype)
 
 
@@ -118,9 +123,9 @@ def _check_inputs(x, ln_weight, ln_bias, weight, bias, k_cache, v_cache, slots, 
             raise TypeError(f"{name} must be {x.dtype} on {x.device}, got {c.dtype} on {c.device}")
     if k_cache.shape != v_cache.shape:
         raise ValueError(f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} differ")
-    if slots.dtype not in (torch.int32, torch.int64) or slots.shape != (T,) or slots.device != x.device:
-        raise ValueError(f"slots must be an int [T] = [{T}] tensor on {x.device}, got "
-                         f"{slots.dtype} of shape {tuple(slots.shape)} on {slots.device}")
+    if slots.dtype not in (torch.int32, torch.int64) or slots.shape not in ((T,), (B, T)) or slots.device != x.device:
+        raise ValueError(f"slots must be an int [T] = [{T}] (or per batch row [B, T] = [{B}, {T}]) tensor on "
+                         f"{x.device}, got {slots.dtype} of shape {tuple(slots.shape)} on {slots.device}")
     if not slots.is_contiguous():
         raise ValueError("slots must be contiguous")
     if not eps > 0:
@@ -129,8 +134,9 @@ def _check_inputs(x, ln_weight, ln_bias, weight, bias, k_cache, v_cache, slots, 
         S = k_cache.shape[2]
         bad = (slots < 0) | (slots >= S)
         if bool(bad.any()):
-            i = int(bad.nonzero()[0])
-            raise ValueError(f"slots[{i}] = {int(slots[i])} is outside the cache's {S} slots")
+            i = tuple(int(j) for j in bad.nonzero()[0])
+            where = ", ".join(map(str, i))
+            raise ValueError(f"slots[{where}] = {int(slots[i])} is outside the cache's {S} slots")
 
 
 def _launch(x, ln_weight, ln_bias, weight, bias, k_cache, v_cache, slots, eps: float) -> Tensor:
@@ -144,7 +150,7 @@ def _launch(x, ln_weight, ln_bias, weight, bias, k_cache, v_cache, slots, eps: f
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
         torch.library.wrap_triton(_ln_qkv_kernel)[grid](
             x, ln_weight, ln_bias, weight, bias, q, k_cache, v_cache, slots,
-            M, T, D, k_cache.shape[2], eps,
+            M, T, D, k_cache.shape[2], T if slots.dim() == 2 else 0, eps,
             *bt_strides(x), *weight.stride(), *bt_strides(q), *k_cache.stride(), *v_cache.stride(),
             HEAD_DIM=k_cache.shape[3],
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
@@ -177,7 +183,7 @@ def ln_qkv(x: Tensor, ln_weight: Tensor, ln_bias: Tensor, weight: Tensor, bias: 
     """q of ``LayerNorm(x) @ weight.T + bias``, with k and v written into the caches at ``slots``.
 
     x [B, T, D] (any strides); ln_weight, ln_bias [D]; weight [3D, D]; bias [3D]; one layer's
-    k_cache / v_cache [B, H, S, Dh] with H * Dh = D (written in place); slots int [T]. All float
+    k_cache / v_cache [B, H, S, Dh] with H * Dh = D (written in place); slots int [T] (or [B, T]: each batch row its own). All float
     tensors share one dtype and device. Returns q [B, T, D].
     backend: None (automatic), "triton" or "eager" (the fp32 reference).
     """
