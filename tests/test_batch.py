@@ -215,11 +215,17 @@ def test_verification_without_the_extension(monkeypatch, medusa_model):
 def test_fused_kernels_per_row(gpt2_model, medusa_model, mtp_model, strategy, tree):
     """kernels="fused": ln_qkv writes every row at its own slots, tree attention reads every
     row's prefix length (Triton's interpreter here): each row as batch-1 greedy decoding."""
+    import copy
+
+    from _tiny import assert_same_greedy_tokens
+
     model = {"ntp": gpt2_model, "medusa": medusa_model, "mtp": mtp_model}[strategy]
+    model = copy.deepcopy(model).to("cuda" if torch.cuda.is_available() else "cpu")  # Triton needs CUDA tensors there
     prompts = PROMPTS[:5]
     dec = BatchDecoder(model, strategy, tree=tree, max_batch=5, kernels="fused")
     assert dec.fused and not BatchDecoder(model, strategy, tree=tree, kernels="eager").fused
     assert BatchDecoder(model, strategy, tree=tree).fused == (model.device.type == "cuda")  # "auto"
     got = dec.generate(prompts, max_new_tokens=10)
-    want = [Decoder(model, "ntp").generate(p, max_new_tokens=10).tokens for p in prompts]
-    assert [r.tokens for r in got] == want
+    for p, r in zip(prompts, got):
+        want = Decoder(model, "ntp", kernels="eager").generate(p, max_new_tokens=10).tokens
+        assert_same_greedy_tokens(model, p, r.tokens, want)  # on a GPU a near-tie may round either way
