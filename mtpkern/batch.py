@@ -119,7 +119,7 @@ class BatchDecoder:
             self.depth, self.dense, self.paths, self.parents = tt.depth, tt.dense_mask, tt.paths, tt.parents
             self.packed = tt.mask
             self.flat = tt.head_row * self.k + tt.rank  # node i + 1's entry of a row's flattened top-k
-        self.logits = _Logits(model, fused=False)
+        self.logits = _Logits(model, fused=self.fused)  # head-0 argmax and draft top-k: fused_logits with fused kernels
         # verification: the extension's kernels wherever built (on CPU tensors too: a call for the
         # whole batch), else the eager rule
         self.ops_backend = "cuda" if _backend.HAS_CUDA_EXT else "eager"
@@ -177,6 +177,11 @@ class BatchDecoder:
         """Every row's next draft tokens [B, heads - 1, k] (the heads' top-k)."""
         d = self._draft_hidden(h0, carry, path, accept_len, last_node, prefix, view)
         B, n = d.shape[0], d.shape[1]
+        if self.fused:  # the logits kernel's top-k, every row and head in one call where the unembedding is shared
+            if self.logits.shared:
+                return fused_logits(d.reshape(B * n, -1), self.model.unembed_weight, self.k).topk_indices.view(B, n, -1)
+            return torch.stack([fused_logits(d[:, j].contiguous(), self.model.head_weight(j + 1), self.k).topk_indices
+                                for j in range(n)], 1)
         if self.logits.shared:
             z = self.logits._z(d.reshape(B * n, -1), 1).view(B, n, -1)
         else:
