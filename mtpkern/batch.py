@@ -5,7 +5,8 @@ per prompt. Rows accept different numbers of tokens per step, so their cache pos
 apart: every row keeps its own prefix length, and a step writes each row's tree tokens at that
 row's own slots and positions, with a per-row attention mask (its prefix, then the tree's
 ancestor mask). No padding token ever enters a row's cache as context: prompts of different
-lengths are prefilled row by row, each from slot 0.
+lengths are prefilled at once, right-padded, each from slot 0, a pad token seeing only its row's
+tokens and its slots rewritten before any step reads them.
 
 One step runs the model's forward pass once for all rows (the pass that costs: every weight is
 read once per step, whatever B is), then verification (the ops' greedy rule), KV compaction
@@ -221,6 +222,38 @@ class BatchDecoder:
         q = torch.cat([self._probs(d[j - 1 : j], j) for j in range(1, d.shape[0] + 1)])
         return q, torch.multinomial(q, 1, generator=gen)[:, 0]
 
+    def _prefill(self, ids: list[torch.Tensor]) -> torch.Tensor:
+        """Every prompt through the model at once, each at slots and positions 0 .. P_b - 1 of
+        its row (right-padded to the longest: a pad query sees only its row's tokens, and the
+        slots it writes past P_b are written again by the row's first steps before any step
+        reads them). Returns each row's last-position states [B, heads, D] (head 0, then the
+        draft heads), as batch 1's ``prefill`` does; a single prompt takes batch 1's own path."""
+        model, dev, B = self.model, self.device, len(ids)
+        if B == 1:
+            return prefill(model, _row_view(self.cache, 0), ids[0], heads=self.heads)[None]
+        lengths = torch.tensor([int(t.shape[0]) for t in ids], device=dev)
+        P = int(lengths.max())
+        tokens = torch.zeros(B, P, dtype=torch.long, device=dev)
+        for b, t in enumerate(ids):
+            tokens[b, : t.shape[0]] = t
+        pos = torch.arange(P, device=dev)
+        causal = torch.ones(P, P, dtype=torch.bool, device=dev).tril()
+        mask = (causal[None] & (pos[None, None, :] < lengths[:, None, None]))[:, None]  # [B, 1, P, P]
+        view = KVCache.__new__(KVCache)
+        view.k, view.v = self.cache.k[:, :B], self.cache.v[:, :B]
+        attn = Attn(view, pos[None].expand(B, P), mask=mask)
+        h0, carry = model.decode_hidden(tokens, pos[None].expand(B, P), attn)
+        rows, last = torch.arange(B, device=dev), lengths - 1
+        h = h0[rows, last]  # [B, D]
+        if self.heads == 1:
+            return h[:, None]
+        n = self.heads - 1
+        if model.draft_on_path:  # MTP: the head blocks fill their caches over every prompt
+            d = torch.stack([model.head_forward(j, carry, attn)[rows, last] for j in range(1, n + 1)], 1)
+        else:
+            d = model.heads_at(h, n).transpose(0, 1)
+        return torch.cat([h[:, None], d], 1)
+
     def _compact(self, path: torch.Tensor, prefix: torch.Tensor, count: torch.Tensor) -> None:
         """``kv_compact_`` with a path, prefix length and count per row, over the whole cache
         (its rows past this batch move nothing)."""
@@ -313,13 +346,14 @@ class BatchDecoder:
                     done[b] = True
                     return
 
-        # Prefill row by row (prompts of any lengths, each from slot 0), then each row's first
-        # token and drafts, as batch-1 decoding makes them.
+        # Prefill every row at once (prompts of any lengths, each from slot 0), then each row's
+        # first token and drafts, as batch-1 decoding makes them.
         root = torch.zeros(B, dtype=torch.long, device=dev)
         topk = torch.zeros(B, max(self.heads - 1, 1), self.k, dtype=torch.long, device=dev)
         q = [None] * B  # rejection sampling: each row's draft distributions [n, V]
+        first_states = self._prefill(ids)  # [B, heads, D]
         for b in range(B):
-            h = prefill(model, _row_view(self.cache, b), ids[b], heads=self.heads)  # [heads, D]
+            h = first_states[b]
             if self.sampling:
                 root[b] = torch.multinomial(self._probs(h[:1], 0), 1, generator=gens[b])[0, 0]
             else:
