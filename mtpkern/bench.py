@@ -85,6 +85,8 @@ def bench_prompts(model, n: int, prompt_len: int, model_dir=None, data: str = "s
 
 def engine_cases(models: dict, device) -> list[tuple[str, object, dict]]:
     """``(name, model, generate kwargs)`` for every engine configuration to time."""
+    from mtpkern.decoder import has_calibration
+
     cuda = device.type == "cuda"
     cases = [("ntp/eager", models["ntp"], dict(strategy="ntp", kernels="eager"))]
     if cuda:
@@ -94,7 +96,9 @@ def engine_cases(models: dict, device) -> list[tuple[str, object, dict]]:
             continue
         model = models[strategy]
         kw = dict(strategy=strategy)
-        if strategy == "medusa":
+        if strategy == "medusa" and not has_calibration(model):
+            # random or uncalibrated heads: one small fixed tree; a calibrated checkpoint decodes
+            # with its own `auto` tree, as the decoder's default
             kw["tree"] = eval_tree(model.config.n_heads)
         cases += [(f"{strategy}/eager", model, dict(kw, kernels="eager")),
                   (f"{strategy}/fused", model, dict(kw, kernels="fused"))]

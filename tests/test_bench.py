@@ -8,10 +8,14 @@ import torch
 from mtpkern.bench import bench_models, engine_cases, format_bench, run_bench
 
 
-def test_cases_per_device():
+def test_cases_per_device(monkeypatch):
     models = bench_models(quick=True, device=torch.device("cpu"), dtype=torch.float32)
     names = [name for name, _, _ in engine_cases(models, torch.device("cpu"))]
     assert names == ["ntp/eager", "mtp/eager", "mtp/fused", "medusa/eager", "medusa/fused"]
+    medusa = {name: kw for name, _, kw in engine_cases(models, torch.device("cpu"))}["medusa/eager"]
+    assert medusa["tree"] is not None  # random heads: the small fixed tree
+    monkeypatch.setattr("mtpkern.decoder.has_calibration", lambda m: True)  # a calibrated checkpoint:
+    assert "tree" not in {name: kw for name, _, kw in engine_cases(models, torch.device("cpu"))}["medusa/eager"]
     # One base under every strategy, so their speeds compare the engine and nothing else.
     assert torch.equal(models["mtp"].wte.weight, models["ntp"].wte.weight)
     assert torch.equal(models["medusa"].base.h[0].mlp.c_fc.weight, models["ntp"].h[0].mlp.c_fc.weight)
