@@ -14,7 +14,7 @@ def test_cases_per_device(monkeypatch):
     assert names == ["ntp/eager", "mtp/eager", "mtp/fused", "medusa/eager", "medusa/fused"]
     medusa = {name: kw for name, _, kw in engine_cases(models, torch.device("cpu"))}["medusa/eager"]
     assert medusa["tree"] is not None  # random heads: the small fixed tree
-    monkeypatch.setattr("mtpkern.decoder.has_calibration", lambda m: True)  # a calibrated checkpoint:
+    monkeypatch.setattr("mtpkern.decoder.has_calibration", lambda m: True)  # calibrated: its own auto tree
     assert "tree" not in {name: kw for name, _, kw in engine_cases(models, torch.device("cpu"))}["medusa/eager"]
     # One base under every strategy, so their speeds compare the engine and nothing else.
     assert torch.equal(models["mtp"].wte.weight, models["ntp"].wte.weight)
