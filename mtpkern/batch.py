@@ -175,19 +175,9 @@ class BatchDecoder:
         return ((rel < 0)[:, None, :] | tree)[:, None]
 
     def _drafts(self, h0, carry, path, accept_len, last_node, prefix, view) -> torch.Tensor:
-        """Every row's next draft tokens [B, heads - 1, k] (the heads' top-k)."""
+        """Every row's next draft tokens [B, heads - 1, k] (the heads' top-k, as batch 1's)."""
         d = self._draft_hidden(h0, carry, path, accept_len, last_node, prefix, view)
-        B, n = d.shape[0], d.shape[1]
-        if self.fused:  # the logits kernel's top-k, every row and head in one call where the unembedding is shared
-            if self.logits.shared:
-                return fused_logits(d.reshape(B * n, -1), self.model.unembed_weight, self.k).topk_indices.view(B, n, -1)
-            return torch.stack([fused_logits(d[:, j].contiguous(), self.model.head_weight(j + 1), self.k).topk_indices
-                                for j in range(n)], 1)
-        if self.logits.shared:
-            z = self.logits._z(d.reshape(B * n, -1), 1).view(B, n, -1)
-        else:
-            z = torch.stack([self.logits._z(d[:, j], j + 1) for j in range(n)], 1)
-        return z.topk(self.k, dim=-1).indices
+        return self.logits.heads_topk(d, self.k)[1]
 
     def _draft_hidden(self, h0, carry, path, accept_len, last_node, prefix, view) -> torch.Tensor:
         """Every row's draft heads' states [B, heads - 1, D] at its last accepted node, from this

@@ -247,14 +247,27 @@ class _Logits:
     def draft_topk(self, h: torch.Tensor, k: int, logprobs: bool = False):
         """(log-probabilities [D, k] or None, token ids [D, k]) of draft heads 1..D from one
         position's hidden states h [1 + D, hidden]: row d is head d + 1."""
-        D = h.shape[0] - 1
+        lp, ids = self.heads_topk(h[None, 1:], k, logprobs)
+        return (None if lp is None else lp[0]), ids[0]
+
+    def heads_topk(self, d: torch.Tensor, k: int, logprobs: bool = False):
+        """(log-probabilities [B, n, k] or None, token ids [B, n, k]) of draft heads 1..n from
+        their states d [B, n, hidden] at B positions (one per row of a batch): one logits call
+        for every row and head where the unembedding is shared, one per head otherwise."""
+        B, n = d.shape[0], d.shape[1]
         if self.fused:
-            stats = ([fused_logits(h[1:], self.model.unembed_weight, k)] if self.shared else
-                     [fused_logits(h[j:j + 1], self.model.head_weight(j), k) for j in range(1, D + 1)])
-            ids = torch.cat([s.topk_indices for s in stats])
-            lp = torch.cat([s.topk_values - s.lse[:, None] for s in stats]) if logprobs else None
-            return lp, ids
-        z = self._z(h[1:], 1) if self.shared else torch.cat([self._z(h[j:j + 1], j) for j in range(1, D + 1)])
+            if self.shared:
+                s = fused_logits(d.reshape(B * n, -1), self.model.unembed_weight, k)
+                ids, lp = s.topk_indices.view(B, n, k), (s.topk_values - s.lse[:, None]).view(B, n, k)
+            else:
+                stats = [fused_logits(d[:, j].contiguous(), self.model.head_weight(j + 1), k) for j in range(n)]
+                ids = torch.stack([s.topk_indices for s in stats], 1)
+                lp = torch.stack([s.topk_values - s.lse[:, None] for s in stats], 1)
+            return (lp if logprobs else None), ids
+        if self.shared:
+            z = self._z(d.reshape(B * n, -1), 1).view(B, n, -1)
+        else:
+            z = torch.stack([self._z(d[:, j], j + 1) for j in range(n)], 1)
         top = z.topk(k, dim=-1)
         lp = top.values - z.logsumexp(-1, keepdim=True) if logprobs else None
         return lp, top.indices
