@@ -185,7 +185,7 @@ class Attn:
     """How the new tokens attend during decoding.
 
     cache: the static KV cache; the new tokens' K/V are written at ``slots`` (int64 [T], or
-        [B, T]: each row's own slots, eager attention only).
+        [B, T]: each batch row's own slots; then ``prefix_len`` is [B] with fused kernels).
     mask: bool [T, S'] over the first S' cache slots (True = attend), or [B, 1, T, S'] per row;
         eager attention.
     tree_mask / prefix_len: the fused kernels' inputs instead of ``mask``: every slot below
@@ -700,7 +700,7 @@ class MedusaModel(_Family):
     def heads_at(self, h: torch.Tensor, n: int) -> torch.Tensor:
         """MEDUSA heads 1..n at every row of h [R, D] (final-normed): [n, R, D]."""
         def groups():
-            lin = [[h.blocks[i].linear for h in self.medusa[:n]] for i in range(self.config.medusa_layers)]
+            lin = [[head.blocks[i].linear for head in self.medusa[:n]] for i in range(self.config.medusa_layers)]
             return [g for layer in lin for g in (([m.weight for m in layer], True), ([m.bias for m in layer], False))]
 
         stacked = self._stacked(f"medusa{n}", groups)
