@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from mtpkern.bench import batch_study, bench_models, bench_prompts, decoder_run, step_cost_curve, time_case
+from mtpkern.plots import ntp_of
 from mtpkern.eval import device_info, hf_decoder
 from mtpkern.runtime import resolve_device, resolve_dtype
 
@@ -130,12 +131,12 @@ def _print_batch(batch: dict, sizes: list[int]) -> None:
           " | ".join(f"B={b} vs ntp" for b in sizes) + " | speed-up kept (of the smallest B's) |")
     print("| --- |" + " ---: |" * (2 * len(sizes) + 1))
     for family, strategies in batch.items():
-        ntp = strategies["ntp"]
         for strategy, by_b in strategies.items():
+            ntp = strategies[ntp_of(strategy)]  # with graphs: over ntp with graphs
             tps = [by_b[str(b)]["tokens_per_second"] for b in sizes]
             vs = [by_b[str(b)]["tokens_per_second"] / ntp[str(b)]["tokens_per_second"] for b in sizes]
             # the speed-up over ntp at B, as a share of the speed-up at the smallest B
-            kept = "" if strategy == "ntp" else ", ".join(f"B={b} {v / vs[0]:.0%}" for b, v in zip(sizes[1:], vs[1:]))
+            kept = "" if strategy == ntp_of(strategy) else ", ".join(f"B={b} {v / vs[0]:.0%}" for b, v in zip(sizes[1:], vs[1:]))
             print(f"| {family}: {strategy} | " + " | ".join(f"{t:.1f}" for t in tps) + " | " +
                   " | ".join(f"{v:.2f}x" for v in vs) + f" | {kept} |")
 
@@ -176,7 +177,7 @@ def main(argv=None) -> dict:
         if not sizes or sizes[0] < 1:
             raise SystemExit(f"--batch: batch sizes >= 1, got {args.batch!r}")
         with torch.inference_mode():
-            report["batch"] = batch_study(models, prompts, sizes, n, args.eos, device)
+            report["batch"] = batch_study(models, prompts, sizes, n, args.eos, device, cuda_graph=device.type == "cuda")
         print(f"device: {report['device']}\nweights: {note}\n{n} new tokens, {torch.get_num_threads()} threads\n")
         _print_batch(report["batch"], sizes)
         if args.plot:

@@ -23,8 +23,14 @@ them from its generator, and typical acceptance (MEDUSA's rule, deterministic) r
 rule per row. The forward pass runs the fused decoder-layer kernels (``kernels="fused"``, the
 default on CUDA: ``ln_qkv`` writes each row's K and V at its own slots, ``tree_attention`` reads
 each row's prefix length) or eager attention with a per-row mask. Static trees (hand trees,
-the default, ``auto``) for ``ntp``, ``mtp`` and ``medusa``; dynamic trees and CUDA graphs
-decode batch 1 (``mtpkern.Decoder``).
+the default, ``auto``) for ``ntp``, ``mtp`` and ``medusa``; dynamic trees decode batch 1
+(``mtpkern.Decoder``).
+
+CUDA graphs (``cuda_graph=True``, fused kernels on CUDA): a batch's state (roots, drafts,
+prefix lengths, which rows still decode) lives in device tensors that a step updates in place,
+and a greedy or typical step (forward, logits, verification, KV compaction, next drafts) never
+syncs, so the whole step is captured once per batch size B and replayed; sampling steps replay
+their forward pass alone (each row draws from its own generator on the host side of the step).
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ from collections.abc import Sequence
 import torch
 
 from mtpkern.decoder import (
-    GenerationResult, _check_args, _Logits, _prompt, _resolve_tree, prefill,
+    GenerationResult, _check_args, _CudaGraph, _Logits, _prompt, _resolve_tree, prefill,
 )
 from mtpkern.ops.fused_logits import fused_logits
 from mtpkern.ops.kv_compact import kv_compact_
@@ -44,6 +50,7 @@ from mtpkern.ops.verify import verify_greedy, verify_typical
 from mtpkern.sampling import sampling_probs, speculative_sample_device
 from mtpkern.model import Attn, KVCache
 from mtpkern.runtime import now
+from mtpkern.tree import Tree
 
 __all__ = ["BatchDecoder", "generate_batch", "split_padded"]
 
@@ -86,13 +93,17 @@ class BatchDecoder:
 
     def __init__(self, model, strategy: str = "ntp", *, tree=None, max_batch: int = 16, acceptance: str = "greedy",
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, typical_epsilon: float = 0.09,
-                 typical_alpha: float = 0.3, kernels: str = "auto"):
-        _check_args(model, strategy, acceptance, kernels, temperature, top_k, top_p, False)
+                 typical_alpha: float = 0.3, kernels: str = "auto", cuda_graph: bool = False):
+        _check_args(model, strategy, acceptance, kernels, temperature, top_k, top_p, cuda_graph)
         # the forward pass: the fused decoder-layer kernels with per-row slots and prefix
         # lengths (CUDA by default; Triton's interpreter on CPU), or eager attention with a
         # per-row mask
         self.kernels = kernels
         self.fused = kernels == "fused" or (kernels == "auto" and model.device.type == "cuda")
+        if cuda_graph and not self.fused:
+            raise ValueError("a batch replays CUDA graphs of the fused kernels (kernels='auto' or 'fused'); "
+                             "kernels='eager' builds each step's attention mask on the host")
+        self.cuda_graph = bool(cuda_graph)
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
         tree, dynamic = _resolve_tree(model, strategy, tree, acceptance, "eager", False)
@@ -120,6 +131,8 @@ class BatchDecoder:
             self.depth, self.dense, self.paths, self.parents = tt.depth, tt.dense_mask, tt.paths, tt.parents
             self.packed = tt.mask
             self.flat = tt.head_row * self.k + tt.rank  # node i + 1's entry of a row's flattened top-k
+        if model.draft_on_path and self.heads > 1:  # MTP's head blocks run over each row's accepted path
+            self.path_mask = Tree.chain(self.heads - 1).tensors(dev).mask
         self.logits = _Logits(model, fused=self.fused)  # head-0 argmax and draft top-k: fused_logits with fused kernels
         # verification: the extension's kernels wherever built (on CPU tensors too: a call for the
         # whole batch), else the eager rule
@@ -127,10 +140,13 @@ class BatchDecoder:
         self.cache = KVCache(model.n_cache_layers, max_batch, cfg.n_head, cfg.n_positions, cfg.head_dim,
                              dtype=model.dtype, device=dev)
         self.offsets = torch.arange(self.T, device=dev)
+        self._graphs: dict[int, tuple[_Rows, _CudaGraph]] = {}  # whole steps, per batch size
+        self._forward_graphs: dict[int, _CudaGraph] = {}  # sampling steps' forward passes
+        self._graph_weights: list[int] | None = None
 
     def __repr__(self) -> str:
         return (f"BatchDecoder({type(self.model).__name__}, strategy={self.strategy!r}, tree={self.tree!r}, "
-                f"max_batch={self.max_batch}, kernels={self.kernels!r})")
+                f"max_batch={self.max_batch}, kernels={self.kernels!r}, cuda_graph={self.cuda_graph})")
 
     # -- inputs ------------------------------------------------------------------------
 
@@ -163,7 +179,7 @@ class BatchDecoder:
             out.append(ids)
         return out
 
-    # -- one step for every row --------------------------------------------------------
+    # -- the parts of a step -----------------------------------------------------------
 
     def _mask(self, prefix: torch.Tensor) -> torch.Tensor:
         """bool [B, 1, T, S']: row b sees its slots below prefix[b] and, at prefix[b] + j, tree
@@ -190,6 +206,9 @@ class BatchDecoder:
             R = self.heads
             x = carry[rows[:, None], path.clamp(min=0)]  # [B, R, D]
             slots = prefix[:, None] + torch.arange(R, device=self.device)[None, :]
+            if self.fused:  # the path is a chain after each row's prefix: tree attention, no mask, no sync
+                attn = Attn(view, slots, tree_mask=self.path_mask, prefix_len=prefix)
+                return torch.stack([model.head_forward(j, x, attn)[rows, accept_len] for j in range(1, n + 1)], 1)
             span = int(prefix.max()) + R
             rel = torch.arange(span, device=self.device)[None, None, :] - slots[:, :, None]  # [B, R, S']
             mask = (rel <= 0)[:, None]  # the prefix, and the path causally
@@ -287,6 +306,99 @@ class BatchDecoder:
         last = path[rows, accept_len]
         return accept_len, path, last, target[rows[:, None], path.clamp(min=0)]
 
+    # -- one step for every row, on the device state ----------------------------------
+
+    def _tokens(self, s: _Rows) -> torch.Tensor:
+        """Every row's tree tokens [B, T]: its root, then its drafts in tree order."""
+        if self.T == 1:
+            return s.root[:, None]
+        return torch.cat([s.root[:, None], s.topk.view(s.B, -1).index_select(1, self.flat)], 1)
+
+    def _forward_at(self, tokens: torch.Tensor, prefix: torch.Tensor, cache: KVCache):
+        """The model over every row's T tokens at slots prefix[b] + i and positions prefix[b] +
+        depth[i]: (head 0's states, the draft heads' carry), [B, T, D] each."""
+        slots = prefix[:, None] + self.offsets[None, :]
+        if self.fused:  # per-row slots and prefix lengths straight into the kernels: no mask, no sync
+            attn = Attn(cache, slots, tree_mask=self.packed, prefix_len=prefix)
+        else:
+            attn = Attn(cache, slots, mask=self._mask(prefix))
+        return self.model.decode_hidden(tokens, prefix[:, None] + self.depth[None, :], attn)
+
+    def _advance(self, s: _Rows, count: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The next roots and prefixes (a finished row stays where it ended), in place; returns
+        the step's output [B, 1 + emit]: each row's count, then its tokens."""
+        s.root.copy_(out.gather(1, (count - 1)[:, None])[:, 0])
+        s.prefix.add_(torch.where(s.active, count, 0))
+        return torch.cat([count[:, None], out], 1)
+
+    def _step(self, s: _Rows) -> torch.Tensor:
+        """One greedy or typical step of every row: forward, head-0 argmax, verification, KV
+        compaction, next drafts. No host sync with fused kernels (a CUDA graph captures it)."""
+        B, T = s.B, self.T
+        tokens = self._tokens(s)
+        h0, carry = self._forward_at(tokens, s.prefix, s.cache)
+        target = self.logits.argmax0(h0.reshape(B * T, -1)).view(B, T)
+        if T == 1:
+            return self._advance(s, torch.ones_like(s.root), target)
+        if self.acceptance == "typical":
+            accept_len, path, last, out = self._verify_typical(tokens, target, h0)
+        else:
+            accept_len, path, last, out = self._verify(tokens, target)
+        count = accept_len + 1
+        if not self.chain:  # each row's accepted nodes' K/V to the slots after its prefix, one call
+            self._compact(path, s.prefix, torch.where(s.active, count, 0))
+        s.topk.copy_(self._drafts(h0, carry, path, accept_len, last, s.prefix, s.cache))
+        return self._advance(s, count, out)
+
+    def _sampling_step(self, s: _Rows, gens: list, q: list) -> torch.Tensor:
+        """One sampling step: ``ntp`` sampling, or rejection sampling along each row's chain,
+        every row from its own stream (its forward pass replayed from a CUDA graph if asked)."""
+        B, T = s.B, self.T
+        tokens = self._tokens(s)
+        if self.cuda_graph:
+            graph = self._forward_graphs.get(B)
+            if graph is None:
+                cache = s.cache
+                graph = self._forward_graphs[B] = _CudaGraph(lambda t, p: self._forward_at(t, p, cache),
+                                                             (tokens, s.prefix), self.device)
+            h0, carry = graph(tokens, s.prefix)
+        else:
+            h0, carry = self._forward_at(tokens, s.prefix, s.cache)
+        if T == 1:
+            out = torch.stack([torch.multinomial(self._probs(h0[b, :1], 0), 1, generator=gens[b])[0] for b in range(B)])
+            return self._advance(s, torch.ones_like(s.root), out)
+        drawn = [speculative_sample_device(self._probs(h0[b], 0), q[b], s.topk[b, :, 0], gens[b]) for b in range(B)]
+        accept_len = torch.stack([a.view(()) for a, _ in drawn])
+        out = torch.stack([o for _, o in drawn])
+        path = self.offsets[None, :].expand(B, T)
+        d = self._draft_hidden(h0, carry, path, accept_len, accept_len, s.prefix, s.cache)
+        for b in range(B):
+            q[b], s.topk[b, :, 0] = self._sample_drafts(d[b], gens[b])
+        return self._advance(s, accept_len + 1, out)
+
+    # -- CUDA graphs -------------------------------------------------------------------
+
+    def reset_graphs(self) -> None:
+        """Drop the captured graphs (they read the weights at the addresses they were captured
+        with: after ``model.to()`` or ``load_state_dict(assign=True)``, capture again)."""
+        self._graphs, self._forward_graphs, self._graph_weights = {}, {}, None
+
+    def _check_weights(self) -> None:
+        weights = [t.data_ptr() for t in (*self.model.parameters(), *self.model.buffers())]
+        if weights != self._graph_weights:
+            self.reset_graphs()
+            self._graph_weights = weights
+
+    def _graphed_rows(self, B: int) -> tuple[_Rows, _CudaGraph]:
+        """The state of batches of B rows and the graph of their whole step, captured on the
+        first batch of that size, before its prefill: with every row inactive at prefix 0, the
+        capture's warm-up steps write slots the prefill and the first step write again, and
+        move nothing."""
+        if B not in self._graphs:
+            s = _Rows(self, B)
+            self._graphs[B] = (s, _CudaGraph(lambda: self._step(s), (), self.device))
+        return self._graphs[B]
+
     # -- decoding ----------------------------------------------------------------------
 
     def _generators(self, generators, B: int) -> list:
@@ -319,9 +431,16 @@ class BatchDecoder:
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
         ids = self._prompts(prompts, attention_mask, max_new_tokens)
-        B, T, model, dev = len(ids), self.T, self.model, self.device
+        B, dev = len(ids), self.device
         gens = self._generators(generators, B)
         rejection = self.acceptance == "rejection"
+        graph = None
+        if self.cuda_graph:
+            self._check_weights()
+            if not self.sampling:
+                s, graph = self._graphed_rows(B)
+        if graph is None:
+            s = _Rows(self, B)
         t0 = now(dev)
         outs: list[list[int]] = [[] for _ in range(B)]
         accepted: list[list[int]] = [[] for _ in range(B)]
@@ -338,76 +457,65 @@ class BatchDecoder:
 
         # Prefill every row at once (prompts of any lengths, each from slot 0), then each row's
         # first token and drafts, as batch-1 decoding makes them.
-        root = torch.zeros(B, dtype=torch.long, device=dev)
-        topk = torch.zeros(B, max(self.heads - 1, 1), self.k, dtype=torch.long, device=dev)
         q = [None] * B  # rejection sampling: each row's draft distributions [n, V]
         first_states = self._prefill(ids)  # [B, heads, D]
         for b in range(B):
             h = first_states[b]
             if self.sampling:
-                root[b] = torch.multinomial(self._probs(h[:1], 0), 1, generator=gens[b])[0, 0]
+                s.root[b] = torch.multinomial(self._probs(h[:1], 0), 1, generator=gens[b])[0, 0]
             else:
-                root[b] = self.logits.argmax0(h[:1])[0]
+                s.root[b] = self.logits.argmax0(h[:1])[0]
             if rejection:
-                q[b], topk[b, :, 0] = self._sample_drafts(h[1:], gens[b])
+                q[b], s.topk[b, :, 0] = self._sample_drafts(h[1:], gens[b])
             elif self.heads > 1:
-                topk[b] = self.logits.draft_topk(h, self.k)[1]
-        first = root.tolist()
+                s.topk[b] = self.logits.draft_topk(h, self.k)[1]
+        s.prefix.copy_(torch.tensor([int(p.shape[0]) for p in ids]))
+        s.active.fill_(True)
+        first = s.root.tolist()
         for b in range(B):
             emit(b, first[b : b + 1])
         prefill_time = time.perf_counter() - t0
-        prefix = torch.tensor([int(p.shape[0]) for p in ids], device=dev)
-        view = KVCache.__new__(KVCache)
-        view.k, view.v = self.cache.k[:, :B], self.cache.v[:, :B]
         step_times: list[float] = []
         active_steps = [0] * B
         while not all(done):
             ts = time.perf_counter()
-            active = torch.tensor([not d for d in done], device=dev)
-            tokens = root[:, None] if T == 1 else torch.cat([root[:, None], topk.view(B, -1).index_select(1, self.flat)], 1)
-            slots = prefix[:, None] + self.offsets[None, :]
-            if self.fused:  # per-row slots and prefix lengths straight into the kernels: no mask, no sync
-                attn = Attn(view, slots, tree_mask=self.packed, prefix_len=prefix)
+            if graph is not None:
+                out = graph()
+            elif self.sampling:
+                out = self._sampling_step(s, gens, q)
             else:
-                attn = Attn(view, slots, mask=self._mask(prefix))
-            h0, carry = model.decode_hidden(tokens, prefix[:, None] + self.depth[None, :], attn)  # [B, T, D]
-            target = self.logits.argmax0(h0.reshape(B * T, -1)).view(B, T)
-            if T == 1:
-                count, out = torch.ones_like(root), target
-                if self.sampling:
-                    out = torch.stack([torch.multinomial(self._probs(h0[b, :1], 0), 1, generator=gens[b])[0]
-                                       for b in range(B)])
-            elif rejection:  # speculative sampling along each row's chain, from its own stream
-                drawn = [speculative_sample_device(self._probs(h0[b], 0), q[b], topk[b, :, 0], gens[b])
-                         for b in range(B)]
-                accept_len = torch.stack([a.view(()) for a, _ in drawn])
-                out = torch.stack([o for _, o in drawn])
-                count = accept_len + 1
-                path = self.offsets[None, :].expand(B, T)
-                d = self._draft_hidden(h0, carry, path, accept_len, accept_len, prefix, view)
-                for b in range(B):
-                    q[b], topk[b, :, 0] = self._sample_drafts(d[b], gens[b])
-            else:
-                if self.acceptance == "typical":
-                    accept_len, path, last, out = self._verify_typical(tokens, target, h0)
-                else:
-                    accept_len, path, last, out = self._verify(tokens, target)
-                count = accept_len + 1
-                if not self.chain:  # each row's accepted nodes' K/V to the slots after its prefix, one call
-                    self._compact(path, prefix, torch.where(active, count, 0))
-                topk = self._drafts(h0, carry, path, accept_len, last, prefix, view)
-            root = out.gather(1, (count - 1)[:, None])[:, 0]
-            prefix = prefix + torch.where(active, count, 0)  # a finished row stays where it ended
-            host = torch.cat([count[:, None], out], 1).tolist()  # the step's one host sync
+                out = self._step(s)
+            host = out.tolist()  # the step's one host sync
+            finished = False
             for b in range(B):
                 if not done[b]:
                     active_steps[b] += 1
                     accepted[b].append(host[b][0])
                     emit(b, host[b][1 : 1 + host[b][0]])
+                    finished |= done[b]
+            if finished:  # finished rows stay where they ended from the next step on
+                s.active.copy_(torch.tensor([not d for d in done]))
             step_times.append(time.perf_counter() - ts)
         total = time.perf_counter() - t0
         return [GenerationResult(outs[b], active_steps[b], accepted[b], step_times[: active_steps[b]], prefill_time, total)
                 for b in range(B)]
+
+
+class _Rows:
+    """One batch's decoding state on the device, which every step updates in place (so that a
+    CUDA graph replays the step on these very tensors): the roots (each row's next token,
+    chosen but not yet cached) [B], the drafts [B, n, k], the prefix lengths [B], whether each
+    row still decodes [B], and the rows of the cache the batch uses."""
+
+    def __init__(self, dec: BatchDecoder, B: int):
+        dev = dec.device
+        self.B = B
+        self.root = torch.zeros(B, dtype=torch.long, device=dev)
+        self.topk = torch.zeros(B, max(dec.heads - 1, 1), dec.k, dtype=torch.long, device=dev)
+        self.prefix = torch.zeros(B, dtype=torch.long, device=dev)
+        self.active = torch.zeros(B, dtype=torch.bool, device=dev)
+        self.cache = KVCache.__new__(KVCache)
+        self.cache.k, self.cache.v = dec.cache.k[:, :B], dec.cache.v[:, :B]
 
 
 def generate_batch(model, prompts, *, max_new_tokens: int, strategy: str = "ntp", tree=None,

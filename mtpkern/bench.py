@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 
 from mtpkern.checkpoint import resolve_checkpoint
 from mtpkern.eval import device_info, eval_tree, hf_decoder
+from mtpkern.plots import GRAPHED, ntp_of
 from mtpkern.runtime import resolve_device, resolve_dtype, timed
 
 SCHEMA = "mtpkern.bench/1"
@@ -142,11 +143,14 @@ def time_case(run, prompts, device, *, warmup: int = 1) -> dict:
     return res
 
 
-def batch_study(models: dict, prompts: list, sizes: list[int], n: int, eos, device) -> dict:
+def batch_study(models: dict, prompts: list, sizes: list[int], n: int, eos, device, *,
+                cuda_graph: bool = False) -> dict:
     """``{family: {strategy: {B: {tokens_per_second, mean_accept_length}}}}``: each model's own
     ``ntp`` and its speculative strategy through :class:`mtpkern.batch.BatchDecoder` (one per
     B, held for all its batches), over batches of B prompts (the prompts cycled to fill the
-    largest B), all rows' tokens over the wall time; one warm-up batch first."""
+    largest B), all rows' tokens over the wall time; one warm-up batch first (which also
+    captures the CUDA graphs). ``cuda_graph``: each strategy also replayed from CUDA graphs,
+    as ``<strategy>+graph``."""
     from mtpkern.batch import BatchDecoder
     from mtpkern.runtime import now
 
@@ -157,9 +161,10 @@ def batch_study(models: dict, prompts: list, sizes: list[int], n: int, eos, devi
         strategies = ["ntp"] + ([family] if family != "ntp" else [])
         if family == "ntp" and len(models) > 1:
             continue  # the speculative families' models carry their own ntp
-        for strategy in strategies:
+        for strategy, graph in [(s, g) for g in ((False, True) if cuda_graph else (False,)) for s in strategies]:
+            name = strategy + (GRAPHED if graph else "")
             for B in sizes:
-                dec = BatchDecoder(model, strategy, max_batch=B)
+                dec = BatchDecoder(model, strategy, max_batch=B, cuda_graph=graph)
                 dec.generate(pool[:B], max_new_tokens=n, eos_token_id=eos)
                 tokens, accepted, t0 = 0, [], now(device)
                 for i in range(0, len(pool) - B + 1, B):
@@ -167,7 +172,7 @@ def batch_study(models: dict, prompts: list, sizes: list[int], n: int, eos, devi
                         tokens += len(r.tokens)
                         accepted += r.accept_lengths
                 dt = now(device) - t0
-                out.setdefault(family, {}).setdefault(strategy, {})[str(B)] = dict(
+                out.setdefault(family, {}).setdefault(name, {})[str(B)] = dict(
                     tokens_per_second=tokens / dt, mean_accept_length=sum(accepted) / max(1, len(accepted)))
     return out
 
@@ -315,11 +320,11 @@ def format_bench(report: dict) -> str:
         lines.append(f"\nBatched decoding: failed: {batched['error']}")
     elif batched:
         for family, strategies in batched.items():
-            ntp = strategies.get("ntp", {})
             for strategy, by_b in strategies.items():
+                ntp = strategies.get(ntp_of(strategy), {})
                 cells = [f"B={b} {v['tokens_per_second']:.1f}" + (
                     f" ({v['tokens_per_second'] / ntp[b]['tokens_per_second']:.2f}x its ntp)"
-                    if strategy != "ntp" and b in ntp else "") for b, v in by_b.items()]
+                    if strategy != ntp_of(strategy) and b in ntp else "") for b, v in by_b.items()]
                 lines.append(f"\nBatched decoding ({family} model, {strategy}, tokens/s): " + ", ".join(cells))
     for name, curve in report.get("step_cost", {}).items():
         if isinstance(curve, dict):
@@ -411,7 +416,8 @@ def run_bench(device: str = "cuda", json_path=None, model_dir=None, max_new_toke
                 save()
         if batch_sizes:
             try:
-                report["batched"] = batch_study(models, ids, list(batch_sizes), max_new_tokens, None, dev)
+                report["batched"] = batch_study(models, ids, list(batch_sizes), max_new_tokens, None, dev,
+                                                cuda_graph=dev.type == "cuda")
             except Exception as e:  # noqa: BLE001
                 report["batched"] = _error(e)
             save()

@@ -280,9 +280,10 @@ def decode_prompts(model, prompts: list[torch.Tensor], *, max_new_tokens: int, e
 def batched_throughput(model, decoders: dict, prompts: list[torch.Tensor], runs: dict, sizes, *,
                        max_new_tokens: int, eos_token_id: int | None) -> dict:
     """``{strategy: {B: {"tokens_per_second", "agrees_with_batch_1"}}}``: every prompt decoded
-    B at a time by :class:`mtpkern.batch.BatchDecoder` (greedy, eager kernels, the decoder's
-    own static tree), all rows' tokens over the wall time after one warm-up batch, and whether
-    every row's tokens equal the batch-1 run's. A dynamic tree decodes batch 1 only: skipped."""
+    B at a time by :class:`mtpkern.batch.BatchDecoder` (greedy, the decoder's own static tree,
+    kernels and CUDA-graph setting), all rows' tokens over the wall time after one warm-up
+    batch, and whether every row's tokens equal the batch-1 run's. A dynamic tree decodes batch
+    1 only: skipped."""
     from mtpkern.batch import BatchDecoder
     from mtpkern.runtime import now
 
@@ -294,7 +295,8 @@ def batched_throughput(model, decoders: dict, prompts: list[torch.Tensor], runs:
                 out[strategy] = {"skipped": "dynamic trees decode one prompt at a time"}
                 continue
             for B in sizes:
-                bd = BatchDecoder(model, strategy, tree=None if strategy == "ntp" else dec.tree, max_batch=B)
+                bd = BatchDecoder(model, strategy, tree=None if strategy == "ntp" else dec.tree, max_batch=B,
+                                  kernels=dec.kernels, cuda_graph=dec.cuda_graph and dec.fused)
                 bd.generate(rows[:B], max_new_tokens=max_new_tokens, eos_token_id=eos_token_id)
                 tokens, t0 = [], now(model.device)
                 for i in range(0, len(rows), B):

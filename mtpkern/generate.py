@@ -54,7 +54,7 @@ def generate(
 
     A batch (a list of token sequences of any lengths, a [B, T] tensor with B > 1, or any
     ``input_ids`` with an ``attention_mask``, 1 on tokens and 0 on padding at either end) is
-    decoded at once by :class:`mtpkern.batch.BatchDecoder` (static trees, no CUDA graphs): one
+    decoded at once by :class:`mtpkern.batch.BatchDecoder` (static trees): one
     result per prompt; greedy rows are token-identical to decoding each prompt alone, sampled
     rows draw from streams of their own, seeded from ``generator`` when one is given.
     """
@@ -63,13 +63,10 @@ def generate(
     if attention_mask is not None or _is_batch(input_ids):
         from mtpkern.batch import BatchDecoder
 
-        if cuda_graph:
-            raise ValueError("a batch of prompts decodes without CUDA graphs (for now); got cuda_graph=True: "
-                             "decode the prompts one by one for those")
         n = len(input_ids) if attention_mask is None else torch.as_tensor(attention_mask).shape[0]
         dec = BatchDecoder(model, strategy, tree=tree, max_batch=max(1, n), acceptance=acceptance,
                            temperature=temperature, top_k=top_k, top_p=top_p, typical_epsilon=typical_epsilon,
-                           typical_alpha=typical_alpha, kernels=kernels)
+                           typical_alpha=typical_alpha, kernels=kernels, cuda_graph=cuda_graph)
         gens = None
         if generator is not None and dec.sampling:  # one stream per row, seeded from the caller's generator
             seeds = torch.randint(0, 2**62, (n,), generator=generator, device=generator.device).tolist()

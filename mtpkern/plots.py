@@ -13,6 +13,14 @@ from matplotlib.figure import Figure
 
 DPI = 120
 
+GRAPHED = "+graph"  # ``mtpkern.bench.batch_study``'s suffix for a strategy replayed from CUDA graphs
+
+
+def ntp_of(strategy: str) -> str:
+    """The ``ntp`` case of a batch study that ``strategy`` is compared with: the one with the
+    same CUDA-graph setting."""
+    return "ntp" + GRAPHED if strategy.endswith(GRAPHED) else "ntp"
+
 
 def _save(fig: Figure, path) -> str:
     fig.tight_layout()
@@ -128,9 +136,9 @@ def plot_batch(batch: dict, path, title: str = "Batched decoding") -> str:
             sizes = sorted(int(b) for b in by_b)
             left.plot(sizes, [by_b[str(b)]["tokens_per_second"] for b in sizes], marker="o",
                       label=f"{family} model: {strategy}")
-        ntp = strategies.get("ntp", {})
         for strategy, by_b in strategies.items():
-            if strategy == "ntp":
+            ntp = strategies.get(ntp_of(strategy), {})  # the ntp case with the same CUDA-graph setting
+            if strategy == ntp_of(strategy):
                 continue
             sizes = sorted(int(b) for b in by_b if b in ntp)
             right.plot(sizes, [by_b[str(b)]["tokens_per_second"] / ntp[str(b)]["tokens_per_second"] for b in sizes],

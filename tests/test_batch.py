@@ -231,3 +231,142 @@ def test_fused_kernels_per_row(gpt2_model, medusa_model, mtp_model, strategy, tr
         assert_same_greedy_tokens(model, p, r.tokens, want)  # on a GPU a near-tie may round either way
     if strategy != "ntp":  # the drafts (the logits kernel's top-k) are accepted, not only the roots
         assert max(max(r.accept_lengths) for r in got) > 1
+
+
+# ---------------------------------------------------------------- CUDA graphs
+
+
+def _fake_rows(mode, rows):
+    """``rows`` (a ``_Rows``) with every tensor a fake one of ``mode``."""
+    from mtpkern.batch import _Rows
+    from mtpkern.model import KVCache
+
+    fake = _Rows.__new__(_Rows)
+    fake.B = rows.B
+    for name in ("root", "topk", "prefix", "active"):
+        setattr(fake, name, mode.from_tensor(getattr(rows, name)))
+    fake.cache = KVCache.__new__(KVCache)
+    fake.cache.k, fake.cache.v = mode.from_tensor(rows.cache.k), mode.from_tensor(rows.cache.v)
+    return fake
+
+
+@pytest.mark.parametrize("strategy, tree, kw", [("ntp", None, {}), ("medusa", "3,2,1", {}), ("mtp", None, {}),
+                                                ("mtp", "2,1,1", {}),
+                                                ("medusa", None, dict(acceptance="typical", temperature=0.7))])
+def test_a_fused_step_never_syncs(gpt2_model, medusa_model, mtp_model, strategy, tree, kw):
+    """What lets a CUDA graph capture the whole step: with fused kernels a step reads no device
+    value on the host. Under a fake-tensor mode any such read (``.item()``, ``int(t)``,
+    ``.tolist()``, a data-dependent shape) raises; eager attention's per-step mask does, which
+    shows the check can fail."""
+    from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
+
+    from mtpkern.batch import _Rows
+
+    import copy
+
+    # a copy: under the fake mode the model would keep fake stacked weights (model._stacked)
+    model = copy.deepcopy({"ntp": gpt2_model, "medusa": medusa_model, "mtp": mtp_model}[strategy])
+    for kernels in ("fused", "eager"):
+        dec = BatchDecoder(model, strategy, tree=tree, max_batch=3, kernels=kernels, **kw)
+        rows = _Rows(dec, 3)
+        rows.prefix.copy_(torch.tensor([5, 9, 2]))
+        rows.active.fill_(True)
+        mode = FakeTensorMode(allow_non_fake_inputs=True)
+        with mode, torch.inference_mode():
+            if kernels == "fused":
+                out = dec._step(_fake_rows(mode, rows))
+                assert out.shape == (3, 1 + dec.T if dec.T == 1 else 1 + dec.heads)
+            else:
+                with pytest.raises(DataDependentOutputException):
+                    dec._step(_fake_rows(mode, rows))
+
+
+class _CpuGraph:
+    """A stand-in for ``mtpkern.decoder._CudaGraph`` on the CPU, with a graph's contract: the
+    inputs are copied into buffers of its own, and every replay writes into the output tensors
+    of the capture (the caller must read those, and keep its state in the tensors the capture
+    saw)."""
+
+    captures = 0
+
+    def __init__(self, fn, inputs, device):
+        self.fn, self.inputs = fn, tuple(x.clone() for x in inputs)
+        for _ in range(2):  # the warm-up runs, for real
+            fn(*self.inputs)
+        self.out = fn(*self.inputs)
+        _CpuGraph.captures += 1
+
+    def __call__(self, *inputs):
+        for static, x in zip(self.inputs, inputs):
+            static.copy_(x)
+        new = self.fn(*self.inputs)
+        torch.utils._pytree.tree_map(lambda old, fresh: old.copy_(fresh), self.out, new)
+        return self.out
+
+
+@pytest.mark.parametrize("strategy, tree, kw", [("ntp", None, {}), ("medusa", "3,2,1", {}), ("mtp", None, {}),
+                                                ("medusa", "chain:3", dict(acceptance="rejection", temperature=0.8)),
+                                                ("ntp", None, dict(temperature=0.9, top_k=20))])
+def test_graphed_batches_decode_as_eager_batches(monkeypatch, gpt2_model, medusa_model, mtp_model, strategy, tree, kw):
+    """cuda_graph=True on graph stand-ins (this machine has no GPU; the GPU test below runs the
+    real ones): one capture per batch size, kept across calls, a state whose tensors never
+    move, and the same tokens as without graphs; sampling steps capture the forward alone."""
+    from mtpkern import batch
+
+    model = {"ntp": gpt2_model, "medusa": medusa_model, "mtp": mtp_model}[strategy]
+    monkeypatch.setattr(batch, "_CudaGraph", _CpuGraph)
+    # Eager kernels (the interpreter's fused ones take minutes here): what is tested is the
+    # loop's use of a graph; that a fused step can be captured is the test above.
+    dec = BatchDecoder(model, strategy, tree=tree, max_batch=8, kernels="eager", **kw)
+    dec.cuda_graph = True  # what the constructor refuses on a CPU model
+    plain = BatchDecoder(model, strategy, tree=tree, max_batch=8, kernels="eager", **kw)
+    gens = (lambda: [torch.Generator().manual_seed(50 + b) for b in range(8)]) if dec.sampling else (lambda: None)
+    _CpuGraph.captures = 0
+    for prompts in (PROMPTS[:8], PROMPTS[8:12], PROMPTS[12:20], PROMPTS[:1]):
+        n = len(prompts)
+        g = gens() and gens()[:n]
+        got = dec.generate(prompts, max_new_tokens=10, eos_token_id=PROMPTS[0][0], generators=g)
+        g = gens() and gens()[:n]
+        want = plain.generate(prompts, max_new_tokens=10, eos_token_id=PROMPTS[0][0], generators=g)
+        assert [r.tokens for r in got] == [r.tokens for r in want]
+        assert [r.accept_lengths for r in got] == [r.accept_lengths for r in want]
+    assert _CpuGraph.captures == 3  # B = 8, 4 and 1: the second batch of 8 replays the first's graph
+    graphs = dec._forward_graphs if dec.sampling else dec._graphs
+    assert sorted(graphs) == [1, 4, 8]
+    if not dec.sampling:
+        rows, _ = dec._graphs[8]
+        before = [t.data_ptr() for t in (rows.root, rows.topk, rows.prefix, rows.active)]
+        dec.generate(PROMPTS[:8], max_new_tokens=4)
+        assert [t.data_ptr() for t in (rows.root, rows.topk, rows.prefix, rows.active)] == before
+    dec.reset_graphs()
+    assert not dec._graphs and not dec._forward_graphs
+
+
+def test_graphed_batches_need_fused_kernels_on_cuda(medusa_model):
+    with pytest.raises(ValueError, match="cuda_graph=True needs the model on a CUDA device"):
+        BatchDecoder(medusa_model, "medusa", cuda_graph=True)
+    if torch.cuda.is_available():
+        model = medusa_model.cuda()
+        try:
+            with pytest.raises(ValueError, match="kernels='eager' builds each step's attention mask on the host"):
+                BatchDecoder(model, "medusa", kernels="eager", cuda_graph=True)
+        finally:
+            model.cpu()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("strategy, tree", [("ntp", None), ("medusa", None), ("medusa", "3,2,1"), ("mtp", None)])
+def test_cuda_graph_batches_on_the_gpu(gpt2_model, medusa_model, mtp_model, strategy, tree):
+    import copy
+
+    from _tiny import assert_same_greedy_tokens
+
+    model = copy.deepcopy({"ntp": gpt2_model, "medusa": medusa_model, "mtp": mtp_model}[strategy]).cuda()
+    graph = BatchDecoder(model, strategy, tree=tree, max_batch=12, cuda_graph=True)
+    plain = BatchDecoder(model, strategy, tree=tree, max_batch=12)
+    for prompts in (PROMPTS[:12], PROMPTS[12:17], PROMPTS[:12]):
+        got = graph.generate(prompts, max_new_tokens=MAX_NEW)
+        want = plain.generate(prompts, max_new_tokens=MAX_NEW)
+        for p, a, b in zip(prompts, got, want):
+            assert_same_greedy_tokens(model, p, a.tokens, b.tokens)
+    assert sorted(graph._graphs) == [5, 12]

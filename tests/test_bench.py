@@ -209,3 +209,24 @@ def test_bench_decode_batch_study(tmp_path):
         assert strategies[family]["1"]["mean_accept_length"] > 1
     assert "| medusa: medusa |" in r.stdout and "speed-up kept" in r.stdout
     assert png.stat().st_size > 1000
+
+
+def test_graphed_batch_cases_compare_with_graphed_ntp(tmp_path):
+    """On CUDA the batch study adds ``<strategy>+graph`` cases: the table, the plot and
+    ``mtpkern bench``'s summary hold each against ntp with the same CUDA-graph setting."""
+    from mtpkern.plots import ntp_of, plot_batch
+
+    def case(tps):
+        return {str(b): dict(tokens_per_second=t, mean_accept_length=2.0) for b, t in zip((1, 4), tps)}
+
+    batched = {"medusa": {"ntp": case((100.0, 300.0)), "medusa": case((150.0, 330.0)),
+                          "ntp+graph": case((400.0, 800.0)), "medusa+graph": case((1000.0, 1200.0))}}
+    assert [ntp_of(s) for s in batched["medusa"]] == ["ntp", "ntp", "ntp+graph", "ntp+graph"]
+    report = {"device": {"name": "X", "type": "cuda", "dtype": "float16", "torch": "t", "transformers": "t"},
+              "settings": {"max_new_tokens": 4, "prompts": 1}, "weights": "", "cases": {}, "step_breakdown": {},
+              "batched": batched}
+    text = format_bench(report)
+    assert "medusa+graph, tokens/s): B=1 1000.0 (2.50x its ntp), B=4 1200.0 (1.50x its ntp)" in text
+    assert "medusa, tokens/s): B=1 150.0 (1.50x its ntp), B=4 330.0 (1.10x its ntp)" in text
+    assert "ntp+graph, tokens/s): B=1 400.0, B=4 800.0\n" in text
+    assert plot_batch(batched, tmp_path / "b.png") and (tmp_path / "b.png").stat().st_size > 1000

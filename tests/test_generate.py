@@ -189,7 +189,7 @@ def test_ntp_sampling_is_seeded_and_top_k_1_is_greedy(gpt2_model):
 @pytest.mark.parametrize(
     "kwargs, error, message",
     [
-        (dict(input_ids=[[1, 2], [3, 4]], cuda_graph=True), ValueError, "a batch of prompts decodes without CUDA graphs"),
+        (dict(input_ids=[[1, 2], [3, 4]], cuda_graph=True), ValueError, "cuda_graph=True needs the model on a CUDA"),
         (dict(input_ids=[[1, 2], [3, 4]], strategy="medusa", temperature=0.5), ValueError,
          "acceptance 'greedy' decodes deterministically"),
         (dict(input_ids=[]), ValueError, "prompt is empty"),
