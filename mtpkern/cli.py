@@ -168,6 +168,7 @@ def cmd_eval(args) -> int:
 
     evaluate(
         args.models, data=args.data, json_path=args.json, device=args.device, max_samples=args.max_samples,
+        speed_samples=args.speed_samples,
         max_new_tokens=args.max_new_tokens, kernels=args.kernels, hf_baseline=not args.no_hf,
         dtype=args.dtype, cuda_graph=args.cuda_graph, batch_sizes=args.batch,
     )
@@ -293,7 +294,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", help="validation data when a run does not name its own")
     e.add_argument("--json", help="where to write the JSON report (the table and plots go beside it)")
     e.add_argument("--device", type=_device, default="auto")
-    e.add_argument("--max-samples", type=_positive_int, default=50)
+    e.add_argument("--max-samples", type=_positive_int, default=50,
+                   help="held-out prompts for BLEU and answer accuracy (decoded in batches)")
+    e.add_argument("--speed-samples", type=_positive_int, default=None,
+                   help="the first N of them also decoded one at a time by every strategy, for the speed "
+                        "figures (default: all)")
     e.add_argument("--max-new-tokens", type=_positive_int, default=96)
     e.add_argument("--kernels", choices=["auto", "eager", "fused"], default="auto")
     e.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="default: fp16 on CUDA, fp32 on CPU")

@@ -7,10 +7,15 @@ checkpoint directory), on a validation split it did not train on:
   prompt and padding excluded), top-1 / top-5 accuracy of every head j against token
   t + j + 1 (both from :func:`mtpkern.train.evaluate_heads`), BLEU (sacrebleu, corpus level)
   of the greedy generated solutions against the reference responses, and exact-match
-  accuracy of the final answer (``The answer is: N``, compared numerically);
-* speed, through the one engine (:func:`mtpkern.generate.generate`) for every strategy, plus
-  ``transformers`` ``generate`` on the same next-token weights: one warm-up generation per
-  strategy, then every prompt timed with the device synchronised before and after; tokens/s
+  accuracy of the final answer (``The answer is: N``, compared numerically); the solutions
+  come from batched decoding (:class:`mtpkern.batch.BatchDecoder`, the model's own
+  speculative strategy, ``quality_batch`` prompts at a time), every row of which is
+  token-identical to greedy batch-1 decoding (``agrees_with_batch_1`` checks it on the
+  prompts the speed runs decode one at a time);
+* speed, through the one engine (:class:`mtpkern.decoder.Decoder`) for every strategy, plus
+  ``transformers`` ``generate`` on the same next-token weights, over the first
+  ``speed_samples`` prompts: one warm-up generation per strategy, then every prompt timed
+  with the device synchronised before and after; tokens/s
   = new tokens / wall time of the whole call (prefill included, the same for every
   strategy and for ``transformers``), medians over prompts;
 * memory: peak CUDA memory allocated while decoding (peak reset per model), or on CPU the
@@ -24,7 +29,7 @@ report adds the original base's perplexity and answer accuracy beside the new ba
 JSON schema (``schema == "mtpkern.eval/1"``)::
 
     device:   {type, name, torch, transformers, dtype}
-    settings: {max_samples, max_new_tokens, kernels, cuda_graph, hf_baseline}
+    settings: {max_samples, speed_samples, max_new_tokens, kernels, cuda_graph, hf_baseline, batch_sizes}
     models: [ {
       name, path (checkpoint dir), model_type ("gpt2"|"mtp"|"medusa"), objective (the run's:
       "ntp"|"mtp"|"medusa"|"medusa2"), medusa_proj (MEDUSA heads with their own unembedding),
@@ -33,6 +38,7 @@ JSON schema (``schema == "mtpkern.eval/1"``)::
       validation: {source, seed, val_fraction, limit, n_records, held_out (bool), note},
       quality: {val_loss, ppl, ppl_of (which path), head_top1 [J], head_top5 [J],
                 bleu (0-100), answer_accuracy (0-1), n_samples,
+                decoded_with {strategy, tree, batch, seconds, agrees_with_batch_1},
                 original_base? (medusa2 runs: {path, val_loss, ppl, answer_accuracy} of the
                 frozen base they started from, on the same split and prompts; None values and
                 an ``error`` when it can no longer be loaded)},
@@ -309,6 +315,46 @@ def batched_throughput(model, decoders: dict, prompts: list[torch.Tensor], runs:
     return out
 
 
+def decode_batched(model, strategy: str, prompts: list[torch.Tensor], *, batch: int, max_new_tokens: int,
+                   eos_token_id: int | None, tree=None, kernels: str = "auto", cuda_graph: bool = False) -> list[list[int]]:
+    """Greedy tokens of every prompt, decoded ``batch`` at a time by one
+    :class:`mtpkern.batch.BatchDecoder`."""
+    from mtpkern.batch import BatchDecoder
+
+    rows = [p.view(-1) for p in prompts]
+    batch = max(1, min(batch, len(rows)))
+    with torch.inference_mode():
+        dec = BatchDecoder(model, strategy, tree=tree, max_batch=batch, kernels=kernels, cuda_graph=cuda_graph)
+        return [r.tokens for i in range(0, len(rows), batch)
+                for r in dec.generate(rows[i : i + batch], max_new_tokens=max_new_tokens, eos_token_id=eos_token_id)]
+
+
+def solve_batched(model, decoders: dict, prompts: list[torch.Tensor], runs: dict, *, batch: int,
+                  max_new_tokens: int, eos_token_id: int | None) -> tuple[list[list[int]], dict]:
+    """The greedy solutions of every prompt for the quality metrics, decoded ``batch`` at a time
+    by :class:`mtpkern.batch.BatchDecoder` with the model's own speculative strategy (its
+    decoder's static tree; ``ntp`` where that tree is dynamic), and how: strategy, tree, batch,
+    seconds, and ``agrees_with_batch_1``, the fraction of the prompts decoded one at a time
+    (``runs``, the first ones) whose batched tokens equal batch-1 ``ntp``'s."""
+    from mtpkern.runtime import now
+
+    strategy = strategies_for(model)[-1]
+    dec = decoders[strategy]
+    if getattr(dec, "dynamic", False):
+        strategy, dec = "ntp", decoders["ntp"]
+    tree = None if strategy == "ntp" else dec.tree
+    batch = max(1, min(batch, len(prompts)))
+    t0 = now(model.device)
+    tokens = decode_batched(model, strategy, prompts, tree=tree, batch=batch, kernels=dec.kernels,
+                            cuda_graph=dec.cuda_graph and dec.fused, max_new_tokens=max_new_tokens,
+                            eos_token_id=eos_token_id)
+    seconds = now(model.device) - t0
+    single = runs["ntp"]["tokens"]
+    agree = sum(a == list(b) for a, b in zip(tokens, single)) / max(1, len(single))
+    return tokens, dict(strategy=strategy, tree=None if tree is None else repr(tree), batch=batch,
+                        seconds=seconds, agrees_with_batch_1=agree)
+
+
 def speed_summary(runs: dict, eos_token_id: int | None) -> dict:
     """Medians and ratios of :func:`decode_prompts`' raw runs (see the module docstring)."""
 
@@ -367,9 +413,12 @@ def training_summary(log: list[dict], summary: dict | None) -> dict | None:
 def evaluate_checkpoint(path, *, data: str | None = None, device: torch.device, dtype: torch.dtype,
                         max_samples: int = 16, max_new_tokens: int = 64, max_batches: int | None = None,
                         batch_size: int = 8, kernels: str = "auto", cuda_graph: bool = False,
-                        hf_baseline: bool = True, progress: bool = True, batch_sizes=()) -> dict:
+                        hf_baseline: bool = True, progress: bool = True, batch_sizes=(),
+                        speed_samples: int | None = None, quality_batch: int = 16) -> dict:
     """Quality, speed, memory and training cost of one checkpoint (one entry of ``models``);
-    with ``batch_sizes``, also the throughput of batched decoding at each (``batched``)."""
+    with ``batch_sizes``, also the throughput of batched decoding at each (``batched``).
+    Quality over ``max_samples`` prompts decoded ``quality_batch`` at a time; speed over the
+    first ``speed_samples`` of them (default: all) decoded one at a time."""
     from mtpkern.data import SFTDataset, collate, format_prompt, load_tokenizer
     from mtpkern.model import load_model
     from mtpkern.train import evaluate_heads
@@ -403,8 +452,9 @@ def evaluate_checkpoint(path, *, data: str | None = None, device: torch.device, 
         raise ValueError(f"{name}: no validation prompt fits the context of {model.config.n_positions} "
                          f"with max_new_tokens={max_new_tokens}; lower max_new_tokens")
     eos = tokenizer.eos_token_id
+    timed_prompts = prompts[:speed_samples] if speed_samples else prompts
     reset_peak_memory(device)
-    runs = decode_prompts(model, prompts, max_new_tokens=max_new_tokens, eos_token_id=eos, kernels=kernels,
+    runs = decode_prompts(model, timed_prompts, max_new_tokens=max_new_tokens, eos_token_id=eos, kernels=kernels,
                           cuda_graph=cuda_graph, hf_baseline=hf_baseline, progress=progress, desc=name,
                           decoders=decoders)
     peak, kind = peak_memory(device)
@@ -415,13 +465,15 @@ def evaluate_checkpoint(path, *, data: str | None = None, device: torch.device, 
             speed[strategy]["tree"] = runs[strategy]["tree"]
     batched = None
     if batch_sizes:
-        batched = batched_throughput(model, decoders, prompts, runs, batch_sizes,
+        batched = batched_throughput(model, decoders, timed_prompts, runs, batch_sizes,
                                      max_new_tokens=max_new_tokens, eos_token_id=eos)
     if speed["hf"] is not None:
         speed["hf"]["weights"] = {"gpt2": "the model", "mtp": "trunk + head-0 block as a GPT-2",
                                   "medusa": "the base"}[model.config.model_type]
 
-    texts = [tokenizer.decode(_strip_eos(t, eos), skip_special_tokens=True) for t in runs["ntp"]["tokens"]]
+    solutions, decoded_with = solve_batched(model, decoders, prompts, runs, batch=quality_batch,
+                                            max_new_tokens=max_new_tokens, eos_token_id=eos)
+    texts = [tokenizer.decode(_strip_eos(t, eos), skip_special_tokens=True) for t in solutions]
     refs = [rec["response"] for rec in samples]
     kind = model.config.model_type
     objective = (train_config or {}).get("objective", kind if kind != "gpt2" else "ntp")
@@ -431,6 +483,7 @@ def evaluate_checkpoint(path, *, data: str | None = None, device: torch.device, 
                 "medusa": "the frozen base (head 0): MEDUSA-1 heads cannot change it"}[kind],
         head_top1=heads["acc_top1"], head_top5=heads["acc_top5"],
         bleu=bleu(texts, refs), answer_accuracy=answer_accuracy(texts, refs), n_samples=len(samples),
+        decoded_with=decoded_with,
     )
     if objective == "medusa2":
         quality["ppl_of"] = "the MEDUSA-2 backbone (head 0), fine-tuned with the heads"
@@ -453,7 +506,6 @@ def original_base_quality(base, loader, prompts, refs, tokenizer, *, device, dty
     """The quality a MEDUSA-2 run traded: the original (frozen) base's validation loss,
     perplexity and greedy answer accuracy on the same split and prompts as the new backbone."""
     from mtpkern.checkpoint import CheckpointError
-    from mtpkern.generate import generate
     from mtpkern.model import MedusaModel, load_model
     from mtpkern.train import evaluate_heads
 
@@ -465,9 +517,8 @@ def original_base_quality(base, loader, prompts, refs, tokenizer, *, device, dty
         model = model.base
     heads = evaluate_heads(model, loader, device, max_batches=max_batches)
     eos = tokenizer.eos_token_id
-    with torch.inference_mode():
-        outs = [generate(model, ids, max_new_tokens=max_new_tokens, eos_token_id=eos, kernels=kernels).tokens
-                for ids in prompts]
+    outs = decode_batched(model, "ntp", prompts, batch=16, max_new_tokens=max_new_tokens, eos_token_id=eos,
+                          kernels=kernels)
     texts = [tokenizer.decode(_strip_eos(list(t), eos), skip_special_tokens=True) for t in outs]
     return dict(path=str(base), val_loss=heads["loss"], ppl=heads["ppl"], answer_accuracy=answer_accuracy(texts, refs))
 
@@ -515,6 +566,12 @@ def format_table(report: dict) -> str:
             notes.append(f"{m['name']} (MEDUSA-2) trades quality: its backbone's ppl {_fmt(m['quality']['ppl'], '.2f')}, "
                          f"answer acc {_fmt(m['quality']['answer_accuracy'], '.1%')}; the original base "
                          f"({orig['path']}): ppl {_fmt(orig['ppl'], '.2f')}, answer acc {_fmt(orig['answer_accuracy'], '.1%')}")
+    for m in report["models"]:
+        how = m["quality"].get("decoded_with")
+        if how:
+            notes.append(f"{m['name']}: BLEU and answer acc over {m['quality']['n_samples']} solutions decoded "
+                         f"{how['batch']} at a time ({how['strategy']}, batched; "
+                         f"{how['agrees_with_batch_1']:.0%} of the speed runs' prompts token-identical to batch-1 ntp)")
     if any(m["memory"]["kind"] == "process_peak_rss" for m in report["models"]):
         notes.append("peak mem on CPU is the process's peak RSS so far (it includes earlier models)")
     if any(not m["validation"]["held_out"] for m in report["models"]):
@@ -547,9 +604,12 @@ def evaluate(paths: list, *, data: str | None = None, json_path=None, device: st
              dtype: str | None = None, max_samples: int = 16, max_new_tokens: int = 64,
              max_batches: int | None = None, batch_size: int = 8, kernels: str = "auto",
              cuda_graph: bool = False, hf_baseline: bool = True, plots: bool = True,
-             progress: bool = True, batch_sizes=()) -> dict:
+             progress: bool = True, batch_sizes=(), speed_samples: int | None = None) -> dict:
     """Evaluate every checkpoint in ``paths`` and write the JSON, the table and the plots.
     ``batch_sizes`` (e.g. ``(1, 4, 16)``): also the tokens/s of batched decoding at each.
+    Quality comes from ``max_samples`` prompts decoded in batches (of the largest of
+    ``batch_sizes``, else 16), speed from the first ``speed_samples`` (default: all) decoded
+    one at a time.
 
     ``paths``: run or checkpoint directories. ``data``: the records to evaluate bare
     checkpoints on (runs use their own validation split). ``dtype``: "float32" /
@@ -562,6 +622,9 @@ def evaluate(paths: list, *, data: str | None = None, json_path=None, device: st
         raise ValueError("evaluate needs at least one run or checkpoint directory")
     if max_samples < 1 or max_new_tokens < 1:
         raise ValueError(f"max_samples and max_new_tokens must be >= 1, got {max_samples}, {max_new_tokens}")
+    if speed_samples is not None and (isinstance(speed_samples, bool) or not isinstance(speed_samples, int)
+                                      or speed_samples < 1):
+        raise ValueError(f"speed_samples must be an int >= 1 (or None: every sample), got {speed_samples!r}")
     given = str(json_path or "eval.json")
     json_path = Path(given)
     if json_path.is_dir() or given.endswith("/"):
@@ -571,10 +634,12 @@ def evaluate(paths: list, *, data: str | None = None, json_path=None, device: st
     models = [evaluate_checkpoint(p, data=data, device=dev, dtype=dt, max_samples=max_samples,
                                   max_new_tokens=max_new_tokens, max_batches=max_batches, batch_size=batch_size,
                                   kernels=kernels, cuda_graph=cuda_graph, hf_baseline=hf_baseline,
-                                  progress=progress, batch_sizes=tuple(batch_sizes))
+                                  progress=progress, batch_sizes=tuple(batch_sizes), speed_samples=speed_samples,
+                                  quality_batch=max(batch_sizes, default=16))
               for p in paths]
     report = dict(schema=SCHEMA, device=device_info(dev, dt),
-                  settings=dict(max_samples=max_samples, max_new_tokens=max_new_tokens, kernels=kernels,
+                  settings=dict(max_samples=max_samples, speed_samples=speed_samples, max_new_tokens=max_new_tokens,
+                                kernels=kernels,
                                 cuda_graph=cuda_graph, hf_baseline=hf_baseline, batch_sizes=list(batch_sizes)),
                   models=models)
     json_path.parent.mkdir(parents=True, exist_ok=True)

@@ -31,6 +31,7 @@ def run_cli(*args, timeout=300):
     (["train", "ntp", "--out", "o", "--steps", "1", "--data", "no_such_file.jsonl"], "no_such_file.jsonl"),
     (["generate", "no_such_dir", "--prompt", "hi"], "no such local directory"),
     (["generate", "d", "--prompt", "hi", "--max-new-tokens", "0"], "expected a positive integer"),
+    (["eval", "d", "--speed-samples", "0"], "expected a positive integer, got 0"),
 ])
 def test_bad_arguments_give_one_line_errors(args, message, tmp_path):
     r = run_cli(*[str(tmp_path / a) if a in ("o", "d") else a for a in args])
@@ -208,12 +209,16 @@ def test_demo_end_to_end_quick(tmp_path):
     # `mtpkern eval` on the demo's runs, from the command line
     report = tmp_path / "eval" / "report.json"
     ev = run_cli("eval", str(out / "ntp"), str(out / "medusa" / "checkpoint"), "--json", str(report),
-                 "--device", "cpu", "--max-samples", "2", "--max-new-tokens", "8", "--no-hf", "--batch", "2,1")
+                 "--device", "cpu", "--max-samples", "2", "--max-new-tokens", "8", "--no-hf", "--batch", "2,1",
+                 "--speed-samples", "1")
     assert ev.returncode == 0, ev.stderr[-3000:]
     data = json.loads(report.read_text())
     assert [m["model_type"] for m in data["models"]] == ["gpt2", "medusa"]
     assert data["models"][1]["speed"]["medusa"]["agrees_with_ntp"] == 1.0
     assert data["settings"]["batch_sizes"] == [1, 2] and set(data["models"][1]["batched"]["medusa"]) == {"1", "2"}
+    # --speed-samples 1: one prompt timed one at a time, both scored from batched decoding
+    assert data["settings"]["speed_samples"] == 1 and data["models"][1]["quality"]["n_samples"] == 2
+    assert data["models"][1]["quality"]["decoded_with"]["agrees_with_batch_1"] == 1.0
     assert report.with_suffix(".md").is_file()
 
 

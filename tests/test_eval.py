@@ -136,7 +136,7 @@ def test_evaluate_end_to_end(runs, tmp_path):
     # The medusa run is given by its checkpoint directory: its run files are one level up.
     report = evaluate([runs / "ntp", runs / "mtp", runs / "medusa" / "checkpoint"], json_path=out,
                       device="cpu", max_samples=3, max_new_tokens=10, max_batches=2, progress=False,
-                      batch_sizes=(1, 2))
+                      batch_sizes=(1, 2), speed_samples=2)
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))
     assert report["schema"] == "mtpkern.eval/1" and report["device"]["type"] == "cpu"
     models = {m["model_type"]: m for m in report["models"]}
@@ -152,6 +152,11 @@ def test_evaluate_end_to_end(runs, tmp_path):
         assert len(q["head_top1"]) == len(q["head_top5"]) == J
         assert all(0 <= a <= b <= 1 for a, b in zip(q["head_top1"], q["head_top5"]))
         assert 0 <= q["bleu"] <= 100 and 0 <= q["answer_accuracy"] <= 1 and q["n_samples"] == 3
+        # the solutions behind BLEU and accuracy: all 3 prompts in batches of 2 with the model's
+        # own strategy; the 2 prompts the speed runs decode one at a time are the timed ones
+        assert q["decoded_with"]["strategy"] == m["primary"] and q["decoded_with"]["batch"] == 2
+        assert q["decoded_with"]["agrees_with_batch_1"] == 1.0 and q["decoded_with"]["seconds"] > 0
+        assert len(m["speed"]["ntp"]["accept_lengths"]) >= 2 and report["settings"]["speed_samples"] == 2
         # batched decoding of the same prompts: every row the batch-1 run's tokens
         assert set(m["batched"]) == {"ntp", m["primary"]}, m["batched"]
         for by_b in m["batched"].values():
@@ -181,6 +186,7 @@ def test_evaluate_end_to_end(runs, tmp_path):
     table = (out.parent / "eval.md").read_text()
     assert report["device"]["name"] in table
     assert "| B=1 tokens/s | B=2 tokens/s | rows equal to batch 1 |" in table and "| 100% |" in table
+    assert "medusa: BLEU and answer acc over 3 solutions decoded 2 at a time (medusa, batched; 100% of" in table
     for m in report["models"]:
         assert f"| {m['name']} ({m['model_type']}) | {m['primary']} |" in table
     assert len(report["files"]["plots"]) == 4
