@@ -179,8 +179,9 @@ stage kernel_tests 150 gpu bash -c 'pytest_files kernel_tests 140 "$@"' _ $KERNE
 stage bench_kernels 120 gpu "${PYTEST[@]}" benchmarks --cases-json "$OUT/bench_kernels.json" --benchmark-json "$OUT/bench_kernels_stats.json"
 stage agreement 90 gpu "$PYTHON" benchmarks/greedy_agreement.py --prompts 4 --max-new-tokens 64 --json "$OUT/agreement.json"
 stage bench_decode 90 gpu "$PYTHON" benchmarks/bench_decode.py --prompts 3 --max-new-tokens 64 "${DECODE_STATIC[@]}" --json "$OUT/bench_decode.json"
-# Batched decoding (mtpkern.batch: fused kernels on CUDA) at B = 1, 4, 16: what survives of the speed-up
-stage bench_batch 60 gpu "$PYTHON" benchmarks/bench_decode.py --prompts 16 --max-new-tokens 48 --batch 1,4,16 \
+# Batched decoding (mtpkern.batch: fused kernels on CUDA, with and without CUDA graphs) at B = 1, 4, 16:
+# what survives of the speed-up
+stage bench_batch 90 gpu "$PYTHON" benchmarks/bench_decode.py --prompts 16 --max-new-tokens 48 --batch 1,4,16 \
   --json "$OUT/bench_batch.json"
 stage tests 180 gpu bash -c 'pytest_files tests 170 "$@"' _ $(ls tests/test_*.py | grep -v -F "$(printf '%s\n' $KERNEL_TESTS)")
 stage bench_e2e 90 gpu "$PYTHON" -m mtpkern.cli bench --device cuda --prompts 3 --max-new-tokens 64 --batch none \

@@ -87,10 +87,11 @@ def memory(report) -> list[str]:
 def batch(report) -> list[str]:
     lines = ["batched decoding (tokens/s at B = ..., and over its ntp)"]
     for family, strategies in report.get("batch", {}).items():
-        ntp = strategies.get("ntp", {})
         for strategy, by_b in strategies.items():
+            base = "ntp+graph" if strategy.endswith("+graph") else "ntp"  # graphed cases over graphed ntp
+            ntp = strategies.get(base, {})
             cells = [f"B={b} {v['tokens_per_second']:.0f}"
-                     + (f" ({v['tokens_per_second'] / ntp[b]['tokens_per_second']:.2f}x)" if strategy != "ntp" and b in ntp
+                     + (f" ({v['tokens_per_second'] / ntp[b]['tokens_per_second']:.2f}x)" if strategy != base and b in ntp
                         else "") for b, v in by_b.items()]
             lines.append(f"  {family}: {strategy}: " + ", ".join(cells))
     return lines
