@@ -268,18 +268,17 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
     def fused_decode(self, x, attn: Attn, layer: int):
-        """This block on the decode path in four fused kernels and tree attention (see
-        ``docs/decode_step.md``); the same maths as ``forward``."""
-        from mtpkern.ops import linear_residual, ln_fc_gelu, ln_qkv, tree_attention
+        """This block on the decode path in four fused kernels (see ``docs/decode_step.md``);
+        the same maths as ``forward``."""
+        from mtpkern.ops import linear_residual, ln_fc_gelu, ln_qkv, tree_attention_proj
 
         a, m = self.attn, self.mlp
         B, T, C = x.shape
         kc, vc = attn.cache.k[layer], attn.cache.v[layer]
         q = ln_qkv(x, self.ln_1.weight, self.ln_1.bias, a.c_attn.weight, a.c_attn.bias, kc, vc, attn.slots,
                    eps=self.ln_1.eps)
-        y = tree_attention(q.view(B, T, a.n_head, C // a.n_head).transpose(1, 2), kc, vc, attn.prefix_len,
-                           attn.tree_mask)
-        x = linear_residual(y.transpose(1, 2).reshape(B, T, C), a.c_proj.weight, a.c_proj.bias, x)
+        x = tree_attention_proj(q.view(B, T, a.n_head, C // a.n_head).transpose(1, 2), kc, vc, attn.prefix_len,
+                                attn.tree_mask, a.c_proj.weight, a.c_proj.bias, x)
         h = ln_fc_gelu(x, self.ln_2.weight, self.ln_2.bias, m.c_fc.weight, m.c_fc.bias, eps=self.ln_2.eps)
         return linear_residual(h, m.c_proj.weight, m.c_proj.bias, x)
 

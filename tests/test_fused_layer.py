@@ -1,5 +1,5 @@
-"""The fused decode layer (ln_qkv, tree attention, linear_residual, ln_fc_gelu, linear_residual)
-against the eager layer, a whole model against the eager model, and greedy decoding with the
+"""The fused decode layer (ln_qkv, tree_attention_proj, ln_fc_gelu, linear_residual: four
+launches) against the eager layer, a whole model against the eager model, and greedy decoding with the
 fused layers against ntp with the same kernels.
 
 On CPU the kernels run in Triton's interpreter (tests/conftest.py), fp32 and fp16.
@@ -230,3 +230,41 @@ def test_gemv_path_of_every_layer_kernel(monkeypatch, dtype, M, block_m):
     w, b = rand(g, D, 4 * D + 5, scale=0.1, dtype=dtype), rand(g, D, scale=0.1, dtype=dtype)
     out = mods["linear_residual"].linear_residual(xk, w, b, r, backend="triton")
     torch.testing.assert_close(out.float(), mods["linear_residual"].linear_residual_ref(xk, w, b, r).float(), **tol)
+
+
+def test_a_fused_layer_is_four_ops_of_one_launch_each():
+    """The decode layer's launch budget: ``Block.fused_decode`` calls ln_qkv, tree_attention_proj,
+    ln_fc_gelu and linear_residual (each one kernel launch) and otherwise only views, so a
+    layer is four launches (the issue's target), at T = 1 and for a tree."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from mtpkern.model import KVCache
+
+    views = {"view", "transpose", "_unsafe_view", "alias", "as_strided", "slice", "select", "t", "unsqueeze"}
+
+    class Calls(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(f"{func.namespace}.{func.__name__.split('.')[0]}")
+            return func(*args, **(kwargs or {}))
+
+    cfg = config()
+    block = _randomise(Block(cfg), 3).to(DEV)
+    for T in (1, 5):
+        cache = KVCache(1, 1, cfg.n_head, 32, cfg.n_embd // cfg.n_head, dtype=torch.float32, device=DEV)
+        attn = Attn(cache, torch.arange(7, 7 + T, device=DEV), tree_mask=pack_tree_mask(_random_tree(T, 1)).to(DEV),
+                    prefix_len=torch.tensor(7, device=DEV))
+        x = torch.randn(1, T, cfg.n_embd, device=DEV)
+        with torch.no_grad(), Calls() as calls:
+            block.fused_decode(x, attn, 0)
+        kernels = [op for op in calls.ops if op.startswith("mtpkern.")]
+        assert kernels == ["mtpkern.ln_qkv", "mtpkern.tree_attention_proj", "mtpkern.ln_fc_gelu",
+                           "mtpkern.linear_residual"], calls.ops
+        # besides them, views, and on CPU tensors ln_qkv's check of the slots on the host (free
+        # there; skipped on a GPU, where it would sync)
+        host_check = {"lt", "ge", "bitwise_or", "any", "_local_scalar_dense"} if DEV == "cpu" else set()
+        others = [op for op in calls.ops if op.startswith("aten.") and op[5:] not in views | host_check]
+        assert not others, calls.ops

@@ -99,8 +99,9 @@ def _linear_cross_entropy_launches(torch, lce):
 
 def _decode_layer_launches(torch, ops):
     """GPT-2's decode layer (width 768, 12 heads, context 1024) at T = 1, 16, 64 and 128 tree
-    tokens: ln_qkv into the cache, the attention and MLP-down linear_residual (split K), and
-    ln_fc_gelu; the attention output as the model passes it (tree attention's buffer)."""
+    tokens: ln_qkv into the cache, tree_attention_proj (the attention with its output
+    projection, the model's path), ln_fc_gelu and the MLP-down linear_residual (split K); the
+    attention-output linear_residual too (the op alone), its input as tree attention lays it out."""
     D, B = WIDTH, 1
     for name in DTYPES:
         dtype = getattr(torch, name)
@@ -111,6 +112,10 @@ def _decode_layer_launches(torch, ops):
             slots = torch.arange(CONTEXT - T, CONTEXT)
             yield f"ln_qkv {name} T={T}", name, ops["ln_qkv"]._launch, (
                 x, e(D), e(D), e(3 * D, D), e(3 * D), cache, cache, slots, 1e-5)
+            q = e(B, T, 3 * D)[..., :D].view(B, T, HEADS, D // HEADS).transpose(1, 2)  # ln_qkv's output, as the model views it
+            mask = ops["tree_attention"].pack_tree_mask(torch.ones(T, T, dtype=torch.bool).tril())
+            yield f"tree_attention_proj {name} T={T}", name, ops["tree_attention"]._launch, (
+                q, cache, cache, torch.tensor(CONTEXT - T), mask, 0.125, (e(D, D), e(D), x))
             y = e(B, T, HEADS, D // HEADS).view(B, T, D)
             yield f"linear_residual attn {name} T={T}", name, ops["linear_residual"]._launch, (
                 y, e(D, D), e(D), x)
@@ -211,7 +216,8 @@ def compile_all(arch: int) -> list[dict] | dict:
     for case, dtype, launcher, args in [*_fused_logits_launches(torch, fl), *_tree_attention_launches(torch, ta),
                                         *_linear_cross_entropy_launches(torch, lce)]:
         launcher(*args)
-    decode_ops = {n: importlib.import_module(f"mtpkern.ops.{n}") for n in ("ln_qkv", "linear_residual", "ln_fc_gelu")}
+    decode_ops = {n: importlib.import_module(f"mtpkern.ops.{n}")
+                  for n in ("ln_qkv", "tree_attention", "linear_residual", "ln_fc_gelu")}
     for case, dtype, launcher, args in _decode_layer_launches(torch, decode_ops):
         launcher(*args)
     for case, dtype, launcher, args in _decode_layer_gemv_launches(torch, decode_ops):

@@ -1,5 +1,6 @@
 """Tree attention: T new tokens attend a static KV cache prefix plus each other through a
-bit-packed tree mask (FlashAttention-style online softmax, one kernel).
+bit-packed tree mask (FlashAttention-style online softmax, one kernel), optionally followed in
+the same kernel by the attention's output projection, bias and residual add.
 
 Cache layout: one layer's ``k_cache`` / ``v_cache`` [B, H, S, Dh]. The prefix fills slots
 ``0 .. P-1`` (``P = prefix_len``, an int tensor read inside the kernel, so a CUDA graph replays
@@ -25,6 +26,14 @@ NaN contract (every backend): a slot a token cannot see never affects its output
 holds (NaN or inf in a masked-out or unused K or V slot changes nothing). A NaN reaching a row
 through what it sees (its query, a visible K) makes that row NaN, and so does a non-finite V in
 a visible slot; a row that sees no slot at all (only an invalid mask with P = 0) is zeros.
+
+With the output projection (``tree_attention_proj``, the fused decoder layer's second launch):
+``residual + y @ W.T + bias``, y the attention laid out as [B, T, H * Dh]. The program that
+finishes a head (the head's program, or its last split) multiplies the head's [T, Dh] output by
+its Dh columns of W into an fp32 partial [T, N]; the last head of a row block to finish (an
+atomic counter) sums the H partials in head order, adds bias and residual and stores the rows.
+The sum's order never depends on which head came last, so results are deterministic, and the
+partials are small (H x T x N x 4 bytes: 37 KB at T = 1 for GPT-2, 2.4 MB at T = 64).
 
 Flash-decoding: when the grid of (query block, batch, head) programs is small (T = 1 gives
 B * H, 12 for GPT-2), ``_tree_attention_split_kernel`` splits each prefix over several programs
@@ -136,6 +145,50 @@ def _finish(acc, l_i, nan_rows):
     return tl.where(nan_rows[:, None], float("nan"), out)
 
 
+@triton.jit
+def _project_head(out, b, h, pid_m, n_mblocks, offs_m, m_ok, H, N,
+                  w_ptr, stride_wn, stride_wk, bias_ptr, r_ptr, stride_rb, stride_rt, stride_rn,
+                  y_ptr, stride_yb, stride_yt, stride_yn, part_ptr, hcount_ptr,
+                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
+                  INPUT_PRECISION: tl.constexpr):
+    """``tree_attention_proj``'s epilogue: head h's share of the output projection,
+    out [BLOCK_M, Dh] (rounded to the weights' dtype, as eager rounds the attention output)
+    @ W[:, h*Dh:(h+1)*Dh].T, an fp32 partial [BLOCK_M, N] per (row block, head), its valid rows
+    only (T = 1: one row, 3 KB at GPT-2's width). The program that finishes a row block's heads
+    last (an atomic counter per row block) sums the H partials in head order, adds bias and
+    residual, stores the rows and resets its counter."""
+    a = out.to(w_ptr.dtype.element_ty)
+    offs_d = tl.arange(0, HEAD_DIM)
+    rows = tl.arange(0, BLOCK_M)
+    tile = b * n_mblocks + pid_m
+    mine = part_ptr + (tile * H + h) * BLOCK_M * N
+    for n0 in range(0, N, BLOCK_P):
+        cols = n0 + tl.arange(0, BLOCK_P)
+        c_ok = cols < N
+        w = tl.load(w_ptr + cols[:, None] * stride_wn + (h * HEAD_DIM + offs_d)[None, :] * stride_wk,
+                    mask=c_ok[:, None], other=0.0)
+        part = tl.dot(a, tl.trans(w), input_precision=INPUT_PRECISION)
+        tl.store(mine + rows[:, None] * N + cols[None, :], part, mask=m_ok[:, None] & c_ok[None, :])
+    tl.debug_barrier()  # every thread's partial is stored before the counter moves
+    arrived = tl.atomic_add(hcount_ptr + tile, 1, sem="acq_rel", scope="gpu")
+    if arrived == H - 1:  # the row block's last head: reduce in head order
+        first = part_ptr + tile * H * BLOCK_M * N
+        r_off = b * stride_rb + offs_m * stride_rt
+        y_off = b * stride_yb + offs_m * stride_yt
+        for n0 in range(0, N, BLOCK_P):
+            cols = n0 + tl.arange(0, BLOCK_P)
+            c_ok = cols < N
+            mask = m_ok[:, None] & c_ok[None, :]
+            total = tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32)
+            for hh in range(0, H):
+                total += tl.load(first + (hh * BLOCK_M + rows[:, None]) * N + cols[None, :], mask=mask,
+                                 other=0.0, cache_modifier=".cg")  # from L2: other SMs wrote them
+            res = tl.load(r_ptr + r_off[:, None] + cols[None, :] * stride_rn, mask=mask, other=0.0)
+            total += tl.load(bias_ptr + cols, mask=c_ok, other=0.0).to(tl.float32)[None, :] + res.to(tl.float32)
+            tl.store(y_ptr + y_off[:, None] + cols[None, :] * stride_yn, total.to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(hcount_ptr + tile, 0)  # ready for the next launch
+
+
 # T is not specialised: T = 1 (plain decoding) and T % 16 == 0 would each compile a kernel of
 # their own, for no gain (T only bounds the loops and masks).
 @triton.jit(do_not_specialize=["T"])
@@ -146,10 +199,14 @@ def _tree_attention_kernel(
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
     stride_ob, stride_oh, stride_ot, stride_od,
+    w_ptr, bias_ptr, r_ptr, y_ptr, part_ptr, hcount_ptr, N,  # PROJ: W [N, H*Dh], b [N], residual / y [B, T, N]
+    stride_wn, stride_wk, stride_rb, stride_rt, stride_rn, stride_yb, stride_yt, stride_yn,
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    PROJ: tl.constexpr,
+    BLOCK_P: tl.constexpr,
 ):
     qk_scale = tl.cast(qk_scale, tl.float32)  # torch.compile passes Python floats as fp64
     pid_m = tl.program_id(0)
@@ -179,11 +236,17 @@ def _tree_attention_kernel(
                                          prefix, n_tree, T, W, qk_scale, m_i, l_i, acc, poison,
                                          BLOCK_N, INPUT_PRECISION)
     out = _finish(acc, l_i, (poison > 0) | bad_prefix)
-    tl.store(
-        o_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od,
-        out.to(o_ptr.dtype.element_ty),
-        mask=m_ok[:, None],
-    )
+    if PROJ:
+        _project_head(out, b, h, pid_m, tl.num_programs(0), offs_m, m_ok, H, N,
+                      w_ptr, stride_wn, stride_wk, bias_ptr, r_ptr, stride_rb, stride_rt, stride_rn,
+                      y_ptr, stride_yb, stride_yt, stride_yn, part_ptr, hcount_ptr,
+                      HEAD_DIM, BLOCK_M, BLOCK_P, INPUT_PRECISION)
+    else:
+        tl.store(
+            o_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od,
+            out.to(o_ptr.dtype.element_ty),
+            mask=m_ok[:, None],
+        )
 
 
 # Flash-decoding: at T = 1 the grid above is B * H programs (12 for GPT-2), too few to stream a
@@ -201,11 +264,15 @@ def _tree_attention_split_kernel(
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
     stride_ob, stride_oh, stride_ot, stride_od,
+    w_ptr, bias_ptr, r_ptr, y_ptr, part_ptr, hcount_ptr, N,  # PROJ: W [N, H*Dh], b [N], residual / y [B, T, N]
+    stride_wn, stride_wk, stride_rb, stride_rt, stride_rn, stride_yb, stride_yt, stride_yn,
     NUM_SPLITS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    PROJ: tl.constexpr,
+    BLOCK_P: tl.constexpr,
 ):
     qk_scale = tl.cast(qk_scale, tl.float32)  # torch.compile passes Python floats as fp64
     pid_m = tl.program_id(0)
@@ -268,12 +335,18 @@ def _tree_attention_split_kernel(
                         cache_modifier=".cg")
             total += w[:, None] * a
         out = _finish(total, l_all, (poisoned > 0) | bad_prefix)
-        tl.store(
-            o_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od,
-            out.to(o_ptr.dtype.element_ty),
-            mask=m_ok[:, None],
-        )
         tl.store(count_ptr + tile, 0)  # ready for the next launch
+        if PROJ:
+            _project_head(out, b, h, pid_m, tl.num_programs(0), offs_m, m_ok, H, N,
+                          w_ptr, stride_wn, stride_wk, bias_ptr, r_ptr, stride_rb, stride_rt, stride_rn,
+                          y_ptr, stride_yb, stride_yt, stride_yn, part_ptr, hcount_ptr,
+                          HEAD_DIM, BLOCK_M, BLOCK_P, INPUT_PRECISION)
+        else:
+            tl.store(
+                o_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od,
+                out.to(o_ptr.dtype.element_ty),
+                mask=m_ok[:, None],
+            )
 
 
 # ----------------------------------------------------------------------------- reference
@@ -360,6 +433,23 @@ def tree_attention_ref(
     return _attention_dense(q, k_cache, v_cache, prefix_len, tree_mask, scale)
 
 
+def tree_attention_proj_ref(q: Tensor, k_cache: Tensor, v_cache: Tensor, prefix_len: Tensor, tree_mask: Tensor,
+                            weight: Tensor, bias: Tensor, residual: Tensor, *, scale=None) -> Tensor:
+    """Reference of the attention with its output projection: with y = tree attention [B, H, T,
+    Dh] (:func:`tree_attention_ref`, rounded to q's dtype as the eager model rounds it) laid
+    out as [B, T, H * Dh], ``residual + y @ weight.T + bias`` in fp32, rounded to q's dtype."""
+    _check_proj(q, weight, bias, residual)
+    y = tree_attention_ref(q, k_cache, v_cache, prefix_len, tree_mask, scale=scale)
+    return _project(y, weight, bias, residual)
+
+
+def _project(y: Tensor, weight: Tensor, bias: Tensor, residual: Tensor) -> Tensor:
+    from mtpkern.ops.linear_residual import linear_residual_ref
+
+    B, H, T, Dh = y.shape
+    return linear_residual_ref(y.transpose(1, 2).reshape(B, T, H * Dh), weight, bias, residual)
+
+
 # ----------------------------------------------------------------------------- launcher
 
 
@@ -413,6 +503,28 @@ def _check_inputs(q, k_cache, v_cache, prefix_len, tree_mask, scale: float) -> N
     _check_scale(scale)
 
 
+def _check_proj(q: Tensor, weight: Tensor, bias: Tensor, residual: Tensor) -> None:
+    """tree_attention_proj's projection: weight [N, H * Dh], bias [N], residual [B, T, N], all
+    of q's dtype and device (the attention's own inputs are ``_check_inputs``')."""
+    B, H, T, Dh = q.shape if q.dim() == 4 else (0, 0, 0, 0)
+    for name, t, dims in (("weight", weight, 2), ("bias", bias, 1), ("residual", residual, 3)):
+        if t.dim() != dims:
+            raise ValueError(f"tree_attention_proj: {name} must be {dims}-D, got shape {list(t.shape)}")
+        if t.dtype != q.dtype:
+            raise TypeError(f"tree_attention_proj: {name} is {dtype_name(t.dtype)} but q is {dtype_name(q.dtype)}")
+        if t.device != q.device:
+            raise ValueError(f"tree_attention_proj: {name} is on {t.device} but q is on {q.device}")
+    N = weight.shape[0]
+    if weight.shape[1] != H * Dh:
+        raise ValueError(f"tree_attention_proj: weight must be [N, H * Dh] = [N, {H * Dh}], got {list(weight.shape)}")
+    if N == 0:
+        raise ValueError("tree_attention_proj: weight has no output rows (N = 0)")
+    if bias.shape != (N,):
+        raise ValueError(f"tree_attention_proj: bias must have shape [{N}], got {list(bias.shape)}")
+    if residual.shape != (B, T, N):
+        raise ValueError(f"tree_attention_proj: residual must be [B, T, N] = {[B, T, N]}, got {list(residual.shape)}")
+
+
 def _check_int32_offsets(**tensors: Tensor) -> None:
     """The kernel computes element offsets in int32 (int64 ones cost it registers)."""
     for name, t in tensors.items():
@@ -450,13 +562,35 @@ def _empty_out(q: Tensor) -> Tensor:
     return torch.empty((B, T, H, Dh), dtype=q.dtype, device=q.device).transpose(1, 2)
 
 
-def _launch(q, k_cache, v_cache, prefix_len, tree_mask, scale: float) -> Tensor:
+_BLOCK_P = 64  # output columns per step of tree_attention_proj's epilogue
+
+
+def _proj_args(q, proj, block_m: int, counters: Tensor):
+    """The PROJ arguments of the kernels: (the output y [B, T, N], the arguments), or (None,
+    dummies) without a projection."""
+    if proj is None:
+        return None, (q, q, q, q, q, q, 0, *(0,) * 8)
+    weight, bias, residual = proj
+    B, H, T, Dh = q.shape
+    N = weight.shape[0]
+    y = torch.empty((B, T, N), dtype=q.dtype, device=q.device)
+    tiles = B * triton.cdiv(T, block_m)
+    part = torch.empty(tiles * H * block_m * N, dtype=torch.float32, device=q.device)
+    return y, (weight, bias, residual, y, part, counters, N, *weight.stride(), residual.stride(0), residual.stride(1),
+               residual.stride(2), *y.stride())
+
+
+def _launch(q, k_cache, v_cache, prefix_len, tree_mask, scale: float, proj=None) -> Tensor:
+    """The attention [B, H, T, Dh]; with ``proj`` = (weight, bias, residual), the projected
+    output ``residual + attention @ weight.T + bias`` [B, T, N] instead."""
+    from mtpkern.ops._decode_linear import split_counters
+
     B, H, T, Dh = q.shape
     out = _empty_out(q)
     if _backend.triton_interpret() and is_fake(q):
         # Under the interpreter, wrap_triton hands back the plain kernel, which cannot run on
         # fake tensors; a fake implementation only needs the output's metadata anyway.
-        return out
+        return out if proj is None else q.new_empty((B, T, proj[0].shape[0]))
     # Decoding trees are small (T <= 64): 16-row query blocks spread B*H*T/16 programs over
     # the SMs. A long causal prefill takes 32-row blocks. fp32's exact ("ieee") dot
     # runs on the FMA units with its operands in registers: 16-row blocks keep ptxas from
@@ -469,21 +603,25 @@ def _launch(q, k_cache, v_cache, prefix_len, tree_mask, scale: float) -> Tensor:
     grid = (triton.cdiv(T, block_m), B * H)
     splits = _prefix_splits(B * H, k_cache.shape[2], T)
     if splits > 1:
-        return _launch_split(q, k_cache, v_cache, prefix_len, tree_mask, scale, out, block_m, block_n, splits)
+        return _launch_split(q, k_cache, v_cache, prefix_len, tree_mask, scale, out, block_m, block_n, splits, proj)
+    counters = split_counters(q.device, B * grid[0], like=q) if proj is not None else q
+    y, proj_args = _proj_args(q, proj, block_m, counters)
     # Triton launches on the current CUDA device, not the tensors' one.
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
         wrap_triton(_tree_attention_kernel)[grid](
             q, k_cache, v_cache, out, prefix_len, tree_mask,
             T, k_cache.shape[2], tree_mask.shape[1], H, _prefix_stride(prefix_len), scale * _LOG2E,
-            *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
+            *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(), *proj_args,
             HEAD_DIM=Dh,
             BLOCK_M=block_m,
             BLOCK_N=block_n,
             INPUT_PRECISION="ieee" if fp32 else "tf32",  # TF32 would break fp32's token identity
+            PROJ=proj is not None,
+            BLOCK_P=_BLOCK_P,
             num_warps=8 if (fp32 and Dh >= 64) or Dh > 64 else 4,
             num_stages=2,
         )
-    return out
+    return out if y is None else y
 
 
 def _prefix_stride(prefix_len: Tensor) -> int:
@@ -508,7 +646,7 @@ def _prefix_splits(heads: int, S: int, T: int) -> int:
     return max(1, min(triton.cdiv(_SPLIT_TARGET_PROGRAMS, heads), S // _MIN_SPLIT_SLOTS))
 
 
-def _launch_split(q, k_cache, v_cache, prefix_len, tree_mask, scale, out, block_m, block_n, splits) -> Tensor:
+def _launch_split(q, k_cache, v_cache, prefix_len, tree_mask, scale, out, block_m, block_n, splits, proj) -> Tensor:
     from mtpkern.ops._decode_linear import split_counters
 
     B, H, T, Dh = q.shape
@@ -516,22 +654,27 @@ def _launch_split(q, k_cache, v_cache, prefix_len, tree_mask, scale, out, block_
     tiles = grid[0] * grid[1]
     acc = torch.empty((tiles, splits, block_m, Dh), dtype=torch.float32, device=q.device)
     ml = torch.empty((tiles, splits, 2, block_m), dtype=torch.float32, device=q.device)
+    # the splits' counters, then (with a projection) the heads' counters per row block
+    counters = split_counters(q.device, tiles + B * grid[0], like=q)
+    y, proj_args = _proj_args(q, proj, block_m, counters[tiles:])
     fp32 = q.dtype == torch.float32
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
         wrap_triton(_tree_attention_split_kernel)[grid](
             q, k_cache, v_cache, out, prefix_len, tree_mask,
-            acc, ml, split_counters(q.device, tiles, like=q),
+            acc, ml, counters,
             T, k_cache.shape[2], tree_mask.shape[1], H, _prefix_stride(prefix_len), scale * _LOG2E,
-            *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
+            *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(), *proj_args,
             NUM_SPLITS=splits,
             HEAD_DIM=Dh,
             BLOCK_M=block_m,
             BLOCK_N=block_n,
             INPUT_PRECISION="ieee" if fp32 else "tf32",
+            PROJ=proj is not None,
+            BLOCK_P=_BLOCK_P,
             num_warps=8 if fp32 or Dh > 64 else 4,
             num_stages=2,
         )
-    return out
+    return out if y is None else y
 
 
 # ----------------------------------------------------------------------------- registration
@@ -549,6 +692,23 @@ def _tree_attention_op(
         return _empty_out(q).copy_(_attention_dense(q, k_cache, v_cache, prefix_len, tree_mask, scale))
     _check_int32_offsets(q=q, k_cache=k_cache, v_cache=v_cache)
     return _launch(q, k_cache, v_cache, prefix_len, tree_mask, scale)
+
+
+@torch.library.triton_op("mtpkern::tree_attention_proj", mutates_args=())
+def _tree_attention_proj_op(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, prefix_len: Tensor, tree_mask: Tensor, scale: float,
+    weight: Tensor, bias: Tensor, residual: Tensor,
+) -> Tensor:
+    # This body is also the fake implementation (run on fake tensors under torch.compile).
+    _check_inputs(q, k_cache, v_cache, prefix_len, tree_mask, scale)
+    _check_proj(q, weight, bias, residual)
+    if prefix_len.device.type == "cpu" and not is_fake(prefix_len):  # free on the host
+        _check_prefix_len_value(prefix_len, q.shape[2], k_cache.shape[2])
+    if q.device.type == "cpu" and not _backend.triton_interpret():
+        return _project(_attention_dense(q, k_cache, v_cache, prefix_len, tree_mask, scale), weight, bias,
+                        residual).contiguous()
+    _check_int32_offsets(q=q, k_cache=k_cache, v_cache=v_cache, weight=weight, residual=residual)
+    return _launch(q, k_cache, v_cache, prefix_len, tree_mask, scale, proj=(weight, bias, residual))
 
 
 # ----------------------------------------------------------------------------- public
@@ -578,9 +738,37 @@ def tree_attention(
     return torch.ops.mtpkern.tree_attention(q, k_cache, v_cache, prefix_len, tree_mask, _resolve_scale(scale, q))
 
 
+def tree_attention_proj(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    prefix_len: Tensor,
+    tree_mask: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    residual: Tensor,
+    *,
+    scale: Optional[float] = None,
+    backend: Optional[str] = None,
+) -> Tensor:
+    """Tree attention and the attention's output projection in one kernel (the second of a
+    fused decoder layer's four): ``residual + y @ weight.T + bias`` [B, T, N], y the
+    attention [B, H, T, Dh] of :func:`tree_attention` (same inputs) laid out as [B, T, H * Dh].
+    weight [N, H * Dh], bias [N], residual [B, T, N] (any strides), q's dtype and device.
+    Each head's program projects its own output (Dh of the H * Dh inputs); the last head of a
+    row block to finish sums the heads' fp32 partials in head order (deterministic) and adds
+    bias and residual. backend: None (automatic), "triton" or "eager" (the fp32 reference)."""
+    if _backend.pick(q.device, ("triton", "eager"), backend) == "eager":
+        return tree_attention_proj_ref(q, k_cache, v_cache, prefix_len, tree_mask, weight, bias, residual, scale=scale)
+    return torch.ops.mtpkern.tree_attention_proj(q, k_cache, v_cache, prefix_len, tree_mask, _resolve_scale(scale, q),
+                                                 weight, bias, residual)
+
+
 __all__ = [
     "tree_attention",
     "tree_attention_ref",
+    "tree_attention_proj",
+    "tree_attention_proj_ref",
     "pack_tree_mask",
     "unpack_tree_mask",
     "dense_tree_mask",
