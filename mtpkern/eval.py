@@ -561,13 +561,11 @@ def format_table(report: dict) -> str:
     notes = [f"{m['name']} calibration: {m['calibration']['summary']}"
              for m in report["models"] if m.get("calibration")]
     for m in report["models"]:
-        orig = m["quality"].get("original_base")
+        orig, how = m["quality"].get("original_base"), m["quality"].get("decoded_with")
         if orig:
             notes.append(f"{m['name']} (MEDUSA-2) trades quality: its backbone's ppl {_fmt(m['quality']['ppl'], '.2f')}, "
                          f"answer acc {_fmt(m['quality']['answer_accuracy'], '.1%')}; the original base "
                          f"({orig['path']}): ppl {_fmt(orig['ppl'], '.2f')}, answer acc {_fmt(orig['answer_accuracy'], '.1%')}")
-    for m in report["models"]:
-        how = m["quality"].get("decoded_with")
         if how:
             notes.append(f"{m['name']}: BLEU and answer acc over {m['quality']['n_samples']} solutions decoded "
                          f"{how['batch']} at a time ({how['strategy']}, batched; "

@@ -146,6 +146,28 @@ def _finish(acc, l_i, nan_rows):
 
 
 @triton.jit
+def _epilogue(out, b, h, pid_m, offs_m, m_ok, H, N,
+              o_ptr, stride_ob, stride_oh, stride_ot, stride_od,
+              w_ptr, stride_wn, stride_wk, bias_ptr, r_ptr, stride_rb, stride_rt, stride_rn,
+              y_ptr, stride_yb, stride_yt, stride_yn, part_ptr, hcount_ptr,
+              HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
+              INPUT_PRECISION: tl.constexpr, PROJ: tl.constexpr):
+    """A finished head's rows: stored as they are, or (``PROJ``) through the output projection."""
+    if PROJ:
+        _project_head(out, b, h, pid_m, tl.num_programs(0), offs_m, m_ok, H, N,
+                      w_ptr, stride_wn, stride_wk, bias_ptr, r_ptr, stride_rb, stride_rt, stride_rn,
+                      y_ptr, stride_yb, stride_yt, stride_yn, part_ptr, hcount_ptr,
+                      HEAD_DIM, BLOCK_M, BLOCK_P, INPUT_PRECISION)
+    else:
+        offs_d = tl.arange(0, HEAD_DIM)
+        tl.store(
+            o_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od,
+            out.to(o_ptr.dtype.element_ty),
+            mask=m_ok[:, None],
+        )
+
+
+@triton.jit
 def _project_head(out, b, h, pid_m, n_mblocks, offs_m, m_ok, H, N,
                   w_ptr, stride_wn, stride_wk, bias_ptr, r_ptr, stride_rb, stride_rt, stride_rn,
                   y_ptr, stride_yb, stride_yt, stride_yn, part_ptr, hcount_ptr,
@@ -236,17 +258,10 @@ def _tree_attention_kernel(
                                          prefix, n_tree, T, W, qk_scale, m_i, l_i, acc, poison,
                                          BLOCK_N, INPUT_PRECISION)
     out = _finish(acc, l_i, (poison > 0) | bad_prefix)
-    if PROJ:
-        _project_head(out, b, h, pid_m, tl.num_programs(0), offs_m, m_ok, H, N,
-                      w_ptr, stride_wn, stride_wk, bias_ptr, r_ptr, stride_rb, stride_rt, stride_rn,
-                      y_ptr, stride_yb, stride_yt, stride_yn, part_ptr, hcount_ptr,
-                      HEAD_DIM, BLOCK_M, BLOCK_P, INPUT_PRECISION)
-    else:
-        tl.store(
-            o_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od,
-            out.to(o_ptr.dtype.element_ty),
-            mask=m_ok[:, None],
-        )
+    _epilogue(out, b, h, pid_m, offs_m, m_ok, H, N, o_ptr, stride_ob, stride_oh, stride_ot, stride_od,
+              w_ptr, stride_wn, stride_wk, bias_ptr, r_ptr, stride_rb, stride_rt, stride_rn,
+              y_ptr, stride_yb, stride_yt, stride_yn, part_ptr, hcount_ptr,
+              HEAD_DIM, BLOCK_M, BLOCK_P, INPUT_PRECISION, PROJ)
 
 
 # Flash-decoding: at T = 1 the grid above is B * H programs (12 for GPT-2), too few to stream a
@@ -336,17 +351,10 @@ def _tree_attention_split_kernel(
             total += w[:, None] * a
         out = _finish(total, l_all, (poisoned > 0) | bad_prefix)
         tl.store(count_ptr + tile, 0)  # ready for the next launch
-        if PROJ:
-            _project_head(out, b, h, pid_m, tl.num_programs(0), offs_m, m_ok, H, N,
-                          w_ptr, stride_wn, stride_wk, bias_ptr, r_ptr, stride_rb, stride_rt, stride_rn,
-                          y_ptr, stride_yb, stride_yt, stride_yn, part_ptr, hcount_ptr,
-                          HEAD_DIM, BLOCK_M, BLOCK_P, INPUT_PRECISION)
-        else:
-            tl.store(
-                o_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od,
-                out.to(o_ptr.dtype.element_ty),
-                mask=m_ok[:, None],
-            )
+        _epilogue(out, b, h, pid_m, offs_m, m_ok, H, N, o_ptr, stride_ob, stride_oh, stride_ot, stride_od,
+                  w_ptr, stride_wn, stride_wk, bias_ptr, r_ptr, stride_rb, stride_rt, stride_rn,
+                  y_ptr, stride_yb, stride_yt, stride_yn, part_ptr, hcount_ptr,
+                  HEAD_DIM, BLOCK_M, BLOCK_P, INPUT_PRECISION, PROJ)
 
 
 # ----------------------------------------------------------------------------- reference
