@@ -119,7 +119,7 @@ def cmd_distill(args) -> int:
 
     r = distill(args.model, args.data, args.out, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                 top_p=args.top_p, seed=args.seed, limit=args.data_limit, device=args.device, dtype=args.dtype,
-                progress=not args.no_progress)
+                progress=not args.no_progress, batch=args.batch)
     print(f"{r.out}: {r.kept + r.written} records ({r.written} new, {r.kept} kept from an earlier run, "
           f"{r.skipped} prompts skipped: too long for the context) of {r.total} prompts")
     return 0
@@ -259,6 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--temperature", type=_non_negative_float, default=0.0, help="0: greedy (default); > 0: sampled")
     s.add_argument("--top-p", type=_positive_float, default=1.0)
     s.add_argument("--seed", type=_seed, default=0, help="record i is sampled with seed + i")
+    s.add_argument("--batch", type=_positive_int, default=16,
+                   help="prompts decoded at once (batched decoding; the output is the same for any value)")
     s.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="default: fp16 on CUDA, fp32 on CPU")
     s.add_argument("--device", type=_device, default="auto")
     s.add_argument("--no-progress", action="store_true")

@@ -6,7 +6,9 @@ and compares them through the same evaluation as ``mtpkern eval``:
 * NTP: plain next-token prediction, from scratch;
 * MTP: Gloeckle et al.'s multi-token prediction (4 transformer-block heads on a shared trunk),
   from scratch with the same number of steps, so the two differ only in the objective;
-* MEDUSA-1: 4 residual-block heads trained on top of the frozen NTP model.
+* MEDUSA-1: 4 residual-block heads trained on top of the frozen NTP model, on the NTP model's
+  own greedy answers to the corpus's prompts (self-distillation, as MEDUSA recommends: heads
+  trained on text the model did not write learn a distribution it does not follow).
 
 The output folder holds each run (checkpoint, log, summary), ``report.json``, the markdown
 table ``report.md`` and the plots (loss curves, tokens/s, accepted lengths, head accuracy).
@@ -30,6 +32,7 @@ QUICK_STEPS = 30
 
 
 RUNS = ("ntp", "mtp", "medusa")
+DISTILLED = "ntp_answers.jsonl"  # the NTP model's answers, MEDUSA's training data, in the MEDUSA run's folder
 MARKER = ".mtpkern-demo"  # written into each run folder the demo creates: --overwrite removes only those
 
 
@@ -47,8 +50,10 @@ def _clear_previous_runs(out: Path, overwrite: bool) -> None:
         shutil.rmtree(run)
 
 
+
 def run_demo(out="demo_out", device: str = "auto", steps: int | None = None, quick: bool = False,
              overwrite: bool = False) -> dict:
+    from mtpkern.distill import distill
     from mtpkern.eval import evaluate
     from mtpkern.train import TrainConfig, train
 
@@ -71,17 +76,20 @@ def run_demo(out="demo_out", device: str = "auto", steps: int | None = None, qui
 
     print(f"mtpkern demo: training NTP, MTP and MEDUSA-1 on the synthetic maths corpus into {out}/")
     runs = {}
-    print("\n[1/4] NTP (next-token prediction), from scratch")
+    print("\n[1/5] NTP (next-token prediction), from scratch")
     runs["ntp"] = train(TrainConfig(objective="ntp", out=str(out / "ntp"), steps=steps, **common))
-    print("\n[2/4] MTP (4 transformer-block heads on a shared trunk), from scratch")
+    print("\n[2/5] MTP (4 transformer-block heads on a shared trunk), from scratch")
     runs["mtp"] = train(TrainConfig(objective="mtp", out=str(out / "mtp"), steps=steps, n_heads=4, **common))
-    print("\n[3/4] MEDUSA-1 (4 residual-block heads on the frozen NTP model)")
+    print(f"\n[3/5] The NTP model's own greedy answers to the corpus's prompts (batched) -> {out / 'medusa' / DISTILLED}")
+    answers = distill(runs["ntp"].checkpoint, "synthetic", out / "medusa" / DISTILLED, max_new_tokens=80,
+                      limit=common["data_limit"], device=device, progress=True)
+    print("\n[4/5] MEDUSA-1 (4 residual-block heads on the frozen NTP model), on those answers")
     runs["medusa"] = train(TrainConfig(objective="medusa", out=str(out / "medusa"), base=runs["ntp"].checkpoint,
                                        steps=medusa_steps, n_heads=4, lr=DEMO_MEDUSA_LR,
-                                       **{**common, "eval_every": max(medusa_steps // 3, 1)}))
+                                       **{**common, "data": answers.out, "eval_every": max(medusa_steps // 3, 1)}))
     train_time = time.perf_counter() - t0
 
-    print("\n[4/4] Evaluation: quality on held-out problems, decode speed through one engine")
+    print("\n[5/5] Evaluation: quality on held-out problems, decode speed through one engine")
     report = evaluate(
         [out / "ntp", out / "mtp", out / "medusa"], json_path=out / "report.json", device=device,
         max_samples=8 if quick else 24, max_new_tokens=48 if quick else 80, max_batches=8,

@@ -3,14 +3,19 @@
 Heads trained on text the model did not write learn a distribution it does not follow, and
 speculative decoding accepts fewer of their drafts. ``distill`` answers every prompt (the
 ``query`` of each record) with the model itself and writes the records, in the data schema
-(``{"query", "response", "type"}`` plus ``"source_index"``), to a JSONL file that every
-training objective reads (``--data FILE.jsonl``).
+(``{"query", "response", "type"}`` plus ``"source_index"``, and ``"reference"``: the source's
+own response, where it has one), to a JSONL file that every training objective reads
+(``--data FILE.jsonl``). ``mtpkern eval`` scores a run trained on such a file against the
+references, not against the model's own answers.
 
 - Greedy (``temperature=0``, the default) or sampled (``temperature``, ``top_p``): record i is
   sampled with its own generator seeded by ``seed + i``, so the output is a function of the
   settings alone, whether or not the run was interrupted.
-- One prompt at a time: the decoding engine (``mtpkern.decoder.Decoder``) decodes batch 1; the
-  one decoder, and its cache, serve every prompt.
+- ``batch`` prompts at a time (:class:`mtpkern.batch.BatchDecoder`, 16 by default): every row
+  is what batch-1 decoding gives that prompt (greedy token for token; sampled rows draw from
+  their own generators as batch 1 does), so the output never depends on ``batch``. A prompt
+  too close to the end of the context for ``max_new_tokens`` is answered alone, with the room
+  it has.
 - Resumable: the settings are written beside the output (``FILE.jsonl.distill.json``); run
   the same command again and it keeps the records written (a half-written last line, from a
   killed run, is dropped), then continues after the last one. Other settings for an existing
@@ -44,14 +49,15 @@ class DistillResult:
 
 def distill(model, data, out, *, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
             seed: int = 0, limit: int | None = None, device: str = "auto", dtype: str | None = None,
-            progress: bool = True) -> DistillResult:
+            progress: bool = True, batch: int = 16) -> DistillResult:
     """Write ``model``'s responses to the prompts of ``data`` to ``out`` (JSONL; see the module
     docstring). ``model``: a checkpoint or run directory (or Hugging Face GPT-2) with a
     tokenizer. ``data``: "synthetic", "metamathqa" or a .json/.jsonl file of records with a
-    ``query`` (a ``response`` is not needed). ``limit``: the first ``limit`` prompts.
+    ``query`` (a ``response`` is not needed). ``limit``: the first ``limit`` prompts. ``batch``:
+    prompts decoded at once (the output is the same for every value).
     Bad input is a ``ValueError`` (or ``DataError`` / ``CheckpointError``) before any decoding."""
+    from mtpkern.batch import BatchDecoder
     from mtpkern.data import format_prompt, load_prompts, load_tokenizer
-    from mtpkern.decoder import Decoder
     from mtpkern.model import load_model
     from mtpkern.runtime import dtype_name, resolve_device, resolve_dtype
 
@@ -61,6 +67,8 @@ def distill(model, data, out, *, max_new_tokens: int = 128, temperature: float =
         raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch must be an int >= 1, got {batch!r}")
     out = Path(out)
     if out.suffix != ".jsonl":
         raise ValueError(f"--out {str(out)!r} must name a .jsonl file (one record per line)")
@@ -79,29 +87,44 @@ def distill(model, data, out, *, max_new_tokens: int = 128, temperature: float =
     encoded = tokenizer([format_prompt(r["query"]) for r in prompts], add_special_tokens=False)["input_ids"]
     if all(len(ids) >= ctx for ids in encoded):
         raise ValueError(f"no prompt of {str(data)!r} fits the model's context of {ctx} tokens with room to answer")
-    decoder = Decoder(net, "ntp", temperature=temperature, top_p=top_p)
+    decoder = BatchDecoder(net, "ntp", max_batch=batch, temperature=temperature, top_p=top_p)
     start = kept[-1]["source_index"] + 1 if kept else 0
     written = skipped = 0
     bar = _progress(len(prompts), start, progress)
+
+    def answer(rows: list[int], room: int) -> list[list[int]]:
+        gens = [torch.Generator(device=dev).manual_seed(seed + i) for i in rows] if temperature > 0 else None
+        results = decoder.generate([encoded[i] for i in rows], max_new_tokens=room, eos_token_id=eos, generators=gens)
+        return [r.tokens[:-1] if r.tokens and r.tokens[-1] == eos else r.tokens for r in results]
+
     with open(out, "a", encoding="utf-8") as f:
-        for i in range(start, len(prompts)):
-            rec, ids = prompts[i], encoded[i]
-            room = min(max_new_tokens, ctx - len(ids))
+        i = start
+        while i < len(prompts):
+            room = ctx - len(encoded[i])
             if room < 1:
                 skipped += 1
                 bar.update(1)
+                i += 1
                 continue
-            gen = torch.Generator(device=dev).manual_seed(seed + i) if temperature > 0 else None
-            tokens = decoder.generate(torch.tensor(ids, device=dev), max_new_tokens=room, eos_token_id=eos,
-                                      generator=gen).tokens
-            if tokens and tokens[-1] == eos:
-                tokens = tokens[:-1]
-            response = tokenizer.decode(tokens, skip_special_tokens=True)
-            f.write(json.dumps({"query": rec["query"], "response": response, "type": rec.get("type", "unknown"),
-                                "source_index": i}) + "\n")
-            f.flush()  # a record is either whole on disk or dropped on resume
-            written += 1
-            bar.update(1)
+            if room < max_new_tokens:  # near the end of the context: alone, with the room it has
+                rows, answers = [i], answer([i], room)
+            else:  # the next prompts with room for max_new_tokens, up to a batch
+                rows = [i]
+                while (len(rows) < batch and rows[-1] + 1 < len(prompts)
+                       and ctx - len(encoded[rows[-1] + 1]) >= max_new_tokens):
+                    rows.append(rows[-1] + 1)
+                answers = answer(rows, max_new_tokens)
+            for j, tokens in zip(rows, answers):
+                rec = prompts[j]
+                line = {"query": rec["query"], "response": tokenizer.decode(tokens, skip_special_tokens=True),
+                        "type": rec.get("type", "unknown"), "source_index": j}
+                if isinstance(rec.get("response"), str):
+                    line["reference"] = rec["response"]
+                f.write(json.dumps(line) + "\n")
+            f.flush()  # whole records on disk; a half-written last line is dropped on resume
+            written += len(rows)
+            bar.update(len(rows))
+            i = rows[-1] + 1
     bar.close()
     return DistillResult(out=str(out), written=written, kept=len(kept), skipped=skipped, total=len(prompts))
 

@@ -427,6 +427,9 @@ def evaluate_checkpoint(path, *, data: str | None = None, device: torch.device, 
     train_config, log, summary = read_run(run)
     name = (run or ckpt).name
     val, val_info = validation_records(train_config, data)
+    if any("reference" in r for r in val):  # self-distilled records: score against the source's answers
+        val = [dict(r, response=r["reference"]) if "reference" in r else r for r in val]
+        val_info["note"] += "; self-distilled records: quality against the source's references"
     model = load_model(ckpt, device=device, dtype=dtype).eval()
     tokenizer = load_tokenizer(ckpt)
 

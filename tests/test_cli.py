@@ -203,6 +203,12 @@ def test_demo_end_to_end_quick(tmp_path):
     plots = sorted(p.name for p in (out / "report_plots").iterdir())
     assert "train_loss.png" in plots and all((out / "report_plots" / p).stat().st_size > 0 for p in plots)
     assert all((out / run / ".mtpkern-demo").is_file() for run in ("ntp", "mtp", "medusa"))  # its own marks
+    # MEDUSA's heads learn the NTP model's own answers (self-distillation), kept in MEDUSA's run folder
+    answers = out / "medusa" / "ntp_answers.jsonl"
+    assert len(answers.read_text().splitlines()) == 400  # the quick corpus: 400 prompts
+    assert json.loads((out / "medusa" / "train_config.json").read_text())["data"] == str(answers)
+    medusa = json.loads((out / "report.json").read_text())["models"][2]
+    assert "self-distilled records: quality against the source's references" in medusa["validation"]["note"]
     again = run_cli("demo", "--quick", "--steps", "2", "--out", str(out), "--device", "cpu")
     assert again.returncode == 2 and "pass --overwrite" in again.stderr
 
@@ -248,6 +254,7 @@ def test_bench_command_quick(tmp_path):
     (["train", "medusa2", "--out", "o", "--base", "b", "--head-warmup", "-1"], "expected an integer >= 0"),
     (["distill", "d", "--data", "EMPTY", "--out", "x.jsonl"], "no prompts to answer"),
     (["distill", "d", "--data", "synthetic", "--out", "x.jsonl", "--temperature", "-1"], "expected a finite number >= 0"),
+    (["distill", "d", "--data", "synthetic", "--out", "x.jsonl", "--batch", "0"], "expected a positive integer, got 0"),
 ])
 def test_new_commands_give_one_line_errors_before_any_work(args, message, tmp_path, capsys, monkeypatch):
     (tmp_path / "EMPTY").write_text("")
@@ -267,9 +274,14 @@ def test_medusa2_and_distill_commands_with_every_switch(tmp_path, capsys, monkey
     data = tmp_path / "d.jsonl"
     code, err = run_main(["distill", base, "--data", "synthetic", "--out", data, "--data-limit", "24",
                           "--max-new-tokens", "6", "--temperature", "0.7", "--top-p", "0.9", "--seed", "2",
-                          "--dtype", "fp32", "--device", "cpu", "--no-progress"], capsys, monkeypatch)
+                          "--dtype", "fp32", "--device", "cpu", "--no-progress", "--batch", "5"], capsys, monkeypatch)
     assert code == 0, err
     assert len(data.read_text().splitlines()) == 24
+    one = tmp_path / "one.jsonl"  # --batch 1: the same records (the batch size changes nothing)
+    code, err = run_main(["distill", base, "--data", "synthetic", "--out", one, "--data-limit", "24",
+                          "--max-new-tokens", "6", "--temperature", "0.7", "--top-p", "0.9", "--seed", "2",
+                          "--dtype", "fp32", "--device", "cpu", "--no-progress", "--batch", "1"], capsys, monkeypatch)
+    assert code == 0 and one.read_text() == data.read_text(), err
     settings = json.loads((tmp_path / "d.jsonl.distill.json").read_text())
     assert (settings["temperature"], settings["top_p"], settings["seed"], settings["max_new_tokens"]) == (0.7, 0.9, 2, 6)
     out = tmp_path / "run"

@@ -49,6 +49,20 @@ def test_distill_writes_the_models_greedy_responses(greedy, base_dir):
     tokens = tokens[:-1] if tokens[-1] == tok.eos_token_id else tokens
     assert records[2]["response"] == tok.decode(tokens, skip_special_tokens=True)
     assert all(r["response"] != p["response"] for r, p in zip(records, prompts))  # not the corpus' answers
+    assert [r["reference"] for r in records] == [p["response"] for p in prompts]  # which are kept beside
+
+
+def test_the_batch_size_changes_nothing(greedy, base_dir, tmp_path):
+    """Prompts decoded a batch at a time (rows of different lengths, an uneven last batch) give
+    what one at a time gives, greedy and sampled (row i from its own generator, seed + i)."""
+    for temperature in (0.0, 1.0):
+        outs = [distill(base_dir, out=tmp_path / f"{temperature}-{b}.jsonl", batch=b, temperature=temperature,
+                        **SETTINGS).out for b in (1, 4)]
+        one, four = (_records(tmp_path / o.split("/")[-1]) for o in outs)
+        assert one == four and len(one) == 6
+    assert _records(tmp_path / "0.0-4.jsonl") == _records(greedy[0])
+    with pytest.raises(ValueError, match="batch must be an int >= 1"):
+        distill(base_dir, out=tmp_path / "x.jsonl", batch=0, **SETTINGS)
 
 
 def test_greedy_distillation_is_deterministic(greedy, base_dir, tmp_path):
@@ -81,10 +95,19 @@ def test_an_interrupted_distillation_resumes_without_duplicates(greedy, base_dir
     assert (result.kept, result.written) == (6, 0) and out.read_bytes() == full
 
 
-def test_training_reads_distilled_data(greedy, base_dir, tmp_path):
+def test_training_reads_distilled_data_and_eval_scores_against_the_references(greedy, base_dir, tmp_path):
+    """A run trained on self-distilled records is scored against the source's own answers (the
+    ``reference`` field), not against the model's answers, which it reproduces exactly."""
+    from mtpkern.eval import evaluate
+
     result = train(tiny_run(tmp_path / "run", "medusa", base_dir, data=str(greedy[0]), data_limit=None, n_heads=2,
-                            steps=2, val_fraction=0.2))
+                            steps=2, val_fraction=0.34))
     assert result.steps == 2
+    report = evaluate([tmp_path / "run"], json_path=tmp_path / "e.json", device="cpu", max_samples=3, max_new_tokens=12,
+                      max_batches=1, progress=False, hf_baseline=False, plots=False)
+    m = report["models"][0]
+    assert "self-distilled records: quality against the source's references" in m["validation"]["note"]
+    assert m["speed"]["medusa"]["agrees_with_ntp"] == 1.0
 
 
 def test_bad_input_is_a_one_line_error_before_decoding(base_dir, tmp_path, greedy):
@@ -127,5 +150,15 @@ def test_prompts_too_long_for_the_context_are_skipped_or_an_error(tmp_path):
                         eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id)).save_pretrained(model_dir, tok)
     r = distill(tmp_path / "ctx64", data, tmp_path / "a.jsonl", max_new_tokens=8, device="cpu", progress=False)
     assert (r.written, r.skipped, r.total) == (1, 1, 2)
+    # a prompt with less room than max_new_tokens is answered alone, with the room it has
+    from mtpkern.data import format_prompt
+
+    length = lambda q: len(tok(format_prompt(q), add_special_tokens=False)["input_ids"])  # noqa: E731
+    long = next("word " * k for k in range(1, 200) if 64 - 32 < length("word " * k) < 64)  # room for 1-31 tokens
+    near = tmp_path / "near.jsonl"
+    near.write_text("\n".join(json.dumps({"query": q}) for q in ("Tom has 3 apples.", long, "Ann has 2.")) + "\n")
+    r = distill(tmp_path / "ctx64", near, tmp_path / "c.jsonl", max_new_tokens=32, device="cpu", progress=False)
+    assert (r.written, r.skipped) == (3, 0)
+    assert [x["source_index"] for x in _records(tmp_path / "c.jsonl")] == [0, 1, 2]
     with pytest.raises(ValueError, match="no prompt of .* fits the model's context of 32 tokens"):
         distill(tmp_path / "ctx32", data, tmp_path / "b.jsonl", device="cpu", progress=False)
