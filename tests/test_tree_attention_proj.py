@@ -145,6 +145,8 @@ def _errors(a: dict) -> dict:
     (lambda a: {"residual": a["residual"][:, :-1]}, ValueError, "residual must be [B, T, N] = [1, 5, 24]"),
     (lambda a: {"residual": a["residual"].half()}, TypeError, "residual is float16 but q is float32"),
     (lambda a: {"weight": a["weight"].to("meta")}, ValueError, "weight is on meta"),
+    (lambda a: {"weight": a["weight"][:0], "bias": a["bias"][:0], "residual": a["residual"][..., :0]}, ValueError,
+     "weight has no output rows (N = 0)"),
 ])
 def test_bad_inputs(change, error, match):
     a = _good()

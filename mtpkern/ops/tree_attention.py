@@ -594,7 +594,7 @@ def _launch(q, k_cache, v_cache, prefix_len, tree_mask, scale: float, proj=None)
     from mtpkern.ops._decode_linear import split_counters
 
     B, H, T, Dh = q.shape
-    out = _empty_out(q)
+    out = _empty_out(q) if proj is None else q  # with a projection, a stand-in the kernels never write
     if _backend.triton_interpret() and is_fake(q):
         # Under the interpreter, wrap_triton hands back the plain kernel, which cannot run on
         # fake tensors; a fake implementation only needs the output's metadata anyway.
