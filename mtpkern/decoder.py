@@ -77,6 +77,7 @@ class GenerationResult:
     step_times: list[float] = field(default_factory=list)  # seconds per step, synchronised
     prefill_time: float = 0.0
     total_time: float = 0.0
+    reused_prompt_tokens: int = 0  # prompt tokens whose K/V the prefix cache supplied (not prefilled)
 
     @property
     def mean_accept_length(self) -> float:
@@ -95,25 +96,30 @@ class GenerationResult:
 # ----------------------------------------------------------------------------- forward passes
 
 
-def prefill(model, cache: KVCache, input_ids: torch.Tensor, *, heads: int) -> torch.Tensor:
-    """Run the prompt [P] through the model at slots 0..P-1 and return the hidden states of
-    its last position [heads, D] (the other positions only fill the cache)."""
+def prefill(model, cache: KVCache, input_ids: torch.Tensor, *, heads: int, start: int = 0,
+            weights: list | None = None) -> torch.Tensor:
+    """Run the prompt [P] through the model at slots start..P-1 and return the hidden states
+    of its last position [heads, D] (the other positions only fill the cache). Slots
+    0..start-1 must already hold the K/V of ``input_ids[:start]`` (a reused prefix: see
+    ``Decoder(prefix_cache=...)``); the new positions attend to them. ``weights``: the model's
+    ``decode_weights()``, for its blocks' functional path (``Attn.weights``)."""
     P = input_ids.shape[0]
     _check_room(cache, 0, P)
+    if not 0 <= start < P:
+        raise ValueError(f"prefill start {start} must be in [0, {P}): at least the prompt's last token is run")
     # A causal mask through eager attention in every kernels mode: the tree kernel is made
-    # for short trees over a long prefix, the prompt is the opposite.
-    pos = torch.arange(P, device=input_ids.device)
-    causal = torch.ones(P, P, dtype=torch.bool, device=input_ids.device).tril()
-    attn = Attn(cache, pos, mask=causal)
-    h0, carry = model.decode_hidden(input_ids[None], pos, attn)
+    # for short trees over a long prefix, the prompt is the opposite. Row i (position
+    # start + i) sees slots 0..start + i.
+    pos = torch.arange(start, P, device=input_ids.device)
+    causal = torch.ones(P - start, P, dtype=torch.bool, device=input_ids.device).tril(start)
+    attn = Attn(cache, pos, mask=causal, weights=weights)
+    if heads > 1 and model.draft_on_path:  # MTP: every head block over the prompt, as one batch
+        return model.decode_heads(input_ids[None, start:], pos, attn, heads - 1)[:, -1]
+    h0, carry = model.decode_hidden(input_ids[None, start:], pos, attn)
     last = h0[0, -1:]
     if heads == 1:
         return last
-    if model.draft_on_path:  # MTP: the draft heads' blocks fill their caches over the whole prompt
-        drafts = model.draft_hidden(carry, heads - 1, attn)
-    else:
-        drafts = model.draft_hidden(last[None], heads - 1)
-    return torch.cat([last, drafts])
+    return torch.cat([last, model.draft_hidden(last[None], heads - 1)])
 
 
 def _check_room(cache: KVCache, prefix_len: int, T: int) -> None:
@@ -145,10 +151,11 @@ class _Forward:
     kernels read the packed mask and the prefix directly.
     """
 
-    def __init__(self, model, cache: KVCache, T: int, fused: bool, final_norm: bool = True):
-        self.model, self.cache, self.fused, self.final_norm = model, cache, fused, final_norm
-        self.offsets = torch.arange(T, device=cache.k.device)
-        self.mask = torch.zeros(T, cache.max_len, dtype=torch.bool, device=cache.k.device)
+    def __init__(self, dec: Decoder, T: int, final_norm: bool = True, heads: int = 1):
+        self.dec, self.model, self.cache, self.fused = dec, dec.model, dec.cache, dec.fused
+        self.final_norm, self.heads = final_norm, heads
+        self.offsets = torch.arange(T, device=dec.device)
+        self.mask = torch.zeros(T, self.cache.max_len, dtype=torch.bool, device=dec.device)
         self.mask_prefix = 0  # slots [0, mask_prefix) of self.mask are on
 
     def reset(self) -> None:
@@ -162,38 +169,50 @@ class _Forward:
         if self.fused:
             attn = Attn(self.cache, slots, tree_mask=packed, prefix_len=prefix)
         elif prefix_host is None:
-            attn = Attn(self.cache, slots, mask=eager_tree_mask(dense, prefix, self.cache.max_len))
+            attn = Attn(self.cache, slots, mask=eager_tree_mask(dense, prefix, self.cache.max_len),
+                        weights=self.dec.decode_weights)
         else:
             p = prefix_host
             if p > self.mask_prefix:
                 self.mask[:, self.mask_prefix:p] = True
             self.mask[:, p:p + T] = dense
             self.mask_prefix = p
-            attn = Attn(self.cache, slots, mask=self.mask[:, :p + T])
+            attn = Attn(self.cache, slots, mask=self.mask[:, :p + T], weights=self.dec.decode_weights)
         return attn
 
     def __call__(self, tokens, prefix: torch.Tensor, prefix_host: int | None, depth, dense, packed):
         attn = self.attn(prefix, prefix_host, dense, packed)
+        if self.heads > 1:  # MTP, every head over every node (``MTPModel.decode_heads``): carry [heads, T, D]
+            hs = self.model.decode_heads(tokens[None], prefix + depth, attn, self.heads - 1)
+            return hs[0], hs
         h0, carry = self.model.decode_hidden(tokens[None], prefix + depth, attn, final_norm=self.final_norm)
         return h0[0], carry[0]
+
+
+def parallel_heads(dec: Decoder) -> bool:
+    """Whether an MTP model's draft heads run in the verification pass (eager attention)."""
+    return dec.model.draft_on_path and not dec.fused
 
 
 class _Drafts:
     """The draft heads' hidden states where the next drafts come from: the last accepted node.
 
     MEDUSA's heads are a function of that node's hidden state alone. MTP's heads are blocks
-    with KV caches of their own, so they run over the whole accepted path (R = depth + 1 rows,
-    written at slots prefix + i, causal among themselves; rows past the accepted length write
-    slots the next step overwrites before it reads them) and give the row of the last
-    accepted node. Rejected nodes never reach the draft heads: a verification pass costs head
-    0 alone, whatever the number of heads."""
+    with KV caches of their own. With eager attention they run in the verification pass itself,
+    over every tree node beside head 0 (``parallel``: the forward's carry holds every head's
+    states, and the drafts are its row at the last accepted node; the K/V of rejected nodes
+    are moved away by the compaction or overwritten, like the trunk's). With the fused kernels
+    they run after it, over the accepted path alone (R = depth + 1 rows, written at slots
+    prefix + i, causal among themselves; rows past the accepted length write slots the next
+    step overwrites before it reads them): there a verification pass costs head 0 alone."""
 
     def __init__(self, dec: Decoder, depth: int, n: int, normed: bool = True):
         self.model, self.n, self.normed = dec.model, n, normed
-        self.on_path = dec.model.draft_on_path and n > 0
+        self.parallel = parallel_heads(dec) and n > 0
+        self.on_path = dec.model.draft_on_path and n > 0 and not self.parallel
         if self.on_path:
             tt = Tree.chain(depth).tensors(dec.device)
-            self.rows = _Forward(dec.model, dec.cache, depth + 1, dec.fused)
+            self.rows = _Forward(dec, depth + 1)
             self.causal = (tt.dense_mask, tt.mask)
 
     def reset(self) -> None:
@@ -203,6 +222,8 @@ class _Drafts:
     def __call__(self, h0, carry, path, accept_len, last_node, prefix, prefix_host) -> torch.Tensor:
         """[1 + n, D]: head 0 and draft heads 1..n at the last accepted node."""
         last = last_node.view(1)
+        if self.parallel:
+            return carry.index_select(1, last)[:, 0]
         h = h0.index_select(0, last)
         if not self.normed:  # the verification's logits kernel applied the final norm itself
             h = self.model.final_norm(h)
@@ -294,9 +315,12 @@ class _Step:
         # With fused kernels the verification's logits kernel applies the final norm in its
         # prologue (no launch of its own), where the step reads head 0 through it alone.
         self.normed = not (dec.fused and self.logits_norm)
-        self.forward = _Forward(dec.model, dec.cache, self.T, dec.fused, final_norm=self.normed)
+        self.forward = _Forward(dec, self.T, final_norm=self.normed, heads=self._forward_heads(dec))
         self.drafter = _Drafts(dec, self.heads - 1, self.heads - 1, normed=self.normed)
         self.in_place = False  # set while a CUDA graph is captured or replayed
+
+    def _forward_heads(self, dec: Decoder) -> int:
+        return self.heads if self.heads > 1 and parallel_heads(dec) else 1
 
     def _set(self, name: str, value: torch.Tensor) -> None:
         if self.in_place:
@@ -753,13 +777,24 @@ class Decoder:
         ops and tree attention) or "auto" (fused on CUDA; on the CPU eager logits and
         attention with the C++ extension's verification and KV compaction, when built).
     cuda_graph: replay steps from CUDA graphs (CUDA only; see the module docstring).
+    prefix_cache: keep the K/V of the last generation (its prompt and output) and prefill only
+        what a new prompt does not share with them: a prompt template, a system prompt or a
+        conversation's earlier turns are computed once (the last prompt token always runs).
+        Dropped when the weights change (a new storage or an in-place update: tensors made
+        under ``torch.inference_mode`` keep no version, so after changing those in place call
+        ``clear_prefix_cache()``), by ``run_step`` and by a CUDA graph capture.
     Greedy acceptance is lossless: the tokens equal greedy "ntp" of the same model.
     """
 
     def __init__(self, model, strategy: str = "ntp", *, tree=None, kernels: str = "auto",
                  cuda_graph: bool = False, acceptance: str = "greedy", temperature: float = 0.0,
-                 top_k: int = 0, top_p: float = 1.0, typical_epsilon: float = 0.09, typical_alpha: float = 0.3):
+                 top_k: int = 0, top_p: float = 1.0, typical_epsilon: float = 0.09, typical_alpha: float = 0.3,
+                 prefix_cache: bool = True):
         _check_args(model, strategy, acceptance, kernels, temperature, top_k, top_p, cuda_graph)
+        if not isinstance(prefix_cache, bool):
+            raise TypeError(f"prefix_cache must be True or False, got {prefix_cache!r}")
+        self.prefix_cache = prefix_cache
+        self._cached: tuple[list[int], list] | None = None  # (tokens in slots 0.., weight stamp)
         self.model, self.strategy, self.acceptance = model, strategy, acceptance
         self.kernels, self.cuda_graph = kernels, cuda_graph
         self.temperature, self.top_k, self.top_p = float(temperature), top_k, top_p
@@ -779,6 +814,11 @@ class Decoder:
         self.generator = None
         self.logits = _Logits(model, self.fused)
         self.cache = model.new_cache(1, model.config.n_positions)
+        # Eager attention runs the blocks as functions of their tensors (``Attn.weights``),
+        # refreshed when a parameter's storage changes.
+        self.decode_weights: list | None = None
+        self._weights_ptrs: list[int] | None = None
+        self._refresh_weights(self._weight_stamp())
         if strategy == "ntp":
             self.step: _Step = _NTPStep(self)
         elif acceptance == "rejection":
@@ -796,7 +836,40 @@ class Decoder:
     def __repr__(self) -> str:
         tree = f"dynamic:{self.step.T - 1}" if self.dynamic else self.tree
         return (f"Decoder({type(self.model).__name__}, strategy={self.strategy!r}, tree={tree}, "
-                f"kernels={self.kernels!r}, cuda_graph={self.cuda_graph})")
+                f"kernels={self.kernels!r}, cuda_graph={self.cuda_graph}, prefix_cache={self.prefix_cache})")
+
+    # -- prefix cache ------------------------------------------------------------------
+
+    def clear_prefix_cache(self) -> None:
+        """Forget the cached K/V: the next prompt is prefilled whole."""
+        self._cached = None
+
+    def _weight_stamp(self) -> list:
+        # Inference tensors keep no version counter: their storage alone identifies them.
+        return [(p.data_ptr(), None if p.is_inference() else p._version) for p in self.model.parameters()]
+
+    def _refresh_weights(self, stamp: list) -> None:
+        if self.fused:
+            return
+        ptrs = [ptr for ptr, _ in stamp]
+        if ptrs != self._weights_ptrs:
+            self.decode_weights, self._weights_ptrs = self.model.decode_weights(), ptrs
+
+    def _reusable(self, ids: list[int], stamp: list) -> int:
+        """How many leading tokens of the prompt ``ids`` the cache already holds (at most all
+        but the last: the prefill needs the last position's hidden states)."""
+        if not self.prefix_cache or self._cached is None:
+            return 0
+        tokens, cached_stamp = self._cached
+        if cached_stamp != stamp:
+            self._cached = None
+            return 0
+        n = 0
+        for a, b in zip(tokens, ids[:-1]):
+            if a != b:
+                break
+            n += 1
+        return n
 
     # -- CUDA graphs -------------------------------------------------------------------
 
@@ -812,7 +885,8 @@ class Decoder:
         with: after ``model.to()`` or ``load_state_dict(assign=True)``, capture again)."""
         self._graph, self._graph_weights = None, None
         self.step.in_place = False
-        self.step.forward = _Forward(self.model, self.cache, self.step.T, self.fused, final_norm=self.step.normed)
+        self.step.forward = _Forward(self, self.step.T, final_norm=self.step.normed,
+                                     heads=self.step._forward_heads(self))
 
     def _prepare_graphs(self) -> None:
         weights = [t.data_ptr() for t in (*self.model.parameters(), *self.model.buffers())]
@@ -820,6 +894,7 @@ class Decoder:
             return
         self.reset_graphs()
         self._graph_weights = weights
+        self._cached = None  # the warm-up runs below write cache slots from 0
         step = self.step
         # Capture on a state that is harmless to run: prefix 0 and zero tokens. The prefill
         # that follows overwrites the slots the warm-up wrote, and begin() sets the state.
@@ -866,6 +941,10 @@ class Decoder:
         self._timing_state = False
         if self.cuda_graph:
             self._prepare_graphs()
+        prompt, stamp = ids.tolist(), self._weight_stamp()
+        self._refresh_weights(stamp)
+        reuse = self._reusable(prompt, stamp)
+        self._cached = None  # until this generation ends: an error leaves the cache unknown
         out: list[int] = []
         accept_lengths: list[int] = []
         step_times: list[float] = []
@@ -882,7 +961,7 @@ class Decoder:
             return False
 
         t0 = now(self.device)
-        h = prefill(model, self.cache, ids, heads=step.heads)  # [heads, D]
+        h = prefill(model, self.cache, ids, heads=step.heads, start=reuse, weights=self.decode_weights)  # [heads, D]
         first = step.begin(h, P0).tolist()
         done = emit(first[1:2])
         prefill_time = time.perf_counter() - t0
@@ -898,7 +977,9 @@ class Decoder:
             step_times.append(time.perf_counter() - ts)
         total = time.perf_counter() - t0
         self.generator = None
-        return GenerationResult(out, len(step_times), accept_lengths, step_times, prefill_time, total)
+        if self.prefix_cache:  # slots 0..prefix-1 hold the prompt and the output but its last token
+            self._cached = ((prompt + out)[:min(prefix, P0 + len(out))], self._weight_stamp())
+        return GenerationResult(out, len(step_times), accept_lengths, step_times, prefill_time, total, reuse)
 
     # -- cost model --------------------------------------------------------------------
 
@@ -911,6 +992,8 @@ class Decoder:
         if prefix_len + step.T > self.cache.max_len:
             raise ValueError(f"prefix_len {prefix_len} + {step.T} tree nodes exceeds the cache of "
                              f"{self.cache.max_len} slots")
+        self._cached = None  # the step writes garbage into the cache
+        self._refresh_weights(self._weight_stamp())
         if self.cuda_graph:
             self._prepare_graphs()
         if not getattr(self, "_timing_state", False):

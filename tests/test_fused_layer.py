@@ -5,6 +5,8 @@ fused layers against ntp with the same kernels.
 On CPU the kernels run in Triton's interpreter (tests/conftest.py), fp32 and fp16.
 """
 
+import types
+
 import pytest
 import torch
 
@@ -105,12 +107,13 @@ def test_whole_model_tree_step_equals_eager(model_type):
         cache = model.new_cache(1, cfg.n_positions)
         prefill(model, cache, prompt, heads=heads)
         p = torch.tensor(len(prompt), device=DEV)
-        forward = _Forward(model, cache, T, fused)
+        engine = types.SimpleNamespace(model=model, cache=cache, fused=fused, device=DEV, decode_weights=None)
+        forward = _Forward(engine, T)
         h0, carry = forward(tokens, p, len(prompt), tt.depth, tt.dense_mask, tt.mask)
         # The draft heads over a 4-node accepted path (MTP: its head blocks, fused one by
         # one or eagerly as one batch, writing their own cache layers).
         chain = Tree.chain(3).tensors(DEV)
-        attn = _Forward(model, cache, 4, fused).attn(p, len(prompt), chain.dense_mask, chain.mask)
+        attn = _Forward(engine, 4).attn(p, len(prompt), chain.dense_mask, chain.mask)
         drafts = model.draft_hidden(carry[[0, 1, 3, 5]][None], heads - 1, attn)
         results.append(((h0, carry, drafts), cache))
     (h_e, c_e), (h_f, c_f) = results
@@ -179,8 +182,8 @@ def test_final_norm_is_in_the_logits_kernel(strategy, rows_per_step, medusa_mode
     finally:
         del norm.forward
     assert out.tokens == eager.tokens
-    # The prompt's pass: head 0's norm over the prompt (MTP: and its draft heads', batched).
-    step_rows = calls[1 if strategy != "mtp" else 2:]
+    # The prompt's pass: one norm over the prompt (MTP: every head's, batched in one call).
+    step_rows = calls[1:]
     if strategy == "ntp":
         assert step_rows == []  # no norm call at all after the prompt
     elif strategy == "medusa":
