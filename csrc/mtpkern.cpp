@@ -22,5 +22,8 @@ TORCH_LIBRARY(mtpkern, m) {
   m.def(
       "verify_typical(Tensor tree_tokens, Tensor target_argmax, Tensor node_prob, Tensor parent_entropy, Tensor paths, "
       "float epsilon, float alpha) -> (Tensor accept_len, Tensor best_path, Tensor last_node, Tensor tokens)");
+  m.def(
+      "accept_greedy(Tensor hidden, Tensor weight, Tensor tree_tokens, Tensor paths) -> (Tensor out, Tensor root, "
+      "Tensor last_node, Tensor best_path)");
   m.def("kv_compact_(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor path, Tensor prefix_len, Tensor count) -> ()");
 }

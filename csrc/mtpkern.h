@@ -61,6 +61,23 @@ inline void check_tree_buffers(const at::Tensor& parents, int64_t max_depth) {
                     kMaxTreeNodes, "), got ", max_depth);
 }
 
+inline void check_float_matrix(const at::Tensor& t, const char* op, const char* name, const char* shape) {
+  TORCH_CHECK_VALUE(t.dim() == 2, op, ": ", name, " must be 2-D ", shape, ", got shape ", t.sizes());
+  const auto dt = t.scalar_type();
+  TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, op, ": ", name,
+                   " must be float32, float16 or bfloat16, got ", dtype_name(dt));
+}
+
+inline void check_paths(const at::Tensor& paths, const char* op) {
+  TORCH_CHECK_VALUE(paths.dim() == 2, op, ": paths must be 2-D [P, max_depth + 1], got shape ", paths.sizes());
+  TORCH_CHECK_TYPE(paths.scalar_type() == at::kLong, op, ": paths must be int64, got ",
+                   dtype_name(paths.scalar_type()));
+  TORCH_CHECK_VALUE(paths.is_contiguous(), op, ": paths must be contiguous");
+  TORCH_CHECK_VALUE(paths.size(0) >= 1 && paths.size(1) >= 1, op, ": paths must have at least one row and column, got ",
+                    paths.sizes());
+  TORCH_CHECK_VALUE(paths.size(0) < (int64_t(1) << 31), op, ": too many paths");
+}
+
 inline void check_verify(const at::Tensor& tree_tokens, const at::Tensor& target_argmax, const at::Tensor& paths,
                          const char* op) {
   check_rows(tree_tokens, op, "tree_tokens", at::kLong);
@@ -75,15 +92,28 @@ inline void check_verify(const at::Tensor& tree_tokens, const at::Tensor& target
     TORCH_CHECK_VALUE(target_argmax.sizes() == tree_tokens.sizes(), op, ": target_argmax has shape ",
                       target_argmax.sizes(), " but tree_tokens has shape ", tree_tokens.sizes());
   }
-  TORCH_CHECK_VALUE(paths.dim() == 2, op, ": paths must be 2-D [P, max_depth + 1], got shape ", paths.sizes());
-  TORCH_CHECK_TYPE(paths.scalar_type() == at::kLong, op, ": paths must be int64, got ",
-                   dtype_name(paths.scalar_type()));
-  TORCH_CHECK_VALUE(paths.is_contiguous(), op, ": paths must be contiguous");
-  TORCH_CHECK_VALUE(paths.size(0) >= 1 && paths.size(1) >= 1, op, ": paths must have at least one row and column, got ",
-                    paths.sizes());
-  TORCH_CHECK_VALUE(paths.size(0) < (int64_t(1) << 31), op, ": too many paths");
+  check_paths(paths, op);
   check_same_device(tree_tokens, target_argmax, op, "target_argmax");
   check_same_device(tree_tokens, paths, op, "paths");
+}
+
+// accept_greedy: hidden [T, D] and weight [V, D] (any strides), one tree's tokens [T], paths.
+inline void check_accept_greedy(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& tree_tokens,
+                                const at::Tensor& paths) {
+  const char* op = "accept_greedy";
+  check_float_matrix(hidden, op, "hidden", "[T, D]");
+  check_float_matrix(weight, op, "weight", "[V, D]");
+  TORCH_CHECK_VALUE(weight.size(1) == hidden.size(1), op, ": weight has ", weight.size(1),
+                    " columns but hidden has D = ", hidden.size(1));
+  TORCH_CHECK_VALUE(weight.size(0) >= 1, op, ": weight has no rows (an empty vocabulary)");
+  check_vector(tree_tokens, op, "tree_tokens", at::kLong);
+  TORCH_CHECK_VALUE(tree_tokens.size(0) >= 1, op, ": the tree has no nodes");
+  TORCH_CHECK_VALUE(tree_tokens.size(0) == hidden.size(0), op, ": tree_tokens has ", tree_tokens.size(0),
+                    " entries but hidden has ", hidden.size(0), " rows");
+  check_paths(paths, op);
+  check_same_device(hidden, weight, op, "weight");
+  check_same_device(hidden, tree_tokens, op, "tree_tokens");
+  check_same_device(hidden, paths, op, "paths");
 }
 
 // A finite number >= 0. NaN prints without a sign, as Python's "%g" prints it.

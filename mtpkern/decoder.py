@@ -57,7 +57,7 @@ from mtpkern.ops import _backend
 from mtpkern.ops.fused_logits import MAX_K, fused_logits
 from mtpkern.ops.kv_compact import kv_compact_
 from mtpkern.ops.tree_mask import tree_buffers
-from mtpkern.ops.verify import verify_greedy, verify_typical
+from mtpkern.ops.verify import accept_greedy, verify_greedy, verify_typical
 from mtpkern.runtime import now
 from mtpkern.sampling import sampling_probs, speculative_sample_device
 from mtpkern.tree import MC_SIM_7B_63, Tree, TreeTensors
@@ -244,9 +244,17 @@ class _Logits:
     def __init__(self, model, fused: bool):
         self.model, self.fused = model, fused
         self.shared = all(model.head_weight(j) is model.unembed_weight for j in range(model.n_heads))
+        self.unembed_t: torch.Tensor | None = None  # float32 [D, V] contiguous, kept by the decoder
 
     def _z(self, h, j):
+        if self.unembed_t is not None:  # every head shares it
+            return torch.mm(h.float(), self.unembed_t)
         return h.float() @ self.model.head_weight(j).float().T
+
+    def weight0(self) -> torch.Tensor:
+        """Head 0's unembedding [V, D] in the layout its logits multiply fastest (the kept
+        contiguous copy, transposed back, where there is one)."""
+        return self.unembed_t.t() if self.unembed_t is not None else self.model.head_weight(0)
 
     def norm(self, normed: bool) -> dict:
         """``fused_logits``' arguments that apply the final norm (none when ``h`` is normed)."""
@@ -289,6 +297,8 @@ class _Logits:
             z = self._z(d.reshape(B * n, -1), 1).view(B, n, -1)
         else:
             z = torch.stack([self._z(d[:, j], j + 1) for j in range(n)], 1)
+        if k == 1 and not logprobs:  # a chain's drafts: max() is topk(1) for less
+            return None, z.max(-1, keepdim=True).indices
         top = z.topk(k, dim=-1)
         lp = top.values - z.logsumexp(-1, keepdim=True) if logprobs else None
         return lp, top.indices
@@ -318,6 +328,9 @@ class _Step:
         self.forward = _Forward(dec, self.T, final_norm=self.normed, heads=self._forward_heads(dec))
         self.drafter = _Drafts(dec, self.heads - 1, self.heads - 1, normed=self.normed)
         self.in_place = False  # set while a CUDA graph is captured or replayed
+        # Greedy steps with eager logits verify in one call (``accept_greedy``: on the CPU the
+        # extension's kernel; logits, argmax, best path and output otherwise take a dozen ops).
+        self.one_call = not dec.fused and dec.acceptance == "greedy" and not dec.sampling
 
     def _forward_heads(self, dec: Decoder) -> int:
         return self.heads if self.heads > 1 and parallel_heads(dec) else 1
@@ -352,6 +365,7 @@ class _NTPStep(_Step):
         self.tree = (torch.zeros(1, dtype=torch.long, device=dec.device), one, one.int())
         self.root = torch.zeros(1, dtype=torch.long, device=dec.device)
         self.count = torch.ones(1, dtype=torch.long, device=dec.device)
+        self.paths = torch.zeros(1, 1, dtype=torch.long, device=dec.device)  # the one-node tree's one path
 
     def _next(self, h, normed: bool = True):  # head-0 hidden states [1, D] -> [1]
         dec = self.dec
@@ -367,6 +381,11 @@ class _NTPStep(_Step):
 
     def body(self, prefix_host):
         h0, _ = self.forward(self.root, self.prefix, prefix_host, *self.tree)
+        if self.one_call:
+            res = accept_greedy(h0, self.dec.logits.weight0(), self.root, self.paths, backend=self.dec.ops_backend)
+            self._set("root", res.root)
+            self.prefix += 1
+            return res.out
         self._set("root", self._next(h0, self.normed))
         self.prefix += 1
         return torch.cat([self.count, self.root])
@@ -387,6 +406,8 @@ class _TreeStep(_Step):
             self.paths, self.parents = tt.paths, tt.parents
             self.chain = tree.is_chain
             self.flat = tt.head_row * self.k + tt.rank  # node i + 1's entry of the flattened top-k
+            # A chain of top-1 drafts takes the flattened top-k as it is.
+            self.flat_is_all = self.flat.tolist() == list(range(self.depth_max * self.k))
         else:
             self.depth_max = model.n_heads - 1
             self.k = min(n_nodes, MAX_K, model.config.vocab_size)
@@ -416,8 +437,8 @@ class _TreeStep(_Step):
     def _candidates(self):
         """(tokens [T], (depth, dense, packed), paths, parents) of this step's tree."""
         if self.static:
-            tokens = torch.cat([self.root, self.topk.view(-1).index_select(0, self.flat)])
-            return tokens, self.tree, self.paths, self.parents
+            drafts = self.topk.view(-1) if self.flat_is_all else self.topk.view(-1).index_select(0, self.flat)
+            return torch.cat([self.root, drafts]), self.tree, self.paths, self.parents
         parents, drafts = dynamic_tree(self.logp, self.topk, self.T - 1, self.level_sizes)
         buf = tree_buffers(parents, self.depth_max, check=False, backend=self.dec.ops_backend)
         T = parents.shape[0]
@@ -431,6 +452,8 @@ class _TreeStep(_Step):
         dec = self.dec
         tokens, tree, paths, parents = self._candidates()
         h0, carry = self.forward(tokens, self.prefix, prefix_host, *tree)  # [T, D] each
+        if self.one_call:
+            return self._accept(tokens, h0, carry, paths, prefix_host)
         target = dec.logits.argmax0(h0, self.normed)
         if dec.acceptance == "greedy":
             res = verify_greedy(tokens, target, paths, backend=dec.ops_backend)
@@ -445,14 +468,33 @@ class _TreeStep(_Step):
             res = verify_typical(tokens, target, node_prob, parent_entropy, paths,
                                  epsilon=dec.typical_epsilon, alpha=dec.typical_alpha, backend=dec.ops_backend)
         count = (res.accept_len + 1).view(1)
-        # index_select, not paths[best]: indexing with a 0-d tensor calls .item().
-        path = paths.index_select(0, res.best_path.view(1)).view(-1)
-        if not self.chain:  # a chain's accepted path is already in place
+        # index_select, not paths[best]: indexing with a 0-d tensor calls .item(). A chain's
+        # accepted path is its first nodes, already in place; only MTP's head blocks over the
+        # accepted path (fused kernels) read it there.
+        path = (paths.index_select(0, res.best_path.view(1)).view(-1)
+                if not self.chain or self.drafter.on_path else None)
+        if not self.chain:
             kv_compact_(dec.cache.k, dec.cache.v, path, self.prefix, count.view(()), backend=dec.ops_backend)
         self._drafts(self.drafter(h0, carry, path, res.accept_len, res.last_node, self.prefix, prefix_host))
         self._set("root", res.tokens.gather(0, res.accept_len.view(1)))
         self.prefix += count[0]
         return torch.cat([count, res.tokens])
+
+
+    def _accept(self, tokens, h0, carry, paths, prefix_host):
+        """``body``'s greedy verification in one call (``accept_greedy``), then the same moves."""
+        dec = self.dec
+        res = accept_greedy(h0, dec.logits.weight0(), tokens, paths, backend=dec.ops_backend)
+        count = res.out[:1]
+        path = (paths.index_select(0, res.best_path.view(1)).view(-1)
+                if not self.chain or self.drafter.on_path else None)
+        if not self.chain:
+            kv_compact_(dec.cache.k, dec.cache.v, path, self.prefix, count.view(()), backend=dec.ops_backend)
+        accept_len = count[0] - 1 if self.drafter.on_path else None  # only MTP's head blocks over the path read it
+        self._drafts(self.drafter(h0, carry, path, accept_len, res.last_node, self.prefix, prefix_host))
+        self._set("root", res.root)
+        self.prefix += count[0]
+        return res.out
 
 
 def _level_sizes(n_nodes: int, k: int, depth: int) -> list[int]:
@@ -782,7 +824,12 @@ class Decoder:
         conversation's earlier turns are computed once (the last prompt token always runs).
         Dropped when the weights change (a new storage or an in-place update: tensors made
         under ``torch.inference_mode`` keep no version, so after changing those in place call
-        ``clear_prefix_cache()``), by ``run_step`` and by a CUDA graph capture.
+        ``refresh()``), by ``run_step`` and by a CUDA graph capture.
+
+    On the CPU a speculative decoder keeps a contiguous transposed copy of each block's four
+    matrices and of the unembedding (the layout its BLAS multiplies fastest at T >= 2 rows;
+    measured on the demo model, a 5-token step 5% faster), so it holds those weights twice; ``ntp`` multiplies one row,
+    fastest through views of the parameters themselves, and copies nothing.
     Greedy acceptance is lossless: the tokens equal greedy "ntp" of the same model.
     """
 
@@ -815,10 +862,9 @@ class Decoder:
         self.logits = _Logits(model, self.fused)
         self.cache = model.new_cache(1, model.config.n_positions)
         # Eager attention runs the blocks as functions of their tensors (``Attn.weights``),
-        # refreshed when a parameter's storage changes.
+        # rebuilt when a parameter's storage (copies: or its version) changes.
         self.decode_weights: list | None = None
-        self._weights_ptrs: list[int] | None = None
-        self._refresh_weights(self._weight_stamp())
+        self._weights_key: list | None = None
         if strategy == "ntp":
             self.step: _Step = _NTPStep(self)
         elif acceptance == "rejection":
@@ -827,6 +873,8 @@ class Decoder:
             self.step = _TreeStep(self, self.tree, dynamic_nodes)
         self._graph: _CudaGraph | None = None
         self._graph_weights: list[int] | None = None
+        self._contiguous_weights = self.device.type == "cpu" and self.step.T > 1
+        self._refresh_weights(self._weight_stamp())
 
     @property
     def tree_nodes(self) -> int:
@@ -840,9 +888,13 @@ class Decoder:
 
     # -- prefix cache ------------------------------------------------------------------
 
-    def clear_prefix_cache(self) -> None:
-        """Forget the cached K/V: the next prompt is prefilled whole."""
+    def refresh(self) -> None:
+        """Forget the cached K/V (the next prompt is prefilled whole) and rebuild the blocks'
+        decode weights: needed only after weights made under ``torch.inference_mode`` change in
+        place, which leaves no trace the decoder could see."""
         self._cached = None
+        self._weights_key = None
+        self._refresh_weights(self._weight_stamp())
 
     def _weight_stamp(self) -> list:
         # Inference tensors keep no version counter: their storage alone identifies them.
@@ -851,9 +903,14 @@ class Decoder:
     def _refresh_weights(self, stamp: list) -> None:
         if self.fused:
             return
-        ptrs = [ptr for ptr, _ in stamp]
-        if ptrs != self._weights_ptrs:
-            self.decode_weights, self._weights_ptrs = self.model.decode_weights(), ptrs
+        key = stamp if self._contiguous_weights else [ptr for ptr, _ in stamp]  # views follow in-place updates
+        if key != self._weights_key:
+            with torch.no_grad():
+                self.decode_weights = self.model.decode_weights(contiguous=self._contiguous_weights)
+                # The unembedding too (its logits over T rows), in float32 (what the logits are in).
+                self.logits.unembed_t = (self.model.unembed_weight.detach().float().t().contiguous()
+                                         if self._contiguous_weights and self.logits.shared else None)
+            self._weights_key = key
 
     def _reusable(self, ids: list[int], stamp: list) -> int:
         """How many leading tokens of the prompt ``ids`` the cache already holds (at most all

@@ -290,8 +290,9 @@ class Block(nn.Module):
 
 
 class DecodeWeights(NamedTuple):
-    """A ``Block``'s tensors as ``decode_block`` reads them: the matrices as transposed views
-    [in, out] of the parameters (no copy: in-place updates show through)."""
+    """A ``Block``'s tensors as ``decode_block`` reads them: the matrices transposed, [in, out],
+    as views of the parameters (no copy: in-place updates show through) or as contiguous
+    copies (``contiguous=True``: the layout a CPU's BLAS multiplies fastest at a few rows)."""
 
     ln1_w: torch.Tensor
     ln1_b: torch.Tensor
@@ -309,11 +310,16 @@ class DecodeWeights(NamedTuple):
     eps: float
 
     @classmethod
-    def of(cls, block: Block) -> DecodeWeights:
+    def of(cls, block: Block, contiguous: bool = False) -> DecodeWeights:
         a, m = block.attn, block.mlp
-        return cls(block.ln_1.weight, block.ln_1.bias, a.c_attn.weight.t(), a.c_attn.bias, a.c_proj.weight.t(),
-                   a.c_proj.bias, block.ln_2.weight, block.ln_2.bias, m.c_fc.weight.t(), m.c_fc.bias,
-                   m.c_proj.weight.t(), m.c_proj.bias, a.n_head, block.ln_1.eps)
+
+        def t(w):
+            w = w.detach().t()
+            return w.contiguous() if contiguous else w
+
+        return cls(block.ln_1.weight, block.ln_1.bias, t(a.c_attn.weight), a.c_attn.bias, t(a.c_proj.weight),
+                   a.c_proj.bias, block.ln_2.weight, block.ln_2.bias, t(m.c_fc.weight), m.c_fc.bias,
+                   t(m.c_proj.weight), m.c_proj.bias, a.n_head, block.ln_1.eps)
 
 
 def decode_block(x: torch.Tensor, w: DecodeWeights, attn: Attn, layer: int) -> torch.Tensor:
@@ -407,10 +413,11 @@ class _Family(nn.Module):
         """The transformer blocks in KV-cache layer order."""
         raise NotImplementedError
 
-    def decode_weights(self) -> list[DecodeWeights]:
-        """Every cache layer's block tensors for ``Attn.weights`` (views: build them again after
-        a parameter is replaced, e.g. by ``.to()`` or ``load_state_dict(assign=True)``)."""
-        return [DecodeWeights.of(b) for b in self.cache_blocks()]
+    def decode_weights(self, contiguous: bool = False) -> list[DecodeWeights]:
+        """Every cache layer's block tensors for ``Attn.weights``: build them again after a
+        parameter is replaced (``.to()``, ``load_state_dict(assign=True)``), and, with
+        ``contiguous`` copies, after it changes in place."""
+        return [DecodeWeights.of(b, contiguous) for b in self.cache_blocks()]
 
     def _blocks(self, blocks, x, attn: Attn | None, first_layer: int):
         if (attn is not None and attn.weights is not None and attn.mask is not None and attn.slots.dim() == 1

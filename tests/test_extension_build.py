@@ -16,6 +16,7 @@ SCHEMAS = {
     "verify_greedy": verify.GREEDY_SCHEMA,
     "verify_typical": verify.TYPICAL_SCHEMA,
     "kv_compact_": kv_compact.SCHEMA,
+    "accept_greedy": verify.ACCEPT_SCHEMA,  # its CUDA kernel is the eager reference (mtpkern/ops/verify.py)
 }
 
 
@@ -44,7 +45,7 @@ import torch
 from mtpkern.ops import _backend
 from mtpkern.ops.kv_compact import kv_compact_
 from mtpkern.ops.tree_mask import tree_buffers
-from mtpkern.ops.verify import verify_greedy, verify_typical
+from mtpkern.ops.verify import accept_greedy, verify_greedy, verify_typical
 
 assert not _backend.HAS_CUDA_EXT
 buf = tree_buffers(torch.tensor([-1, 0, 0, 1]), 2)
@@ -56,6 +57,10 @@ for r in (verify_greedy(tokens, argmax, buf.retrieve), torch.ops.mtpkern.verify_
     assert [int(r[0]), int(r[1]), int(r[2]), r[3].tolist()] == [2, 3, 3, [6, 8, 9]], r
 r = verify_typical(tokens, argmax, torch.ones(4), torch.zeros(4), buf.retrieve)
 assert int(r.accept_len) == 2 and r.tokens.tolist() == [6, 8, 9], r
+hidden = torch.nn.functional.one_hot(argmax, 10).float()  # node i's argmax is argmax[i]
+for r in (accept_greedy(hidden, torch.eye(10), tokens, buf.retrieve),
+          torch.ops.mtpkern.accept_greedy(hidden, torch.eye(10), tokens, buf.retrieve)):
+    assert r[0].tolist() == [3, 6, 8, 9] and r[1].tolist() == [9] and int(r[2]) == 3, r
 
 k = torch.arange(8.0).view(1, 1, 1, 8, 1)
 v = -k
@@ -109,13 +114,16 @@ import sys
 import torch
 
 torch.ops.load_library(sys.argv[1])  # registers the mtpkern ops of the CPU-only build
-for name in ("tree_buffers", "verify_greedy", "verify_typical", "kv_compact_"):
+for name in ("tree_buffers", "verify_greedy", "verify_typical", "kv_compact_", "accept_greedy"):
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"mtpkern::{name}", "CPU"), name
     assert not torch._C._dispatch_has_kernel_for_dispatch_key(f"mtpkern::{name}", "CUDA"), name
 mask, depth, retrieve, is_leaf = torch.ops.mtpkern.tree_buffers(torch.tensor([-1, 0, 0, 1]), 2)
 assert depth.tolist() == [0, 1, 1, 2] and mask.view(-1).tolist() == [1, 3, 5, 11]
 r = torch.ops.mtpkern.verify_greedy(torch.tensor([5, 6, 7, 8]), torch.tensor([6, 8, 0, 9]), retrieve)
 assert [int(r[0]), int(r[1]), int(r[2]), r[3].tolist()] == [2, 3, 3, [6, 8, 9]], r
+hidden = torch.nn.functional.one_hot(torch.tensor([6, 8, 0, 9]), 10).float()
+r = torch.ops.mtpkern.accept_greedy(hidden, torch.eye(10), torch.tensor([5, 6, 7, 8]), retrieve)
+assert r[0].tolist() == [3, 6, 8, 9] and r[1].tolist() == [9], r
 k = torch.arange(8.0).view(1, 1, 1, 8, 1)
 v = -k
 torch.ops.mtpkern.kv_compact_(k, v, torch.tensor([0, 2, 3]), torch.tensor(1), torch.tensor(3))

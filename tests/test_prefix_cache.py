@@ -126,11 +126,11 @@ def test_run_step_and_a_failed_generation_drop_the_cache(medusa_model):
     assert dec.generate(p, max_new_tokens=MAX_NEW).reused_prompt_tokens == 0
 
 
-def test_clear_prefix_cache_and_bad_arguments(gpt2_model):
+def test_refresh_and_bad_arguments(gpt2_model):
     dec = Decoder(gpt2_model, "ntp")
     p = prompts()[3]
     dec.generate(p, max_new_tokens=4)
-    dec.clear_prefix_cache()
+    dec.refresh()
     assert dec.generate(p, max_new_tokens=4).reused_prompt_tokens == 0
     assert "prefix_cache=True" in repr(dec)
     with pytest.raises(TypeError, match="prefix_cache must be True or False"):

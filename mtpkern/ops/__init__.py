@@ -11,6 +11,7 @@
 | ``ln_fc_gelu`` | Triton | LayerNorm 2, the MLP's up projection, its bias and GELU |
 | ``tree_buffers`` | C++/CUDA | building a tree's packed mask, depths and paths on the host |
 | ``verify_greedy`` / ``verify_typical`` | C++/CUDA | argmax, compare, cumprod, best path, gather |
+| ``accept_greedy`` | C++ (CPU) | a greedy step's logits, argmax, verification and output: a dozen small ops |
 | ``kv_compact_`` | C++/CUDA | per-layer index_select / index_copy of the accepted KV entries |
 
 Every op is ``torch.ops.mtpkern.<name>`` with a fake implementation, and checks its own inputs
@@ -34,7 +35,10 @@ from mtpkern.ops.tree_attention import (
     pack_tree_mask, tree_attention, tree_attention_proj, tree_attention_proj_ref, tree_attention_ref, unpack_tree_mask,
 )
 from mtpkern.ops.tree_mask import TreeBuffers, tree_buffers, tree_buffers_ref
-from mtpkern.ops.verify import VerifyResult, verify_greedy, verify_greedy_ref, verify_typical, verify_typical_ref
+from mtpkern.ops.verify import (
+    AcceptResult, VerifyResult, accept_greedy, accept_greedy_ref, verify_greedy, verify_greedy_ref, verify_typical,
+    verify_typical_ref,
+)
 
 __all__ = [
     "HAS_CUDA_EXT", "HAS_TRITON", "forced_backend",
@@ -46,4 +50,5 @@ __all__ = [
     "tree_attention_proj_ref",
     "TreeBuffers", "tree_buffers", "tree_buffers_ref",
     "VerifyResult", "verify_greedy", "verify_greedy_ref", "verify_typical", "verify_typical_ref",
+    "AcceptResult", "accept_greedy", "accept_greedy_ref",
 ]

@@ -11,7 +11,9 @@ Dp1 = max_depth + 1. Entries outside [0, T) (padding or bad input) are never der
 on such an entry, or whose parent entry is such, is simply not accepted.
 
 Kernels: ``csrc/verify_api.cpp`` and ``csrc/cuda/verify.cu`` (ops ``mtpkern::verify_greedy`` and
-``mtpkern::verify_typical``). Every backend checks its inputs with the same checks (``_check``
+``mtpkern::verify_typical``). ``mtpkern::accept_greedy`` (``csrc/accept_api.cpp``, CPU) runs a greedy
+step's whole verification from head 0's hidden states: logits, argmax, best path and the step's
+output in one call (its CUDA side is the eager reference: there a step is one CUDA graph). Every backend checks its inputs with the same checks (``_check``
 here mirrors ``check_verify`` in ``csrc/mtpkern.h``): one exception type and message per bad input.
 ``epsilon`` and ``alpha`` must be finite and non-negative.
 
@@ -30,7 +32,7 @@ import torch
 from torch import Tensor
 
 from mtpkern.ops import _backend
-from mtpkern.ops._checks import check_nonnegative_finite, check_rows, check_same_device
+from mtpkern.ops._checks import check_nonnegative_finite, check_rows, check_same_device, check_vector
 from mtpkern.runtime import dtype_name
 
 
@@ -58,6 +60,13 @@ def _check(tree_tokens: Tensor, target_argmax: Tensor, paths: Tensor, op: str) -
     elif target_argmax.shape != tree_tokens.shape:
         raise ValueError(f"{op}: target_argmax has shape {list(target_argmax.shape)} but tree_tokens has shape "
                          f"{list(tree_tokens.shape)}")
+    _check_paths(paths, op)
+    check_same_device(tree_tokens, target_argmax, op, "target_argmax")
+    check_same_device(tree_tokens, paths, op, "paths")
+
+
+def _check_paths(paths: Tensor, op: str) -> None:
+    """``check_paths`` of csrc/mtpkern.h."""
     if paths.dim() != 2:
         raise ValueError(f"{op}: paths must be 2-D [P, max_depth + 1], got shape {list(paths.shape)}")
     if paths.dtype != torch.int64:
@@ -68,8 +77,36 @@ def _check(tree_tokens: Tensor, target_argmax: Tensor, paths: Tensor, op: str) -
         raise ValueError(f"{op}: paths must have at least one row and column, got {list(paths.shape)}")
     if paths.shape[0] >= 2**31:
         raise ValueError(f"{op}: too many paths")
-    check_same_device(tree_tokens, target_argmax, op, "target_argmax")
-    check_same_device(tree_tokens, paths, op, "paths")
+
+
+FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_float_matrix(t: Tensor, op: str, name: str, shape: str) -> None:
+    if t.dim() != 2:
+        raise ValueError(f"{op}: {name} must be 2-D {shape}, got shape {list(t.shape)}")
+    if t.dtype not in FLOATS:
+        raise TypeError(f"{op}: {name} must be float32, float16 or bfloat16, got {dtype_name(t.dtype)}")
+
+
+def _check_accept(hidden: Tensor, weight: Tensor, tree_tokens: Tensor, paths: Tensor) -> None:
+    """``check_accept_greedy`` of csrc/mtpkern.h."""
+    op = "accept_greedy"
+    _check_float_matrix(hidden, op, "hidden", "[T, D]")
+    _check_float_matrix(weight, op, "weight", "[V, D]")
+    if weight.shape[1] != hidden.shape[1]:
+        raise ValueError(f"{op}: weight has {weight.shape[1]} columns but hidden has D = {hidden.shape[1]}")
+    if weight.shape[0] < 1:
+        raise ValueError(f"{op}: weight has no rows (an empty vocabulary)")
+    check_vector(tree_tokens, op, "tree_tokens", torch.int64)
+    if tree_tokens.shape[0] < 1:
+        raise ValueError(f"{op}: the tree has no nodes")
+    if tree_tokens.shape[0] != hidden.shape[0]:
+        raise ValueError(f"{op}: tree_tokens has {tree_tokens.shape[0]} entries but hidden has {hidden.shape[0]} rows")
+    _check_paths(paths, op)
+    check_same_device(hidden, weight, op, "weight")
+    check_same_device(hidden, tree_tokens, op, "tree_tokens")
+    check_same_device(hidden, paths, op, "paths")
 
 
 def _check_typical(tree_tokens: Tensor, node_prob: Tensor, parent_entropy: Tensor, epsilon, alpha) -> None:
@@ -152,18 +189,45 @@ def verify_typical_ref(tree_tokens: Tensor, target_argmax: Tensor, node_prob: Te
     return _choose(step_ok & node_ok[safe[:, 1:]], tree_tokens, target_argmax, paths)
 
 
+class AcceptResult(NamedTuple):
+    """One greedy step's outcome (``accept_greedy``)."""
+
+    out: Tensor  # int64 [1 + max_depth + 1]: n = accepted drafts + 1, then VerifyResult.tokens (n emitted tokens first)
+    root: Tensor  # int64 [1]: the bonus token, the next step's root (out[n])
+    last_node: Tensor  # int64 0-d: the last accepted node
+    best_path: Tensor  # int64 0-d: the chosen row of `paths`
+
+
+def accept_greedy_ref(hidden: Tensor, weight: Tensor, tree_tokens: Tensor, paths: Tensor) -> AcceptResult:
+    """Eager reference: head 0's float32 logits ``hidden @ weight.T`` [T, V], their argmax (-1 on a
+    row holding NaN; ties to the first maximum), greedy verification of ``paths``, and the step's
+    output."""
+    _check_accept(hidden, weight, tree_tokens, paths)
+    top, arg = (hidden.float() @ weight.float().T).max(-1)
+    target = torch.where(top.isnan(), -1, arg)
+    res = verify_greedy_ref(tree_tokens, target, paths)
+    out = torch.cat([(res.accept_len + 1).view(1), res.tokens])
+    return AcceptResult(out, res.tokens.gather(0, res.accept_len.view(1)), res.last_node, res.best_path)
+
+
 # ---------------------------------------------------------------- registration
 
 OUT = "(Tensor accept_len, Tensor best_path, Tensor last_node, Tensor tokens)"
 GREEDY_SCHEMA = f"(Tensor tree_tokens, Tensor target_argmax, Tensor paths) -> {OUT}"
 TYPICAL_SCHEMA = (f"(Tensor tree_tokens, Tensor target_argmax, Tensor node_prob, Tensor parent_entropy, "
                   f"Tensor paths, float epsilon, float alpha) -> {OUT}")
+ACCEPT_SCHEMA = ("(Tensor hidden, Tensor weight, Tensor tree_tokens, Tensor paths) -> "
+                 "(Tensor out, Tensor root, Tensor last_node, Tensor best_path)")
 
 if not _backend.HAS_CUDA_EXT:  # the extension defines the ops in C++; otherwise the references are their kernels
     torch.library.define("mtpkern::verify_greedy", GREEDY_SCHEMA)
     torch.library.impl("mtpkern::verify_greedy", ("CPU", "CUDA"), lambda *a: tuple(verify_greedy_ref(*a)))
     torch.library.define("mtpkern::verify_typical", TYPICAL_SCHEMA)
     torch.library.impl("mtpkern::verify_typical", ("CPU", "CUDA"), lambda *a: tuple(verify_typical_ref(*a)))
+    torch.library.define("mtpkern::accept_greedy", ACCEPT_SCHEMA)
+    torch.library.impl("mtpkern::accept_greedy", ("CPU", "CUDA"), lambda *a: tuple(accept_greedy_ref(*a)))
+else:  # the extension's kernel is the CPU one; on a GPU the reference runs
+    torch.library.impl("mtpkern::accept_greedy", "CUDA", lambda *a: tuple(accept_greedy_ref(*a)))
 
 
 def _verify_outputs(tree_tokens, paths):
@@ -187,6 +251,12 @@ def _verify_typical_fake(tree_tokens, target_argmax, node_prob, parent_entropy, 
     return _verify_outputs(tree_tokens, paths)
 
 
+@torch.library.register_fake("mtpkern::accept_greedy")
+def _accept_greedy_fake(hidden, weight, tree_tokens, paths):
+    _check_accept(hidden, weight, tree_tokens, paths)
+    return (paths.new_empty(1 + paths.shape[1]), paths.new_empty(1), paths.new_empty(()), paths.new_empty(()))
+
+
 # ---------------------------------------------------------------- public functions
 
 def verify_greedy(tree_tokens: Tensor, target_argmax: Tensor, paths: Tensor, *,
@@ -208,3 +278,13 @@ def verify_typical(tree_tokens: Tensor, target_argmax: Tensor, node_prob: Tensor
         return verify_typical_ref(tree_tokens, target_argmax, node_prob, parent_entropy, paths, epsilon, alpha)
     return VerifyResult(*torch.ops.mtpkern.verify_typical(tree_tokens, target_argmax, node_prob, parent_entropy,
                                                           paths, epsilon, alpha))
+
+
+def accept_greedy(hidden: Tensor, weight: Tensor, tree_tokens: Tensor, paths: Tensor, *,
+                  backend: str | None = None) -> AcceptResult:
+    """A greedy step's verification from head 0's hidden states [T, D] (final-normed) and its
+    unembedding ``weight`` [V, D]; see :func:`accept_greedy_ref`. On the CPU the extension's kernel
+    does it in one call."""
+    if _backend.pick(paths.device, ("cuda", "eager"), backend) == "eager":
+        return accept_greedy_ref(hidden, weight, tree_tokens, paths)
+    return AcceptResult(*torch.ops.mtpkern.accept_greedy(hidden, weight, tree_tokens, paths))
