@@ -468,7 +468,7 @@ class BatchDecoder:
             if rejection:
                 q[b], s.topk[b, :, 0] = self._sample_drafts(h[1:], gens[b])
             elif self.heads > 1:
-                s.topk[b] = self.logits.draft_topk(h, self.k)[1]
+                s.topk[b] = self.logits.draft_topk(h[1:], self.k)[1]
         s.prefix.copy_(torch.tensor([int(p.shape[0]) for p in ids]))
         s.active.fill_(True)
         first = s.root.tolist()

@@ -210,6 +210,7 @@ class _Drafts:
         self.model, self.n, self.normed = dec.model, n, normed
         self.parallel = parallel_heads(dec) and n > 0
         self.on_path = dec.model.draft_on_path and n > 0 and not self.parallel
+        self.stack = None  # MEDUSA: the heads' stacked weights, fetched once per generation (refresh)
         if self.on_path:
             tt = Tree.chain(depth).tensors(dec.device)
             self.rows = _Forward(dec, depth + 1)
@@ -219,22 +220,24 @@ class _Drafts:
         if self.on_path:
             self.rows.reset()
 
+    def refresh(self) -> None:
+        """Fetch what the heads read (the decoder calls it when a generation starts)."""
+        if self.n and not (self.on_path or self.parallel) and hasattr(self.model, "head_stack"):
+            self.stack = self.model.head_stack(self.n)
+
     def __call__(self, h0, carry, path, accept_len, last_node, prefix, prefix_host) -> torch.Tensor:
-        """[1 + n, D]: head 0 and draft heads 1..n at the last accepted node."""
+        """[n, D]: draft heads 1..n at the last accepted node."""
         last = last_node.view(1)
         if self.parallel:
-            return carry.index_select(1, last)[:, 0]
+            return carry[1:].index_select(1, last)[:, 0]
+        if self.on_path:
+            attn = self.rows.attn(prefix, prefix_host, *self.causal)
+            return self.model.draft_hidden(carry.index_select(0, path.clamp(min=0))[None], self.n, attn, accept_len)
         h = h0.index_select(0, last)
         if not self.normed:  # the verification's logits kernel applied the final norm itself
             h = self.model.final_norm(h)
-        if self.n == 0:
-            return h
-        if self.on_path:
-            attn = self.rows.attn(prefix, prefix_host, *self.causal)
-            d = self.model.draft_hidden(carry.index_select(0, path.clamp(min=0))[None], self.n, attn, accept_len)
-        else:  # MEDUSA's heads start from head 0's normalised state
-            d = self.model.draft_hidden(h[None], self.n)
-        return torch.cat([h, d])
+        # MEDUSA's heads start from head 0's normalised state
+        return self.model.heads_at(h, self.n, self.stack)[:, 0]
 
 
 class _Logits:
@@ -273,10 +276,10 @@ class _Logits:
         top, arg = self._z(h, 0).max(-1)
         return torch.where(top.isnan(), -1, arg)
 
-    def draft_topk(self, h: torch.Tensor, k: int, logprobs: bool = False):
-        """(log-probabilities [D, k] or None, token ids [D, k]) of draft heads 1..D from one
-        position's hidden states h [1 + D, hidden]: row d is head d + 1."""
-        lp, ids = self.heads_topk(h[None, 1:], k, logprobs)
+    def draft_topk(self, d: torch.Tensor, k: int, logprobs: bool = False):
+        """(log-probabilities [n, k] or None, token ids [n, k]) of draft heads 1..n from their
+        states at one position, d [n, hidden]: row j is head j + 1."""
+        lp, ids = self.heads_topk(d[None], k, logprobs)
         return (None if lp is None else lp[0]), ids[0]
 
     def heads_topk(self, d: torch.Tensor, k: int, logprobs: bool = False):
@@ -422,8 +425,8 @@ class _TreeStep(_Step):
         self.topk = torch.zeros(self.depth_max, self.k, dtype=torch.long, device=dev)
         self.logp = torch.zeros(self.depth_max, self.k, dtype=torch.float32, device=dev)
 
-    def _drafts(self, h):
-        lp, ids = self.dec.logits.draft_topk(h, self.k, logprobs=not self.static)
+    def _drafts(self, d):  # the draft heads' states [n, D]
+        lp, ids = self.dec.logits.draft_topk(d, self.k, logprobs=not self.static)
         self._set("topk", ids)
         if lp is not None:
             self._set("logp", lp)
@@ -431,7 +434,7 @@ class _TreeStep(_Step):
     def begin(self, hidden, prefix):
         self._start(prefix)
         self._set("root", self.dec.logits.argmax0(hidden[:1]))
-        self._drafts(hidden)
+        self._drafts(hidden[1:])
         return torch.cat([torch.ones_like(self.root), self.root])
 
     def _candidates(self):
@@ -560,14 +563,14 @@ class _ChainSamplingStep(_Step):
         dec = self.dec
         return sampling_probs(dec.model.head_logits(h, j), dec.temperature, dec.top_k, dec.top_p)
 
-    def _drafts(self, h):  # h [heads, D] at the last accepted position
-        self.q = torch.cat([self._probs(h[j:j + 1], j) for j in range(1, self.heads)])
+    def _drafts(self, d):  # the draft heads' states [heads - 1, D] at the last accepted position
+        self.q = torch.cat([self._probs(d[j - 1:j], j) for j in range(1, self.heads)])
         self.drafts = torch.multinomial(self.q, 1, generator=self.dec.generator)[:, 0]
 
     def begin(self, hidden, prefix):
         self._start(prefix)
         self.root = torch.multinomial(self._probs(hidden[:1], 0), 1, generator=self.dec.generator)[:, 0]
-        self._drafts(hidden)
+        self._drafts(hidden[1:])
         return torch.cat([torch.ones_like(self.root), self.root])
 
     def body(self, prefix_host):
@@ -901,6 +904,7 @@ class Decoder:
         return [(p.data_ptr(), None if p.is_inference() else p._version) for p in self.model.parameters()]
 
     def _refresh_weights(self, stamp: list) -> None:
+        self.step.drafter.refresh()
         if self.fused:
             return
         key = stamp if self._contiguous_weights else [ptr for ptr, _ in stamp]  # views follow in-place updates

@@ -790,13 +790,19 @@ class MedusaModel(_Family):
         carry = carry[:, -1:] if row is None else carry.index_select(1, row.view(1))
         return self.heads_at(carry[0], n)[:, 0]
 
-    def heads_at(self, h: torch.Tensor, n: int) -> torch.Tensor:
-        """MEDUSA heads 1..n at every row of h [R, D] (final-normed): [n, R, D]."""
+    def head_stack(self, n: int) -> list[torch.Tensor]:
+        """Heads 1..n's residual layers as stacked (transposed weight [n, D, D], bias [n, D]) pairs,
+        layer by layer, kept and refreshed in place when a parameter changes (``_stacked``)."""
         def groups():
             lin = [[head.blocks[i].linear for head in self.medusa[:n]] for i in range(self.config.medusa_layers)]
             return [g for layer in lin for g in (([m.weight for m in layer], True), ([m.bias for m in layer], False))]
 
-        stacked = self._stacked(f"medusa{n}", groups)
+        return self._stacked(f"medusa{n}", groups)
+
+    def heads_at(self, h: torch.Tensor, n: int, stacked: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """MEDUSA heads 1..n at every row of h [R, D] (final-normed): [n, R, D]. ``stacked``:
+        ``head_stack(n)`` fetched by the caller (the decoder, once per generation)."""
+        stacked = self.head_stack(n) if stacked is None else stacked
         x = h[None].expand(n, -1, -1)
         for w, b in zip(stacked[0::2], stacked[1::2]):
             x = x + F.silu(torch.baddbmm(b[:, None], x, w))

@@ -338,10 +338,11 @@ def test_nan_logits_are_a_clear_error_not_a_token(strategy, kernels, gpt2_model,
 @pytest.mark.parametrize("kind", ["mtp", "medusa"])
 @pytest.mark.parametrize("tree", ["chain:3", "3,2,1"])
 def test_draft_heads_see_what_a_full_forward_sees(kind, tree, medusa_model, mtp_model):
-    """The draft heads run only on accepted nodes (MTP: its head blocks over the accepted path,
-    batched, with rows past the accepted length written and later overwritten): at every step,
-    the hidden states the next drafts come from equal those of one causal forward pass over
-    the whole decoded sequence at the last accepted position."""
+    """The next drafts come from the accepted nodes alone (MTP with eager attention: its head
+    blocks run over every tree node in the verification pass, their K/V of rejected nodes moved
+    away or overwritten; with fused kernels, over the accepted path): at every step, the draft
+    heads' hidden states equal those of one causal forward pass over the whole decoded sequence
+    at the last accepted position."""
     model = medusa_model if kind == "medusa" else mtp_model
     dec = Decoder(model, kind, tree=tree)
     drafts = dec.step._drafts
@@ -358,7 +359,7 @@ def test_draft_heads_see_what_a_full_forward_sees(kind, tree, medusa_model, mtp_
         for h, n in zip(seen, [0] + out.accept_lengths):
             pos += n
             if pos < len(seq):  # the last step may accept past max_new_tokens
-                torch.testing.assert_close(h, full[pos], atol=2e-5, rtol=1e-4)
+                torch.testing.assert_close(h, full[pos, 1:], atol=2e-5, rtol=1e-4)
         accepted += out.accept_lengths
     assert len(set(accepted)) > 1  # short and long accepted paths both happened
 

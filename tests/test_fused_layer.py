@@ -167,9 +167,9 @@ def test_eager_kernels_never_reach_the_fused_layer(monkeypatch, medusa_model):
 @pytest.mark.parametrize("strategy, rows_per_step", [("ntp", 0), ("medusa", 1), ("mtp", 0)])
 def test_final_norm_is_in_the_logits_kernel(strategy, rows_per_step, medusa_model, mtp_model):
     """With fused kernels a greedy step runs no LayerNorm over its tree tokens: the logits kernel
-    normalises head 0 in its prologue (a speculative step normalises the one accepted row the
-    next drafts start from; MTP's draft heads end in their own norms), and the tokens equal
-    eager ntp's."""
+    normalises head 0 in its prologue (a MEDUSA step normalises the one accepted row its heads
+    start from; MTP's draft heads start from the trunk and end in their own norms), and the
+    tokens equal eager ntp's."""
     model = mtp_model if strategy == "mtp" else medusa_model
     norm = model.final_norm
     calls = []
@@ -188,9 +188,9 @@ def test_final_norm_is_in_the_logits_kernel(strategy, rows_per_step, medusa_mode
         assert step_rows == []  # no norm call at all after the prompt
     elif strategy == "medusa":
         assert step_rows == [1] * len(out.accept_lengths)  # one row per step, never the tree
-    else:  # MTP: head 0's one accepted row, then each draft head's over the accepted path
+    else:  # MTP: each draft head's over the accepted path (head 0's rows never: the drafts start from the trunk)
         depth = model.n_heads - 1
-        assert step_rows == ([1] + [depth + 1] * depth) * len(out.accept_lengths), calls
+        assert step_rows == [depth + 1] * depth * len(out.accept_lengths), calls
 
 
 # ---------------------------------------------------------------- the GEMV path (DOT=False)
