@@ -144,8 +144,8 @@ class _Forward:
     depth[i], returning head 0's hidden states [T, D] (what verification needs) and the carry
     [T, D] the draft heads start from (``_Drafts``).
 
-    Eager attention with a host prefix (no CUDA graph) keeps one bool mask [T, cache] and only
-    updates it: the slots that joined the prefix since the last step turn on, and the tree's
+    Eager attention with a host prefix (no CUDA graph) keeps one additive mask [T, cache] and
+    only updates it: the slots that joined the prefix since the last step turn on, and the tree's
     own block is rewritten, instead of rebuilding the whole mask per step. With a device
     prefix (inside a CUDA graph) the mask is built on the device (``eager_tree_mask``); fused
     kernels read the packed mask and the prefix directly.
@@ -155,11 +155,21 @@ class _Forward:
         self.dec, self.model, self.cache, self.fused = dec, dec.model, dec.cache, dec.fused
         self.final_norm, self.heads = final_norm, heads
         self.offsets = torch.arange(T, device=dec.device)
-        self.mask = torch.zeros(T, self.cache.max_len, dtype=torch.bool, device=dec.device)
+        # Additive (0 / -inf, the model's dtype), which SDPA adds as it is; a bool mask it would
+        # convert in every layer.
+        self.mask = torch.full((T, self.cache.max_len), -math.inf, dtype=dec.model.dtype, device=dec.device)
         self.mask_prefix = 0  # slots [0, mask_prefix) of self.mask are on
+        self._tree = (None, None)  # (dense, its additive block): a static tree's is made once
 
     def reset(self) -> None:
         self.mask_prefix = 0
+        self.mask.fill_(-math.inf)
+
+    def _block(self, dense: torch.Tensor) -> torch.Tensor:
+        if self._tree[0] is not dense:
+            self._tree = (dense, torch.zeros(dense.shape, dtype=self.mask.dtype, device=dense.device)
+                          .masked_fill_(~dense, -math.inf))
+        return self._tree[1]
 
     def attn(self, prefix: torch.Tensor, prefix_host: int | None, dense, packed) -> Attn:
         """How T new tokens at slots prefix + i attend: to the prefix and, among themselves,
@@ -174,8 +184,8 @@ class _Forward:
         else:
             p = prefix_host
             if p > self.mask_prefix:
-                self.mask[:, self.mask_prefix:p] = True
-            self.mask[:, p:p + T] = dense
+                self.mask[:, self.mask_prefix:p] = 0.0
+            self.mask[:, p:p + T] = self._block(dense)
             self.mask_prefix = p
             attn = Attn(self.cache, slots, mask=self.mask[:, :p + T], weights=self.dec.decode_weights)
         return attn
