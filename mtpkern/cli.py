@@ -170,7 +170,7 @@ def cmd_eval(args) -> int:
         args.models, data=args.data, json_path=args.json, device=args.device, max_samples=args.max_samples,
         speed_samples=args.speed_samples,
         max_new_tokens=args.max_new_tokens, kernels=args.kernels, hf_baseline=not args.no_hf,
-        dtype=args.dtype, cuda_graph=args.cuda_graph, batch_sizes=args.batch,
+        dtype=args.dtype, cuda_graph=args.cuda_graph, batch_sizes=args.batch, prefix_cache=not args.no_prefix_cache,
     )
     return 0
 
@@ -306,6 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="default: fp16 on CUDA, fp32 on CPU")
     e.add_argument("--cuda-graph", action="store_true", help="decode with CUDA graphs (CUDA only)")
     e.add_argument("--no-hf", action="store_true", help="skip the transformers generate baseline")
+    e.add_argument("--no-prefix-cache", action="store_true",
+                   help="prefill every prompt whole (default: reuse the K/V of what it shares with the previous one)")
     e.add_argument("--batch", type=_batch_sizes, default=(1, 4, 16),
                    help="batch sizes to time batched decoding at (default 1,4,16; 'none' to skip)")
     e.set_defaults(func=cmd_eval)

@@ -29,7 +29,8 @@ report adds the original base's perplexity and answer accuracy beside the new ba
 JSON schema (``schema == "mtpkern.eval/1"``)::
 
     device:   {type, name, torch, transformers, dtype}
-    settings: {max_samples, speed_samples, max_new_tokens, kernels, cuda_graph, hf_baseline, batch_sizes}
+    settings: {max_samples, speed_samples, max_new_tokens, kernels, cuda_graph, hf_baseline, batch_sizes,
+               prefix_cache}
     models: [ {
       name, path (checkpoint dir), model_type ("gpt2"|"mtp"|"medusa"), objective (the run's:
       "ntp"|"mtp"|"medusa"|"medusa2"), medusa_proj (MEDUSA heads with their own unembedding),
@@ -44,7 +45,8 @@ JSON schema (``schema == "mtpkern.eval/1"``)::
                 an ``error`` when it can no longer be loaded)},
       speed: {<strategy>: {tokens_per_second, latency_s, new_tokens, mean_accept_length,
                           forward_passes_per_token, speedup_theoretical, speedup_vs_ntp,
-                          speedup_vs_hf, agrees_with_ntp, accept_lengths [int], tree?},
+                          speedup_vs_hf, agrees_with_ntp, accept_lengths [int], tree?,
+                          reused_prompt_tokens, prompt_tokens (means per prompt: the prefix cache)},
               hf: {tokens_per_second, latency_s, new_tokens, agrees_with_ntp, weights} | null},
       memory: {decode_peak_bytes, kind ("cuda_max_memory_allocated" | "process_peak_rss")},
       training: {wall_time_s, peak_memory_bytes, time_per_epoch_s, curve {step, loss,
@@ -232,13 +234,15 @@ def hf_decoder(model, max_new_tokens: int, eos_token_id: int | None, *, static_c
     return run
 
 
-def decoders_for(model, *, kernels: str = "auto", cuda_graph: bool = False, tree=None) -> dict:
+def decoders_for(model, *, kernels: str = "auto", cuda_graph: bool = False, tree=None,
+                 prefix_cache: bool = True) -> dict:
     """One ``mtpkern.Decoder`` per strategy of ``model``, built once and reused over prompts
     (as a user holds one). The speculative strategy's tree: ``tree``, else the decoder's
     default (``auto`` when the checkpoint carries calibration, else ``default_tree``)."""
     from mtpkern.decoder import Decoder
 
-    return {s: Decoder(model, s, kernels=kernels, cuda_graph=cuda_graph, tree=None if s == "ntp" else tree)
+    return {s: Decoder(model, s, kernels=kernels, cuda_graph=cuda_graph, tree=None if s == "ntp" else tree,
+                       prefix_cache=prefix_cache)
             for s in strategies_for(model)}
 
 
@@ -262,13 +266,16 @@ def decode_prompts(model, prompts: list[torch.Tensor], *, max_new_tokens: int, e
     if hf_baseline:
         runners["hf"] = hf_decoder(model, max_new_tokens, eos_token_id)
 
-    runs = {name: {"tokens": [], "times": [], "steps": [], "accept_lengths": []} for name in runners}
+    runs = {name: {"tokens": [], "times": [], "steps": [], "accept_lengths": [], "reused": [], "prompt_tokens": []}
+            for name in runners}
     for strategy, dec in decoders.items():
         if strategy != "ntp":
             runs[strategy]["tree"] = f"dynamic:{dec.tree_nodes - 1}" if dec.dynamic else repr(dec.tree)
     with torch.inference_mode():
         for run in runners.values():
             run(prompts[0])
+        for dec in decoders.values():  # the first timed prompt finds nothing cached, as in a fresh decoder
+            dec.refresh()
         for ids in tqdm(prompts, desc=desc or "decode", disable=not progress, file=sys.stderr):
             for name, run in runners.items():
                 out, seconds = timed(lambda: run(ids), device)
@@ -280,6 +287,8 @@ def decode_prompts(model, prompts: list[torch.Tensor], *, max_new_tokens: int, e
                     r["tokens"].append(list(out.tokens))
                     r["steps"].append(out.num_steps)
                     r["accept_lengths"].extend(out.accept_lengths)
+                    r["reused"].append(out.reused_prompt_tokens)
+                    r["prompt_tokens"].append(ids.numel())
     return runs
 
 
@@ -375,6 +384,8 @@ def speed_summary(runs: dict, eos_token_id: int | None) -> dict:
             accept = r["accept_lengths"]
             mean_accept = statistics.fmean(accept) if accept else 1.0
             s.update(mean_accept_length=mean_accept,
+                     reused_prompt_tokens=statistics.fmean(r["reused"]) if r["reused"] else 0.0,
+                     prompt_tokens=statistics.fmean(r["prompt_tokens"]) if r["prompt_tokens"] else 0.0,
                      forward_passes_per_token=(len(r["steps"]) + sum(r["steps"])) / max(1, s["new_tokens"]),
                      speedup_theoretical=mean_accept,
                      speedup_vs_ntp=s["tokens_per_second"] / ntp_tps,
@@ -413,6 +424,7 @@ def training_summary(log: list[dict], summary: dict | None) -> dict | None:
 def evaluate_checkpoint(path, *, data: str | None = None, device: torch.device, dtype: torch.dtype,
                         max_samples: int = 16, max_new_tokens: int = 64, max_batches: int | None = None,
                         batch_size: int = 8, kernels: str = "auto", cuda_graph: bool = False,
+                        prefix_cache: bool = True,
                         hf_baseline: bool = True, progress: bool = True, batch_sizes=(),
                         speed_samples: int | None = None, quality_batch: int = 16) -> dict:
     """Quality, speed, memory and training cost of one checkpoint (one entry of ``models``);
@@ -440,7 +452,7 @@ def evaluate_checkpoint(path, *, data: str | None = None, device: torch.device, 
     heads = evaluate_heads(model, loader, device, max_batches=max_batches)
 
     # Generation: the same prompts for every strategy; prompts that leave no room are skipped.
-    decoders = decoders_for(model, kernels=kernels, cuda_graph=cuda_graph)
+    decoders = decoders_for(model, kernels=kernels, cuda_graph=cuda_graph, prefix_cache=prefix_cache)
     slack = max(d.tree_nodes for d in decoders.values())  # draft slots
     room = model.config.n_positions - max_new_tokens - slack
     samples, prompts = [], []
@@ -573,6 +585,14 @@ def format_table(report: dict) -> str:
             notes.append(f"{m['name']}: BLEU and answer acc over {m['quality']['n_samples']} solutions decoded "
                          f"{how['batch']} at a time ({how['strategy']}, batched; "
                          f"{how['agrees_with_batch_1']:.0%} of the speed runs' prompts token-identical to batch-1 ntp)")
+    for m in report["models"]:
+        s = m["speed"][m["primary"]]
+        if report["settings"].get("prefix_cache", True) and s.get("prompt_tokens"):
+            notes.append(f"{m['name']}: prefix cache on: {s['reused_prompt_tokens']:.1f} of {s['prompt_tokens']:.1f} "
+                         "prompt tokens per prompt reused from the previous one, the rest prefilled "
+                         "(every strategy alike; `--no-prefix-cache` prefills all)")
+    if report["settings"].get("prefix_cache", True) is False:
+        notes.append("prefix cache off: every prompt prefilled whole")
     if any(m["memory"]["kind"] == "process_peak_rss" for m in report["models"]):
         notes.append("peak mem on CPU is the process's peak RSS so far (it includes earlier models)")
     if any(not m["validation"]["held_out"] for m in report["models"]):
@@ -605,12 +625,14 @@ def evaluate(paths: list, *, data: str | None = None, json_path=None, device: st
              dtype: str | None = None, max_samples: int = 16, max_new_tokens: int = 64,
              max_batches: int | None = None, batch_size: int = 8, kernels: str = "auto",
              cuda_graph: bool = False, hf_baseline: bool = True, plots: bool = True,
-             progress: bool = True, batch_sizes=(), speed_samples: int | None = None) -> dict:
+             progress: bool = True, batch_sizes=(), speed_samples: int | None = None,
+             prefix_cache: bool = True) -> dict:
     """Evaluate every checkpoint in ``paths`` and write the JSON, the table and the plots.
     ``batch_sizes`` (e.g. ``(1, 4, 16)``): also the tokens/s of batched decoding at each.
     Quality comes from ``max_samples`` prompts decoded in batches (of the largest of
     ``batch_sizes``, else 16), speed from the first ``speed_samples`` (default: all) decoded
-    one at a time.
+    one at a time. ``prefix_cache``: the decoders reuse the K/V of what a prompt shares with the
+    previous one (``Decoder(prefix_cache=...)``; the table says how many tokens per prompt).
 
     ``paths``: run or checkpoint directories. ``data``: the records to evaluate bare
     checkpoints on (runs use their own validation split). ``dtype``: "float32" /
@@ -636,12 +658,12 @@ def evaluate(paths: list, *, data: str | None = None, json_path=None, device: st
                                   max_new_tokens=max_new_tokens, max_batches=max_batches, batch_size=batch_size,
                                   kernels=kernels, cuda_graph=cuda_graph, hf_baseline=hf_baseline,
                                   progress=progress, batch_sizes=tuple(batch_sizes), speed_samples=speed_samples,
-                                  quality_batch=max(batch_sizes, default=16))
+                                  quality_batch=max(batch_sizes, default=16), prefix_cache=prefix_cache)
               for p in paths]
     report = dict(schema=SCHEMA, device=device_info(dev, dt),
                   settings=dict(max_samples=max_samples, speed_samples=speed_samples, max_new_tokens=max_new_tokens,
-                                kernels=kernels,
-                                cuda_graph=cuda_graph, hf_baseline=hf_baseline, batch_sizes=list(batch_sizes)),
+                                kernels=kernels, cuda_graph=cuda_graph, hf_baseline=hf_baseline,
+                                batch_sizes=list(batch_sizes), prefix_cache=prefix_cache),
                   models=models)
     json_path.parent.mkdir(parents=True, exist_ok=True)
     table = format_table(report)

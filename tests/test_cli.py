@@ -225,7 +225,15 @@ def test_demo_end_to_end_quick(tmp_path):
     # --speed-samples 1: one prompt timed one at a time, both scored from batched decoding
     assert data["settings"]["speed_samples"] == 1 and data["models"][1]["quality"]["n_samples"] == 2
     assert data["models"][1]["quality"]["decoded_with"]["agrees_with_batch_1"] == 1.0
-    assert report.with_suffix(".md").is_file()
+    assert data["settings"]["prefix_cache"] is True and "prefix cache on:" in report.with_suffix(".md").read_text()
+    # --no-prefix-cache: every prompt prefilled whole (two timed prompts: the second would share the template)
+    off = tmp_path / "eval" / "off.json"
+    ev = run_cli("eval", str(out / "ntp"), "--json", str(off), "--device", "cpu", "--max-samples", "2",
+                 "--max-new-tokens", "8", "--no-hf", "--batch", "none", "--no-prefix-cache")
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    data = json.loads(off.read_text())
+    assert data["settings"]["prefix_cache"] is False and data["models"][0]["speed"]["ntp"]["reused_prompt_tokens"] == 0
+    assert "prefix cache off" in off.with_suffix(".md").read_text()
 
 
 def test_bench_command_quick(tmp_path):
