@@ -79,14 +79,15 @@ def load_models(args, device, dtype):
 HAND_TREES = {"mtp": ["chain:1", "chain:2", None, "2,1,1", "3,2,1"], "medusa": ["chain:2", None, "4,2,1", "3,2,2"]}
 
 
-def cases(models: dict, device: torch.device, fused_on_cpu: bool):
-    """(name, model, strategy family, generate kwargs): our ntp, then per speculative model
-    its hand trees (None: the default tree), ``auto`` and ``dynamic``, eager kernels; fused
-    kernels and CUDA graphs on CUDA."""
+def cases(models: dict, device: torch.device, fused_on_cpu: bool, prefix_cache: bool = True):
+    """(name, model, strategy family, Decoder kwargs): our ntp, then per speculative model
+    its hand trees (None: the default tree), ``auto`` and ``dynamic``, every one with the
+    decoder's default kernels (on the CPU eager attention and the C++ verification); fused
+    kernels on CPU with ``fused_on_cpu``, CUDA graphs on CUDA."""
     cuda = device.type == "cuda"
     out = []
     for family, model in models.items():
-        out.append((f"{family}: ntp", model, family, dict(strategy="ntp", kernels="eager")))
+        out.append((f"{family}: ntp", model, family, dict(strategy="ntp")))
         if cuda:
             out.append((f"{family}: ntp cuda_graph", model, family, dict(strategy="ntp", cuda_graph=True)))
         if family == "ntp":
@@ -104,7 +105,7 @@ def cases(models: dict, device: torch.device, fused_on_cpu: bool):
                 out.append((label + " fused", model, family, dict(strategy=family, tree=tree, kernels="fused")))
             if cuda:
                 out.append((label + " cuda_graph", model, family, dict(strategy=family, tree=tree, cuda_graph=True)))
-    return out
+    return [(name, model, family, dict(kw, prefix_cache=prefix_cache)) for name, model, family, kw in out]
 
 
 def _auto_nodes(model, family: str) -> int | None:
@@ -155,6 +156,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--hf-static", action="store_true",
                     help="also time transformers with its static cache (slow: it compiles itself)")
     ap.add_argument("--step-cost", default="1,2,4,8,16,32,64", help="tree sizes T of the step-cost curve")
+    ap.add_argument("--no-prefix-cache", action="store_true",
+                    help="prefill every prompt whole (default: each decoder reuses what a prompt shares with the last)")
     ap.add_argument("--json", default=None, help="the report, written case by case")
     ap.add_argument("--plot", default=None, help="a PNG of the step-cost curve (with --batch: of the batch study)")
     ap.add_argument("--batch", default=None,
@@ -170,7 +173,7 @@ def main(argv=None) -> dict:
     models, prompts, note = load_models(args, device, dtype)
     n = args.max_new_tokens
     report = dict(device=device_info(device, dtype), weights=note, max_new_tokens=n, prompts=len(prompts),
-                  threads=torch.get_num_threads(), cases={}, step_cost={})
+                  threads=torch.get_num_threads(), prefix_cache=not args.no_prefix_cache, cases={}, step_cost={})
     results = report["cases"]
     if args.batch:
         sizes = sorted({int(b) for b in args.batch.split(",") if b.strip()})
@@ -204,7 +207,7 @@ def main(argv=None) -> dict:
         print(f"{name}: {results[name]}", file=sys.stderr)
 
     with torch.inference_mode():
-        for name, model, family, kw in cases(models, device, args.fused):
+        for name, model, family, kw in cases(models, device, args.fused, prefix_cache=not args.no_prefix_cache):
             run(name, family, lambda m=model, kw=kw: time_case(
                 decoder_run(m, max_new_tokens=n, eos_token_id=args.eos, **kw), prompts, device))
         for family, model in models.items():

@@ -326,7 +326,7 @@ def test_bench_decode_on_a_checkpoint_takes_prompts_from_data(medusa_dir, tmp_pa
     calibrate_checkpoint(ckpt, data=str(data), max_samples=2, max_new_tokens=4, measure=False)
     monkeypatch.setattr(sys, "argv", ["bench_decode.py", "--device", "cpu", "--threads", "1", "--model", str(ckpt),
                                       "--data", str(data), "--prompts", "2", "--max-new-tokens", "4",
-                                      "--step-cost", "1,2", "--json", str(out)])
+                                      "--step-cost", "1,2", "--json", str(out), "--no-prefix-cache"])
     runpy.run_path(str(root / "benchmarks" / "bench_decode.py"), run_name="__main__")
     report = json.loads(out.read_text())
     assert report["weights"].endswith(f"prompts from {data}, stopping at EOS") and report["prompts"] == 2
@@ -335,3 +335,4 @@ def test_bench_decode_on_a_checkpoint_takes_prompts_from_data(medusa_dir, tmp_pa
     assert any(name.startswith("medusa: medusa tree=dynamic:") for name in cases), list(cases)
     assert all("error" not in c for c in cases.values()), cases
     assert [p["T"] for p in report["step_cost"]["medusa"]] == [1, 2]
+    assert report["prefix_cache"] is False
