@@ -191,16 +191,19 @@ def step_breakdown(model, tree, *, prefix_len: int, kernels: str, iters: int = 2
     """Median microseconds of one greedy decoding step of ``mtpkern.Decoder`` with
     ``prefix_len`` cached tokens, and of its parts, each timed alone on the step's shapes:
 
-    * ``step_us``: the whole step as the decode loop runs it (its one host sync included);
+    * ``step_us``: the whole step as the decode loop runs it, in a running decode's state (its
+      one host sync included);
     * ``forward_us``: the model's forward passes: head 0 over the tree's T tokens, plus the
       draft heads where the next drafts come from (``draft_heads_us``: MEDUSA's heads on one
-      node, MTP's head blocks over an accepted path of depth + 1 nodes);
+      node; MTP's head blocks run inside the verification pass with eager attention, over the
+      accepted path with fused kernels);
     * ``logits_us``: head 0's logits and argmax at every node (the LM head the verification
       needs, which an NTP step pays for one row);
-    * ``bookkeeping_us`` = step - forward: everything else (logits, candidates, verification,
-      KV compaction, next drafts, the sync), and ``bookkeeping_share`` = bookkeeping / step,
-      the issue's measure of a lean step, with ``bookkeeping_share_beyond_lm_head`` counting
-      the LM head as part of the forward pass.
+    * ``bookkeeping_us``: everything else (logits, candidates, verification, KV compaction,
+      next drafts, the sync), timed directly: the same step with its verification forward
+      replaced by one that returns its outputs, less the draft heads. ``bookkeeping_share`` =
+      bookkeeping / step, the issue's measure of a lean step, and
+      ``bookkeeping_share_beyond_lm_head`` counts the LM head as part of the forward pass.
     """
     from mtpkern.decoder import Decoder
     from mtpkern.runtime import time_us
@@ -211,36 +214,52 @@ def step_breakdown(model, tree, *, prefix_len: int, kernels: str, iters: int = 2
     T = step.T
     h = torch.zeros(step.heads, model.config.n_embd, dtype=model.dtype, device=device)
 
-    def whole():
-        step.begin(h, prefix_len)
+    def run():  # one step from the same state each time, as the decode loop runs it
+        step.prefix.fill_(prefix_len)
         return dec._run_step(prefix_len).tolist()
-
-    def begin():
-        step.begin(h, prefix_len)
 
     tokens = torch.randint(0, model.config.vocab_size, (T,), device=device)
     with torch.inference_mode():
         step.begin(h, prefix_len)
         tree_bufs = step._candidates()[1]
-        step.forward(tokens, step.prefix, prefix_len, *tree_bufs)  # the mask state of a running decode
+        verify = step.forward
+        verify(tokens, step.prefix, prefix_len, *tree_bufs)  # the mask state of a running decode
 
         def forward():
-            return step.forward(tokens, step.prefix, prefix_len, *tree_bufs)
+            return verify(tokens, step.prefix, prefix_len, *tree_bufs)
 
         h0, carry = forward()
-        step_us = time_us(whole, device, iters) - time_us(begin, device, iters)
+        step_us = time_us(run, device, iters)
         verify_us = time_us(forward, device, iters)
         logits_us = time_us(lambda: dec.logits.argmax0(h0, step.normed), device, iters)
         drafts_us = 0.0
-        if step.heads > 1:  # the draft heads' pass as a fully accepted path would run it
+        if step.heads > 1 and not step.drafter.parallel:  # the draft heads' pass as a fully accepted path would run it
             path = torch.arange(step.heads, device=device).clamp(max=T - 1)
             last = torch.tensor(min(step.heads, T) - 1, device=device)
             drafts_us = time_us(lambda: step.drafter(h0, carry, path, last, last, step.prefix, prefix_len), device, iters)
-        forward_us = verify_us + drafts_us
-    return dict(step_us=step_us, forward_us=forward_us, draft_heads_us=drafts_us, logits_us=logits_us,
-                bookkeeping_us=step_us - forward_us, bookkeeping_share=(step_us - forward_us) / step_us,
-                bookkeeping_share_beyond_lm_head=(step_us - forward_us - logits_us) / step_us,
+        step.forward = _Outputs(h0, carry)
+        try:
+            rest_us = time_us(run, device, iters)
+        finally:
+            step.forward = verify
+    bookkeeping_us = max(0.0, rest_us - drafts_us)
+    return dict(step_us=step_us, forward_us=verify_us + drafts_us, draft_heads_us=drafts_us, logits_us=logits_us,
+                bookkeeping_us=bookkeeping_us, bookkeeping_share=bookkeeping_us / step_us,
+                bookkeeping_share_beyond_lm_head=max(0.0, bookkeeping_us - logits_us) / step_us,
                 tree_nodes=T, prefix_len=prefix_len, kernels=kernels)
+
+
+class _Outputs:
+    """A step's forward pass that returns given outputs (``step_breakdown``)."""
+
+    def __init__(self, *outputs):
+        self.outputs = outputs
+
+    def __call__(self, *args):
+        return self.outputs
+
+    def reset(self) -> None:
+        pass
 
 
 def verify_compact_backends(model, tree, *, prefix_len: int, iters: int = 200) -> dict:
@@ -314,7 +333,8 @@ def format_bench(report: dict) -> str:
             lines.append(f"\nMEDUSA step breakdown ({kernels}, {b['tree_nodes']} nodes over {b['prefix_len']} "
                          f"cached): step {b['step_us']:.0f} us, forward {b['forward_us']:.0f} us, head-0 logits "
                          f"{b['logits_us']:.0f} us; everything but the forward {b['bookkeeping_share']:.0%} of the "
-                         f"step ({b['bookkeeping_share_beyond_lm_head']:.0%} beyond the LM head)")
+                         f"step ({b['bookkeeping_share_beyond_lm_head']:.0%} beyond the LM head; the step less "
+                         f"its forward timed alone: {1 - b['forward_us'] / b['step_us']:.0%})")
     vc = report.get("verify_compact") or {}
     if "error" in vc:
         lines.append(f"\nVerification / KV compaction backends: failed: {vc['error']}")
@@ -394,10 +414,15 @@ def run_bench(device: str = "cuda", json_path=None, model_dir=None, max_new_toke
                 report["cases"][name] = _error(e)
             save()
         if "medusa" in models:
+            from mtpkern.decoder import Decoder, has_calibration
+
+            # The tree the model decodes with: a calibrated checkpoint's own (auto), else the small fixed one.
+            medusa_tree = (Decoder(models["medusa"], "medusa").tree if has_calibration(models["medusa"])
+                           else eval_tree(models["medusa"].config.n_heads))
             for kernels in ("auto", "fused") if dev.type == "cuda" else ("auto", "eager"):
                 try:
                     report["step_breakdown"][kernels] = step_breakdown(
-                        models["medusa"], eval_tree(models["medusa"].config.n_heads),
+                        models["medusa"], medusa_tree,
                         prefix_len=ids[0].shape[1] + max_new_tokens // 2, kernels=kernels, iters=iters)
                 except Exception as e:  # noqa: BLE001
                     report["step_breakdown"][kernels] = _error(e)
