@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -187,7 +188,8 @@ def batch_study(models: dict, prompts: list, sizes: list[int], n: int, eos, devi
 STEP_COST_T = (1, 2, 4, 8, 16, 32, 64)  # tree tokens per step for the step-cost curve
 
 
-def step_breakdown(model, tree, *, prefix_len: int, kernels: str, iters: int = 20) -> dict:
+def step_breakdown(model, tree, *, prefix_len: int, kernels: str, iters: int = 20, prompts=None,
+                   max_new_tokens: int = 32) -> dict:
     """Median microseconds of one greedy decoding step of ``mtpkern.Decoder`` with
     ``prefix_len`` cached tokens, and of its parts, each timed alone on the step's shapes:
 
@@ -203,7 +205,10 @@ def step_breakdown(model, tree, *, prefix_len: int, kernels: str, iters: int = 2
       next drafts, the sync), timed directly: the same step with its verification forward
       replaced by one that returns its outputs, less the draft heads. ``bookkeeping_share`` =
       bookkeeping / step, the issue's measure of a lean step, and
-      ``bookkeeping_share_beyond_lm_head`` counts the LM head as part of the forward pass.
+      ``bookkeeping_share_beyond_lm_head`` counts the LM head as part of the forward pass;
+    * with ``prompts``, ``in_decode_share``: the same share measured inside real decoding (the
+      steps' wall time outside the model's forward passes, the draft heads included, over the
+      steps of decoding ``prompts``), where the parts share the caches as they do in use.
     """
     from mtpkern.decoder import Decoder
     from mtpkern.runtime import time_us
@@ -243,10 +248,59 @@ def step_breakdown(model, tree, *, prefix_len: int, kernels: str, iters: int = 2
         finally:
             step.forward = verify
     bookkeeping_us = max(0.0, rest_us - drafts_us)
-    return dict(step_us=step_us, forward_us=verify_us + drafts_us, draft_heads_us=drafts_us, logits_us=logits_us,
-                bookkeeping_us=bookkeeping_us, bookkeeping_share=bookkeeping_us / step_us,
-                bookkeeping_share_beyond_lm_head=max(0.0, bookkeeping_us - logits_us) / step_us,
-                tree_nodes=T, prefix_len=prefix_len, kernels=kernels)
+    out = dict(step_us=step_us, forward_us=verify_us + drafts_us, draft_heads_us=drafts_us, logits_us=logits_us,
+               bookkeeping_us=bookkeeping_us, bookkeeping_share=bookkeeping_us / step_us,
+               bookkeeping_share_beyond_lm_head=max(0.0, bookkeeping_us - logits_us) / step_us,
+               tree_nodes=T, prefix_len=prefix_len, kernels=kernels)
+    if prompts:
+        out["in_decode_share"] = _in_decode_share(Decoder(model, strategy, tree=tree, kernels=kernels), prompts,
+                                                  max_new_tokens)
+    return out
+
+
+def _in_decode_share(dec, prompts, max_new_tokens: int) -> float:
+    """Share of the decode steps' wall time spent outside the forward passes (verification and
+    draft heads), decoding ``prompts`` after one warm-up; each pass synchronised."""
+    from mtpkern.runtime import synchronize
+
+    step, device = dec.step, dec.device
+    inside = [0.0]
+
+    def timed(fn):
+        def call(*args):
+            synchronize(device)
+            t0 = time.perf_counter()
+            out = fn(*args)
+            synchronize(device)
+            inside[0] += time.perf_counter() - t0
+            return out
+        return call
+
+    forward, drafter = step.forward, step.drafter
+    step.forward = _Wrapped(forward, timed(forward))
+    step.drafter = _Wrapped(drafter, timed(drafter))
+    try:
+        with torch.inference_mode():
+            dec.generate(prompts[0].view(-1), max_new_tokens=max_new_tokens)
+            inside[0], total = 0.0, 0.0
+            for ids in prompts:
+                total += sum(dec.generate(ids.view(-1), max_new_tokens=max_new_tokens).step_times)
+    finally:
+        step.forward, step.drafter = forward, drafter
+    return max(0.0, 1.0 - inside[0] / total) if total > 0 else 0.0
+
+
+class _Wrapped:
+    """``obj`` with its call replaced by ``call`` (its other attributes kept)."""
+
+    def __init__(self, obj, call):
+        self._obj, self._call = obj, call
+
+    def __call__(self, *args):
+        return self._call(*args)
+
+    def __getattr__(self, name):
+        return getattr(self._obj, name)
 
 
 class _Outputs:
@@ -334,7 +388,9 @@ def format_bench(report: dict) -> str:
                          f"cached): step {b['step_us']:.0f} us, forward {b['forward_us']:.0f} us, head-0 logits "
                          f"{b['logits_us']:.0f} us; everything but the forward {b['bookkeeping_share']:.0%} of the "
                          f"step ({b['bookkeeping_share_beyond_lm_head']:.0%} beyond the LM head; the step less "
-                         f"its forward timed alone: {1 - b['forward_us'] / b['step_us']:.0%})")
+                         f"its forward timed alone: {1 - b['forward_us'] / b['step_us']:.0%}"
+                         + (f"; inside real decoding: {b['in_decode_share']:.0%}" if "in_decode_share" in b else "")
+                         + ")")
     vc = report.get("verify_compact") or {}
     if "error" in vc:
         lines.append(f"\nVerification / KV compaction backends: failed: {vc['error']}")
@@ -423,7 +479,8 @@ def run_bench(device: str = "cuda", json_path=None, model_dir=None, max_new_toke
                 try:
                     report["step_breakdown"][kernels] = step_breakdown(
                         models["medusa"], medusa_tree,
-                        prefix_len=ids[0].shape[1] + max_new_tokens // 2, kernels=kernels, iters=iters)
+                        prefix_len=ids[0].shape[1] + max_new_tokens // 2, kernels=kernels, iters=iters,
+                        prompts=ids, max_new_tokens=max_new_tokens)
                 except Exception as e:  # noqa: BLE001
                     report["step_breakdown"][kernels] = _error(e)
                 save()

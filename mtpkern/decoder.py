@@ -34,6 +34,14 @@ the N best form a tree; they are found level by level (the best N of each level'
 of the previous level's best N) with fixed shapes, and the tree's mask, depths and paths are
 built on the device by the ``tree_buffers`` op, so a CUDA graph still fits.
 
+Prefix cache (``prefix_cache=True``): the decoder keeps the K/V of its last generation and
+prefills only the part of a new prompt that differs from the tokens they belong to (the prompt
+and the output but its last token, which no step wrote), at least the prompt's last token.
+
+On the CPU (eager attention) a step issues few operations: the blocks run as functions of their
+tensors (``Attn.weights``), the attention mask is additive and only updated, MTP's head blocks run
+batched in the verification pass, and greedy verification is one call (``accept_greedy``).
+
 CUDA graphs (``cuda_graph=True``): deterministic steps (greedy, typical) are captured whole
 (forward, logits, verification, KV compaction, next drafts) and replayed per step; sampling
 steps, and dynamic trees without the C++ extension (the eager ``tree_buffers`` syncs),
@@ -395,10 +403,10 @@ class _NTPStep(_Step):
     def body(self, prefix_host):
         h0, _ = self.forward(self.root, self.prefix, prefix_host, *self.tree)
         if self.one_call:
-            res = accept_greedy(h0, self.dec.logits.weight0(), self.root, self.paths, backend=self.dec.ops_backend)
-            self._set("root", res.root)
+            accepted = accept_greedy(h0, self.dec.logits.weight0(), self.root, self.paths, backend=self.dec.ops_backend)
+            self._set("root", accepted.root)
             self.prefix += 1
-            return res.out
+            return accepted.out
         self._set("root", self._next(h0, self.normed))
         self.prefix += 1
         return torch.cat([self.count, self.root])
@@ -497,17 +505,17 @@ class _TreeStep(_Step):
     def _accept(self, tokens, h0, carry, paths, prefix_host):
         """``body``'s greedy verification in one call (``accept_greedy``), then the same moves."""
         dec = self.dec
-        res = accept_greedy(h0, dec.logits.weight0(), tokens, paths, backend=dec.ops_backend)
-        count = res.out[:1]
-        path = (paths.index_select(0, res.best_path.view(1)).view(-1)
+        accepted = accept_greedy(h0, dec.logits.weight0(), tokens, paths, backend=dec.ops_backend)
+        count = accepted.out[:1]
+        path = (paths.index_select(0, accepted.best_path.view(1)).view(-1)
                 if not self.chain or self.drafter.on_path else None)
         if not self.chain:
             kv_compact_(dec.cache.k, dec.cache.v, path, self.prefix, count.view(()), backend=dec.ops_backend)
         accept_len = count[0] - 1 if self.drafter.on_path else None  # only MTP's head blocks over the path read it
-        self._drafts(self.drafter(h0, carry, path, accept_len, res.last_node, self.prefix, prefix_host))
-        self._set("root", res.root)
+        self._drafts(self.drafter(h0, carry, path, accept_len, accepted.last_node, self.prefix, prefix_host))
+        self._set("root", accepted.root)
         self.prefix += count[0]
-        return res.out
+        return accepted.out
 
 
 def _level_sizes(n_nodes: int, k: int, depth: int) -> list[int]:

@@ -47,6 +47,7 @@ def test_quick_bench_end_to_end(tmp_path):
         assert 0 <= b["bookkeeping_us"] < b["step_us"]
         assert b["bookkeeping_share"] == pytest.approx(b["bookkeeping_us"] / b["step_us"])
         assert b["bookkeeping_share_beyond_lm_head"] <= b["bookkeeping_share"]
+        assert 0 < b["in_decode_share"] < 1  # measured while decoding the bench's prompts
     from mtpkern.ops import _backend
 
     if _backend.HAS_CUDA_EXT:
