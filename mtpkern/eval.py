@@ -587,11 +587,11 @@ def format_table(report: dict) -> str:
                          f"{how['agrees_with_batch_1']:.0%} of the speed runs' prompts token-identical to batch-1 ntp)")
     for m in report["models"]:
         s = m["speed"][m["primary"]]
-        if report["settings"].get("prefix_cache", True) and s.get("prompt_tokens"):
+        if report.get("settings", {}).get("prefix_cache", True) and s.get("prompt_tokens"):
             notes.append(f"{m['name']}: prefix cache on: {s['reused_prompt_tokens']:.1f} of {s['prompt_tokens']:.1f} "
                          "prompt tokens per prompt reused from the previous one, the rest prefilled "
                          "(every strategy alike; `--no-prefix-cache` prefills all)")
-    if report["settings"].get("prefix_cache", True) is False:
+    if report.get("settings", {}).get("prefix_cache", True) is False:
         notes.append("prefix cache off: every prompt prefilled whole")
     if any(m["memory"]["kind"] == "process_peak_rss" for m in report["models"]):
         notes.append("peak mem on CPU is the process's peak RSS so far (it includes earlier models)")
