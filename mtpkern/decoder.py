@@ -473,49 +473,39 @@ class _TreeStep(_Step):
         dec = self.dec
         tokens, tree, paths, parents = self._candidates()
         h0, carry = self.forward(tokens, self.prefix, prefix_host, *tree)  # [T, D] each
-        if self.one_call:
-            return self._accept(tokens, h0, carry, paths, prefix_host)
-        target = dec.logits.argmax0(h0, self.normed)
-        if dec.acceptance == "greedy":
-            res = verify_greedy(tokens, target, paths, backend=dec.ops_backend)
+        if self.one_call:  # greedy, eager logits: one call (accept_greedy)
+            accepted = accept_greedy(h0, dec.logits.weight0(), tokens, paths, backend=dec.ops_backend)
+            out, root, last_node, best_path = accepted
+            count = out[:1]
         else:
-            # p(node | parent) and the parent's entropy, both at the sampling temperature.
-            stats = fused_logits(h0[parents[1:]], dec.model.head_weight(0), 1, tokens[1:],
-                                 scale=1.0 / dec.temperature, backend=dec.logits_backend,
-                                 **dec.logits.norm(self.normed))
-            one, zero = stats.lse.new_ones(1), stats.lse.new_zeros(1)
-            node_prob = torch.cat([one, torch.exp(stats.target_logit - stats.lse)])
-            parent_entropy = torch.cat([zero, stats.entropy])
-            res = verify_typical(tokens, target, node_prob, parent_entropy, paths,
-                                 epsilon=dec.typical_epsilon, alpha=dec.typical_alpha, backend=dec.ops_backend)
-        count = (res.accept_len + 1).view(1)
+            target = dec.logits.argmax0(h0, self.normed)
+            if dec.acceptance == "greedy":
+                res = verify_greedy(tokens, target, paths, backend=dec.ops_backend)
+            else:
+                # p(node | parent) and the parent's entropy, both at the sampling temperature.
+                stats = fused_logits(h0[parents[1:]], dec.model.head_weight(0), 1, tokens[1:],
+                                     scale=1.0 / dec.temperature, backend=dec.logits_backend,
+                                     **dec.logits.norm(self.normed))
+                one, zero = stats.lse.new_ones(1), stats.lse.new_zeros(1)
+                node_prob = torch.cat([one, torch.exp(stats.target_logit - stats.lse)])
+                parent_entropy = torch.cat([zero, stats.entropy])
+                res = verify_typical(tokens, target, node_prob, parent_entropy, paths,
+                                     epsilon=dec.typical_epsilon, alpha=dec.typical_alpha, backend=dec.ops_backend)
+            count = (res.accept_len + 1).view(1)
+            out, root = torch.cat([count, res.tokens]), res.tokens.gather(0, res.accept_len.view(1))
+            last_node, best_path = res.last_node, res.best_path
         # index_select, not paths[best]: indexing with a 0-d tensor calls .item(). A chain's
         # accepted path is its first nodes, already in place; only MTP's head blocks over the
-        # accepted path (fused kernels) read it there.
-        path = (paths.index_select(0, res.best_path.view(1)).view(-1)
-                if not self.chain or self.drafter.on_path else None)
+        # accepted path (fused kernels) read it there, with the accepted length.
+        on_path = self.drafter.on_path
+        path = paths.index_select(0, best_path.view(1)).view(-1) if not self.chain or on_path else None
         if not self.chain:
             kv_compact_(dec.cache.k, dec.cache.v, path, self.prefix, count.view(()), backend=dec.ops_backend)
-        self._drafts(self.drafter(h0, carry, path, res.accept_len, res.last_node, self.prefix, prefix_host))
-        self._set("root", res.tokens.gather(0, res.accept_len.view(1)))
+        accept_len = count[0] - 1 if on_path else None
+        self._drafts(self.drafter(h0, carry, path, accept_len, last_node, self.prefix, prefix_host))
+        self._set("root", root)
         self.prefix += count[0]
-        return torch.cat([count, res.tokens])
-
-
-    def _accept(self, tokens, h0, carry, paths, prefix_host):
-        """``body``'s greedy verification in one call (``accept_greedy``), then the same moves."""
-        dec = self.dec
-        accepted = accept_greedy(h0, dec.logits.weight0(), tokens, paths, backend=dec.ops_backend)
-        count = accepted.out[:1]
-        path = (paths.index_select(0, accepted.best_path.view(1)).view(-1)
-                if not self.chain or self.drafter.on_path else None)
-        if not self.chain:
-            kv_compact_(dec.cache.k, dec.cache.v, path, self.prefix, count.view(()), backend=dec.ops_backend)
-        accept_len = count[0] - 1 if self.drafter.on_path else None  # only MTP's head blocks over the path read it
-        self._drafts(self.drafter(h0, carry, path, accept_len, accepted.last_node, self.prefix, prefix_host))
-        self._set("root", accepted.root)
-        self.prefix += count[0]
-        return accepted.out
+        return out
 
 
 def _level_sizes(n_nodes: int, k: int, depth: int) -> list[int]:
