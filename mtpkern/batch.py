@@ -143,6 +143,7 @@ class BatchDecoder:
         self._graphs: dict[int, tuple[_Rows, _CudaGraph]] = {}  # whole steps, per batch size
         self._forward_graphs: dict[int, _CudaGraph] = {}  # sampling steps' forward passes
         self._graph_weights: list[int] | None = None
+        self._weights: list | None = None  # the blocks' decode weights (``Attn.weights``), per generation
 
     def __repr__(self) -> str:
         return (f"BatchDecoder({type(self.model).__name__}, strategy={self.strategy!r}, tree={self.tree!r}, "
@@ -216,7 +217,7 @@ class BatchDecoder:
                 attn = Attn(_row_view(self.cache, 0), slots[0], mask=mask[0, 0])
                 d = model.draft_hidden(x, n, attn, accept_len)[None]
             else:
-                attn = Attn(view, slots, mask=mask)
+                attn = Attn(view, slots, mask=mask, weights=self._weights)
                 d = torch.stack([model.head_forward(j, x, attn)[rows, accept_len] for j in range(1, n + 1)], 1)
         else:
             d = model.heads_at(h, n).transpose(0, 1)  # [B, n, D]
@@ -239,7 +240,7 @@ class BatchDecoder:
         draft heads), as batch 1's ``prefill`` does; a single prompt takes batch 1's own path."""
         model, dev, B = self.model, self.device, len(ids)
         if B == 1:
-            return prefill(model, _row_view(self.cache, 0), ids[0], heads=self.heads)[None]
+            return prefill(model, _row_view(self.cache, 0), ids[0], heads=self.heads, weights=self._weights)[None]
         lengths = torch.tensor([int(t.shape[0]) for t in ids], device=dev)
         P = int(lengths.max())
         tokens = torch.zeros(B, P, dtype=torch.long, device=dev)
@@ -250,7 +251,7 @@ class BatchDecoder:
         mask = (causal[None] & (pos[None, None, :] < lengths[:, None, None]))[:, None]  # [B, 1, P, P]
         view = KVCache.__new__(KVCache)
         view.k, view.v = self.cache.k[:, :B], self.cache.v[:, :B]
-        attn = Attn(view, pos[None].expand(B, P), mask=mask)
+        attn = Attn(view, pos[None].expand(B, P), mask=mask, weights=self._weights)
         h0, carry = model.decode_hidden(tokens, pos[None].expand(B, P), attn)
         rows, last = torch.arange(B, device=dev), lengths - 1
         h = h0[rows, last]  # [B, D]
@@ -321,7 +322,7 @@ class BatchDecoder:
         if self.fused:  # per-row slots and prefix lengths straight into the kernels: no mask, no sync
             attn = Attn(cache, slots, tree_mask=self.packed, prefix_len=prefix)
         else:
-            attn = Attn(cache, slots, mask=self._mask(prefix))
+            attn = Attn(cache, slots, mask=self._mask(prefix), weights=self._weights)
         return self.model.decode_hidden(tokens, prefix[:, None] + self.depth[None, :], attn)
 
     def _advance(self, s: _Rows, count: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -432,6 +433,8 @@ class BatchDecoder:
             raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
         ids = self._prompts(prompts, attention_mask, max_new_tokens)
         B, dev = len(ids), self.device
+        # Eager attention runs the blocks as functions of their tensors (views of the parameters).
+        self._weights = None if self.fused else self.model.decode_weights()
         gens = self._generators(generators, B)
         rejection = self.acceptance == "rejection"
         graph = None

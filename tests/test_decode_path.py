@@ -47,8 +47,9 @@ def test_decode_block_is_the_block(gpt2_model, T, prefix):
 
 
 def test_weights_in_attn_switch_the_path_only_where_it_applies(gpt2_model, monkeypatch):
-    """Inference on one sequence with a mask takes decode_block; autograd, batches and the
-    fused kernels' inputs keep the modules."""
+    """Inference with a dense mask takes decode_block (one sequence, or a batch with slots per
+    row) and computes what the modules compute, K/V included; autograd and the fused kernels'
+    inputs keep the modules."""
     model = gpt2_model
     calls = []
     real = model_mod.decode_block
@@ -61,12 +62,46 @@ def test_weights_in_attn_switch_the_path_only_where_it_applies(gpt2_model, monke
         slow = model.decode_hidden(ids, pos, Attn(model.new_cache(1, 8), pos, mask=mask))[0]
     assert len(calls) == model.config.n_layer
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+    # A batch of two rows, each at its own slots, with its own mask.
+    rows = torch.tensor([[3, 4, 5], [7, 8, 9]])
+    slots = torch.tensor([[0, 1, 2], [4, 5, 6]])
+    bmask = torch.zeros(2, 1, 3, 7, dtype=torch.bool)
+    bmask[0, 0, :, :3] = mask
+    bmask[1, 0, :, :4] = True  # row 1 sees 4 earlier slots (garbage, the same in both caches), then its tokens
+    bmask[1, 0, :, 4:7] = mask
+    caches = [model.new_cache(2, 8), model.new_cache(2, 8)]
+    for c in caches:
+        g = torch.Generator().manual_seed(3)
+        c.k.copy_(torch.randn(c.k.shape, generator=g))
+        c.v.copy_(torch.randn(c.v.shape, generator=g))
+    calls.clear()
+    with torch.inference_mode():
+        fast = model.decode_hidden(rows, slots, Attn(caches[0], slots, mask=bmask, weights=weights))[0]
+        slow = model.decode_hidden(rows, slots, Attn(caches[1], slots, mask=bmask))[0]
+    assert len(calls) == model.config.n_layer
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(caches[0].k, caches[1].k)
+    torch.testing.assert_close(caches[0].v, caches[1].v)
     calls.clear()
     with torch.enable_grad():
         model.decode_hidden(ids, pos, Attn(model.new_cache(1, 8), pos, mask=mask, weights=weights))
-    with torch.inference_mode():  # a batch of two rows
-        model.decode_hidden(ids.repeat(2, 1), pos, Attn(model.new_cache(2, 8), pos, mask=mask, weights=weights))
     assert calls == []
+
+
+def test_the_batch_decoder_takes_the_functional_path(gpt2_model, medusa_model, monkeypatch):
+    """BatchDecoder with eager attention: every block of the prefill and of every step through
+    decode_block, and each row's tokens those of decoding it alone."""
+    from mtpkern import BatchDecoder
+
+    calls = []
+    real = model_mod.decode_block
+    monkeypatch.setattr(model_mod, "decode_block", lambda *a: calls.append(1) or real(*a))
+    for model, strategy, kw in ((gpt2_model, "ntp", {}), (medusa_model, "medusa", dict(tree="2,1"))):
+        calls.clear()
+        outs = BatchDecoder(model, strategy, max_batch=3, **kw).generate(PROMPTS[:3], max_new_tokens=10)
+        assert calls, strategy
+        for prompt, out in zip(PROMPTS[:3], outs):
+            assert out.tokens == Decoder(model, strategy, **kw).generate(prompt, max_new_tokens=10).tokens
 
 
 def test_decode_heads_is_every_head_block(mtp_model):
