@@ -214,6 +214,20 @@ class ModelOutput(NamedTuple):
 # ----------------------------------------------------------------------------- layers
 
 
+def write_kv(attn: Attn, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """New tokens' K and V [B, H, T, Dh] into cache layer ``layer`` at ``attn.slots``; returns that
+    layer's (K, V) caches [B, H, S, Dh]."""
+    kc, vc = attn.cache.k[layer], attn.cache.v[layer]
+    if attn.slots.dim() == 2:  # per-row slots [B, T] (batched decoding: rows drift apart)
+        rows = torch.arange(k.shape[0], device=k.device)[:, None]
+        kc[rows, :, attn.slots] = k.transpose(1, 2)
+        vc[rows, :, attn.slots] = v.transpose(1, 2)
+    else:
+        kc.index_copy_(2, attn.slots, k)
+        vc.index_copy_(2, attn.slots, v)
+    return kc, vc
+
+
 class SelfAttention(nn.Module):
     def __init__(self, cfg: GPT2Config):
         super().__init__()
@@ -230,14 +244,7 @@ class SelfAttention(nn.Module):
             # never changes causality (the loss ignores it).
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
-            kc, vc = attn.cache.k[layer], attn.cache.v[layer]
-            if attn.slots.dim() == 2:  # per-row slots [B, T] (batched decoding: rows drift apart)
-                rows = torch.arange(B, device=x.device)[:, None]
-                kc[rows, :, attn.slots] = k.transpose(1, 2)
-                vc[rows, :, attn.slots] = v.transpose(1, 2)
-            else:
-                kc.index_copy_(2, attn.slots, k)
-                vc.index_copy_(2, attn.slots, v)
+            kc, vc = write_kv(attn, layer, k, v)
             if attn.tree_mask is not None:
                 from mtpkern.ops.tree_attention import tree_attention
 
@@ -329,14 +336,7 @@ def decode_block(x: torch.Tensor, w: DecodeWeights, attn: Attn, layer: int) -> t
     x = x.reshape(B * T, D)
     qkv = torch.addmm(w.qkv_b, F.layer_norm(x, (D,), w.ln1_w, w.ln1_b, w.eps), w.qkv_wt)
     q, k, v = qkv.view(B, T, 3, w.n_head, D // w.n_head).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, T, Dh]
-    kc, vc = attn.cache.k[layer], attn.cache.v[layer]  # [B, H, S, Dh]
-    if attn.slots.dim() == 2:  # per-row slots [B, T]
-        rows = torch.arange(B, device=x.device)[:, None]
-        kc[rows, :, attn.slots] = k.transpose(1, 2)
-        vc[rows, :, attn.slots] = v.transpose(1, 2)
-    else:
-        kc.index_copy_(2, attn.slots, k)
-        vc.index_copy_(2, attn.slots, v)
+    kc, vc = write_kv(attn, layer, k, v)
     s = attn.mask.shape[-1]
     y = F.scaled_dot_product_attention(q, kc[:, :, :s], vc[:, :, :s], attn_mask=attn.mask)
     x = torch.addmm(x + w.o_b, y.transpose(1, 2).reshape(B * T, D), w.o_wt)
