@@ -1062,10 +1062,10 @@ class Decoder:
             raise ValueError(f"prefix_len {prefix_len} + {step.T} tree nodes exceeds the cache of "
                              f"{self.cache.max_len} slots")
         self._cached = None  # the step writes garbage into the cache
-        self._refresh_weights(self._weight_stamp())
         if self.cuda_graph:
             self._prepare_graphs()
-        if not getattr(self, "_timing_state", False):
+        if not getattr(self, "_timing_state", False):  # the first timed step: not on every one
+            self._refresh_weights(self._weight_stamp())
             h = torch.zeros(step.heads, self.model.config.n_embd, dtype=self.model.dtype, device=self.device)
             step.begin(h, prefix_len)
             self._timing_state = True

@@ -194,8 +194,9 @@ class Attn:
         fused decode layer (``Block.fused_decode``), the path of ``kernels="fused"``.
     weights: with ``mask`` and no autograd, each block's tensors by cache layer
         (``_Family.decode_weights()``): the blocks then run as plain functions of them
-        (``decode_block``), the same maths as ``Block.forward`` without a module call per layer. On a CPU a small model's step costs its op and call count, and
-        this path is 25-40% faster per block (the engine's CPU path: ``mtpkern.decoder``).
+        (``decode_block``), the same maths as ``Block.forward`` without a module call per
+        layer. On a CPU a small model's step costs its op and call count, and this path is
+        25-40% faster per block (the engine's CPU path: ``mtpkern.decoder``).
     """
 
     cache: KVCache

@@ -11,9 +11,10 @@ Dp1 = max_depth + 1. Entries outside [0, T) (padding or bad input) are never der
 on such an entry, or whose parent entry is such, is simply not accepted.
 
 Kernels: ``csrc/verify_api.cpp`` and ``csrc/cuda/verify.cu`` (ops ``mtpkern::verify_greedy`` and
-``mtpkern::verify_typical``). ``mtpkern::accept_greedy`` (``csrc/accept_api.cpp``, CPU) runs a greedy
-step's whole verification from head 0's hidden states: logits, argmax, best path and the step's
-output in one call (its CUDA side is the eager reference: there a step is one CUDA graph). Every backend checks its inputs with the same checks (``_check``
+``mtpkern::verify_typical``). ``mtpkern::accept_greedy`` (``csrc/accept_api.cpp``, CPU) runs a
+greedy step's whole verification from head 0's hidden states: logits, argmax, best path and the
+step's output in one call (its CUDA side is the eager reference: there a step is one CUDA
+graph). Every backend checks its inputs with the same checks (``_check``
 here mirrors ``check_verify`` in ``csrc/mtpkern.h``): one exception type and message per bad input.
 ``epsilon`` and ``alpha`` must be finite and non-negative.
 
