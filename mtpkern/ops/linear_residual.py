@@ -33,6 +33,7 @@ from mtpkern.ops._decode_linear import (
     blocks, bt_strides, check_int32_offsets, check_params, check_rows, input_precision, linear_tile, output_tile, row_offsets,
     split_counters,
 )
+from mtpkern.ops._triton_compat import wrap_triton
 
 
 # ----------------------------------------------------------------------------- kernel
@@ -124,7 +125,9 @@ def _launch(x, weight, bias, residual) -> Tensor:
     N = weight.shape[0]
     out = torch.empty((B, T, N), dtype=x.dtype, device=x.device)
     if _backend.triton_interpret() and is_fake(x):
-        return out  # the interpreter's wrap_triton cannot run on fake tensors; metadata is enough
+        # Under the interpreter, wrap_triton hands back the plain kernel, which cannot run on
+        # fake tensors; a fake implementation only needs the output's metadata anyway.
+        return out
     M = B * T
     cfg = blocks(M, N, K, x.dtype, split_k=True)
     return _run(x, weight, bias, residual, out, cfg)
@@ -140,7 +143,7 @@ def _run(x, weight, bias, residual, out, cfg: dict) -> Tensor:
     part = torch.empty((split, M, N) if split > 1 else (1,), dtype=torch.float32, device=x.device)
     counters = split_counters(x.device, grid[0] * grid[1], like=x) if split > 1 else part
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
-        torch.library.wrap_triton(_linear_residual_kernel)[grid](
+        wrap_triton(_linear_residual_kernel)[grid](
             x, weight, bias, residual, out, part, counters,
             M, T, N, K, k_split,
             *bt_strides(x), *weight.stride(), *bt_strides(residual), *bt_strides(out),

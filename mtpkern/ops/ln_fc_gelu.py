@@ -27,6 +27,7 @@ from mtpkern.ops._decode_linear import (
     blocks, bt_strides, check_int32_offsets, check_params, check_rows, gelu_tanh, input_precision,
     layer_norm_stats, linear_tile, output_tile, row_offsets,
 )
+from mtpkern.ops._triton_compat import wrap_triton
 
 
 # ----------------------------------------------------------------------------- kernel
@@ -94,12 +95,14 @@ def _launch(x, ln_weight, ln_bias, weight, bias, eps: float) -> Tensor:
     N = weight.shape[0]
     h = torch.empty((B, T, N), dtype=x.dtype, device=x.device)
     if _backend.triton_interpret() and is_fake(x):
-        return h  # the interpreter's wrap_triton cannot run on fake tensors; metadata is enough
+        # Under the interpreter, wrap_triton hands back the plain kernel, which cannot run on
+        # fake tensors; a fake implementation only needs the output's metadata anyway.
+        return h
     M = B * T
     cfg = blocks(M, N, D, x.dtype)
     grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(M, cfg["BLOCK_M"]))
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
-        torch.library.wrap_triton(_ln_fc_gelu_kernel)[grid](
+        wrap_triton(_ln_fc_gelu_kernel)[grid](
             x, ln_weight, ln_bias, weight, bias, h,
             M, T, N, D, eps,
             *bt_strides(x), *weight.stride(), *bt_strides(h),

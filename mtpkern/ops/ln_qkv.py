@@ -25,6 +25,8 @@ from mtpkern.ops._decode_linear import (
     blocks, bt_strides, check_int32_offsets, check_params, check_rows, input_precision,
     layer_norm_stats, linear_tile, output_tile,
 )
+from mtpkern.ops._checks import values_on_host
+from mtpkern.ops._triton_compat import wrap_triton
 
 
 # ----------------------------------------------------------------------------- kernel
@@ -130,7 +132,7 @@ def _check_inputs(x, ln_weight, ln_bias, weight, bias, k_cache, v_cache, slots, 
         raise ValueError("slots must be contiguous")
     if not eps > 0:
         raise ValueError(f"eps must be positive, got {eps}")
-    if slots.device.type == "cpu" and not is_fake(slots):  # a CUDA check would sync with the host
+    if values_on_host(slots):  # a CUDA check would sync with the host
         S = k_cache.shape[2]
         bad = (slots < 0) | (slots >= S)
         if bool(bad.any()):
@@ -143,12 +145,14 @@ def _launch(x, ln_weight, ln_bias, weight, bias, k_cache, v_cache, slots, eps: f
     B, T, D = x.shape
     q = torch.empty((B, T, D), dtype=x.dtype, device=x.device)
     if _backend.triton_interpret() and is_fake(x):
-        return q  # the interpreter's wrap_triton cannot run on fake tensors; metadata is enough
+        # Under the interpreter, wrap_triton hands back the plain kernel, which cannot run on
+        # fake tensors; a fake implementation only needs the output's metadata anyway.
+        return q
     M, N = B * T, 3 * D
     cfg = blocks(M, N, D, x.dtype)
     grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(M, cfg["BLOCK_M"]))
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
-        torch.library.wrap_triton(_ln_qkv_kernel)[grid](
+        wrap_triton(_ln_qkv_kernel)[grid](
             x, ln_weight, ln_bias, weight, bias, q, k_cache, v_cache, slots,
             M, T, D, k_cache.shape[2], T if slots.dim() == 2 else 0, eps,
             *bt_strides(x), *weight.stride(), *bt_strides(q), *k_cache.stride(), *v_cache.stride(),
