@@ -385,7 +385,8 @@ def load_tokenizer(name_or_dir):
                 try:
                     json.loads(f.read_text(encoding="utf-8"))
                 except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                    raise DataError(f"{f} is corrupt: {getattr(e, 'msg', None) or e.reason}") from None
+                    why = e.msg if isinstance(e, json.JSONDecodeError) else e.reason
+                    raise DataError(f"{f} is corrupt: {why}") from None
     try:
         tok = AutoTokenizer.from_pretrained(name_or_dir)
     except Exception as e:  # noqa: BLE001 - transformers and tokenizers raise many kinds

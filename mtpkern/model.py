@@ -18,9 +18,10 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 import torch.nn as nn
@@ -81,7 +82,7 @@ class GPT2Config:
     @classmethod
     def tiny(cls, vocab_size: int = 2048, **kw) -> GPT2Config:
         """A CPU-sized config for tests and the demo."""
-        base = dict(n_positions=256, n_embd=128, n_layer=4, n_head=4)
+        base: dict[str, Any] = dict(n_positions=256, n_embd=128, n_layer=4, n_head=4)
         base.update(kw)
         return cls(vocab_size=vocab_size, **base)
 
@@ -249,8 +250,10 @@ class SelfAttention(nn.Module):
             if attn.tree_mask is not None:
                 from mtpkern.ops.tree_attention import tree_attention
 
+                assert attn.prefix_len is not None, "Attn: a tree_mask needs its prefix_len"
                 y = tree_attention(q, kc, vc, attn.prefix_len, attn.tree_mask)
             else:
+                assert attn.mask is not None, "Attn: eager attention needs a mask"
                 s = attn.mask.shape[-1]
                 y = F.scaled_dot_product_attention(q, kc[:, :, :s], vc[:, :, :s], attn_mask=attn.mask)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
@@ -287,6 +290,7 @@ class Block(nn.Module):
 
         a, m = self.attn, self.mlp
         B, T, C = x.shape
+        assert attn.tree_mask is not None and attn.prefix_len is not None, "Attn: fused decoding needs both"
         kc, vc = attn.cache.k[layer], attn.cache.v[layer]
         q = ln_qkv(x, self.ln_1.weight, self.ln_1.bias, a.c_attn.weight, a.c_attn.bias, kc, vc, attn.slots,
                    eps=self.ln_1.eps)
@@ -338,6 +342,7 @@ def decode_block(x: torch.Tensor, w: DecodeWeights, attn: Attn, layer: int) -> t
     qkv = torch.addmm(w.qkv_b, F.layer_norm(x, (D,), w.ln1_w, w.ln1_b, w.eps), w.qkv_wt)
     q, k, v = qkv.view(B, T, 3, w.n_head, D // w.n_head).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, T, Dh]
     kc, vc = write_kv(attn, layer, k, v)
+    assert attn.mask is not None, "Attn: decode_block needs a mask"
     s = attn.mask.shape[-1]
     y = F.scaled_dot_product_attention(q, kc[:, :, :s], vc[:, :, :s], attn_mask=attn.mask)
     x = torch.addmm(x + w.o_b, y.transpose(1, 2).reshape(B * T, D), w.o_wt)
@@ -368,6 +373,11 @@ class _Family(nn.Module):
     config: GPT2Config
     gradient_checkpointing: bool = False
     calibration = None  # head acceptance (mtpkern.calibrate.Calibration), attached by load_model
+    # Set by each model (MEDUSA: its base's token embedding; it overrides ``final_norm`` and
+    # never calls ``embed``, which read the other two).
+    wte: nn.Embedding
+    wpe: nn.Embedding
+    ln_f: nn.LayerNorm
 
     # number of prediction heads J; head j predicts token t + j + 1
     @property
@@ -558,7 +568,7 @@ class GPT2(_Family):
         return self.config.n_layer
 
     def cache_blocks(self) -> list[Block]:
-        return list(self.h)
+        return cast("list[Block]", list(self.h))  # nn.ModuleList types its items as Module
 
     def hidden_states(self, idx, pos=None, attn: Attn | None = None, final_norm: bool = True) -> torch.Tensor:
         """The final-normalised hidden states [B, T, D] (before the norm with ``final_norm=False``)."""
@@ -691,6 +701,7 @@ class MTPModel(_Family):
         kc, vc = attn.cache.k[first : first + n, 0], attn.cache.v[first : first + n, 0]
         kc.index_copy_(2, attn.slots, k)
         vc.index_copy_(2, attn.slots, v)
+        assert attn.mask is not None, "Attn: the grouped heads need a mask (eager attention)"
         s = attn.mask.shape[-1]
         if row is None:
             y = F.scaled_dot_product_attention(q, kc[:, :, :s], vc[:, :, :s], attn_mask=attn.mask)  # [n, H, R, Dh]
@@ -743,7 +754,7 @@ class MedusaModel(_Family):
         cfg = _replace(base.config, model_type="medusa", n_heads=n_heads, medusa_layers=n_layers, medusa_proj=proj)
         model = cls(cfg).to(device=base.device, dtype=base.dtype)
         model.base.load_state_dict(base.state_dict())
-        for head in model.medusa:
+        for head in cast("Iterable[MedusaHead]", model.medusa):  # nn.ModuleList types its items as Module
             if head.proj is not None:  # MEDUSA initialises a head's projection from the LM head
                 head.proj.weight.data.copy_(base.unembed_weight.data)
         model.freeze_base()
@@ -760,7 +771,7 @@ class MedusaModel(_Family):
         return self
 
     @property
-    def wte(self):
+    def wte(self) -> nn.Embedding:  # type: ignore[override]  # read-only: the base owns the embedding
         return self.base.wte
 
     @property
@@ -772,12 +783,11 @@ class MedusaModel(_Family):
         return self.config.n_layer
 
     def cache_blocks(self) -> list[Block]:
-        return list(self.base.h)
+        return cast("list[Block]", list(self.base.h))  # nn.ModuleList types its items as Module
 
     def head_weight(self, j: int) -> torch.Tensor:
-        if j == 0 or self.medusa[j - 1].proj is None:
-            return self.unembed_weight
-        return self.medusa[j - 1].proj.weight
+        proj = None if j == 0 else cast(MedusaHead, self.medusa[j - 1]).proj  # ModuleList items are typed Module
+        return self.unembed_weight if proj is None else proj.weight
 
     def decode_hidden(self, idx, pos, attn: Attn, *, final_norm: bool = True):
         h = self.base.hidden_states(idx, pos, attn, final_norm)
@@ -799,7 +809,8 @@ class MedusaModel(_Family):
         """Heads 1..n's residual layers as stacked (transposed weight [n, D, D], bias [n, D]) pairs,
         layer by layer, kept and refreshed in place when a parameter changes (``_stacked``)."""
         def groups():
-            lin = [[head.blocks[i].linear for head in self.medusa[:n]] for i in range(self.config.medusa_layers)]
+            heads = cast("Iterable[MedusaHead]", self.medusa[:n])  # nn.ModuleList types its items as Module
+            lin = [[cast(ResBlock, head.blocks[i]).linear for head in heads] for i in range(self.config.medusa_layers)]
             return [g for layer in lin for g in (([m.weight for m in layer], True), ([m.bias for m in layer], False))]
 
         return self._stacked(f"medusa{n}", groups)
@@ -880,7 +891,9 @@ def to_hf(model: GPT2):
     d.pop("mtpkern")
     d.pop("model_type")
     d.pop("architectures")
-    hf = GPT2LMHeadModel(HFConfig(**d)).to(model.dtype)
+    # transformers wraps PreTrainedModel.to in functools.wraps(nn.Module.to), which mypy reads as
+    # the unbound method (self first)
+    hf = GPT2LMHeadModel(HFConfig(**d)).to(model.dtype)  # type: ignore[arg-type]
     missing, unexpected = hf.load_state_dict(gpt2_state_to_hf(model.state_dict()), strict=False)
     bad = [k for k in missing if not k.endswith((".attn.bias", ".attn.masked_bias"))]
     if bad or unexpected:

@@ -95,7 +95,7 @@ class Tree:
         besides the root. No capping: sizes multiply, so keep the widths small."""
         if not widths or any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in widths):
             raise ValueError(f"widths must be a non-empty list of ints >= 1, got {widths!r}")
-        paths = []
+        paths: list[list[int]] = []
         for d in range(1, len(widths) + 1):
             paths.extend(list(p) for p in itertools.product(*(range(w) for w in widths[:d])))
         return cls(paths)
