@@ -36,20 +36,22 @@ losses) returned without a host sync) and ``n_logged`` (the number of per-head l
 from __future__ import annotations
 
 import contextlib
+from typing import cast
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from mtpkern.data import IGNORE_INDEX
-from mtpkern.model import GPT2, MedusaModel, MTPModel
+from mtpkern.model import GPT2, MedusaModel, MTPModel, _Family
 from mtpkern.ops.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_accumulate_
 
 # ----------------------------------------------------------------------------- losses
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+def _unwrap(model: nn.Module) -> _Family:
+    """The model of the family itself, from under a DDP wrapper too."""
+    return cast(_Family, model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model)
 
 
 def head_logits(model: nn.Module, hidden_j: torch.Tensor, j: int) -> torch.Tensor:
@@ -123,7 +125,7 @@ def medusa2_loss(model, idx, labels, head_weights, *, heads_coefficient: float, 
     ``train_backbone=False`` (the heads' warmup), L = sum_k w_k CE_{k+1} with the backbone
     and the shared unembedding held fixed (no gradient reaches them). Returns (loss,
     per_head [1 + n]): B (or CE_0, as a metric, during the warmup) then each CE_{k+1}."""
-    m = _unwrap(model)
+    m = cast(MedusaModel, _unwrap(model))
     n = m.n_heads - 1
     if len(head_weights) != n:
         raise ValueError(f"{len(head_weights)} head weights for {n} MEDUSA heads")
@@ -179,6 +181,7 @@ def mtp_loss_and_backward(model: MTPModel, idx, labels, *, scale: float = 1.0, n
             if scaler is not None:
                 g = scaler.scale(g)
             x = hidden_j[:, : T - j - 1].flatten(0, 1)
+            assert W.grad is not None  # made above when ``into``
             ce_sum, grad_x = linear_cross_entropy_accumulate_(x, W, target, W.grad, g, IGNORE_INDEX)
             with backward:
                 x.backward(grad_x)
@@ -191,8 +194,8 @@ def mtp_loss_and_backward(model: MTPModel, idx, labels, *, scale: float = 1.0, n
         per_head.append(ce.detach())
     with backward:
         h.backward(h_leaf.grad)
-    per_head = torch.stack(per_head)
-    return per_head.mean(), per_head
+    losses = torch.stack(per_head)
+    return losses.mean(), losses
 
 
 # ----------------------------------------------------------------------------- objectives
@@ -213,7 +216,7 @@ class Objective:
     def prepare(self, model: nn.Module, device: torch.device) -> None:
         """Set which parameters train (and load anything the loss needs) before the optimizer."""
 
-    def n_logged(self, model: nn.Module) -> int:
+    def n_logged(self, model: _Family) -> int:
         """The number of per-head losses ``backward`` returns."""
         return model.n_heads
 
@@ -284,7 +287,7 @@ class Medusa2(Objective):
 
     def __init__(self, cfg, *, fused: bool = True):
         super().__init__(cfg, fused=fused)
-        self.teacher = None
+        self.teacher: GPT2 | None = None
 
     def prepare(self, model, device):
         for p in model.base.parameters():
