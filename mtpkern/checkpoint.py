@@ -14,6 +14,7 @@ between the two renames leaves the old checkpoint under ``.NAME.old-PID``;
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import shutil
@@ -35,7 +36,9 @@ def atomic_directory(path: str | os.PathLike):
 
     The old directory, if any, is renamed aside before the new one is renamed into place
     and deleted only afterwards. On an exception the temporary directory is removed and
-    ``path`` is left untouched.
+    ``path`` is left untouched; a full disk is a :class:`CheckpointError` that says so. The
+    published folder and its files get the modes the umask gives new ones (``mkdtemp`` makes
+    0700 folders and some writers 0600 files).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -46,6 +49,7 @@ def atomic_directory(path: str | os.PathLike):
             if f.is_file():
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
+        _apply_umask(tmp)
         old = None
         if path.exists():
             old = path.parent / f".{path.name}.old-{os.getpid()}"
@@ -55,9 +59,76 @@ def atomic_directory(path: str | os.PathLike):
         os.replace(tmp, path)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_full(e):
+            kept = f"{path} keeps the previous checkpoint" if path.exists() else "nothing was written"
+            raise disk_full_error(path, kept) from e
         raise
+
+
+# errors of a write that ran out of space: OSError's errno, else the text other writers give
+# (torch.save: "unexpected pos N vs M" after a short write; safetensors: "os error 28")
+_DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_DISK_FULL_TEXTS = ("unexpected pos", "No space left on device", "os error 28", "Disk quota exceeded",
+                    "os error 122")
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Whether ``error`` is a write that ran out of disk space (or quota)."""
+    if isinstance(error, OSError) and error.errno in _DISK_FULL_ERRNOS:
+        return True
+    return isinstance(error, Exception) and any(t in str(error) for t in _DISK_FULL_TEXTS)
+
+
+def disk_full_error(path: str | os.PathLike, outcome: str) -> CheckpointError:
+    """The one-line error of a write to ``path`` that found the disk full; ``outcome`` says
+    what was kept."""
+    try:
+        free = f"{shutil.disk_usage(Path(path).parent).free / 2**20:.1f} MiB free there"
+    except OSError:
+        free = "free space unknown"
+    return CheckpointError(f"the disk is full (or over quota) while writing {path} ({free}): {outcome}; "
+                           "free some space and try again")
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``path`` through a temporary sibling and one rename: a crash or a full disk leaves
+    the previous file whole (a full disk is a :class:`CheckpointError` naming the file)."""
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if is_disk_full(e):
+            raise disk_full_error(path, f"{path} keeps its previous contents" if path.exists()
+                                  else "nothing was written") from e
+        raise
+
+
+def _umask() -> int:
+    """The process's umask, read where Linux shows it (``os.umask`` can only read it by setting it)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _apply_umask(directory: Path) -> None:
+    """Give ``directory``, its folders and files the modes the umask gives new ones."""
+    mask = _umask()
+    for root, _, files in os.walk(directory):
+        os.chmod(root, 0o777 & ~mask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~mask)
 
 
 def require_file(directory: str | os.PathLike, name: str) -> Path:
@@ -151,22 +222,56 @@ def run_lock(run_dir: str | os.PathLike):
     A second process that tries to lock the same directory fails at once with a
     :class:`CheckpointError` naming the holder's pid. The lock is ``flock`` on ``RUN/.lock``:
     the kernel releases it when the holder exits, however it dies, so a stale lock file from a
-    dead process never blocks.
+    dead process never blocks. When the block raises (a refused or failed run), the lock file
+    and the folders this call created are removed again, so a refusal leaves nothing behind.
     """
+    run_dir = Path(run_dir)
+    created_dirs = [p for p in (run_dir, *run_dir.parents) if not p.exists()]  # deepest first
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd, created_lock = _open_lock(run_dir / LOCK_NAME)
+    done = False
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+        done = True
+    finally:
+        if not done and created_lock:
+            (run_dir / LOCK_NAME).unlink(missing_ok=True)  # still held: no other process can own it
+        os.close(fd)  # closing the descriptor releases the lock
+        if not done:
+            for d in created_dirs:
+                try:
+                    d.rmdir()  # only while empty: never what someone else put there
+                except OSError:
+                    break
+
+
+def _open_lock(path: Path) -> tuple[int, bool]:
+    """``(fd, created)``: ``path`` opened (created if missing) and ``flock``-ed. A lock file
+    that its holder removed before we locked it is opened anew, so two processes never hold
+    locks on two different files of the same name."""
     import fcntl
 
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
+    while True:
+        try:
+            fd, created = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644), True
+        except FileExistsError:
+            try:
+                fd, created = os.open(path, os.O_RDWR), False
+            except FileNotFoundError:
+                continue  # removed in between: create it
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            raise CheckpointError(f"{run_dir} is in use by another training (pid {holder}): "
+            os.close(fd)
+            raise CheckpointError(f"{path.parent} is in use by another training (pid {holder}): "
                                   "wait for it to finish, or choose another --out") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        yield
-    finally:
-        os.close(fd)  # closing the descriptor releases the lock
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd, created
+        os.close(fd)  # we locked a file its holder had just removed: try again

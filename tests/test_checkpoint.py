@@ -1,8 +1,11 @@
 """Run and checkpoint directories: one resolver, recovery from an interrupted save, the run lock."""
 
+import errno
 import os
+import stat
 
 import pytest
+import torch
 
 from mtpkern.checkpoint import (
     CheckpointError,
@@ -95,3 +98,80 @@ def test_run_lock_is_exclusive_and_a_stale_lock_does_not_block(tmp_path):
     (run / ".lock").write_text("12345\n")  # a lock file left by a dead process holds no lock
     with run_lock(run):
         pass
+
+
+# ----------------------------------------------------------------------------- full disk, modes, the lock
+
+
+@pytest.mark.parametrize("error", [
+    RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534"),  # torch.save's
+    OSError(errno.ENOSPC, "No space left on device"),
+])
+def test_a_full_disk_mid_save_says_so_and_keeps_the_previous_checkpoint(tmp_path, error):
+    ckpt = tmp_path / "checkpoint"
+    _save_tiny(ckpt)
+    before = {p.name: p.read_bytes() for p in ckpt.iterdir()}
+    with pytest.raises(CheckpointError) as e:
+        with atomic_directory(ckpt) as tmp:
+            (tmp / "config.json").write_text("{}")
+            raise error
+    message = str(e.value)
+    assert "disk is full" in message and str(ckpt) in message and "keeps the previous" in message
+    assert "\n" not in message and "inline_container" not in message
+    assert {p.name: p.read_bytes() for p in ckpt.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]  # no temporary folder left
+
+
+def test_a_full_disk_in_a_first_save_says_nothing_was_written(tmp_path):
+    with pytest.raises(CheckpointError, match="disk is full .* nothing was written"):
+        with atomic_directory(tmp_path / "checkpoint"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_other_errors_mid_save_pass_through(tmp_path):
+    with pytest.raises(ValueError, match="not a disk error"):
+        with atomic_directory(tmp_path / "checkpoint"):
+            raise ValueError("not a disk error")
+
+
+@pytest.mark.parametrize("umask, dir_mode, file_mode", [(0o022, 0o755, 0o644), (0o027, 0o750, 0o640)])
+def test_a_checkpoint_takes_the_umask_s_modes(tmp_path, umask, dir_mode, file_mode):
+    """mkdtemp makes 0700 folders and some writers 0600 files; a published checkpoint has the
+    modes any other file the user writes would have."""
+    from safetensors.torch import save_file
+
+    old = os.umask(umask)
+    try:
+        with atomic_directory(tmp_path / "checkpoint") as tmp:
+            save_file({"w": torch.zeros(2)}, str(tmp / "model.safetensors"))
+            fd = os.open(tmp / "private.bin", os.O_WRONLY | os.O_CREAT, 0o600)
+            os.close(fd)
+            (tmp / "config.json").write_text("{}")
+    finally:
+        os.umask(old)
+    ckpt = tmp_path / "checkpoint"
+    assert stat.S_IMODE(ckpt.stat().st_mode) == dir_mode
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in ckpt.iterdir()} == {
+        "model.safetensors": file_mode, "private.bin": file_mode, "config.json": file_mode}
+
+
+def test_run_lock_leaves_nothing_behind_when_the_run_is_refused(tmp_path):
+    """A refused run (an exception inside the lock) removes the lock file and the folder it
+    created; a folder that existed keeps everything but the lock file we added."""
+    with pytest.raises(ValueError):
+        with run_lock(tmp_path / "new"):
+            raise ValueError("refused")
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError):
+        with run_lock(tmp_path / "mine"):
+            raise ValueError("refused")
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
+    with run_lock(tmp_path / "run"):  # a run that went through keeps its lock file, as before
+        pass
+    with pytest.raises(ValueError):
+        with run_lock(tmp_path / "run"):
+            raise ValueError("refused")
+    assert (tmp_path / "run" / ".lock").is_file()  # it was there before: not ours to remove
