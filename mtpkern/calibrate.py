@@ -103,6 +103,17 @@ def fingerprint(model) -> dict:
                 weights=digest.hexdigest()[:16])
 
 
+def _fingerprint_drafts(fp: dict):
+    """The draft heads of the model a fingerprint describes (its ``n_heads`` is the config's:
+    MTP counts head 0, MEDUSA only its MEDUSA heads)."""
+    n = fp.get("n_heads")
+    return n - 1 if fp.get("model_type") == "mtp" and isinstance(n, int) else n
+
+
+def _all_ints(values) -> bool:
+    return all(isinstance(v, int) and not isinstance(v, bool) for v in values)
+
+
 @dataclass
 class Calibration:
     """How often each draft head's rank-r candidate is the model's own token.
@@ -148,26 +159,68 @@ class Calibration:
         return path
 
     @classmethod
-    def from_dict(cls, d: dict, where: str = "calibration") -> Calibration:
+    def from_dict(cls, d: dict, where: str = "calibration", model=None) -> Calibration:
+        """A calibration from its JSON form, checked field by field; with ``model``, also
+        checked against it (:meth:`check`), and its rows of counts against the model's heads.
+        Anything wrong is a one-line CalibrationError naming ``where`` and the field."""
         try:
-            if d.get("schema") != SCHEMA:
-                raise ValueError(f"schema {d.get('schema')!r} is not {SCHEMA!r}")
-            cal = cls(fingerprint=dict(d["fingerprint"]), topk=int(d["topk"]),
-                      counts=[[int(c) for c in row] for row in d["counts"]],
-                      positions=[int(n) for n in d["positions"]], source=dict(d.get("source", {})))
-            if len(cal.positions) != len(cal.counts) or any(len(row) != cal.topk for row in cal.counts):
-                raise ValueError("counts and positions disagree in shape")
-            if any(c < 0 for row in cal.counts for c in row) or any(
-                    sum(row) > n for row, n in zip(cal.counts, cal.positions)):
-                raise ValueError("counts are negative or exceed their positions")
-            cal.ranks = [[str(p) for p in prompt] for prompt in d.get("ranks", [])]
-            allowed = set("x.") | {str(r) for r in range(cal.topk)}
-            if any(len(p) != len(cal.counts) or not set(p) <= allowed for prompt in cal.ranks for p in prompt):
-                raise ValueError(f"ranks must be strings of {len(cal.counts)} characters from "
-                                 f"{''.join(sorted(allowed))}")
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            cal = cls._parse(d)
+        except (TypeError, ValueError) as e:
+            raise CalibrationError(f"{where} is not a valid calibration: {e}") from None
+        if model is not None:
+            cal.check(model, where)
+        expected = draft_depth(model) if model is not None else _fingerprint_drafts(cal.fingerprint)
+        if cal.depth != expected:  # one row of counts per draft head
+            whose = "the model has" if model is not None else "its fingerprint is of a model with"
+            raise CalibrationError(f"{where} holds acceptance counts for {cal.depth} draft head(s), but {whose} "
+                                   f"{expected}; rerun `mtpkern calibrate`")
+        try:
+            cal._check_shape()
+        except ValueError as e:
             raise CalibrationError(f"{where} is not a valid calibration: {e}") from None
         return cal
+
+    @classmethod
+    def _parse(cls, d: dict) -> Calibration:
+        """The fields of ``d``, each of its kind; ValueError names the first one that is not."""
+        missing = [k for k in ("schema", "fingerprint", "topk", "counts", "positions") if k not in d]
+        if missing:
+            raise ValueError(f"the field {missing[0]!r} is missing")
+        if d["schema"] != SCHEMA:
+            raise ValueError(f"schema {d['schema']!r} is not {SCHEMA!r}")
+        if not isinstance(d["fingerprint"], dict):
+            raise ValueError("the field 'fingerprint' must be an object")
+        topk = d["topk"]
+        if isinstance(topk, bool) or not isinstance(topk, int) or not 1 <= topk <= 10:
+            raise ValueError(f"the field 'topk' must be an int in 1..10 (one character per rank), got {topk!r}")
+        counts = d["counts"]
+        if not isinstance(counts, list) or not all(isinstance(row, list) and _all_ints(row) for row in counts):
+            raise ValueError("the field 'counts' must be a list of lists of ints (one row per draft head)")
+        if not isinstance(d["positions"], list) or not _all_ints(d["positions"]):
+            raise ValueError("the field 'positions' must be a list of ints (one per draft head)")
+        ranks = d.get("ranks", [])
+        if not isinstance(ranks, list) or not all(isinstance(p, list) and all(isinstance(r, str) for r in p)
+                                                  for p in ranks):
+            raise ValueError("the field 'ranks' must be a list of lists of strings (per prompt, per position)")
+        source = d.get("source", {})
+        if not isinstance(source, dict):
+            raise ValueError("the field 'source' must be an object")
+        return cls(dict(d["fingerprint"]), topk, [list(row) for row in counts], list(d["positions"]), dict(source),
+                   [list(p) for p in ranks])
+
+    def _check_shape(self) -> None:
+        """ValueError unless counts, positions and ranks agree with each other."""
+        if len(self.positions) != self.depth or any(len(row) != self.topk for row in self.counts):
+            raise ValueError(f"counts must be {self.depth} rows of topk = {self.topk} ints and positions "
+                             f"{self.depth} ints (one per draft head)")
+        if any(c < 0 for row in self.counts for c in row) or any(
+                sum(row) > n for row, n in zip(self.counts, self.positions)):
+            raise ValueError("counts are negative or exceed their positions")
+        allowed = set("x.") | {str(r) for r in range(self.topk)}
+        bad = next((p for prompt in self.ranks for p in prompt if len(p) != self.depth or not set(p) <= allowed), None)
+        if bad is not None:
+            raise ValueError(f"ranks must be strings of {self.depth} characters (one per draft head) from "
+                             f"{''.join(sorted(allowed))}, got {bad!r}")
 
     def check(self, model, where: str = "calibration") -> None:
         """Raise CalibrationError unless this calibration was measured on ``model``."""
@@ -198,9 +251,7 @@ def load_calibration(directory, model) -> Calibration | None:
                                "delete it or rerun `mtpkern calibrate`") from None
     if not isinstance(raw, dict):
         raise CalibrationError(f"{path} is not a valid calibration: expected a JSON object")
-    cal = Calibration.from_dict(raw, str(path))
-    cal.check(model, str(path))
-    return cal
+    return Calibration.from_dict(raw, str(path), model)
 
 
 def attach_calibration(model, directory) -> None:
@@ -369,6 +420,9 @@ class StepCost:
     seconds: list[float]
     key: dict = field(default_factory=dict)
 
+    def __post_init__(self):
+        check_curve(self.sizes, self.seconds)
+
     def __call__(self, T: float) -> float:
         s, t = self.sizes, self.seconds
         if not s[0] <= T <= s[-1]:
@@ -382,6 +436,47 @@ class StepCost:
     @property
     def max_tokens(self) -> int:
         return self.sizes[-1]
+
+
+def check_curve(sizes: Sequence[int], seconds: Sequence[float]) -> None:
+    """ValueError unless ``seconds`` holds one finite, positive timing per size and the sizes
+    rise strictly from 1 (a next-token step)."""
+    if len(sizes) != len(seconds):
+        raise ValueError(f"{len(sizes)} sizes but {len(seconds)} timings: a step cost needs one timing per size")
+    if not sizes or sizes[0] != 1:
+        raise ValueError(f"step cost sizes must start at 1 (a next-token step), got {list(sizes)}")
+    if any(b <= a for a, b in zip(sizes, sizes[1:])):
+        raise ValueError(f"step cost sizes must be strictly increasing, got {list(sizes)}")
+    bad = next((t for t in seconds if not _positive_seconds(t)), None)
+    if bad is not None:
+        raise ValueError(f"step cost timings must be finite numbers of seconds > 0, got {bad!r}")
+
+
+def _positive_seconds(t) -> bool:
+    return isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) and t > 0
+
+
+def _smooth(seconds: list[float]) -> list[float]:
+    """The curve made non-decreasing (each timing at least the one before): it is a cost, and
+    timing noise must never favour a bigger tree."""
+    out = list(seconds)
+    for i in range(1, len(out)):
+        out[i] = max(out[i], out[i - 1])
+    return out
+
+
+def _cached_cost(entry, sizes: list[int], key: dict) -> StepCost:
+    """A cache entry as the curve a measurement gives (smoothed alike); ValueError says what
+    is wrong with it: unreadable, other sizes than this setting times, or timings that are
+    not finite and positive."""
+    try:
+        got, seconds = [int(s) for s in entry["sizes"]], [float(t) for t in entry["seconds"]]
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"unreadable sizes or seconds ({type(e).__name__}: {e})") from None
+    if got != sizes:
+        raise ValueError(f"sizes {got} are not the sizes this setting times, {sizes}")
+    check_curve(sizes, seconds)
+    return StepCost(sizes, _smooth(seconds), key)
 
 
 def cost_key(model, *, kernels: str, cuda_graph: bool) -> dict:
@@ -418,17 +513,17 @@ def step_cost(model, *, kernels: str = "auto", cuda_graph: bool = False, depth: 
     key = dict(cost_key(model, kernels=kernels, cuda_graph=cuda_graph), depth=D)
     name = json.dumps(key, sort_keys=True)
     path = cache_dir() / "step_cost.json"
-    table = _read_cache(path)
-    if not refresh and name in table:
-        entry = table[name]
-        try:
-            return StepCost([int(s) for s in entry["sizes"]], [float(t) for t in entry["seconds"]], key)
-        except (KeyError, TypeError, ValueError):
-            pass  # a damaged entry of our own cache: measure again
     prefix = min(256, model.config.n_positions // 2)
     sizes = [T for T in COST_SIZES if prefix + T <= model.config.n_positions]
     K = min(TOPK, model.config.vocab_size)
     sizes = [T for T in sizes if T - 1 <= sum(K ** d for d in range(1, D + 1))]
+    table = _read_cache(path)
+    if not refresh and name in table:
+        try:
+            return _cached_cost(table[name], sizes, key)
+        except ValueError as e:  # a damaged or hand-edited entry: never plan with it
+            warnings.warn(f"{path}: the step cost of this setting is damaged ({e}); measuring it again",
+                          stacklevel=2)
     timer = timer or time_tree_step
     trees = [timing_tree(T, D, K) if T > 1 else None for T in sizes]
     # Sizes in turn, twice, keeping the faster: a burst of other work on the machine then
@@ -437,9 +532,11 @@ def step_cost(model, *, kernels: str = "auto", cuda_graph: bool = False, depth: 
     for _ in range(COST_ROUNDS):
         seconds = [min(s, timer(model, tree, prefix_len=prefix, kernels=kernels, cuda_graph=cuda_graph))
                    for s, tree in zip(seconds, trees)]
-    # The curve is a cost: make it non-decreasing, so timing noise never favours a bigger tree.
-    for i in range(1, len(seconds)):
-        seconds[i] = max(seconds[i], seconds[i - 1])
+    try:
+        check_curve(sizes, seconds)
+    except ValueError as e:
+        raise ValueError(f"step_cost: the timer returned an impossible step time ({e})") from None
+    seconds = _smooth(seconds)
     table[name] = dict(sizes=sizes, seconds=seconds, prefix_len=prefix,
                        measured=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     _write_cache(path, table)
@@ -578,14 +675,21 @@ def optimise_tree(accept: Sequence[Sequence[float]], cost: Callable[[int], float
         chosen.add(path)
         if rows is not None:
             expected = _mean_step(_replay(rows, chosen))
-        seconds = cost(n + 1)
+        seconds = _step_seconds(cost, n + 1)
         rate = expected / seconds
         curve.append(dict(nodes=n, accept_length=expected, step_s=seconds, tokens_per_second=rate))
         if best is None or rate > best[3]:
             best = (n, expected, seconds, rate)
     n, expected, seconds, rate = best
     tree = Tree([list(p) for p, _ in nodes[:n]])
-    return TreePlan(tree, expected, seconds, rate, 1.0 / cost(1), curve)
+    return TreePlan(tree, expected, seconds, rate, 1.0 / _step_seconds(cost, 1), curve)
+
+
+def _step_seconds(cost: Callable[[int], float], T: int) -> float:
+    seconds = cost(T)
+    if not _positive_seconds(seconds):
+        raise ValueError(f"cost({T}) must be a finite number of seconds > 0, got {seconds!r}")
+    return seconds
 
 
 def optimise_tree_depths(accept: Sequence[Sequence[float]], costs: dict, *, max_tokens: int,

@@ -549,3 +549,142 @@ def test_dynamic_tree_picks_the_optimisers_best_first_nodes(depth, k, n, seed):
     expected = best_first_nodes(probs.tolist(), n)
     assert sorted(_dynamic_paths(parents, tokens)) == sorted(p for p, _ in expected)
     tree_buffers_ref(parents, depth)  # raises unless every parent comes before its children
+
+
+# ----------------------------------------------------------------------------- hand-edited files (issue 22)
+
+
+def _damage_cost_cache(cost_cache, edit) -> None:
+    """Apply ``edit(entry)`` to every entry of the step-cost cache."""
+    path = cost_cache / "step_cost.json"
+    table = json.loads(path.read_text())
+    for key, entry in table.items():
+        if key != "schema":
+            edit(entry)
+    path.write_text(json.dumps(table))
+
+
+@pytest.mark.parametrize("edit", [
+    lambda e: e.update(seconds=e["seconds"][:3]),  # fewer timings than sizes (issue 22 item 6)
+    lambda e: e.update(seconds=e["seconds"] + [1.0]),  # more timings than sizes
+    lambda e: e.update(seconds=[-1.4e-3] + e["seconds"][1:]),  # negative
+    lambda e: e.update(seconds=[math.nan] * len(e["seconds"])),  # NaN
+    lambda e: e.update(seconds=[math.inf] + e["seconds"][1:]),
+    lambda e: e.update(seconds=[0.0] * len(e["seconds"])),
+    lambda e: e.update(seconds=["fast"] * len(e["seconds"])),
+    lambda e: e.update(seconds=None),
+    lambda e: e.update(sizes=[1, 3, 4, 8, 16, 32, 64]),  # not the sizes this setting times
+    lambda e: e.update(sizes=[1, 2, 2, 8, 16, 32, 64]),
+    lambda e: e.pop("sizes"),
+], ids=["short", "long", "negative", "nan", "inf", "zero", "strings", "none", "other-sizes", "repeated-size",
+        "no-sizes"])
+def test_a_damaged_step_cost_entry_is_measured_again_with_a_warning(cost_cache, edit):
+    model, calls = tiny_medusa(), []
+    good = step_cost(model, timer=fake_timer(calls))
+    _damage_cost_cache(cost_cache, edit)
+    with pytest.warns(UserWarning, match=r"step_cost\.json.*measuring it again") as w:
+        again = step_cost(model, timer=fake_timer(calls))
+    assert "\n" not in str(w[0].message)
+    assert len(calls) == 28 and again.sizes == good.sizes and again.seconds == good.seconds
+    assert again(64) == good(64)  # the short entry raised IndexError here
+    with warnings.catch_warnings():  # the cache now holds the new measurement
+        warnings.simplefilter("error")
+        assert step_cost(model, timer=fake_timer(calls)).seconds == good.seconds and len(calls) == 28
+
+
+def test_a_decreasing_step_cost_entry_is_smoothed_as_the_planner_smooths_it(cost_cache):
+    model, calls = tiny_medusa(), []
+    step_cost(model, timer=fake_timer(calls))
+    _damage_cost_cache(cost_cache, lambda e: e.update(seconds=[3e-3, 2e-3, 2e-3, 4e-3, 1e-3, 5e-3, 6e-3]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cost = step_cost(model, timer=fake_timer(calls))
+    assert len(calls) == 14 and cost.seconds == [3e-3, 3e-3, 3e-3, 4e-3, 4e-3, 5e-3, 6e-3]
+
+
+@pytest.mark.parametrize("bad", [-1.4e-3, math.nan])
+def test_negative_or_nan_timings_never_choose_the_tree(cost_cache, calibrations, monkeypatch, bad):
+    """Issue 22 item 7: a NaN or negative cost made the planner pick a one-node tree."""
+    model = tiny_mtp()
+    monkeypatch.setattr(calibrate_mod, "time_tree_step", fake_timer([]))
+    want = plan_tree(model, calibration=calibrations["mtp"])
+    assert len(want.tree) > 2
+    _damage_cost_cache(cost_cache, lambda e: e.update(seconds=[bad] * len(e["seconds"])))
+    with pytest.warns(UserWarning, match="measuring it again"):
+        got = plan_tree(model, calibration=calibrations["mtp"])
+    assert got.tree == want.tree and got.tokens_per_second == want.tokens_per_second
+
+
+@pytest.mark.parametrize("bad", [-1e-3, 0.0, math.nan, math.inf])
+def test_the_optimiser_and_the_cost_curve_refuse_timings_that_are_not_positive(bad):
+    with pytest.raises(ValueError, match=r"cost\(2\) must be a finite number of seconds > 0"):
+        optimise_tree([[0.9, 0.05]], lambda T: bad if T == 2 else 1e-3, max_tokens=3)
+    with pytest.raises(ValueError, match="step cost timings must be finite numbers of seconds > 0"):
+        StepCost([1, 2], [1e-3, bad])
+    with pytest.raises(ValueError, match="the timer returned"):
+        step_cost(tiny_medusa(), timer=lambda model, tree, **kw: bad if tree is not None else 1e-3)
+
+
+@pytest.mark.parametrize("sizes, seconds, message", [
+    ([1, 4, 8], [1.0, 2.0], "3 sizes but 2 timings"),
+    ([2, 4], [1.0, 2.0], "sizes must start at 1"),
+    ([1, 4, 4], [1.0, 2.0, 3.0], "strictly increasing"),
+    ([1, 4, 2], [1.0, 2.0, 3.0], "strictly increasing"),
+])
+def test_a_step_cost_curve_is_checked(sizes, seconds, message):
+    with pytest.raises(ValueError, match=message):
+        StepCost(sizes, seconds)
+
+
+@pytest.mark.parametrize("field", ["fingerprint", "topk", "counts", "positions", "schema"])
+def test_a_calibration_without_a_field_names_the_field(saved_mtp, field):
+    """Issue 22 item 12: the error read "is not a valid calibration: 'fingerprint'"."""
+    raw = json.loads((saved_mtp / CALIBRATION_NAME).read_text())
+    del raw[field]
+    (saved_mtp / CALIBRATION_NAME).write_text(json.dumps(raw))
+    with pytest.raises(CalibrationError) as e:
+        load_model(saved_mtp)
+    msg = _one_line(e)
+    assert str(saved_mtp / CALIBRATION_NAME) in msg and f"the field {field!r} is missing" in msg
+
+
+def test_a_calibration_with_fewer_heads_than_the_model_names_both_counts(saved_mtp):
+    """Issue 22 item 12: cutting the file to one draft head read "ranks must be strings of 1
+    characters from .0123456789x"."""
+    raw = json.loads((saved_mtp / CALIBRATION_NAME).read_text())
+    raw["counts"], raw["positions"] = raw["counts"][:1], raw["positions"][:1]
+    (saved_mtp / CALIBRATION_NAME).write_text(json.dumps(raw))
+    with pytest.raises(CalibrationError) as e:
+        load_model(saved_mtp)
+    msg = _one_line(e)
+    assert str(saved_mtp / CALIBRATION_NAME) in msg
+    assert "counts for 1 draft head(s), but the model has 3" in msg and "rerun `mtpkern calibrate`" in msg
+
+
+def test_a_calibration_whose_fingerprint_disagrees_with_its_counts_is_refused(saved_mtp):
+    raw = json.loads((saved_mtp / CALIBRATION_NAME).read_text())
+    raw["fingerprint"]["n_heads"] = 3
+    (saved_mtp / CALIBRATION_NAME).write_text(json.dumps(raw))
+    with pytest.raises(CalibrationError) as e:  # against the model: its head count and the file's
+        load_model(saved_mtp)
+    msg = _one_line(e)
+    assert "with 3 heads" in msg and "with 4" in msg and str(saved_mtp / CALIBRATION_NAME) in msg
+    with pytest.raises(CalibrationError) as e:  # alone: its counts and its fingerprint
+        Calibration.from_dict(raw, "cal.json")
+    assert _one_line(e) == ("cal.json holds acceptance counts for 3 draft head(s), but its fingerprint is of a "
+                            "model with 2; rerun `mtpkern calibrate`")
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda raw: raw.update(topk="ten"), "'topk' must be an int"),
+    (lambda raw: raw.update(fingerprint=[1, 2]), "'fingerprint' must be an object"),
+    (lambda raw: raw.update(counts=5), "'counts' must be a list"),
+    (lambda raw: raw["ranks"][0].__setitem__(0, "01"), "strings of 3 characters (one per draft head)"),
+])
+def test_a_calibration_with_a_field_of_the_wrong_kind_says_which(saved_mtp, edit, message):
+    raw = json.loads((saved_mtp / CALIBRATION_NAME).read_text())
+    edit(raw)
+    (saved_mtp / CALIBRATION_NAME).write_text(json.dumps(raw))
+    with pytest.raises(CalibrationError) as e:
+        load_model(saved_mtp)
+    assert message in _one_line(e) and str(saved_mtp / CALIBRATION_NAME) in str(e.value)
