@@ -35,7 +35,7 @@ BACKENDS = ("eager", "triton", "cuda")
 _CHOICES = ("auto",) + BACKENDS
 
 try:  # the extension is optional at build and import time
-    from mtpkern import _C  # noqa: F401
+    from mtpkern import _C  # type: ignore[attr-defined]  # noqa: F401  # compiled, no stub
 
     HAS_CUDA_EXT = True
 except ImportError:  # pragma: no cover - depends on the build

@@ -46,7 +46,7 @@ def _patch_old_interpreter_index() -> None:
         # The scope restores attributes last-in first-out, so this one is undone first.
         scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
 
-    patched._mtpkern = True
+    patched._mtpkern = True  # type: ignore[attr-defined]  # a mark on the function: patch once
     interpreter._patch_lang_tensor = patched
 
 

@@ -39,7 +39,7 @@ safe as :func:`fused_logits`; the checks read no tensor values, so they also run
 
 import contextlib
 import math
-from typing import NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 import triton
@@ -305,7 +305,8 @@ def fused_logits_ref(
     """
     h = hidden.float()
     if norm_weight is not None:
-        h = torch.nn.functional.layer_norm(h, (h.shape[-1],), norm_weight.float(), norm_bias.float(), eps)
+        bias = None if norm_bias is None else norm_bias.float()
+        h = torch.nn.functional.layer_norm(h, (h.shape[-1],), norm_weight.float(), bias, eps)
         h = h.to(hidden.dtype).float()  # rounded to the input dtype, as the kernel feeds its dot
     return logits_stats(scale * (h @ weight.float().T), k, target)
 
@@ -350,6 +351,7 @@ def _check_inputs(hidden: Tensor, weight: Tensor, k: int, target: Optional[Tenso
     if (norm_weight is None) != (norm_bias is None):
         raise ValueError("fused_logits: norm_weight and norm_bias come together (a LayerNorm's weight and bias)")
     if norm_weight is not None:
+        assert norm_bias is not None  # checked just above: the two come together
         for name, t in (("norm_weight", norm_weight), ("norm_bias", norm_bias)):
             if t.shape != (D,):
                 raise ValueError(f"fused_logits: {name} must have shape [D] = [{D}], got {list(t.shape)}")
@@ -443,8 +445,9 @@ def _fused_logits_op(
     # This body is also the fake implementation (run on fake tensors under torch.compile).
     _check_inputs(hidden, weight, k, target, scale, norm_weight, norm_bias, eps)
     if hidden.device.type == "cpu" and not _backend.triton_interpret():
-        return tuple(t.contiguous() for t in fused_logits_ref(hidden, weight, k, target, scale=scale,
-                                                               norm_weight=norm_weight, norm_bias=norm_bias, eps=eps))
+        # the six tensors of LogitsStats (mypy cannot count a generator's items)
+        return tuple(t.contiguous() for t in fused_logits_ref(  # type: ignore[return-value]
+            hidden, weight, k, target, scale=scale, norm_weight=norm_weight, norm_bias=norm_bias, eps=eps))
     return _launch(hidden, weight, k, target, scale, norm_weight, norm_bias, eps)
 
 
@@ -474,7 +477,7 @@ def fused_logits(
     """
     # Checked here too: a non-int k or non-number scale would otherwise meet the op's schema first.
     _check_inputs(hidden, weight, k, target, scale, norm_weight, norm_bias, eps)
-    norm = dict(norm_weight=norm_weight, norm_bias=norm_bias, eps=float(eps))
+    norm: dict[str, Any] = dict(norm_weight=norm_weight, norm_bias=norm_bias, eps=float(eps))
     if _backend.pick(hidden.device, ("triton", "eager"), backend) == "eager":
         return fused_logits_ref(hidden, weight, k, target, scale=scale, **norm)
     return LogitsStats(*torch.ops.mtpkern.fused_logits(hidden, weight, k, target, float(scale), **norm))

@@ -173,7 +173,7 @@ def linear_cross_entropy_ref(
         z = (h @ w.T).to(acc)  # no copy in fp32; cuBLAS accumulates half matmuls in fp32
         if b is not None:
             z += b
-        g = row_grad[rows].to(acc) if grads else None
+        g = row_grad[rows].to(acc) if row_grad is not None else None
         if kernel:
             _launch(z, labels[rows], g, ignore_index, loss[rows], rank[rows])
         else:

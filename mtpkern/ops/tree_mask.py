@@ -77,13 +77,13 @@ def tree_buffers_ref(parents: Tensor, max_depth: int) -> TreeBuffers:
         for d in range(depth[i], -1, -1):
             retrieve[i][d] = node
             node = par[node]
-    retrieve = torch.tensor(retrieve, dtype=torch.int64)
+    retrieve_t = torch.tensor(retrieve, dtype=torch.int64)
     # Padding (-1) is pointed at the root, which is on every path anyway.
-    dense = torch.zeros(T, T, dtype=torch.bool).scatter_(1, retrieve.clamp(min=0), True)
+    dense = torch.zeros(T, T, dtype=torch.bool).scatter_(1, retrieve_t.clamp(min=0), True)
     has_child = torch.zeros(T, dtype=torch.bool)
     has_child[par[1:]] = True
     dev = parents.device
-    return TreeBuffers(pack_tree_mask(dense).to(dev), torch.tensor(depth, device=dev), retrieve.to(dev),
+    return TreeBuffers(pack_tree_mask(dense).to(dev), torch.tensor(depth, device=dev), retrieve_t.to(dev),
                        (~has_child).to(dev))
 
 
