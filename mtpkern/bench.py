@@ -30,11 +30,14 @@ when drafts are accepted. Real acceptance, and real speedups, need trained heads
 
 from __future__ import annotations
 
+import functools
 import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -90,14 +93,14 @@ def engine_cases(models: dict, device) -> list[tuple[str, object, dict]]:
     from mtpkern.decoder import has_calibration
 
     cuda = device.type == "cuda"
-    cases = [("ntp/eager", models["ntp"], dict(strategy="ntp", kernels="eager"))]
+    cases: list[tuple[str, object, dict]] = [("ntp/eager", models["ntp"], dict(strategy="ntp", kernels="eager"))]
     if cuda:
         cases.append(("ntp/cuda_graph", models["ntp"], dict(strategy="ntp", kernels="eager", cuda_graph=True)))
     for strategy in ("mtp", "medusa"):
         if strategy not in models:
             continue
         model = models[strategy]
-        kw = dict(strategy=strategy)
+        kw: dict[str, Any] = dict(strategy=strategy)
         if strategy == "medusa" and not has_calibration(model):
             # random or uncalibrated heads: one small fixed tree; a calibrated checkpoint decodes
             # with its own `auto` tree, as the decoder's default
@@ -122,7 +125,7 @@ def decoder_run(model, *, max_new_tokens: int, eos_token_id: int | None = None, 
     def run(ids):
         return dec.generate(ids, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id)
 
-    run.decoder = dec  # time_case empties its prefix cache after the warm-up
+    run.decoder = dec  # type: ignore[attr-defined]  # time_case empties its prefix cache after the warm-up
     return run
 
 
@@ -210,12 +213,14 @@ def step_breakdown(model, tree, *, prefix_len: int, kernels: str, iters: int = 2
       steps' wall time outside the model's forward passes, the draft heads included, over the
       steps of decoding ``prompts``), where the parts share the caches as they do in use.
     """
-    from mtpkern.decoder import Decoder
+    from mtpkern.decoder import Decoder, _TreeStep
     from mtpkern.runtime import time_us
 
     strategy = model.config.model_type
     dec = Decoder(model, strategy, tree=tree, kernels=kernels)
     step, device = dec.step, model.device
+    if not isinstance(step, _TreeStep):
+        raise TypeError(f"step_breakdown times a tree step; a {strategy} model decodes with {type(step).__name__}")
     T = step.T
     h = torch.zeros(step.heads, model.config.n_embd, dtype=model.dtype, device=device)
 
@@ -242,7 +247,7 @@ def step_breakdown(model, tree, *, prefix_len: int, kernels: str, iters: int = 2
             path = torch.arange(step.heads, device=device).clamp(max=T - 1)
             last = torch.tensor(min(step.heads, T) - 1, device=device)
             drafts_us = time_us(lambda: step.drafter(h0, carry, path, last, last, step.prefix, prefix_len), device, iters)
-        step.forward = _Outputs(h0, carry)
+        step.forward = _Outputs(h0, carry)  # type: ignore[assignment]  # a stand-in: the same call and reset
         try:
             rest_us = time_us(run, device, iters)
         finally:
@@ -442,15 +447,16 @@ def run_bench(device: str = "cuda", json_path=None, model_dir=None, max_new_toke
     dt = resolve_dtype(dtype, dev)
     models = bench_models(model_dir, quick=quick, device=dev, dtype=dt)
     ids = bench_prompts(models["ntp"], prompts, prompt_len, model_dir, data)
-    cases = [(name, (lambda m=m, kw=kw: decoder_run(m, max_new_tokens=max_new_tokens, **kw)), 1)
-             for name, m, kw in engine_cases(models, dev)]
+    cases: list[tuple[str, Callable[[], Any], int]] = [
+        (name, functools.partial(decoder_run, m, max_new_tokens=max_new_tokens, **kw), 1)
+        for name, m, kw in engine_cases(models, dev)]
     cases.append(("hf/dynamic", lambda: hf_decoder(models["ntp"], max_new_tokens, None), 1))
     if hf_static:
         cases.append(("hf/static", lambda: hf_decoder(models["ntp"], max_new_tokens, None, static_cache=True), 2))
     weights = ("Trained weights from the given checkpoint: accepted lengths are real." if model_dir else
                "Random weights: the heads copy the base, so accepted lengths reflect how often a random model "
                "repeats itself; this measures the engine (step cost, ceiling), not trained heads.")
-    report = dict(schema=SCHEMA, device=device_info(dev, dt), weights=weights,
+    report: dict[str, Any] = dict(schema=SCHEMA, device=device_info(dev, dt), weights=weights,
                   settings=dict(max_new_tokens=max_new_tokens, prompts=prompts, prompt_len=ids[0].shape[1],
                                 model=str(model_dir) if model_dir else ("tiny" if quick else "gpt2-124M"),
                                 n_params=models["ntp"].num_parameters()),
