@@ -41,7 +41,7 @@ from collections.abc import Sequence
 import torch
 
 from mtpkern.decoder import (
-    GenerationResult, _check_args, _CudaGraph, _Logits, _prompt, _resolve_tree, prefill,
+    GenerationResult, _as_ids, _check_args, _CudaGraph, _eos_id, _Logits, _prompt, _resolve_tree, prefill,
 )
 from mtpkern.ops.fused_logits import fused_logits
 from mtpkern.ops.kv_compact import kv_compact_
@@ -62,10 +62,25 @@ def _row_view(cache: KVCache, b: int) -> KVCache:
     return view
 
 
+def _length(seq):
+    """The length of one prompt of a list, or None for an item that has none."""
+    if isinstance(seq, (list, tuple)) or (isinstance(seq, torch.Tensor) and seq.dim() > 0):
+        return len(seq)
+    return None
+
+
 def split_padded(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[torch.Tensor]:
     """The prompts of a padded batch: row b's tokens where ``attention_mask[b]`` is 1. Padding
     may sit on either side of a row, never between its tokens."""
-    ids, mask = torch.as_tensor(input_ids), torch.as_tensor(attention_mask)
+    if isinstance(input_ids, (list, tuple)) and len({_length(p) for p in input_ids}) > 1:
+        raise ValueError("attention_mask goes with a padded [B, T] batch of input_ids (a tensor, or lists of one "
+                         "length): prompts of different lengths need no attention_mask, pass the list alone")
+    ids = _as_ids(input_ids)
+    try:
+        mask = torch.as_tensor(attention_mask)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"attention_mask must be a [B, T] tensor (or lists) of 0 and 1, got a "
+                         f"{type(attention_mask).__name__} torch cannot read as one") from None
     if ids.dim() != 2:
         raise ValueError(f"input_ids with an attention_mask must be [B, T], got shape {tuple(ids.shape)}")
     if mask.shape != ids.shape:
@@ -160,7 +175,10 @@ class BatchDecoder:
                                  f"{tuple(prompts.shape)}")
             prompts = list(prompts)
         elif not isinstance(prompts, Sequence) or isinstance(prompts, (str, bytes)):
-            raise TypeError(f"prompts must be a list of token sequences or a [B, T] tensor, got {type(prompts).__name__}")
+            hint = (": text must be tokenized first, e.g. with mtpkern.data.load_tokenizer(checkpoint)(texts)"
+                    "['input_ids']" if isinstance(prompts, (str, bytes)) else "")
+            raise TypeError(f"prompts must be a list of token sequences or a [B, T] tensor, got "
+                            f"{type(prompts).__name__}{hint}")
         if len(prompts) == 0:
             raise ValueError("no prompts: the batch is empty")
         if len(prompts) > self.max_batch:
@@ -410,6 +428,9 @@ class BatchDecoder:
         if generators is None:
             seeds = torch.randint(0, 2**62, (B,)).tolist()
             return [torch.Generator(self.device).manual_seed(s) for s in seeds]
+        if not hasattr(generators, "__iter__"):
+            raise TypeError(f"generators must be a list of torch.Generator, one per prompt, got "
+                            f"{type(generators).__name__}")
         generators = list(generators)
         if len(generators) != B:
             raise ValueError(f"{len(generators)} generators for {B} prompts: give one per prompt")
@@ -431,6 +452,7 @@ class BatchDecoder:
         ones seeded from torch's global generator)."""
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+        eos_token_id = _eos_id(eos_token_id, self.model.config.vocab_size)
         ids = self._prompts(prompts, attention_mask, max_new_tokens)
         B, dev = len(ids), self.device
         # Eager attention runs the blocks as functions of their tensors (views of the parameters).

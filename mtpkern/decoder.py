@@ -54,6 +54,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import math
+import operator
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -712,6 +713,9 @@ def auto_tree(model, strategy: str, acceptance: str, *, kernels: str, cuda_graph
     return tree if tree is not None else default_tree(model, strategy, acceptance)
 
 
+TREE_KINDS = "'chain:3', '4,2,1', 'mc_sim_7b_63', 'auto', 'dynamic' or 'dynamic:N'"
+
+
 def _resolve_tree(model, strategy: str, tree, acceptance: str, kernels: str, cuda_graph: bool):
     """(a Tree or None, dynamic node budget or 0)."""
     if strategy == "ntp":
@@ -722,6 +726,8 @@ def _resolve_tree(model, strategy: str, tree, acceptance: str, kernels: str, cud
         tree = "auto"
     if isinstance(tree, str):
         spec = tree.strip().lower()
+        if not spec:
+            raise ValueError(f"the tree spec is empty: give one ({TREE_KINDS}), or None for the default tree")
         if spec == "auto":
             tree = auto_tree(model, strategy, acceptance, kernels=kernels, cuda_graph=cuda_graph)
         elif spec == "dynamic" or spec.startswith("dynamic:"):
@@ -733,6 +739,9 @@ def _resolve_tree(model, strategy: str, tree, acceptance: str, kernels: str, cud
     elif tree is None:
         tree = default_tree(model, strategy, acceptance)
     elif not isinstance(tree, Tree):
+        if not isinstance(tree, (list, tuple)):
+            raise TypeError(f"tree must be a Tree, a list of paths like [[0], [1], [0, 0]], a spec ({TREE_KINDS}) "
+                            f"or None, got {type(tree).__name__}")
         tree = Tree(tree)
     if len(tree) == 1:
         raise ValueError("the tree has no draft nodes; use strategy='ntp'")
@@ -754,8 +763,22 @@ def _dynamic_nodes(spec: str, model) -> int:
     return n
 
 
+def _as_ids(input_ids) -> torch.Tensor:
+    """``input_ids`` as a tensor: text, or anything torch cannot read as numbers, is a TypeError."""
+    if isinstance(input_ids, (str, bytes)) or (
+            isinstance(input_ids, (list, tuple)) and any(isinstance(t, (str, bytes)) for t in input_ids)):
+        raise TypeError("input_ids is text, not token ids: tokenize it first, e.g. with "
+                        "mtpkern.data.load_tokenizer(checkpoint)(text)['input_ids']")
+    try:
+        return torch.as_tensor(input_ids)
+    except (TypeError, ValueError, RuntimeError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TypeError(f"input_ids must be token ids (a list of ints or an integer tensor), got a "
+                        f"{type(input_ids).__name__} that torch cannot read as one ({reason})") from None
+
+
 def _prompt(input_ids, vocab_size: int, device) -> torch.Tensor:
-    ids = torch.as_tensor(input_ids)
+    ids = _as_ids(input_ids)
     if ids.dim() == 2:
         if ids.shape[0] != 1:
             raise ValueError(
@@ -773,6 +796,34 @@ def _prompt(input_ids, vocab_size: int, device) -> torch.Tensor:
     if lo < 0 or hi >= vocab_size:
         raise ValueError(f"token id {lo if lo < 0 else hi} is outside the vocabulary [0, {vocab_size})")
     return ids.to(device=device, dtype=torch.long)
+
+
+def _eos_id(eos_token_id, vocab_size: int) -> int | None:
+    """``eos_token_id`` as an int of the vocabulary, or None (no end-of-sequence token): an id
+    outside it can never be emitted, and every generation would run to max_new_tokens."""
+    if eos_token_id is None:
+        return None
+    try:
+        if isinstance(eos_token_id, bool):
+            raise TypeError
+        eos = operator.index(eos_token_id)
+    except TypeError:
+        raise TypeError(f"eos_token_id must be an int token id (or None), got {eos_token_id!r}") from None
+    if not 0 <= eos < vocab_size:
+        raise ValueError(f"eos_token_id {eos} is outside the vocabulary [0, {vocab_size}): "
+                         "the model can never emit it, so it would never stop generation")
+    return eos
+
+
+def _check_generator(generator, device: torch.device) -> None:
+    """A generator must be a ``torch.Generator`` on the model's device: torch draws from a
+    generator on the device it samples on."""
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    where = torch.device(generator.device)
+    if where.type != device.type or (None not in (where.index, device.index) and where.index != device.index):
+        raise ValueError(f"the generator is on {where} but the model is on {device}: "
+                         f"pass torch.Generator(device={str(device)!r})")
 
 
 def _check_args(model, strategy, acceptance, kernels, temperature, top_k, top_p, cuda_graph):
@@ -989,10 +1040,10 @@ class Decoder:
         The output ends at the first ``eos_token_id`` (included)."""
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-        if generator is not None and torch.device(generator.device).type != self.device.type:
-            raise ValueError(f"the generator is on {generator.device} but the model is on {self.device}: "
-                             f"pass torch.Generator(device={str(self.device)!r})")
+        if generator is not None:
+            _check_generator(generator, self.device)
         model, step = self.model, self.step
+        eos_token_id = _eos_id(eos_token_id, model.config.vocab_size)
         ids = _prompt(input_ids, model.config.vocab_size, self.device)
         P0, T = ids.shape[0], step.T
         # The last step starts with at most max_new_tokens - 1 tokens emitted (its root not yet

@@ -13,12 +13,14 @@ from typing import Sequence
 
 import torch
 
+from mtpkern.batch import BatchDecoder, split_padded
 from mtpkern.decoder import (
     ACCEPTANCE,
     KERNELS,
     STRATEGIES,
     Decoder,
     GenerationResult,
+    _check_generator,
     default_tree,
     prefill,
 )
@@ -60,10 +62,12 @@ def generate(
     """
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    if generator is not None:
+        _check_generator(generator, model.device)
     if attention_mask is not None or _is_batch(input_ids):
-        from mtpkern.batch import BatchDecoder
-
-        n = len(input_ids) if attention_mask is None else torch.as_tensor(attention_mask).shape[0]
+        # The prompts first: the batch's cache is sized by their number, never by an unchecked mask.
+        prompts = split_padded(input_ids, attention_mask) if attention_mask is not None else input_ids
+        n = len(prompts)
         dec = BatchDecoder(model, strategy, tree=tree, max_batch=max(1, n), acceptance=acceptance,
                            temperature=temperature, top_k=top_k, top_p=top_p, typical_epsilon=typical_epsilon,
                            typical_alpha=typical_alpha, kernels=kernels, cuda_graph=cuda_graph)
@@ -71,8 +75,7 @@ def generate(
         if generator is not None and dec.sampling:  # one stream per row, seeded from the caller's generator
             seeds = torch.randint(0, 2**62, (n,), generator=generator, device=generator.device).tolist()
             gens = [torch.Generator(model.device).manual_seed(s) for s in seeds]
-        return dec.generate(input_ids, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
-                            attention_mask=attention_mask, generators=gens)
+        return dec.generate(prompts, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, generators=gens)
     decoder = Decoder(model, strategy, tree=tree, kernels=kernels, cuda_graph=cuda_graph, acceptance=acceptance,
                       temperature=temperature, top_k=top_k, top_p=top_p, typical_epsilon=typical_epsilon,
                       typical_alpha=typical_alpha)
