@@ -153,6 +153,7 @@ def cmd_generate(args) -> int:
         top_p=args.top_p, acceptance=args.acceptance, tree=tree, eos_token_id=tokenizer.eos_token_id,
         cuda_graph=args.cuda_graph, kernels=args.kernels, generator=gen,
     )
+    assert not isinstance(result, list)  # one prompt [1, T]: one result, not a batch's list
     print(tokenizer.decode(result.tokens, skip_special_tokens=True))
     print(
         f"\n[{strategy}] {len(result.tokens)} tokens in {result.total_time * 1e3:.1f} ms "

@@ -19,6 +19,7 @@ from __future__ import annotations
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -70,7 +71,7 @@ def run_demo(out="demo_out", device: str = "auto", steps: int | None = None, qui
         (out / run / MARKER).write_text("written by `mtpkern demo`; `mtpkern demo --overwrite` may remove this run\n")
     steps = steps or (QUICK_STEPS if quick else DEMO_STEPS)
     medusa_steps = max(1, steps * DEMO_MEDUSA_STEPS // DEMO_STEPS)
-    common = dict(
+    common: dict[str, Any] = dict(  # TrainConfig fields of every run
         config="tiny" if quick else "demo", data="synthetic", data_limit=400 if quick else 4000, device=device, batch_size=16,
         max_len=128, eval_every=max(steps // 4, 1), eval_batches=8, save_every=steps, log_every=10, seed=0,
     )

@@ -152,7 +152,8 @@ def _resume(out: Path, settings: dict, prompts: list[dict]) -> list[dict]:
                          "same settings (or choose another --out)")
     raw = out.read_bytes()
     lines = raw.split(b"\n")
-    records, good = [], 0
+    records: list[dict] = []
+    good = 0
     for n, line in enumerate(lines):
         if not line.strip():
             good += len(line) + 1
