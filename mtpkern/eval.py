@@ -69,6 +69,7 @@ import math
 import statistics
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -266,8 +267,9 @@ def decode_prompts(model, prompts: list[torch.Tensor], *, max_new_tokens: int, e
     if hf_baseline:
         runners["hf"] = hf_decoder(model, max_new_tokens, eos_token_id)
 
-    runs = {name: {"tokens": [], "times": [], "steps": [], "accept_lengths": [], "reused": [], "prompt_tokens": []}
-            for name in runners}
+    runs: dict[str, dict[str, Any]] = {
+        name: {"tokens": [], "times": [], "steps": [], "accept_lengths": [], "reused": [], "prompt_tokens": []}
+        for name in runners}
     for strategy, dec in decoders.items():
         if strategy != "ntp":
             runs[strategy]["tree"] = f"dynamic:{dec.tree_nodes - 1}" if dec.dynamic else repr(dec.tree)
@@ -303,7 +305,7 @@ def batched_throughput(model, decoders: dict, prompts: list[torch.Tensor], runs:
     from mtpkern.runtime import now
 
     rows = [p.view(-1) for p in prompts]
-    out = {}
+    out: dict[str, dict] = {}
     with torch.inference_mode():
         for strategy, dec in decoders.items():
             if getattr(dec, "dynamic", False):
@@ -374,7 +376,7 @@ def speed_summary(runs: dict, eos_token_id: int | None) -> dict:
     ntp_tokens = [_strip_eos(t, eos_token_id) for t in ntp["tokens"]]
     ntp_tps = tps(ntp)
     hf_tps = tps(runs["hf"]) if "hf" in runs else None
-    out = {}
+    out: dict[str, dict | None] = {}  # "hf": None without that baseline
     for name, r in runs.items():
         s = dict(tokens_per_second=tps(r), latency_s=statistics.median(r["times"]),
                  new_tokens=sum(len(t) for t in r["tokens"]),
@@ -406,7 +408,8 @@ def training_summary(log: list[dict], summary: dict | None) -> dict | None:
     steps = [r for r in log if r.get("kind", "train") == "train" and "loss" in r and "step" in r]
     curve = dict(step=[r["step"] for r in steps], loss=[r["loss"] for r in steps])
     head_losses = [r.get("head_losses") for r in steps]
-    if steps and all(isinstance(h, list) and len(h) == len(head_losses[0]) for h in head_losses):
+    width = len(head_losses[0]) if steps and isinstance(head_losses[0], list) else -1
+    if steps and all(isinstance(h, list) and len(h) == width for h in head_losses):
         curve["head_losses"] = [list(col) for col in zip(*head_losses)]
     summary = summary or {}
     peaks = [r["peak_memory_bytes"] for r in steps if r.get("peak_memory_bytes") is not None]
@@ -501,6 +504,7 @@ def evaluate_checkpoint(path, *, data: str | None = None, device: torch.device, 
         decoded_with=decoded_with,
     )
     if objective == "medusa2":
+        assert train_config is not None  # that objective is read from it
         quality["ppl_of"] = "the MEDUSA-2 backbone (head 0), fine-tuned with the heads"
         quality["original_base"] = original_base_quality(train_config["base"], loader, prompts, refs, tokenizer,
                                                          device=device, dtype=dtype, max_batches=max_batches,
@@ -667,7 +671,7 @@ def evaluate(paths: list, *, data: str | None = None, json_path=None, device: st
                   models=models)
     json_path.parent.mkdir(parents=True, exist_ok=True)
     table = format_table(report)
-    files = dict(json=str(json_path), table=str(json_path.with_suffix(".md")), plots=[])
+    files: dict[str, Any] = dict(json=str(json_path), table=str(json_path.with_suffix(".md")), plots=[])
     if plots:
         from mtpkern.plots import write_plots
 
