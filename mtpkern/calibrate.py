@@ -289,6 +289,7 @@ def calibrate(model, prompts: Sequence, *, max_new_tokens: int = 64, eos_token_i
             continue
         out = generate(model, ids, max_new_tokens=min(max_new_tokens, room), strategy=kind,
                        tree=Tree.chain(D), eos_token_id=eos_token_id)
+        assert not isinstance(out, list)  # one prompt: one result, not a batch's list
         seq = torch.cat([ids, torch.tensor(out.tokens, device=ids.device, dtype=torch.long)])
         L = seq.numel()
         hidden = model(seq[None], heads=D + 1, logits=False).hidden[0]  # [L, D + 1, dim]
@@ -364,8 +365,9 @@ def device_name(device: torch.device) -> str:
 def timing_tree(T: int, depth: int, topk: int = TOPK) -> Tree:
     """A tree of T tokens (the root included) as deep as ``depth`` allows: a top-1 chain, then
     further ranks breadth first. Its step costs what any T-token tree of that depth costs."""
-    chain = [(0,) * d for d in range(1, min(T - 1, depth) + 1)]
-    paths, seen, frontier = list(chain), set(chain), [()]
+    chain: list[tuple[int, ...]] = [(0,) * d for d in range(1, min(T - 1, depth) + 1)]
+    frontier: list[tuple[int, ...]] = [()]
+    paths, seen = list(chain), set(chain)
     while len(paths) < T - 1 and frontier:
         nxt = []
         for parent in frontier:
@@ -400,7 +402,7 @@ def time_tree_step(model, tree: Tree | None, *, prefix_len: int, kernels: str = 
             return decoder.run_step(prefix_len)
 
         step()  # warm-up: allocator, kernel caches, graph capture
-        times = []
+        times: list[float] = []
         t_end = time.perf_counter() + min_time
         while len(times) < 3 or (time.perf_counter() < t_end and len(times) < 50):
             synchronize(device)
@@ -572,9 +574,10 @@ def best_first_nodes(accept: Sequence[Sequence[float]], limit: int) -> list[tupl
     for row in accept:
         if any(not 0.0 <= p <= 1.0 for p in row):
             raise ValueError(f"acceptance probabilities must lie in [0, 1], got {list(row)}")
+    heap: list[tuple[float, int, tuple[int, ...]]]  # (-score, depth, path)
     heap = [(-p, 1, (r,)) for r, p in enumerate(accept[0])] if accept else []
     heapq.heapify(heap)
-    out = []
+    out: list[tuple[tuple[int, ...], float]] = []
     while heap and len(out) < limit:
         neg, depth, path = heapq.heappop(heap)
         out.append((path, -neg))
@@ -669,7 +672,8 @@ def optimise_tree(accept: Sequence[Sequence[float]], cost: Callable[[int], float
     if not nodes:
         raise ValueError("no draft heads to build a tree from")
     rows = _parse_ranks(ranks) if ranks else None
-    best, expected, curve, chosen = None, 1.0, [], set()
+    best: tuple[int, float, float, float] | None = None
+    expected, curve, chosen = 1.0, [], set()
     for n, (path, score) in enumerate(nodes, start=1):
         expected += score
         chosen.add(path)
@@ -680,6 +684,7 @@ def optimise_tree(accept: Sequence[Sequence[float]], cost: Callable[[int], float
         curve.append(dict(nodes=n, accept_length=expected, step_s=seconds, tokens_per_second=rate))
         if best is None or rate > best[3]:
             best = (n, expected, seconds, rate)
+    assert best is not None  # nodes is not empty
     n, expected, seconds, rate = best
     tree = Tree([list(p) for p, _ in nodes[:n]])
     return TreePlan(tree, expected, seconds, rate, 1.0 / _step_seconds(cost, 1), curve)
@@ -813,9 +818,13 @@ def measure_tree(model, tree: Tree, prompts, *, max_new_tokens: int, eos_token_i
 
     out = {}
     for name, kw in (("ntp", dict(strategy="ntp")), ("tree", dict(strategy=model.config.model_type, tree=tree))):
-        runs = [generate(model, torch.as_tensor(p, device=model.device), max_new_tokens=max_new_tokens,
+        runs = []
+        for p in [prompts[0], *prompts]:  # the first: an untimed warm-up
+            r = generate(model, torch.as_tensor(p, device=model.device), max_new_tokens=max_new_tokens,
                          eos_token_id=eos_token_id, kernels=kernels, cuda_graph=cuda_graph, **kw)
-                for p in [prompts[0], *prompts]][1:]
+            assert not isinstance(r, list)  # one prompt: one result, not a batch's list
+            runs.append(r)
+        del runs[0]
         steps = [a for r in runs for a in r.accept_lengths]
         seconds = sum(sum(r.step_times) for r in runs)
         out[name] = dict(accept_length=sum(steps) / max(1, len(steps)),
