@@ -132,7 +132,7 @@ setup(
     packages=find_packages(include=["mtpkern", "mtpkern.*"]),
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "transformers>=4.40", "tokenizers", "safetensors", "numpy", "tqdm", "matplotlib", "sacrebleu"],
-    extras_require={"test": ["pytest", "pytest-benchmark", "hypothesis"], "data": ["datasets"]},
+    extras_require={"test": ["pytest", "pytest-benchmark", "hypothesis", "mypy>=2.4"], "data": ["datasets"]},
     entry_points={"console_scripts": ["mtpkern=mtpkern.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
