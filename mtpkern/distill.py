@@ -19,7 +19,10 @@ references, not against the model's own answers.
 - Resumable: the settings are written beside the output (``FILE.jsonl.distill.json``); run
   the same command again and it keeps the records written (a half-written last line, from a
   killed run, is dropped), then continues after the last one. Other settings for an existing
-  output are an error: a file is never half of one run and half of another.
+  output are an error: a file is never half of one run and half of another. The model is
+  identified by a fingerprint of its weights (``mtpkern.calibrate.fingerprint``: a model
+  retrained in place is another model, a copy elsewhere the same one) and the data by its
+  prompts, never by how their paths are spelled.
 - A tqdm progress bar when tqdm is installed.
 
 Prompts that leave no room in the model's context for one new token are skipped, and counted.
@@ -27,6 +30,7 @@ Prompts that leave no room in the model's context for one new token are skipped,
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -35,7 +39,16 @@ from pathlib import Path
 
 import torch
 
+from mtpkern.batch import BatchDecoder
+from mtpkern.calibrate import fingerprint
+from mtpkern.data import format_prompt, load_prompts, load_tokenizer
+from mtpkern.model import load_model
+from mtpkern.runtime import dtype_name, resolve_device, resolve_dtype
+
 SETTINGS_SUFFIX = ".distill.json"
+# What identifies a distillation, compared on resume: the model by its weights, the data by its
+# prompts (not by how their paths are spelled), and the decoding settings.
+COMPARED = ("model_fingerprint", "limit", "seed", "prompts", "max_new_tokens", "temperature", "top_p", "dtype")
 
 
 @dataclass
@@ -56,17 +69,14 @@ def distill(model, data, out, *, max_new_tokens: int = 128, temperature: float =
     ``query`` (a ``response`` is not needed). ``limit``: the first ``limit`` prompts. ``batch``:
     prompts decoded at once (the output is the same for every value).
     Bad input is a ``ValueError`` (or ``DataError`` / ``CheckpointError``) before any decoding."""
-    from mtpkern.batch import BatchDecoder
-    from mtpkern.data import format_prompt, load_prompts, load_tokenizer
-    from mtpkern.model import load_model
-    from mtpkern.runtime import dtype_name, resolve_device, resolve_dtype
-
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-    if not (temperature >= 0 and temperature < float("inf")):
-        raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if not _number(temperature) or not 0 <= temperature < float("inf"):
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+    if not _number(top_p) or not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise ValueError(f"batch must be an int >= 1, got {batch!r}")
     out = Path(out)
@@ -76,19 +86,22 @@ def distill(model, data, out, *, max_new_tokens: int = 128, temperature: float =
         raise ValueError(f"--out {str(out)!r} is a directory, not a .jsonl file")
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    settings = dict(model=str(model), data=str(data), max_new_tokens=max_new_tokens, temperature=float(temperature),
-                    top_p=float(top_p), seed=seed, limit=limit, dtype=dtype_name(dt))
     prompts = load_prompts(data, seed=seed, limit=limit)
-    kept = _resume(out, settings, prompts)
-
-    net = load_model(model, device=dev, dtype=dt).eval()
+    net = load_model(model, device=dev).eval()  # as saved: what its fingerprint reads
+    settings = dict(model=str(model), model_fingerprint=fingerprint(net), data=str(data), limit=limit, seed=seed,
+                    prompts=_prompts_digest(prompts), max_new_tokens=max_new_tokens, temperature=float(temperature),
+                    top_p=float(top_p), dtype=dtype_name(dt))
     tokenizer = load_tokenizer(model)
+    kept = _resume(out, settings, prompts)
+    net = net.to(dt)
     eos, ctx = tokenizer.eos_token_id, net.config.n_positions
     encoded = tokenizer([format_prompt(r["query"]) for r in prompts], add_special_tokens=False)["input_ids"]
     if all(len(ids) >= ctx for ids in encoded):
         raise ValueError(f"no prompt of {str(data)!r} fits the model's context of {ctx} tokens with room to answer")
-    decoder = BatchDecoder(net, "ntp", max_batch=batch, temperature=temperature, top_p=top_p)
     start = kept[-1]["source_index"] + 1 if kept else 0
+    # A batch never holds more rows than there are prompts left: its cache is sized by them.
+    decoder = BatchDecoder(net, "ntp", max_batch=max(1, min(batch, len(prompts) - start)), temperature=temperature,
+                           top_p=top_p)
     written = skipped = 0
     bar = _progress(len(prompts), start, progress)
 
@@ -145,11 +158,7 @@ def _resume(out: Path, settings: dict, prompts: list[dict]) -> list[dict]:
         saved = json.loads(meta.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{meta} is not valid JSON ({e.msg})") from None
-    changed = [k for k in settings if saved.get(k) != settings[k]]
-    if changed:
-        k = changed[0]
-        raise ValueError(f"{out} was distilled with {k}={saved.get(k)!r}, not {settings[k]!r}: resuming needs the "
-                         "same settings (or choose another --out)")
+    _check_settings(out, meta, saved, settings)
     raw = out.read_bytes()
     lines = raw.split(b"\n")
     records: list[dict] = []
@@ -178,6 +187,36 @@ def _resume(out: Path, settings: dict, prompts: list[dict]) -> list[dict]:
             f.flush()
             os.fsync(f.fileno())
     return records
+
+
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _prompts_digest(prompts: list[dict]) -> str:
+    """What identifies the prompts: a hash of their queries, in order."""
+    return hashlib.sha256(json.dumps([r["query"] for r in prompts]).encode()).hexdigest()[:16]
+
+
+def _check_settings(out: Path, meta: Path, saved, settings: dict) -> None:
+    """ValueError, in one line, unless ``out`` was distilled with ``settings`` (see COMPARED)."""
+    if not isinstance(saved, dict):
+        raise ValueError(f"{meta} is not a distill settings file (expected a JSON object)")
+    if "model_fingerprint" not in saved:
+        raise ValueError(f"{meta} was written by an older mtpkern distill, which named the model by its path only "
+                         f"({saved.get('model')!r}), so its weights cannot be compared: choose another --out, or "
+                         f"delete {out.name} and {meta.name} to start again")
+    changed = [k for k in COMPARED if saved.get(k) != settings[k]]
+    if not changed:
+        return
+    k = changed[0]
+    if k == "model_fingerprint":
+        what = f"another model ({saved.get('model')!r} then; the weights of {settings['model']!r} differ)"
+    elif k == "prompts":
+        what = f"other prompts ({saved.get('data')!r} then, {settings['data']!r} now)"
+    else:
+        what = f"{k}={saved.get(k)!r}, not {settings[k]!r}"
+    raise ValueError(f"{out} was distilled with {what}: resuming needs the same settings (or choose another --out)")
 
 
 def _progress(total: int, initial: int, enabled: bool):

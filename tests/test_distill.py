@@ -162,3 +162,90 @@ def test_prompts_too_long_for_the_context_are_skipped_or_an_error(tmp_path):
     assert [x["source_index"] for x in _records(tmp_path / "c.jsonl")] == [0, 1, 2]
     with pytest.raises(ValueError, match="no prompt of .* fits the model's context of 32 tokens"):
         distill(tmp_path / "ctx32", data, tmp_path / "b.jsonl", device="cpu", progress=False)
+
+
+# ----------------------------------------------------------------------------- issue 22
+
+
+def _cut_after(out, n: int) -> None:
+    """The file as a run killed after its n-th record left it."""
+    out.write_bytes(b"".join(out.read_bytes().splitlines(keepends=True)[:n]))
+
+
+def test_a_model_retrained_at_the_same_path_is_not_resumed(tmp_path):
+    """Item 8: the model was named by its path alone, so a model retrained in place resumed a
+    file of the old one's answers (rc 0, two models' records in one file)."""
+    from mtpkern.data import load_tokenizer
+    from mtpkern.model import load_model
+
+    model_dir = make_base(tmp_path / "model")
+    out = tmp_path / "d.jsonl"
+    distill(model_dir, out=out, **SETTINGS)
+    _cut_after(out, 2)
+    before = out.read_bytes()
+    retrained = load_model(model_dir)
+    with torch.no_grad():
+        for p in retrained.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    retrained.save_pretrained(model_dir, tokenizer=load_tokenizer(model_dir))
+    with pytest.raises(ValueError) as e:
+        distill(model_dir, out=out, **SETTINGS)
+    msg = str(e.value)
+    assert "\n" not in msg and str(out) in msg and "another model" in msg and "weights" in msg
+    assert out.read_bytes() == before
+
+
+def test_the_model_and_data_are_the_same_whatever_their_paths_spell(greedy, base_dir, tmp_path, monkeypatch):
+    """Item 8: `./runs/ntp` and `runs/ntp` counted as different models; a model is its weights
+    (a copy elsewhere resumes too) and a data file its prompts."""
+    import shutil
+
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"query": r["query"]}) + "\n" for r in load_records("synthetic", limit=6)))
+    shutil.copytree(base_dir, tmp_path / "model")
+    monkeypatch.chdir(tmp_path)
+    settings = dict(SETTINGS, limit=None)
+    first = distill("model", data="prompts.jsonl", out="d.jsonl", **{k: v for k, v in settings.items() if k != "data"})
+    assert first.written == 6
+    full = (tmp_path / "d.jsonl").read_bytes()
+    for model, source in (("./model", "./prompts.jsonl"), (str(base_dir), str(data)), ("model/", "prompts.jsonl")):
+        _cut_after(tmp_path / "d.jsonl", 3)
+        r = distill(model, data=source, out="./d.jsonl", **{k: v for k, v in settings.items() if k != "data"})
+        assert (r.kept, r.written) == (3, 3) and (tmp_path / "d.jsonl").read_bytes() == full
+
+
+def test_settings_written_by_an_older_distill_are_refused_clearly(greedy, base_dir, tmp_path):
+    """An older settings file names the model by its path only: its weights cannot be compared."""
+    out = tmp_path / "old.jsonl"
+    out.write_bytes(greedy[0].read_bytes())
+    meta = out.with_name(out.name + SETTINGS_SUFFIX)
+    meta.write_text(json.dumps(dict(model=str(base_dir), data="synthetic", max_new_tokens=12, temperature=0.0,
+                                    top_p=1.0, seed=0, limit=6, dtype="float32")))
+    with pytest.raises(ValueError) as e:
+        distill(base_dir, out=out, **SETTINGS)
+    msg = str(e.value)
+    assert "\n" not in msg and str(meta) in msg and "older mtpkern distill" in msg and "choose another --out" in msg
+
+
+def test_a_batch_larger_than_the_prompts_allocates_for_the_prompts(greedy, base_dir, tmp_path):
+    """Item 11: --batch 100000 with 8 prompts sized the cache for 100000 rows (52 GB); a
+    billion rows here would be 65 TB."""
+    out = tmp_path / "big.jsonl"
+    r = distill(base_dir, out=out, batch=10**9, **SETTINGS)
+    assert r.written == 6 and out.read_bytes() == greedy[0].read_bytes()
+
+
+@pytest.mark.parametrize("kw, kind, message", [
+    (dict(temperature="0.5"), ValueError, "temperature must be a finite number >= 0, got '0.5'"),
+    (dict(top_p="1"), ValueError, "top_p must be a number in (0, 1], got '1'"),
+    (dict(seed="x"), ValueError, "seed must be an int in [0, 2**63), got 'x'"),
+    (dict(seed=1.5), ValueError, "seed must be an int in [0, 2**63), got 1.5"),
+    (dict(seed=-1, temperature=1.0), ValueError, "seed must be an int in [0, 2**63), got -1"),
+])
+def test_settings_of_the_wrong_kind_are_named(base_dir, tmp_path, kw, kind, message):
+    """The same class as item 13: a string temperature read "'>=' not supported between
+    instances of 'str' and 'int'", and a seed of any kind was accepted."""
+    with pytest.raises(kind) as e:
+        distill(base_dir, out=tmp_path / "x.jsonl", **dict(SETTINGS, **kw))
+    assert str(e.value) == message
+    assert not (tmp_path / "x.jsonl").exists()
