@@ -183,6 +183,8 @@ class Calibration:
     @classmethod
     def _parse(cls, d: dict) -> Calibration:
         """The fields of ``d``, each of its kind; ValueError names the first one that is not."""
+        if not isinstance(d, dict):
+            raise ValueError(f"expected a JSON object, got {type(d).__name__}")
         missing = [k for k in ("schema", "fingerprint", "topk", "counts", "positions") if k not in d]
         if missing:
             raise ValueError(f"the field {missing[0]!r} is missing")
@@ -249,8 +251,6 @@ def load_calibration(directory, model) -> Calibration | None:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CalibrationError(f"{path} is corrupt (not valid JSON: {e}); "
                                "delete it or rerun `mtpkern calibrate`") from None
-    if not isinstance(raw, dict):
-        raise CalibrationError(f"{path} is not a valid calibration: expected a JSON object")
     return Calibration.from_dict(raw, str(path), model)
 
 
@@ -277,12 +277,13 @@ def calibrate(model, prompts: Sequence, *, max_new_tokens: int = 64, eos_token_i
     if kind not in ("mtp", "medusa") or draft_depth(model) < 1:
         raise ValueError(f"calibration needs an MTP or MEDUSA model with draft heads, got a {kind} model "
                          f"with {model.n_heads} head(s)")
+    _check_calibrate_args(prompts, topk)
     D, K = draft_depth(model), min(topk, model.config.vocab_size, 10)  # one character per rank
     counts = torch.zeros(D, K, dtype=torch.long)
     positions = torch.zeros(D, dtype=torch.long)
     n_prompts, ranks = 0, []
-    for ids in prompts:
-        ids = torch.as_tensor(ids, device=model.device).reshape(-1).long()
+    for i, prompt in enumerate(prompts):
+        ids = _prompt_ids(prompt, i, model.device)
         P = ids.numel()
         room = model.config.n_positions - P - D - 1
         if P == 0 or room < 1:
@@ -314,6 +315,27 @@ def calibrate(model, prompts: Sequence, *, max_new_tokens: int = 64, eos_token_i
                          f"model's context of {model.config.n_positions} tokens")
     info = dict(source or {}, n_prompts=n_prompts, max_new_tokens=max_new_tokens)
     return Calibration(fingerprint(model), K, counts.tolist(), positions.tolist(), info, ranks)
+
+
+def _check_calibrate_args(prompts, topk) -> None:
+    if isinstance(prompts, (str, bytes)) or not hasattr(prompts, "__iter__"):
+        raise TypeError(f"prompts must be a list of token-id sequences (tokenize text first, e.g. with "
+                        f"mtpkern.data.load_tokenizer(checkpoint)), got {type(prompts).__name__}")
+    if isinstance(topk, bool) or not isinstance(topk, int) or not 1 <= topk <= TOPK:
+        raise ValueError(f"topk must be an int in 1..{TOPK} (one character per rank), got {topk!r}")
+
+
+def _prompt_ids(prompt, i: int, device) -> torch.Tensor:
+    """Prompt i's token ids, 1-D: text, or ids that are not integers (which ``long()`` would
+    truncate silently), are a TypeError."""
+    try:
+        ids = torch.as_tensor(prompt, device=device)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"prompt {i} must be token ids, a list of ints or an integer tensor (tokenize text first, "
+                        f"e.g. with mtpkern.data.load_tokenizer(checkpoint)), got {type(prompt).__name__}") from None
+    if ids.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"prompt {i} must hold integer token ids, got {ids.dtype}")
+    return ids.reshape(-1).long()
 
 
 def held_out_prompts(records, tokenizer, model, *, max_samples: int, max_new_tokens: int) -> list[list[int]]:
@@ -666,8 +688,8 @@ def optimise_tree(accept: Sequence[Sequence[float]], cost: Callable[[int], float
     (:func:`simulate_steps`) instead of taken from the independence model: decoding visits
     positions unevenly (a step skips what it accepts) and heads err together, which the
     product of averages misses."""
-    if max_tokens < 2:
-        raise ValueError(f"a tree needs at least 2 tokens (the root and one draft), got {max_tokens}")
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 2:
+        raise ValueError(f"max_tokens must be an int >= 2: a tree needs the root and one draft, got {max_tokens!r}")
     nodes = best_first_nodes(accept, max_tokens - 1)
     if not nodes:
         raise ValueError("no draft heads to build a tree from")
@@ -737,7 +759,10 @@ def auto_tree(model, *, device=None, dtype=None, kernels: str = "auto", cuda_gra
     (with a warning, once per process) when the model has no calibration. ``device`` and
     ``dtype``, when given, must be the model's: the step cost is measured on the model as it is."""
     global _warned_uncalibrated
-    want = torch.device(device) if device is not None else model.device
+    try:
+        want = torch.device(device) if device is not None else model.device
+    except (RuntimeError, TypeError):
+        raise ValueError(f"auto_tree: unknown device {device!r}") from None
     if want.type != model.device.type or (want.index is not None and want != model.device):
         raise ValueError(f"auto_tree: the model is on {model.device}, not {device}; move it first")
     if dtype is not None and resolve_dtype(dtype) != model.dtype:

@@ -688,3 +688,23 @@ def test_a_calibration_with_a_field_of_the_wrong_kind_says_which(saved_mtp, edit
     with pytest.raises(CalibrationError) as e:
         load_model(saved_mtp)
     assert message in _one_line(e) and str(saved_mtp / CALIBRATION_NAME) in str(e.value)
+
+
+@pytest.mark.parametrize("call, kind, message", [
+    (lambda m: calibrate(m, ["hello"]), TypeError, "prompt 0 must be token ids"),
+    (lambda m: calibrate(m, [[1, 2], ["a", "b"]]), TypeError, "prompt 1 must be token ids"),
+    (lambda m: calibrate(m, "hello"), TypeError, "prompts must be a list of token-id sequences"),
+    (lambda m: calibrate(m, None), TypeError, "prompts must be a list of token-id sequences"),
+    (lambda m: calibrate(m, [[1.5, 2.0, 3.0]]), TypeError, "prompt 0 must hold integer token ids"),
+    (lambda m: calibrate(m, [[1, 2, 3]], topk=0), ValueError, "topk must be an int in 1..10"),
+    (lambda m: calibrate(m, [[1, 2, 3]], topk="3"), ValueError, "topk must be an int in 1..10"),
+    (lambda m: auto_tree(m, device="gpu"), ValueError, "auto_tree: unknown device 'gpu'"),
+    (lambda m: optimise_tree([[0.5]], lambda T: 1e-3, max_tokens="8"), ValueError, "max_tokens must be an int >= 2"),
+    (lambda m: Calibration.from_dict(None), CalibrationError, "expected a JSON object"),
+])
+def test_calibration_api_arguments_of_the_wrong_kind_are_named(call, kind, message):
+    """The same class as issue 22 item 13 in this module: text prompts read "new(): invalid
+    data type 'str'", float ids were truncated silently, topk=0 read an IndexError."""
+    with pytest.raises(kind) as e:
+        call(tiny_medusa())
+    assert message in _one_line(e)
