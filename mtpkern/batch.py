@@ -482,7 +482,7 @@ class BatchDecoder:
 
         # Prefill every row at once (prompts of any lengths, each from slot 0), then each row's
         # first token and drafts, as batch-1 decoding makes them.
-        q = [None] * B  # rejection sampling: each row's draft distributions [n, V]
+        q: list[torch.Tensor | None] = [None] * B  # rejection sampling: each row's draft distributions [n, V]
         first_states = self._prefill(ids)  # [B, heads, D]
         for b in range(B):
             h = first_states[b]

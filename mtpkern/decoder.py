@@ -168,14 +168,15 @@ class _Forward:
         # convert in every layer.
         self.mask = torch.full((T, self.cache.max_len), -math.inf, dtype=dec.model.dtype, device=dec.device)
         self.mask_prefix = 0  # slots [0, mask_prefix) of self.mask are on
-        self._tree = (None, None)  # (dense, its additive block): a static tree's is made once
+        # (dense, its additive block): a static tree's is made once
+        self._tree: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def reset(self) -> None:
         self.mask_prefix = 0
         self.mask.fill_(-math.inf)
 
     def _block(self, dense: torch.Tensor) -> torch.Tensor:
-        if self._tree[0] is not dense:
+        if self._tree is None or self._tree[0] is not dense:
             self._tree = (dense, torch.zeros(dense.shape, dtype=self.mask.dtype, device=dense.device)
                           .masked_fill_(~dense, -math.inf))
         return self._tree[1]
@@ -322,8 +323,7 @@ class _Logits:
         if k == 1 and not logprobs:  # a chain's drafts: max() is topk(1) for less
             return None, z.max(-1, keepdim=True).indices
         top = z.topk(k, dim=-1)
-        lp = top.values - z.logsumexp(-1, keepdim=True) if logprobs else None
-        return lp, top.indices
+        return (top.values - z.logsumexp(-1, keepdim=True) if logprobs else None), top.indices
 
 
 # ----------------------------------------------------------------------------- steps
@@ -420,7 +420,7 @@ class _TreeStep(_Step):
     def __init__(self, dec: Decoder, tree: Tree | None, n_nodes: int = 0):
         model, dev = dec.model, dec.device
         self.static = tree is not None
-        if self.static:
+        if tree is not None:
             self.depth_max, self.k = tree.max_depth, tree.topk
             self.T = len(tree)
             tt: TreeTensors = tree.tensors(dev)
@@ -501,6 +501,7 @@ class _TreeStep(_Step):
         on_path = self.drafter.on_path
         path = paths.index_select(0, best_path.view(1)).view(-1) if not self.chain or on_path else None
         if not self.chain:
+            assert path is not None  # made above for every tree but a chain
             kv_compact_(dec.cache.k, dec.cache.v, path, self.prefix, count.view(()), backend=dec.ops_backend)
         accept_len = count[0] - 1 if on_path else None
         self._drafts(self.drafter(h0, carry, path, accept_len, last_node, self.prefix, prefix_host))
@@ -544,13 +545,13 @@ def dynamic_tree(logp: torch.Tensor, ids: torch.Tensor, n_nodes: int, level_size
         tokens.append(ids[d].index_select(0, top.indices % k))
         parent.append(offset + top.indices // k)
         offset += prev.shape[0]
-    scores, tokens, parent = torch.cat(scores), torch.cat(tokens), torch.cat(parent)
-    order = torch.sort(scores, descending=True, stable=True).indices[:n_nodes]
-    node_of = torch.zeros(scores.shape[0], dtype=torch.long, device=dev)
+    all_scores, all_tokens, all_parents = torch.cat(scores), torch.cat(tokens), torch.cat(parent)
+    order = torch.sort(all_scores, descending=True, stable=True).indices[:n_nodes]
+    node_of = torch.zeros(all_scores.shape[0], dtype=torch.long, device=dev)
     node_of[order] = torch.arange(1, n_nodes + 1, device=dev)
-    par = parent.index_select(0, order)
+    par = all_parents.index_select(0, order)
     parents = torch.where(par >= 0, node_of.index_select(0, par.clamp(min=0)), 0)
-    return torch.cat([parents.new_full((1,), -1), parents]), tokens.index_select(0, order)
+    return torch.cat([parents.new_full((1,), -1), parents]), all_tokens.index_select(0, order)
 
 
 class _ChainSamplingStep(_Step):
@@ -920,7 +921,7 @@ class Decoder:
         self.ops_backend = "eager" if kernels == "eager" else ("cuda" if _backend.HAS_CUDA_EXT else None)
         # Typical acceptance samples nothing: its drafts are top-k and its next root the argmax.
         self.sampling = temperature > 0 and (strategy == "ntp" or acceptance == "rejection")
-        self.generator = None
+        self.generator: torch.Generator | None = None
         self.logits = _Logits(model, self.fused)
         self.cache = model.new_cache(1, model.config.n_positions)
         # Eager attention runs the blocks as functions of their tensors (``Attn.weights``),
