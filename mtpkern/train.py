@@ -391,6 +391,7 @@ def _model_for_objective(base, cfg: TrainConfig):
         return base
     if type(base) is not GPT2:
         raise ValueError(f"objective {cfg.objective!r} cannot start from a {type(base).__name__} base ({cfg.base})")
+    assert cfg.n_heads is not None  # resolved by TrainConfig.__post_init__
     if cfg.objective == "mtp":
         return MTPModel.from_base(base, n_heads=cfg.n_heads)
     return MedusaModel.from_base(base, n_heads=cfg.n_heads, n_layers=cfg.medusa_layers, proj=cfg.medusa_proj)
@@ -399,6 +400,7 @@ def _model_for_objective(base, cfg: TrainConfig):
 def _optimizer(groups: list[dict], cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
     """AdamW over the objective's parameter groups (see ``Objective.param_groups``)."""
     groups = [g for g in groups if g["params"]]
+    assert cfg.lr is not None  # resolved by TrainConfig.__post_init__
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
 
 
@@ -424,7 +426,7 @@ def _all_reduce_grads(params: list[torch.Tensor], world: int) -> None:
     params = [p for p in params if p.grad is not None]  # every rank runs the same graph: the same ones
     if not params:
         return
-    grads = [p.grad for p in params]
+    grads = [p.grad for p in params if p.grad is not None]  # all of them: params is filtered above
     flat = torch.cat([g.flatten() for g in grads])
     dist.all_reduce(flat)
     flat /= world
@@ -444,13 +446,14 @@ class _Batches:
         self.steps_per_epoch = len(dataset) // self.global_batch
         if self.steps_per_epoch == 0:
             raise ValueError(f"the global batch of {self.global_batch} exceeds the {len(dataset)} training examples")
-        self._epoch, self._perm = None, None
+        self._epoch: int | None = None
+        self._perm: torch.Tensor | None = None
 
     def __call__(self, step: int):
         """Micro-batches [(input_ids, labels)] of this rank, the global label counts N_j per head
         and the global number of real tokens."""
         epoch, i = divmod(step, self.steps_per_epoch)
-        if epoch != self._epoch:
+        if epoch != self._epoch or self._perm is None:
             self._epoch = epoch
             self._perm = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.seed + epoch))
         rows = self._perm[i * self.global_batch : (i + 1) * self.global_batch].tolist()
@@ -579,8 +582,8 @@ def _train_locked(cfg: TrainConfig, world: int) -> TrainResult:
         cfg = resumed_config(cfg, state["config"])
     elif ckpt_dir.exists():
         raise ValueError(f"{ckpt_dir} already exists: pass resume=True to continue it, or choose another out")
-    elif interrupted_save(ckpt_dir) is not None:
-        raise ValueError(f"{out} holds the checkpoint of an interrupted save ({interrupted_save(ckpt_dir).name}): "
+    elif (half_saved := interrupted_save(ckpt_dir)) is not None:
+        raise ValueError(f"{out} holds the checkpoint of an interrupted save ({half_saved.name}): "
                          "pass resume=True (--resume) to recover and continue it, or choose another out")
     elif main:
         recover_interrupted_save(ckpt_dir)  # nothing to recover: removes stale temporary folders
@@ -601,6 +604,8 @@ def _train_locked(cfg: TrainConfig, world: int) -> TrainResult:
 
     if cfg.objective == "medusa2" and cfg.head_warmup is None:
         cfg = replace(cfg, head_warmup=round(0.25 * total))  # resolved once: saved with the run, kept on resume
+    peak_lr = cfg.lr
+    assert peak_lr is not None  # resolved by TrainConfig.__post_init__
     objective = _OBJECTIVE_CLASSES[cfg.objective](cfg, fused=cfg.loss == "fused")
     model.to(device)
     objective.prepare(model, device)
@@ -642,13 +647,13 @@ def _train_locked(cfg: TrainConfig, world: int) -> TrainResult:
         bad = first_bad.clone()
         if ddp:
             dist.all_reduce(bad, op=dist.ReduceOp.MIN)
-        bad = int(bad)
-        if bad < never:
+        bad_step = int(bad)
+        if bad_step < never:
             kept = f"{ckpt_dir} keeps step {saved_step}" if saved_step is not None else "no checkpoint was written"
-            message = (f"training diverged: the loss or gradient norm became non-finite at step {bad} "
-                       f"(lr {lr_at(bad - 1, lr=cfg.lr, warmup=warmup, total=total):.3g}); stopped without saving, "
-                       f"{kept}")
-            log({"kind": "error", "step": bad, "error": message})
+            message = (f"training diverged: the loss or gradient norm became non-finite at step {bad_step} "
+                       f"(lr {lr_at(bad_step - 1, lr=peak_lr, warmup=warmup, total=total):.3g}); stopped without "
+                       f"saving, {kept}")
+            log({"kind": "error", "step": bad_step, "error": message})
             raise TrainingDiverged(message)
 
     saved_step = state["step"] if state is not None else None
@@ -695,7 +700,7 @@ def _train_locked(cfg: TrainConfig, world: int) -> TrainResult:
         while step < stop_at:
             micro, n_tokens, n_real = batches(step)
             step_loss = torch.zeros((), device=device)
-            lr = lr_at(step, lr=cfg.lr, warmup=warmup, total=total)
+            lr = lr_at(step, lr=peak_lr, warmup=warmup, total=total)
             for group in optimizer.param_groups:
                 group["lr"] = lr * objective.lr_scale(group.get("part", "all"), step, warmup)
             for m, (idx, labels) in enumerate(micro):
@@ -726,10 +731,10 @@ def _train_locked(cfg: TrainConfig, world: int) -> TrainResult:
             if step % cfg.log_every == 0 or step == stop_at:
                 check_finite()
                 # one host sync per log step; under DDP it also agrees on a stop request
-                flags = torch.cat([interval, torch.tensor([float(stop.requested)], device=device)])
+                flags_dev = torch.cat([interval, torch.tensor([float(stop.requested)], device=device)])
                 if ddp:
-                    dist.all_reduce(flags)
-                flags = flags.tolist()
+                    dist.all_reduce(flags_dev)
+                flags = flags_dev.tolist()
                 stopping = flags[-1] > 0
                 dt = time.perf_counter() - t_interval
                 record = {
