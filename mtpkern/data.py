@@ -320,13 +320,36 @@ def split_records(records: list, val_fraction: float = 0.1, seed: int = 0) -> tu
 # Tokenizer.
 # --------------------------------------------------------------------------------------
 
-def train_tokenizer(records: list[dict], vocab_size: int = 2048, *, min_frequency: int = 2):
+TOKENIZER_TEXT_LIMIT = 65_536  # characters of one record that a new tokenizer learns from
+_TOKENIZER_RUN = 1_000  # BPE training time grows with the square of a word: longer runs are cut up
+_LONG_RUN = re.compile(r"\S{%d,}" % (_TOKENIZER_RUN + 1))
+_PROMPT_CHARS = len(format_prompt(""))
+
+
+def _tokenizer_texts(records: list[dict]):
+    """The texts a tokenizer learns from: prompt + response of each record, its first
+    TOKENIZER_TEXT_LIMIT characters, cut inside runs of over _TOKENIZER_RUN characters without
+    whitespace (an ordinary record is one piece, as it is)."""
+    for r in records:
+        text = (format_prompt(r["query"]) + r["response"])[:TOKENIZER_TEXT_LIMIT]
+        start = 0
+        for m in _LONG_RUN.finditer(text):
+            for cut in range(m.start() + _TOKENIZER_RUN, m.end(), _TOKENIZER_RUN):
+                yield text[start:cut]
+                start = cut
+        yield text[start:]
+
+
+def train_tokenizer(records: list[dict], vocab_size: int = 2048, *, min_frequency: int = 2,
+                    progress: bool = False):
     """A byte-level BPE tokenizer (GPT-2's scheme) trained on prompt + response texts.
 
     ``<|endoftext|>`` is the only special token (id 0), used as eos and pad. Byte-level
     means any text encodes without an unknown token. Returns a
     ``transformers.PreTrainedTokenizerFast`` that ``save_pretrained`` / ``AutoTokenizer``
-    round-trip.
+    round-trip. The work is bounded: it learns from the first TOKENIZER_TEXT_LIMIT characters
+    of each record (a warning says how many records were longer). ``progress``: the trainer's
+    own progress bars.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -336,6 +359,11 @@ def train_tokenizer(records: list[dict], vocab_size: int = 2048, *, min_frequenc
         raise ValueError(f"vocab_size must exceed {n_bytes} (the byte alphabet plus eos), got {vocab_size}")
     if not records:
         raise DataError("cannot train a tokenizer on zero records")
+    n_long = sum(_PROMPT_CHARS + len(r["query"]) + len(r["response"]) > TOKENIZER_TEXT_LIMIT for r in records)
+    if n_long:
+        warnings.warn(f"{n_long} of {len(records)} records {'is' if n_long == 1 else 'are'} longer than "
+                      f"{TOKENIZER_TEXT_LIMIT} characters: the tokenizer learns from "
+                      f"{'its' if n_long == 1 else 'their'} first {TOKENIZER_TEXT_LIMIT} only", stacklevel=2)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -343,8 +371,8 @@ def train_tokenizer(records: list[dict], vocab_size: int = 2048, *, min_frequenc
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
                                   special_tokens=[EOS_TOKEN],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    tok.train_from_iterator((format_prompt(r["query"]) + r["response"] for r in records), trainer)
+                                  show_progress=progress)
+    tok.train_from_iterator(_tokenizer_texts(records), trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN)
 
 
@@ -422,9 +450,10 @@ class SFTDataset(torch.utils.data.Dataset):
         eos = tokenizer.eos_token_id
         if eos is None:
             raise DataError("the tokenizer has no eos token")
-        encode = lambda texts: tokenizer(texts, add_special_tokens=False)["input_ids"]  # noqa: E731
-        prompts = encode([format_prompt(r["query"]) for r in records])
-        responses = encode([r["response"] for r in records])
+        limit = _text_limit(tokenizer, max_len)
+        encode = lambda texts: tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []  # noqa: E731
+        prompts = encode([format_prompt(r["query"])[:limit] for r in records])
+        responses = encode([r["response"][:limit] for r in records])
         self.examples: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.n_truncated = self.n_dropped = 0
         for p, r in zip(prompts, responses):
@@ -452,6 +481,16 @@ class SFTDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         input_ids, labels = self.examples[i]
         return {"input_ids": input_ids, "labels": labels}
+
+
+def _text_limit(tokenizer, max_len: int) -> int:
+    """Characters of a text that surely hold more than ``max_len`` tokens: no token covers more
+    bytes than the longest in the vocabulary (byte-level BPE spells a token one character per
+    byte), and a character is at least a byte. SFTDataset cuts texts there before tokenizing:
+    only the first ``max_len`` tokens are used, and a 20 MB record would take minutes and GBs.
+    The margin covers the last word, which the cut changes."""
+    longest = max((len(t) for t in tokenizer.get_vocab()), default=1)
+    return (max_len + 16) * max(longest, 1)
 
 
 def collate(batch: list[dict], pad_id: int) -> dict:

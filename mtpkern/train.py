@@ -29,6 +29,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, fields, replace
 from functools import partial
 from pathlib import Path
@@ -40,17 +41,22 @@ import torch.nn.functional as F
 
 from mtpkern.checkpoint import (
     CHECKPOINT_DIR,
+    LOCK_NAME,
     CheckpointError,
     atomic_directory,
+    disk_full_error,
     interrupted_save,
+    is_disk_full,
     is_local,
     model_source,
     recover_interrupted_save,
     require_file,
     run_lock,
+    write_text_atomic,
 )
 from mtpkern.data import (
     IGNORE_INDEX,
+    DataError,
     SFTDataset,
     collate,
     has_tokenizer,
@@ -204,10 +210,13 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_len < 2:
             raise ValueError(f"max_len must be >= 2, got {self.max_len}")
+        _check_heads_fit(self.objective, self.n_heads, self.max_len, f", max_len (--max-len) {self.max_len}")
         if self.warmup is not None and self.warmup < 0:
             raise ValueError(f"warmup must be >= 0, got {self.warmup}")
         if self.head_warmup is not None and self.head_warmup < 0:
             raise ValueError(f"head_warmup must be >= 0, got {self.head_warmup}")
+        if self.steps is not None:  # in epochs the length is known with the data: checked then
+            _check_head_warmup(self, self.steps)
         if self.grad_clip < 0 or self.weight_decay < 0:
             raise ValueError("grad_clip and weight_decay must be >= 0")
         if self.stop_after is not None and self.stop_after < 1:
@@ -221,6 +230,26 @@ class TrainConfig:
         device = resolve_device(self.device)
         if self.precision == "fp16" and device.type != "cuda":
             raise ValueError("precision 'fp16' needs a CUDA device (use fp32 or bf16 on CPU)")
+
+
+def _check_heads_fit(objective: str, n_heads: int, length: int, which: str) -> None:
+    """Head j predicts token t + j + 1: J heads need sequences longer than J. ``which`` names
+    ``length``, the sequence length they are held against."""
+    J = n_heads + (1 if objective in ("medusa", "medusa2") else 0)
+    if J < length:
+        return
+    heads = (f"n_heads (--n-heads) {n_heads}" if J == n_heads else
+             f"n_heads (--n-heads) {n_heads} MEDUSA heads and the next-token head make {J} heads, which")
+    raise ValueError(f"{heads} must be below the sequence length{which}: head j predicts token t + j + 1, "
+                     "so the last heads would have nothing to predict")
+
+
+def _check_head_warmup(cfg: "TrainConfig", total: int) -> None:
+    """MEDUSA-2's backbone joins after ``head_warmup`` steps: a warmup as long as the run would
+    leave it untrained."""
+    if cfg.objective == "medusa2" and cfg.head_warmup is not None and cfg.head_warmup >= total:
+        raise ValueError(f"head_warmup (--head-warmup) {cfg.head_warmup} is not below the run's {total} steps: "
+                         "the backbone would never train; give a shorter warmup or more steps")
 
 
 def lr_at(step: int, *, lr: float, warmup: int, total: int) -> float:
@@ -253,7 +282,7 @@ def evaluate_heads(model, loader, device, max_batches: int | None = None, fused:
         labels = batch["labels"].to(device)
         hidden = model(idx, logits=False).hidden
         T = labels.shape[1]
-        for j in range(J):
+        for j in range(min(J, T - 1)):  # a head past the batch's length has nothing to score
             target = labels[:, j + 1 :]
             valid = target != IGNORE_INDEX
             stats[:3, j] += _head_eval_sums(model, hidden[:, : T - j - 1, j][valid], target[valid], j, fused)
@@ -361,7 +390,7 @@ def _build_model(cfg: TrainConfig, train_records, checkpoint: Path, world: int):
         elif has_tokenizer(model_source(cfg.base)):
             tokenizer = load_tokenizer(cfg.base)
     if tokenizer is None:
-        tokenizer = _rank0_tokenizer(train_records, cfg.vocab_size, world)
+        tokenizer = _rank0_tokenizer(train_records, cfg.vocab_size, world, cfg.progress)
     if not cfg.base:
         ids = dict(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id)
         shape = model_shape(cfg.config, **ids)
@@ -373,9 +402,14 @@ def _build_model(cfg: TrainConfig, train_records, checkpoint: Path, world: int):
     return model, tokenizer
 
 
-def _rank0_tokenizer(records, vocab_size, world):
+def _rank0_tokenizer(records, vocab_size, world, progress: bool):
     """Train a tokenizer on rank 0 and share it, so every rank tokenizes identically."""
-    tok = [train_tokenizer(records, vocab_size) if not dist.is_initialized() or dist.get_rank() == 0 else None]
+    main = not dist.is_initialized() or dist.get_rank() == 0
+    if main and progress:
+        size = sum(len(r["query"]) + len(r["response"]) for r in records) / 1e6
+        print(f"mtpkern train: training a {vocab_size}-token tokenizer on {len(records)} records "
+              f"({size:.1f} M characters)", file=sys.stderr)
+    tok = [train_tokenizer(records, vocab_size, progress=progress) if main else None]
     if world > 1:
         dist.broadcast_object_list(tok, src=0)
     return tok[0]
@@ -458,13 +492,18 @@ class _Batches:
             self._perm = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.seed + epoch))
         rows = self._perm[i * self.global_batch : (i + 1) * self.global_batch].tolist()
         batch = collate([self.dataset[r] for r in rows], self.pad_id)
+        width = self.n_heads + 1  # head j reads label t + j + 1: padded so, it has none where no row reaches it
+        if batch["input_ids"].shape[1] < width:
+            extra = width - batch["input_ids"].shape[1]
+            batch["input_ids"] = F.pad(batch["input_ids"], (0, extra), value=self.pad_id)
+            batch["labels"] = F.pad(batch["labels"], (0, extra), value=IGNORE_INDEX)
         labels, lengths = batch["labels"], batch["attention_mask"].sum(1)
         n_tokens = [int((labels[:, j + 1 :] != IGNORE_INDEX).sum()) for j in range(self.n_heads)]
         micro = []
         for m in range(self.grad_accum):
             lo = (m * self.world + self.rank) * self.batch_size
             sl = slice(lo, lo + self.batch_size)
-            L = int(lengths[sl].max())  # trim the padding this micro-batch does not need
+            L = max(int(lengths[sl].max()), width)  # trim the padding this micro-batch does not need
             micro.append((batch["input_ids"][sl, :L], labels[sl, :L]))
         return micro, n_tokens, int(lengths.sum())
 
@@ -506,6 +545,11 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def _arg(name: str, value) -> str:
+    """A setting as the Python API and the command line spell it: ``steps=50 (--steps 50)``."""
+    return f"{name}=True ({_flag(name)})" if value is True else f"{name}={value!r} ({_flag(name)} {value})"
+
+
 def resumed_config(cfg: TrainConfig, saved: dict) -> TrainConfig:
     """The configuration of a resumed run: the saved one, with ``cfg``'s per-process fields and
     the fields of RESUME_MAY_CHANGE that ``cfg`` sets. Any other field that ``cfg`` sets to a
@@ -532,8 +576,89 @@ def _train(cfg: TrainConfig, world: int) -> TrainResult:
     """Hold the run directory's lock (rank 0) for the whole run: a second training into the
     same ``out`` fails at once instead of interleaving logs and checkpoints."""
     main = world == 1 or dist.get_rank() == 0
+    if not cfg.resume:
+        _refuse_foreign_out(cfg)
     with run_lock(cfg.out) if main else contextlib.nullcontext():
         return _train_locked(cfg, world)
+
+
+def _refuse_foreign_out(cfg: TrainConfig) -> None:
+    """A fresh run writes checkpoint/, log.jsonl, summary.json and train_config.json into
+    ``out``: refuse a folder that holds anything else, unless it is a run of ours (the run's own
+    data file may sit there, as the demo keeps its distilled answers)."""
+    out = Path(cfg.out)
+    if not out.is_dir() or _is_run(out):
+        return
+    data = Path(cfg.data).resolve() if Path(cfg.data).is_file() else None
+    others = sorted(p.name for p in out.iterdir() if p.name != LOCK_NAME and p.resolve() != data)
+    if others:
+        shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+        raise ValueError(f"out (--out) {str(out)!r} is not empty and is not an mtpkern run (it holds {shown}): a run "
+                         f"writes {CHECKPOINT_DIR}/, {LOG_NAME}, summary.json and train_config.json there; "
+                         "choose an empty or new out")
+
+
+def _is_run(out: Path) -> bool:
+    """Whether ``out`` is a run of ours: it has a checkpoint (or an interrupted save's), a
+    train_config.json we wrote, or an ``.mtpkern-*`` mark (``mtpkern demo`` marks the run
+    folders it creates before training into them)."""
+    ckpt = out / CHECKPOINT_DIR
+    if ckpt.is_dir() or interrupted_save(ckpt) is not None:
+        return True
+    if any(p.name.startswith(".mtpkern-") and p.is_file() for p in out.iterdir()):
+        return True
+    try:
+        saved = json.loads((out / "train_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(saved, dict) and saved.get("objective") in OBJECTIVES and {"out", "steps", "seed"} <= saved.keys()
+
+
+def _refuse_no_steps_left(cfg: TrainConfig, given: set, ckpt_dir: Path, done: int, end: int) -> None:
+    """A resumed run that would end at or before its saved step would train nothing and
+    overwrite its summary with empty metrics: refused, the run left as it is. ``given``: the
+    settings the caller gave (the rest came from the saved run)."""
+    if end > done:
+        return
+    if cfg.stop_after is not None and cfg.stop_after <= done:
+        asked = f"stop_after={cfg.stop_after}"
+    elif "epochs" in given:
+        asked = f"{_arg('epochs', cfg.epochs)}, {end} steps,"
+    elif "steps" in given:
+        asked = _arg("steps", end)
+    else:
+        asked = f"its saved length of {end} steps"
+    raise ValueError(f"{ckpt_dir} is already at step {done}: {asked} ends there, so there is nothing to train; "
+                     f"pass steps=N (--steps N) with N above {done} to extend the run")
+
+
+def _refuse_too_few_records(cfg: TrainConfig, n: int) -> None:
+    """One record would leave nothing to train on or nothing to validate on."""
+    if n >= 2:
+        return
+    source = str(cfg.data) if cfg.data_limit is None else f"{cfg.data} with {_arg('data_limit', cfg.data_limit)}"
+    raise DataError(f"{source} holds {n} record{'' if n == 1 else 's'}: training needs at least 2 (one to train on, "
+                    "one held out for validation)")
+
+
+def _validation_set(records: list[dict], tokenizer, max_len: int) -> SFTDataset:
+    """The validation examples; when none fits ``max_len`` the run goes on without them, warned."""
+    try:
+        return SFTDataset(records, tokenizer, max_len)
+    except DataError:
+        warnings.warn(f"no validation record fits max_len={max_len}: the run reports no validation metrics "
+                      "(every held-out prompt alone fills it)", stacklevel=4)
+        return SFTDataset([], tokenizer, max_len)
+
+
+def _append_log(log_path: Path, record: dict) -> None:
+    try:
+        with open(log_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as e:
+        if is_disk_full(e):
+            raise disk_full_error(log_path, "its last line may be cut short (a resumed run drops it)") from e
+        raise
 
 
 def _read_log(log_path: Path, step: int) -> list[str]:
@@ -579,25 +704,38 @@ def _train_locked(cfg: TrainConfig, world: int) -> TrainResult:
         if world > 1:
             dist.barrier()
         state = _read_state(ckpt_dir)
+        given = cfg._given
         cfg = resumed_config(cfg, state["config"])
+        if "steps" in given:  # known before the data is: refused at once
+            assert cfg.steps is not None  # given
+            _refuse_no_steps_left(cfg, given, ckpt_dir, state["step"], cfg.steps)
     elif ckpt_dir.exists():
-        raise ValueError(f"{ckpt_dir} already exists: pass resume=True to continue it, or choose another out")
+        raise ValueError(f"{ckpt_dir} already exists: pass resume=True (--resume) to continue it, "
+                         "or choose another out (--out)")
     elif (half_saved := interrupted_save(ckpt_dir)) is not None:
         raise ValueError(f"{out} holds the checkpoint of an interrupted save ({half_saved.name}): "
                          "pass resume=True (--resume) to recover and continue it, or choose another out")
     elif main:
         recover_interrupted_save(ckpt_dir)  # nothing to recover: removes stale temporary folders
+    assert cfg.n_heads is not None  # resolved by TrainConfig.__post_init__
 
     records = load_records(cfg.data, seed=cfg.seed, limit=cfg.data_limit)
+    _refuse_too_few_records(cfg, len(records))
     train_records, val_records = split_records(records, cfg.val_fraction, cfg.seed)
     model, tokenizer = _build_model(cfg, train_records, ckpt_dir, world)
     max_len = min(cfg.max_len, model.config.n_positions)  # a base's shorter context wins
     train_ds = SFTDataset(train_records, tokenizer, max_len)
-    val_ds = SFTDataset(val_records, tokenizer, max_len)
+    val_ds = _validation_set(val_records, tokenizer, max_len)
+    longest = max(len(ids) for ids, _ in train_ds.examples)
+    _check_heads_fit(cfg.objective, cfg.n_heads, longest,
+                     f", and the longest training sequence has {longest} tokens (max_len {max_len})")
     batches = _Batches(train_ds, cfg.batch_size, cfg.grad_accum, world, rank, cfg.seed,
                        tokenizer.pad_token_id, model.n_heads)
     total = cfg.steps or math.ceil(cfg.epochs * batches.steps_per_epoch)
     stop_at = min(total, cfg.stop_after) if cfg.stop_after else total
+    if state is not None:
+        _refuse_no_steps_left(cfg, given, ckpt_dir, state["step"], stop_at)
+    _check_head_warmup(cfg, total)
     warmup = cfg.warmup if cfg.warmup is not None else round(0.05 * total)
     val_loader = torch.utils.data.DataLoader(val_ds, batch_size=cfg.batch_size,
                                              collate_fn=partial(collate, pad_id=tokenizer.pad_token_id))
@@ -630,14 +768,13 @@ def _train_locked(cfg: TrainConfig, world: int) -> TrainResult:
 
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+        write_text_atomic(out / "train_config.json", json.dumps(asdict(cfg), indent=2))
         kept = _read_log(log_path, step) if cfg.resume else []
-        log_path.write_text("".join(ln + "\n" for ln in kept))
+        write_text_atomic(log_path, "".join(ln + "\n" for ln in kept))
 
     def log(record: dict):
         if main:
-            with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            _append_log(log_path, record)
 
     never = 2**62
     first_bad = torch.full((), never, dtype=torch.long, device=device)  # first non-finite step, on the device
@@ -785,7 +922,7 @@ def _train_locked(cfg: TrainConfig, world: int) -> TrainResult:
             peak_memory_kind=peak_kind,
             parameters=model.num_parameters(), trainable_parameters=model.num_parameters(trainable_only=True),
         )
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))
         if cfg.objective != "ntp" and not interrupted:  # head acceptance, for tree="auto"
             from mtpkern.calibrate import calibrate_after_training
 

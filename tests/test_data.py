@@ -3,7 +3,9 @@
 import json
 import random
 import re
+import string
 import sys
+import time
 import types
 import warnings
 
@@ -456,3 +458,57 @@ def test_load_tokenizer_refuses_a_missing_or_corrupt_tokenizer(tokenizer, tmp_pa
     (ckpt / "tokenizer.json").write_text('{"version": "1.0", "trunc')
     with pytest.raises(DataError, match=r"checkpoint/tokenizer.json is corrupt"):
         load_tokenizer(ckpt)
+
+
+# ---------------------------------------------------------------- very long records
+
+
+def _long_text(n_chars: int, seed: int = 0) -> str:
+    """Words of 1 to 8 letters, then one run of 100,000 letters without a space."""
+    rng = random.Random(seed)
+    letters = "".join(rng.choices(string.ascii_lowercase, k=n_chars))
+    words, i = [], 0
+    while i < n_chars:
+        n = rng.randint(1, 8)
+        words.append(letters[i : i + n])
+        i += n + 1
+    return " ".join(words) + " " + "".join(rng.choices(string.ascii_letters, k=100_000))
+
+
+def test_train_tokenizer_bounds_very_long_texts_and_says_so(records):
+    """A 2 MB record took a minute (and a 20 MB one never finished): the tokenizer now learns from
+    the first TOKENIZER_TEXT_LIMIT characters of each text, with long runs without a space cut up."""
+    from mtpkern.data import TOKENIZER_TEXT_LIMIT
+
+    long = _long_text(2_000_000)
+    start = time.perf_counter()
+    with pytest.warns(UserWarning, match=rf"1 of 301 records is longer than {TOKENIZER_TEXT_LIMIT} characters: "
+                                         rf"the tokenizer learns from its first {TOKENIZER_TEXT_LIMIT}"):
+        tok = train_tokenizer(records + [{"query": long, "response": "x"}], vocab_size=600)
+    assert time.perf_counter() - start < 8
+    assert tok.decode(tok(records[0]["query"])["input_ids"]) == records[0]["query"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # ordinary records: no warning, and the same tokenizer as before
+        same = train_tokenizer(records, vocab_size=600)
+    assert same.get_vocab() == train_tokenizer(records, vocab_size=600).get_vocab()
+
+
+def test_sft_dataset_cuts_a_very_long_text_before_tokenizing(tokenizer):
+    """Only max_len tokens of a record are used: a 2 MB text is cut before it is tokenized
+    (seconds and hundreds of MB before), and the tokens kept are those of the whole text."""
+    long = _long_text(2_000_000)
+    start = time.perf_counter()
+    with pytest.warns(UserWarning):
+        ds = SFTDataset([{"query": "q", "response": long}, {"query": long, "response": "r"}], tokenizer, 64)
+    assert time.perf_counter() - start < 3
+    assert len(ds) == 1 and ds.n_dropped == 1 and ds.n_truncated == 1
+    medium = long[:30_000]  # long enough to be cut, short enough to tokenize whole here
+    with pytest.warns(UserWarning):
+        ds = SFTDataset([{"query": "q", "response": medium}], tokenizer, 64)
+    whole = tokenizer(format_prompt("q"), add_special_tokens=False)["input_ids"]
+    whole += tokenizer(medium, add_special_tokens=False)["input_ids"]
+    assert ds[0]["input_ids"].tolist() == whole[:64]
+
+
+def test_sft_dataset_of_no_records_is_empty(tokenizer):
+    assert len(SFTDataset([], tokenizer, 32)) == 0

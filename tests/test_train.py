@@ -1,11 +1,14 @@
 """Tests for mtpkern.train: losses and their offsets, the MTP backward order, the frozen MEDUSA
 base, checkpoints, resume, signals and config errors. Every run is a tiny model for a few steps."""
 
+import errno
 import json
 import math
 import os
 import re
+import shutil
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -416,6 +419,11 @@ def test_resume_drops_a_half_written_last_log_line(tmp_path, base_dir, capsys):
     (dict(objective="medusa", base="b", n_heads=3, head_weights=[1.0]), "head_weights"),
     (dict(batch_size=0), "batch_size"),
     (dict(config="llama"), "unknown model config"),
+    (dict(objective="mtp", n_heads=64, max_len=64), r"n_heads \(--n-heads\) 64 .* below the sequence length, "
+                                                    r"max_len \(--max-len\) 64"),
+    (dict(objective="medusa", base="b", n_heads=63, max_len=64), r"64 heads.* below the sequence length"),
+    (dict(objective="medusa2", base="b", steps=10, head_warmup=10), r"head_warmup \(--head-warmup\) 10 is not "
+                                                                    r"below the run's 10 steps"),
 ])
 def test_bad_config_raises_one_line_value_error(kw, message):
     args = dict(objective="ntp", out="out")
@@ -450,3 +458,164 @@ def test_model_shapes_from_scratch():
     assert (tiny.n_layer, tiny.n_embd) == (4, 128) and (demo.n_layer, demo.n_embd) == (6, 128)
     assert (gpt2.n_layer, gpt2.n_embd) == (12, 768)
     assert build_parser().parse_args(["train", "ntp", "--out", "o", "--config", "demo"]).config == "demo"
+
+
+# ----------------------------------------------------------------------------- refusals that keep what is there
+
+
+def _files(directory: Path) -> dict:
+    """Every file under ``directory`` (hidden ones too) and its bytes."""
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("content", [
+    {"log.jsonl": '{"my": "data"}\n', "summary.json": '{"mine": 1}\n'},
+    {"notes.txt": "mine"},
+    {"train_config.json": '{"my": "settings"}'},
+])
+def test_a_folder_that_is_not_a_run_is_refused_and_left_as_it_was(tmp_path, base_dir, content):
+    out = tmp_path / "u"
+    out.mkdir()
+    for name, text in content.items():
+        (out / name).write_text(text)
+    with pytest.raises(ValueError, match=r"is not empty and is not an mtpkern run .* choose an empty or new") as e:
+        train(tiny_run(out, "ntp", base_dir, steps=2))
+    assert "\n" not in str(e.value)
+    with pytest.raises((ValueError, CheckpointError)):
+        train(tiny_run(out, "ntp", base_dir, steps=2, resume=True))
+    assert _files(out) == {k: v.encode() for k, v in content.items()}  # not even a .lock
+
+
+def test_a_fresh_run_may_use_an_empty_folder_a_marked_one_or_the_one_holding_its_data(tmp_path, base_dir):
+    (tmp_path / "empty").mkdir()
+    train(tiny_run(tmp_path / "empty", "ntp", base_dir, steps=1))
+    demo = tmp_path / "demo"  # `mtpkern demo` marks its run folders before training into them
+    demo.mkdir()
+    (demo / ".mtpkern-demo").write_text("written by `mtpkern demo`\n")
+    train(tiny_run(demo, "ntp", base_dir, steps=1))
+    med = tmp_path / "med"  # distilled answers kept in the run's folder, as the demo does
+    med.mkdir()
+    data = med / "answers.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in synthetic_records(40, seed=3)))
+    train(tiny_run(med, "ntp", base_dir, steps=1, data=str(data), data_limit=None))
+    # a run killed before its first checkpoint is still a run: a fresh start may replace it
+    shutil.rmtree(med / "checkpoint")
+    train(tiny_run(med, "ntp", base_dir, steps=1, data=str(data), data_limit=None))
+    assert data.read_text().count("\n") == 40
+
+
+@pytest.mark.parametrize("steps", [2, 4, None])
+def test_resume_with_no_steps_left_is_refused_and_keeps_the_run(tmp_path, base_dir, steps):
+    out = tmp_path / "run"
+    cfg = tiny_run(out, "ntp", base_dir, steps=4, eval_every=4)
+    train(cfg)
+    before = _files(out)
+    again = TrainConfig(objective="ntp", out=str(out), resume=True, steps=steps, progress=False, device="cpu")
+    with pytest.raises(ValueError, match=r"already at step 4: .* nothing to train; .*--steps.* above 4") as e:
+        train(again)
+    assert "\n" not in str(e.value)
+    assert _files(out) == before
+    assert json.loads((out / "summary.json").read_text())["val_loss"] is not None
+
+
+def test_one_record_is_refused_in_one_line(tmp_path, base_dir):
+    data = tmp_path / "one.jsonl"
+    data.write_text(json.dumps({"query": "what is 2 + 2?", "response": "The answer is: 4"}) + "\n")
+    with pytest.raises(DataError, match=r"one.jsonl holds 1 record: training needs at least 2"):
+        train(tiny_run(tmp_path / "run", "ntp", base_dir, data=str(data), data_limit=None, batch_size=1))
+    with pytest.raises(DataError, match="training needs at least 2"):
+        train(tiny_run(tmp_path / "run", "ntp", base_dir, data_limit=1, batch_size=1))
+    assert not (tmp_path / "run").exists()  # no folder, no lock file
+
+
+def test_a_validation_split_that_fits_nothing_is_reported(tmp_path, base_dir):
+    from mtpkern.data import split_records
+
+    records = [{"query": f"what is {i} + 1?", "response": f"The answer is: {i + 1}"} for i in range(12)]
+    _, val = split_records(records, 0.1, 0)
+    for r in val:
+        r["query"] = "a very long question " * 40  # its prompt alone fills max_len
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    with pytest.warns(UserWarning, match="no validation record fits max_len=128: the run reports no validation"):
+        train(tiny_run(tmp_path / "run", "ntp", base_dir, data=str(data), data_limit=None, steps=1, batch_size=2))
+
+
+def test_more_heads_than_the_sequences_are_long_is_refused_before_anything_is_written(tmp_path, base_dir):
+    with pytest.raises(ValueError, match=r"n_heads .* 100 .* below the sequence length.* 64"):
+        train(tiny_run(tmp_path / "run", "mtp", base_dir, n_heads=100, max_len=64))
+    # below max_len, but longer than every training sequence
+    data = tmp_path / "short.jsonl"
+    data.write_text("".join(json.dumps({"query": f"q {i}", "response": "a"}) + "\n" for i in range(20)))
+    with pytest.raises(ValueError, match=r"100 .* longest training sequence has \d+ tokens") as e:
+        train(tiny_run(tmp_path / "run", "mtp", base_dir, n_heads=100, data=str(data), data_limit=None))
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "run").exists()
+
+
+def test_heads_beyond_a_batch_s_length_train_without_targets(tmp_path, base_dir):
+    """Heads that reach past every sequence of a batch (but not of the data) get no targets in
+    it: a loss of 0, not a shape error."""
+    records = [{"query": f"q {i}", "response": "a"} for i in range(30)]
+    records += [{"query": "q", "response": " ".join(["b"] * 80)} for _ in range(2)]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    result = train(tiny_run(tmp_path / "run", "mtp", base_dir, n_heads=60, data=str(data), data_limit=None,
+                            batch_size=2, steps=3, eval_every=3))
+    assert result.steps == 3 and result.val_loss is not None
+
+
+@pytest.mark.parametrize("error", [
+    RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534"),  # torch.save's
+    OSError(errno.ENOSPC, "No space left on device"),
+])
+def test_a_full_disk_at_a_save_says_so_and_keeps_the_previous_checkpoint(tmp_path, base_dir, monkeypatch, error):
+    real_save = torch.save
+    calls = []
+
+    def save(obj, f, *args, **kw):  # the disk fills up during the second save
+        calls.append(f)
+        if len(calls) == 2:
+            raise error
+        return real_save(obj, f, *args, **kw)
+
+    monkeypatch.setattr(torch, "save", save)
+    out = tmp_path / "run"
+    with pytest.raises(CheckpointError, match=r"disk is full .*checkpoint keeps the previous checkpoint") as e:
+        train(tiny_run(out, "ntp", base_dir, steps=4, save_every=2))
+    assert "inline_container" not in str(e.value) and str(out / "checkpoint") in str(e.value)
+    assert torch.load(out / "checkpoint" / "trainer_state.pt", weights_only=True)["step"] == 2
+    assert [p.name for p in out.iterdir() if p.name.startswith(".checkpoint")] == []
+
+
+def test_checkpoints_take_the_umask_s_modes(tmp_path, base_dir):
+    old = os.umask(0o022)
+    try:
+        train(tiny_run(tmp_path / "run", "ntp", base_dir, steps=1))
+    finally:
+        os.umask(old)
+    ckpt = tmp_path / "run" / "checkpoint"
+    assert stat.S_IMODE(ckpt.stat().st_mode) == 0o755
+    assert {stat.S_IMODE(p.stat().st_mode) for p in ckpt.iterdir()} == {0o644}
+
+
+def test_errors_name_the_flag_and_the_argument(tmp_path, base_dir):
+    cfg = tiny_run(tmp_path / "run", "ntp", base_dir, steps=1)
+    train(cfg)
+    with pytest.raises(ValueError, match=r"already exists: pass resume=True \(--resume\) to continue it"):
+        train(cfg)
+
+
+def test_a_head_warmup_as_long_as_the_run_is_refused(tmp_path, base_dir):
+    with pytest.raises(ValueError, match=r"head_warmup \(--head-warmup\) 8 is not below the run's 6 steps"):
+        tiny_run(tmp_path / "run", "medusa2", base_dir, n_heads=2, head_warmup=8)
+    # in epochs the length is known once the data is: refused then, before anything is written
+    with pytest.raises(ValueError, match=r"head_warmup \(--head-warmup\) 1000 is not below the run's \d+ steps"):
+        train(tiny_run(tmp_path / "run", "medusa2", base_dir, n_heads=2, head_warmup=1000, steps=None, epochs=1.0))
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_tokenizer_trained_from_scratch_says_so(tmp_path, capsys):
+    train(TrainConfig(objective="ntp", out=str(tmp_path / "run"), data_limit=40, steps=1, batch_size=4,
+                      vocab_size=400, device="cpu", progress=True))
+    assert "training a 400-token tokenizer on 38 records" in capsys.readouterr().err
