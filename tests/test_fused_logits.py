@@ -408,6 +408,16 @@ def test_norm_bad_inputs(kw, error, match):
         torch.ops.mtpkern.fused_logits(hidden, weight, 4, None, 1.0, **kw(g, b))
 
 
+@pytest.mark.parametrize("half", ["norm_weight", "norm_bias"])
+def test_norm_reference_refuses_half_a_norm(half):
+    """The eager reference names a LayerNorm given without its weight or bias (it failed on
+    ``None.float()`` before, or dropped a lone bias)."""
+    hidden, weight = _inputs(3, 97, 32, torch.float32)
+    g, b = _norm(32, torch.float32)
+    with pytest.raises(ValueError, match="norm_weight and norm_bias come together"):
+        fused_logits_ref(hidden, weight, 4, **{half: g if half == "norm_weight" else b})
+
+
 def test_norm_opcheck():
     hidden, weight = _inputs(3, 97, 32, torch.float32)
     g, b = _norm(32, torch.float32)

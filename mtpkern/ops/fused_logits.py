@@ -304,9 +304,10 @@ def fused_logits_ref(
     It materialises the [R, V] logits (in fp32), which the kernel never does.
     """
     h = hidden.float()
-    if norm_weight is not None:
-        bias = None if norm_bias is None else norm_bias.float()
-        h = torch.nn.functional.layer_norm(h, (h.shape[-1],), norm_weight.float(), bias, eps)
+    if (norm_weight is None) != (norm_bias is None):
+        raise ValueError("fused_logits_ref: norm_weight and norm_bias come together (a LayerNorm's weight and bias)")
+    if norm_weight is not None and norm_bias is not None:
+        h = torch.nn.functional.layer_norm(h, (h.shape[-1],), norm_weight.float(), norm_bias.float(), eps)
         h = h.to(hidden.dtype).float()  # rounded to the input dtype, as the kernel feeds its dot
     return logits_stats(scale * (h @ weight.float().T), k, target)
 
