@@ -908,11 +908,11 @@ def load_model(name_or_dir, *, device=None, dtype=None, calibration: bool = True
     directory of ``mtpkern train`` that holds it), or a Hugging Face GPT-2 checkpoint (directory
     or hub name) as a ``GPT2``. A bad config is a ``CheckpointError`` naming the file and field.
     ``calibration``: attach the directory's ``calibration.json`` as ``model.calibration`` (checked
-    against the weights; see ``mtpkern.calibrate``), or ignore it (False). ``dtype``: a
-    ``torch.dtype`` or its name as the CLI takes it (``"bfloat16"``, ``"bf16"``, ...); None keeps
+    against the weights; see ``mtpkern.calibrate``), or ignore it (False). ``dtype``: a floating
+    ``torch.dtype``, or a name as the CLI takes it (``"bfloat16"``, ``"bf16"``, ...); None keeps
     float32."""
-    if dtype is not None:
-        dtype = resolve_dtype(dtype)
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        dtype = resolve_dtype(dtype)  # a name; anything else is a one-line ValueError
     if is_local(name_or_dir):
         path = resolve_checkpoint(name_or_dir)[0]
         cfg_file = require_file(path, CONFIG_NAME)

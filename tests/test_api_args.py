@@ -139,7 +139,8 @@ def saved_gpt2(tmp_path_factory):
 
 @pytest.mark.parametrize("name, dtype", [("bfloat16", torch.bfloat16), ("bf16", torch.bfloat16),
                                          ("float16", torch.float16), ("fp32", torch.float32),
-                                         (torch.float16, torch.float16), (None, torch.float32)])
+                                         (torch.float16, torch.float16), (torch.float64, torch.float64),
+                                         (None, torch.float32)])
 def test_load_model_takes_a_dtype_by_name_as_the_cli_does(saved_gpt2, name, dtype):
     """Item 13: dtype="bfloat16" read a raw torch error."""
     assert load_model(saved_gpt2, dtype=name).dtype == dtype
