@@ -3,7 +3,7 @@
 #
 #     OUT=gpu_results bash benchmarks/gpu_check.sh
 #
-# Builds the extension, runs the kernel tests and the kernel benchmarks first, then the
+# Builds the extension, checks CUDA-graph decoding, runs the kernel tests and the kernel benchmarks, then the
 # speculative-vs-plain greedy agreement, the decode benchmarks, memcheck and the rest of the
 # tests, and ends with a one-screen summary (stages passed / failed / skipped, headline
 # figures parsed from the JSON). Every stage logs to $OUT/<stage>.log, has its own time limit
@@ -173,6 +173,11 @@ INSTALL_KIND=gpu
 [ "$DRY_RUN" = 1 ] || INSTALL_KIND=any
 stage install 180 "$INSTALL_KIND" env MAX_JOBS=16 MTPKERN_FORCE_CUDA_BUILD=1 "$PYTHON" -m pip install --no-build-isolation --no-deps -e .
 stage import_ext 30 gpu "$PYTHON" -c "import torch; from mtpkern import _C; from mtpkern.ops import _backend; assert _backend.HAS_CUDA_EXT; print('mtpkern._C OK', _C.__file__)"
+# CUDA graphs first: one graphed decode each of ntp, mtp and medusa (eager and fused kernels) and
+# batches of 16, 4 and 1, each against the same decode without graphs (tests/test_graphs.py, which
+# runs on the CPU under a fake of torch's graph primitives in CI). A broken graph path shows here,
+# in the first minute, and the stages below still run.
+stage graphs 150 gpu "${PYTEST[@]}" -rfE tests/test_graphs.py
 stage collect 120 any "${PYTEST[@]}" --collect-only benchmarks
 stage cxx_errors 60 gpu bash -c cxx_errors
 stage kernel_tests 150 gpu bash -c 'pytest_files kernel_tests 140 "$@"' _ $KERNEL_TESTS
@@ -183,7 +188,7 @@ stage bench_decode 90 gpu "$PYTHON" benchmarks/bench_decode.py --prompts 3 --max
 # what survives of the speed-up
 stage bench_batch 90 gpu "$PYTHON" benchmarks/bench_decode.py --prompts 16 --max-new-tokens 48 --batch 1,4,16 \
   --json "$OUT/bench_batch.json"
-stage tests 180 gpu bash -c 'pytest_files tests 170 "$@"' _ $(ls tests/test_*.py | grep -v -F "$(printf '%s\n' $KERNEL_TESTS)")
+stage tests 180 gpu bash -c 'pytest_files tests 170 "$@"' _ $(ls tests/test_*.py | grep -v -F "$(printf '%s\n' $KERNEL_TESTS tests/test_graphs.py)")
 stage bench_e2e 90 gpu "$PYTHON" -m mtpkern.cli bench --device cuda --prompts 3 --max-new-tokens 64 --batch none \
   --json "$OUT/bench_e2e.json"
 # The fused decode step vs the eager and compiled CUDA-graphed steps (T = 1, 16, 64) and ntp /

@@ -41,8 +41,9 @@ from collections.abc import Sequence
 import torch
 
 from mtpkern.decoder import (
-    GenerationResult, _as_ids, _check_args, _CudaGraph, _eos_id, _Logits, _prompt, _resolve_tree, prefill,
+    GenerationResult, _as_ids, _check_args, _eos_id, _Logits, _prompt, _resolve_tree, prefill,
 )
+from mtpkern.graphs import CapturedCall
 from mtpkern.ops.fused_logits import fused_logits
 from mtpkern.ops.kv_compact import kv_compact_
 from mtpkern.ops import _backend
@@ -121,7 +122,9 @@ class BatchDecoder:
         self.cuda_graph = bool(cuda_graph)
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
-        tree, dynamic = _resolve_tree(model, strategy, tree, acceptance, "eager", False)
+        # the auto tree planned for the kernels and graphs this decoder runs
+        tree, dynamic = _resolve_tree(model, strategy, tree, acceptance, "fused" if self.fused else "eager",
+                                      self.cuda_graph)
         if dynamic:
             raise ValueError("batched decoding takes static trees (a hand tree, the default or 'auto'); "
                              "tree='dynamic' decodes one prompt at a time (mtpkern.Decoder)")
@@ -155,8 +158,8 @@ class BatchDecoder:
         self.cache = KVCache(model.n_cache_layers, max_batch, cfg.n_head, cfg.n_positions, cfg.head_dim,
                              dtype=model.dtype, device=dev)
         self.offsets = torch.arange(self.T, device=dev)
-        self._graphs: dict[int, tuple[_Rows, _CudaGraph]] = {}  # whole steps, per batch size
-        self._forward_graphs: dict[int, _CudaGraph] = {}  # sampling steps' forward passes
+        self._graphs: dict[int, tuple[_Rows, CapturedCall]] = {}  # whole steps, per batch size
+        self._forward_graphs: dict[int, CapturedCall] = {}  # sampling steps' forward passes
         self._graph_weights: list[int] | None = None
         self._weights: list | None = None  # the blocks' decode weights (``Attn.weights``), per generation
 
@@ -378,7 +381,7 @@ class BatchDecoder:
             graph = self._forward_graphs.get(B)
             if graph is None:
                 cache = s.cache
-                graph = self._forward_graphs[B] = _CudaGraph(lambda t, p: self._forward_at(t, p, cache),
+                graph = self._forward_graphs[B] = CapturedCall(lambda t, p: self._forward_at(t, p, cache),
                                                              (tokens, s.prefix), self.device)
             h0, carry = graph(tokens, s.prefix)
         else:
@@ -408,14 +411,14 @@ class BatchDecoder:
             self.reset_graphs()
             self._graph_weights = weights
 
-    def _graphed_rows(self, B: int) -> tuple[_Rows, _CudaGraph]:
+    def _graphed_rows(self, B: int) -> tuple[_Rows, CapturedCall]:
         """The state of batches of B rows and the graph of their whole step, captured on the
         first batch of that size, before its prefill: with every row inactive at prefix 0, the
         capture's warm-up steps write slots the prefill and the first step write again, and
         move nothing."""
         if B not in self._graphs:
             s = _Rows(self, B)
-            self._graphs[B] = (s, _CudaGraph(lambda: self._step(s), (), self.device))
+            self._graphs[B] = (s, CapturedCall(lambda: self._step(s), (), self.device))
         return self._graphs[B]
 
     # -- decoding ----------------------------------------------------------------------

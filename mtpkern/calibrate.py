@@ -69,6 +69,7 @@ from typing import Callable, NamedTuple, Sequence
 import torch
 
 from mtpkern.checkpoint import CheckpointError
+from mtpkern.graphs import graphs_available
 from mtpkern.runtime import dtype_name, resolve_dtype, synchronize
 from mtpkern.tree import Tree
 
@@ -529,7 +530,7 @@ def step_cost(model, *, kernels: str = "auto", cuda_graph: bool = False, depth: 
         raise ValueError(f"unknown kernels {kernels!r}; choose one of auto, eager, fused")
     if draft_depth(model) < 1:
         raise ValueError(f"step_cost times tree steps: it needs a model with draft heads, got {model.n_heads} head(s)")
-    if cuda_graph and model.device.type != "cuda":
+    if cuda_graph and not graphs_available(model.device):
         raise ValueError(f"cuda_graph=True needs the model on a CUDA device; it is on {model.device}")
     D = draft_depth(model) if depth is None else depth
     if isinstance(D, bool) or not isinstance(D, int) or not 1 <= D <= draft_depth(model):

@@ -51,8 +51,6 @@ are kept by the decoder; ``decoder.reset_graphs()`` drops them (after the weight
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import math
 import operator
 import time
@@ -61,6 +59,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from mtpkern.graphs import CapturedCall, graphs_available
 from mtpkern.model import GPT2, Attn, KVCache, MedusaModel, MTPModel
 from mtpkern.ops import _backend
 from mtpkern.ops.fused_logits import MAX_K, fused_logits
@@ -598,52 +597,6 @@ class _ChainSamplingStep(_Step):
 # ----------------------------------------------------------------------------- CUDA graphs
 
 
-class _CudaGraph:
-    """``fn(*inputs)`` captured in a CUDA graph, replayed with new inputs copied into static
-    buffers (gpt-fast's recipe without the compiler). The warm-up runs execute ``fn`` for
-    real: callers capture before they set up the state ``fn`` works on."""
-
-    def __init__(self, fn, inputs: tuple[torch.Tensor, ...], device: torch.device):
-        self.inputs = tuple(x.clone() for x in inputs)
-        # torch.cuda.graph captures on the current device: make it the model's (cuda:1 while
-        # cuda:0 is current would otherwise run the kernels eagerly and capture nothing).
-        with torch.cuda.device(device):
-            stream = torch.cuda.Stream(device)
-            stream.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(stream):
-                for _ in range(2):  # lazy initialisation (cuBLAS handles, Triton compiles) outside the graph
-                    fn(*self.inputs)
-            torch.cuda.current_stream(device).wait_stream(stream)
-            self.graph = torch.cuda.CUDAGraph()
-            with _no_collection(), torch.cuda.graph(self.graph):
-                self.out = fn(*self.inputs)
-
-
-@contextlib.contextmanager
-def _no_collection():
-    """Python's cyclic garbage collector off for a capture, after one collection first.
-
-    Decoders that were dropped still hold their CUDA graphs until a collection frees them, and
-    destroying a graph is not allowed while another is being captured: a collection that
-    happens to run inside a capture invalidates it ("operation not permitted when stream is
-    capturing", seen on an H200 in the decode benchmark's tenth decoder). torch no longer
-    collects before a capture by itself (``torch.compiler.config.force_cudagraph_gc``)."""
-    gc.collect()
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-    def __call__(self, *inputs):
-        for static, x in zip(self.inputs, inputs):
-            static.copy_(x)
-        self.graph.replay()
-        return self.out
-
-
 class _GraphedForward:
     """A step's forward pass alone, replayed from a CUDA graph captured on its first call
     (whose warm-up writes the very K/V the call itself writes)."""
@@ -656,7 +609,7 @@ class _GraphedForward:
 
     def __call__(self, tokens, prefix, prefix_host, depth, dense, packed):
         if self.graph is None:
-            self.graph = _CudaGraph(lambda t, p, d, m, k: self.forward(t, p, None, d, m, k),
+            self.graph = CapturedCall(lambda t, p, d, m, k: self.forward(t, p, None, d, m, k),
                                     (tokens, prefix, depth, dense, packed), self.device)
         return self.graph(tokens, prefix, depth, dense, packed)
 
@@ -856,7 +809,7 @@ def _check_args(model, strategy, acceptance, kernels, temperature, top_k, top_p,
             raise ValueError(f"acceptance {acceptance!r} samples: it needs temperature > 0 (or use 'greedy')")
         if acceptance != "rejection" and (top_k or top_p < 1.0):
             raise ValueError("top_k / top_p apply to sampling: strategy 'ntp' or acceptance 'rejection'")
-    if cuda_graph and model.device.type != "cuda":
+    if cuda_graph and not graphs_available(model.device):
         raise ValueError(f"cuda_graph=True needs the model on a CUDA device; it is on {model.device}")
 
 
@@ -934,7 +887,7 @@ class Decoder:
             self.step = _ChainSamplingStep(self, self.tree)
         else:
             self.step = _TreeStep(self, self.tree, dynamic_nodes)
-        self._graph: _CudaGraph | None = None
+        self._graph: CapturedCall | None = None
         self._graph_weights: list[int] | None = None
         self._contiguous_weights = self.device.type == "cpu" and self.step.T > 1
         self._refresh_weights(self._weight_stamp())
@@ -1009,8 +962,15 @@ class Decoder:
         self.step.forward = _Forward(self, self.step.T, final_norm=self.step.normed,
                                      heads=self.step._forward_heads(self))
 
+    def _graph_weights_now(self) -> list[int]:
+        """Where the tensors a capture reads live: the model's, and the decoder's own copies
+        of them (the CPU's contiguous decode weights), which ``refresh`` may rebuild."""
+        own = [*(self.decode_weights or []), self.logits.unembed_t]
+        tensors = (*self.model.parameters(), *self.model.buffers(), *torch.utils._pytree.tree_leaves(own))
+        return [t.data_ptr() for t in tensors if isinstance(t, torch.Tensor)]
+
     def _prepare_graphs(self) -> None:
-        weights = [t.data_ptr() for t in (*self.model.parameters(), *self.model.buffers())]
+        weights = self._graph_weights_now()
         if weights == self._graph_weights:
             return
         self.reset_graphs()
@@ -1022,7 +982,7 @@ class Decoder:
         step._start(0)
         step.in_place = True
         if self.whole_step_graph:
-            self._graph = _CudaGraph(lambda: step.body(None), (), self.device)
+            self._graph = CapturedCall(lambda: step.body(None), (), self.device)
             return
         step.forward = _GraphedForward(step.forward, self.device)
 
@@ -1060,10 +1020,10 @@ class Decoder:
             raise ValueError(f"{what} needs {need} cache slots, {over} more than the model's context of {ctx}; {hint}")
         self.generator = generator
         self._timing_state = False
+        prompt, stamp = ids.tolist(), self._weight_stamp()
+        self._refresh_weights(stamp)  # before the graphs: a capture reads the weights it finds
         if self.cuda_graph:
             self._prepare_graphs()
-        prompt, stamp = ids.tolist(), self._weight_stamp()
-        self._refresh_weights(stamp)
         reuse = self._reusable(prompt, stamp)
         self._cached = None  # until this generation ends: an error leaves the cache unknown
         out: list[int] = []
@@ -1114,10 +1074,12 @@ class Decoder:
             raise ValueError(f"prefix_len {prefix_len} + {step.T} tree nodes exceeds the cache of "
                              f"{self.cache.max_len} slots")
         self._cached = None  # the step writes garbage into the cache
+        first = not getattr(self, "_timing_state", False)  # the first timed step: not on every one
+        if first:
+            self._refresh_weights(self._weight_stamp())
         if self.cuda_graph:
             self._prepare_graphs()
-        if not getattr(self, "_timing_state", False):  # the first timed step: not on every one
-            self._refresh_weights(self._weight_stamp())
+        if first:
             h = torch.zeros(step.heads, self.model.config.n_embd, dtype=self.model.dtype, device=self.device)
             step.begin(h, prefix_len)
             self._timing_state = True

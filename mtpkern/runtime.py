@@ -67,8 +67,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 def synchronize(device: torch.device | str) -> None:
     """Wait for the device's queued work (a no-op on the CPU)."""
     device = torch.device(device)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    torch.get_device_module(device).synchronize(device)
 
 
 def now(device: torch.device | str) -> float:

@@ -281,65 +281,7 @@ def test_a_fused_step_never_syncs(gpt2_model, medusa_model, mtp_model, strategy,
                     dec._step(_fake_rows(mode, rows))
 
 
-class _CpuGraph:
-    """A stand-in for ``mtpkern.decoder._CudaGraph`` on the CPU, with a graph's contract: the
-    inputs are copied into buffers of its own, and every replay writes into the output tensors
-    of the capture (the caller must read those, and keep its state in the tensors the capture
-    saw)."""
-
-    captures = 0
-
-    def __init__(self, fn, inputs, device):
-        self.fn, self.inputs = fn, tuple(x.clone() for x in inputs)
-        for _ in range(2):  # the warm-up runs, for real
-            fn(*self.inputs)
-        self.out = fn(*self.inputs)
-        _CpuGraph.captures += 1
-
-    def __call__(self, *inputs):
-        for static, x in zip(self.inputs, inputs):
-            static.copy_(x)
-        new = self.fn(*self.inputs)
-        torch.utils._pytree.tree_map(lambda old, fresh: old.copy_(fresh), self.out, new)
-        return self.out
-
-
-@pytest.mark.parametrize("strategy, tree, kw", [("ntp", None, {}), ("medusa", "3,2,1", {}), ("mtp", None, {}),
-                                                ("medusa", "chain:3", dict(acceptance="rejection", temperature=0.8)),
-                                                ("ntp", None, dict(temperature=0.9, top_k=20))])
-def test_graphed_batches_decode_as_eager_batches(monkeypatch, gpt2_model, medusa_model, mtp_model, strategy, tree, kw):
-    """cuda_graph=True on graph stand-ins (this machine has no GPU; the GPU test below runs the
-    real ones): one capture per batch size, kept across calls, a state whose tensors never
-    move, and the same tokens as without graphs; sampling steps capture the forward alone."""
-    from mtpkern import batch
-
-    model = {"ntp": gpt2_model, "medusa": medusa_model, "mtp": mtp_model}[strategy]
-    monkeypatch.setattr(batch, "_CudaGraph", _CpuGraph)
-    # Eager kernels (the interpreter's fused ones take minutes here): what is tested is the
-    # loop's use of a graph; that a fused step can be captured is the test above.
-    dec = BatchDecoder(model, strategy, tree=tree, max_batch=8, kernels="eager", **kw)
-    dec.cuda_graph = True  # what the constructor refuses on a CPU model
-    plain = BatchDecoder(model, strategy, tree=tree, max_batch=8, kernels="eager", **kw)
-    gens = (lambda: [torch.Generator().manual_seed(50 + b) for b in range(8)]) if dec.sampling else (lambda: None)
-    _CpuGraph.captures = 0
-    for prompts in (PROMPTS[:8], PROMPTS[8:12], PROMPTS[12:20], PROMPTS[:1]):
-        n = len(prompts)
-        g = gens() and gens()[:n]
-        got = dec.generate(prompts, max_new_tokens=10, eos_token_id=PROMPTS[0][0], generators=g)
-        g = gens() and gens()[:n]
-        want = plain.generate(prompts, max_new_tokens=10, eos_token_id=PROMPTS[0][0], generators=g)
-        assert [r.tokens for r in got] == [r.tokens for r in want]
-        assert [r.accept_lengths for r in got] == [r.accept_lengths for r in want]
-    assert _CpuGraph.captures == 3  # B = 8, 4 and 1: the second batch of 8 replays the first's graph
-    graphs = dec._forward_graphs if dec.sampling else dec._graphs
-    assert sorted(graphs) == [1, 4, 8]
-    if not dec.sampling:
-        rows, _ = dec._graphs[8]
-        before = [t.data_ptr() for t in (rows.root, rows.topk, rows.prefix, rows.active)]
-        dec.generate(PROMPTS[:8], max_new_tokens=4)
-        assert [t.data_ptr() for t in (rows.root, rows.topk, rows.prefix, rows.active)] == before
-    dec.reset_graphs()
-    assert not dec._graphs and not dec._forward_graphs
+# Graphed batches on this CPU, under a fake of torch's graph primitives: tests/test_graphs.py.
 
 
 def test_graphed_batches_need_fused_kernels_on_cuda(medusa_model):

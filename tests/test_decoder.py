@@ -265,7 +265,7 @@ def test_whole_step_cuda_graph_matches_eager(medusa_model, mtp_model, tree):
 def test_capture_runs_with_the_collector_off_after_a_collection():
     """A collection inside a CUDA-graph capture may destroy a dropped decoder's graph, which
     invalidates the capture: captures run after a collection, with the collector off."""
-    from mtpkern.decoder import _no_collection
+    from mtpkern.graphs import no_collection as _no_collection
 
     class Cycle:
         collected = False

@@ -14,6 +14,7 @@ import math
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
 from mtpkern.runtime import dtype_name
 
@@ -49,3 +50,12 @@ def check_nonnegative_finite(value, op: str, name: str) -> None:
         raise TypeError(f"{op}: {name} must be a number, got {type(value).__name__}")
     if not (math.isfinite(value) and value >= 0):
         raise ValueError(f"{op}: {name} must be finite and non-negative, got {float(value):g}")
+
+
+def values_on_host(t: Tensor) -> bool:
+    """Whether a check may read ``t``'s values for free: a real CPU tensor, outside a graph
+    capture (where reading a value is a host sync, which a capture forbids)."""
+    if t.device.type != "cpu" or is_fake(t):
+        return False
+    capturing = getattr(torch.get_device_module(t.device), "is_current_stream_capturing", None)
+    return capturing is None or not capturing()

@@ -20,7 +20,7 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 
 from mtpkern.ops import _backend
-from mtpkern.ops._checks import check_rows, check_same_device
+from mtpkern.ops._checks import check_rows, check_same_device, values_on_host
 from mtpkern.runtime import dtype_name
 
 MAX_PATH = 1024  # the CUDA kernel stages the whole path in shared memory (kMaxCompactPath)
@@ -92,13 +92,13 @@ def kv_compact_ref_(k_cache: Tensor, v_cache: Tensor, path: Tensor, prefix_len: 
     _check(k_cache, v_cache, path, prefix_len, count)
     S = k_cache.shape[3]
     if path.dim() == 2:  # row b of the batch: its own path, prefix length and count
-        if all(t.device.type == "cpu" for t in (path, prefix_len, count)):  # every row checked before any move
+        if all(values_on_host(t) for t in (path, prefix_len, count)):  # every row checked before any move
             for b in range(path.shape[0]):
                 _check_moves(path[b], int(prefix_len[b]), int(count[b]), S, f" (batch row {b})")
         for b in range(path.shape[0]):
             _compact(k_cache[:, b], v_cache[:, b], 2, path[b], prefix_len[b], count[b])
         return
-    if all(t.device.type == "cpu" for t in (path, prefix_len, count)):  # checking is free here
+    if all(values_on_host(t) for t in (path, prefix_len, count)):  # checking is free here
         _check_moves(path, int(prefix_len), int(count), S)
     _compact(k_cache, v_cache, 3, path, prefix_len, count)
 

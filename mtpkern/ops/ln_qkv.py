@@ -25,6 +25,7 @@ from mtpkern.ops._decode_linear import (
     blocks, bt_strides, check_int32_offsets, check_params, check_rows, input_precision,
     layer_norm_stats, linear_tile, output_tile,
 )
+from mtpkern.ops._checks import values_on_host
 from mtpkern.ops._triton_compat import wrap_triton
 
 
@@ -131,7 +132,7 @@ def _check_inputs(x, ln_weight, ln_bias, weight, bias, k_cache, v_cache, slots, 
         raise ValueError("slots must be contiguous")
     if not eps > 0:
         raise ValueError(f"eps must be positive, got {eps}")
-    if slots.device.type == "cpu" and not is_fake(slots):  # a CUDA check would sync with the host
+    if values_on_host(slots):  # a CUDA check would sync with the host
         S = k_cache.shape[2]
         bad = (slots < 0) | (slots >= S)
         if bool(bad.any()):

@@ -52,6 +52,7 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 
 from mtpkern.ops import _backend
+from mtpkern.ops._checks import values_on_host
 from mtpkern.ops._triton_compat import wrap_triton
 from mtpkern.runtime import dtype_name
 
@@ -436,7 +437,7 @@ def tree_attention_ref(
     """
     scale = _resolve_scale(scale, q)
     _check_inputs(q, k_cache, v_cache, prefix_len, tree_mask, scale)
-    if prefix_len.device.type == "cpu":
+    if values_on_host(prefix_len):
         _check_prefix_len_value(prefix_len, q.shape[2], k_cache.shape[2])
     return _attention_dense(q, k_cache, v_cache, prefix_len, tree_mask, scale)
 
@@ -694,7 +695,7 @@ def _tree_attention_op(
 ) -> Tensor:
     # This body is also the fake implementation (run on fake tensors under torch.compile).
     _check_inputs(q, k_cache, v_cache, prefix_len, tree_mask, scale)
-    if prefix_len.device.type == "cpu" and not is_fake(prefix_len):  # free on the host
+    if values_on_host(prefix_len):  # a CUDA check would sync with the host
         _check_prefix_len_value(prefix_len, q.shape[2], k_cache.shape[2])
     if q.device.type == "cpu" and not _backend.triton_interpret():
         return _empty_out(q).copy_(_attention_dense(q, k_cache, v_cache, prefix_len, tree_mask, scale))
@@ -710,7 +711,7 @@ def _tree_attention_proj_op(
     # This body is also the fake implementation (run on fake tensors under torch.compile).
     _check_inputs(q, k_cache, v_cache, prefix_len, tree_mask, scale)
     _check_proj(q, weight, bias, residual)
-    if prefix_len.device.type == "cpu" and not is_fake(prefix_len):  # free on the host
+    if values_on_host(prefix_len):  # a CUDA check would sync with the host
         _check_prefix_len_value(prefix_len, q.shape[2], k_cache.shape[2])
     if q.device.type == "cpu" and not _backend.triton_interpret():
         return _project(_attention_dense(q, k_cache, v_cache, prefix_len, tree_mask, scale), weight, bias,
