@@ -1,7 +1,8 @@
 """The fused decode step against the eager step, both in CUDA graphs, and ``torch.compile``.
 
 GPT-2 124M shape, random weights, batch 1, a prefix of ``--prefix`` cached tokens: one forward
-pass over T = 1, 16 and 64 tokens (``generate.tree_step``, no LM head), as
+pass over T = 1, 16 and 64 tokens (the decoder's forward pass, ``Decoder(model, "ntp", kernels=...)``,
+no LM head), as
 
 - ``eager+graph``: today's per-op layer (dense-mask SDPA) replayed from a CUDA graph;
 - ``compile+graph``: the same step compiled by Inductor, then captured in a CUDA graph (timed
@@ -28,6 +29,10 @@ import sys
 
 import torch
 
+from mtpkern.decoder import Decoder, _Forward
+from mtpkern.graphs import CapturedCall
+from mtpkern.tree import Tree
+
 
 def _write(path, report):
     if path:
@@ -45,10 +50,11 @@ def _step_bytes(model, T: int, prefix: int) -> int:
 
 
 def _replay_us(graph_step, tokens, prefix: torch.Tensor, iters: int) -> float:
-    """Mean microseconds per replay over ``iters`` back-to-back replays (CUDA events)."""
+    """Mean microseconds per replay over ``iters`` back-to-back replays (the device's events)."""
     for _ in range(3):
         graph_step(tokens, prefix)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    events = torch.get_device_module(prefix.device)
+    start, end = events.Event(enable_timing=True), events.Event(enable_timing=True)
     start.record()
     for _ in range(iters):
         graph_step(tokens, prefix)
@@ -57,26 +63,27 @@ def _replay_us(graph_step, tokens, prefix: torch.Tensor, iters: int) -> float:
     return start.elapsed_time(end) * 1e3 / iters
 
 
-def step_cases(model, names, Ts, prefix: int, iters: int, report: dict, json_path):
-    from mtpkern.decoder import _CudaGraph, _Forward
-    from mtpkern.tree import Tree
+def _graphed_forward(model, name: str, T: int, tokens: torch.Tensor, prefix: torch.Tensor) -> CapturedCall:
+    """One forward pass over T tokens (a chain) of an ntp decoder with the case's kernels, captured."""
+    dec = Decoder(model, "ntp", kernels="fused" if name.startswith("fused") else "eager", prefix_cache=False)
+    forward, tt = _Forward(dec, T), Tree.chain(T - 1).tensors(model.device)
 
+    def step(tok, p):
+        return forward(tok, p, None, tt.depth, tt.dense_mask, tt.mask)
+
+    fn = torch.compile(step, dynamic=False) if name.startswith("compile") else step
+    return CapturedCall(fn, (tokens, prefix), model.device)
+
+
+def step_cases(model, names, Ts, prefix: int, iters: int, report: dict, json_path):
     device = model.device
     for T in Ts:
-        tt = Tree.chain(T - 1).tensors(device)
         tokens = torch.randint(0, model.config.vocab_size, (T,), device=device)
         for name in names:
             case = {"case": name, "T": T, "prefix": prefix}
             try:
-                cache = model.new_cache(1, model.config.n_positions)
-                forward = _Forward(model, cache, T, name.startswith("fused"))
-
-                def step(tok, p, forward=forward, tt=tt):
-                    return forward(tok, p, None, tt.depth, tt.dense_mask, tt.mask)
-
-                fn = torch.compile(step, dynamic=False) if name.startswith("compile") else step
                 p = torch.full((), prefix, dtype=torch.long, device=device)
-                us = _replay_us(_CudaGraph(fn, (tokens, p), device), tokens, p, iters)
+                us = _replay_us(_graphed_forward(model, name, T, tokens, p), tokens, p, iters)
                 nbytes = _step_bytes(model, T, prefix)
                 case.update(step_us=us, bytes=nbytes, achieved_GBps=nbytes / us / 1e3)
             except Exception as e:  # noqa: BLE001 - one failed case must not hide the others

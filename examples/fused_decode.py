@@ -14,7 +14,7 @@ import argparse
 
 import torch
 
-from mtpkern import generate, load_model
+from mtpkern import Decoder, load_model
 from mtpkern.data import format_prompt, load_tokenizer
 from mtpkern.runtime import resolve_device, resolve_dtype
 
@@ -35,10 +35,11 @@ def main(argv=None):
 
     runs = {}
     for kernels in ("eager", "auto"):
-        for _ in range(2):  # the first call warms up (Triton compiles, caches allocate)
-            runs[kernels] = generate(model, ids, max_new_tokens=args.max_new_tokens, strategy=strategy,
-                                     eos_token_id=tokenizer.eos_token_id, kernels=kernels,
-                                     cuda_graph=kernels == "auto" and device.type == "cuda")
+        # One decoder per setting, kept: it holds the cache and the captured CUDA graphs.
+        decoder = Decoder(model, strategy, kernels=kernels, cuda_graph=kernels == "auto" and device.type == "cuda")
+        for _ in range(2):  # the first call warms up (Triton compiles, graph captures, caches allocate)
+            runs[kernels] = decoder.generate(ids, max_new_tokens=args.max_new_tokens,
+                                             eos_token_id=tokenizer.eos_token_id)
     print(tokenizer.decode(runs["auto"].tokens, skip_special_tokens=True))
     for kernels, r in runs.items():
         print(f"{kernels:>5}: {r.tokens_per_second:8.1f} tok/s, mean accepted length {r.mean_accept_length:.2f} ({device})")

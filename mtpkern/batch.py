@@ -41,7 +41,7 @@ from collections.abc import Sequence
 import torch
 
 from mtpkern.decoder import (
-    GenerationResult, _as_ids, _check_args, _eos_id, _Logits, _prompt, _resolve_tree, prefill,
+    GenerationResult, _as_ids, _check_args, _check_generator, _eos_id, _Logits, _prompt, _resolve_tree, prefill,
 )
 from mtpkern.graphs import CapturedCall
 from mtpkern.ops.fused_logits import fused_logits
@@ -438,8 +438,10 @@ class BatchDecoder:
         if len(generators) != B:
             raise ValueError(f"{len(generators)} generators for {B} prompts: give one per prompt")
         for b, g in enumerate(generators):
-            if not isinstance(g, torch.Generator) or torch.device(g.device).type != self.device.type:
-                raise ValueError(f"generator {b} must be a torch.Generator on {self.device.type}, got {g!r}")
+            try:
+                _check_generator(g, self.device)
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"generator {b}: {e}") from None
         if len({id(g) for g in generators}) != B:
             raise ValueError("the rows need independent random streams: give a different generator to each prompt")
         return generators

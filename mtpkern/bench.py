@@ -481,7 +481,7 @@ def run_bench(device: str = "cuda", json_path=None, model_dir=None, max_new_toke
             # The tree the model decodes with: a calibrated checkpoint's own (auto), else the small fixed one.
             medusa_tree = (Decoder(models["medusa"], "medusa").tree if has_calibration(models["medusa"])
                            else eval_tree(models["medusa"].config.n_heads))
-            for kernels in ("auto", "fused") if dev.type == "cuda" else ("auto", "eager"):
+            for kernels in ("eager", "fused") if dev.type == "cuda" else ("auto", "eager"):  # auto is fused on CUDA
                 try:
                     report["step_breakdown"][kernels] = step_breakdown(
                         models["medusa"], medusa_tree,

@@ -793,12 +793,9 @@ def _check_args(model, strategy, acceptance, kernels, temperature, top_k, top_p,
         raise ValueError(f"unknown acceptance {acceptance!r}; choose one of {', '.join(ACCEPTANCE)}")
     if kernels not in KERNELS:
         raise ValueError(f"unknown kernels {kernels!r}; choose one of {', '.join(KERNELS)}")
-    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
-        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
-    if not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
-        raise ValueError(f"top_k must be an int >= 0 (0 = no limit), got {top_k!r}")
+    _check_sampling(temperature, top_k, top_p)
+    if not isinstance(cuda_graph, bool):
+        raise TypeError(f"cuda_graph must be True or False, got {cuda_graph!r}")
     if strategy != "ntp":
         if acceptance == "greedy" and temperature > 0:
             raise ValueError(
@@ -811,6 +808,18 @@ def _check_args(model, strategy, acceptance, kernels, temperature, top_k, top_p,
             raise ValueError("top_k / top_p apply to sampling: strategy 'ntp' or acceptance 'rejection'")
     if cuda_graph and not graphs_available(model.device):
         raise ValueError(f"cuda_graph=True needs the model on a CUDA device; it is on {model.device}")
+
+
+def _check_sampling(temperature, top_k, top_p) -> None:
+    def number(x) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+    if not number(temperature) or not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+    if not number(top_p) or not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise ValueError(f"top_k must be an int >= 0 (0 = no limit), got {top_k!r}")
 
 
 def _describe(model) -> str:

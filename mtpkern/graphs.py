@@ -50,6 +50,9 @@ class CapturedCall:
     def __init__(self, fn: Callable[..., Any], inputs: tuple[torch.Tensor, ...], device: torch.device):
         cuda = torch.get_device_module(device)
         self.inputs = tuple(x.clone() for x in inputs)
+        # A graph reads memory by address: keep alive what ``fn`` reads through its closure
+        # (tensors only it refers to would otherwise be freed, and their memory reused).
+        self.fn = fn
         # A capture records on the current device: make it the model's (cuda:1 while cuda:0 is
         # current would otherwise run the kernels eagerly and capture nothing).
         with cuda.device(device):

@@ -100,7 +100,7 @@ def test_batch_generators_of_the_wrong_kind_are_named(medusa_model):
     _one_line_error(lambda: dec.generate([[1, 2]], max_new_tokens=4, generators=5), TypeError,
                     "generators must be a list of torch.Generator")
     _one_line_error(lambda: dec.generate([[1, 2]], max_new_tokens=4, generators=[_MetaGenerator()]), ValueError,
-                    "generator 0 must be a torch.Generator on cpu")
+                    "generator 0: the generator is on meta but the model is on cpu")
 
 
 def test_a_mask_beside_prompts_of_different_lengths_says_what_it_goes_with(medusa_model):
@@ -175,3 +175,14 @@ def test_cli_generate_refuses_an_empty_tree_spec(cli_checkpoint, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "tree spec" in err and len(err.strip().splitlines()) == 1
 
+
+
+@pytest.mark.parametrize("kw, error, match", [
+    (dict(cuda_graph="no"), TypeError, "cuda_graph must be True or False, got 'no'"),
+    (dict(temperature=True), ValueError, "temperature must be a finite number >= 0, got True"),
+    (dict(temperature=1.0, top_p=True), ValueError, "top_p must be in (0, 1], got True"),
+])
+def test_switches_of_the_wrong_kind_are_named(medusa_model, kw, error, match):
+    """A truthy string read as cuda_graph=True ("needs a CUDA device"), a bool as a temperature."""
+    for make in (lambda: Decoder(medusa_model, "ntp", **kw), lambda: BatchDecoder(medusa_model, "ntp", **kw)):
+        _one_line_error(make, error, match)

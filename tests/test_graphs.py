@@ -11,6 +11,8 @@ run on real CUDA graphs (``benchmarks/gpu_check.sh`` runs this file first).
 
 import copy
 import functools
+import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
@@ -265,3 +267,28 @@ def test_graphed_sampled_batches_replay_the_forward(device):
         if not ON_GPU:
             assert [r.tokens for r in got] == [r.tokens for r in want]
     assert sorted(graphed._forward_graphs) == [1, 4] and not graphed._graphs
+
+
+# ----------------------------------------------------------------------------- benchmarks
+
+
+def _benchmark(name: str):
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@fake_only
+def test_fused_step_benchmark_times_graphed_steps(fake_graphs):
+    """``benchmarks/bench_fused_step.py``'s step cases (graphed forward passes timed with the
+    device's events), on the CPU under the fake: every case measures, none errors."""
+    bench = _benchmark("bench_fused_step")
+    report: dict = {"step": [], "speedup": {}}
+    model = tiny_gpt2()
+    with torch.inference_mode():
+        bench.step_cases(model, ("eager+graph", "fused+graph"), (1, 4), 6, 2, report, None)
+    assert [c["case"] for c in report["step"]] == ["eager+graph", "fused+graph"] * 2
+    assert all("error" not in c and c["step_us"] > 0 for c in report["step"]), report["step"]
+    assert set(report["speedup"]) == {"T=1", "T=4"}
