@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 
 from mtpkern.checkpoint import resolve_checkpoint
 from mtpkern.eval import device_info, eval_tree, hf_decoder
+from mtpkern.graphs import graphs_available
 from mtpkern.plots import GRAPHED, ntp_of
 from mtpkern.runtime import resolve_device, resolve_dtype, timed
 
@@ -92,9 +93,9 @@ def engine_cases(models: dict, device) -> list[tuple[str, object, dict]]:
     """``(name, model, generate kwargs)`` for every engine configuration to time."""
     from mtpkern.decoder import has_calibration
 
-    cuda = device.type == "cuda"
+    graphs = graphs_available(device)  # the graphed cases wherever the device captures graphs (CUDA)
     cases: list[tuple[str, object, dict]] = [("ntp/eager", models["ntp"], dict(strategy="ntp", kernels="eager"))]
-    if cuda:
+    if graphs:
         cases.append(("ntp/cuda_graph", models["ntp"], dict(strategy="ntp", kernels="eager", cuda_graph=True)))
     for strategy in ("mtp", "medusa"):
         if strategy not in models:
@@ -107,7 +108,7 @@ def engine_cases(models: dict, device) -> list[tuple[str, object, dict]]:
             kw["tree"] = eval_tree(model.config.n_heads)
         cases += [(f"{strategy}/eager", model, dict(kw, kernels="eager")),
                   (f"{strategy}/fused", model, dict(kw, kernels="fused"))]
-        if cuda:
+        if graphs:
             cases.append((f"{strategy}/fused+cuda_graph", model, dict(kw, kernels="fused", cuda_graph=True)))
     return cases
 

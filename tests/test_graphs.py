@@ -11,6 +11,7 @@ run on real CUDA graphs (``benchmarks/gpu_check.sh`` runs this file first).
 
 import copy
 import functools
+import importlib
 import importlib.util
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from fake_cuda import CaptureError
 from mtpkern import Decoder
 from mtpkern.decoder import step_cost_tree, time_step
 from mtpkern.batch import BatchDecoder
+from mtpkern.calibrate import time_tree_step
 from mtpkern.graphs import CapturedCall, graphs_available
 from mtpkern.ops import _backend
 
@@ -292,3 +294,27 @@ def test_fused_step_benchmark_times_graphed_steps(fake_graphs):
     assert [c["case"] for c in report["step"]] == ["eager+graph", "fused+graph"] * 2
     assert all("error" not in c and c["step_us"] > 0 for c in report["step"]), report["step"]
     assert set(report["speedup"]) == {"T=1", "T=4"}
+
+
+@fake_only
+def test_bench_times_its_graphed_cases(fake_graphs):
+    """``mtpkern bench``'s graphed engine cases (CUDA only, until now untried off a GPU): each
+    decodes what its ungraphed twin decodes, and is timed."""
+    bench_mod = importlib.import_module("mtpkern.bench")
+    models = {"ntp": tiny_gpt2(), "medusa": tiny_medusa()}
+    cases = {name: (model, kw) for name, model, kw in bench_mod.engine_cases(models, CPU)}
+    assert {"ntp/cuda_graph", "medusa/fused+cuda_graph"} <= set(cases)
+    prompts = [torch.tensor([p]) for p in PROMPTS[:2]]
+    for graphed, plain in (("ntp/cuda_graph", "ntp/eager"), ("medusa/fused+cuda_graph", "medusa/fused")):
+        runs = {name: bench_mod.decoder_run(cases[name][0], max_new_tokens=5, **cases[name][1])
+                for name in (graphed, plain)}
+        assert runs[graphed](prompts[0]).tokens == runs[plain](prompts[0]).tokens
+        assert bench_mod.time_case(runs[graphed], prompts, CPU)["tokens_per_second"] > 0
+
+
+@fake_only
+def test_calibration_times_graphed_steps(fake_graphs):
+    """The cost model's timer with ``cuda_graph=True`` (what ``mtpkern calibrate`` runs on a GPU)."""
+    model = tiny_medusa()
+    for tree in (None, step_cost_tree(5, model.n_heads - 1)):
+        assert 0 < time_tree_step(model, tree, prefix_len=8, kernels="eager", cuda_graph=True, min_time=0.01) < 60
