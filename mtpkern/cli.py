@@ -1,7 +1,7 @@
 """mtpkern: train GPT-2 models that predict several tokens per pass, decode with them, compare them.
 
 Bad arguments and bad inputs end with a one-line error and exit status 2, never a traceback
-(set ``MTPKERN_DEBUG=1`` to see one).
+(set ``MTPKERN_DEBUG=1`` to see one); warnings are one line each too.
 """
 
 from __future__ import annotations
@@ -11,9 +11,12 @@ import math
 import os
 import signal
 import sys
+import warnings
 from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from mtpkern.checkpoint import CheckpointError, write_text_atomic  # noqa: E402  (the package imports it anyway)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -189,6 +192,9 @@ def cmd_calibrate(args) -> int:
 
     from mtpkern.calibrate import calibrate_checkpoint, format_report
 
+    if args.json and (Path(args.json).is_dir() or args.json.endswith("/")):  # refused before the work, not after
+        raise ValueError(f"--json {args.json!r} is a directory: name the report file, "
+                         f"e.g. {Path(args.json) / 'calibration.json'}")
     report = calibrate_checkpoint(
         args.model, data=args.data, device=args.device, dtype=args.dtype, max_samples=args.max_samples,
         max_new_tokens=args.max_new_tokens, kernels=args.kernels, cuda_graph=args.cuda_graph,
@@ -196,7 +202,7 @@ def cmd_calibrate(args) -> int:
     )
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2))
+        write_text_atomic(args.json, json.dumps(report, indent=2))
     print(format_report(report))
     return 0
 
@@ -295,7 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="compare checkpoints: quality, speed, memory, training cost")
     e.add_argument("models", nargs="+", help="run or checkpoint directories")
     e.add_argument("--data", help="validation data when a run does not name its own")
-    e.add_argument("--json", help="where to write the JSON report (the table and plots go beside it)")
+    e.add_argument("--json", help="where to write the JSON report (default ./eval.json); the table goes beside it "
+                                  "as .md and the plots into <stem>_plots/, and neither replaces a file that "
+                                  "mtpkern eval did not write (nor does the default ./eval.json)")
     e.add_argument("--device", type=_device, default="auto")
     e.add_argument("--max-samples", type=_positive_int, default=50,
                    help="held-out prompts for BLEU and answer accuracy (decoded in batches)")
@@ -342,14 +350,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _one_line_warning(command: str):
+    """``warnings.showwarning`` for the command line: ``mtpkern CMD: warning: message``, without
+    the source line that Python's default format adds."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"mtpkern {command}: warning: {message}", file=file or sys.stderr)
+
+    return show
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if os.environ.get("MTPKERN_DEBUG"):
         return args.func(args)
-    from mtpkern.checkpoint import CheckpointError
-
     try:
-        return args.func(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warning(args.command)
+            return args.func(args)
     except KeyboardInterrupt:
         print("mtpkern: interrupted", file=sys.stderr)
         return 130

@@ -74,10 +74,13 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from mtpkern.checkpoint import resolve_checkpoint
+from mtpkern.checkpoint import resolve_checkpoint, write_text_atomic
+from mtpkern.plots import plots_folder_is_ours, write_plots
 from mtpkern.runtime import dtype_name, peak_memory, reset_peak_memory, resolve_device, resolve_dtype, timed
 
 SCHEMA = "mtpkern.eval/1"
+# the first line of every table we write: a later run may replace a file that starts with it
+TABLE_MARK = "<!-- written by mtpkern eval: its next run with the same report file replaces this table -->"
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -642,7 +645,8 @@ def evaluate(paths: list, *, data: str | None = None, json_path=None, device: st
     checkpoints on (runs use their own validation split). ``dtype``: "float32" /
     "float16" / "bfloat16" (default float32 on CPU, float16 on CUDA). The JSON goes to
     ``json_path`` (default ``eval.json`` in the current directory), the table next to it
-    (``.md``) and the plots into ``<json stem>_plots/``. Returns the report (schema in the
+    (``.md``) and the plots into ``<json stem>_plots/``; none of these replaces what eval did not
+    write but ``json_path`` itself (see :func:`report_files`). Returns the report (schema in the
     module docstring).
     """
     if not paths:
@@ -652,10 +656,8 @@ def evaluate(paths: list, *, data: str | None = None, json_path=None, device: st
     if speed_samples is not None and (isinstance(speed_samples, bool) or not isinstance(speed_samples, int)
                                       or speed_samples < 1):
         raise ValueError(f"speed_samples must be an int >= 1 (or None: every sample), got {speed_samples!r}")
-    given = str(json_path or "eval.json")
-    json_path = Path(given)
-    if json_path.is_dir() or given.endswith("/"):
-        raise ValueError(f"--json {str(json_path)!r} is a directory: name the report file, e.g. {json_path / 'eval.json'}")
+    asked = json_path
+    json_path, table_path, plots_dir = report_files(asked, plots)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     models = [evaluate_checkpoint(p, data=data, device=dev, dtype=dt, max_samples=max_samples,
@@ -669,15 +671,62 @@ def evaluate(paths: list, *, data: str | None = None, json_path=None, device: st
                                 kernels=kernels, cuda_graph=cuda_graph, hf_baseline=hf_baseline,
                                 batch_sizes=list(batch_sizes), prefix_cache=prefix_cache),
                   models=models)
+    report_files(asked, plots)  # again: the user may have put something there meanwhile
     json_path.parent.mkdir(parents=True, exist_ok=True)
     table = format_table(report)
-    files: dict[str, Any] = dict(json=str(json_path), table=str(json_path.with_suffix(".md")), plots=[])
-    if plots:
-        from mtpkern.plots import write_plots
-
-        files["plots"] = write_plots(report, json_path.parent / f"{json_path.stem}_plots")
+    files: dict[str, Any] = dict(json=str(json_path), table=str(table_path), plots=[])
+    if plots_dir is not None:
+        files["plots"] = write_plots(report, plots_dir)
     report["files"] = files
-    Path(files["table"]).write_text(table)
-    json_path.write_text(json.dumps(report, indent=2))
+    write_text_atomic(table_path, TABLE_MARK + "\n" + table)
+    write_text_atomic(json_path, json.dumps(report, indent=2))
     print(table)
     return report
+
+
+def report_files(json_path, plots: bool = True) -> tuple[Path, Path, Path | None]:
+    """``(json, table, plots folder or None)`` of a report, once it is clear that writing them
+    loses nothing: ``json_path`` was named and may be replaced, but the names derived from it
+    (the ``.md`` table, the ``<stem>_plots/`` folder, and ``eval.json`` itself when no path was
+    given) may only replace what eval wrote. Anything else is a one-line ``ValueError``."""
+    given = str(json_path or "eval.json")
+    path = Path(given)
+    if path.is_dir() or given.endswith("/"):
+        raise ValueError(f"--json {str(path)!r} is a directory: name the report file, e.g. {path / 'eval.json'}")
+    table = path.with_suffix(".md")
+    folder = path.parent / f"{path.stem}_plots" if plots else None
+    if path.suffix.lower() == ".md":
+        raise ValueError(f"json_path (--json) {given} would hold both the JSON report and the table (the table goes "
+                         f"beside the report, as .md): name the report file otherwise, e.g. {path.with_suffix('.json')}")
+    if json_path is None and path.exists() and not _is_our_report(path):
+        raise ValueError(f"{given} exists here and is not an mtpkern eval report: name the report file with "
+                         "json_path= (--json)")
+    if table.exists() and not table.is_file():
+        raise ValueError(f"{table} exists and is not a file: the table goes there (beside the report, as .md); "
+                         "name the report file otherwise")
+    if table.exists() and not _is_our_table(table):
+        raise ValueError(f"{table} exists and was not written by mtpkern eval: the table (beside the report, as "
+                         ".md) would replace it; move it away or name the report file otherwise")
+    if folder is not None and not plots_folder_is_ours(folder):
+        raise ValueError(f"{folder} exists and was not written by mtpkern eval: the plots would go there; move it "
+                         "away or name the report file otherwise")
+    return path, table, folder
+
+
+def _is_our_report(path: Path) -> bool:
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(report, dict) and str(report.get("schema", "")).startswith("mtpkern.eval/")
+
+
+def _is_our_table(path: Path) -> bool:
+    """Whether ``path`` is a table eval wrote: its mark, or (written before the mark) the first
+    line of format_table."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            first = f.readline().rstrip("\n")
+    except (OSError, UnicodeDecodeError):
+        return False
+    return first == TABLE_MARK or (first.startswith("Device: ") and "median over prompts" in first)

@@ -1,17 +1,21 @@
 """PNG plots of an evaluation report (see :mod:`mtpkern.eval` for the report's schema).
 
 Figures are built with matplotlib's object-oriented API (``Figure`` on the Agg canvas), so
-nothing here touches pyplot's global state or needs a display.
+nothing here touches pyplot's global state or needs a display. matplotlib is imported when a
+figure is drawn, so importing this module (``mtpkern.eval`` and ``mtpkern.bench`` do) stays cheap.
 """
 
 from __future__ import annotations
 
 import os
 from collections import Counter
+from typing import TYPE_CHECKING
 
-from matplotlib.figure import Figure
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 DPI = 120
+PLOTS_MARK = ".mtpkern-eval"  # written into every folder write_plots fills: that folder is ours to refill
 
 GRAPHED = "+graph"  # ``mtpkern.bench.batch_study``'s suffix for a strategy replayed from CUDA graphs
 
@@ -22,7 +26,13 @@ def ntp_of(strategy: str) -> str:
     return "ntp" + GRAPHED if strategy.endswith(GRAPHED) else "ntp"
 
 
-def _save(fig: Figure, path) -> str:
+def _figure(figsize) -> "Figure":
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=figsize)
+
+
+def _save(fig: "Figure", path) -> str:
     fig.tight_layout()
     fig.savefig(path, dpi=DPI)
     return str(path)
@@ -34,7 +44,7 @@ def plot_loss_curves(report: dict, path) -> str | None:
     runs = [m for m in report["models"] if m.get("training") and m["training"].get("curve")]
     if not runs:
         return None
-    fig = Figure(figsize=(7, 4.5))
+    fig = _figure((7, 4.5))
     ax = fig.add_subplot()
     for m in runs:
         curve = m["training"]["curve"]
@@ -57,7 +67,7 @@ def plot_tokens_per_second(report: dict, path) -> str:
             if s is not None and s.get("tokens_per_second") is not None:
                 labels.append(f"{m['name']}\n{strategy}")
                 values.append(s["tokens_per_second"])
-    fig = Figure(figsize=(max(6, 0.9 * len(labels) + 2), 4.5))
+    fig = _figure((max(6, 0.9 * len(labels) + 2), 4.5))
     ax = fig.add_subplot()
     bars = ax.bar(range(len(values)), values, color=["C0" if "hf" not in l else "C7" for l in labels])
     ax.bar_label(bars, fmt="%.0f", fontsize=8)
@@ -75,7 +85,7 @@ def plot_accept_histograms(report: dict, path) -> str | None:
               if strategy not in ("ntp", "hf") and s is not None and s.get("accept_lengths")]
     if not panels:
         return None
-    fig = Figure(figsize=(4 * len(panels), 3.5))
+    fig = _figure((4 * len(panels), 3.5))
     for i, (name, strategy, s) in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), i + 1)
         counts = Counter(s["accept_lengths"])
@@ -95,7 +105,7 @@ def plot_head_accuracy(report: dict, path) -> str:
     models = report["models"]
     n_heads = max(len(m["quality"]["head_top1"]) for m in models)
     width = 0.8 / len(models)
-    fig = Figure(figsize=(max(6, 1.2 * n_heads + 2), 4.5))
+    fig = _figure((max(6, 1.2 * n_heads + 2), 4.5))
     ax = fig.add_subplot()
     for i, m in enumerate(models):
         q = m["quality"]
@@ -113,7 +123,7 @@ def plot_step_cost(curves: dict, path, title: str = "Step cost") -> str:
     """Median time of one decoding step against its tree tokens T, one line per setting:
     ``curves`` maps a label to ``[{"T": int, "step_us": float}, ...]`` (the cost model's
     measurement, :func:`mtpkern.decoder.time_step`)."""
-    fig = Figure(figsize=(6.5, 4.2))
+    fig = _figure((6.5, 4.2))
     ax = fig.add_subplot()
     for label, points in curves.items():
         ax.plot([p["T"] for p in points], [p["step_us"] / 1e3 for p in points], marker="o", label=label)
@@ -129,7 +139,7 @@ def plot_batch(batch: dict, path, title: str = "Batched decoding") -> str:
     """Tokens/s against the batch size B (left) and each speculative strategy's speed-up over
     its own model's ``ntp`` at that B (right). ``batch`` maps a family to
     ``{strategy: {B: {"tokens_per_second": ...}}}`` (``benchmarks/bench_decode.py --batch``)."""
-    fig = Figure(figsize=(10, 4.2))
+    fig = _figure((10, 4.2))
     left, right = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     for family, strategies in batch.items():
         for strategy, by_b in strategies.items():
@@ -154,14 +164,29 @@ def plot_batch(batch: dict, path, title: str = "Batched decoding") -> str:
     return _save(fig, path)
 
 
+PLOT_FILES = {
+    "train_loss.png": plot_loss_curves,
+    "tokens_per_second.png": plot_tokens_per_second,
+    "accept_lengths.png": plot_accept_histograms,
+    "head_accuracy.png": plot_head_accuracy,
+}
+
+
 def write_plots(report: dict, out_dir) -> list[str]:
-    """Write every plot that has data into ``out_dir``; returns the paths written."""
+    """Write every plot that has data into ``out_dir``, marked as ours (PLOTS_MARK); returns the
+    paths written. The caller checks first that ``out_dir`` is new, empty or ours
+    (:func:`plots_folder_is_ours`)."""
     os.makedirs(out_dir, exist_ok=True)
-    plots = {
-        "train_loss.png": plot_loss_curves,
-        "tokens_per_second.png": plot_tokens_per_second,
-        "accept_lengths.png": plot_accept_histograms,
-        "head_accuracy.png": plot_head_accuracy,
-    }
-    written = [fn(report, os.path.join(out_dir, name)) for name, fn in plots.items()]
+    with open(os.path.join(out_dir, PLOTS_MARK), "w") as f:
+        f.write("written by `mtpkern eval`: it replaces the plots here on its next run\n")
+    written = [fn(report, os.path.join(out_dir, name)) for name, fn in PLOT_FILES.items()]
     return [p for p in written if p is not None]
+
+
+def plots_folder_is_ours(out_dir) -> bool:
+    """Whether write_plots may fill ``out_dir``: it is missing or empty, holds our mark, or
+    (written before the mark) holds nothing but plots of ours."""
+    if not os.path.isdir(out_dir):
+        return not os.path.exists(out_dir)
+    names = set(os.listdir(out_dir))
+    return PLOTS_MARK in names or names <= set(PLOT_FILES)

@@ -336,3 +336,116 @@ def test_bench_decode_on_a_checkpoint_takes_prompts_from_data(medusa_dir, tmp_pa
     assert all("error" not in c for c in cases.values()), cases
     assert [p["T"] for p in report["step_cost"]["medusa"]] == [1, 2]
     assert report["prefix_cache"] is False
+
+
+# ----------------------------------------------------------------------------- issue 22: never lose the user's files
+
+
+def _files(directory: Path) -> dict:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_eval_keeps_a_readme_beside_its_json(medusa_dir, tmp_path, capsys, monkeypatch):
+    """`mtpkern eval RUN --json README.json` beside the user's README.md: refused in one line,
+    before any work; the README stays."""
+    import mtpkern.eval as ev
+
+    monkeypatch.setattr(ev, "evaluate_checkpoint", lambda *a, **k: pytest.fail("evaluated before checking --json"))
+    (tmp_path / "README.md").write_text("# my project\n")
+    for json_name, needle in (("README.json", "README.md exists and was not written by mtpkern eval"),
+                              ("notes.md", "would hold both the JSON report and the table")):
+        code, err = run_main(["eval", medusa_dir, "--max-samples", "2", "--batch", "none", "--no-hf",
+                              "--max-new-tokens", "8", "--json", tmp_path / json_name, "--device", "cpu"],
+                             capsys, monkeypatch)
+        assert_one_line_error(code, err, needle)
+    assert _files(tmp_path) == {"README.md": b"# my project\n"}
+    assert "neither replaces a file" in build_parser_help("eval")
+
+
+def build_parser_help(command: str) -> str:
+    from mtpkern.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    return " ".join(sub.choices[command].format_help().split())
+
+
+def test_train_keeps_a_folder_that_is_not_a_run(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "u"
+    out.mkdir()
+    (out / "log.jsonl").write_text('{"my":"data"}\n')
+    (out / "summary.json").write_text('{"mine":1}\n')
+    code, err = run_main(["train", "ntp", "--out", out, "--steps", "5"], capsys, monkeypatch)
+    assert_one_line_error(code, err, "is not empty and is not an mtpkern run")
+    assert _files(out) == {"log.jsonl": b'{"my":"data"}\n', "summary.json": b'{"mine":1}\n'}  # no .lock either
+
+
+TINY = ["--data-limit", "40", "--batch-size", "4", "--max-len", "128", "--device", "cpu", "--no-progress"]
+
+
+def test_train_refusals_in_one_line_that_keep_the_run(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "r"
+    code, err = run_main(["train", "ntp", "--out", out, "--steps", "3", *TINY], capsys, monkeypatch)
+    assert code == 0, err
+    before = _files(out)
+    for args, needle in [
+        (["--resume", "--steps", "2"], "is already at step 3: steps=2 (--steps 2) ends there"),
+        (["--resume"], "is already at step 3: its saved length of 3 steps ends there"),
+        (["--steps", "9"], "already exists: pass resume=True (--resume) to continue it"),
+    ]:
+        code, err = run_main(["train", "ntp", "--out", out, *args], capsys, monkeypatch)
+        assert_one_line_error(code, err, needle)
+        assert _files(out) == before
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == summary["total_steps"] == 3 and summary["val_loss"] is not None
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--n-heads", "200", "--max-len", "128"], "n_heads (--n-heads) 200 must be below the sequence length, "
+                                                "max_len (--max-len) 128"),
+    (["--n-heads", "100"], "longest training sequence has"),
+    (["--data", "ONE"], "holds 1 record: training needs at least 2"),
+])
+def test_train_configuration_refusals_in_one_line(tmp_path, extra, needle, capsys, monkeypatch):
+    (tmp_path / "one.jsonl").write_text(json.dumps({"query": "2 + 2?", "response": "The answer is: 4"}) + "\n")
+    extra = [str(tmp_path / "one.jsonl") if a == "ONE" else a for a in extra]
+    objective = "mtp" if "--n-heads" in extra else "ntp"
+    code, err = run_main(["train", objective, "--out", tmp_path / "r", "--steps", "2", *TINY, *extra],
+                         capsys, monkeypatch)
+    assert_one_line_error(code, err, needle)
+    assert not (tmp_path / "r").exists()
+
+
+def test_head_warmup_as_long_as_the_run_is_refused(tmp_path, capsys, monkeypatch):
+    code, err = run_main(["train", "medusa2", "--out", tmp_path / "r", "--base", tmp_path / "b", "--steps", "5",
+                          "--head-warmup", "5"], capsys, monkeypatch)
+    assert_one_line_error(code, err, "head_warmup (--head-warmup) 5 is not below the run's 5 steps")
+
+
+def test_a_full_disk_during_a_save_is_one_line(tmp_path, capsys, monkeypatch):
+    def full(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+
+    monkeypatch.setattr(torch, "save", full)
+    code, err = run_main(["train", "ntp", "--out", tmp_path / "r", "--steps", "2", *TINY], capsys, monkeypatch)
+    assert_one_line_error(code, err, "the disk is full", str(tmp_path / "r" / "checkpoint"), "nothing was written")
+
+
+def test_a_long_record_s_tokenizer_limit_is_one_warning_line(tmp_path, capsys, monkeypatch):
+    data = tmp_path / "d.jsonl"
+    records = [{"query": f"what is {i} + 1?", "response": f"The answer is: {i + 1}"} for i in range(30)]
+    records.append({"query": "word " * 20_000, "response": "ok"})
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    code, err = run_main(["train", "ntp", "--out", tmp_path / "r", "--data", data, "--steps", "1", "--batch-size", "4",
+                          "--device", "cpu", "--no-progress"], capsys, monkeypatch)
+    assert code == 0, err
+    lines = [ln for ln in err.splitlines() if "65536 characters" in ln]
+    assert lines and lines[0].startswith("mtpkern train: warning: 1 of ") and "Warning" not in err, err
+
+
+def test_calibrate_json_pointing_at_a_directory_is_refused_before_calibrating(medusa_dir, tmp_path, capsys,
+                                                                              monkeypatch):
+    import mtpkern.calibrate as cal
+
+    monkeypatch.setattr(cal, "calibrate_checkpoint", lambda *a, **k: pytest.fail("calibrated before checking --json"))
+    code, err = run_main(["calibrate", medusa_dir, "--json", tmp_path, "--device", "cpu"], capsys, monkeypatch)
+    assert_one_line_error(code, err, "is a directory: name the report file")

@@ -19,6 +19,7 @@ from mtpkern.eval import (
     validation_records,
 )
 from mtpkern.model import GPT2, GPT2Config, MedusaModel, MTPModel
+from mtpkern.plots import PLOTS_MARK
 
 # ---------------------------------------------------------------- metrics
 
@@ -242,3 +243,71 @@ def test_evaluate_bare_checkpoint_needs_data(runs, tmp_path):
     load_model(runs / "ntp" / "checkpoint").save_pretrained(bare)
     with pytest.raises(ValueError, match="pass data="):
         evaluate([bare], json_path=tmp_path / "e.json", device="cpu", progress=False)
+
+
+# ---------------------------------------------------------------- the files it writes
+
+
+def _refuse_to_evaluate(monkeypatch):
+    import mtpkern.eval as ev
+
+    monkeypatch.setattr(ev, "evaluate_checkpoint", lambda *a, **k: pytest.fail("evaluated before checking the outputs"))
+
+
+def test_eval_never_replaces_a_derived_file_it_did_not_write(tmp_path, monkeypatch):
+    """The table goes beside --json as .md and the plots into <stem>_plots/: names the user did
+    not give. Something there that eval did not write is refused, before any work."""
+    _refuse_to_evaluate(monkeypatch)
+    (tmp_path / "README.md").write_text("# my project\n")
+    with pytest.raises(ValueError, match=r"README.md exists and was not written by mtpkern eval") as e:
+        evaluate([tmp_path / "run"], json_path=tmp_path / "README.json", device="cpu")
+    assert "\n" not in str(e.value)
+    (tmp_path / "r_plots").mkdir()
+    (tmp_path / "r_plots" / "mine.png").write_bytes(b"mine")
+    with pytest.raises(ValueError, match=r"r_plots exists and was not written by mtpkern eval"):
+        evaluate([tmp_path / "run"], json_path=tmp_path / "r.json", device="cpu")
+    with pytest.raises(ValueError, match=r"notes.md would hold both the JSON report and the table"):
+        evaluate([tmp_path / "run"], json_path=tmp_path / "notes.md", device="cpu")
+    (tmp_path / "t.md").mkdir()
+    with pytest.raises(ValueError, match=r"t.md exists and is not a file"):
+        evaluate([tmp_path / "run"], json_path=tmp_path / "t.json", device="cpu")
+    assert (tmp_path / "README.md").read_text() == "# my project\n"
+    assert (tmp_path / "r_plots" / "mine.png").read_bytes() == b"mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "r_plots", "t.md"]
+
+
+def test_eval_without_json_keeps_an_eval_json_or_md_it_did_not_write(tmp_path, monkeypatch):
+    _refuse_to_evaluate(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "eval.json").write_text('{"mine": 1}')
+    with pytest.raises(ValueError, match=r"eval.json exists here and is not an mtpkern eval report: name the "
+                                         r"report file with json_path= \(--json\)"):
+        evaluate([tmp_path / "run"], device="cpu")
+    (tmp_path / "eval.json").unlink()
+    (tmp_path / "eval.md").write_text("my notes")
+    with pytest.raises(ValueError, match="eval.md exists and was not written by mtpkern eval"):
+        evaluate([tmp_path / "run"], device="cpu")
+    assert (tmp_path / "eval.md").read_text() == "my notes"
+
+
+def test_eval_replaces_its_own_outputs_and_checks_again_before_writing(runs, tmp_path, monkeypatch):
+    import mtpkern.eval as ev
+
+    monkeypatch.chdir(tmp_path)
+    kw = dict(device="cpu", max_samples=1, max_new_tokens=4, max_batches=1, progress=False, hf_baseline=False)
+    evaluate([runs / "ntp"], **kw)  # ./eval.json, ./eval.md, ./eval_plots/
+    table = (tmp_path / "eval.md").read_text()
+    assert table.startswith(ev.TABLE_MARK + "\n") and (tmp_path / "eval_plots" / PLOTS_MARK).is_file()
+    evaluate([runs / "ntp"], **kw)  # its own files: replaced
+    (tmp_path / "eval.md").write_text(table.split("\n", 1)[1])  # a table from before the mark is its own too
+    evaluate([runs / "ntp"], **kw)
+    real = ev.evaluate_checkpoint
+
+    def meanwhile(*args, **kwargs):  # the user writes late.md while the evaluation runs
+        (tmp_path / "late.md").write_text("mine")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ev, "evaluate_checkpoint", meanwhile)
+    with pytest.raises(ValueError, match="late.md exists and was not written by mtpkern eval"):
+        evaluate([runs / "ntp"], json_path=tmp_path / "late.json", plots=False, **kw)
+    assert (tmp_path / "late.md").read_text() == "mine" and not (tmp_path / "late.json").exists()
