@@ -346,7 +346,8 @@ class _Step:
         # With fused kernels the verification's logits kernel applies the final norm in its
         # prologue (no launch of its own), where the step reads head 0 through it alone.
         self.normed = not (dec.fused and self.logits_norm)
-        self.forward = _Forward(dec, self.T, final_norm=self.normed, heads=self._forward_heads(dec))
+        self.forward: _Forward | _GraphedForward = _Forward(dec, self.T, final_norm=self.normed,
+                                                            heads=self._forward_heads(dec))
         self.drafter = _Drafts(dec, self.heads - 1, self.heads - 1, normed=self.normed)
         self.in_place = False  # set while a CUDA graph is captured or replayed
         # Greedy steps with eager logits verify in one call (``accept_greedy``: on the CPU the
@@ -601,8 +602,9 @@ class _GraphedForward:
     """A step's forward pass alone, replayed from a CUDA graph captured on its first call
     (whose warm-up writes the very K/V the call itself writes)."""
 
-    def __init__(self, forward: _Forward, device: torch.device):
-        self.forward, self.device, self.graph = forward, device, None
+    def __init__(self, forward: _Forward | _GraphedForward, device: torch.device):
+        self.forward, self.device = forward, device
+        self.graph: CapturedCall | None = None
 
     def reset(self) -> None:
         pass
@@ -999,8 +1001,9 @@ class Decoder:
 
     def _run_step(self, prefix_host: int) -> torch.Tensor:
         if self.cuda_graph and self.whole_step_graph:
-            self._graph()
-            return self._graph.out
+            if self._graph is None:
+                raise RuntimeError("the step's CUDA graph was never captured: generate() and run_step() capture it")
+            return self._graph()
         return self.step.body(None if self.cuda_graph else prefix_host)
 
     @torch.inference_mode()
