@@ -193,9 +193,10 @@ def test_generate_seeds_the_rows_from_its_generator(gpt2_model):
 def test_generators_are_checked(gpt2_model, medusa_model):
     dec = BatchDecoder(gpt2_model, temperature=1.0, max_batch=4)
     g = torch.Generator().manual_seed(0)
-    for gens, match in (([g], "1 generators for 2 prompts"), ([g, g], "independent random streams"),
-                        ([g, "seed"], "generator 1 must be a torch.Generator")):
-        with pytest.raises(ValueError, match=match):
+    for gens, error, match in (([g], ValueError, "1 generators for 2 prompts"),
+                               ([g, g], ValueError, "independent random streams"),
+                               ([g, "seed"], TypeError, "generator 1: generator must be a torch.Generator, got str")):
+        with pytest.raises(error, match=match):
             dec.generate(PROMPTS[:2], max_new_tokens=4, generators=gens)
     with pytest.raises(ValueError, match="chains of drafts only"):
         BatchDecoder(medusa_model, "medusa", acceptance="rejection", temperature=1.0, tree="3,2,1")
