@@ -450,7 +450,7 @@ class SFTDataset(torch.utils.data.Dataset):
         eos = tokenizer.eos_token_id
         if eos is None:
             raise DataError("the tokenizer has no eos token")
-        limit = _text_limit(tokenizer, max_len)
+        limit = text_limit(tokenizer, max_len)
         encode = lambda texts: tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []  # noqa: E731
         prompts = encode([format_prompt(r["query"])[:limit] for r in records])
         responses = encode([r["response"][:limit] for r in records])
@@ -483,12 +483,13 @@ class SFTDataset(torch.utils.data.Dataset):
         return {"input_ids": input_ids, "labels": labels}
 
 
-def _text_limit(tokenizer, max_len: int) -> int:
+def text_limit(tokenizer, max_len: int) -> int:
     """Characters of a text that surely hold more than ``max_len`` tokens: no token covers more
     bytes than the longest in the vocabulary (byte-level BPE spells a token one character per
     byte), and a character is at least a byte. SFTDataset cuts texts there before tokenizing:
     only the first ``max_len`` tokens are used, and a 20 MB record would take minutes and GBs.
-    The margin covers the last word, which the cut changes."""
+    The margin covers the last word, which the cut changes. Anything that tokenizes a record
+    only to keep or skip its first tokens can cut it here too."""
     longest = max((len(t) for t in tokenizer.get_vocab()), default=1)
     return (max_len + 16) * max(longest, 1)
 

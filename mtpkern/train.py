@@ -409,7 +409,11 @@ def _rank0_tokenizer(records, vocab_size, world, progress: bool):
         size = sum(len(r["query"]) + len(r["response"]) for r in records) / 1e6
         print(f"mtpkern train: training a {vocab_size}-token tokenizer on {len(records)} records "
               f"({size:.1f} M characters)", file=sys.stderr)
-    tok = [train_tokenizer(records, vocab_size, progress=progress) if main else None]
+    start = time.perf_counter()
+    # the trainer's own bars draw on stdout: only on a terminal (elsewhere they are blank lines)
+    tok = [train_tokenizer(records, vocab_size, progress=progress and sys.stdout.isatty()) if main else None]
+    if main and progress:
+        print(f"mtpkern train: tokenizer trained in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     if world > 1:
         dist.broadcast_object_list(tok, src=0)
     return tok[0]

@@ -449,3 +449,15 @@ def test_calibrate_json_pointing_at_a_directory_is_refused_before_calibrating(me
     monkeypatch.setattr(cal, "calibrate_checkpoint", lambda *a, **k: pytest.fail("calibrated before checking --json"))
     code, err = run_main(["calibrate", medusa_dir, "--json", tmp_path, "--device", "cpu"], capsys, monkeypatch)
     assert_one_line_error(code, err, "is a directory: name the report file")
+
+
+def test_train_s_stdout_is_the_checkpoint_line_alone(tmp_path, capfd, monkeypatch):
+    """Progress goes to stderr: the tokenizer trainer's own bars (which write to stdout) are off
+    where stdout is not a terminal, and its start and end are said on stderr."""
+    monkeypatch.delenv("MTPKERN_DEBUG", raising=False)
+    out = tmp_path / "r"
+    assert main(["train", "ntp", "--out", str(out), "--steps", "1", "--data-limit", "40", "--batch-size", "4",
+                 "--device", "cpu"]) == 0
+    captured = capfd.readouterr()
+    assert captured.out.splitlines() == [f"checkpoint: {out / 'checkpoint'}"]
+    assert "training a 2048-token tokenizer on 38 records" in captured.err and "tokenizer trained in" in captured.err
