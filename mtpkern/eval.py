@@ -695,6 +695,9 @@ def report_files(json_path, plots: bool = True) -> tuple[Path, Path, Path | None
         raise ValueError(f"--json {str(path)!r} is a directory: name the report file, e.g. {path / 'eval.json'}")
     table = path.with_suffix(".md")
     folder = path.parent / f"{path.stem}_plots" if plots else None
+    above = next(p for p in path.parents if p.exists() or p == Path(p.anchor))  # the nearest that exists
+    if not above.is_dir():
+        raise ValueError(f"{above} is a file, not a folder: the report cannot go into it ({path})")
     if path.suffix.lower() == ".md":
         raise ValueError(f"json_path (--json) {given} would hold both the JSON report and the table (the table goes "
                          f"beside the report, as .md): name the report file otherwise, e.g. {path.with_suffix('.json')}")

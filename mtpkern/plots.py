@@ -11,6 +11,8 @@ import os
 from collections import Counter
 from typing import TYPE_CHECKING
 
+from mtpkern.checkpoint import disk_full_error, is_disk_full
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
@@ -34,7 +36,12 @@ def _figure(figsize) -> "Figure":
 
 def _save(fig: "Figure", path) -> str:
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
+    try:
+        fig.savefig(path, dpi=DPI)
+    except OSError as e:
+        if is_disk_full(e):
+            raise disk_full_error(path, "the plot is incomplete") from e
+        raise
     return str(path)
 
 

@@ -311,3 +311,27 @@ def test_eval_replaces_its_own_outputs_and_checks_again_before_writing(runs, tmp
     with pytest.raises(ValueError, match="late.md exists and was not written by mtpkern eval"):
         evaluate([runs / "ntp"], json_path=tmp_path / "late.json", plots=False, **kw)
     assert (tmp_path / "late.md").read_text() == "mine" and not (tmp_path / "late.json").exists()
+
+
+def test_a_report_whose_folder_cannot_be_made_is_refused_before_evaluating(tmp_path, monkeypatch):
+    _refuse_to_evaluate(monkeypatch)
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(ValueError, match=r"file is a file, not a folder: the report cannot go into it"):
+        evaluate([tmp_path / "run"], json_path=tmp_path / "file" / "sub" / "e.json", device="cpu")
+    assert (tmp_path / "file").read_text() == "mine"
+
+
+def test_a_full_disk_while_plotting_names_the_file(tmp_path, monkeypatch):
+    import errno
+
+    from matplotlib.figure import Figure
+
+    from mtpkern.checkpoint import CheckpointError
+    from mtpkern.plots import plot_step_cost
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", full)
+    with pytest.raises(CheckpointError, match=r"the disk is full .* while writing .*cost.png"):
+        plot_step_cost({"ntp": [{"T": 1, "step_us": 10.0}]}, tmp_path / "cost.png")
