@@ -245,10 +245,11 @@ def _check_heads_fit(objective: str, n_heads: int, length: int, which: str) -> N
 
 
 def _check_head_warmup(cfg: "TrainConfig", total: int) -> None:
-    """MEDUSA-2's backbone joins after ``head_warmup`` steps: a warmup as long as the run would
-    leave it untrained."""
-    if cfg.objective == "medusa2" and cfg.head_warmup is not None and cfg.head_warmup >= total:
-        raise ValueError(f"head_warmup (--head-warmup) {cfg.head_warmup} is not below the run's {total} steps: "
+    """MEDUSA-2's backbone joins after ``head_warmup`` steps: a warmup longer than the run is a
+    mistake (the backbone would never train). One as long as the run is the heads' phase of a
+    run that a resume with more steps continues, so it is allowed."""
+    if cfg.objective == "medusa2" and cfg.head_warmup is not None and cfg.head_warmup > total:
+        raise ValueError(f"head_warmup (--head-warmup) {cfg.head_warmup} is longer than the run's {total} steps: "
                          "the backbone would never train; give a shorter warmup or more steps")
 
 

@@ -415,10 +415,10 @@ def test_train_configuration_refusals_in_one_line(tmp_path, extra, needle, capsy
     assert not (tmp_path / "r").exists()
 
 
-def test_head_warmup_as_long_as_the_run_is_refused(tmp_path, capsys, monkeypatch):
+def test_head_warmup_longer_than_the_run_is_refused(tmp_path, capsys, monkeypatch):
     code, err = run_main(["train", "medusa2", "--out", tmp_path / "r", "--base", tmp_path / "b", "--steps", "5",
-                          "--head-warmup", "5"], capsys, monkeypatch)
-    assert_one_line_error(code, err, "head_warmup (--head-warmup) 5 is not below the run's 5 steps")
+                          "--head-warmup", "6"], capsys, monkeypatch)
+    assert_one_line_error(code, err, "head_warmup (--head-warmup) 6 is longer than the run's 5 steps")
 
 
 def test_a_full_disk_during_a_save_is_one_line(tmp_path, capsys, monkeypatch):

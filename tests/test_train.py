@@ -422,8 +422,8 @@ def test_resume_drops_a_half_written_last_log_line(tmp_path, base_dir, capsys):
     (dict(objective="mtp", n_heads=64, max_len=64), r"n_heads \(--n-heads\) 64 .* below the sequence length, "
                                                     r"max_len \(--max-len\) 64"),
     (dict(objective="medusa", base="b", n_heads=63, max_len=64), r"64 heads.* below the sequence length"),
-    (dict(objective="medusa2", base="b", steps=10, head_warmup=10), r"head_warmup \(--head-warmup\) 10 is not "
-                                                                    r"below the run's 10 steps"),
+    (dict(objective="medusa2", base="b", steps=10, head_warmup=11), r"head_warmup \(--head-warmup\) 11 is longer "
+                                                                    r"than the run's 10 steps"),
 ])
 def test_bad_config_raises_one_line_value_error(kw, message):
     args = dict(objective="ntp", out="out")
@@ -606,11 +606,11 @@ def test_errors_name_the_flag_and_the_argument(tmp_path, base_dir):
         train(cfg)
 
 
-def test_a_head_warmup_as_long_as_the_run_is_refused(tmp_path, base_dir):
-    with pytest.raises(ValueError, match=r"head_warmup \(--head-warmup\) 8 is not below the run's 6 steps"):
+def test_a_head_warmup_longer_than_the_run_is_refused(tmp_path, base_dir):
+    with pytest.raises(ValueError, match=r"head_warmup \(--head-warmup\) 8 is longer than the run's 6 steps"):
         tiny_run(tmp_path / "run", "medusa2", base_dir, n_heads=2, head_warmup=8)
     # in epochs the length is known once the data is: refused then, before anything is written
-    with pytest.raises(ValueError, match=r"head_warmup \(--head-warmup\) 1000 is not below the run's \d+ steps"):
+    with pytest.raises(ValueError, match=r"head_warmup \(--head-warmup\) 1000 is longer than the run's \d+ steps"):
         train(tiny_run(tmp_path / "run", "medusa2", base_dir, n_heads=2, head_warmup=1000, steps=None, epochs=1.0))
     assert not (tmp_path / "run").exists()
 
