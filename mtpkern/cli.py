@@ -149,7 +149,7 @@ def cmd_generate(args) -> int:
     text = args.prompt if args.raw else format_prompt(args.prompt)
     ids = torch.tensor([tokenizer(text)["input_ids"]], device=device)
     strategy = args.strategy or {"gpt2": "ntp"}.get(model.config.model_type, model.config.model_type)
-    tree = parse_tree(args.tree) if args.tree else None
+    tree = parse_tree(args.tree) if args.tree is not None else None
     gen = torch.Generator(device=device).manual_seed(args.seed)
     result = generate(
         model, ids, max_new_tokens=args.max_new_tokens, strategy=strategy, temperature=args.temperature,

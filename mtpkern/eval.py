@@ -314,9 +314,10 @@ def batched_throughput(model, decoders: dict, prompts: list[torch.Tensor], runs:
             if getattr(dec, "dynamic", False):
                 out[strategy] = {"skipped": "dynamic trees decode one prompt at a time"}
                 continue
-            for B in sizes:
-                bd = BatchDecoder(model, strategy, tree=None if strategy == "ntp" else dec.tree, max_batch=B,
-                                  kernels=dec.kernels, cuda_graph=dec.cuda_graph and dec.fused)
+            for B in sizes:  # a cache for the prompts there are, however large the size asked
+                bd = BatchDecoder(model, strategy, tree=None if strategy == "ntp" else dec.tree,
+                                  max_batch=max(1, min(B, len(rows))), kernels=dec.kernels,
+                                  cuda_graph=dec.cuda_graph and dec.fused)
                 bd.generate(rows[:B], max_new_tokens=max_new_tokens, eos_token_id=eos_token_id)
                 tokens, t0 = [], now(model.device)
                 for i in range(0, len(rows), B):

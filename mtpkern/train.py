@@ -523,7 +523,8 @@ def _amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "auto":
         if device.type != "cuda":
             return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # bf16 where the GPU has it natively; emulated bf16 (pre-Ampere) is slower than fp16 + a scaler
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     dtype = resolve_dtype(precision)
     return None if dtype is torch.float32 else dtype
 

@@ -165,8 +165,6 @@ def cli_checkpoint(tmp_path_factory):
     return d
 
 
-@pytest.mark.xfail(strict=True, reason="issue 22 item 14: cli.py's cmd_generate reads --tree '' as no --tree "
-                                       "(`if args.tree`); the fix is cli.py's (`if args.tree is not None`)")
 def test_cli_generate_refuses_an_empty_tree_spec(cli_checkpoint, capsys):
     args = ["generate", str(cli_checkpoint), "--prompt", "Tom", "--raw", "--max-new-tokens", "4", "--device", "cpu"]
     assert main([*args, "--tree", "chain:2"]) == 0  # the command itself works

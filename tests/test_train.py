@@ -619,3 +619,24 @@ def test_a_tokenizer_trained_from_scratch_says_so(tmp_path, capsys):
     train(TrainConfig(objective="ntp", out=str(tmp_path / "run"), data_limit=40, steps=1, batch_size=4,
                       vocab_size=400, device="cpu", progress=True))
     assert "training a 400-token tokenizer on 38 records" in capsys.readouterr().err
+
+
+def test_auto_precision_on_a_gpu_takes_bf16_only_where_it_is_native(monkeypatch):
+    """``precision="auto"`` on CUDA: bf16 on a GPU that has it, else fp16 (with the loss scaler),
+    never bf16 that torch would only emulate (torch's own check says yes to emulation by default)."""
+    from mtpkern.train import _amp_dtype
+
+    asked = []
+
+    def supported(native: bool):
+        def is_bf16_supported(including_emulation: bool = True) -> bool:
+            asked.append(including_emulation)
+            return native or including_emulation
+        return is_bf16_supported
+
+    gpu = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", supported(True))
+    assert _amp_dtype("auto", gpu) is torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", supported(False))
+    assert _amp_dtype("auto", gpu) is torch.float16
+    assert asked == [False, False] and _amp_dtype("auto", torch.device("cpu")) is None
