@@ -20,7 +20,7 @@ references, not against the model's own answers.
   the same command again and it keeps the records written (a half-written last line, from a
   killed run, is dropped), then continues after the last one. Other settings for an existing
   output are an error: a file is never half of one run and half of another. The model is
-  identified by a fingerprint of its weights (``mtpkern.calibrate.fingerprint``: a model
+  identified by a fingerprint of its weights (``mtpkern.calibration.fingerprint``: a model
   retrained in place is another model, a copy elsewhere the same one) and the data by its
   prompts, never by how their paths are spelled.
 - A tqdm progress bar when tqdm is installed.
@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 from mtpkern.batch import BatchDecoder
-from mtpkern.calibrate import fingerprint
+from mtpkern.calibration import fingerprint
 from mtpkern.data import format_prompt, load_prompts, load_tokenizer
 from mtpkern.model import load_model
 from mtpkern.runtime import dtype_name, resolve_device, resolve_dtype

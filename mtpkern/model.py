@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mtpkern.calibration import attach_calibration
 from mtpkern.checkpoint import CheckpointError, atomic_directory, is_local, require_file, resolve_checkpoint
 from mtpkern.runtime import resolve_dtype
 
@@ -373,7 +374,7 @@ class _Family(nn.Module):
 
     config: GPT2Config
     gradient_checkpointing: bool = False
-    calibration = None  # head acceptance (mtpkern.calibrate.Calibration), attached by load_model
+    calibration = None  # head acceptance (mtpkern.calibration.Calibration), attached by load_model
     # Set by each model (MEDUSA: its base's token embedding; it overrides ``final_norm`` and
     # never calls ``embed``, which read the other two).
     wte: nn.Embedding
@@ -950,8 +951,6 @@ def _load_ours(path: Path, raw: dict, *, device, dtype, calibration: bool = True
     if isinstance(model, MedusaModel):
         model.freeze_base()
     if calibration:  # before the cast: the fingerprint reads the weights as saved
-        from mtpkern.calibrate import attach_calibration
-
         attach_calibration(model, path)
     return model.to(device=device, dtype=dtype).eval()
 

@@ -1,0 +1,200 @@
+"""The cost model: the time of one decoding step of the engine (forward pass, verification,
+KV compaction, next drafts, host sync) for T = 1 (a next-token step) to 128 tree tokens, sampled
+at powers of two and interpolated linearly (for MTP one curve per tree depth: each draft head is
+a transformer block the step runs), on the device, dtype, kernels and CUDA-graph setting in use
+(:func:`step_cost`). Measured once and cached in ``$MTPKERN_CACHE/step_cost.json`` (default
+``~/.cache/mtpkern``), keyed by device name, torch version, model shape, dtype, kernels,
+cuda_graph and tree depth.
+
+It times the engine's own step (:meth:`mtpkern.Decoder.run_step`), so it sits above the engine;
+the curve it returns is the planner's :class:`~mtpkern.planner.StepCost`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import time
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from mtpkern.calibration import TOPK, draft_depth
+from mtpkern.decoder import Decoder
+from mtpkern.graphs import graphs_available
+from mtpkern.planner import StepCost, _smooth, check_curve
+from mtpkern.runtime import dtype_name, synchronize
+from mtpkern.tree import Tree
+
+COST_SCHEMA = "mtpkern.step_cost/2"  # /2: verification runs head 0 alone (decoder)
+COST_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)  # tree tokens T at which a step is timed
+COST_ROUNDS = 2
+
+
+def cache_dir() -> Path:
+    """Where measured step costs are kept: ``$MTPKERN_CACHE``, else ``~/.cache/mtpkern``."""
+    return Path(os.environ.get("MTPKERN_CACHE") or Path.home() / ".cache" / "mtpkern")
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), name)
+    except OSError:
+        pass
+    return f"{name} ({torch.get_num_threads()} threads)"
+
+
+def timing_tree(T: int, depth: int, topk: int = TOPK) -> Tree:
+    """A tree of T tokens (the root included) as deep as ``depth`` allows: a top-1 chain, then
+    further ranks breadth first. Its step costs what any T-token tree of that depth costs."""
+    chain: list[tuple[int, ...]] = [(0,) * d for d in range(1, min(T - 1, depth) + 1)]
+    frontier: list[tuple[int, ...]] = [()]
+    paths, seen = list(chain), set(chain)
+    while len(paths) < T - 1 and frontier:
+        nxt = []
+        for parent in frontier:
+            for r in range(topk):
+                p = parent + (r,)
+                nxt.append(p)
+                if p not in seen and len(paths) < T - 1:
+                    paths.append(p)
+                    seen.add(p)
+        frontier = [p for p in nxt if len(p) < depth]
+    if len(paths) < T - 1:
+        raise ValueError(f"no tree of {T} tokens fits depth {depth} and top-{topk}")
+    return Tree([list(p) for p in paths])
+
+
+def time_tree_step(model, tree: Tree | None, *, prefix_len: int, kernels: str = "auto", cuda_graph: bool = False,
+                   min_time: float = 0.05) -> float:
+    """The fastest of several timed runs (the least disturbed by other work on the machine),
+    in seconds, of one greedy decoding step of the engine over ``tree`` (None: one
+    next-token step) after ``prefix_len`` cached tokens: the forward pass, verification, KV
+    compaction, the next drafts and the step's host sync. Random tokens, so few drafts are
+    accepted; what that saves (moving fewer K/V) is small. The one place the cost model times
+    a step: it runs the engine's own step (``mtpkern.Decoder.run_step``)."""
+    device = model.device
+    strategy = "ntp" if tree is None else model.config.model_type
+    with torch.inference_mode():
+        decoder = Decoder(model, strategy, tree=tree, kernels=kernels, cuda_graph=cuda_graph)
+
+        def step():
+            return decoder.run_step(prefix_len)
+
+        step()  # warm-up: allocator, kernel caches, graph capture
+        times: list[float] = []
+        t_end = time.perf_counter() + min_time
+        while len(times) < 3 or (time.perf_counter() < t_end and len(times) < 50):
+            synchronize(device)
+            t0 = time.perf_counter()
+            step()
+            synchronize(device)
+            times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def _cached_cost(entry, sizes: list[int], key: dict) -> StepCost:
+    """A cache entry as the curve a measurement gives (smoothed alike); ValueError says what
+    is wrong with it: unreadable, other sizes than this setting times, or timings that are
+    not finite and positive."""
+    try:
+        got, seconds = [int(s) for s in entry["sizes"]], [float(t) for t in entry["seconds"]]
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"unreadable sizes or seconds ({type(e).__name__}: {e})") from None
+    if got != sizes:
+        raise ValueError(f"sizes {got} are not the sizes this setting times, {sizes}")
+    check_curve(sizes, seconds)
+    return StepCost(sizes, _smooth(seconds), key)
+
+
+def cost_key(model, *, kernels: str, cuda_graph: bool) -> dict:
+    """What a measured step cost depends on."""
+    cfg = model.config
+    shape = {k: getattr(cfg, k) for k in ("model_type", "vocab_size", "n_positions", "n_embd", "n_layer", "n_head",
+                                          "n_heads", "medusa_layers", "medusa_proj")}
+    return dict(device=device_name(model.device), torch=torch.__version__, model=shape,
+                dtype=dtype_name(model.dtype), kernels=kernels, cuda_graph=bool(cuda_graph))
+
+
+def cost_depths(model) -> list[int]:
+    """The tree depths whose step costs differ enough to be measured apart: every depth for MTP
+    (each draft head is a transformer block the step runs over every node), the full depth for
+    MEDUSA (its heads are one residual block each)."""
+    D = draft_depth(model)
+    return list(range(1, D + 1)) if model.config.model_type == "mtp" else [D]
+
+
+def step_cost(model, *, kernels: str = "auto", cuda_graph: bool = False, depth: int | None = None,
+              refresh: bool = False, timer: Callable | None = None) -> StepCost:
+    """The step-cost curve of ``model`` as it is (device, dtype) for trees of ``depth`` (default:
+    every draft head), measured once per setting and cached in ``cache_dir() / "step_cost.json"``;
+    ``refresh`` measures again. ``timer``: what times one step (default :func:`time_tree_step`)."""
+    if kernels not in ("auto", "eager", "fused"):
+        raise ValueError(f"unknown kernels {kernels!r}; choose one of auto, eager, fused")
+    if draft_depth(model) < 1:
+        raise ValueError(f"step_cost times tree steps: it needs a model with draft heads, got {model.n_heads} head(s)")
+    if cuda_graph and not graphs_available(model.device):
+        raise ValueError(f"cuda_graph=True needs the model on a CUDA device; it is on {model.device}")
+    D = draft_depth(model) if depth is None else depth
+    if isinstance(D, bool) or not isinstance(D, int) or not 1 <= D <= draft_depth(model):
+        raise ValueError(f"depth must be an int in 1..{draft_depth(model)} (the draft heads), got {depth!r}")
+    key = dict(cost_key(model, kernels=kernels, cuda_graph=cuda_graph), depth=D)
+    name = json.dumps(key, sort_keys=True)
+    path = cache_dir() / "step_cost.json"
+    prefix = min(256, model.config.n_positions // 2)
+    sizes = [T for T in COST_SIZES if prefix + T <= model.config.n_positions]
+    K = min(TOPK, model.config.vocab_size)
+    sizes = [T for T in sizes if T - 1 <= sum(K ** d for d in range(1, D + 1))]
+    table = _read_cache(path)
+    if not refresh and name in table:
+        try:
+            return _cached_cost(table[name], sizes, key)
+        except ValueError as e:  # a damaged or hand-edited entry: never plan with it
+            warnings.warn(f"{path}: the step cost of this setting is damaged ({e}); measuring it again",
+                          stacklevel=2)
+    timer = timer or time_tree_step
+    trees = [timing_tree(T, D, K) if T > 1 else None for T in sizes]
+    # Sizes in turn, twice, keeping the faster: a burst of other work on the machine then
+    # spoils one round of one size rather than the whole curve.
+    seconds = [math.inf] * len(sizes)
+    for _ in range(COST_ROUNDS):
+        seconds = [min(s, timer(model, tree, prefix_len=prefix, kernels=kernels, cuda_graph=cuda_graph))
+                   for s, tree in zip(seconds, trees)]
+    try:
+        check_curve(sizes, seconds)
+    except ValueError as e:
+        raise ValueError(f"step_cost: the timer returned an impossible step time ({e})") from None
+    seconds = _smooth(seconds)
+    table[name] = dict(sizes=sizes, seconds=seconds, prefix_len=prefix,
+                       measured=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    _write_cache(path, table)
+    return StepCost(sizes, seconds, key)
+
+
+def _read_cache(path: Path) -> dict:
+    try:
+        table = json.loads(path.read_text())
+        return table if isinstance(table, dict) and table.pop("schema", None) == COST_SCHEMA else {}
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return {}  # none yet, or damaged: it is only a cache
+
+
+def _write_cache(path: Path, table: dict) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps({"schema": COST_SCHEMA, **table}, indent=2))
+        os.replace(tmp, path)
+    except OSError as e:
+        warnings.warn(f"could not write the step-cost cache {path}: {e}", stacklevel=3)
+
+
+__all__ = ["cache_dir", "cost_depths", "cost_key", "device_name", "step_cost", "time_tree_step", "timing_tree"]
