@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mtpkern.data import synthetic_records, train_tokenizer
 from mtpkern.model import GPT2, GPT2Config, MedusaModel, MTPModel
 
 VOCAB = 64
@@ -153,3 +154,14 @@ def assert_same_greedy_tokens(model, prompt, got: list[int], want: list[int], to
     gap = float(top[0] - top[1])
     assert gap <= tol * max(1.0, float(top[0].abs())), (
         f"outputs part at token {i} where the top two logits are {gap:.3g} apart: more than rounding\n{got}\n{want}")
+
+
+def save_random_medusa(directory, *, records: int = 100, n_positions: int = 128, n_layer: int = 1):
+    """A random 2-head MEDUSA checkpoint with a tokenizer trained on synthetic records, saved in
+    ``directory`` (no run around it): what CLI tests load."""
+    tok = train_tokenizer(synthetic_records(records, seed=0), vocab_size=300)
+    torch.manual_seed(0)
+    base = GPT2(GPT2Config.tiny(vocab_size=len(tok), n_positions=n_positions, n_embd=32, n_layer=n_layer, n_head=2,
+                                eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id))
+    MedusaModel.from_base(base, n_heads=2).save_pretrained(directory, tokenizer=tok)
+    return directory

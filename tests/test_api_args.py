@@ -6,11 +6,10 @@ message, and never accepted to give a silently wrong answer (issue 22 items 13 a
 import pytest
 import torch
 
-from _tiny import VOCAB, medusa_model, single_thread  # noqa: F401
+from _tiny import VOCAB, medusa_model, save_random_medusa, single_thread  # noqa: F401
 from mtpkern import BatchDecoder, Decoder, generate, load_model
 from mtpkern.cli import main
-from mtpkern.data import synthetic_records, train_tokenizer
-from mtpkern.model import GPT2, GPT2Config, MedusaModel
+from mtpkern.model import GPT2, GPT2Config
 
 
 def _entry_points(model, **kw):
@@ -156,13 +155,7 @@ def test_load_model_refuses_an_unknown_dtype_by_name(saved_gpt2, name):
 
 @pytest.fixture(scope="module")
 def cli_checkpoint(tmp_path_factory):
-    tok = train_tokenizer(synthetic_records(100, seed=0), vocab_size=300)
-    torch.manual_seed(0)
-    base = GPT2(GPT2Config.tiny(vocab_size=len(tok), n_positions=128, n_embd=32, n_layer=1, n_head=2,
-                                eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id))
-    d = tmp_path_factory.mktemp("cli") / "checkpoint"
-    MedusaModel.from_base(base, n_heads=2).save_pretrained(d, tokenizer=tok)
-    return d
+    return save_random_medusa(tmp_path_factory.mktemp("cli") / "checkpoint")
 
 
 def test_cli_generate_refuses_an_empty_tree_spec(cli_checkpoint, capsys):

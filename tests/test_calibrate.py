@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _tiny import random_prompts, tiny_gpt2, tiny_medusa, tiny_mtp
+from _tiny import random_prompts, save_random_medusa, tiny_gpt2, tiny_medusa, tiny_mtp
 
 import mtpkern.calibrate as calibrate_mod
 import mtpkern.costmodel as costmodel_mod
@@ -431,13 +431,7 @@ def test_plan_tree_refuses_a_calibration_of_another_model(calibrations):
 @pytest.fixture(scope="module")
 def bare_checkpoint(tmp_path_factory):
     """A random MEDUSA checkpoint with a tokenizer, and no run around it."""
-    tok = train_tokenizer(synthetic_records(200, seed=0), vocab_size=300)
-    torch.manual_seed(0)
-    base = GPT2(GPT2Config.tiny(vocab_size=len(tok), n_positions=256, n_embd=32, n_layer=2, n_head=2,
-                                eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id))
-    d = tmp_path_factory.mktemp("bare") / "checkpoint"
-    MedusaModel.from_base(base, n_heads=2).save_pretrained(d, tokenizer=tok)
-    return d
+    return save_random_medusa(tmp_path_factory.mktemp("bare") / "checkpoint", records=200, n_positions=256, n_layer=2)
 
 
 def test_calibrate_command_writes_the_file_and_reports_prediction_and_measurement(bare_checkpoint, tmp_path,
