@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from mtpkern.checkpoint import resolve_checkpoint
+from mtpkern.checkpoint import resolve_checkpoint, write_text_atomic
 from mtpkern.eval import device_info, eval_tree, hf_decoder
 from mtpkern.graphs import graphs_available
 from mtpkern.plots import GRAPHED, ntp_of
@@ -466,7 +466,7 @@ def run_bench(device: str = "cuda", json_path=None, model_dir=None, max_new_toke
     def save():
         if json_path is not None:
             Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-            Path(json_path).write_text(json.dumps(report, indent=2))
+            write_text_atomic(json_path, json.dumps(report, indent=2))
 
     iters = 2 if quick else 20
     with torch.inference_mode():

@@ -92,6 +92,18 @@ def disk_full_error(path: str | os.PathLike, outcome: str) -> CheckpointError:
                            "free some space and try again")
 
 
+def check_report_path(path: str, flag: str = "--json") -> None:
+    """Refuse, before any work, a report path that cannot be written: a folder, or a path
+    under a file. (A report is written at the end of the work it reports.)"""
+    if Path(path).is_dir() or str(path).endswith("/"):
+        raise ValueError(f"{flag} {path!r} is a directory: name the report file, e.g. {Path(path) / 'report.json'}")
+    above = Path(path).absolute().parent
+    while not above.exists():
+        above = above.parent
+    if not above.is_dir():
+        raise ValueError(f"{flag} {path!r} lies under {above}, which is a file, not a directory")
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Write ``path`` through a temporary sibling and one rename: a crash or a full disk leaves
     the previous file whole (a full disk is a :class:`CheckpointError` naming the file)."""

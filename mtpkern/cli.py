@@ -16,7 +16,7 @@ from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from mtpkern.checkpoint import CheckpointError, write_text_atomic  # noqa: E402  (the package imports it anyway)
+from mtpkern.checkpoint import CheckpointError, check_report_path, write_text_atomic  # noqa: E402  (the package imports it anyway)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -182,6 +182,8 @@ def cmd_eval(args) -> int:
 def cmd_bench(args) -> int:
     from mtpkern.bench import run_bench
 
+    if args.json:
+        check_report_path(args.json)  # refused before the work, not after
     run_bench(device=args.device, json_path=args.json, model_dir=args.model, max_new_tokens=args.max_new_tokens,
               prompts=args.prompts, quick=args.quick, hf_static=args.hf_static, batch_sizes=args.batch)
     return 0
@@ -192,9 +194,8 @@ def cmd_calibrate(args) -> int:
 
     from mtpkern.calibrate import calibrate_checkpoint, format_report
 
-    if args.json and (Path(args.json).is_dir() or args.json.endswith("/")):  # refused before the work, not after
-        raise ValueError(f"--json {args.json!r} is a directory: name the report file, "
-                         f"e.g. {Path(args.json) / 'calibration.json'}")
+    if args.json:
+        check_report_path(args.json)  # refused before the work, not after
     report = calibrate_checkpoint(
         args.model, data=args.data, device=args.device, dtype=args.dtype, max_samples=args.max_samples,
         max_new_tokens=args.max_new_tokens, kernels=args.kernels, cuda_graph=args.cuda_graph,

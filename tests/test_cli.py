@@ -451,6 +451,18 @@ def test_calibrate_json_pointing_at_a_directory_is_refused_before_calibrating(me
     assert_one_line_error(code, err, "is a directory: name the report file")
 
 
+@pytest.mark.parametrize("where", ["folder", "under a file"])
+def test_bench_json_that_cannot_be_written_is_refused_before_benchmarking(tmp_path, capsys, monkeypatch, where):
+    import mtpkern.bench as bench
+
+    monkeypatch.setattr(bench, "run_bench", lambda *a, **k: pytest.fail("benchmarked before checking --json"))
+    (tmp_path / "file").write_text("mine")
+    path = str(tmp_path) if where == "folder" else str(tmp_path / "file" / "bench.json")
+    code, err = run_main(["bench", "--quick", "--device", "cpu", "--json", path], capsys, monkeypatch)
+    assert_one_line_error(code, err, "is a directory" if where == "folder" else "which is a file, not a directory")
+    assert (tmp_path / "file").read_text() == "mine"
+
+
 def test_train_s_stdout_is_the_checkpoint_line_alone(tmp_path, capfd, monkeypatch):
     """Progress goes to stderr: the tokenizer trainer's own bars (which write to stdout) are off
     where stdout is not a terminal, and its start and end are said on stderr."""
