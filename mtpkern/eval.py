@@ -74,7 +74,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from mtpkern.checkpoint import resolve_checkpoint, write_text_atomic
+from mtpkern.checkpoint import check_report_path, resolve_checkpoint, write_text_atomic
 from mtpkern.plots import plots_folder_is_ours, write_plots
 from mtpkern.runtime import dtype_name, peak_memory, reset_peak_memory, resolve_device, resolve_dtype, timed
 
@@ -692,13 +692,9 @@ def report_files(json_path, plots: bool = True) -> tuple[Path, Path, Path | None
     given) may only replace what eval wrote. Anything else is a one-line ``ValueError``."""
     given = str(json_path or "eval.json")
     path = Path(given)
-    if path.is_dir() or given.endswith("/"):
-        raise ValueError(f"--json {str(path)!r} is a directory: name the report file, e.g. {path / 'eval.json'}")
+    check_report_path(given)  # a folder, or a path under a file
     table = path.with_suffix(".md")
     folder = path.parent / f"{path.stem}_plots" if plots else None
-    above = next(p for p in path.parents if p.exists() or p == Path(p.anchor))  # the nearest that exists
-    if not above.is_dir():
-        raise ValueError(f"{above} is a file, not a folder: the report cannot go into it ({path})")
     if path.suffix.lower() == ".md":
         raise ValueError(f"json_path (--json) {given} would hold both the JSON report and the table (the table goes "
                          f"beside the report, as .md): name the report file otherwise, e.g. {path.with_suffix('.json')}")

@@ -316,7 +316,7 @@ def test_eval_replaces_its_own_outputs_and_checks_again_before_writing(runs, tmp
 def test_a_report_whose_folder_cannot_be_made_is_refused_before_evaluating(tmp_path, monkeypatch):
     _refuse_to_evaluate(monkeypatch)
     (tmp_path / "file").write_text("mine")
-    with pytest.raises(ValueError, match=r"file is a file, not a folder: the report cannot go into it"):
+    with pytest.raises(ValueError, match=r"file, which is a file, not a directory"):
         evaluate([tmp_path / "run"], json_path=tmp_path / "file" / "sub" / "e.json", device="cpu")
     assert (tmp_path / "file").read_text() == "mine"
 
