@@ -1,13 +1,17 @@
 """The model family: parity with transformers, the decoding forward pass, heads, checkpoints."""
 
 import json
+import typing
 
 import pytest
 import torch
 from transformers import GPT2Config as HFConfig
 from transformers import GPT2LMHeadModel
 
-from mtpkern import GPT2, Attn, CheckpointError, GPT2Config, MedusaModel, MTPModel, load_model, to_hf
+from mtpkern import (
+    GPT2, Attn, BatchDecoder, CheckpointError, Decoder, GPT2Config, KVCache, MedusaModel, MTPModel, SpeculativeLM,
+    load_model, to_hf,
+)
 
 HF_CONFIGS = [
     dict(vocab_size=97, n_positions=64, n_embd=32, n_layer=1, n_head=2),
@@ -41,7 +45,7 @@ def _tiny(seed=0, **kw) -> GPT2:
 def test_logits_match_transformers(cfg, tmp_path):
     hf = _hf_model(cfg)
     hf.save_pretrained(tmp_path)
-    ours = GPT2.from_pretrained(tmp_path)
+    ours = load_model(tmp_path, expect=GPT2)
     torch.manual_seed(1)
     idx = torch.randint(0, cfg["vocab_size"], (3, cfg["n_positions"]))
     with torch.no_grad():
@@ -206,11 +210,27 @@ def test_checkpoint_round_trip(kind, tmp_path):
     assert raw["model_type"] == "gpt2" and raw["mtpkern"]["model_type"] == kind
 
 
-def test_gpt2_checkpoint_loads_in_transformers(tmp_path):
+def _of_family(cls: type) -> SpeculativeLM:
+    """A small model of the family ``cls``: the tiny GPT-2, or heads on it."""
+    base = _tiny()
+    return {GPT2: base, MTPModel: MTPModel.from_base(base, 3), MedusaModel: MedusaModel.from_base(base, 2)}[cls].eval()
+
+
+@pytest.mark.parametrize("cls", [GPT2, MTPModel, MedusaModel])
+def test_load_model_returns_the_public_family_class(cls, tmp_path):
+    """Every family loads as a ``SpeculativeLM``, the public base class ``load_model`` names."""
+    _of_family(cls).save_pretrained(tmp_path / "ck")
+    loaded = load_model(tmp_path / "ck")
+    assert isinstance(loaded, SpeculativeLM) and type(loaded) is cls
+    assert typing.get_type_hints(load_model)["return"] is SpeculativeLM
+
+
+def test_load_model_refuses_a_checkpoint_of_another_class(tmp_path):
     model = _tiny()
     model.save_pretrained(tmp_path / "ck")
     with pytest.raises(CheckpointError, match="holds a GPT2, not a MTPModel"):
-        MTPModel.from_pretrained(tmp_path / "ck")
+        load_model(tmp_path / "ck", expect=MTPModel)
+    assert type(load_model(tmp_path / "ck", expect=GPT2)) is GPT2
 
 
 def test_save_overwrites_atomically_and_keeps_tokenizer(tmp_path):
@@ -290,7 +310,7 @@ def test_unsupported_hf_variant_is_rejected(tmp_path):
     cfg = dict(HF_CONFIGS[0], scale_attn_by_inverse_layer_idx=True)
     _hf_model(cfg).save_pretrained(tmp_path)
     with pytest.raises(CheckpointError, match="scale_attn_by_inverse_layer_idx"):
-        GPT2.from_pretrained(tmp_path)
+        load_model(tmp_path, expect=GPT2)
 
 
 def test_load_model_accepts_a_run_directory_or_its_checkpoint(tmp_path):
@@ -328,3 +348,47 @@ def test_hf_config_of_the_wrong_type_is_named_before_transformers_reads_it(tmp_p
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match=r"config.json is not a valid config: n_head must be"):
         load_model(tmp_path)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_kv_cache_allocates_zeroed_layers(dtype):
+    cache = KVCache(3, 2, 4, 17, 8, dtype=dtype, device="cpu")
+    for t in (cache.k, cache.v):
+        assert t.shape == (3, 2, 4, 17, 8) and t.dtype == dtype and t.device == torch.device("cpu")
+        assert not t.any()
+    assert cache.k.data_ptr() != cache.v.data_ptr()
+    assert cache.max_len == 17
+
+
+def test_kv_cache_from_tensors_wraps_rows_without_a_copy():
+    whole = KVCache(2, 4, 2, 9, 3, dtype=torch.float32, device="cpu")
+    rows = KVCache.from_tensors(whole.k[:, 1:3], whole.v[:, 1:3])
+    assert rows.k.shape == (2, 2, 2, 9, 3) and rows.max_len == 9
+    assert (rows.k.dtype, rows.k.device) == (whole.k.dtype, whole.k.device)
+    rows.k.fill_(1.0)
+    rows.v[:, 0].fill_(2.0)
+    assert whole.k[:, 1:3].eq(1).all() and not whole.k[:, [0, 3]].any()  # writes land in the batched cache
+    assert whole.v[:, 1].eq(2).all() and not whole.v[:, [0, 2, 3]].any()
+    rows.reset()
+    assert not whole.k.any() and not whole.v.any()
+    for k, v in ((whole.k, whole.v[:, :2]), (whole.k[0], whole.v[0]), (whole.k, whole.v.half())):
+        with pytest.raises(ValueError, match="one 5-d shape, dtype and device"):
+            KVCache.from_tensors(k, v)
+
+
+@pytest.mark.parametrize("cls, strategy", [(GPT2, "ntp"), (MTPModel, "mtp"), (MedusaModel, "medusa")])
+def test_engines_caches_are_what_the_constructor_builds(cls, strategy):
+    """``new_cache`` (the single-prompt engine's) and the batch engine's cache have the layout
+    ``KVCache(...)`` builds for the model: a layer per cache block, the model's dtype and device."""
+    model = _of_family(cls)
+    cfg = model.config
+    want = KVCache(model.n_cache_layers, 1, cfg.n_head, cfg.n_positions, cfg.head_dim, dtype=model.dtype,
+                   device=model.device)
+    for got in (model.new_cache(1, cfg.n_positions), Decoder(model, strategy).cache):
+        for a, b in ((got.k, want.k), (got.v, want.v)):
+            assert (a.shape, a.dtype, a.device) == (b.shape, b.dtype, b.device)
+            assert torch.equal(a, b)
+    batched = BatchDecoder(model, strategy, max_batch=3).cache
+    for t in (batched.k, batched.v):
+        assert t.shape == (model.n_cache_layers, 3, cfg.n_head, cfg.n_positions, cfg.head_dim)
+        assert (t.dtype, t.device) == (model.dtype, model.device)
