@@ -5,7 +5,7 @@ checkpoint directory), on a validation split it did not train on:
 
 * quality: validation loss and perplexity of the next-token path (response tokens only:
   prompt and padding excluded), top-1 / top-5 accuracy of every head j against token
-  t + j + 1 (both from :func:`mtpkern.train.evaluate_heads`), BLEU (sacrebleu, corpus level)
+  t + j + 1 (both from :func:`mtpkern.metrics.evaluate_heads`), BLEU (sacrebleu, corpus level)
   of the greedy generated solutions against the reference responses, and exact-match
   accuracy of the final answer (``The answer is: N``, compared numerically); the solutions
   come from batched decoding (:class:`mtpkern.batch.BatchDecoder`, the model's own
@@ -74,96 +74,27 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from mtpkern.checkpoint import check_report_path, resolve_checkpoint, write_text_atomic
+from mtpkern.batch import BatchDecoder
+from mtpkern.checkpoint import CheckpointError, check_report_path, resolve_checkpoint, write_text_atomic
+from mtpkern.config import GPT2Config
+from mtpkern.data import SFTDataset, collate, format_prompt, load_tokenizer
+from mtpkern.decoder import Decoder
+from mtpkern.autotree import resolve_options
+from mtpkern.options import DecodeOptions
+from mtpkern.hf_io import load_model, to_hf
+from mtpkern.metrics import answer_accuracy, bleu, evaluate_heads
+from mtpkern.models import GPT2, MedusaModel
 from mtpkern.plots import plots_folder_is_ours, write_plots
-from mtpkern.runtime import dtype_name, peak_memory, reset_peak_memory, resolve_device, resolve_dtype, timed
+from mtpkern.rundir import read_run, training_summary, validation_records
+from mtpkern.runtime import dtype_name, now, peak_memory, reset_peak_memory, resolve_device, resolve_dtype, timed
+from mtpkern.tree import Tree
 
 SCHEMA = "mtpkern.eval/1"
 # the first line of every table we write: a later run may replace a file that starts with it
 TABLE_MARK = "<!-- written by mtpkern eval: its next run with the same report file replaces this table -->"
 
 
-# ----------------------------------------------------------------------------- metrics
-
-
-def bleu(hypotheses: list[str], references: list[str]) -> float:
-    """Corpus BLEU (sacrebleu defaults: 13a tokenisation, 4-grams, brevity penalty), 0-100."""
-    import sacrebleu
-
-    if len(hypotheses) != len(references):
-        raise ValueError(f"{len(hypotheses)} hypotheses for {len(references)} references")
-    if not hypotheses:
-        raise ValueError("BLEU of zero sentences is undefined")
-    return float(sacrebleu.corpus_bleu(hypotheses, [references]).score)
-
-
-def answer_accuracy(predictions: list[str], references: list[str]) -> float:
-    """Fraction of predictions whose final answer (``The answer is: N``) equals the
-    reference's numerically; a prediction without an answer counts as wrong."""
-    from mtpkern.data import answers_match
-
-    if len(predictions) != len(references):
-        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
-    if not predictions:
-        raise ValueError("accuracy of zero answers is undefined")
-    return sum(answers_match(p, r) for p, r in zip(predictions, references)) / len(predictions)
-
-
 # ----------------------------------------------------------------------------- inputs
-
-
-def read_run(run_dir: Path | None) -> tuple[dict | None, list[dict], dict | None]:
-    """``(train_config, log records, summary)`` of a run; missing files give None / []."""
-    if run_dir is None:
-        return None, [], None
-
-    def parse(f: Path, text: str, where: str = ""):
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{f}{where} is not valid JSON: {e.msg}") from None
-
-    def load(name):
-        f = run_dir / name
-        return parse(f, f.read_text()) if f.is_file() else None
-
-    log, f = [], run_dir / "log.jsonl"
-    if f.is_file():
-        log = [parse(f, line, f":{i}") for i, line in enumerate(f.read_text().splitlines(), 1) if line.strip()]
-    return load("train_config.json"), log, load("summary.json")
-
-
-def validation_records(train_config: dict | None, data: str | None = None, *, seed: int = 1234,
-                       limit: int | None = None, val_fraction: float = 0.05) -> tuple[list[dict], dict]:
-    """The held-out records and a description of where they came from.
-
-    With the run's ``train_config`` the split is recomputed exactly as the trainer made it:
-    ``split_records(load_records(data, seed, data_limit), val_fraction, seed)[1]``. Without it
-    (a bare checkpoint) ``data`` is split with a fresh ``seed``; the model may have trained on
-    those records, and the description says so.
-    """
-    from mtpkern.data import load_records, split_records
-
-    if train_config is not None:
-        source = train_config.get("data", "synthetic")
-        seed = train_config.get("seed", 0)
-        limit = train_config.get("data_limit")
-        val_fraction = train_config.get("val_fraction", val_fraction)
-        held_out, note = True, "the run's own validation split (recomputed from train_config.json)"
-        if data is not None and data != source:
-            raise ValueError(f"--data {data!r} differs from the run's training data {source!r}: "
-                             "its validation split is only defined on the training source")
-    elif data is not None:
-        source = data
-        held_out, note = False, (f"no train_config.json: {source!r} split with seed {seed}; "
-                                 "the model may have trained on these records")
-    else:
-        raise ValueError("a bare checkpoint has no train_config.json: pass data= (--data) to evaluate it on")
-    records = load_records(source, seed=seed, limit=limit)
-    _, val = split_records(records, val_fraction, seed)
-    info = dict(source=str(source), seed=seed, val_fraction=val_fraction, limit=limit,
-                n_records=len(val), held_out=held_out, note=note)
-    return val, info
 
 
 def device_info(device: torch.device, dtype: torch.dtype) -> dict:
@@ -188,8 +119,6 @@ def strategies_for(model) -> list[str]:
 def eval_tree(n_medusa_heads: int):
     """A small tree over the heads: top-4 at depth 1, top-2 at depth 2, top-1 below (at most
     4 + 8 + 8 + ... nodes), cut to the number of heads."""
-    from mtpkern.tree import Tree
-
     widths = [4, 2] + [1] * max(0, n_medusa_heads - 2)
     return Tree.from_widths(widths[:n_medusa_heads])
 
@@ -198,8 +127,6 @@ def next_token_gpt2(model):
     """A ``GPT2`` with exactly the weights of ``model``'s next-token path (head 0), for the
     ``transformers`` baseline: the model itself, MEDUSA's base, or MTP's trunk followed by
     its head-0 block (which is a GPT-2 of the same depth)."""
-    from mtpkern.model import GPT2, GPT2Config
-
     kind = model.config.model_type
     if kind == "gpt2":
         return model
@@ -223,8 +150,6 @@ def hf_decoder(model, max_new_tokens: int, eos_token_id: int | None, *, static_c
     """``run(ids [1, T]) -> new token ids``: greedy ``transformers`` ``generate`` on the
     weights of ``model``'s next-token path. ``eos_token_id=None`` decodes exactly
     ``max_new_tokens`` tokens; ``static_cache`` uses ``cache_implementation="static"``."""
-    from mtpkern.model import to_hf
-
     hf = to_hf(next_token_gpt2(model))
     hf.generation_config.eos_token_id = eos_token_id  # None: never stop early
     hf.generation_config.pad_token_id = 0 if eos_token_id is None else eos_token_id
@@ -243,11 +168,11 @@ def decoders_for(model, *, kernels: str = "auto", cuda_graph: bool = False, tree
     """One ``mtpkern.Decoder`` per strategy of ``model``, built once and reused over prompts
     (as a user holds one). The speculative strategy's tree: ``tree``, else the decoder's
     default (``auto`` when the checkpoint carries calibration, else ``default_tree``)."""
-    from mtpkern.decoder import Decoder
+    def options(s: str) -> DecodeOptions:
+        opts = DecodeOptions(s, tree=None if s == "ntp" else tree, kernels=kernels, cuda_graph=cuda_graph)
+        return resolve_options(model, opts)
 
-    return {s: Decoder(model, s, kernels=kernels, cuda_graph=cuda_graph, tree=None if s == "ntp" else tree,
-                       prefix_cache=prefix_cache)
-            for s in strategies_for(model)}
+    return {s: Decoder(model, options(s), prefix_cache=prefix_cache) for s in strategies_for(model)}
 
 
 def decode_prompts(model, prompts: list[torch.Tensor], *, max_new_tokens: int, eos_token_id: int | None,
@@ -304,9 +229,6 @@ def batched_throughput(model, decoders: dict, prompts: list[torch.Tensor], runs:
     kernels and CUDA-graph setting), all rows' tokens over the wall time after one warm-up
     batch, and whether every row's tokens equal the batch-1 run's. A dynamic tree decodes batch
     1 only: skipped."""
-    from mtpkern.batch import BatchDecoder
-    from mtpkern.runtime import now
-
     rows = [p.view(-1) for p in prompts]
     out: dict[str, dict] = {}
     with torch.inference_mode():
@@ -334,8 +256,6 @@ def decode_batched(model, strategy: str, prompts: list[torch.Tensor], *, batch: 
                    eos_token_id: int | None, tree=None, kernels: str = "auto", cuda_graph: bool = False) -> list[list[int]]:
     """Greedy tokens of every prompt, decoded ``batch`` at a time by one
     :class:`mtpkern.batch.BatchDecoder`."""
-    from mtpkern.batch import BatchDecoder
-
     rows = [p.view(-1) for p in prompts]
     batch = max(1, min(batch, len(rows)))
     with torch.inference_mode():
@@ -351,8 +271,6 @@ def solve_batched(model, decoders: dict, prompts: list[torch.Tensor], runs: dict
     decoder's static tree; ``ntp`` where that tree is dynamic), and how: strategy, tree, batch,
     seconds, and ``agrees_with_batch_1``, the fraction of the prompts decoded one at a time
     (``runs``, the first ones) whose batched tokens equal batch-1 ``ntp``'s."""
-    from mtpkern.runtime import now
-
     strategy = strategies_for(model)[-1]
     dec = decoders[strategy]
     if getattr(dec, "dynamic", False):
@@ -402,29 +320,6 @@ def speed_summary(runs: dict, eos_token_id: int | None) -> dict:
     return out
 
 
-# ----------------------------------------------------------------------------- memory and training
-
-
-def training_summary(log: list[dict], summary: dict | None) -> dict | None:
-    """Wall time, peak memory, time per epoch and the loss curve of a run, from its logs."""
-    if not log and summary is None:
-        return None
-    steps = [r for r in log if r.get("kind", "train") == "train" and "loss" in r and "step" in r]
-    curve = dict(step=[r["step"] for r in steps], loss=[r["loss"] for r in steps])
-    head_losses = [r.get("head_losses") for r in steps]
-    width = len(head_losses[0]) if steps and isinstance(head_losses[0], list) else -1
-    if steps and all(isinstance(h, list) and len(h) == width for h in head_losses):
-        curve["head_losses"] = [list(col) for col in zip(*head_losses)]
-    summary = summary or {}
-    peaks = [r["peak_memory_bytes"] for r in steps if r.get("peak_memory_bytes") is not None]
-    return dict(
-        wall_time_s=summary.get("wall_time_s", steps[-1].get("elapsed_s") if steps else None),
-        peak_memory_bytes=summary.get("peak_memory_bytes", max(peaks) if peaks else None),
-        time_per_epoch_s=summary.get("time_per_epoch_s"),
-        curve=curve,
-    )
-
-
 # ----------------------------------------------------------------------------- one model
 
 
@@ -438,75 +333,36 @@ def evaluate_checkpoint(path, *, data: str | None = None, device: torch.device, 
     with ``batch_sizes``, also the throughput of batched decoding at each (``batched``).
     Quality over ``max_samples`` prompts decoded ``quality_batch`` at a time; speed over the
     first ``speed_samples`` of them (default: all) decoded one at a time."""
-    from mtpkern.data import SFTDataset, collate, format_prompt, load_tokenizer
-    from mtpkern.model import load_model
-    from mtpkern.train import evaluate_heads
-
     ckpt, run = resolve_checkpoint(path)
     train_config, log, summary = read_run(run)
     name = (run or ckpt).name
-    val, val_info = validation_records(train_config, data)
-    if any("reference" in r for r in val):  # self-distilled records: score against the source's answers
-        val = [dict(r, response=r["reference"]) if "reference" in r else r for r in val]
-        val_info["note"] += "; self-distilled records: quality against the source's references"
+    val, val_info = scored_records(train_config, data)
     model = load_model(ckpt, device=device, dtype=dtype).eval()
     tokenizer = load_tokenizer(ckpt)
-
-    # Quality of every head on the held-out split (the trainer's own metric code).
-    max_len = min(model.config.n_positions, (train_config or {}).get("max_len", model.config.n_positions))
-    loader = torch.utils.data.DataLoader(SFTDataset(val, tokenizer, max_len), batch_size=batch_size,
-                                         collate_fn=lambda b: collate(b, tokenizer.pad_token_id))
-    heads = evaluate_heads(model, loader, device, max_batches=max_batches)
-
-    # Generation: the same prompts for every strategy; prompts that leave no room are skipped.
+    loader = _validation_loader(val, tokenizer, model, train_config, batch_size)
+    heads = evaluate_heads(model, loader, device, max_batches=max_batches)  # the trainer's own metric code
+    # Generation: the same prompts for every strategy.
     decoders = decoders_for(model, kernels=kernels, cuda_graph=cuda_graph, prefix_cache=prefix_cache)
-    slack = max(d.tree_nodes for d in decoders.values())  # draft slots
-    room = model.config.n_positions - max_new_tokens - slack
-    samples, prompts = [], []
-    for rec in val:
-        ids = tokenizer(format_prompt(rec["query"]), add_special_tokens=False)["input_ids"]
-        if len(ids) <= room:
-            samples.append(rec)
-            prompts.append(torch.tensor([ids], device=device))
-        if len(prompts) == max_samples:
-            break
-    if not prompts:
-        raise ValueError(f"{name}: no validation prompt fits the context of {model.config.n_positions} "
-                         f"with max_new_tokens={max_new_tokens}; lower max_new_tokens")
+    samples, prompts = fitting_prompts(val, tokenizer, model, decoders, max_new_tokens=max_new_tokens,
+                                       max_samples=max_samples, name=name)
     eos = tokenizer.eos_token_id
     timed_prompts = prompts[:speed_samples] if speed_samples else prompts
     reset_peak_memory(device)
     runs = decode_prompts(model, timed_prompts, max_new_tokens=max_new_tokens, eos_token_id=eos, kernels=kernels,
                           cuda_graph=cuda_graph, hf_baseline=hf_baseline, progress=progress, desc=name,
                           decoders=decoders)
-    peak, kind = peak_memory(device)
-    memory = dict(decode_peak_bytes=peak, kind=kind)
-    speed = speed_summary(runs, eos)
-    for strategy in ("mtp", "medusa"):
-        if strategy in speed:
-            speed[strategy]["tree"] = runs[strategy]["tree"]
+    peak, peak_kind = peak_memory(device)
     batched = None
     if batch_sizes:
         batched = batched_throughput(model, decoders, timed_prompts, runs, batch_sizes,
                                      max_new_tokens=max_new_tokens, eos_token_id=eos)
-    if speed["hf"] is not None:
-        speed["hf"]["weights"] = {"gpt2": "the model", "mtp": "trunk + head-0 block as a GPT-2",
-                                  "medusa": "the base"}[model.config.model_type]
-
     solutions, decoded_with = solve_batched(model, decoders, prompts, runs, batch=quality_batch,
                                             max_new_tokens=max_new_tokens, eos_token_id=eos)
     texts = [tokenizer.decode(_strip_eos(t, eos), skip_special_tokens=True) for t in solutions]
     refs = [rec["response"] for rec in samples]
     kind = model.config.model_type
     objective = (train_config or {}).get("objective", kind if kind != "gpt2" else "ntp")
-    quality = dict(
-        val_loss=heads["loss"], ppl=heads["ppl"],
-        ppl_of={"gpt2": "the model", "mtp": "head 0 (trunk + head-0 block)",
-                "medusa": "the frozen base (head 0): MEDUSA-1 heads cannot change it"}[kind],
-        head_top1=heads["acc_top1"], head_top5=heads["acc_top5"],
-        bleu=bleu(texts, refs), answer_accuracy=answer_accuracy(texts, refs), n_samples=len(samples),
-        decoded_with=decoded_with,
-    )
+    quality = _quality(kind, heads, texts, refs, decoded_with)
     if objective == "medusa2":
         assert train_config is not None  # that objective is read from it
         quality["ppl_of"] = "the MEDUSA-2 backbone (head 0), fine-tuned with the heads"
@@ -516,22 +372,86 @@ def evaluate_checkpoint(path, *, data: str | None = None, device: torch.device, 
     return dict(
         name=name, path=str(ckpt), model_type=kind, objective=objective,
         medusa_proj=bool(model.config.medusa_proj), n_heads=model.n_heads, n_params=model.num_parameters(),
-        primary=strategies_for(model)[-1], validation=val_info, quality=quality, speed=speed, batched=batched,
-        memory=memory, training=training_summary(log, summary),
-        calibration=None if model.calibration is None else dict(  # calibration.json, see mtpkern.calibrate
-            accept=model.calibration.accept, positions=model.calibration.positions,
-            summary=model.calibration.summary()),
+        primary=strategies_for(model)[-1], validation=val_info, quality=quality,
+        speed=_speed_entry(runs, eos, kind), batched=batched,
+        memory=dict(decode_peak_bytes=peak, kind=peak_kind), training=training_summary(log, summary),
+        calibration=_calibration_entry(model),
     )
+
+
+def scored_records(train_config: dict | None, data: str | None) -> tuple[list[dict], dict]:
+    """The held-out records to score (see :func:`mtpkern.rundir.validation_records`), where
+    self-distilled records are scored against the source's answers (their ``reference``)."""
+    val, info = validation_records(train_config, data)
+    if any("reference" in r for r in val):
+        val = [dict(r, response=r["reference"]) if "reference" in r else r for r in val]
+        info["note"] += "; self-distilled records: quality against the source's references"
+    return val, info
+
+
+def _validation_loader(val: list[dict], tokenizer, model, train_config: dict | None, batch_size: int):
+    """Batches of the held-out split for every head's metrics, cut to the run's max_len."""
+    max_len = min(model.config.n_positions, (train_config or {}).get("max_len", model.config.n_positions))
+    return torch.utils.data.DataLoader(SFTDataset(val, tokenizer, max_len), batch_size=batch_size,
+                                       collate_fn=lambda b: collate(b, tokenizer.pad_token_id))
+
+
+def fitting_prompts(val: list[dict], tokenizer, model, decoders: dict, *, max_new_tokens: int, max_samples: int,
+                    name: str) -> tuple[list[dict], list[torch.Tensor]]:
+    """``(records, prompt ids [1, T])``: the first ``max_samples`` held-out prompts that leave
+    room in the context for ``max_new_tokens`` and every decoder's draft slots; none is an error."""
+    slack = max(d.tree_nodes for d in decoders.values())  # draft slots
+    room = model.config.n_positions - max_new_tokens - slack
+    samples, prompts = [], []
+    for rec in val:
+        ids = tokenizer(format_prompt(rec["query"]), add_special_tokens=False)["input_ids"]
+        if len(ids) <= room:
+            samples.append(rec)
+            prompts.append(torch.tensor([ids], device=model.device))
+        if len(prompts) == max_samples:
+            break
+    if not prompts:
+        raise ValueError(f"{name}: no validation prompt fits the context of {model.config.n_positions} "
+                         f"with max_new_tokens={max_new_tokens}; lower max_new_tokens")
+    return samples, prompts
+
+
+def _speed_entry(runs: dict, eos: int | None, kind: str) -> dict:
+    """:func:`speed_summary` with the speculative strategies' trees and the baseline's weights."""
+    speed = speed_summary(runs, eos)
+    for strategy in ("mtp", "medusa"):
+        if strategy in speed:
+            speed[strategy]["tree"] = runs[strategy]["tree"]
+    if speed["hf"] is not None:
+        speed["hf"]["weights"] = {"gpt2": "the model", "mtp": "trunk + head-0 block as a GPT-2",
+                                  "medusa": "the base"}[kind]
+    return speed
+
+
+def _quality(kind: str, heads: dict, texts: list[str], refs: list[str], decoded_with: dict) -> dict:
+    """The quality entry: every head's metrics, and BLEU and answer accuracy of ``texts``."""
+    return dict(
+        val_loss=heads["loss"], ppl=heads["ppl"],
+        ppl_of={"gpt2": "the model", "mtp": "head 0 (trunk + head-0 block)",
+                "medusa": "the frozen base (head 0): MEDUSA-1 heads cannot change it"}[kind],
+        head_top1=heads["acc_top1"], head_top5=heads["acc_top5"],
+        bleu=bleu(texts, refs), answer_accuracy=answer_accuracy(texts, refs), n_samples=len(texts),
+        decoded_with=decoded_with,
+    )
+
+
+def _calibration_entry(model) -> dict | None:
+    """The checkpoint's calibration.json (see mtpkern.calibrate), when it has one."""
+    if model.calibration is None:
+        return None
+    cal = model.calibration
+    return dict(accept=cal.accept, positions=cal.positions, summary=cal.summary())
 
 
 def original_base_quality(base, loader, prompts, refs, tokenizer, *, device, dtype, max_batches, max_new_tokens,
                           kernels) -> dict:
     """The quality a MEDUSA-2 run traded: the original (frozen) base's validation loss,
     perplexity and greedy answer accuracy on the same split and prompts as the new backbone."""
-    from mtpkern.checkpoint import CheckpointError
-    from mtpkern.model import MedusaModel, load_model
-    from mtpkern.train import evaluate_heads
-
     try:
         model = load_model(base, device=device, dtype=dtype).eval()
     except (CheckpointError, OSError) as e:  # moved or deleted since the run: say so, evaluate the rest

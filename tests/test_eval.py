@@ -18,7 +18,8 @@ from mtpkern.eval import (
     training_summary,
     validation_records,
 )
-from mtpkern.model import GPT2, GPT2Config, MedusaModel, MTPModel
+from mtpkern.config import GPT2Config
+from mtpkern.models import GPT2, MedusaModel, MTPModel
 from mtpkern.plots import PLOTS_MARK
 
 # ---------------------------------------------------------------- metrics
@@ -50,13 +51,53 @@ def test_answer_accuracy_compares_numbers():
         answer_accuracy(["a"], ["b", "c"])
 
 
+def test_training_and_evaluation_share_one_metrics_module():
+    """The metrics live in mtpkern.metrics: eval and train use those very functions (the names
+    they exported before still resolve), and calibrate reads runs through mtpkern.rundir."""
+    import mtpkern.calibrate as calibrate
+    import mtpkern.eval as ev
+    import mtpkern.metrics as metrics
+    import mtpkern.rundir as rundir
+    import mtpkern.train as tr
+
+    assert ev.bleu is metrics.bleu and ev.answer_accuracy is metrics.answer_accuracy
+    assert ev.evaluate_heads is tr.evaluate_heads is metrics.evaluate_heads
+    assert ev.read_run is calibrate.read_run is rundir.read_run
+    assert ev.validation_records is calibrate.validation_records is rundir.validation_records
+    assert ev.training_summary is rundir.training_summary
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "mtp", "medusa"])
+def test_evaluate_heads_fused_and_plain_agree(model_type):
+    """Every head's metrics from the fused loss kernel equal those from materialised logits."""
+    from mtpkern.metrics import evaluate_heads
+
+    torch.manual_seed(0)
+    model = _model(model_type).eval()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 64, (3, 12), generator=g)
+    labels = ids.clone()
+    labels[:, :4] = -100  # a prompt
+    loader = [{"input_ids": ids, "labels": labels}]
+    fused = evaluate_heads(model, loader, torch.device("cpu"), fused=True)
+    plain = evaluate_heads(model, loader, torch.device("cpu"), fused=False)
+    assert fused["n_tokens"] == plain["n_tokens"] == [3 * 8] * model.n_heads  # 8 response labels a row
+    assert fused["acc_top1"] == plain["acc_top1"] and fused["acc_top5"] == plain["acc_top5"]
+    torch.testing.assert_close(torch.tensor(fused["head_loss"]), torch.tensor(plain["head_loss"]))
+    assert fused["loss"] == fused["head_loss"][0] and fused["ppl"] == pytest.approx(math.exp(fused["loss"]))
+
+
 # ---------------------------------------------------------------- runs and splits
 
 
-def _save_tiny(directory, model_type="gpt2"):
+def _model(model_type):
     base = GPT2(GPT2Config.tiny(vocab_size=64, n_layer=2, n_embd=32, n_head=2))
-    model = {"gpt2": lambda: base, "mtp": lambda: MTPModel.from_base(base, 2),
-             "medusa": lambda: MedusaModel.from_base(base, 2)}[model_type]()
+    return {"gpt2": lambda: base, "mtp": lambda: MTPModel.from_base(base, 2),
+            "medusa": lambda: MedusaModel.from_base(base, 2)}[model_type]()
+
+
+def _save_tiny(directory, model_type="gpt2"):
+    model = _model(model_type)
     model.save_pretrained(directory)
     return model
 
@@ -238,7 +279,7 @@ def test_json_pointing_at_a_directory_fails_before_evaluating(tmp_path, monkeypa
 
 def test_evaluate_bare_checkpoint_needs_data(runs, tmp_path):
     bare = tmp_path / "bare"
-    from mtpkern.model import load_model
+    from mtpkern.hf_io import load_model
 
     load_model(runs / "ntp" / "checkpoint").save_pretrained(bare)
     with pytest.raises(ValueError, match="pass data="):
