@@ -23,6 +23,11 @@ from typing import Any
 
 import torch
 
+from mtpkern.commands import train_and_calibrate
+from mtpkern.distill import distill
+from mtpkern.eval import evaluate
+from mtpkern.train import TrainConfig
+
 # Sized so the whole demo (3 trainings + evaluation) stays within 5 minutes on 2 CPU cores.
 DEMO_STEPS = 400
 # 600 steps: the heads' top-1 agreement with the model rises from 0.85-0.90 (300 steps) to 0.88-0.93,
@@ -57,10 +62,8 @@ def _clear_previous_runs(out: Path, overwrite: bool) -> None:
 
 def run_demo(out="demo_out", device: str = "auto", steps: int | None = None, quick: bool = False,
              overwrite: bool = False) -> dict:
-    from mtpkern.distill import distill
-    from mtpkern.eval import evaluate
-    from mtpkern.train import TrainConfig, train
-
+    """Train the three models into ``out`` (each as ``mtpkern train`` does: MTP and MEDUSA end by
+    calibrating their heads), then evaluate them together; returns the evaluation's report."""
     t0 = time.perf_counter()
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -81,16 +84,18 @@ def run_demo(out="demo_out", device: str = "auto", steps: int | None = None, qui
     print(f"mtpkern demo: training NTP, MTP and MEDUSA-1 on the synthetic maths corpus into {out}/")
     runs = {}
     print("\n[1/5] NTP (next-token prediction), from scratch")
-    runs["ntp"] = train(TrainConfig(objective="ntp", out=str(out / "ntp"), steps=steps, **common))
+    runs["ntp"] = train_and_calibrate(TrainConfig(objective="ntp", out=str(out / "ntp"), steps=steps, **common))
     print("\n[2/5] MTP (4 transformer-block heads on a shared trunk), from scratch")
-    runs["mtp"] = train(TrainConfig(objective="mtp", out=str(out / "mtp"), steps=steps, n_heads=4, **common))
+    runs["mtp"] = train_and_calibrate(TrainConfig(objective="mtp", out=str(out / "mtp"), steps=steps, n_heads=4,
+                                                  **common))
     print(f"\n[3/5] The NTP model's own greedy answers to the corpus's prompts (batched) -> {out / 'medusa' / DISTILLED}")
     answers = distill(runs["ntp"].checkpoint, "synthetic", out / "medusa" / DISTILLED, max_new_tokens=80,
                       limit=common["data_limit"], device=device, progress=True)
     print(f"\n[4/5] MEDUSA-1 ({DEMO_MEDUSA_HEADS} residual-block heads on the frozen NTP model), on those answers")
-    runs["medusa"] = train(TrainConfig(objective="medusa", out=str(out / "medusa"), base=runs["ntp"].checkpoint,
-                                       steps=medusa_steps, n_heads=DEMO_MEDUSA_HEADS, lr=DEMO_MEDUSA_LR,
-                                       **{**common, "data": answers.out, "eval_every": max(medusa_steps // 3, 1)}))
+    runs["medusa"] = train_and_calibrate(TrainConfig(
+        objective="medusa", out=str(out / "medusa"), base=runs["ntp"].checkpoint, steps=medusa_steps,
+        n_heads=DEMO_MEDUSA_HEADS, lr=DEMO_MEDUSA_LR,
+        **{**common, "data": answers.out, "eval_every": max(medusa_steps // 3, 1)}))
     train_time = time.perf_counter() - t0
 
     print("\n[5/5] Evaluation: quality on held-out problems, decode speed through one engine")

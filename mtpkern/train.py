@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import json
 import math
 import os
 import signal
@@ -30,30 +29,28 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from mtpkern.checkpoint import (
     CHECKPOINT_DIR,
-    LOCK_NAME,
     CheckpointError,
-    atomic_directory,
-    disk_full_error,
     interrupted_save,
-    is_disk_full,
     is_local,
     model_source,
     recover_interrupted_save,
-    require_file,
     run_lock,
-    write_text_atomic,
 )
+from mtpkern.config import GPT2Config
 from mtpkern.data import (
     IGNORE_INDEX,
     DataError,
@@ -65,11 +62,11 @@ from mtpkern.data import (
     split_records,
     train_tokenizer,
 )
-from mtpkern.model import GPT2, GPT2Config, MedusaModel, MTPModel, load_model
+from mtpkern.hf_io import load_model
+from mtpkern.metrics import evaluate_heads  # also mtpkern.train.evaluate_heads, as before
+from mtpkern.models import GPT2, MedusaModel, MTPModel
 from mtpkern.objectives import (  # noqa: F401 - the losses are part of this module's API
     OBJECTIVES as _OBJECTIVE_CLASSES,
-    _unwrap,
-    head_logits,
     head_loss,
     medusa2_loss,
     medusa_loss,
@@ -77,7 +74,17 @@ from mtpkern.objectives import (  # noqa: F401 - the losses are part of this mod
     mtp_loss_naive,
     ntp_loss,
 )
-from mtpkern.ops.linear_cross_entropy import linear_cross_entropy
+from mtpkern.rundir import (
+    CONFIG_NAME,
+    LOG_NAME,
+    SUMMARY_NAME,
+    append_log,
+    read_state,
+    refuse_foreign_out,
+    save_checkpoint,
+    start_log,
+    write_json,
+)
 from mtpkern.runtime import peak_memory, reset_peak_memory, resolve_device, resolve_dtype
 
 OBJECTIVES = ("ntp", "mtp", "medusa", "medusa2")
@@ -85,8 +92,6 @@ BACKBONE_LOSSES = ("ce", "kl")  # MEDUSA-2 backbone: the labels, or KL to the or
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 LOSSES = ("fused", "plain")  # head losses by linear_cross_entropy, or from materialised logits
 SHAPES = ("tiny", "demo", "gpt2")  # see model_shape
-STATE_NAME = "trainer_state.pt"
-LOG_NAME = "log.jsonl"
 MIN_LR_RATIO = 0.1  # the cosine decays to 10% of the peak learning rate (nanoGPT, Chinchilla)
 # On resume a run keeps its saved configuration. These fields may be given anew (to extend a
 # run, or to evaluate, save and log at another rhythm); any other that contradicts the saved
@@ -147,6 +152,15 @@ class TrainConfig:
     def __post_init__(self):
         # the fields set away from their defaults: on resume, those must agree with the saved run
         self._given = {f.name for f in fields(self) if getattr(self, f.name) != f.default}
+        self._check_objective_and_length()
+        self._check_out_and_seed()
+        self._check_medusa_settings()
+        self._resolve_rate_and_heads()
+        self._check_sizes()
+        self._check_precision_and_device()
+
+    def _check_objective_and_length(self) -> None:
+        """The objective, and the run's length: steps or epochs (200 steps when neither is given)."""
         if self.objective not in OBJECTIVES:
             raise ValueError(f"unknown objective {self.objective!r}: expected one of {OBJECTIVES}")
         if self.steps is not None and self.epochs is not None:
@@ -157,12 +171,17 @@ class TrainConfig:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.epochs is not None and not (math.isfinite(self.epochs) and self.epochs > 0):
             raise ValueError(f"epochs must be a finite number > 0, got {self.epochs}")
+
+    def _check_out_and_seed(self) -> None:
         if not str(self.out).strip():
             raise ValueError("out (--out) is empty: name a run directory")
         if Path(self.out).exists() and not Path(self.out).is_dir():
             raise ValueError(f"out (--out) {str(self.out)!r} is a file, not a run directory")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
             raise ValueError(f"seed must be an integer from 0 to 2**63 - 1, got {self.seed}")
+
+    def _check_medusa_settings(self) -> None:
+        """MEDUSA needs a base; the MEDUSA-only and MEDUSA-2-only settings need their objective."""
         medusa = self.objective in ("medusa", "medusa2")
         if self.objective == "medusa" and not self.base:
             raise ValueError("objective 'medusa' needs a trained base model (base=..., --base): MEDUSA-1 freezes it")
@@ -185,15 +204,18 @@ class TrainConfig:
             raise ValueError(f"heads_coefficient must be a finite number > 0, got {self.heads_coefficient}")
         if not (math.isfinite(self.backbone_lr_ratio) and self.backbone_lr_ratio > 0):
             raise ValueError(f"backbone_lr_ratio must be a finite number > 0, got {self.backbone_lr_ratio}")
+
+    def _resolve_rate_and_heads(self) -> None:
+        """The model shape; the objective's defaults for lr, n_heads and MEDUSA's head_weights, checked."""
+        medusa = self.objective in ("medusa", "medusa2")
         if self.config not in SHAPES:
             raise ValueError(f"unknown model config {self.config!r}: expected one of {SHAPES}")
         if self.lr is None:
             self.lr = 1e-3 if medusa else 3e-4
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
-        default_heads = {"ntp": 1, "mtp": 4, "medusa": 5, "medusa2": 5}[self.objective]
         if self.n_heads is None:
-            self.n_heads = default_heads
+            self.n_heads = {"ntp": 1, "mtp": 4, "medusa": 5, "medusa2": 5}[self.objective]
         if self.n_heads < 1 or (self.objective == "ntp" and self.n_heads != 1):
             raise ValueError(f"n_heads={self.n_heads} is invalid for objective {self.objective!r}")
         if self.objective == "mtp" and self.n_heads < 2:
@@ -204,12 +226,16 @@ class TrainConfig:
                 self.head_weights = [0.8**k for k in range(self.n_heads)]
             if len(self.head_weights) != self.n_heads:
                 raise ValueError(f"head_weights has {len(self.head_weights)} entries for {self.n_heads} MEDUSA heads")
+
+    def _check_sizes(self) -> None:
+        """Counts, lengths, warmups and fractions in their ranges."""
         for name in ("batch_size", "grad_accum", "medusa_layers", "eval_every", "eval_batches",
                      "save_every", "log_every", "vocab_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_len < 2:
             raise ValueError(f"max_len must be >= 2, got {self.max_len}")
+        assert self.n_heads is not None  # resolved by _resolve_rate_and_heads
         _check_heads_fit(self.objective, self.n_heads, self.max_len, f", max_len (--max-len) {self.max_len}")
         if self.warmup is not None and self.warmup < 0:
             raise ValueError(f"warmup must be >= 0, got {self.warmup}")
@@ -223,6 +249,8 @@ class TrainConfig:
             raise ValueError(f"stop_after must be >= 1, got {self.stop_after}")
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+
+    def _check_precision_and_device(self) -> None:
         if self.loss not in LOSSES:
             raise ValueError(f"unknown loss {self.loss!r}: expected one of {LOSSES}")
         if self.precision not in PRECISIONS:
@@ -263,56 +291,6 @@ def lr_at(step: int, *, lr: float, warmup: int, total: int) -> float:
     return lr * (MIN_LR_RATIO + (1 - MIN_LR_RATIO) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-# ----------------------------------------------------------------------------- evaluation
-
-
-@torch.no_grad()
-def evaluate_heads(model, loader, device, max_batches: int | None = None, fused: bool = True) -> dict:
-    """Validation metrics of every head at its true offset (head j vs token t + j + 1; labels
-    -100 ignored): ``loss`` / ``ppl`` of the next-token path (head 0), and per head
-    ``head_loss``, ``acc_top1``, ``acc_top5`` and ``n_tokens`` (lists of length J)."""
-    model = _unwrap(model)
-    was_training = model.training
-    model.eval()
-    J = model.n_heads
-    stats = torch.zeros(4, J, dtype=torch.float64, device=device)  # ce sum, top-1, top-5, count
-    for i, batch in enumerate(loader):
-        if max_batches is not None and i >= max_batches:
-            break
-        idx = batch["input_ids"].to(device)
-        labels = batch["labels"].to(device)
-        hidden = model(idx, logits=False).hidden
-        T = labels.shape[1]
-        for j in range(min(J, T - 1)):  # a head past the batch's length has nothing to score
-            target = labels[:, j + 1 :]
-            valid = target != IGNORE_INDEX
-            stats[:3, j] += _head_eval_sums(model, hidden[:, : T - j - 1, j][valid], target[valid], j, fused)
-            stats[3, j] += valid.sum()
-    model.train(was_training)
-    ce, top1, top5, count = stats.cpu().tolist()
-    mean = [c / max(n, 1) for c, n in zip(ce, count)]
-    return {
-        "loss": mean[0],
-        "ppl": math.exp(min(mean[0], 50.0)),
-        "head_loss": mean,
-        "acc_top1": [c / max(n, 1) for c, n in zip(top1, count)],
-        "acc_top5": [c / max(n, 1) for c, n in zip(top5, count)],
-        "n_tokens": [int(n) for n in count],
-    }
-
-
-def _head_eval_sums(model, hidden: torch.Tensor, target: torch.Tensor, j: int, fused: bool) -> torch.Tensor:
-    """(sum of CE, top-1 hits, top-5 hits) of head j on hidden [N, D] against target [N]."""
-    if fused:
-        ce, hits = linear_cross_entropy(hidden, _unwrap(model).head_weight(j), target, IGNORE_INDEX, "sum",
-                                        return_hits=True)
-        return torch.cat([ce.reshape(1).double(), hits.double()])
-    logits = head_logits(model, hidden, j)
-    top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
-    ce = F.cross_entropy(logits, target, reduction="sum")
-    return torch.stack([ce.double(), (top[:, 0] == target).sum().double(), (top == target[:, None]).any(-1).sum().double()])
-
-
 # ----------------------------------------------------------------------------- the run
 
 
@@ -330,6 +308,17 @@ class TrainResult:
     interrupted: bool  # stopped by a signal or stop_after before the last step
     signal: int | None = None  # the signal that stopped it (SIGINT, SIGTERM), checkpoint written
     model: nn.Module | None = field(default=None, repr=False)  # the trained model (eval mode)
+
+
+@dataclass
+class FinishedRun:
+    """A run that trained to its last step, as ``train(after=...)`` receives it (on rank 0)."""
+
+    config: TrainConfig  # as the run used it (a resumed run's saved configuration)
+    model: nn.Module  # the trained model, in eval mode
+    val_records: list[dict]  # the run's held-out records (its validation split)
+    tokenizer: Any
+    checkpoint: Path  # the final checkpoint directory
 
 
 class TrainingDiverged(RuntimeError):
@@ -443,22 +432,6 @@ def _optimizer(groups: list[dict], cfg: TrainConfig, device: torch.device) -> to
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
 
 
-def _read_state(checkpoint: Path) -> dict:
-    path = require_file(checkpoint, STATE_NAME)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch.load raises many kinds on a damaged file
-        raise CheckpointError(f"{path} is corrupt or truncated: {e}") from None
-
-
-def _save_checkpoint(path: Path, model, tokenizer, state: dict) -> None:
-    """Model + tokenizer + trainer state, published in one atomic rename: a crash mid-write
-    leaves the previous checkpoint whole."""
-    with atomic_directory(path) as tmp:
-        model.write_files(tmp, tokenizer=tokenizer)
-        torch.save(state, tmp / STATE_NAME)
-
-
 def _all_reduce_grads(params: list[torch.Tensor], world: int) -> None:
     """Average the gradients over the processes in one flat all-reduce (``manual_grad_sync``);
     parameters without a gradient (MEDUSA-2's backbone during the heads' warmup) keep none."""
@@ -529,9 +502,14 @@ def _amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return None if dtype is torch.float32 else dtype
 
 
-def train(cfg: TrainConfig) -> TrainResult:
+def train(cfg: TrainConfig, *, after: Callable[[FinishedRun], object] | None = None) -> TrainResult:
     """Train ``cfg.objective`` and write OUT/checkpoint, OUT/log.jsonl, OUT/train_config.json and
-    OUT/summary.json (see the module docstring). Works unchanged under torchrun."""
+    OUT/summary.json (see the module docstring). Works unchanged under torchrun.
+
+    ``after(run)``: called with the :class:`FinishedRun` of a run that trained to its last step
+    (not one stopped early), on rank 0, still holding the run directory's lock, after the
+    summary is written. Training does not calibrate: ``mtpkern train`` does, as ``after``
+    (:func:`mtpkern.commands.train_and_calibrate`: this run, then ``calibration.json``)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0"))).type == "cuda" else "gloo"
@@ -539,7 +517,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         # destroyed at exit, not after this run: a process group initialised again after a
         # destroy reads stale rendezvous keys under torchrun (gloo then fails to connect)
         atexit.register(_destroy_process_group)
-    return _train(cfg, world)
+    return _train(cfg, world, after)
 
 
 def _destroy_process_group():
@@ -578,46 +556,14 @@ def resumed_config(cfg: TrainConfig, saved: dict) -> TrainConfig:
     return TrainConfig(**merged)
 
 
-def _train(cfg: TrainConfig, world: int) -> TrainResult:
+def _train(cfg: TrainConfig, world: int, after: Callable[[FinishedRun], object] | None) -> TrainResult:
     """Hold the run directory's lock (rank 0) for the whole run: a second training into the
     same ``out`` fails at once instead of interleaving logs and checkpoints."""
     main = world == 1 or dist.get_rank() == 0
     if not cfg.resume:
-        _refuse_foreign_out(cfg)
+        refuse_foreign_out(Path(cfg.out), cfg.data)
     with run_lock(cfg.out) if main else contextlib.nullcontext():
-        return _train_locked(cfg, world)
-
-
-def _refuse_foreign_out(cfg: TrainConfig) -> None:
-    """A fresh run writes checkpoint/, log.jsonl, summary.json and train_config.json into
-    ``out``: refuse a folder that holds anything else, unless it is a run of ours (the run's own
-    data file may sit there, as the demo keeps its distilled answers)."""
-    out = Path(cfg.out)
-    if not out.is_dir() or _is_run(out):
-        return
-    data = Path(cfg.data).resolve() if Path(cfg.data).is_file() else None
-    others = sorted(p.name for p in out.iterdir() if p.name != LOCK_NAME and p.resolve() != data)
-    if others:
-        shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
-        raise ValueError(f"out (--out) {str(out)!r} is not empty and is not an mtpkern run (it holds {shown}): a run "
-                         f"writes {CHECKPOINT_DIR}/, {LOG_NAME}, summary.json and train_config.json there; "
-                         "choose an empty or new out")
-
-
-def _is_run(out: Path) -> bool:
-    """Whether ``out`` is a run of ours: it has a checkpoint (or an interrupted save's), a
-    train_config.json we wrote, or an ``.mtpkern-*`` mark (``mtpkern demo`` marks the run
-    folders it creates before training into them)."""
-    ckpt = out / CHECKPOINT_DIR
-    if ckpt.is_dir() or interrupted_save(ckpt) is not None:
-        return True
-    if any(p.name.startswith(".mtpkern-") and p.is_file() for p in out.iterdir()):
-        return True
-    try:
-        saved = json.loads((out / "train_config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(saved, dict) and saved.get("objective") in OBJECTIVES and {"out", "steps", "seed"} <= saved.keys()
+        return _train_locked(cfg, world, after)
 
 
 def _refuse_no_steps_left(cfg: TrainConfig, given: set, ckpt_dir: Path, done: int, end: int) -> None:
@@ -657,50 +603,10 @@ def _validation_set(records: list[dict], tokenizer, max_len: int) -> SFTDataset:
         return SFTDataset([], tokenizer, max_len)
 
 
-def _append_log(log_path: Path, record: dict) -> None:
-    try:
-        with open(log_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-    except OSError as e:
-        if is_disk_full(e):
-            raise disk_full_error(log_path, "its last line may be cut short (a resumed run drops it)") from e
-        raise
-
-
-def _read_log(log_path: Path, step: int) -> list[str]:
-    """The log records of steps up to ``step`` (a killed run wrote more after its checkpoint);
-    a half-written last line (a run killed mid-write) is dropped, with a warning."""
-    if not log_path.exists():
-        return []
-    lines = [ln for ln in log_path.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
-    kept = []
-    for i, line in enumerate(lines, 1):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            if i == len(lines):
-                print(f"mtpkern train: {log_path}:{i}: dropped a half-written last line (the previous run "
-                      "was killed while writing it)", file=sys.stderr)
-                break
-            raise CheckpointError(f"{log_path}:{i}: not valid JSON ({e.msg})") from None
-        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
-            raise CheckpointError(f"{log_path}:{i}: not a log record (no integer 'step')")
-        if record["step"] <= step:
-            kept.append(line)
-    return kept
-
-
-def _train_locked(cfg: TrainConfig, world: int) -> TrainResult:
-    t_start = time.perf_counter()
-    rank = dist.get_rank() if world > 1 else 0
-    main = rank == 0
-    device = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    reset_peak_memory(device)
-    out = Path(cfg.out)
-    ckpt_dir, log_path = out / CHECKPOINT_DIR, out / LOG_NAME
-    state = None
+def _open_run(cfg: TrainConfig, out: Path, ckpt_dir: Path, world: int, main: bool) -> tuple[TrainConfig, dict | None]:
+    """A fresh run (refused where a checkpoint or an interrupted save is in the way) or a
+    resumed one: ``(its configuration, the saved trainer state or None)``. A resumed run keeps
+    its saved configuration (see :func:`resumed_config`)."""
     if cfg.resume:
         if main:
             recovered = recover_interrupted_save(ckpt_dir)
@@ -709,236 +615,320 @@ def _train_locked(cfg: TrainConfig, world: int) -> TrainResult:
                       file=sys.stderr)
         if world > 1:
             dist.barrier()
-        state = _read_state(ckpt_dir)
+        state = read_state(ckpt_dir)
         given = cfg._given
-        cfg = resumed_config(cfg, state["config"])
+        resumed = resumed_config(cfg, state["config"])
         if "steps" in given:  # known before the data is: refused at once
-            assert cfg.steps is not None  # given
-            _refuse_no_steps_left(cfg, given, ckpt_dir, state["step"], cfg.steps)
-    elif ckpt_dir.exists():
+            assert resumed.steps is not None  # given
+            _refuse_no_steps_left(resumed, given, ckpt_dir, state["step"], resumed.steps)
+        return resumed, state
+    if ckpt_dir.exists():
         raise ValueError(f"{ckpt_dir} already exists: pass resume=True (--resume) to continue it, "
                          "or choose another out (--out)")
-    elif (half_saved := interrupted_save(ckpt_dir)) is not None:
+    if (half_saved := interrupted_save(ckpt_dir)) is not None:
         raise ValueError(f"{out} holds the checkpoint of an interrupted save ({half_saved.name}): "
                          "pass resume=True (--resume) to recover and continue it, or choose another out")
-    elif main:
-        recover_interrupted_save(ckpt_dir)  # nothing to recover: removes stale temporary folders
-    assert cfg.n_heads is not None  # resolved by TrainConfig.__post_init__
-
-    records = load_records(cfg.data, seed=cfg.seed, limit=cfg.data_limit)
-    _refuse_too_few_records(cfg, len(records))
-    train_records, val_records = split_records(records, cfg.val_fraction, cfg.seed)
-    model, tokenizer = _build_model(cfg, train_records, ckpt_dir, world)
-    max_len = min(cfg.max_len, model.config.n_positions)  # a base's shorter context wins
-    train_ds = SFTDataset(train_records, tokenizer, max_len)
-    val_ds = _validation_set(val_records, tokenizer, max_len)
-    longest = max(len(ids) for ids, _ in train_ds.examples)
-    _check_heads_fit(cfg.objective, cfg.n_heads, longest,
-                     f", and the longest training sequence has {longest} tokens (max_len {max_len})")
-    batches = _Batches(train_ds, cfg.batch_size, cfg.grad_accum, world, rank, cfg.seed,
-                       tokenizer.pad_token_id, model.n_heads)
-    total = cfg.steps or math.ceil(cfg.epochs * batches.steps_per_epoch)
-    stop_at = min(total, cfg.stop_after) if cfg.stop_after else total
-    if state is not None:
-        _refuse_no_steps_left(cfg, given, ckpt_dir, state["step"], stop_at)
-    _check_head_warmup(cfg, total)
-    warmup = cfg.warmup if cfg.warmup is not None else round(0.05 * total)
-    val_loader = torch.utils.data.DataLoader(val_ds, batch_size=cfg.batch_size,
-                                             collate_fn=partial(collate, pad_id=tokenizer.pad_token_id))
-
-    if cfg.objective == "medusa2" and cfg.head_warmup is None:
-        cfg = replace(cfg, head_warmup=round(0.25 * total))  # resolved once: saved with the run, kept on resume
-    peak_lr = cfg.lr
-    assert peak_lr is not None  # resolved by TrainConfig.__post_init__
-    objective = _OBJECTIVE_CLASSES[cfg.objective](cfg, fused=cfg.loss == "fused")
-    model.to(device)
-    objective.prepare(model, device)
-    model.gradient_checkpointing = cfg.grad_checkpointing
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = _optimizer(objective.param_groups(model), cfg, device)
-    amp_dtype = _amp_dtype(cfg.precision, device)
-    autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
-    step, elapsed_before, tokens_seen = 0, 0.0, 0
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        step, elapsed_before, tokens_seen = state["step"], state["elapsed_s"], state["tokens"]
-        torch.set_rng_state(state["rng"]["torch"])
-        if device.type == "cuda" and "cuda" in state["rng"]:
-            torch.cuda.set_rng_state(state["rng"]["cuda"], device)
-    ddp = None
-    if world > 1:
-        ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
     if main:
-        out.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(out / "train_config.json", json.dumps(asdict(cfg), indent=2))
-        kept = _read_log(log_path, step) if cfg.resume else []
-        write_text_atomic(log_path, "".join(ln + "\n" for ln in kept))
+        recover_interrupted_save(ckpt_dir)  # nothing to recover: removes stale temporary folders
+    return cfg, None
 
-    def log(record: dict):
-        if main:
-            _append_log(log_path, record)
 
-    never = 2**62
-    first_bad = torch.full((), never, dtype=torch.long, device=device)  # first non-finite step, on the device
+class _Run:
+    """One training run between its steps, as nanoGPT's train.py lays it out: set up (resume
+    or start, the data, the model, the optimizer), then a step, its log, its evaluation and its
+    checkpoint, each a method; :meth:`loop` strings them together."""
 
-    def check_finite():
+    def __init__(self, cfg: TrainConfig, world: int):
+        self.t_start = time.perf_counter()
+        self.world, self.rank = world, dist.get_rank() if world > 1 else 0
+        self.main = self.rank == 0
+        self.device = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        reset_peak_memory(self.device)
+        self.out = Path(cfg.out)
+        self.ckpt_dir, self.log_path = self.out / CHECKPOINT_DIR, self.out / LOG_NAME
+        self.given = cfg._given
+        self.cfg, self.state = _open_run(cfg, self.out, self.ckpt_dir, world, self.main)
+        self._load_data()
+        self._prepare_training()
+        self._restore()
+        self._start_files()
+
+    def _load_data(self) -> None:
+        """The records and their split, the model and tokenizer, the batches and the schedule's length."""
+        cfg = self.cfg
+        assert cfg.n_heads is not None  # resolved by TrainConfig.__post_init__
+        records = load_records(cfg.data, seed=cfg.seed, limit=cfg.data_limit)
+        _refuse_too_few_records(cfg, len(records))
+        train_records, self.val_records = split_records(records, cfg.val_fraction, cfg.seed)
+        self.model, self.tokenizer = _build_model(cfg, train_records, self.ckpt_dir, self.world)
+        max_len = min(cfg.max_len, self.model.config.n_positions)  # a base's shorter context wins
+        train_ds = SFTDataset(train_records, self.tokenizer, max_len)
+        self.val_ds = _validation_set(self.val_records, self.tokenizer, max_len)
+        longest = max(len(ids) for ids, _ in train_ds.examples)
+        _check_heads_fit(cfg.objective, cfg.n_heads, longest,
+                         f", and the longest training sequence has {longest} tokens (max_len {max_len})")
+        pad_id = self.tokenizer.pad_token_id
+        self.batches = _Batches(train_ds, cfg.batch_size, cfg.grad_accum, self.world, self.rank, cfg.seed,
+                                pad_id, self.model.n_heads)
+        self.total = cfg.steps or math.ceil(cfg.epochs * self.batches.steps_per_epoch)
+        self.stop_at = min(self.total, cfg.stop_after) if cfg.stop_after else self.total
+        if self.state is not None:
+            _refuse_no_steps_left(cfg, self.given, self.ckpt_dir, self.state["step"], self.stop_at)
+        _check_head_warmup(cfg, self.total)
+        self.warmup = cfg.warmup if cfg.warmup is not None else round(0.05 * self.total)
+        self.val_loader = torch.utils.data.DataLoader(self.val_ds, batch_size=cfg.batch_size,
+                                                      collate_fn=partial(collate, pad_id=pad_id))
+
+    def _prepare_training(self) -> None:
+        """The objective, the model on its device, the optimizer, mixed precision and DDP."""
+        cfg, device, model = self.cfg, self.device, self.model
+        if cfg.objective == "medusa2" and cfg.head_warmup is None:  # resolved once: saved with the run, kept on resume
+            self.cfg = cfg = replace(cfg, head_warmup=round(0.25 * self.total))
+        assert cfg.lr is not None  # resolved by TrainConfig.__post_init__
+        self.peak_lr: float = cfg.lr
+        self.fused = cfg.loss == "fused"
+        self.objective = _OBJECTIVE_CLASSES[cfg.objective](cfg, fused=self.fused)
+        model.to(device)
+        self.objective.prepare(model, device)
+        model.gradient_checkpointing = cfg.grad_checkpointing
+        model.train()
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = _optimizer(self.objective.param_groups(model), cfg, device)
+        amp_dtype = _amp_dtype(cfg.precision, device)
+        self.autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
+        self.ddp = None
+        if self.world > 1:
+            self.ddp = nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def _restore(self) -> None:
+        """The counters, and on resume the optimizer, scaler and random state of the checkpoint."""
+        self.step, self.elapsed_before, self.tokens_seen = 0, 0.0, 0
+        self.saved_step: int | None = None
+        state = self.state
+        if state is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scaler.load_state_dict(state["scaler"])
+            self.step, self.elapsed_before, self.tokens_seen = state["step"], state["elapsed_s"], state["tokens"]
+            self.saved_step = state["step"]
+            torch.set_rng_state(state["rng"]["torch"])
+            if self.device.type == "cuda" and "cuda" in state["rng"]:
+                torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+        self.first_bad = torch.full((), _NEVER, dtype=torch.long, device=self.device)  # first non-finite step
+        # the logged objective and per-head losses, summed over the steps of a log interval
+        self.interval = torch.zeros(1 + self.objective.n_logged(self.model), device=self.device)
+        self.interval_steps, self.interval_tokens = 0, 0
+        self.metrics: dict | None = None
+
+    def _start_files(self) -> None:
+        """train_config.json, and the log (on resume, its records up to the checkpoint's step)."""
+        if self.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            write_json(self.out / CONFIG_NAME, asdict(self.cfg))
+            start_log(self.log_path, self.step, self.cfg.resume)
+
+    def elapsed(self) -> float:
+        """Training seconds, over every run of a resumed training."""
+        return self.elapsed_before + time.perf_counter() - self.t_start
+
+    def log(self, record: dict) -> None:
+        if self.main:
+            append_log(self.log_path, record)
+
+    # ------------------------------------------------------------------------- the loop
+
+    def loop(self) -> int | None:
+        """Train up to ``stop_at``: each step, then its log, evaluation and checkpoint where they
+        fall. Returns the signal that stopped it early (its checkpoint written), or None."""
+        cfg = self.cfg
+        self.t_interval = time.perf_counter()
+        self.progress = _progress_bar(cfg, self.main, self.total, self.step)
+        stopped_by = None
+        with _StopRequest() as stop:
+            while self.step < self.stop_at:
+                lr, grad_norm = self.train_step()
+                at_log = self.step % cfg.log_every == 0 or self.step == self.stop_at
+                stopping = stop.requested
+                if at_log:
+                    stopping = self.log_interval(lr, grad_norm, stop)
+                elif self.ddp:
+                    stopping = False  # ranks agree on stopping at log steps only (no per-step sync)
+                t_pause = time.perf_counter()
+                if self.step % cfg.eval_every == 0 or self.step == self.total:
+                    self.metrics = self.evaluate() or self.metrics
+                if self.step % cfg.save_every == 0 or self.step == self.stop_at or stopping:
+                    self.save()
+                if at_log:
+                    self.t_interval = time.perf_counter()
+                else:
+                    self.t_interval += time.perf_counter() - t_pause  # eval and saving are not training time
+                if stopping:
+                    stopped_by = stop.signum or signal.SIGTERM  # under DDP a peer may have got it
+                    break
+        self.progress.close()
+        return stopped_by
+
+    def train_step(self) -> tuple[float, torch.Tensor]:
+        """One optimizer step on the global batch of this step: its learning rate and gradient norm."""
+        objective, device = self.objective, self.device
+        micro, n_tokens, n_real = self.batches(self.step)
+        step_loss = torch.zeros((), device=device)
+        lr = lr_at(self.step, lr=self.peak_lr, warmup=self.warmup, total=self.total)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * objective.lr_scale(group.get("part", "all"), self.step, self.warmup)
+        for m, (idx, labels) in enumerate(micro):
+            idx, labels = _to_device(idx, device), _to_device(labels, device)
+            loss, per_head = objective.backward(self.model, self.ddp, idx, labels, n_tokens=n_tokens, step=self.step,
+                                                world=self.world, scaler=self.scaler, autocast=self.autocast,
+                                                last=m == len(micro) - 1)
+            self.interval += torch.cat([loss.reshape(1), per_head])
+            step_loss += loss.float()
+        if objective.manual_grad_sync and self.ddp:
+            _all_reduce_grads(self.params, self.world)
+        self.scaler.unscale_(self.optimizer)
+        clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
+        finite = torch.isfinite(step_loss)
+        if not self.scaler.is_enabled():  # fp16's scaler skips non-finite steps by design
+            finite &= torch.isfinite(grad_norm)
+        self.first_bad = torch.where(finite, self.first_bad, torch.clamp(self.first_bad, max=self.step + 1))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.tokens_seen += n_real
+        self.interval_steps += 1
+        self.interval_tokens += n_real
+        self.progress.update(1)
+        return lr, grad_norm
+
+    def log_interval(self, lr: float, grad_norm: torch.Tensor, stop: _StopRequest) -> bool:
+        """Log the steps since the last record, in one host sync that under DDP also agrees on a
+        stop request; whether to stop."""
+        self.check_finite()
+        flags_dev = torch.cat([self.interval, torch.tensor([float(stop.requested)], device=self.device)])
+        if self.ddp:
+            dist.all_reduce(flags_dev)
+        flags = flags_dev.tolist()
+        n, dt = self.interval_steps, time.perf_counter() - self.t_interval
+        record = {
+            "kind": "train", "step": self.step, "loss": flags[0] / n, "head_losses": [x / n for x in flags[1:-1]],
+            "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": self.interval_tokens / max(dt, 1e-9),
+            "peak_memory_bytes": peak_memory(self.device)[0], "elapsed_s": self.elapsed(),
+        }
+        self.log(record)
+        self.progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
+        self.interval.zero_()
+        self.interval_steps, self.interval_tokens = 0, 0
+        return flags[-1] > 0
+
+    def check_finite(self) -> None:
         """Stop on a non-finite loss or gradient (one host sync; at log and save steps only)."""
-        bad = first_bad.clone()
-        if ddp:
+        bad = self.first_bad.clone()
+        if self.ddp:
             dist.all_reduce(bad, op=dist.ReduceOp.MIN)
         bad_step = int(bad)
-        if bad_step < never:
-            kept = f"{ckpt_dir} keeps step {saved_step}" if saved_step is not None else "no checkpoint was written"
-            message = (f"training diverged: the loss or gradient norm became non-finite at step {bad_step} "
-                       f"(lr {lr_at(bad_step - 1, lr=peak_lr, warmup=warmup, total=total):.3g}); stopped without "
-                       f"saving, {kept}")
-            log({"kind": "error", "step": bad_step, "error": message})
-            raise TrainingDiverged(message)
+        if bad_step >= _NEVER:
+            return
+        kept = (f"{self.ckpt_dir} keeps step {self.saved_step}" if self.saved_step is not None
+                else "no checkpoint was written")
+        lr = lr_at(bad_step - 1, lr=self.peak_lr, warmup=self.warmup, total=self.total)
+        message = (f"training diverged: the loss or gradient norm became non-finite at step {bad_step} "
+                   f"(lr {lr:.3g}); stopped without saving, {kept}")
+        self.log({"kind": "error", "step": bad_step, "error": message})
+        raise TrainingDiverged(message)
 
-    saved_step = state["step"] if state is not None else None
-
-    def save():
-        nonlocal saved_step
-        check_finite()
-        if world > 1:
+    def save(self) -> None:
+        """The checkpoint of this step (rank 0, between barriers), never of non-finite weights."""
+        self.check_finite()
+        if self.world > 1:
             dist.barrier()
-        if main:
-            if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
-                raise TrainingDiverged(f"the weights hold non-finite values at step {step}; "
-                                       f"stopped without overwriting {ckpt_dir}")
-            rng = {"torch": torch.get_rng_state()}
-            if device.type == "cuda":
-                rng["cuda"] = torch.cuda.get_rng_state(device)
-            _save_checkpoint(ckpt_dir, model, tokenizer, {
-                "step": step, "total_steps": total, "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(), "rng": rng, "config": asdict(cfg), "tokens": tokens_seen,
-                "elapsed_s": elapsed_before + time.perf_counter() - t_start,
-                "data_position": {"epoch": step // batches.steps_per_epoch,
-                                  "batch_in_epoch": step % batches.steps_per_epoch},
-            })
-            saved_step = step
-        if world > 1:
+        if self.main:
+            if not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
+                raise TrainingDiverged(f"the weights hold non-finite values at step {self.step}; "
+                                       f"stopped without overwriting {self.ckpt_dir}")
+            save_checkpoint(self.ckpt_dir, self.model, self.tokenizer, self._state())
+            self.saved_step = self.step
+        if self.world > 1:
             dist.barrier()
 
-    def evaluate() -> dict | None:
-        if not main or len(val_ds) == 0:
+    def _state(self) -> dict:
+        """The trainer's state saved beside the weights: what a resumed run continues from."""
+        rng = {"torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        per_epoch = self.batches.steps_per_epoch
+        return {
+            "step": self.step, "total_steps": self.total, "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(), "rng": rng, "config": asdict(self.cfg), "tokens": self.tokens_seen,
+            "elapsed_s": self.elapsed(),
+            "data_position": {"epoch": self.step // per_epoch, "batch_in_epoch": self.step % per_epoch},
+        }
+
+    def evaluate(self) -> dict | None:
+        """Every head's validation metrics (rank 0), logged; None without validation examples."""
+        if not self.main or len(self.val_ds) == 0:
             return None
-        with autocast:
-            m = evaluate_heads(model, val_loader, device, cfg.eval_batches, fused=fused)
-        log({"kind": "eval", "step": step, "val_loss": m["loss"], "val_ppl": m["ppl"],
-             "val_head_loss": m["head_loss"], "val_acc_top1": m["acc_top1"], "val_acc_top5": m["acc_top5"]})
+        with self.autocast:
+            m = evaluate_heads(self.model, self.val_loader, self.device, self.cfg.eval_batches, fused=self.fused)
+        self.log({"kind": "eval", "step": self.step, "val_loss": m["loss"], "val_ppl": m["ppl"],
+                  "val_head_loss": m["head_loss"], "val_acc_top1": m["acc_top1"], "val_acc_top5": m["acc_top5"]})
         return m
 
-    # the logged objective and per-head losses, summed over the steps of a log interval
-    interval = torch.zeros(1 + objective.n_logged(model), device=device)
-    interval_steps, interval_tokens, t_interval = 0, 0, time.perf_counter()
-    metrics, interrupted, stopped_by = None, False, None
-    progress = _progress_bar(cfg, main, total, step)
-    fused = cfg.loss == "fused"
-    with _StopRequest() as stop:
-        while step < stop_at:
-            micro, n_tokens, n_real = batches(step)
-            step_loss = torch.zeros((), device=device)
-            lr = lr_at(step, lr=peak_lr, warmup=warmup, total=total)
-            for group in optimizer.param_groups:
-                group["lr"] = lr * objective.lr_scale(group.get("part", "all"), step, warmup)
-            for m, (idx, labels) in enumerate(micro):
-                idx, labels = _to_device(idx, device), _to_device(labels, device)
-                loss, per_head = objective.backward(model, ddp, idx, labels, n_tokens=n_tokens, step=step,
-                                                    world=world, scaler=scaler, autocast=autocast,
-                                                    last=m == len(micro) - 1)
-                interval += torch.cat([loss.reshape(1), per_head])
-                step_loss += loss.float()
-            if objective.manual_grad_sync and ddp:
-                _all_reduce_grads(params, world)
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-            finite = torch.isfinite(step_loss)
-            if not scaler.is_enabled():  # fp16's scaler skips non-finite steps by design
-                finite &= torch.isfinite(grad_norm)
-            first_bad = torch.where(finite, first_bad, torch.clamp(first_bad, max=step + 1))
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            tokens_seen += n_real
-            interval_steps += 1
-            interval_tokens += n_real
-            progress.update(1)
+    # ------------------------------------------------------------------------- the end
 
-            stopping = stop.requested
-            if step % cfg.log_every == 0 or step == stop_at:
-                check_finite()
-                # one host sync per log step; under DDP it also agrees on a stop request
-                flags_dev = torch.cat([interval, torch.tensor([float(stop.requested)], device=device)])
-                if ddp:
-                    dist.all_reduce(flags_dev)
-                flags = flags_dev.tolist()
-                stopping = flags[-1] > 0
-                dt = time.perf_counter() - t_interval
-                record = {
-                    "kind": "train", "step": step, "loss": flags[0] / interval_steps,
-                    "head_losses": [x / interval_steps for x in flags[1:-1]], "lr": lr,
-                    "grad_norm": float(grad_norm),
-                    "tokens_per_s": interval_tokens / max(dt, 1e-9), "peak_memory_bytes": peak_memory(device)[0],
-                    "elapsed_s": elapsed_before + time.perf_counter() - t_start,
-                }
-                log(record)
-                progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
-                interval.zero_()
-                interval_steps, interval_tokens = 0, 0
-            elif ddp:
-                stopping = False  # ranks agree on stopping at log steps only (no per-step sync)
-            t_pause = time.perf_counter()
-            if step % cfg.eval_every == 0 or step == total:
-                metrics = evaluate() or metrics
-            if step % cfg.save_every == 0 or step == stop_at or stopping:
-                save()
-            if step % cfg.log_every == 0 or step == stop_at:
-                t_interval = time.perf_counter()
-            else:
-                t_interval += time.perf_counter() - t_pause  # eval and saving are not training time
-            if stopping:
-                stopped_by = stop.signum or signal.SIGTERM  # under DDP a peer may have got it
-                break
-    progress.close()
-    interrupted = step < total
-    if world > 1:
-        shared = [metrics]
-        dist.broadcast_object_list(shared, src=0)
-        metrics = shared[0]
-    wall = elapsed_before + time.perf_counter() - t_start
-    peak, peak_kind = peak_memory(device)
-    result = TrainResult(
-        checkpoint=str(ckpt_dir), log_path=str(log_path), steps=step,
-        val_loss=metrics["loss"] if metrics else None, val_ppl=metrics["ppl"] if metrics else None,
-        head_acc=metrics["acc_top1"] if metrics else None, head_acc_top5=metrics["acc_top5"] if metrics else None,
-        wall_time_s=wall, peak_memory_bytes=peak, interrupted=interrupted, model=model.eval(),
-        signal=stopped_by,
-    )
-    if main:
+    def result(self, stopped_by: int | None) -> tuple[TrainResult, str]:
+        """The run's result (the last evaluation's metrics shared by rank 0) and the kind of its peak memory."""
+        metrics = self.metrics
+        if self.world > 1:
+            shared = [metrics]
+            dist.broadcast_object_list(shared, src=0)
+            metrics = shared[0]
+        peak, peak_kind = peak_memory(self.device)
+        return TrainResult(
+            checkpoint=str(self.ckpt_dir), log_path=str(self.log_path), steps=self.step,
+            val_loss=metrics["loss"] if metrics else None, val_ppl=metrics["ppl"] if metrics else None,
+            head_acc=metrics["acc_top1"] if metrics else None,
+            head_acc_top5=metrics["acc_top5"] if metrics else None,
+            wall_time_s=self.elapsed(), peak_memory_bytes=peak, interrupted=self.step < self.total,
+            model=self.model.eval(), signal=stopped_by,
+        ), peak_kind
+
+    def write_summary(self, result: TrainResult, peak_kind: str) -> None:
+        """summary.json: the result and the run's totals."""
+        wall, model = result.wall_time_s, self.model
         summary = {f.name: getattr(result, f.name) for f in fields(result) if f.name != "model"}
         summary.update(
-            objective=cfg.objective, total_steps=total, tokens=tokens_seen, tokens_per_s=tokens_seen / max(wall, 1e-9),
-            time_per_epoch_s=wall * batches.steps_per_epoch / max(step, 1),
+            objective=self.cfg.objective, total_steps=self.total, tokens=self.tokens_seen,
+            tokens_per_s=self.tokens_seen / max(wall, 1e-9),
+            time_per_epoch_s=wall * self.batches.steps_per_epoch / max(self.step, 1),
             peak_memory_kind=peak_kind,
             parameters=model.num_parameters(), trainable_parameters=model.num_parameters(trainable_only=True),
         )
-        write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))
-        if cfg.objective != "ntp" and not interrupted:  # head acceptance, for tree="auto"
-            from mtpkern.calibrate import calibrate_after_training
+        write_json(self.out / SUMMARY_NAME, summary)
 
-            calibrate_after_training(model, val_records, tokenizer, ckpt_dir, source=dict(
-                source=str(cfg.data), held_out=True, note="the run's own validation split, after training"))
+    def finished(self) -> FinishedRun:
+        return FinishedRun(config=self.cfg, model=self.model, val_records=self.val_records, tokenizer=self.tokenizer,
+                           checkpoint=self.ckpt_dir)
+
+
+_NEVER = 2**62  # first_bad before any non-finite step
+
+
+def _train_locked(cfg: TrainConfig, world: int, after: Callable[[FinishedRun], object] | None) -> TrainResult:
+    run = _Run(cfg, world)
+    stopped_by = run.loop()
+    result, peak_kind = run.result(stopped_by)
+    if run.main:
+        run.write_summary(result, peak_kind)
+        if after is not None and not result.interrupted:
+            after(run.finished())
     return result
 
 
 def _progress_bar(cfg: TrainConfig, main: bool, total: int, step: int):
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, initial=step, desc=f"train {cfg.objective}", disable=not (main and cfg.progress),
                 dynamic_ncols=True)

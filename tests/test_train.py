@@ -22,7 +22,10 @@ import torch.nn as nn
 
 from mtpkern.checkpoint import CheckpointError, run_lock
 from mtpkern.data import IGNORE_INDEX, DataError, synthetic_records, train_tokenizer
-from mtpkern.model import GPT2, GPT2Config, MedusaModel, MTPModel, ModelOutput, load_model
+from mtpkern.config import GPT2Config
+from mtpkern.hf_io import load_model
+from mtpkern.layers import ModelOutput
+from mtpkern.models import GPT2, MedusaModel, MTPModel
 from mtpkern.train import (
     TrainConfig,
     evaluate_heads,
@@ -58,16 +61,6 @@ def tiny_run(out: Path, objective: str, base: Path, **kw) -> TrainConfig:
 
 def train_losses(log_path) -> list[float]:
     return [r["loss"] for r in map(json.loads, Path(log_path).read_text().splitlines()) if r["kind"] == "train"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a shared machine OpenMP's
-    barriers between two threads can make each step a hundred times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -640,3 +633,58 @@ def test_auto_precision_on_a_gpu_takes_bf16_only_where_it_is_native(monkeypatch)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", supported(False))
     assert _amp_dtype("auto", gpu) is torch.float16
     assert asked == [False, False] and _amp_dtype("auto", torch.device("cpu")) is None
+
+
+# ----------------------------------------------------------------------------- layers: training below the commands
+
+
+def _mtpkern_imports(module: str) -> set[str]:
+    """The mtpkern modules that ``module``'s source imports, function-local imports included."""
+    import ast
+
+    import mtpkern
+
+    path = Path(mtpkern.__file__).parent / (module.split(".", 1)[1].replace(".", "/") + ".py")
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("mtpkern"):
+            names.add(node.module)
+        elif isinstance(node, ast.Import):
+            names |= {a.name for a in node.names if a.name.startswith("mtpkern")}
+    return names
+
+
+COMMANDS = {"mtpkern.calibrate", "mtpkern.commands", "mtpkern.eval", "mtpkern.bench", "mtpkern.distill",
+            "mtpkern.demo", "mtpkern.cli"}
+
+
+@pytest.mark.parametrize("module", ["mtpkern.train", "mtpkern.metrics", "mtpkern.rundir"])
+def test_training_its_metrics_and_its_run_files_import_no_command(module):
+    """The trainer, the metrics it shares with eval and the run directory's I/O sit below the
+    commands: none imports calibrate, eval or any other command, not even inside a function."""
+    imported = _mtpkern_imports(module)
+    assert imported and not imported & COMMANDS, imported
+
+
+def test_train_does_not_calibrate_but_the_train_command_does(tmp_path, base_dir):
+    """``train()`` hands a finished run to ``after`` and writes no calibration; ``mtpkern train``
+    (``train_and_calibrate``) ends by writing the heads' calibration.json, as before."""
+    from mtpkern.cli import main
+    from mtpkern.train import FinishedRun
+
+    finished: list[FinishedRun] = []
+    result = train(tiny_run(tmp_path / "api", "mtp", base_dir, steps=2, n_heads=2), after=finished.append)
+    assert not (Path(result.checkpoint) / "calibration.json").exists()
+    [run] = finished
+    assert run.checkpoint == Path(result.checkpoint) and run.model is result.model
+    assert run.config.objective == "mtp" and run.config.steps == 2 and len(run.val_records) == 8
+    assert len(run.tokenizer) == result.model.config.vocab_size
+    stopped = train(tiny_run(tmp_path / "stopped", "mtp", base_dir, steps=4, n_heads=2, stop_after=1),
+                    after=finished.append)
+    assert stopped.interrupted and len(finished) == 1  # a run stopped early is not finished
+    out = tmp_path / "cli"
+    assert main(["train", "mtp", "--out", str(out), "--base", str(base_dir), "--steps", "2", "--n-heads", "2",
+                 "--data-limit", "80", "--batch-size", "4", "--max-len", "128", "--device", "cpu",
+                 "--precision", "fp32", "--no-progress"]) == 0
+    assert load_model(out / "checkpoint").calibration is not None
+    assert json.loads((out / "summary.json").read_text())["steps"] == 2
