@@ -51,7 +51,7 @@ def load_models(args, device, dtype):
     """(models by strategy, prompts as [1, T] tensors, a note on the weights)."""
     g = torch.Generator().manual_seed(0)
     if args.model:
-        from mtpkern.model import load_model
+        from mtpkern.hf_io import load_model
 
         model = load_model(args.model, device=device, dtype=dtype).eval()
         kind = model.config.model_type
@@ -112,13 +112,14 @@ def _auto_nodes(model, family: str) -> int | None:
     """Draft nodes of the tree ``auto`` picks for ``model`` (None without calibration)."""
     import warnings
 
-    from mtpkern.decoder import Decoder, has_calibration
+    from mtpkern.autotree import has_calibration, resolve_options
+    from mtpkern.options import DecodeOptions
 
     if not has_calibration(model):
         return None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return Decoder(model, family, tree="auto").tree_nodes - 1
+        return len(resolve_options(model, DecodeOptions(family, tree="auto")).tree) - 1
 
 
 def _fits(spec: str, depth: int) -> bool:

@@ -29,7 +29,8 @@ import sys
 
 import torch
 
-from mtpkern.decoder import Decoder, _Forward
+from mtpkern.decoder import Decoder
+from mtpkern.steps import _Forward
 from mtpkern.graphs import CapturedCall
 from mtpkern.tree import Tree
 

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from mtpkern.bench import bench_models
-from mtpkern.generate import generate
+from mtpkern.generation import generate
 from mtpkern.runtime import dtype_name, resolve_device, resolve_dtype
 
 

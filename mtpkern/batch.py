@@ -36,106 +36,58 @@ their forward pass alone (each row draws from its own generator on the host side
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
 
 import torch
 
-from mtpkern.decoder import (
-    GenerationResult, _as_ids, _check_args, _check_generator, _eos_id, _Logits, _prompt, _resolve_tree, prefill,
-)
+from mtpkern.core import Logits, eager_tree_mask, head_probs, prefill, sample_drafts, typical_stats, verify_greedy_rows
+from mtpkern.core import weights_stamp
 from mtpkern.graphs import CapturedCall
-from mtpkern.ops.fused_logits import fused_logits
+from mtpkern.inputs import (
+    GenerationResult, RowOutput, batch_prompts, check_context, check_max_new_tokens, eos_id, row_generators,
+)
+from mtpkern.layers import Attn, KVCache
 from mtpkern.ops.kv_compact import kv_compact_
-from mtpkern.ops import _backend
-from mtpkern.ops.verify import verify_greedy, verify_typical
-from mtpkern.sampling import sampling_probs, speculative_sample_device
-from mtpkern.model import Attn, KVCache
+from mtpkern.ops.verify import verify_typical
+from mtpkern.options import DecodeOptions, engine_options
+from mtpkern.sampling import speculative_sample_device
 from mtpkern.runtime import now
 from mtpkern.tree import Tree
 
-__all__ = ["BatchDecoder", "generate_batch", "split_padded"]
-
-
-def _row_view(cache: KVCache, b: int) -> KVCache:
-    """Row b of a batched cache as a batch-1 cache (views: writes land in the batched one)."""
-    view = KVCache.__new__(KVCache)
-    view.k, view.v = cache.k[:, b : b + 1], cache.v[:, b : b + 1]
-    return view
-
-
-def _length(seq):
-    """The length of one prompt of a list, or None for an item that has none."""
-    if isinstance(seq, (list, tuple)) or (isinstance(seq, torch.Tensor) and seq.dim() > 0):
-        return len(seq)
-    return None
-
-
-def split_padded(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[torch.Tensor]:
-    """The prompts of a padded batch: row b's tokens where ``attention_mask[b]`` is 1. Padding
-    may sit on either side of a row, never between its tokens."""
-    if isinstance(input_ids, (list, tuple)) and len({_length(p) for p in input_ids}) > 1:
-        raise ValueError("attention_mask goes with a padded [B, T] batch of input_ids (a tensor, or lists of one "
-                         "length): prompts of different lengths need no attention_mask, pass the list alone")
-    ids = _as_ids(input_ids)
-    try:
-        mask = torch.as_tensor(attention_mask)
-    except (TypeError, ValueError, RuntimeError):
-        raise ValueError(f"attention_mask must be a [B, T] tensor (or lists) of 0 and 1, got a "
-                         f"{type(attention_mask).__name__} torch cannot read as one") from None
-    if ids.dim() != 2:
-        raise ValueError(f"input_ids with an attention_mask must be [B, T], got shape {tuple(ids.shape)}")
-    if mask.shape != ids.shape:
-        raise ValueError(f"attention_mask {tuple(mask.shape)} and input_ids {tuple(ids.shape)} differ in shape")
-    if mask.dtype == torch.bool:
-        mask = mask.long()
-    if mask.dtype.is_floating_point or mask.dtype.is_complex or not bool(((mask == 0) | (mask == 1)).all()):
-        raise ValueError("attention_mask must hold 0 (padding) and 1 (token) only")
-    prompts = []
-    for b in range(ids.shape[0]):
-        on = mask[b].nonzero().view(-1)
-        if on.numel() == 0:
-            raise ValueError(f"row {b} of attention_mask is all padding: the prompt is empty")
-        if int(on[-1] - on[0]) + 1 != on.numel():
-            raise ValueError(f"row {b} of attention_mask has padding between real tokens (a hole at position "
-                             f"{int(on[0]) + int((on.diff() > 1).nonzero()[0]) + 1}): pad on the left or the right only")
-        prompts.append(ids[b, on])
-    return prompts
+__all__ = ["BatchDecoder"]
 
 
 class BatchDecoder:
-    """Greedy batched decoding of ``model`` with ``strategy`` ("ntp", "mtp", "medusa") and a
-    static ``tree`` (as :class:`mtpkern.Decoder` takes it; ``None``: the calibrated ``auto``
-    tree, else the default), for up to ``max_batch`` prompts per call."""
+    """Batched decoding of ``model`` for up to ``max_batch`` prompts per call, with the options of
+    a :class:`mtpkern.DecodeOptions` (given whole, or as keywords: ``BatchDecoder(model, "medusa",
+    tree=...)``) and a static tree (a ``Tree``, choices, a spec, None for the default; the
+    calibrated ``"auto"`` tree is planned above the engine, by ``mtpkern.generate`` or
+    ``mtpkern.auto_tree``). No prefix cache: its rows would each need their own reusable prefix,
+    and the rows of one call share nothing but the weights."""
 
-    def __init__(self, model, strategy: str = "ntp", *, tree=None, max_batch: int = 16, acceptance: str = "greedy",
-                 temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, typical_epsilon: float = 0.09,
-                 typical_alpha: float = 0.3, kernels: str = "auto", cuda_graph: bool = False):
-        _check_args(model, strategy, acceptance, kernels, temperature, top_k, top_p, cuda_graph)
+    def __init__(self, model, strategy: str | DecodeOptions | None = None, *, options: DecodeOptions | None = None,
+                 max_batch: int = 16, **keywords):
+        self.options = opts = engine_options(strategy, options, keywords, "BatchDecoder")
+        opts.check_model(model)
         # the forward pass: the fused decoder-layer kernels with per-row slots and prefix
         # lengths (CUDA by default; Triton's interpreter on CPU), or eager attention with a
         # per-row mask
-        self.kernels = kernels
-        self.fused = kernels == "fused" or (kernels == "auto" and model.device.type == "cuda")
-        if cuda_graph and not self.fused:
+        self.kernels = opts.kernels
+        self.fused = opts.fused_on(model.device)
+        if opts.cuda_graph and not self.fused:
             raise ValueError("a batch replays CUDA graphs of the fused kernels (kernels='auto' or 'fused'); "
                              "kernels='eager' builds each step's attention mask on the host")
-        self.cuda_graph = bool(cuda_graph)
+        self.cuda_graph = opts.cuda_graph
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
-        # the auto tree planned for the kernels and graphs this decoder runs
-        tree, dynamic = _resolve_tree(model, strategy, tree, acceptance, "fused" if self.fused else "eager",
-                                      self.cuda_graph)
+        tree, dynamic = opts.static_tree(model)
         if dynamic:
             raise ValueError("batched decoding takes static trees (a hand tree, the default or 'auto'); "
                              "tree='dynamic' decodes one prompt at a time (mtpkern.Decoder)")
-        if acceptance == "rejection" and tree is not None and not tree.is_chain:
-            raise ValueError("acceptance 'rejection' is implemented for chains of drafts only, not trees")
-        self.model, self.strategy, self.tree, self.max_batch = model, strategy, tree, max_batch
-        self.acceptance, self.temperature, self.top_k, self.top_p = acceptance, float(temperature), top_k, top_p
-        self.typical_epsilon, self.typical_alpha = typical_epsilon, typical_alpha
+        self.model, self.strategy, self.tree, self.max_batch = model, opts.strategy, tree, max_batch
+        self.acceptance, self.temperature = opts.acceptance, opts.temperature
         # ntp sampling and rejection sampling draw from each row's own generator; typical
         # acceptance draws nothing (top-k drafts, the argmax as the next root)
-        self.sampling = temperature > 0 and (strategy == "ntp" or acceptance == "rejection")
+        self.sampling = opts.sampling
         dev = self.device = model.device
         cfg = model.config
         if tree is None:
@@ -151,10 +103,11 @@ class BatchDecoder:
             self.flat = tt.head_row * self.k + tt.rank  # node i + 1's entry of a row's flattened top-k
         if model.draft_on_path and self.heads > 1:  # MTP's head blocks run over each row's accepted path
             self.path_mask = Tree.chain(self.heads - 1).tensors(dev).mask
-        self.logits = _Logits(model, fused=self.fused)  # head-0 argmax and draft top-k: fused_logits with fused kernels
+        self.logits = Logits(model, fused=self.fused)  # head-0 argmax and draft top-k: fused_logits with fused kernels
         # verification: the extension's kernels wherever built (on CPU tensors too: a call for the
         # whole batch), else the eager rule
-        self.ops_backend = "cuda" if _backend.HAS_CUDA_EXT else "eager"
+        self.ops_backend = opts.ops_backend
+        self.logits_backend = None if self.fused else "eager"
         self.cache = KVCache(model.n_cache_layers, max_batch, cfg.n_head, cfg.n_positions, cfg.head_dim,
                              dtype=model.dtype, device=dev)
         self.offsets = torch.arange(self.T, device=dev)
@@ -170,47 +123,17 @@ class BatchDecoder:
     # -- inputs ------------------------------------------------------------------------
 
     def _prompts(self, prompts, attention_mask, max_new_tokens: int) -> list[torch.Tensor]:
-        if attention_mask is not None:
-            prompts = split_padded(prompts, attention_mask)
-        elif isinstance(prompts, torch.Tensor):
-            if prompts.dim() != 2:
-                raise ValueError(f"a batch of prompts is a list of sequences or a [B, T] tensor, got shape "
-                                 f"{tuple(prompts.shape)}")
-            prompts = list(prompts)
-        elif not isinstance(prompts, Sequence) or isinstance(prompts, (str, bytes)):
-            hint = (": text must be tokenized first, e.g. with mtpkern.data.load_tokenizer(checkpoint)(texts)"
-                    "['input_ids']" if isinstance(prompts, (str, bytes)) else "")
-            raise TypeError(f"prompts must be a list of token sequences or a [B, T] tensor, got "
-                            f"{type(prompts).__name__}{hint}")
-        if len(prompts) == 0:
-            raise ValueError("no prompts: the batch is empty")
-        if len(prompts) > self.max_batch:
-            raise ValueError(f"{len(prompts)} prompts, but this decoder's cache holds {self.max_batch} rows "
-                             f"(BatchDecoder(..., max_batch={len(prompts)}))")
-        out = []
-        ctx = self.model.config.n_positions
-        for b, p in enumerate(prompts):
-            try:
-                ids = _prompt(p, self.model.config.vocab_size, self.device)
-            except (TypeError, ValueError) as e:
-                raise type(e)(f"prompt {b}: {e}") from None
-            need = ids.shape[0] + max_new_tokens + self.T - 2
-            if need > ctx:
-                raise ValueError(f"prompt {b} ({ids.shape[0]} tokens) + max_new_tokens ({max_new_tokens}) needs "
-                                 f"{need} cache slots, {need - ctx} more than the model's context of {ctx}")
-            out.append(ids)
-        return out
+        ids = batch_prompts(prompts, attention_mask, self.model.config.vocab_size, self.device, self.max_batch)
+        for b, p in enumerate(ids):
+            check_context(p.shape[0], max_new_tokens, self.T, self.model.config.n_positions, f"prompt {b}")
+        return ids
 
     # -- the parts of a step -----------------------------------------------------------
 
     def _mask(self, prefix: torch.Tensor) -> torch.Tensor:
         """bool [B, 1, T, S']: row b sees its slots below prefix[b] and, at prefix[b] + j, tree
         node j where the tree's ancestor mask says so."""
-        span = int(prefix.max()) + self.T
-        rel = torch.arange(span, device=self.device)[None, :] - prefix[:, None]  # [B, S']
-        in_tree = (rel >= 0) & (rel < self.T)
-        tree = self.dense[:, rel.clamp(0, self.T - 1)].permute(1, 0, 2) & in_tree[:, None, :]  # [B, T, S']
-        return ((rel < 0)[:, None, :] | tree)[:, None]
+        return eager_tree_mask(self.dense, prefix, int(prefix.max()) + self.T)[:, None]
 
     def _drafts(self, h0, carry, path, accept_len, last_node, prefix, view) -> torch.Tensor:
         """Every row's next draft tokens [B, heads - 1, k] (the heads' top-k, as batch 1's)."""
@@ -235,7 +158,7 @@ class BatchDecoder:
             rel = torch.arange(span, device=self.device)[None, None, :] - slots[:, :, None]  # [B, R, S']
             mask = (rel <= 0)[:, None]  # the prefix, and the path causally
             if B == 1:  # batch 1's own path: the n head blocks grouped into one (a CPU pays per op)
-                attn = Attn(_row_view(self.cache, 0), slots[0], mask=mask[0, 0])
+                attn = Attn(KVCache.from_tensors(self.cache.k[:, :1], self.cache.v[:, :1]), slots[0], mask=mask[0, 0])
                 d = model.draft_hidden(x, n, attn, accept_len)[None]
             else:
                 attn = Attn(view, slots, mask=mask, weights=self._weights)
@@ -245,13 +168,13 @@ class BatchDecoder:
         return d
 
     def _probs(self, h, j):
-        return sampling_probs(self.model.head_logits(h, j), self.temperature, self.top_k, self.top_p)
+        o = self.options
+        return head_probs(self.model, h, j, o.temperature, o.top_k, o.top_p)
 
     def _sample_drafts(self, d: torch.Tensor, gen) -> tuple[torch.Tensor, torch.Tensor]:
         """Rejection sampling's drafts from one row's draft states d [n, D], as batch 1 draws
         them: (q [n, V], one token per head [n])."""
-        q = torch.cat([self._probs(d[j - 1 : j], j) for j in range(1, d.shape[0] + 1)])
-        return q, torch.multinomial(q, 1, generator=gen)[:, 0]
+        return sample_drafts(self.model, d, self.options, gen)
 
     def _prefill(self, ids: list[torch.Tensor]) -> torch.Tensor:
         """Every prompt through the model at once, each at slots and positions 0 .. P_b - 1 of
@@ -261,7 +184,7 @@ class BatchDecoder:
         draft heads), as batch 1's ``prefill`` does; a single prompt takes batch 1's own path."""
         model, dev, B = self.model, self.device, len(ids)
         if B == 1:
-            return prefill(model, _row_view(self.cache, 0), ids[0], heads=self.heads, weights=self._weights)[None]
+            return prefill(model, KVCache.from_tensors(self.cache.k[:, :1], self.cache.v[:, :1]), ids[0], heads=self.heads, weights=self._weights)[None]
         lengths = torch.tensor([int(t.shape[0]) for t in ids], device=dev)
         P = int(lengths.max())
         tokens = torch.zeros(B, P, dtype=torch.long, device=dev)
@@ -270,8 +193,7 @@ class BatchDecoder:
         pos = torch.arange(P, device=dev)
         causal = torch.ones(P, P, dtype=torch.bool, device=dev).tril()
         mask = (causal[None] & (pos[None, None, :] < lengths[:, None, None]))[:, None]  # [B, 1, P, P]
-        view = KVCache.__new__(KVCache)
-        view.k, view.v = self.cache.k[:, :B], self.cache.v[:, :B]
+        view = KVCache.from_tensors(self.cache.k[:, :B], self.cache.v[:, :B])
         attn = Attn(view, pos[None].expand(B, P), mask=mask, weights=self._weights)
         h0, carry = model.decode_hidden(tokens, pos[None].expand(B, P), attn)
         rows, last = torch.arange(B, device=dev), lengths - 1
@@ -298,35 +220,16 @@ class BatchDecoder:
     def _verify_typical(self, tokens, target, h0):
         """Typical acceptance of every row in one ``verify_typical`` call: p(node | parent) and
         the parent's entropy at the sampling temperature, as batch 1 computes them."""
-        B, T = tokens.shape
-        parents = self.parents[1:]
-        stats = fused_logits(h0[:, parents].reshape(B * (T - 1), -1), self.model.head_weight(0), 1,
-                             tokens[:, 1:].reshape(-1), scale=1.0 / self.temperature, backend="eager")
-        one, zero = stats.lse.new_ones(B, 1), stats.lse.new_zeros(B, 1)
-        node_prob = torch.cat([one, torch.exp(stats.target_logit - stats.lse).view(B, T - 1)], 1)
-        parent_entropy = torch.cat([zero, stats.entropy.view(B, T - 1)], 1)
-        res = verify_typical(tokens, target, node_prob, parent_entropy, self.paths, epsilon=self.typical_epsilon,
-                             alpha=self.typical_alpha, backend=self.ops_backend)
+        o = self.options
+        node_prob, parent_entropy = typical_stats(h0[:, self.parents[1:]], tokens[:, 1:], self.model.head_weight(0),
+                                                  o.temperature, self.logits_backend)
+        res = verify_typical(tokens, target, node_prob, parent_entropy, self.paths, epsilon=o.typical_epsilon,
+                             alpha=o.typical_alpha, backend=self.ops_backend)
         return res.accept_len, self.paths[res.best_path], res.last_node, res.tokens
 
     def _verify(self, tokens, target):
-        """Greedy verification of every row at once: (accepted drafts [B], the accepted path
-        [B, D + 1], its last node [B], the emitted tokens [B, D + 1], whose first accepted + 1
-        are the output). The extension's kernel takes the whole batch in one call; without it,
-        the same rule in a few batched tensor ops (the op's eager reference goes row by row)."""
-        if self.ops_backend == "cuda":
-            res = verify_greedy(tokens, target, self.paths, backend="cuda")
-            return res.accept_len, self.paths[res.best_path], res.last_node, res.tokens
-        paths = self.paths
-        valid, safe = paths >= 0, paths.clamp(min=0)
-        ok = valid[None, :, 1:] & (tokens[:, safe[:, 1:]] == target[:, safe[:, :-1]])  # [B, P, D]
-        accept = ok.long().cumprod(-1).sum(-1)  # [B, P]
-        best = accept.argmax(-1)  # the first longest path, as the ops choose
-        accept_len = accept.gather(1, best[:, None])[:, 0]
-        path = paths[best]  # [B, D + 1]
-        rows = torch.arange(tokens.shape[0], device=self.device)
-        last = path[rows, accept_len]
-        return accept_len, path, last, target[rows[:, None], path.clamp(min=0)]
+        """Greedy verification of every row at once (``verify_greedy_rows``)."""
+        return verify_greedy_rows(tokens, target, self.paths, self.ops_backend)
 
     # -- one step for every row, on the device state ----------------------------------
 
@@ -406,7 +309,7 @@ class BatchDecoder:
         self._graphs, self._forward_graphs, self._graph_weights = {}, {}, None
 
     def _check_weights(self) -> None:
-        weights = [t.data_ptr() for t in (*self.model.parameters(), *self.model.buffers())]
+        weights = weights_stamp(self.model)
         if weights != self._graph_weights:
             self.reset_graphs()
             self._graph_weights = weights
@@ -426,25 +329,7 @@ class BatchDecoder:
     def _generators(self, generators, B: int) -> list:
         """One random stream per row: the given ones, else fresh ones seeded from torch's
         global generator (so ``torch.manual_seed`` makes a batch reproducible)."""
-        if not self.sampling:
-            return [None] * B
-        if generators is None:
-            seeds = torch.randint(0, 2**62, (B,)).tolist()
-            return [torch.Generator(self.device).manual_seed(s) for s in seeds]
-        if not hasattr(generators, "__iter__"):
-            raise TypeError(f"generators must be a list of torch.Generator, one per prompt, got "
-                            f"{type(generators).__name__}")
-        generators = list(generators)
-        if len(generators) != B:
-            raise ValueError(f"{len(generators)} generators for {B} prompts: give one per prompt")
-        for b, g in enumerate(generators):
-            try:
-                _check_generator(g, self.device)
-            except (TypeError, ValueError) as e:
-                raise type(e)(f"generator {b}: {e}") from None
-        if len({id(g) for g in generators}) != B:
-            raise ValueError("the rows need independent random streams: give a different generator to each prompt")
-        return generators
+        return row_generators(generators, B, self.device) if self.sampling else [None] * B
 
     @torch.inference_mode()
     def generate(self, prompts, *, max_new_tokens: int, eos_token_id: int | None = None,
@@ -455,15 +340,13 @@ class BatchDecoder:
         order; each row ends at its own first ``eos_token_id`` (included). Sampling draws row b
         from ``generators[b]`` (one per prompt, as batch 1 would draw from it; default: fresh
         ones seeded from torch's global generator)."""
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-        eos_token_id = _eos_id(eos_token_id, self.model.config.vocab_size)
+        check_max_new_tokens(max_new_tokens)
+        eos = eos_id(eos_token_id, self.model.config.vocab_size)
         ids = self._prompts(prompts, attention_mask, max_new_tokens)
         B, dev = len(ids), self.device
         # Eager attention runs the blocks as functions of their tensors (views of the parameters).
         self._weights = None if self.fused else self.model.decode_weights()
         gens = self._generators(generators, B)
-        rejection = self.acceptance == "rejection"
         graph = None
         if self.cuda_graph:
             self._check_weights()
@@ -471,43 +354,15 @@ class BatchDecoder:
                 s, graph = self._graphed_rows(B)
         if graph is None:
             s = _Rows(self, B)
+        rows = [RowOutput(max_new_tokens, eos, f"prompt {b}: ") for b in range(B)]
         t0 = now(dev)
-        outs: list[list[int]] = [[] for _ in range(B)]
-        accepted: list[list[int]] = [[] for _ in range(B)]
-        done = [False] * B
-
-        def emit(b: int, chunk) -> None:
-            for t in chunk:
-                if t < 0:
-                    raise ValueError(f"prompt {b}: the model's logits are NaN at generated token {len(outs[b])}")
-                outs[b].append(t)
-                if t == eos_token_id or len(outs[b]) == max_new_tokens:
-                    done[b] = True
-                    return
-
-        # Prefill every row at once (prompts of any lengths, each from slot 0), then each row's
-        # first token and drafts, as batch-1 decoding makes them.
-        q: list[torch.Tensor | None] = [None] * B  # rejection sampling: each row's draft distributions [n, V]
-        first_states = self._prefill(ids)  # [B, heads, D]
-        for b in range(B):
-            h = first_states[b]
-            if self.sampling:
-                s.root[b] = torch.multinomial(self._probs(h[:1], 0), 1, generator=gens[b])[0, 0]
-            else:
-                s.root[b] = self.logits.argmax0(h[:1])[0]
-            if rejection:
-                q[b], s.topk[b, :, 0] = self._sample_drafts(h[1:], gens[b])
-            elif self.heads > 1:
-                s.topk[b] = self.logits.draft_topk(h[1:], self.k)[1]
-        s.prefix.copy_(torch.tensor([int(p.shape[0]) for p in ids]))
-        s.active.fill_(True)
+        q = self._begin(s, ids, gens)
         first = s.root.tolist()
         for b in range(B):
-            emit(b, first[b : b + 1])
+            rows[b].emit(first[b : b + 1])
         prefill_time = time.perf_counter() - t0
         step_times: list[float] = []
-        active_steps = [0] * B
-        while not all(done):
+        while not all(r.done for r in rows):
             ts = time.perf_counter()
             if graph is not None:
                 out = graph()
@@ -517,18 +372,36 @@ class BatchDecoder:
                 out = self._step(s)
             host = out.tolist()  # the step's one host sync
             finished = False
-            for b in range(B):
-                if not done[b]:
-                    active_steps[b] += 1
-                    accepted[b].append(host[b][0])
-                    emit(b, host[b][1 : 1 + host[b][0]])
-                    finished |= done[b]
+            for r, h in zip(rows, host):
+                if not r.done:
+                    finished |= r.step(h)
             if finished:  # finished rows stay where they ended from the next step on
-                s.active.copy_(torch.tensor([not d for d in done]))
+                s.active.copy_(torch.tensor([not r.done for r in rows]))
             step_times.append(time.perf_counter() - ts)
         total = time.perf_counter() - t0
-        return [GenerationResult(outs[b], active_steps[b], accepted[b], step_times[: active_steps[b]], prefill_time, total)
-                for b in range(B)]
+        return [GenerationResult(r.tokens, len(r.accepted), r.accepted, step_times[: len(r.accepted)], prefill_time,
+                                 total) for r in rows]
+
+    def _begin(self, s: _Rows, ids: list[torch.Tensor], gens: list) -> list:
+        """Prefill every row at once (prompts of any lengths, each from slot 0), then each row's
+        first token and drafts, as batch-1 decoding makes them. Returns rejection sampling's
+        draft distributions per row (None elsewhere)."""
+        B = len(ids)
+        q: list[torch.Tensor | None] = [None] * B  # rejection sampling: each row's draft distributions [n, V]
+        first_states = self._prefill(ids)  # [B, heads, D]
+        for b in range(B):
+            h = first_states[b]
+            if self.sampling:
+                s.root[b] = torch.multinomial(self._probs(h[:1], 0), 1, generator=gens[b])[0, 0]
+            else:
+                s.root[b] = self.logits.argmax0(h[:1])[0]
+            if self.acceptance == "rejection":
+                q[b], s.topk[b, :, 0] = self._sample_drafts(h[1:], gens[b])
+            elif self.heads > 1:
+                s.topk[b] = self.logits.draft_topk(h[1:], self.k)[1]
+        s.prefix.copy_(torch.tensor([int(p.shape[0]) for p in ids]))
+        s.active.fill_(True)
+        return q
 
 
 class _Rows:
@@ -544,16 +417,4 @@ class _Rows:
         self.topk = torch.zeros(B, max(dec.heads - 1, 1), dec.k, dtype=torch.long, device=dev)
         self.prefix = torch.zeros(B, dtype=torch.long, device=dev)
         self.active = torch.zeros(B, dtype=torch.bool, device=dev)
-        self.cache = KVCache.__new__(KVCache)
-        self.cache.k, self.cache.v = dec.cache.k[:, :B], dec.cache.v[:, :B]
-
-
-def generate_batch(model, prompts, *, max_new_tokens: int, strategy: str = "ntp", tree=None,
-                   eos_token_id: int | None = None, attention_mask=None, generators=None,
-                   **sampling) -> list[GenerationResult]:
-    """``BatchDecoder(model, strategy, tree=tree, max_batch=len(prompts), **sampling).generate(...)``
-    (``sampling``: acceptance, temperature, top_k, top_p, typical_epsilon, typical_alpha)."""
-    n = len(prompts) if attention_mask is None else torch.as_tensor(attention_mask).shape[0]
-    return BatchDecoder(model, strategy, tree=tree, max_batch=max(1, n), **sampling).generate(
-        prompts, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, attention_mask=attention_mask,
-        generators=generators)
+        self.cache = KVCache.from_tensors(dec.cache.k[:, :B], dec.cache.v[:, :B])

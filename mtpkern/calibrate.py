@@ -30,12 +30,12 @@ layers are re-exported here.
 from __future__ import annotations
 
 import warnings
-import weakref
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
+from mtpkern.autotree import auto_tree, has_calibration, plan_tree, resolve_options
 from mtpkern.calibration import (
     CALIBRATION_NAME,
     SCHEMA,
@@ -61,9 +61,9 @@ from mtpkern.costmodel import (
     timing_tree,
 )
 from mtpkern.data import format_prompt, load_tokenizer
-from mtpkern.eval import read_run, validation_records
-from mtpkern.generate import generate
-from mtpkern.model import load_model
+from mtpkern.rundir import read_run, validation_records
+from mtpkern.generation import generate
+from mtpkern.hf_io import load_model
 from mtpkern.planner import (
     StepCost,
     TreePlan,
@@ -76,7 +76,7 @@ from mtpkern.planner import (
     simulate_steps,
     simulated_accept_length,
 )
-from mtpkern.runtime import dtype_name, resolve_device, resolve_dtype
+from mtpkern.runtime import resolve_device, resolve_dtype
 from mtpkern.tree import Tree
 
 
@@ -176,56 +176,6 @@ def calibrate_records(model, records, tokenizer, *, max_samples: int = 16, max_n
                      source=source)
 
 
-def plan_tree(model, *, kernels: str = "auto", cuda_graph: bool = False, max_nodes: int | None = None,
-              calibration: Calibration | None = None) -> TreePlan:
-    """The optimised tree of ``model`` (its calibration, or ``calibration``) on its device."""
-    cal = calibration if calibration is not None else getattr(model, "calibration", None)
-    if cal is None:
-        raise ValueError("the model has no calibration: run `mtpkern calibrate` on its checkpoint")
-    cal.check(model)
-    limit = max_draft_nodes(model)
-    if max_nodes is not None:
-        check_budget(max_nodes, limit)
-    costs = {d: step_cost(model, kernels=kernels, cuda_graph=cuda_graph, depth=d) for d in cost_depths(model)}
-    return optimise_tree_depths(cal.accept, costs, max_tokens=min(limit, max_nodes or limit) + 1, ranks=cal.ranks)
-
-
-_warned_uncalibrated = False
-_auto_trees: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {setting: (calibration, tree)}
-
-
-def auto_tree(model, *, device=None, dtype=None, kernels: str = "auto", cuda_graph: bool = False,
-              max_nodes: int | None = None) -> Tree | None:
-    """The tree that maximises expected tokens/s for this checkpoint on this device, or None
-    (with a warning, once per process) when the model has no calibration. ``device`` and
-    ``dtype``, when given, must be the model's: the step cost is measured on the model as it is."""
-    global _warned_uncalibrated
-    try:
-        want = torch.device(device) if device is not None else model.device
-    except (RuntimeError, TypeError):
-        raise ValueError(f"auto_tree: unknown device {device!r}") from None
-    if want.type != model.device.type or (want.index is not None and want != model.device):
-        raise ValueError(f"auto_tree: the model is on {model.device}, not {device}; move it first")
-    if dtype is not None and resolve_dtype(dtype) != model.dtype:
-        raise ValueError(f"auto_tree: the model is {dtype_name(model.dtype)}, not {dtype_name(resolve_dtype(dtype))}; "
-                         "cast it first")
-    if max_nodes is not None:
-        check_budget(max_nodes, max_draft_nodes(model))
-    if getattr(model, "calibration", None) is None:
-        if not _warned_uncalibrated:
-            _warned_uncalibrated = True
-            warnings.warn("tree='auto': the model has no calibration (run `mtpkern calibrate` on its checkpoint); "
-                          "using the default tree", stacklevel=2)
-        return None
-    # Planned once per model and setting: generate() may ask on every call.
-    key = (model.device, model.dtype, kernels, bool(cuda_graph), max_nodes)
-    planned = _auto_trees.setdefault(model, {})
-    cal = model.calibration
-    if key not in planned or planned[key][0] is not cal:
-        planned[key] = (cal, plan_tree(model, kernels=kernels, cuda_graph=cuda_graph, max_nodes=max_nodes).tree)
-    return planned[key][1]
-
-
 def calibrate_checkpoint(path, *, data: str | None = None, device: str = "auto", dtype: str | None = None,
                          max_samples: int = 32, max_new_tokens: int = 64, kernels: str = "auto",
                          cuda_graph: bool = False, max_nodes: int | None = None, measure: bool = True) -> dict:
@@ -323,9 +273,11 @@ def calibrate_after_training(model, records, tokenizer, checkpoint, *, source: d
 
 
 __all__ = [
+    # re-exported: mtpkern.autotree
+    "auto_tree", "has_calibration", "plan_tree", "resolve_options",
     # the command
-    "auto_tree", "calibrate", "calibrate_after_training", "calibrate_checkpoint", "calibrate_records", "format_report",
-    "held_out_prompts", "measure_tree", "plan_tree",
+    "calibrate", "calibrate_after_training", "calibrate_checkpoint", "calibrate_records", "format_report",
+    "held_out_prompts", "measure_tree",
     # re-exported: mtpkern.calibration
     "CALIBRATION_NAME", "SCHEMA", "TOPK", "Calibration", "CalibrationError", "attach_calibration", "draft_depth",
     "fingerprint", "load_calibration",

@@ -6,12 +6,14 @@ a transformer block the step runs), on the device, dtype, kernels and CUDA-graph
 ``~/.cache/mtpkern``), keyed by device name, torch version, model shape, dtype, kernels,
 cuda_graph and tree depth.
 
-It times the engine's own step (:meth:`mtpkern.Decoder.run_step`), so it sits above the engine;
-the curve it returns is the planner's :class:`~mtpkern.planner.StepCost`.
+It times the engine's own step (:meth:`mtpkern.steps.StepEngine.run_step`, the core under
+``Decoder``), so it sits above that core and below the engines, which plan ``auto`` trees from
+it (``mtpkern.autotree``); the curve it returns is the planner's :class:`~mtpkern.planner.StepCost`.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -24,7 +26,8 @@ from typing import Callable
 import torch
 
 from mtpkern.calibration import TOPK, draft_depth
-from mtpkern.decoder import Decoder
+from mtpkern.options import DecodeOptions
+from mtpkern.steps import StepEngine
 from mtpkern.graphs import graphs_available
 from mtpkern.planner import StepCost, _smooth, check_curve
 from mtpkern.runtime import dtype_name, synchronize
@@ -80,11 +83,11 @@ def time_tree_step(model, tree: Tree | None, *, prefix_len: int, kernels: str = 
     next-token step) after ``prefix_len`` cached tokens: the forward pass, verification, KV
     compaction, the next drafts and the step's host sync. Random tokens, so few drafts are
     accepted; what that saves (moving fewer K/V) is small. The one place the cost model times
-    a step: it runs the engine's own step (``mtpkern.Decoder.run_step``)."""
+    a step: it runs the engine's own step (``mtpkern.steps.StepEngine.run_step``, under ``mtpkern.Decoder``)."""
     device = model.device
     strategy = "ntp" if tree is None else model.config.model_type
     with torch.inference_mode():
-        decoder = Decoder(model, strategy, tree=tree, kernels=kernels, cuda_graph=cuda_graph)
+        decoder = StepEngine(model, DecodeOptions(strategy, tree=tree, kernels=kernels, cuda_graph=cuda_graph))
 
         def step():
             return decoder.run_step(prefix_len)
@@ -99,6 +102,43 @@ def time_tree_step(model, tree: Tree | None, *, prefix_len: int, kernels: str = 
             synchronize(device)
             times.append(time.perf_counter() - t0)
     return min(times)
+
+
+def step_cost_tree(n_nodes: int, n_draft_heads: int, topk: int = 10) -> Tree:
+    """A tree of ``n_nodes`` nodes (the root included) over ``n_draft_heads`` heads and ranks
+    below ``topk``, for timing steps by size: the paths in order of (rank sum, depth, ranks),
+    a shape close to what acceptance-driven trees look like."""
+    if n_nodes < 2:
+        raise ValueError(f"a tree to time needs at least 2 nodes, got {n_nodes}")
+    paths: list[tuple[int, ...]] = []
+    budget = n_nodes - 1
+    for total in itertools.count():
+        level = [p for d in range(1, n_draft_heads + 1)
+                 for p in itertools.product(range(min(topk, total + 1)), repeat=d) if sum(p) == total]
+        for p in sorted(level, key=lambda p: (len(p), p)):
+            if len(paths) < budget and (len(p) == 1 or p[:-1] in paths):
+                paths.append(p)
+        if len(paths) >= budget or total > budget + n_draft_heads * topk:
+            break
+    if len(paths) < budget:
+        raise ValueError(f"no tree of {n_nodes} nodes over {n_draft_heads} heads and top-{topk}")
+    return Tree([list(p) for p in paths])
+
+
+def time_step(model, n_nodes: int, *, kernels: str = "auto", cuda_graph: bool = False, prefix_len: int = 64,
+              iters: int = 10) -> float:
+    """Median seconds of one greedy decoding step of ``n_nodes`` tree tokens (1 = ``ntp``) on
+    ``model``'s device, dtype, ``kernels`` and ``cuda_graph`` setting: the cost model's
+    measurement (``mtpkern.calibrate`` and ``benchmarks/bench_decode.py`` use it)."""
+    if n_nodes == 1:
+        dec = StepEngine(model, DecodeOptions("ntp", kernels=kernels, cuda_graph=cuda_graph))
+    else:
+        strategy = model.config.model_type
+        if strategy not in ("mtp", "medusa"):
+            raise ValueError(f"a {type(model).__name__} has no draft heads: it can only time n_nodes=1")
+        tree = step_cost_tree(n_nodes, model.n_heads - 1, min(10, model.config.vocab_size))
+        dec = StepEngine(model, DecodeOptions(strategy, tree=tree, kernels=kernels, cuda_graph=cuda_graph))
+    return dec.time_step(prefix_len=prefix_len, iters=iters)
 
 
 def _cached_cost(entry, sizes: list[int], key: dict) -> StepCost:
@@ -197,4 +237,5 @@ def _write_cache(path: Path, table: dict) -> None:
         warnings.warn(f"could not write the step-cost cache {path}: {e}", stacklevel=3)
 
 
-__all__ = ["cache_dir", "cost_depths", "cost_key", "device_name", "step_cost", "time_tree_step", "timing_tree"]
+__all__ = ["cache_dir", "cost_depths", "cost_key", "device_name", "step_cost", "step_cost_tree", "time_step",
+           "time_tree_step", "timing_tree"]
