@@ -19,6 +19,8 @@ from typing import NamedTuple, Sequence
 
 import torch
 
+from mtpkern.ops.tree_mask import tree_buffers_ref
+
 # MEDUSA's 63-node tree for Vicuna-7B (FasterDecoding/Medusa, medusa_choices.py): 4 heads, top-10.
 MC_SIM_7B_63 = [
     [0], [0, 0], [1], [0, 1], [2], [0, 0, 0], [1, 0], [0, 2], [3], [0, 3], [4], [0, 4], [2, 0],
@@ -180,8 +182,6 @@ class Tree:
         return self._on_device[device]
 
     def _build(self) -> TreeTensors:
-        from mtpkern.ops.tree_mask import tree_buffers_ref
-
         parents = torch.tensor(self.parents, dtype=torch.int64)
         bufs = tree_buffers_ref(parents, self.max_depth)
         T = len(self)
