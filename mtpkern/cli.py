@@ -7,6 +7,7 @@ Bad arguments and bad inputs end with a one-line error and exit status 2, never 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import signal
@@ -14,9 +15,29 @@ import sys
 import warnings
 from pathlib import Path
 
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # before the tokenizers library loads
 
-from mtpkern.checkpoint import CheckpointError, check_report_path, write_text_atomic  # noqa: E402  (the package imports it anyway)
+# Every command's module at the top: `mtpkern --help` pays for them, but no more than for the
+# package itself, which every command needs (timings in the module's docstring, below).
+import torch  # noqa: E402
+
+from mtpkern.bench import run_bench  # noqa: E402
+from mtpkern.calibrate import calibrate_checkpoint, format_report  # noqa: E402
+from mtpkern.checkpoint import CheckpointError, check_report_path, write_text_atomic  # noqa: E402
+from mtpkern.commands import train_and_calibrate  # noqa: E402
+from mtpkern.data import format_prompt, load_tokenizer  # noqa: E402
+from mtpkern.demo import run_demo  # noqa: E402
+from mtpkern.distill import distill  # noqa: E402
+from mtpkern.eval import evaluate  # noqa: E402
+from mtpkern.generation import generate  # noqa: E402
+from mtpkern.hf_io import load_model  # noqa: E402
+from mtpkern.runtime import resolve_device, resolve_dtype  # noqa: E402
+from mtpkern.train import TrainConfig  # noqa: E402
+from mtpkern.tree import Tree  # noqa: E402
+
+DTYPES = ("fp32", "fp16", "bf16")
+DTYPE_HELP = "the weights' dtype; default: fp16 on CUDA, fp32 on the CPU (every command alike)"
+KERNELS = ("auto", "eager", "fused")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -57,15 +78,19 @@ def _seed(text: str) -> int:
 
 
 def _batch_sizes(text: str) -> tuple[int, ...]:
-    """``--batch``: comma-separated batch sizes (``1,4,16``), or ``none``."""
+    """``--batch``, in every command: the batch size(s) of batched decoding, one (``16``) or
+    comma-separated (``1,4,16``), or ``none``; sorted, without repeats."""
     if text.strip().lower() == "none":
         return ()
     try:
         sizes = tuple(sorted({int(t) for t in text.split(",") if t.strip()}))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected batch sizes such as 1,4,16 (or none), got {text!r}") from None
-    if not sizes or sizes[0] < 1:
-        raise argparse.ArgumentTypeError(f"batch sizes must be integers >= 1, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected batch sizes such as 16 or 1,4,16 (or none), got {text!r}") from None
+    if not sizes:
+        raise argparse.ArgumentTypeError(f"expected batch sizes such as 16 or 1,4,16 (or none), got {text!r}")
+    if sizes[0] < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {sizes[0]} (batch sizes such as 16 or "
+                                         f"1,4,16, or none): {text!r}")
     return sizes
 
 
@@ -78,8 +103,6 @@ def _device(text: str) -> str:
 def parse_tree(text: str):
     """``--tree``: ``auto``, ``dynamic`` / ``dynamic:N`` (kept as text for the decoder), or a
     tree spec for ``Tree.parse`` (``mc_sim_7b_63``, ``chain:N``, widths ``4,2,2``)."""
-    from mtpkern.tree import Tree
-
     spec = text.strip().lower()
     if spec in ("auto", "dynamic") or spec.startswith("dynamic:"):
         return spec
@@ -90,8 +113,6 @@ def parse_tree(text: str):
 
 
 def cmd_train(args) -> int:
-    from mtpkern.train import TrainConfig, train
-
     if args.steps is not None and args.epochs is not None:
         raise ValueError("give either --steps or --epochs, not both")
     kw = dict(
@@ -108,7 +129,7 @@ def cmd_train(args) -> int:
     if args.steps is None and args.epochs is None:
         kw.pop("steps")
         kw.pop("epochs")
-    result = train(TrainConfig(**kw))
+    result = train_and_calibrate(TrainConfig(**kw))  # MTP and MEDUSA runs end by calibrating their heads
     print(f"checkpoint: {result.checkpoint}")
     if result.signal is not None:  # the checkpoint is written; schedulers still see the interruption
         name = signal.Signals(result.signal).name
@@ -118,33 +139,24 @@ def cmd_train(args) -> int:
 
 
 def cmd_distill(args) -> int:
-    from mtpkern.distill import distill
-
+    if len(args.batch) != 1:
+        raise ValueError(f"--batch: distill decodes at one batch size, got {','.join(map(str, args.batch)) or 'none'}")
     r = distill(args.model, args.data, args.out, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                 top_p=args.top_p, seed=args.seed, limit=args.data_limit, device=args.device, dtype=args.dtype,
-                progress=not args.no_progress, batch=args.batch)
+                progress=not args.no_progress, batch=args.batch[0])
     print(f"{r.out}: {r.kept + r.written} records ({r.written} new, {r.kept} kept from an earlier run, "
           f"{r.skipped} prompts skipped: too long for the context) of {r.total} prompts")
     return 0
 
 
 def cmd_demo(args) -> int:
-    from mtpkern.demo import run_demo
-
     run_demo(out=args.out, device=args.device, steps=args.steps, quick=args.quick, overwrite=args.overwrite)
     return 0
 
 
 def cmd_generate(args) -> int:
-    import torch
-
-    from mtpkern.data import format_prompt, load_tokenizer
-    from mtpkern.generate import generate
-    from mtpkern.model import load_model
-    from mtpkern.runtime import resolve_device, resolve_dtype
-
     device = resolve_device(args.device)
-    model = load_model(args.model, device=device, dtype=resolve_dtype(args.dtype))
+    model = load_model(args.model, device=device, dtype=resolve_dtype(args.dtype, device))
     tokenizer = load_tokenizer(args.model)
     text = args.prompt if args.raw else format_prompt(args.prompt)
     ids = torch.tensor([tokenizer(text)["input_ids"]], device=device)
@@ -168,32 +180,26 @@ def cmd_generate(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from mtpkern.eval import evaluate
-
     evaluate(
         args.models, data=args.data, json_path=args.json, device=args.device, max_samples=args.max_samples,
         speed_samples=args.speed_samples,
         max_new_tokens=args.max_new_tokens, kernels=args.kernels, hf_baseline=not args.no_hf,
         dtype=args.dtype, cuda_graph=args.cuda_graph, batch_sizes=args.batch, prefix_cache=not args.no_prefix_cache,
+        progress=not args.no_progress,
     )
     return 0
 
 
 def cmd_bench(args) -> int:
-    from mtpkern.bench import run_bench
-
     if args.json:
         check_report_path(args.json)  # refused before the work, not after
     run_bench(device=args.device, json_path=args.json, model_dir=args.model, max_new_tokens=args.max_new_tokens,
-              prompts=args.prompts, quick=args.quick, hf_static=args.hf_static, batch_sizes=args.batch)
+              prompts=args.prompts, quick=args.quick, hf_static=args.hf_static, batch_sizes=args.batch,
+              dtype=args.dtype, progress=not args.no_progress)
     return 0
 
 
 def cmd_calibrate(args) -> int:
-    import json
-
-    from mtpkern.calibrate import calibrate_checkpoint, format_report
-
     if args.json:
         check_report_path(args.json)  # refused before the work, not after
     report = calibrate_checkpoint(
@@ -211,11 +217,51 @@ def cmd_calibrate(args) -> int:
 # ----------------------------------------------------------------------------- parser
 
 
+def _shared_options() -> dict[str, argparse.ArgumentParser]:
+    """The options several commands share, each defined once, as argparse parent parsers: the
+    same flag, type, default and help in every command that takes it."""
+    device = argparse.ArgumentParser(add_help=False)
+    device.add_argument("--device", type=_device, default="auto",
+                        help="auto (CUDA when available, else the CPU; default), cpu, cuda or cuda:N")
+    dtype = argparse.ArgumentParser(add_help=False)
+    dtype.add_argument("--dtype", choices=DTYPES, default=None, help=DTYPE_HELP)
+    engine = argparse.ArgumentParser(add_help=False)
+    engine.add_argument("--kernels", choices=KERNELS, default="auto",
+                        help="the decoding engine's ops: fused kernels, eager references, or auto (default: fused "
+                             "on CUDA)")
+    engine.add_argument("--cuda-graph", action="store_true", help="replay decoding steps from CUDA graphs (CUDA only)")
+    seed = argparse.ArgumentParser(add_help=False)
+    seed.add_argument("--seed", type=_seed, default=0, help="random seed (default 0)")
+    progress = argparse.ArgumentParser(add_help=False)
+    progress.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return dict(device=device, dtype=dtype, engine=engine, seed=seed, progress=progress)
+
+
+def _add_batch(parser: argparse.ArgumentParser, default: tuple[int, ...], what: str) -> None:
+    """``--batch``: the batch size(s) of batched decoding in every command (one type, see
+    :func:`_batch_sizes`); ``what`` says what the command does with them."""
+    shown = ",".join(map(str, default))
+    parser.add_argument("--batch", type=_batch_sizes, default=default, metavar="B[,B...]",
+                        help=f"batch size(s) of batched decoding: {what} (default {shown})")
+
+
+def _add_max_new_tokens(parser: argparse.ArgumentParser, default: int) -> None:
+    parser.add_argument("--max-new-tokens", type=_positive_int, default=default,
+                        help=f"tokens to decode per prompt (default {default})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="mtpkern", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
+    shared = _shared_options()
+    for add in (_add_train, _add_distill, _add_demo, _add_generate, _add_eval, _add_bench, _add_calibrate):
+        add(sub, shared)
+    return p
 
-    t = sub.add_parser("train", help="train an NTP, MTP, MEDUSA-1 or MEDUSA-2 model")
+
+def _add_train(sub, shared: dict) -> None:
+    t = sub.add_parser("train", help="train an NTP, MTP, MEDUSA-1 or MEDUSA-2 model",
+                       parents=[shared["device"], shared["seed"], shared["progress"]])
     t.add_argument("objective", choices=["ntp", "mtp", "medusa", "medusa2"],
                    help="medusa: heads on a frozen --base (MEDUSA-1); medusa2: heads and --base trained together")
     t.add_argument("--out", required=True, help="run directory (checkpoint/, log.jsonl, summary.json)")
@@ -245,110 +291,106 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-len", type=_positive_int)
     t.add_argument("--eval-every", type=_positive_int)
     t.add_argument("--save-every", type=_positive_int)
-    t.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
+    t.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="mixed precision of training (autocast); auto: bf16 where the GPU has it natively, else "
+                        "fp16, and fp32 on the CPU")
     t.add_argument("--loss", choices=["fused", "plain"], default="fused",
                    help="head losses by fused linear cross-entropy (no [N, V] logits) or from materialised logits")
     t.add_argument("--grad-checkpointing", action="store_true")
-    t.add_argument("--device", type=_device, default="auto")
-    t.add_argument("--seed", type=_seed, default=0)
     t.add_argument("--resume", action="store_true",
                    help="continue OUT/checkpoint with the run's saved configuration; only --steps / --epochs "
                         "(to extend it), --eval-every, --save-every and --device may differ, any other flag "
                         "that contradicts the saved run is an error")
-    t.add_argument("--no-progress", action="store_true")
     t.set_defaults(func=cmd_train)
 
-    s = sub.add_parser("distill", help="self-distillation: write the model's own responses to the prompts of --data")
+
+def _add_distill(sub, shared: dict) -> None:
+    s = sub.add_parser("distill", help="self-distillation: write the model's own responses to the prompts of --data",
+                       description="Self-distillation: the model's own responses to the prompts of --data; record i "
+                                   "is sampled with --seed + i.",
+                       parents=[shared["device"], shared["dtype"], shared["seed"], shared["progress"]])
     s.add_argument("model", help="checkpoint or run directory (with its tokenizer)")
     s.add_argument("--data", required=True, help="synthetic | metamathqa | PATH to .json/.jsonl records with a 'query'")
     s.add_argument("--out", required=True, help="the .jsonl file to write (run again to resume it)")
     s.add_argument("--data-limit", type=_positive_int, help="the first N prompts of --data")
-    s.add_argument("--max-new-tokens", type=_positive_int, default=128)
+    _add_max_new_tokens(s, 128)
     s.add_argument("--temperature", type=_non_negative_float, default=0.0, help="0: greedy (default); > 0: sampled")
     s.add_argument("--top-p", type=_positive_float, default=1.0)
-    s.add_argument("--seed", type=_seed, default=0, help="record i is sampled with seed + i")
-    s.add_argument("--batch", type=_positive_int, default=16,
-                   help="prompts decoded at once (batched decoding; the output is the same for any value)")
-    s.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="default: fp16 on CUDA, fp32 on CPU")
-    s.add_argument("--device", type=_device, default="auto")
-    s.add_argument("--no-progress", action="store_true")
+    _add_batch(s, (16,), "the prompts decoded at once, one size (the output is the same for any)")
     s.set_defaults(func=cmd_distill)
 
-    d = sub.add_parser("demo", help="the offline demo: train NTP, MTP and MEDUSA-1 on synthetic maths and compare")
+
+def _add_demo(sub, shared: dict) -> None:
+    d = sub.add_parser("demo", help="the offline demo: train NTP, MTP and MEDUSA-1 on synthetic maths and compare",
+                       parents=[shared["device"]])
     d.add_argument("--out", default="demo_out")
-    d.add_argument("--device", type=_device, default="auto")
     d.add_argument("--steps", type=_positive_int, help="training steps of the NTP and MTP models")
     d.add_argument("--quick", action="store_true", help="a much shorter run on the 4-layer tiny shape (smoke test)")
     d.add_argument("--overwrite", action="store_true", help="replace a previous demo run in --out")
     d.set_defaults(func=cmd_demo)
 
-    g = sub.add_parser("generate", help="decode from a checkpoint")
+
+def _add_generate(sub, shared: dict) -> None:
+    g = sub.add_parser("generate", help="decode from a checkpoint",
+                       parents=[shared["device"], shared["dtype"], shared["engine"], shared["seed"]])
     g.add_argument("model", help="checkpoint or run directory")
     g.add_argument("--prompt", required=True)
     g.add_argument("--raw", action="store_true", help="use the prompt as is, without the instruction template")
     g.add_argument("--strategy", choices=["ntp", "mtp", "medusa"], help="default: the model's own")
-    g.add_argument("--max-new-tokens", type=_positive_int, default=128)
+    _add_max_new_tokens(g, 128)
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--acceptance", choices=["greedy", "typical", "rejection"], default="greedy")
     g.add_argument("--tree", help="auto, dynamic[:N], chain:N, mc_sim_7b_63 or per-depth widths like 4,2,2")
-    g.add_argument("--kernels", choices=["auto", "eager", "fused"], default="auto")
-    g.add_argument("--cuda-graph", action="store_true")
-    g.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
-    g.add_argument("--device", type=_device, default="auto")
-    g.add_argument("--seed", type=_seed, default=0)
     g.set_defaults(func=cmd_generate)
 
-    e = sub.add_parser("eval", help="compare checkpoints: quality, speed, memory, training cost")
+
+def _add_eval(sub, shared: dict) -> None:
+    e = sub.add_parser("eval", help="compare checkpoints: quality, speed, memory, training cost",
+                       parents=[shared["device"], shared["dtype"], shared["engine"], shared["progress"]])
     e.add_argument("models", nargs="+", help="run or checkpoint directories")
     e.add_argument("--data", help="validation data when a run does not name its own")
     e.add_argument("--json", help="where to write the JSON report (default ./eval.json); the table goes beside it "
                                   "as .md and the plots into <stem>_plots/, and neither replaces a file that "
                                   "mtpkern eval did not write (nor does the default ./eval.json)")
-    e.add_argument("--device", type=_device, default="auto")
     e.add_argument("--max-samples", type=_positive_int, default=50,
                    help="held-out prompts for BLEU and answer accuracy (decoded in batches)")
     e.add_argument("--speed-samples", type=_positive_int, default=None,
                    help="the first N of them also decoded one at a time by every strategy, for the speed "
                         "figures (default: all)")
-    e.add_argument("--max-new-tokens", type=_positive_int, default=96)
-    e.add_argument("--kernels", choices=["auto", "eager", "fused"], default="auto")
-    e.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="default: fp16 on CUDA, fp32 on CPU")
-    e.add_argument("--cuda-graph", action="store_true", help="decode with CUDA graphs (CUDA only)")
+    _add_max_new_tokens(e, 96)
     e.add_argument("--no-hf", action="store_true", help="skip the transformers generate baseline")
     e.add_argument("--no-prefix-cache", action="store_true",
                    help="prefill every prompt whole (default: reuse the K/V of what it shares with the previous one)")
-    e.add_argument("--batch", type=_batch_sizes, default=(1, 4, 16),
-                   help="batch sizes to time batched decoding at (default 1,4,16; 'none' to skip)")
+    _add_batch(e, (1, 4, 16), "each timed, the largest also decodes the quality prompts; none to skip the timing")
     e.set_defaults(func=cmd_eval)
 
-    b = sub.add_parser("bench", help="end-to-end decode benchmark on the GPT-2 124M shape")
-    b.add_argument("--device", type=_device, default="auto")
-    b.add_argument("--json")
+
+def _add_bench(sub, shared: dict) -> None:
+    b = sub.add_parser("bench", help="end-to-end decode benchmark on the GPT-2 124M shape",
+                       parents=[shared["device"], shared["dtype"], shared["progress"]])
+    b.add_argument("--json", help="also write the report as JSON")
     b.add_argument("--model", help="a checkpoint to benchmark instead of random weights")
-    b.add_argument("--max-new-tokens", type=_positive_int, default=128)
+    _add_max_new_tokens(b, 128)
     b.add_argument("--prompts", type=_positive_int, default=5)
     b.add_argument("--quick", action="store_true", help="a small model and few tokens (smoke test)")
     b.add_argument("--hf-static", action="store_true",
                    help="also time transformers with its static cache (slow: it compiles itself)")
-    b.add_argument("--batch", type=_batch_sizes, default=(1, 4, 16),
-                   help="batch sizes to time batched decoding at (default 1,4,16; 'none' to skip)")
+    _add_batch(b, (1, 4, 16), "each timed; none to skip")
     b.set_defaults(func=cmd_bench)
 
-    c = sub.add_parser("calibrate", help="measure head acceptance and step cost; choose the tree for --tree auto")
+
+def _add_calibrate(sub, shared: dict) -> None:
+    c = sub.add_parser("calibrate", help="measure head acceptance and step cost; choose the tree for --tree auto",
+                       parents=[shared["device"], shared["dtype"], shared["engine"]])
     c.add_argument("model", help="run or checkpoint directory of an MTP or MEDUSA model")
     c.add_argument("--data", help="held-out data for a bare checkpoint (a run uses its own validation split)")
-    c.add_argument("--device", type=_device, default="auto")
-    c.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="default: fp16 on CUDA, fp32 on CPU")
-    c.add_argument("--kernels", choices=["auto", "eager", "fused"], default="auto")
-    c.add_argument("--cuda-graph", action="store_true", help="time steps replayed from CUDA graphs (CUDA only)")
     c.add_argument("--max-samples", type=_positive_int, default=32, help="held-out prompts to calibrate on")
-    c.add_argument("--max-new-tokens", type=_positive_int, default=64)
+    _add_max_new_tokens(c, 64)
     c.add_argument("--max-nodes", type=int, help="largest tree to consider, in draft nodes")
     c.add_argument("--no-measure", action="store_true", help="skip decoding with the chosen tree")
     c.add_argument("--json", help="also write the report as JSON")
     c.set_defaults(func=cmd_calibrate)
-    return p
 
 
 def _one_line_warning(command: str):

@@ -13,6 +13,7 @@ import torch
 from mtpkern import GPT2, GPT2Config, MedusaModel
 from mtpkern.cli import main, parse_tree
 from mtpkern.data import synthetic_records, train_tokenizer
+from mtpkern.runtime import resolve_dtype
 
 
 def run_cli(*args, timeout=300):
@@ -113,7 +114,7 @@ def test_eval_batch_sizes(medusa_dir, tmp_path, capsys, monkeypatch):
     from mtpkern import cli
 
     seen = []
-    monkeypatch.setattr("mtpkern.eval.evaluate", lambda *a, **k: seen.append(k["batch_sizes"]))
+    monkeypatch.setattr(cli, "evaluate", lambda *a, **k: seen.append(k["batch_sizes"]))
     for extra, want in (([], (1, 4, 16)), (["--batch", "none"], ()), (["--batch", "8, 2,2"], (2, 8))):
         assert cli.main(["eval", str(medusa_dir), *extra]) == 0
         assert seen[-1] == want
@@ -275,7 +276,7 @@ def test_new_commands_give_one_line_errors_before_any_work(args, message, tmp_pa
 
 
 def test_medusa2_and_distill_commands_with_every_switch(tmp_path, capsys, monkeypatch):
-    from mtpkern.model import load_model
+    from mtpkern.hf_io import load_model
     from test_train import make_base
 
     base = make_base(tmp_path / "base")
@@ -444,18 +445,18 @@ def test_a_long_record_s_tokenizer_limit_is_one_warning_line(tmp_path, capsys, m
 
 def test_calibrate_json_pointing_at_a_directory_is_refused_before_calibrating(medusa_dir, tmp_path, capsys,
                                                                               monkeypatch):
-    import mtpkern.calibrate as cal
+    from mtpkern import cli
 
-    monkeypatch.setattr(cal, "calibrate_checkpoint", lambda *a, **k: pytest.fail("calibrated before checking --json"))
+    monkeypatch.setattr(cli, "calibrate_checkpoint", lambda *a, **k: pytest.fail("calibrated before checking --json"))
     code, err = run_main(["calibrate", medusa_dir, "--json", tmp_path, "--device", "cpu"], capsys, monkeypatch)
     assert_one_line_error(code, err, "is a directory: name the report file")
 
 
 @pytest.mark.parametrize("where", ["folder", "under a file"])
 def test_bench_json_that_cannot_be_written_is_refused_before_benchmarking(tmp_path, capsys, monkeypatch, where):
-    import mtpkern.bench as bench
+    from mtpkern import cli
 
-    monkeypatch.setattr(bench, "run_bench", lambda *a, **k: pytest.fail("benchmarked before checking --json"))
+    monkeypatch.setattr(cli, "run_bench", lambda *a, **k: pytest.fail("benchmarked before checking --json"))
     (tmp_path / "file").write_text("mine")
     path = str(tmp_path) if where == "folder" else str(tmp_path / "file" / "bench.json")
     code, err = run_main(["bench", "--quick", "--device", "cpu", "--json", path], capsys, monkeypatch)
@@ -473,3 +474,109 @@ def test_train_s_stdout_is_the_checkpoint_line_alone(tmp_path, capfd, monkeypatc
     captured = capfd.readouterr()
     assert captured.out.splitlines() == [f"checkpoint: {out / 'checkpoint'}"]
     assert "training a 2048-token tokenizer on 38 records" in captured.err and "tokenizer trained in" in captured.err
+
+
+# ----------------------------------------------------------------------------- issue 23: options defined once
+
+
+def _subparsers() -> dict:
+    from mtpkern.cli import build_parser
+
+    return next(a for a in build_parser()._actions if a.dest == "command").choices
+
+
+def _action(parser, flag: str):
+    return next((a for a in parser._actions if flag in a.option_strings), None)
+
+
+SHARED = {  # the commands that take each shared option
+    "--device": {"train", "distill", "demo", "generate", "eval", "bench", "calibrate"},
+    "--dtype": {"distill", "generate", "eval", "bench", "calibrate"},
+    "--kernels": {"generate", "eval", "calibrate"},
+    "--cuda-graph": {"generate", "eval", "calibrate"},
+    "--seed": {"train", "distill", "generate"},
+    "--no-progress": {"train", "distill", "eval", "bench"},
+}
+
+
+@pytest.mark.parametrize("flag", list(SHARED))
+def test_shared_options_are_one_definition_in_every_command(flag):
+    """A shared option is the same argparse action (a parent parser's) in every command that
+    takes it: one type, default and help; the other commands do not take it."""
+    commands = _subparsers()
+    actions = {name: _action(parser, flag) for name, parser in commands.items()}
+    takers = {name for name, a in actions.items() if a is not None}
+    assert takers == SHARED[flag]
+    assert len({id(actions[name]) for name in takers}) == 1, flag
+
+
+def test_dtype_default_is_one_rule_for_every_command(tmp_path, capsys, monkeypatch):
+    """No command fixes --dtype: each resolves "fp16 on CUDA, fp32 on the CPU", and says so.
+    ``mtpkern generate`` loaded fp32 on CUDA before; it now follows the rule as well."""
+    from mtpkern import cli
+
+    for name in SHARED["--dtype"]:
+        action = _action(_subparsers()[name], "--dtype")
+        assert action.default is None and "fp16 on CUDA, fp32 on the CPU" in action.help
+        assert list(action.choices) == ["fp32", "fp16", "bf16"]
+    loaded = []
+
+    def load(path, *, device, dtype):
+        loaded.append((device.type, dtype))
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(cli, "load_model", load)
+    for device in ("cpu", "cuda"):
+        monkeypatch.setattr(cli, "resolve_device", lambda text, device=device: torch.device(device))
+        code, err = run_main(["generate", tmp_path, "--prompt", "hi", "--device", device], capsys, monkeypatch)
+        assert code == 2 and "stop here" in err
+    assert loaded == [("cpu", torch.float32), ("cuda", torch.float16)]
+    seen = {}
+
+    class Called(Exception):
+        pass
+
+    def called(name):
+        def record(*args, **kwargs):
+            seen[name] = kwargs["dtype"]
+            raise Called
+        return record
+
+    for name, target in (("eval", "evaluate"), ("calibrate", "calibrate_checkpoint"), ("bench", "run_bench"),
+                         ("distill", "distill")):
+        monkeypatch.setattr(cli, target, called(name))
+    for args in (["eval", tmp_path], ["calibrate", tmp_path], ["bench"],
+                 ["distill", tmp_path, "--data", "synthetic", "--out", tmp_path / "d.jsonl"]):
+        with pytest.raises(Called):
+            cli.main([str(a) for a in args])
+    assert seen == {"eval": None, "calibrate": None, "bench": None, "distill": None}  # each resolves it by the rule
+    assert resolve_dtype(None, torch.device("cuda")) is torch.float16
+    assert resolve_dtype(None, torch.device("cpu")) is torch.float32
+
+
+def test_batch_means_batch_sizes_in_every_command(tmp_path, capsys, monkeypatch):
+    """``--batch`` is one option type everywhere: the batch size(s) of batched decoding, ``B`` or
+    ``B,B,...`` or ``none``. eval and bench time each size; distill decodes at one (``--batch 5``
+    as before; several, or none, is a one-line error)."""
+    from types import SimpleNamespace
+
+    from mtpkern import cli
+
+    actions = {name: _action(_subparsers()[name], "--batch") for name in ("distill", "eval", "bench")}
+    assert len({a.type for a in actions.values()}) == 1 and all(a.metavar == "B[,B...]" for a in actions.values())
+    assert actions["distill"].default == (16,) and actions["eval"].default == actions["bench"].default == (1, 4, 16)
+    batches = []
+    done = SimpleNamespace(out="d.jsonl", kept=0, written=0, skipped=0, total=0)
+    monkeypatch.setattr(cli, "distill", lambda *a, **k: batches.append(k["batch"]) or done)
+    distill = ["distill", tmp_path, "--data", "synthetic", "--out", tmp_path / "d.jsonl"]
+    for extra, want in ((["--batch", "5"], 5), ([], 16), (["--batch", "7,7"], 7)):
+        code, err = run_main([*distill, *extra], capsys, monkeypatch)
+        assert code == 0 and batches[-1] == want, err
+    for bad in ("4,8", "none"):
+        code, err = run_main([*distill, "--batch", bad], capsys, monkeypatch)
+        assert_one_line_error(code, err, "--batch: distill decodes at one batch size")
+    sizes = []
+    monkeypatch.setattr(cli, "run_bench", lambda **k: sizes.append(k["batch_sizes"]))
+    for extra, want in ((["--batch", "16"], (16,)), (["--batch", "none"], ()), ([], (1, 4, 16)),
+                        (["--batch", "4,1,4"], (1, 4))):
+        assert cli.main(["bench", *extra]) == 0 and sizes[-1] == want
