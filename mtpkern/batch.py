@@ -39,8 +39,10 @@ import time
 
 import torch
 
-from mtpkern.core import Logits, eager_tree_mask, head_probs, prefill, sample_drafts, typical_stats, verify_greedy_rows
-from mtpkern.core import weights_stamp
+from mtpkern.autotree import resolve_options
+from mtpkern.core import (
+    Logits, eager_tree_mask, head_probs, prefill, sample_drafts, typical_stats, verify_greedy_rows, weights_stamp,
+)
 from mtpkern.graphs import CapturedCall
 from mtpkern.inputs import (
     GenerationResult, RowOutput, batch_prompts, check_context, check_max_new_tokens, eos_id, row_generators,
@@ -59,15 +61,17 @@ __all__ = ["BatchDecoder"]
 class BatchDecoder:
     """Batched decoding of ``model`` for up to ``max_batch`` prompts per call, with the options of
     a :class:`mtpkern.DecodeOptions` (given whole, or as keywords: ``BatchDecoder(model, "medusa",
-    tree=...)``) and a static tree (a ``Tree``, choices, a spec, None for the default; the
-    calibrated ``"auto"`` tree is planned above the engine, by ``mtpkern.generate`` or
-    ``mtpkern.auto_tree``). No prefix cache: its rows would each need their own reusable prefix,
+    tree=...)``) and a static tree (a ``Tree``, choices, a spec; ``"auto"``, or None on a model
+    that carries calibration, is the calibrated tree for the fused kernels or eager attention
+    this engine runs, planned once here by ``mtpkern.autotree``). No prefix cache: its rows would each need their own reusable prefix,
     and the rows of one call share nothing but the weights."""
 
     def __init__(self, model, strategy: str | DecodeOptions | None = None, *, options: DecodeOptions | None = None,
                  max_batch: int = 16, **keywords):
-        self.options = opts = engine_options(strategy, options, keywords, "BatchDecoder")
+        opts = engine_options(strategy, options, keywords, "BatchDecoder")
         opts.check_model(model)
+        # tree="auto" (or None on a calibrated model): planned for the kernels and graphs this runs
+        self.options = opts = resolve_options(model, opts, batch=True)
         # the forward pass: the fused decoder-layer kernels with per-row slots and prefix
         # lengths (CUDA by default; Triton's interpreter on CPU), or eager attention with a
         # per-row mask

@@ -1,8 +1,8 @@
 """``generate``: decode one prompt or a batch in one call.
 
-It plans the options (``mtpkern.autotree.resolve_options``: the calibrated ``"auto"`` tree) and
-runs the engine that fits: :class:`mtpkern.Decoder` for one prompt, :class:`mtpkern.BatchDecoder`
-for many. Hold an engine to decode many prompts without rebuilding it (and, with
+It runs the engine that fits: :class:`mtpkern.Decoder` for one prompt,
+:class:`mtpkern.BatchDecoder` for many (each plans the calibrated ``"auto"`` tree for what it
+runs). Hold an engine to decode many prompts without rebuilding it (and, with
 ``cuda_graph=True``, without capturing again). Greedy speculative decoding emits exactly the
 tokens greedy ``ntp`` emits.
 """
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import torch
 
-from mtpkern.autotree import resolve_options
 from mtpkern.batch import BatchDecoder
 from mtpkern.decoder import Decoder
 from mtpkern.inputs import GenerationResult, check_generator, check_max_new_tokens, row_generators, split_padded
@@ -41,13 +40,13 @@ def generate(model, input_ids, *, max_new_tokens: int, options: DecodeOptions | 
     if generator is not None:
         check_generator(generator, model.device)
     if attention_mask is None and not _is_batch(input_ids):
-        decoder = Decoder(model, resolve_options(model, opts))
+        decoder = Decoder(model, opts)
         return decoder.generate(input_ids, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
                                 generator=generator)
     # The prompts first: the batch's cache is sized by their number, never by an unchecked mask.
     prompts = split_padded(input_ids, attention_mask) if attention_mask is not None else input_ids
     n = len(prompts)
-    dec = BatchDecoder(model, resolve_options(model, opts, batch=True), max_batch=max(1, n))
+    dec = BatchDecoder(model, opts, max_batch=max(1, n))
     gens = None
     if generator is not None and dec.sampling:  # one stream per row, seeded from the caller's generator
         gens = row_generators(None, n, model.device, seed_from=generator)

@@ -5,8 +5,8 @@ The options say *how* (strategy, tree, acceptance, sampling, kernels, CUDA graph
 say *where* (one model, its cache). Checks that need no model run when the options are made;
 ``check_model`` adds the ones that need it (the strategy's heads, the device's graphs), and
 ``static_tree`` turns a tree spec into a ``Tree`` (or a dynamic tree's node budget). The
-calibrated ``"auto"`` tree is planned above the engines (``mtpkern.autotree``): an engine takes
-the ``Tree`` it gives.
+calibrated ``"auto"`` tree is planned by ``mtpkern.autotree`` (above the step core, which it
+times): the engines ask it once when built, and the core takes the ``Tree`` it gives.
 """
 
 from __future__ import annotations
@@ -40,9 +40,9 @@ class DecodeOptions:
         heads).
     tree: a ``Tree``, MEDUSA choices (``[[0], [1], [0, 0]]``), a spec for ``Tree.parse``
         ("chain:3", "4,2,1", "mc_sim_7b_63"), "auto" (the calibrated tree for this device,
-        planned by ``mtpkern.autotree`` above the engines), "dynamic" or "dynamic:N" (N draft
-        nodes chosen per step from the heads' probabilities), or None: ``generate`` and the CLI
-        take "auto" when the model carries calibration, the engines the default tree.
+        planned by ``mtpkern.autotree``), "dynamic" or "dynamic:N" (N draft nodes chosen per
+        step from the heads' probabilities), or None: "auto" when the model carries
+        calibration, else the default tree.
     acceptance: "greedy" (temperature 0: the tokens of greedy "ntp"), "rejection" (chains of
         drafts, temperature > 0: exactly the model's sampling distribution) or "typical"
         (MEDUSA's rule: accept while p(token) > min(typical_epsilon, typical_alpha *
