@@ -42,11 +42,23 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from mtpkern.autotree import has_calibration, resolve_options
+from mtpkern.batch import BatchDecoder
 from mtpkern.checkpoint import resolve_checkpoint, write_text_atomic
+from mtpkern.config import GPT2Config
+from mtpkern.costmodel import time_step
+from mtpkern.data import format_prompt, load_records, load_tokenizer
+from mtpkern.decoder import Decoder
 from mtpkern.eval import device_info, eval_tree, hf_decoder
 from mtpkern.graphs import graphs_available
+from mtpkern.hf_io import load_model
+from mtpkern.models import GPT2, MedusaModel, MTPModel
+from mtpkern.ops import _backend
+from mtpkern.ops.kv_compact import kv_compact_
+from mtpkern.ops.verify import verify_greedy
+from mtpkern.options import DecodeOptions
 from mtpkern.plots import GRAPHED, ntp_of
-from mtpkern.runtime import resolve_device, resolve_dtype, timed
+from mtpkern.runtime import now, resolve_device, resolve_dtype, synchronize, time_us, timed
 
 SCHEMA = "mtpkern.bench/1"
 MTP_HEADS = 4  # Gloeckle et al.'s n = 4
@@ -60,8 +72,6 @@ def bench_models(model_dir=None, *, quick: bool, device, dtype) -> dict:
     with MTP heads and MEDUSA heads built on it. With one: that checkpoint for ``ntp`` and
     its own strategy.
     """
-    from mtpkern.model import GPT2, GPT2Config, MedusaModel, MTPModel, load_model
-
     if model_dir is not None:
         model = load_model(resolve_checkpoint(model_dir)[0], device=device, dtype=dtype).eval()
         kind = model.config.model_type
@@ -78,8 +88,6 @@ def bench_prompts(model, n: int, prompt_len: int, model_dir=None, data: str = "s
     checkpoint, so acceptance is real; seeded random token ids for random weights."""
     ckpt = resolve_checkpoint(model_dir)[0] if model_dir is not None else None
     if ckpt is not None and (ckpt / "tokenizer.json").is_file():
-        from mtpkern.data import format_prompt, load_records, load_tokenizer
-
         tok = load_tokenizer(ckpt)
         records = load_records(data, seed=1, limit=max(n, 1) * 4)
         ids = [tok(format_prompt(r["query"]), add_special_tokens=False)["input_ids"] for r in records]
@@ -91,8 +99,6 @@ def bench_prompts(model, n: int, prompt_len: int, model_dir=None, data: str = "s
 
 def engine_cases(models: dict, device) -> list[tuple[str, object, dict]]:
     """``(name, model, generate kwargs)`` for every engine configuration to time."""
-    from mtpkern.decoder import has_calibration
-
     graphs = graphs_available(device)  # the graphed cases wherever the device captures graphs (CUDA)
     cases: list[tuple[str, object, dict]] = [("ntp/eager", models["ntp"], dict(strategy="ntp", kernels="eager"))]
     if graphs:
@@ -119,9 +125,8 @@ def decoder_run(model, *, max_new_tokens: int, eos_token_id: int | None = None, 
     included). Its cache, tree tensors and CUDA graphs are made once: the graphs are captured
     by the first call (``time_case``'s warm-up), not once per timed prompt as one
     ``generate`` call per prompt would."""
-    from mtpkern.decoder import Decoder
-
-    dec = Decoder(model, **engine)
+    prefix_cache = engine.pop("prefix_cache", True)
+    dec = Decoder(model, resolve_options(model, DecodeOptions(**engine)), prefix_cache=prefix_cache)
 
     def run(ids):
         return dec.generate(ids, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id)
@@ -163,9 +168,6 @@ def batch_study(models: dict, prompts: list, sizes: list[int], n: int, eos, devi
     largest B), all rows' tokens over the wall time; one warm-up batch first (which also
     captures the CUDA graphs). ``cuda_graph``: each strategy also replayed from CUDA graphs,
     as ``<strategy>+graph``."""
-    from mtpkern.batch import BatchDecoder
-    from mtpkern.runtime import now
-
     rows = [p.view(-1) for p in prompts]
     pool = [rows[i % len(rows)] for i in range(max(len(rows), max(sizes)))]
     out: dict = {}
@@ -214,45 +216,16 @@ def step_breakdown(model, tree, *, prefix_len: int, kernels: str, iters: int = 2
       steps' wall time outside the model's forward passes, the draft heads included, over the
       steps of decoding ``prompts``), where the parts share the caches as they do in use.
     """
-    from mtpkern.decoder import Decoder, _TreeStep
-    from mtpkern.runtime import time_us
-
     strategy = model.config.model_type
     dec = Decoder(model, strategy, tree=tree, kernels=kernels)
-    step, device = dec.step, model.device
-    if not isinstance(step, _TreeStep):
-        raise TypeError(f"step_breakdown times a tree step; a {strategy} model decodes with {type(step).__name__}")
-    T = step.T
-    h = torch.zeros(step.heads, model.config.n_embd, dtype=model.dtype, device=device)
-
-    def run():  # one step from the same state each time, as the decode loop runs it
-        step.prefix.fill_(prefix_len)
-        return dec._run_step(prefix_len).tolist()
-
-    tokens = torch.randint(0, model.config.vocab_size, (T,), device=device)
     with torch.inference_mode():
-        step.begin(h, prefix_len)
-        tree_bufs = step._candidates()[1]
-        verify = step.forward
-        verify(tokens, step.prefix, prefix_len, *tree_bufs)  # the mask state of a running decode
-
-        def forward():
-            return verify(tokens, step.prefix, prefix_len, *tree_bufs)
-
-        h0, carry = forward()
-        step_us = time_us(run, device, iters)
-        verify_us = time_us(forward, device, iters)
-        logits_us = time_us(lambda: dec.logits.argmax0(h0, step.normed), device, iters)
-        drafts_us = 0.0
-        if step.heads > 1 and not step.drafter.parallel:  # the draft heads' pass as a fully accepted path would run it
-            path = torch.arange(step.heads, device=device).clamp(max=T - 1)
-            last = torch.tensor(min(step.heads, T) - 1, device=device)
-            drafts_us = time_us(lambda: step.drafter(h0, carry, path, last, last, step.prefix, prefix_len), device, iters)
-        step.forward = _Outputs(h0, carry)  # type: ignore[assignment]  # a stand-in: the same call and reset
-        try:
-            rest_us = time_us(run, device, iters)
-        finally:
-            step.forward = verify
+        parts = dec.step_parts(prefix_len)  # a TypeError for an engine without a tree step
+        T, device = dec.tree_nodes, dec.device
+        step_us = time_us(parts["step"], device, iters)
+        verify_us = time_us(parts["forward"], device, iters)
+        logits_us = time_us(parts["logits"], device, iters)
+        drafts_us = time_us(parts["draft_heads"], device, iters) if parts["draft_heads"] is not None else 0.0
+        rest_us = time_us(parts["rest"], device, iters)
     bookkeeping_us = max(0.0, rest_us - drafts_us)
     out = dict(step_us=step_us, forward_us=verify_us + drafts_us, draft_heads_us=drafts_us, logits_us=logits_us,
                bookkeeping_us=bookkeeping_us, bookkeeping_share=bookkeeping_us / step_us,
@@ -267,9 +240,7 @@ def step_breakdown(model, tree, *, prefix_len: int, kernels: str, iters: int = 2
 def _in_decode_share(dec, prompts, max_new_tokens: int) -> float:
     """Share of the decode steps' wall time spent outside the forward passes (verification and
     draft heads), decoding ``prompts`` after one warm-up; each pass synchronised."""
-    from mtpkern.runtime import synchronize
-
-    step, device = dec.step, dec.device
+    device = dec.device
     inside = [0.0]
 
     def timed(fn):
@@ -282,44 +253,12 @@ def _in_decode_share(dec, prompts, max_new_tokens: int) -> float:
             return out
         return call
 
-    forward, drafter = step.forward, step.drafter
-    step.forward = _Wrapped(forward, timed(forward))
-    step.drafter = _Wrapped(drafter, timed(drafter))
-    try:
-        with torch.inference_mode():
-            dec.generate(prompts[0].view(-1), max_new_tokens=max_new_tokens)
-            inside[0], total = 0.0, 0.0
-            for ids in prompts:
-                total += sum(dec.generate(ids.view(-1), max_new_tokens=max_new_tokens).step_times)
-    finally:
-        step.forward, step.drafter = forward, drafter
+    with dec.hooked_passes(timed), torch.inference_mode():
+        dec.generate(prompts[0].view(-1), max_new_tokens=max_new_tokens)
+        inside[0], total = 0.0, 0.0
+        for ids in prompts:
+            total += sum(dec.generate(ids.view(-1), max_new_tokens=max_new_tokens).step_times)
     return max(0.0, 1.0 - inside[0] / total) if total > 0 else 0.0
-
-
-class _Wrapped:
-    """``obj`` with its call replaced by ``call`` (its other attributes kept)."""
-
-    def __init__(self, obj, call):
-        self._obj, self._call = obj, call
-
-    def __call__(self, *args):
-        return self._call(*args)
-
-    def __getattr__(self, name):
-        return getattr(self._obj, name)
-
-
-class _Outputs:
-    """A step's forward pass that returns given outputs (``step_breakdown``)."""
-
-    def __init__(self, *outputs):
-        self.outputs = outputs
-
-    def __call__(self, *args):
-        return self.outputs
-
-    def reset(self) -> None:
-        pass
 
 
 def verify_compact_backends(model, tree, *, prefix_len: int, iters: int = 200) -> dict:
@@ -327,11 +266,6 @@ def verify_compact_backends(model, tree, *, prefix_len: int, iters: int = 200) -
     shapes of one step of ``tree``: the eager references against the C++ extension's kernels
     (on the CPU its C++ CPU kernels), the measurement behind the decoder's choice of the
     extension for them. Empty without the extension."""
-    from mtpkern.ops import _backend
-    from mtpkern.ops.kv_compact import kv_compact_
-    from mtpkern.ops.verify import verify_greedy
-    from mtpkern.runtime import time_us
-
     if not _backend.HAS_CUDA_EXT:
         return {}
     device = model.device
@@ -357,8 +291,6 @@ def step_cost_curve(model, *, kernels: str = "auto", cuda_graph: bool = False, s
                     prefix_len: int = 64, iters: int = 10) -> list[dict]:
     """``[{"T", "step_us"}]``: the median time of one greedy step against its tree tokens T,
     measured as the cost model measures it (:func:`mtpkern.decoder.time_step`)."""
-    from mtpkern.decoder import time_step
-
     room = model.config.n_positions - prefix_len
     return [dict(T=T, step_us=time_step(model, T, kernels=kernels, cuda_graph=cuda_graph, prefix_len=prefix_len,
                                         iters=iters) * 1e6)
@@ -448,75 +380,91 @@ def run_bench(device: str = "cuda", json_path=None, model_dir=None, max_new_toke
     dt = resolve_dtype(dtype, dev)
     models = bench_models(model_dir, quick=quick, device=dev, dtype=dt)
     ids = bench_prompts(models["ntp"], prompts, prompt_len, model_dir, data)
+    report = _new_report(models, ids, dev, dt, model_dir=model_dir, quick=quick, max_new_tokens=max_new_tokens,
+                         prompts=prompts)
+    save = functools.partial(_save_report, report, json_path)
+    iters = 2 if quick else 20
+    with torch.inference_mode():
+        cases = _timed_cases(models, dev, max_new_tokens=max_new_tokens, hf_static=hf_static)
+        for name, make_run, warmup in tqdm(cases, desc="bench", disable=not progress, file=sys.stderr):
+            _measure(report["cases"], name, save, lambda: time_case(make_run(), ids, dev, warmup=warmup))
+        if "medusa" in models:
+            _medusa_step_study(report, save, models["medusa"], ids, dev, max_new_tokens=max_new_tokens, iters=iters,
+                               quick=quick)
+        _step_cost_curves(report, save, models, dev, quick=quick, iters=iters)
+        if batch_sizes:
+            _measure(report, "batched", save, lambda: batch_study(models, ids, list(batch_sizes), max_new_tokens, None,
+                                                                  dev, cuda_graph=dev.type == "cuda"))
+    print(format_bench(report))
+    save()
+    return report
+
+
+def _new_report(models: dict, ids: list[torch.Tensor], dev: torch.device, dt: torch.dtype, *, model_dir, quick: bool,
+                max_new_tokens: int, prompts: int) -> dict[str, Any]:
+    """The report before any measurement: the device, the weights and the settings."""
+    weights = ("Trained weights from the given checkpoint: accepted lengths are real." if model_dir else
+               "Random weights: the heads copy the base, so accepted lengths reflect how often a random model "
+               "repeats itself; this measures the engine (step cost, ceiling), not trained heads.")
+    settings = dict(max_new_tokens=max_new_tokens, prompts=prompts, prompt_len=ids[0].shape[1],
+                    model=str(model_dir) if model_dir else ("tiny" if quick else "gpt2-124M"),
+                    n_params=models["ntp"].num_parameters())
+    return dict(schema=SCHEMA, device=device_info(dev, dt), weights=weights, settings=settings,
+                cases={}, step_breakdown={}, step_cost={})
+
+
+def _save_report(report: dict, json_path) -> None:
+    """The report so far, as JSON at ``json_path`` (when given), replaced atomically."""
+    if json_path is not None:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(json_path, json.dumps(report, indent=2))
+
+
+def _measure(table: dict, key: str, save: Callable[[], None], measure: Callable[[], Any]) -> None:
+    """``table[key] = measure()``, or the error it raised (the other measurements still run);
+    then the report is saved."""
+    try:
+        table[key] = measure()
+    except Exception as e:  # noqa: BLE001 - record it and measure the rest
+        table[key] = _error(e)
+    save()
+
+
+def _timed_cases(models: dict, dev: torch.device, *, max_new_tokens: int,
+                 hf_static: bool) -> list[tuple[str, Callable[[], Any], int]]:
+    """``(name, make_run, warm-up runs)``: the engine's cases, then ``transformers``'."""
     cases: list[tuple[str, Callable[[], Any], int]] = [
         (name, functools.partial(decoder_run, m, max_new_tokens=max_new_tokens, **kw), 1)
         for name, m, kw in engine_cases(models, dev)]
     cases.append(("hf/dynamic", lambda: hf_decoder(models["ntp"], max_new_tokens, None), 1))
     if hf_static:
         cases.append(("hf/static", lambda: hf_decoder(models["ntp"], max_new_tokens, None, static_cache=True), 2))
-    weights = ("Trained weights from the given checkpoint: accepted lengths are real." if model_dir else
-               "Random weights: the heads copy the base, so accepted lengths reflect how often a random model "
-               "repeats itself; this measures the engine (step cost, ceiling), not trained heads.")
-    report: dict[str, Any] = dict(schema=SCHEMA, device=device_info(dev, dt), weights=weights,
-                  settings=dict(max_new_tokens=max_new_tokens, prompts=prompts, prompt_len=ids[0].shape[1],
-                                model=str(model_dir) if model_dir else ("tiny" if quick else "gpt2-124M"),
-                                n_params=models["ntp"].num_parameters()),
-                  cases={}, step_breakdown={}, step_cost={})
+    return cases
 
-    def save():
-        if json_path is not None:
-            Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(json_path, json.dumps(report, indent=2))
 
-    iters = 2 if quick else 20
-    with torch.inference_mode():
-        for name, make_run, warmup in tqdm(cases, desc="bench", disable=not progress, file=sys.stderr):
-            try:
-                report["cases"][name] = time_case(make_run(), ids, dev, warmup=warmup)
-            except Exception as e:  # noqa: BLE001 - record it and time the remaining cases
-                report["cases"][name] = _error(e)
-            save()
-        if "medusa" in models:
-            from mtpkern.decoder import Decoder, has_calibration
+def _medusa_step_study(report: dict, save: Callable[[], None], medusa, ids: list[torch.Tensor], dev: torch.device,
+                       *, max_new_tokens: int, iters: int, quick: bool) -> None:
+    """The MEDUSA step breakdown (per kernels setting) and the verification / KV compaction backends."""
+    # The tree the model decodes with: a calibrated checkpoint's own (auto), else the small fixed one.
+    medusa_tree = (resolve_options(medusa, DecodeOptions("medusa")).tree
+                   if has_calibration(medusa)
+                   else eval_tree(medusa.config.n_heads))
+    prefix_len = ids[0].shape[1] + max_new_tokens // 2
+    for kernels in ("eager", "fused") if dev.type == "cuda" else ("auto", "eager"):  # auto is fused on CUDA
+        _measure(report["step_breakdown"], kernels, save, lambda: step_breakdown(
+            medusa, medusa_tree, prefix_len=prefix_len, kernels=kernels, iters=iters, prompts=ids,
+            max_new_tokens=max_new_tokens))
+    _measure(report, "verify_compact", save, lambda: verify_compact_backends(
+        medusa, eval_tree(medusa.config.n_heads), prefix_len=prefix_len, iters=20 if quick else 200))
 
-            # The tree the model decodes with: a calibrated checkpoint's own (auto), else the small fixed one.
-            medusa_tree = (Decoder(models["medusa"], "medusa").tree if has_calibration(models["medusa"])
-                           else eval_tree(models["medusa"].config.n_heads))
-            for kernels in ("eager", "fused") if dev.type == "cuda" else ("auto", "eager"):  # auto is fused on CUDA
-                try:
-                    report["step_breakdown"][kernels] = step_breakdown(
-                        models["medusa"], medusa_tree,
-                        prefix_len=ids[0].shape[1] + max_new_tokens // 2, kernels=kernels, iters=iters,
-                        prompts=ids, max_new_tokens=max_new_tokens)
-                except Exception as e:  # noqa: BLE001
-                    report["step_breakdown"][kernels] = _error(e)
-                save()
-            try:
-                report["verify_compact"] = verify_compact_backends(
-                    models["medusa"], eval_tree(models["medusa"].config.n_heads),
-                    prefix_len=ids[0].shape[1] + max_new_tokens // 2, iters=20 if quick else 200)
-            except Exception as e:  # noqa: BLE001
-                report["verify_compact"] = _error(e)
-            save()
-        for strategy in ("medusa", "mtp"):
-            if strategy not in models:
-                continue
-            for graph in (False, True) if dev.type == "cuda" else (False,):
-                name = f"{strategy}/auto" + ("+cuda_graph" if graph else "")
-                try:
-                    report["step_cost"][name] = step_cost_curve(
-                        models[strategy], cuda_graph=graph, sizes=STEP_COST_T[:5] if quick else STEP_COST_T,
-                        iters=iters)
-                except Exception as e:  # noqa: BLE001
-                    report["step_cost"][name] = _error(e)
-                save()
-        if batch_sizes:
-            try:
-                report["batched"] = batch_study(models, ids, list(batch_sizes), max_new_tokens, None, dev,
-                                                cuda_graph=dev.type == "cuda")
-            except Exception as e:  # noqa: BLE001
-                report["batched"] = _error(e)
-            save()
-    print(format_bench(report))
-    save()
-    return report
+
+def _step_cost_curves(report: dict, save: Callable[[], None], models: dict, dev: torch.device, *, quick: bool,
+                      iters: int) -> None:
+    """The step-cost curve of each speculative model, also replayed from CUDA graphs on CUDA."""
+    for strategy in ("medusa", "mtp"):
+        if strategy not in models:
+            continue
+        for graph in (False, True) if dev.type == "cuda" else (False,):
+            name = f"{strategy}/auto" + ("+cuda_graph" if graph else "")
+            _measure(report["step_cost"], name, save, lambda: step_cost_curve(
+                models[strategy], cuda_graph=graph, sizes=STEP_COST_T[:5] if quick else STEP_COST_T, iters=iters))

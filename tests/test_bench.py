@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from mtpkern.bench import bench_models, engine_cases, format_bench, run_bench
+from mtpkern.decoder import Decoder
 
 
 def test_cases_per_device(monkeypatch):
@@ -14,7 +15,7 @@ def test_cases_per_device(monkeypatch):
     assert names == ["ntp/eager", "mtp/eager", "mtp/fused", "medusa/eager", "medusa/fused"]
     medusa = {name: kw for name, _, kw in engine_cases(models, torch.device("cpu"))}["medusa/eager"]
     assert medusa["tree"] is not None  # random heads: the small fixed tree
-    monkeypatch.setattr("mtpkern.decoder.has_calibration", lambda m: True)  # calibrated: its own auto tree
+    monkeypatch.setattr("mtpkern.bench.has_calibration", lambda m: True)  # calibrated: its own auto tree
     assert "tree" not in {name: kw for name, _, kw in engine_cases(models, torch.device("cpu"))}["medusa/eager"]
     # One base under every strategy, so their speeds compare the engine and nothing else.
     assert torch.equal(models["mtp"].wte.weight, models["ntp"].wte.weight)
@@ -149,7 +150,8 @@ def _agreement_script():
 def test_agreement_tells_near_ties_from_real_disagreements():
     """A divergence is judged in fp32: two tokens whose logits are equal (a tie that half
     precision may break either way) against a token far below the argmax (a bug)."""
-    from mtpkern.model import GPT2, GPT2Config
+    from mtpkern.config import GPT2Config
+    from mtpkern.models import GPT2
 
     script = _agreement_script()
     torch.manual_seed(0)
@@ -234,3 +236,31 @@ def test_graphed_batch_cases_compare_with_graphed_ntp(tmp_path):
     assert "medusa, tokens/s): B=1 150.0 (1.50x its ntp), B=4 330.0 (1.10x its ntp)" in text
     assert "ntp+graph, tokens/s): B=1 400.0, B=4 800.0\n" in text
     assert plot_batch(batched, tmp_path / "b.png") and (tmp_path / "b.png").stat().st_size > 1000
+
+
+def test_step_parts_and_pass_hooks_are_the_engines_public_profiling_hooks(gpt2_model, medusa_model):
+    """``step_parts`` (what step_breakdown times) refuses an engine without a tree step, and its
+    ``rest`` restores the verification pass; ``hooked_passes`` sees every pass and restores them."""
+    with pytest.raises(TypeError, match="step_parts profiles a tree step; this engine runs _NTPStep"):
+        Decoder(gpt2_model, "ntp").step_parts(8)
+    dec = Decoder(medusa_model, "medusa", tree=[[0], [1], [0, 0]], kernels="eager")
+    verify = dec.step.forward
+    with torch.inference_mode():
+        parts = dec.step_parts(8)
+        n = parts["rest"]()[0]
+    assert dec.step.forward is verify and 1 <= n <= 3
+    assert parts["draft_heads"] is not None and parts["draft_heads"]().shape[0] == dec.tree.max_depth
+    seen = []
+
+    def hook(fn):
+        def call(*args):
+            seen.append(type(fn).__name__)
+            return fn(*args)
+        return call
+
+    prompt = [1, 2, 3, 4]
+    plain = dec.generate(prompt, max_new_tokens=6).tokens
+    with dec.hooked_passes(hook):
+        hooked = dec.generate(prompt, max_new_tokens=6)
+    assert hooked.tokens == plain and "_Forward" in seen and "_Drafts" in seen
+    assert dec.step.forward is verify and type(dec.step.drafter).__name__ == "_Drafts"
