@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from mtpkern.checkpoint import CheckpointError, is_local, resolve_checkpoint
+
 PROMPT_TEMPLATE = (
     "Below is an instruction that describes a task. "
     "Write a response that appropriately completes the request.\n\n"
@@ -393,8 +395,6 @@ def load_tokenizer(name_or_dir):
     directory: an empty fallback tokenizer would encode every text to nothing.
     """
     from transformers import AutoTokenizer
-
-    from mtpkern.checkpoint import CheckpointError, is_local, resolve_checkpoint
 
     where = str(name_or_dir)
     if is_local(name_or_dir):

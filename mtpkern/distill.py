@@ -42,7 +42,7 @@ import torch
 from mtpkern.batch import BatchDecoder
 from mtpkern.calibration import fingerprint
 from mtpkern.data import format_prompt, load_prompts, load_tokenizer
-from mtpkern.model import load_model
+from mtpkern.hf_io import load_model
 from mtpkern.runtime import dtype_name, resolve_device, resolve_dtype
 
 SETTINGS_SUFFIX = ".distill.json"
@@ -69,21 +69,8 @@ def distill(model, data, out, *, max_new_tokens: int = 128, temperature: float =
     ``query`` (a ``response`` is not needed). ``limit``: the first ``limit`` prompts. ``batch``:
     prompts decoded at once (the output is the same for every value).
     Bad input is a ``ValueError`` (or ``DataError`` / ``CheckpointError``) before any decoding."""
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-    if not _number(temperature) or not 0 <= temperature < float("inf"):
-        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
-    if not _number(top_p) or not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-        raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
-    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-        raise ValueError(f"batch must be an int >= 1, got {batch!r}")
-    out = Path(out)
-    if out.suffix != ".jsonl":
-        raise ValueError(f"--out {str(out)!r} must name a .jsonl file (one record per line)")
-    if out.is_dir():
-        raise ValueError(f"--out {str(out)!r} is a directory, not a .jsonl file")
+    _check_args(max_new_tokens, temperature, top_p, seed, batch)
+    out = _output_file(out)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     prompts = load_prompts(data, seed=seed, limit=limit)
@@ -102,44 +89,75 @@ def distill(model, data, out, *, max_new_tokens: int = 128, temperature: float =
     # A batch never holds more rows than there are prompts left: its cache is sized by them.
     decoder = BatchDecoder(net, "ntp", max_batch=max(1, min(batch, len(prompts) - start)), temperature=temperature,
                            top_p=top_p)
-    written = skipped = 0
-    bar = _progress(len(prompts), start, progress)
 
     def answer(rows: list[int], room: int) -> list[list[int]]:
         gens = [torch.Generator(device=dev).manual_seed(seed + i) for i in rows] if temperature > 0 else None
         results = decoder.generate([encoded[i] for i in rows], max_new_tokens=room, eos_token_id=eos, generators=gens)
         return [r.tokens[:-1] if r.tokens and r.tokens[-1] == eos else r.tokens for r in results]
 
+    written = skipped = 0
+    bar = _progress(len(prompts), start, progress)
     with open(out, "a", encoding="utf-8") as f:
-        i = start
-        while i < len(prompts):
-            room = ctx - len(encoded[i])
+        for rows, room in _batches([len(ids) for ids in encoded], start, ctx, max_new_tokens, batch):
             if room < 1:
                 skipped += 1
-                bar.update(1)
-                i += 1
-                continue
-            if room < max_new_tokens:  # near the end of the context: alone, with the room it has
-                rows, answers = [i], answer([i], room)
-            else:  # the next prompts with room for max_new_tokens, up to a batch
-                rows = [i]
-                while (len(rows) < batch and rows[-1] + 1 < len(prompts)
-                       and ctx - len(encoded[rows[-1] + 1]) >= max_new_tokens):
-                    rows.append(rows[-1] + 1)
-                answers = answer(rows, max_new_tokens)
-            for j, tokens in zip(rows, answers):
-                rec = prompts[j]
-                line = {"query": rec["query"], "response": tokenizer.decode(tokens, skip_special_tokens=True),
-                        "type": rec.get("type", "unknown"), "source_index": j}
-                if isinstance(rec.get("response"), str):
-                    line["reference"] = rec["response"]
-                f.write(json.dumps(line) + "\n")
-            f.flush()  # whole records on disk; a half-written last line is dropped on resume
-            written += len(rows)
+            else:
+                for j, tokens in zip(rows, answer(rows, room)):
+                    f.write(json.dumps(_record(prompts[j], j, tokenizer.decode(tokens, skip_special_tokens=True)))
+                            + "\n")
+                f.flush()  # whole records on disk; a half-written last line is dropped on resume
+                written += len(rows)
             bar.update(len(rows))
-            i = rows[-1] + 1
     bar.close()
     return DistillResult(out=str(out), written=written, kept=len(kept), skipped=skipped, total=len(prompts))
+
+
+def _check_args(max_new_tokens, temperature, top_p, seed, batch) -> None:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    if not _number(temperature) or not 0 <= temperature < float("inf"):
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+    if not _number(top_p) or not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch must be an int >= 1, got {batch!r}")
+
+
+def _output_file(out) -> Path:
+    out = Path(out)
+    if out.suffix != ".jsonl":
+        raise ValueError(f"--out {str(out)!r} must name a .jsonl file (one record per line)")
+    if out.is_dir():
+        raise ValueError(f"--out {str(out)!r} is a directory, not a .jsonl file")
+    return out
+
+
+def _batches(lengths: list[int], start: int, ctx: int, max_new_tokens: int, batch: int):
+    """``(rows, room)`` in prompt order from ``start``, with ``lengths`` the prompts' token counts:
+    a prompt that leaves no room in the context (room 0: skipped); one too close to its end for
+    ``max_new_tokens``, alone with the room it has; else the next prompts with room for
+    ``max_new_tokens``, up to ``batch`` of them."""
+    i = start
+    while i < len(lengths):
+        room = ctx - lengths[i]
+        rows = [i]
+        if room >= max_new_tokens:
+            while len(rows) < batch and rows[-1] + 1 < len(lengths) and ctx - lengths[rows[-1] + 1] >= max_new_tokens:
+                rows.append(rows[-1] + 1)
+        yield rows, max(0, min(room, max_new_tokens))
+        i = rows[-1] + 1
+
+
+def _record(source: dict, index: int, response: str) -> dict:
+    """The distilled record of prompt ``index``: its query, the model's response, and the
+    source's own response as the ``reference``, where it has one."""
+    line = {"query": source["query"], "response": response, "type": source.get("type", "unknown"),
+            "source_index": index}
+    if isinstance(source.get("response"), str):
+        line["reference"] = source["response"]
+    return line
 
 
 def _resume(out: Path, settings: dict, prompts: list[dict]) -> list[dict]:

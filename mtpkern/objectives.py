@@ -43,7 +43,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mtpkern.data import IGNORE_INDEX
-from mtpkern.model import GPT2, MedusaModel, MTPModel, _Family
+from mtpkern.hf_io import load_model
+from mtpkern.models import GPT2, MedusaModel, MTPModel
+from mtpkern.models import SpeculativeLM as _Family
 from mtpkern.ops.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_accumulate_
 
 # ----------------------------------------------------------------------------- losses
@@ -321,8 +323,6 @@ OBJECTIVES = {o.name: o for o in (NTP, MTP, Medusa, Medusa2)}
 def load_teacher(cfg, vocab_size: int) -> GPT2:
     """The KL teacher of a MEDUSA-2 run (``cfg.teacher``, else ``cfg.base``) as a frozen GPT-2:
     a MEDUSA checkpoint gives its base. Its vocabulary must be the model's."""
-    from mtpkern.model import load_model
-
     source = cfg.teacher or cfg.base
     teacher = load_model(source).float()
     if isinstance(teacher, MedusaModel):

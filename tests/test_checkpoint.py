@@ -16,7 +16,8 @@ from mtpkern.checkpoint import (
     resolve_checkpoint,
     run_lock,
 )
-from mtpkern.model import GPT2, GPT2Config
+from mtpkern.config import GPT2Config
+from mtpkern.models import GPT2
 
 
 def _save_tiny(directory):

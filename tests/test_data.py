@@ -447,7 +447,8 @@ def test_a_utf8_byte_order_mark_is_accepted(tmp_path, name):
 
 
 def test_load_tokenizer_refuses_a_missing_or_corrupt_tokenizer(tokenizer, tmp_path):
-    from mtpkern.model import GPT2, GPT2Config
+    from mtpkern.config import GPT2Config
+    from mtpkern.models import GPT2
 
     ckpt = tmp_path / "run" / "checkpoint"
     GPT2(GPT2Config.tiny(vocab_size=len(tokenizer), n_layer=1, n_embd=16, n_head=2)).save_pretrained(ckpt)

@@ -9,7 +9,7 @@ import torch
 from mtpkern.data import DataError, load_records
 from mtpkern.distill import SETTINGS_SUFFIX, distill
 from mtpkern.train import train
-from test_train import make_base, one_thread, tiny_run  # noqa: F401 - one_thread is autouse
+from test_train import make_base, tiny_run
 
 SETTINGS = dict(data="synthetic", limit=6, max_new_tokens=12, device="cpu", progress=False)
 
@@ -32,8 +32,8 @@ def _records(path):
 
 def test_distill_writes_the_models_greedy_responses(greedy, base_dir):
     from mtpkern.data import format_prompt, load_tokenizer
-    from mtpkern.generate import generate
-    from mtpkern.model import load_model
+    from mtpkern.generation import generate
+    from mtpkern.hf_io import load_model
 
     out, result = greedy
     assert (result.written, result.kept, result.skipped, result.total) == (6, 0, 0, 6)
@@ -139,7 +139,8 @@ def test_bad_input_is_a_one_line_error_before_decoding(base_dir, tmp_path, greed
 
 def test_prompts_too_long_for_the_context_are_skipped_or_an_error(tmp_path):
     from mtpkern.data import train_tokenizer, synthetic_records
-    from mtpkern.model import GPT2, GPT2Config
+    from mtpkern.config import GPT2Config
+    from mtpkern.models import GPT2
 
     tok = train_tokenizer(synthetic_records(200, seed=7), vocab_size=512)
     data = tmp_path / "p.jsonl"
@@ -176,7 +177,7 @@ def test_a_model_retrained_at_the_same_path_is_not_resumed(tmp_path):
     """Item 8: the model was named by its path alone, so a model retrained in place resumed a
     file of the old one's answers (rc 0, two models' records in one file)."""
     from mtpkern.data import load_tokenizer
-    from mtpkern.model import load_model
+    from mtpkern.hf_io import load_model
 
     model_dir = make_base(tmp_path / "model")
     out = tmp_path / "d.jsonl"

@@ -10,11 +10,13 @@ import pytest
 import torch
 
 from _tiny import assert_same_greedy_tokens, pattern_batch, random_prompts, tiny_gpt2, tiny_medusa
-from mtpkern.generate import generate
-from mtpkern.model import GPT2, GPT2Config, MedusaModel, load_model
+from mtpkern.generation import generate
+from mtpkern.config import GPT2Config
+from mtpkern.hf_io import load_model
+from mtpkern.models import GPT2, MedusaModel
 from mtpkern.objectives import OBJECTIVES, Medusa2, head_loss, kl_to_teacher, medusa2_loss
 from mtpkern.train import TrainConfig, train
-from test_train import make_base, one_thread, tiny_run, train_losses  # noqa: F401 - one_thread is autouse
+from test_train import make_base, tiny_run, train_losses
 
 
 @pytest.fixture(scope="module")
