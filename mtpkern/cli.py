@@ -31,13 +31,13 @@ from mtpkern.distill import distill  # noqa: E402
 from mtpkern.eval import evaluate  # noqa: E402
 from mtpkern.generation import generate  # noqa: E402
 from mtpkern.hf_io import load_model  # noqa: E402
+from mtpkern.options import ACCEPTANCE, KERNELS, STRATEGIES, DecodeOptions  # noqa: E402
 from mtpkern.runtime import resolve_device, resolve_dtype  # noqa: E402
 from mtpkern.train import TrainConfig  # noqa: E402
 from mtpkern.tree import Tree  # noqa: E402
 
 DTYPES = ("fp32", "fp16", "bf16")
 DTYPE_HELP = "the weights' dtype; default: fp16 on CUDA, fp32 on the CPU (every command alike)"
-KERNELS = ("auto", "eager", "fused")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -160,14 +160,11 @@ def cmd_generate(args) -> int:
     tokenizer = load_tokenizer(args.model)
     text = args.prompt if args.raw else format_prompt(args.prompt)
     ids = torch.tensor([tokenizer(text)["input_ids"]], device=device)
-    strategy = args.strategy or {"gpt2": "ntp"}.get(model.config.model_type, model.config.model_type)
-    tree = parse_tree(args.tree) if args.tree is not None else None
+    options = decode_options(args, model)
     gen = torch.Generator(device=device).manual_seed(args.seed)
-    result = generate(
-        model, ids, max_new_tokens=args.max_new_tokens, strategy=strategy, temperature=args.temperature,
-        top_p=args.top_p, acceptance=args.acceptance, tree=tree, eos_token_id=tokenizer.eos_token_id,
-        cuda_graph=args.cuda_graph, kernels=args.kernels, generator=gen,
-    )
+    result = generate(model, ids, max_new_tokens=args.max_new_tokens, options=options,
+                      eos_token_id=tokenizer.eos_token_id, generator=gen)
+    strategy = options.strategy
     assert not isinstance(result, list)  # one prompt [1, T]: one result, not a batch's list
     print(tokenizer.decode(result.tokens, skip_special_tokens=True))
     print(
@@ -336,13 +333,34 @@ def _add_generate(sub, shared: dict) -> None:
     g.add_argument("model", help="checkpoint or run directory")
     g.add_argument("--prompt", required=True)
     g.add_argument("--raw", action="store_true", help="use the prompt as is, without the instruction template")
-    g.add_argument("--strategy", choices=["ntp", "mtp", "medusa"], help="default: the model's own")
     _add_max_new_tokens(g, 128)
-    g.add_argument("--temperature", type=float, default=0.0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--acceptance", choices=["greedy", "typical", "rejection"], default="greedy")
-    g.add_argument("--tree", help="auto, dynamic[:N], chain:N, mc_sim_7b_63 or per-depth widths like 4,2,2")
+    _add_decode_options(g)
     g.set_defaults(func=cmd_generate)
+
+
+def _add_decode_options(p) -> None:
+    """The fields of ``DecodeOptions`` (kernels and cuda_graph come from the engine parent), one
+    flag each, named as the fields are."""
+    d = DecodeOptions()
+    p.add_argument("--strategy", choices=STRATEGIES, help="default: the model's own")
+    p.add_argument("--tree", help="auto, dynamic[:N], chain:N, mc_sim_7b_63 or per-depth widths like 4,2,2 "
+                                  "(default: auto where the checkpoint is calibrated, else the default tree)")
+    p.add_argument("--acceptance", choices=ACCEPTANCE, default=d.acceptance)
+    p.add_argument("--temperature", type=float, default=d.temperature, help="0 is greedy")
+    p.add_argument("--top-k", type=int, default=d.top_k, help="sampling: the k most likely tokens (0: all)")
+    p.add_argument("--top-p", type=float, default=d.top_p, help="sampling: the nucleus")
+    p.add_argument("--typical-epsilon", type=float, default=d.typical_epsilon,
+                   help="typical acceptance: accept while p(token) > min(epsilon, alpha * exp(-entropy))")
+    p.add_argument("--typical-alpha", type=float, default=d.typical_alpha, help="typical acceptance: see --typical-epsilon")
+
+
+def decode_options(args, model) -> DecodeOptions:
+    """The ``DecodeOptions`` the decoding flags say (the model's own strategy by default)."""
+    strategy = args.strategy or {"gpt2": "ntp"}.get(model.config.model_type, model.config.model_type)
+    return DecodeOptions(strategy, tree=parse_tree(args.tree) if args.tree is not None else None,
+                         acceptance=args.acceptance, temperature=args.temperature, top_k=args.top_k,
+                         top_p=args.top_p, typical_epsilon=args.typical_epsilon, typical_alpha=args.typical_alpha,
+                         kernels=args.kernels, cuda_graph=args.cuda_graph)
 
 
 def _add_eval(sub, shared: dict) -> None:

@@ -12,6 +12,10 @@ import torch
 
 from mtpkern import GPT2, GPT2Config, MedusaModel
 from mtpkern.cli import main, parse_tree
+from mtpkern.data import format_prompt, load_tokenizer
+from mtpkern.generation import generate
+from mtpkern.hf_io import load_model
+from mtpkern.options import DecodeOptions
 from mtpkern.data import synthetic_records, train_tokenizer
 from mtpkern.runtime import resolve_dtype
 
@@ -174,6 +178,44 @@ def test_generate_command_prints_text_and_stats(medusa_dir, strategy, tree, caps
     assert code == 0, out.err
     assert f"[{strategy}]" in out.err and "forward passes" in out.err
     assert out.out.strip() != "" or "0 tokens" not in out.err
+
+
+@pytest.mark.parametrize("flags, options", [
+    (["--strategy", "ntp", "--temperature", "0.8", "--top-k", "5", "--top-p", "0.9"],
+     dict(strategy="ntp", temperature=0.8, top_k=5, top_p=0.9)),
+    (["--strategy", "medusa", "--tree", "2,1", "--acceptance", "typical", "--temperature", "0.7",
+      "--typical-epsilon", "0.2", "--typical-alpha", "0.5", "--kernels", "eager"],
+     dict(strategy="medusa", tree="2,1", acceptance="typical", temperature=0.7, typical_epsilon=0.2,
+          typical_alpha=0.5, kernels="eager")),
+    (["--strategy", "medusa", "--tree", "chain:2", "--acceptance", "rejection", "--temperature", "1.0",
+      "--top-k", "8"], dict(strategy="medusa", tree="chain:2", acceptance="rejection", temperature=1.0, top_k=8)),
+])
+def test_generate_command_decodes_with_the_options_its_flags_name(medusa_dir, flags, options, capsys):
+    """Every decoding flag of ``mtpkern generate`` is the DecodeOptions field of its name: the
+    command prints what ``mtpkern.generate`` gives with those options and the same seed."""
+    prompt = "Tom has 3 apples."
+    code = main(["generate", str(medusa_dir), "--prompt", prompt, "--max-new-tokens", "8", "--device", "cpu",
+                 "--seed", "3", *flags])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    model = load_model(medusa_dir, device="cpu")
+    tok = load_tokenizer(medusa_dir)
+    ids = torch.tensor([tok(format_prompt(prompt))["input_ids"]])
+    want = generate(model, ids, max_new_tokens=8, options=DecodeOptions(**options), eos_token_id=tok.eos_token_id,
+                    generator=torch.Generator("cpu").manual_seed(3))
+    assert out.out.strip() == tok.decode(want.tokens, skip_special_tokens=True).strip()
+    assert f"[{options['strategy']}] {len(want.tokens)} tokens" in out.err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--typical-alpha", "-1", "--acceptance", "typical", "--temperature", "0.7"], "typical_alpha must be a finite"),
+    (["--top-k", "-2", "--strategy", "ntp", "--temperature", "0.5"], "top_k must be an int >= 0"),
+    (["--top-k", "3"], "top_k / top_p apply to sampling"),
+])
+def test_generate_command_refuses_bad_decoding_options_in_one_line(medusa_dir, flags, message, capsys):
+    code = main(["generate", str(medusa_dir), "--prompt", "hi", "--max-new-tokens", "4", "--device", "cpu", *flags])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
 
 
 @pytest.mark.parametrize("tree", ["chain:0", "chain:x", "chain0", "dynamic:0", "4;2"])
