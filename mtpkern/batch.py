@@ -17,8 +17,8 @@ from batch 1's, which can change how many are accepted, never the output). A row
 ``max_new_tokens`` stops: its prefix stays where it is, and the remaining steps recompute its
 last slots (a finished row costs what a masked row would) and discard them.
 
-Sampling takes one random stream per row (``generators``): ``ntp`` sampling and rejection
-sampling (chains) draw row b's tokens from ``generators[b]`` exactly as batch-1 decoding draws
+Sampling takes one random stream per row (``generator``: one per row, or one that seeds them):
+``ntp`` sampling and rejection sampling (chains) draw row b's tokens from its stream exactly as batch-1 decoding draws
 them from its generator, and typical acceptance (MEDUSA's rule, deterministic) runs the ops'
 rule per row. The forward pass runs the fused decoder-layer kernels (``kernels="fused"``, the
 default on CUDA: ``ln_qkv`` writes each row's K and V at its own slots, ``tree_attention`` reads
@@ -330,27 +330,27 @@ class BatchDecoder:
 
     # -- decoding ----------------------------------------------------------------------
 
-    def _generators(self, generators, B: int) -> list:
-        """One random stream per row: the given ones, else fresh ones seeded from torch's
-        global generator (so ``torch.manual_seed`` makes a batch reproducible)."""
-        return row_generators(generators, B, self.device) if self.sampling else [None] * B
+    def _generators(self, generator, B: int) -> list:
+        """One random stream per row (``row_generators``); none where nothing is sampled."""
+        return row_generators(generator, B, self.device) if self.sampling else [None] * B
 
     @torch.inference_mode()
-    def generate(self, prompts, *, max_new_tokens: int, eos_token_id: int | None = None,
-                 attention_mask=None, generators=None) -> list[GenerationResult]:
-        """Decode up to ``max_new_tokens`` tokens after each prompt: a list of token sequences
-        (lists or 1-D tensors, any lengths) or a [B, T] tensor (with ``attention_mask`` [B, T],
-        1 on tokens, 0 on padding at either end). One :class:`GenerationResult` per prompt, in
-        order; each row ends at its own first ``eos_token_id`` (included). Sampling draws row b
-        from ``generators[b]`` (one per prompt, as batch 1 would draw from it; default: fresh
-        ones seeded from torch's global generator)."""
+    def generate(self, input_ids, *, max_new_tokens: int, eos_token_id: int | None = None,
+                 attention_mask=None, generator=None) -> list[GenerationResult]:
+        """Decode up to ``max_new_tokens`` tokens after each prompt of ``input_ids``: a list of
+        token sequences (lists or 1-D tensors, any lengths) or a [B, T] tensor (with
+        ``attention_mask`` [B, T], 1 on tokens, 0 on padding at either end). One
+        :class:`GenerationResult` per prompt, in order; each row ends at its own first
+        ``eos_token_id`` (included). Sampling draws each row from a stream of its own:
+        ``generator`` is a list of them (row b draws from ``generator[b]`` as batch 1 would), or
+        one ``torch.Generator`` that seeds them (default: torch's global generator)."""
         check_max_new_tokens(max_new_tokens)
         eos = eos_id(eos_token_id, self.model.config.vocab_size)
-        ids = self._prompts(prompts, attention_mask, max_new_tokens)
+        ids = self._prompts(input_ids, attention_mask, max_new_tokens)
         B, dev = len(ids), self.device
         # Eager attention runs the blocks as functions of their tensors (views of the parameters).
         self._weights = None if self.fused else self.model.decode_weights()
-        gens = self._generators(generators, B)
+        gens = self._generators(generator, B)
         graph = None
         if self.cuda_graph:
             self._check_weights()

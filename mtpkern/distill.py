@@ -92,7 +92,7 @@ def distill(model, data, out, *, max_new_tokens: int = 128, temperature: float =
 
     def answer(rows: list[int], room: int) -> list[list[int]]:
         gens = [torch.Generator(device=dev).manual_seed(seed + i) for i in rows] if temperature > 0 else None
-        results = decoder.generate([encoded[i] for i in rows], max_new_tokens=room, eos_token_id=eos, generators=gens)
+        results = decoder.generate([encoded[i] for i in rows], max_new_tokens=room, eos_token_id=eos, generator=gens)
         return [r.tokens[:-1] if r.tokens and r.tokens[-1] == eos else r.tokens for r in results]
 
     written = skipped = 0

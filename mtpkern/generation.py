@@ -13,7 +13,7 @@ import torch
 
 from mtpkern.batch import BatchDecoder
 from mtpkern.decoder import Decoder
-from mtpkern.inputs import GenerationResult, check_generator, check_max_new_tokens, row_generators, split_padded
+from mtpkern.inputs import GenerationResult, check_generator, check_max_new_tokens, split_padded
 from mtpkern.options import DecodeOptions, engine_options
 
 
@@ -47,10 +47,8 @@ def generate(model, input_ids, *, max_new_tokens: int, options: DecodeOptions | 
     prompts = split_padded(input_ids, attention_mask) if attention_mask is not None else input_ids
     n = len(prompts)
     dec = BatchDecoder(model, opts, max_batch=max(1, n))
-    gens = None
-    if generator is not None and dec.sampling:  # one stream per row, seeded from the caller's generator
-        gens = row_generators(None, n, model.device, seed_from=generator)
-    return dec.generate(prompts, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, generators=gens)
+    # one stream per row, seeded from the caller's generator
+    return dec.generate(prompts, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, generator=generator)
 
 
 def _is_batch(input_ids) -> bool:

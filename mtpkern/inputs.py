@@ -229,17 +229,20 @@ def check_generator(generator, device: torch.device) -> None:
                          f"pass torch.Generator(device={str(device)!r})")
 
 
-def row_generators(generators, B: int, device, seed_from: torch.Generator | None = None) -> list[torch.Generator]:
-    """One random stream per row: the given ones, else fresh ones seeded from ``seed_from``
-    (or torch's global generator, so ``torch.manual_seed`` makes a batch reproducible)."""
-    if generators is None:
-        where = seed_from.device if seed_from is not None else "cpu"
-        seeds = torch.randint(0, 2**62, (B,), generator=seed_from, device=where).tolist()
+def row_generators(generator, B: int, device) -> list[torch.Generator]:
+    """One random stream per row, from ``generator``: a list of B generators (one per row, each
+    as batch 1 would draw from it), or one ``torch.Generator`` (or None: torch's global one, so
+    ``torch.manual_seed`` makes a batch reproducible) that seeds fresh ones."""
+    if generator is None or isinstance(generator, torch.Generator):
+        if generator is not None:
+            check_generator(generator, device)
+        where = generator.device if generator is not None else "cpu"
+        seeds = torch.randint(0, 2**62, (B,), generator=generator, device=where).tolist()
         return [torch.Generator(device).manual_seed(s) for s in seeds]
-    if not hasattr(generators, "__iter__"):
-        raise TypeError(f"generators must be a list of torch.Generator, one per prompt, got "
-                        f"{type(generators).__name__}")
-    generators = list(generators)
+    if not hasattr(generator, "__iter__"):
+        raise TypeError(f"generator must be a torch.Generator (the rows' streams are seeded from it) or a list "
+                        f"of them, one per prompt, got {type(generator).__name__}")
+    generators = list(generator)
     if len(generators) != B:
         raise ValueError(f"{len(generators)} generators for {B} prompts: give one per prompt")
     for b, g in enumerate(generators):

@@ -4,19 +4,20 @@ Random heads only ever exercise the one-token path of speculative decoding; thes
 trained for a few hundred Adam steps (seconds on a CPU) on sequences that walk one of a few
 fixed cycles of tokens. The cycles share tokens, so the next token depends on more than the
 last one, and the heads (which look further ahead) learn the pattern less well than the base:
-acceptance is high but not total. Each model is built once per test session.
+acceptance is high but not total. Each model is built once per process; ``tests/conftest.py``
+hands them to tests as the fixtures ``gpt2_model``, ``medusa_model`` and ``mtp_model``.
 """
 
 from __future__ import annotations
 
 import functools
 
-import pytest
 import torch
 import torch.nn.functional as F
 
 from mtpkern.data import synthetic_records, train_tokenizer
-from mtpkern.model import GPT2, GPT2Config, MedusaModel, MTPModel
+from mtpkern.config import GPT2Config
+from mtpkern.models import GPT2, MedusaModel, MTPModel
 
 VOCAB = 64
 N_CYCLES = 6
@@ -111,31 +112,6 @@ def tiny_mtp() -> MTPModel:
     """The trained tiny GPT-2's first block as the trunk and 1 + N_DRAFT_HEADS head blocks
     (copies of its last block), trained jointly."""
     return _train(MTPModel.from_base(tiny_gpt2(), n_heads=1 + N_DRAFT_HEADS), steps=80, seed=2)
-
-
-@pytest.fixture(scope="session")
-def gpt2_model() -> GPT2:
-    return tiny_gpt2()
-
-
-@pytest.fixture(scope="session")
-def medusa_model() -> MedusaModel:
-    return tiny_medusa()
-
-
-@pytest.fixture(scope="session")
-def mtp_model() -> MTPModel:
-    return tiny_mtp()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny models decode several times faster on one thread (two threads on a loaded 2-core
-    machine mostly wait for each other); modules that import this fixture run on one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def assert_same_greedy_tokens(model, prompt, got: list[int], want: list[int], tol: float = 1e-3) -> None:

@@ -6,10 +6,11 @@ message, and never accepted to give a silently wrong answer (issue 22 items 13 a
 import pytest
 import torch
 
-from _tiny import VOCAB, medusa_model, save_random_medusa, single_thread  # noqa: F401
+from _tiny import VOCAB, save_random_medusa
 from mtpkern import BatchDecoder, Decoder, generate, load_model
 from mtpkern.cli import main
-from mtpkern.model import GPT2, GPT2Config
+from mtpkern.config import GPT2Config
+from mtpkern.models import GPT2
 
 
 def _entry_points(model, **kw):
@@ -96,9 +97,9 @@ def test_a_generator_on_another_device_than_the_models_is_refused(medusa_model, 
 
 def test_batch_generators_of_the_wrong_kind_are_named(medusa_model):
     dec = BatchDecoder(medusa_model, temperature=1.0)
-    _one_line_error(lambda: dec.generate([[1, 2]], max_new_tokens=4, generators=5), TypeError,
-                    "generators must be a list of torch.Generator")
-    _one_line_error(lambda: dec.generate([[1, 2]], max_new_tokens=4, generators=[_MetaGenerator()]), ValueError,
+    _one_line_error(lambda: dec.generate([[1, 2]], max_new_tokens=4, generator=5), TypeError,
+                    "generator must be a torch.Generator (the rows' streams are seeded from it) or a list")
+    _one_line_error(lambda: dec.generate([[1, 2]], max_new_tokens=4, generator=[_MetaGenerator()]), ValueError,
                     "generator 0: the generator is on meta but the model is on cpu")
 
 

@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 
-from mtpkern.generate import generate
+from mtpkern.generation import generate
 from mtpkern.ops import _backend
 from mtpkern.ops.fused_logits import fused_logits, fused_logits_ref
 from mtpkern.ops.kv_compact import kv_compact_, kv_compact_ref_
@@ -17,7 +17,7 @@ from mtpkern.ops.tree_attention import tree_attention, tree_attention_ref
 from mtpkern.ops.tree_mask import tree_buffers, tree_buffers_ref
 from mtpkern.ops.verify import verify_greedy, verify_greedy_ref, verify_typical, verify_typical_ref
 
-from _tiny import medusa_model, mtp_model, random_prompts, single_thread  # noqa: F401
+from _tiny import random_prompts
 
 CPU = torch.device("cpu")
 FORCED = ["eager", "triton", "cuda", "auto"]

@@ -7,9 +7,11 @@ acceptance per row; and the bad inputs."""
 import pytest
 import torch
 
-from _tiny import N_DRAFT_HEADS, gpt2_model, medusa_model, mtp_model, random_prompts, single_thread  # noqa: F401
+from _tiny import N_DRAFT_HEADS, random_prompts
 from mtpkern import Decoder
-from mtpkern.batch import BatchDecoder, generate_batch, split_padded
+from mtpkern.batch import BatchDecoder
+from mtpkern.generation import generate
+from mtpkern.inputs import split_padded
 
 PROMPTS = random_prompts(24, seed=33, min_len=2, max_len=30)
 MAX_NEW = 20
@@ -72,12 +74,12 @@ def test_padded_tensor_with_a_mask(medusa_model):
         start = 0 if b % 2 else width - len(p)  # right padding on odd rows, left padding on even rows
         ids[b, start : start + len(p)] = torch.tensor(p)
         mask[b, start : start + len(p)] = 1
-    got = generate_batch(medusa_model, ids, attention_mask=mask, strategy="medusa", max_new_tokens=MAX_NEW)
+    got = generate(medusa_model, ids, attention_mask=mask, strategy="medusa", max_new_tokens=MAX_NEW)
     assert [r.tokens for r in got] == _reference(medusa_model, prompts)
     same = [PROMPTS[0], PROMPTS[0]]
     square = torch.tensor(same)
-    assert [r.tokens for r in generate_batch(medusa_model, square, strategy="medusa", max_new_tokens=8)] == [
-        r.tokens for r in generate_batch(medusa_model, same, strategy="medusa", max_new_tokens=8)]
+    assert [r.tokens for r in generate(medusa_model, square, strategy="medusa", max_new_tokens=8)] == [
+        r.tokens for r in generate(medusa_model, same, strategy="medusa", max_new_tokens=8)]
 
 
 def test_bad_inputs(medusa_model):
@@ -86,7 +88,7 @@ def test_bad_inputs(medusa_model):
     cases = [
         (lambda: dec.generate([[1, 2], []], max_new_tokens=4), ValueError, "prompt 1: the prompt is empty"),
         (lambda: dec.generate([[1, 2], [3] * (ctx - 2)], max_new_tokens=8), ValueError,
-         f"prompt 1 ({ctx - 2} tokens) + max_new_tokens (8) needs"),
+         f"prompt 1 ({ctx - 2} tokens) + max_new_tokens (8) + tree ("),
         (lambda: dec.generate([[1]] * 5, max_new_tokens=4), ValueError, "5 prompts, but this decoder's cache holds 4 rows"),
         (lambda: dec.generate([], max_new_tokens=4), ValueError, "no prompts"),
         (lambda: dec.generate([[1, 99999]], max_new_tokens=4), ValueError, "prompt 0: token id 99999 is outside"),
@@ -159,13 +161,13 @@ def test_each_row_samples_as_batch_one_from_its_generator(gpt2_model, medusa_mod
                 for b, p in enumerate(prompts)]
         dec = BatchDecoder(model, max_batch=6, **kw)
         got = dec.generate(prompts, max_new_tokens=MAX_NEW,
-                           generators=[torch.Generator().manual_seed(100 + b) for b in range(6)])
+                           generator=[torch.Generator().manual_seed(100 + b) for b in range(6)])
         assert [r.tokens for r in got] == want, kw
         if kw["strategy"] == "medusa":
             assert max(max(r.accept_lengths) for r in got) > 1
         # the same seeds in another order: the rows follow their own streams, not their positions
         again = dec.generate(prompts[::-1], max_new_tokens=MAX_NEW,
-                             generators=[torch.Generator().manual_seed(105 - b) for b in range(6)])
+                             generator=[torch.Generator().manual_seed(105 - b) for b in range(6)])
         assert [r.tokens for r in again] == want[::-1]
 
 
@@ -174,7 +176,7 @@ def test_typical_acceptance_per_row(medusa_model):
 
     kw = dict(strategy="medusa", acceptance="typical", temperature=0.7)
     want = [generate(medusa_model, p, max_new_tokens=MAX_NEW, **kw).tokens for p in PROMPTS[:8]]
-    got = generate_batch(medusa_model, PROMPTS[:8], max_new_tokens=MAX_NEW, **kw)
+    got = generate(medusa_model, PROMPTS[:8], max_new_tokens=MAX_NEW, **kw)
     assert [r.tokens for r in got] == want
     assert max(max(r.accept_lengths) for r in got) > 1
 
@@ -197,7 +199,7 @@ def test_generators_are_checked(gpt2_model, medusa_model):
                                ([g, g], ValueError, "independent random streams"),
                                ([g, "seed"], TypeError, "generator 1: generator must be a torch.Generator, got str")):
         with pytest.raises(error, match=match):
-            dec.generate(PROMPTS[:2], max_new_tokens=4, generators=gens)
+            dec.generate(PROMPTS[:2], max_new_tokens=4, generator=gens)
     with pytest.raises(ValueError, match="chains of drafts only"):
         BatchDecoder(medusa_model, "medusa", acceptance="rejection", temperature=1.0, tree="3,2,1")
 
@@ -240,7 +242,7 @@ def test_fused_kernels_per_row(gpt2_model, medusa_model, mtp_model, strategy, tr
 def _fake_rows(mode, rows):
     """``rows`` (a ``_Rows``) with every tensor a fake one of ``mode``."""
     from mtpkern.batch import _Rows
-    from mtpkern.model import KVCache
+    from mtpkern.layers import KVCache
 
     fake = _Rows.__new__(_Rows)
     fake.B = rows.B
@@ -313,3 +315,14 @@ def test_cuda_graph_batches_on_the_gpu(gpt2_model, medusa_model, mtp_model, stra
         for p, a, b in zip(prompts, got, want):
             assert_same_greedy_tokens(model, p, a.tokens, b.tokens)
     assert sorted(graph._graphs) == [5, 12]
+
+
+def test_one_generator_seeds_the_rows_as_generate_does(gpt2_model):
+    """``generator`` is one name for one idea in both engines: a list gives each row its stream,
+    one torch.Generator seeds them (what mtpkern.generate passes), reproducibly."""
+    dec = BatchDecoder(gpt2_model, temperature=1.0, max_batch=4)
+    a = dec.generate(PROMPTS[:3], max_new_tokens=6, generator=torch.Generator().manual_seed(7))
+    b = generate(gpt2_model, PROMPTS[:3], max_new_tokens=6, temperature=1.0, generator=torch.Generator().manual_seed(7))
+    c = dec.generate(PROMPTS[:3], max_new_tokens=6, generator=torch.Generator().manual_seed(8))
+    assert [r.tokens for r in a] == [r.tokens for r in b]
+    assert [r.tokens for r in a] != [r.tokens for r in c]

@@ -17,7 +17,7 @@ import pytest
 import torch
 from _tiny import random_prompts, save_random_medusa, tiny_gpt2, tiny_medusa, tiny_mtp
 
-import mtpkern.calibrate as calibrate_mod
+import mtpkern.autotree as autotree_mod
 import mtpkern.costmodel as costmodel_mod
 from mtpkern import GPT2, GPT2Config, MedusaModel, MTPModel, Tree, generate, load_model
 from mtpkern.calibrate import (
@@ -384,7 +384,7 @@ def test_time_tree_step_times_a_real_engine_step(tree):
 
 
 def test_auto_tree_without_calibration_falls_back_and_says_so_once(monkeypatch):
-    monkeypatch.setattr(calibrate_mod, "_warned_uncalibrated", False)
+    monkeypatch.setattr(autotree_mod, "_warned_uncalibrated", False)
     model = MedusaModel.from_base(tiny_gpt2(), n_heads=2)
     with pytest.warns(UserWarning, match="has no calibration.*default tree"):
         assert auto_tree(model) is None
@@ -469,7 +469,8 @@ def test_calibrate_command_refuses_a_model_without_heads(tmp_path, capsys):
 
 def test_training_writes_a_calibration_and_eval_shows_it(tmp_path):
     from mtpkern.eval import evaluate_checkpoint, format_table
-    from mtpkern.train import TrainConfig, train
+    from mtpkern.commands import train_and_calibrate as train  # `mtpkern train`: the run, then calibration
+    from mtpkern.train import TrainConfig
 
     base = tmp_path / "base"
     tok = train_tokenizer(synthetic_records(200, seed=7), vocab_size=512)
@@ -534,13 +535,13 @@ def _dynamic_paths(parents, ranks):
 def test_dynamic_tree_picks_the_optimisers_best_first_nodes(depth, k, n, seed):
     """The decoder's per-step dynamic tree (EAGLE-2) is the static optimiser's best-first set
     for the step's own draft probabilities, and a valid tree in topological order."""
-    from mtpkern.decoder import _level_sizes, dynamic_tree
+    from mtpkern.core import dynamic_tree, level_sizes
     from mtpkern.ops.tree_mask import tree_buffers_ref
 
     g = torch.Generator().manual_seed(seed)
     probs = torch.softmax(torch.randn(depth, 50, generator=g) * 2, -1).sort(-1, descending=True).values[:, :k]
     ranks = torch.arange(k).expand(depth, k)  # token id = rank, so the tokens name the paths
-    parents, tokens = dynamic_tree(probs.log(), ranks, n, _level_sizes(n, k, depth))
+    parents, tokens = dynamic_tree(probs.log(), ranks, n, level_sizes(n, k, depth))
     expected = best_first_nodes(probs.tolist(), n)
     assert sorted(_dynamic_paths(parents, tokens)) == sorted(p for p, _ in expected)
     tree_buffers_ref(parents, depth)  # raises unless every parent comes before its children

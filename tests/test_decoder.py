@@ -4,16 +4,17 @@ syncs with the host once, the dynamic tree is the best N paths, tree specs parse
 
 import functools
 import gc
-import types
 
 import pytest
 import torch
 
-import mtpkern.decoder as decoder_mod
-from _tiny import N_DRAFT_HEADS, gpt2_model, medusa_model, mtp_model, random_prompts, single_thread  # noqa: F401
+import mtpkern.autotree as autotree_mod
+from _tiny import N_DRAFT_HEADS, random_prompts
 from mtpkern import Decoder, generate
-from mtpkern.decoder import dynamic_tree, step_cost_tree, time_step
-from mtpkern.model import MedusaModel, MTPModel
+from mtpkern.core import dynamic_tree, level_sizes
+from mtpkern.costmodel import step_cost_tree, time_step
+from mtpkern.options import default_tree
+from mtpkern.models import MedusaModel, MTPModel
 from mtpkern.ops import _backend
 from mtpkern.tree import Tree
 
@@ -96,7 +97,7 @@ def test_dynamic_tree_is_the_best_paths():
     for D, k, N in [(1, 4, 3), (2, 3, 5), (3, 3, 9), (3, 2, 14), (4, 5, 12)]:
         logp = torch.log_softmax(torch.randn(D, 8, generator=g), -1).topk(k).values  # sorted per head
         ids = torch.arange(D * k).view(D, k) + 100  # token = 100 + d * k + rank: names its node
-        sizes = decoder_mod._level_sizes(N, k, D)
+        sizes = level_sizes(N, k, D)
         parents, tokens = dynamic_tree(logp, ids, N, sizes)
         parents, tokens = parents.tolist(), tokens.tolist()
         assert len(parents) == N + 1 and all(0 <= p < i for i, p in enumerate(parents) if i)
@@ -174,11 +175,10 @@ def test_one_host_sync_per_step(medusa_model, mtp_model, monkeypatch, strategy, 
 
 
 def test_auto_without_calibration_falls_back_and_says_so(medusa_model, monkeypatch):
-    monkeypatch.setattr(decoder_mod, "_calibrate_module", lambda: None)
-    decoder_mod._warned.clear()
+    monkeypatch.setattr(autotree_mod, "_warned_uncalibrated", False)
     with pytest.warns(UserWarning, match="tree='auto'"):
         dec = Decoder(medusa_model, "medusa", tree="auto")
-    assert dec.tree == decoder_mod.default_tree(medusa_model, "medusa")
+    assert dec.tree == default_tree(medusa_model, "medusa")
     with _no_warning():
         Decoder(medusa_model, "medusa", tree="auto")  # once
 
@@ -197,20 +197,19 @@ class _no_warning:
 
 
 def test_auto_is_the_default_with_calibration(medusa_model, monkeypatch):
-    """With calibration, tree=None and tree="auto" take calibrate.auto_tree's tree, asked for
-    this device, dtype, kernels and graph setting."""
+    """With calibration, tree=None and tree="auto" take autotree.auto_tree's tree, asked for
+    this model, kernels and graph setting (planned by the Decoder, above the core it runs)."""
     asked = []
 
-    def auto_tree(model, *, device, dtype, kernels, cuda_graph, max_nodes=None):
-        asked.append((device, dtype, kernels, cuda_graph))
+    def auto_tree(model, *, kernels, cuda_graph, max_nodes=None):
+        asked.append((model, kernels, cuda_graph))
         return Tree.chain(2)
 
-    fake = types.SimpleNamespace(auto_tree=auto_tree, has_calibration=lambda model: True)
-    monkeypatch.setattr(decoder_mod, "_calibrate_module", lambda: fake)
+    monkeypatch.setattr(autotree_mod, "auto_tree", auto_tree)
+    monkeypatch.setattr(autotree_mod, "has_calibration", lambda model: True)
     assert Decoder(medusa_model, "medusa").tree == Tree.chain(2)
     assert Decoder(medusa_model, "medusa", tree="auto", kernels="eager").tree == Tree.chain(2)
-    assert asked == [(medusa_model.device, medusa_model.dtype, "auto", False),
-                     (medusa_model.device, medusa_model.dtype, "eager", False)]
+    assert asked == [(medusa_model, "auto", False), (medusa_model, "eager", False)]
     assert Decoder(medusa_model, "medusa", tree="2,1").tree == Tree.parse("2,1")  # a given tree wins
 
 

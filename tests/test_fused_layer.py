@@ -12,8 +12,9 @@ import torch
 
 from _fused import DEV, check_close
 from _tiny import config, random_prompts
-from mtpkern.generate import generate
-from mtpkern.model import GPT2, Attn, Block, MedusaModel, MTPModel
+from mtpkern.generation import generate
+from mtpkern.layers import Attn, Block
+from mtpkern.models import GPT2, MedusaModel, MTPModel
 from mtpkern.ops.tree_attention import dense_tree_mask, pack_tree_mask
 
 pytest.importorskip("triton")
@@ -41,7 +42,7 @@ def _randomise(module: torch.nn.Module, seed: int) -> torch.nn.Module:
 
 def _layer_pair(block, x, cache_k, cache_v, prefix: int, tree: torch.Tensor):
     """(eager output, eager caches), (fused output, fused caches) for one layer's tree step."""
-    from mtpkern.model import KVCache
+    from mtpkern.layers import KVCache
 
     T = x.shape[1]
     slots = torch.arange(prefix, prefix + T, device=DEV)
@@ -87,7 +88,8 @@ def test_layer_equals_eager(T, prefix, dtype):
 def test_whole_model_tree_step_equals_eager(model_type):
     """Prefill eagerly, then one 17-node tree step through every layer (and every MTP head
     block), fused vs eager: hidden states and the whole KV cache agree."""
-    from mtpkern.decoder import _Forward, prefill
+    from mtpkern.core import prefill
+    from mtpkern.steps import _Forward
     from mtpkern.tree import Tree
 
     cfg = config(n_layer=3)
@@ -241,7 +243,7 @@ def test_a_fused_layer_is_four_ops_of_one_launch_each():
     layer is four launches (the issue's target), at T = 1 and for a tree."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from mtpkern.model import KVCache
+    from mtpkern.layers import KVCache
 
     views = {"view", "transpose", "_unsafe_view", "alias", "as_strided", "slice", "select", "t", "unsqueeze"}
 

@@ -7,10 +7,12 @@ import functools
 import pytest
 import torch
 
-from _tiny import (VOCAB, assert_same_greedy_tokens, gpt2_model, medusa_model, mtp_model,  # noqa: F401
-                   random_prompts, single_thread)
-from mtpkern.generate import GenerationResult, generate, prefill, sampling_probs
-from mtpkern.model import to_hf
+from _tiny import VOCAB, assert_same_greedy_tokens, random_prompts
+from mtpkern.core import prefill
+from mtpkern.generation import generate
+from mtpkern.inputs import GenerationResult
+from mtpkern.sampling import sampling_probs
+from mtpkern.hf_io import to_hf
 from mtpkern.tree import Tree
 
 N_PROMPTS = 20

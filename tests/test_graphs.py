@@ -19,10 +19,10 @@ import pytest
 import torch
 
 import fake_cuda
-from _tiny import assert_same_greedy_tokens, random_prompts, single_thread, tiny_gpt2, tiny_medusa, tiny_mtp  # noqa: F401
+from _tiny import assert_same_greedy_tokens, random_prompts, tiny_gpt2, tiny_medusa, tiny_mtp
 from fake_cuda import CaptureError
 from mtpkern import Decoder
-from mtpkern.decoder import step_cost_tree, time_step
+from mtpkern.costmodel import step_cost_tree, time_step
 from mtpkern.batch import BatchDecoder
 from mtpkern.calibrate import time_tree_step
 from mtpkern.graphs import CapturedCall, graphs_available
@@ -264,8 +264,8 @@ def test_graphed_sampled_batches_replay_the_forward(device):
     graphed, plain = _graphed_and_plain(model, "medusa", "chain:2", 4, acceptance="rejection", temperature=0.8)
     for prompts in (PROMPTS[:4], PROMPTS[5:6]):
         gens = [[torch.Generator(device).manual_seed(9 + b) for b in range(len(prompts))] for _ in range(2)]
-        got = graphed.generate(prompts, max_new_tokens=5, generators=gens[0])
-        want = plain.generate(prompts, max_new_tokens=5, generators=gens[1])
+        got = graphed.generate(prompts, max_new_tokens=5, generator=gens[0])
+        want = plain.generate(prompts, max_new_tokens=5, generator=gens[1])
         if not ON_GPU:
             assert [r.tokens for r in got] == [r.tokens for r in want]
     assert sorted(graphed._forward_graphs) == [1, 4] and not graphed._graphs

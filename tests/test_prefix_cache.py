@@ -5,9 +5,9 @@ dropped whenever it could be stale (weights changed or replaced, run_step, a fai
 import pytest
 import torch
 
-from _tiny import gpt2_model, medusa_model, mtp_model, random_prompts, single_thread  # noqa: F401
+from _tiny import random_prompts
 from mtpkern import Decoder
-from mtpkern.decoder import prefill
+from mtpkern.core import prefill
 
 MAX_NEW = 16
 TEMPLATE = random_prompts(1, seed=3, min_len=12, max_len=12)[0]  # a shared "system prompt"

@@ -11,9 +11,10 @@ import math
 import pytest
 import torch
 
-from _tiny import single_thread  # noqa: F401 (fixture)
-from mtpkern.generate import generate, sampling_probs, speculative_sample
-from mtpkern.model import GPT2, GPT2Config, MedusaModel
+from mtpkern.generation import generate
+from mtpkern.sampling import sampling_probs, speculative_sample
+from mtpkern.config import GPT2Config
+from mtpkern.models import GPT2, MedusaModel
 from mtpkern.tree import Tree
 
 V = 6
@@ -155,7 +156,7 @@ def test_batched_rejection_sampling_matches_plain_sampling(peaky_medusa):
     accepts = set()
     for rep in range(5):
         gens = [torch.Generator().manual_seed(10_000 * rep + b) for b in range(400)]
-        for res in dec.generate([PROMPT] * 400, max_new_tokens=3, generators=gens):
+        for res in dec.generate([PROMPT] * 400, max_new_tokens=3, generator=gens):
             counts[res.tokens[0], res.tokens[1]] += 1
             accepts.add(res.accept_lengths[0])
     assert accepts == {1, 2, 3}
