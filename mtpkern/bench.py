@@ -1,7 +1,7 @@
 """End-to-end decode benchmark: our engine against ``transformers`` ``generate``, batch 1.
 
 On the GPT-2 124M shape (or a given checkpoint) it times greedy decoding of the same prompts
-with every configuration of the engine (:func:`mtpkern.generate.generate`):
+with every configuration of the engine (:func:`mtpkern.generate`):
 
 * ``ntp/eager`` and ``ntp/cuda_graph`` (CUDA only),
 * ``mtp/eager``, ``mtp/fused``, ``medusa/eager``, ``medusa/fused`` (eager reference ops with a
@@ -290,7 +290,7 @@ def verify_compact_backends(model, tree, *, prefix_len: int, iters: int = 200) -
 def step_cost_curve(model, *, kernels: str = "auto", cuda_graph: bool = False, sizes=STEP_COST_T,
                     prefix_len: int = 64, iters: int = 10) -> list[dict]:
     """``[{"T", "step_us"}]``: the median time of one greedy step against its tree tokens T,
-    measured as the cost model measures it (:func:`mtpkern.decoder.time_step`)."""
+    measured as the cost model measures it (:func:`mtpkern.costmodel.time_step`)."""
     room = model.config.n_positions - prefix_len
     return [dict(T=T, step_us=time_step(model, T, kernels=kernels, cuda_graph=cuda_graph, prefix_len=prefix_len,
                                         iters=iters) * 1e6)

@@ -129,7 +129,7 @@ def plot_head_accuracy(report: dict, path) -> str:
 def plot_step_cost(curves: dict, path, title: str = "Step cost") -> str:
     """Median time of one decoding step against its tree tokens T, one line per setting:
     ``curves`` maps a label to ``[{"T": int, "step_us": float}, ...]`` (the cost model's
-    measurement, :func:`mtpkern.decoder.time_step`)."""
+    measurement, :func:`mtpkern.costmodel.time_step`)."""
     fig = _figure((6.5, 4.2))
     ax = fig.add_subplot()
     for label, points in curves.items():
