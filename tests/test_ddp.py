@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from mtpkern.model import load_model
 from mtpkern.train import train
-from test_train import make_base, one_thread, tiny_run, train_losses  # noqa: F401 - one_thread is autouse
+from test_train import make_base, tiny_run, train_losses
 
 _WORKER = textwrap.dedent("""
     import json, sys, torch

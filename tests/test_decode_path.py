@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import mtpkern.model as model_mod
-from _tiny import gpt2_model, medusa_model, mtp_model, random_prompts, single_thread  # noqa: F401
+from _tiny import random_prompts
 from mtpkern import Decoder
 from mtpkern.model import Attn, decode_block
 
