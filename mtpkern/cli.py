@@ -17,8 +17,9 @@ from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # before the tokenizers library loads
 
-# Every command's module at the top: `mtpkern --help` pays for them, but no more than for the
-# package itself, which every command needs (timings in the module's docstring, below).
+# Every command's module at the top. `mtpkern --help` pays for them, but they are about 25 ms of
+# its 2-3 s on a 2-core CPU (python -X importtime); the rest is torch and the kernels, which
+# `import mtpkern` loads for every command anyway. So no command imports lazily.
 import torch  # noqa: E402
 
 from mtpkern.bench import run_bench  # noqa: E402

@@ -1,7 +1,10 @@
 """One trainer for four objectives: next-token (ntp), multi-token (mtp), MEDUSA-1 (medusa) and
 MEDUSA-2 (medusa2). Each objective is a small object in ``mtpkern.objectives`` (its loss, the
 maths and the per-head metrics from a batch); this module holds the generic loop: the
-schedule, resume state, logging, evaluation and checkpoints.
+schedule, resume state, logging, evaluation and checkpoints. The run folder's files are
+``mtpkern.rundir``'s, the validation metrics ``mtpkern.metrics``'. Training stops there: the
+calibration of the heads that ``mtpkern train`` writes next is a layer above
+(``mtpkern.commands.train_and_calibrate``, through ``train(cfg, after=...)``).
 
 Within a training step N_j counts the whole global batch (every micro-batch of every process),
 so a step's gradient does not depend on how the batch is split for gradient accumulation or
