@@ -5,12 +5,15 @@ shape this file does not know fails the test (teach ``plan`` below how to run it
 being skipped. Only sizes are substituted where the README trains or decodes for real
 (``--steps``, ``--epochs``, ``--config``, token counts, sample counts), local data where it
 names a hub dataset or model (``metamathqa``, ``gpt2``: a tiny GPT-2 written with
-``save_pretrained``), and, on a machine without a GPU, the CPU where it names CUDA. Each
-substitution is listed in the failure message beside the command that ran.
+``save_pretrained``), a random tiny checkpoint of the same kind where it loads a run of the demo
+(``demo_out/medusa``: the demo itself runs in ``tests/test_cli.py``), and, on a machine without
+a GPU, the CPU where it names CUDA. Each substitution is listed in the failure message beside the
+command that ran.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -23,6 +26,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _tiny import save_random_medusa
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -36,6 +40,9 @@ COVERED = {
 }
 TINY = {"steps": "2", "data_limit": "48", "max_new_tokens": "8", "max_samples": "2", "prompts": "1"}
 HUB_DATASETS = ("metamathqa",)
+# The demo's runs (``demo_out/NAME``, written by the set-up command) that the README may load, and
+# what stands in for each: a random tiny checkpoint of the same kind, with room for the prompts.
+DEMO_RUNS = {"medusa": functools.partial(save_random_medusa, n_positions=512)}
 
 
 @dataclass
@@ -48,6 +55,7 @@ class Step:
     argv: list[str] = field(default_factory=list)
     code: str = ""
     changes: list[str] = field(default_factory=list)
+    demo_runs: list[str] = field(default_factory=list)
 
 
 def code_blocks(text: str) -> list[tuple[str, str]]:
@@ -127,13 +135,24 @@ def tiny_python(code: str, changes: list[str]) -> str:
     return code
 
 
+def demo_runs(text: str) -> list[str]:
+    """The demo's runs that ``text`` loads (``demo_out/NAME``); one with no stand-in raises ValueError."""
+    names = sorted(set(re.findall(r"demo_out/([\w.-]+)", text)))
+    unknown = [n for n in names if n not in DEMO_RUNS]
+    if unknown:
+        raise ValueError(f"the README loads demo_out/{unknown[0]}: teach tests/test_readme.py (DEMO_RUNS) "
+                         "what stands in for that run of the demo")
+    return names
+
+
 def plan(readme: str) -> list[Step]:
     """What to run for every command of the README, in order; an unknown shape raises ValueError."""
     steps = []
     for lang, body in code_blocks(readme):
         if lang == "python":
             changes = []
-            steps.append(Step(body, "python", code=tiny_python(body, changes), changes=changes))
+            steps.append(Step(body, "python", code=tiny_python(body, changes), changes=changes,
+                              demo_runs=demo_runs(body)))
             continue
         if lang in INERT:
             continue
@@ -159,6 +178,7 @@ def plan(readme: str) -> list[Step]:
             else:
                 raise ValueError(f"tests/test_readme.py does not know how to run the README command {command!r}: "
                                  "teach plan() its shape")
+            steps[-1].demo_runs = demo_runs(command)
     return steps
 
 
@@ -187,7 +207,13 @@ def workdir(tmp_path, monkeypatch):
 def _local_inputs(step: Step, workdir: Path) -> None:
     """Just before a step runs: a local data file the README names (``my_data.jsonl``) is the
     user's, so write one; a ``--base`` that is not a local path (an earlier command's run
-    directory) is a hub name: the tiny GPT-2 stands in for it."""
+    directory) is a hub name: the tiny GPT-2 stands in for it; a run of the demo it loads is
+    written by its stand-in."""
+    for name in step.demo_runs:
+        path = workdir / "demo_out" / name
+        if not path.exists():
+            DEMO_RUNS[name](path)
+            step.changes.append(f"demo_out/{name}: a random tiny checkpoint stands in for the demo's run")
     argv = step.argv
     if "--data" in argv:
         path = workdir / argv[argv.index("--data") + 1]
@@ -201,10 +227,10 @@ def run_step(step: Step, workdir: Path, capsys) -> tuple[int, str]:
     """Run one step; ``(exit status, output)``."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
                OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    _local_inputs(step, workdir)
     if step.kind == "cli":
         from mtpkern.cli import main
 
-        _local_inputs(step, workdir)
         try:
             code = main(step.argv)
         except SystemExit as e:
@@ -218,7 +244,6 @@ def run_step(step: Step, workdir: Path, capsys) -> tuple[int, str]:
         out = capsys.readouterr()
         return 0, out.out + out.err
     if step.kind == "torchrun":
-        _local_inputs(step, workdir)
         argv = [sys.executable, "-m", "torch.distributed.run", *step.argv]
     else:  # a script of the repository, run from its root as the README shows
         argv = [sys.executable, str(ROOT / step.argv[0]), *step.argv[1:]]
@@ -262,6 +287,10 @@ def test_plan_substitutes_sizes_and_local_data_only(tmp_path):
     assert steps[1].argv == ["train", "ntp", "--out", "r", "--steps", "2", "--config", "tiny", "--data-limit", "48"]
     setup = plan("```bash\npip install torch && pip install -e . && mtpkern demo\n```")
     assert [s.kind for s in setup] == ["skip", "skip", "skip"]
+    demo = plan('```python\nm = load_model("demo_out/medusa")\n```\n```bash\nmtpkern generate demo_out/medusa --prompt "q"\n```')
+    assert [s.demo_runs for s in demo] == [["medusa"], ["medusa"]]
+    _local_inputs(demo[0], tmp_path)  # at run time: a stand-in checkpoint, listed among the changes
+    assert (tmp_path / "demo_out" / "medusa" / "config.json").is_file() and demo[0].changes
     torchrun = plan("```bash\ntorchrun --nproc_per_node 2 -m mtpkern.cli train ntp --out r\n```")[0]
     assert torchrun.kind == "torchrun"
     assert torchrun.argv == ["--nproc_per_node", "2", "-m", "mtpkern.cli", "train", "ntp", "--out", "r",
@@ -273,6 +302,7 @@ def test_plan_substitutes_sizes_and_local_data_only(tmp_path):
     "```bash\nmtpkern\n```",
     "```\nmtpkern train ntp --out r\n```",
     "```ruby\nputs 1\n```",
+    '```python\nmtpkern.load_model("demo_out/mtp")\n```',
 ])
 def test_an_unknown_command_shape_fails_instead_of_being_skipped(readme):
     with pytest.raises(ValueError, match="tests/test_readme.py"):
