@@ -214,6 +214,7 @@ def test_verification_without_the_extension(monkeypatch, medusa_model):
     assert [r.tokens for r in got] == want
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy, tree", [("ntp", None), ("medusa", "3,2,1"), ("mtp", None)])
 def test_fused_kernels_per_row(gpt2_model, medusa_model, mtp_model, strategy, tree):
     """kernels="fused": ln_qkv writes every row at its own slots, tree attention reads every

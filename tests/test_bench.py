@@ -22,6 +22,7 @@ def test_cases_per_device(monkeypatch):
     assert torch.equal(models["medusa"].base.h[0].mlp.c_fc.weight, models["ntp"].h[0].mlp.c_fc.weight)
 
 
+@pytest.mark.slow
 def test_quick_bench_end_to_end(tmp_path):
     path = tmp_path / "bench.json"
     report = run_bench(device="cpu", json_path=path, max_new_tokens=5, prompts=2, prompt_len=8,

@@ -234,6 +234,7 @@ def test_generate_command_rejects_a_prompt_longer_than_the_context(medusa_dir, c
     assert "context" in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_demo_end_to_end_quick(tmp_path):
     """The README's main command, shortened: three trainings, the evaluation, table and plots."""
     out = tmp_path / "demo"
@@ -279,6 +280,7 @@ def test_demo_end_to_end_quick(tmp_path):
     assert "prefix cache off" in off.with_suffix(".md").read_text()
 
 
+@pytest.mark.slow
 def test_bench_command_quick(tmp_path):
     path = tmp_path / "bench.json"
     code = main(["bench", "--device", "cpu", "--quick", "--prompts", "1", "--max-new-tokens", "6", "--json", str(path)])

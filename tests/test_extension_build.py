@@ -138,6 +138,7 @@ print("cpu extension OK")
 '''
 
 
+@pytest.mark.slow
 def test_cpu_only_build_has_the_cpu_kernels(tmp_path):
     """Without a CUDA toolkit (forced here by MTPKERN_CPU_EXTENSION=1) setup.py builds the C++
     extension as a plain CppExtension: every CPU user gets the C++ kernels."""

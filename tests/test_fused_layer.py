@@ -127,6 +127,7 @@ def test_whole_model_tree_step_equals_eager(model_type):
     check_close(c_f.v, c_e.v, what="v cache")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["medusa", "mtp"])
 def test_greedy_with_fused_layers_is_ntp(strategy, medusa_model, mtp_model):
     """Speculative greedy decoding through the fused layers gives exactly the tokens of ntp

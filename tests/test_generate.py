@@ -117,6 +117,7 @@ def test_result_bookkeeping(medusa_model):
     assert res.forwards_per_token == pytest.approx((1 + res.num_steps) / len(res.tokens))
 
 
+@pytest.mark.slow
 def test_fused_kernels_match_eager(medusa_model, mtp_model):
     """On the GPU where there is one (the compiled kernels), else in Triton's interpreter."""
     pytest.importorskip("mtpkern.ops.tree_attention")

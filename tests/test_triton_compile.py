@@ -307,6 +307,7 @@ def compiled(request, all_compiled):
     return request.param, all_compiled[request.param]
 
 
+@pytest.mark.slow
 def test_every_launch_compiles(compiled):
     arch, rows = compiled
     failures = [f"{r['case']} ({r['kernel']}): {r['error']}" for r in rows if "error" in r]
@@ -321,6 +322,7 @@ def test_every_launch_compiles(compiled):
 DECODE_LAYER_KERNELS = {"_ln_qkv_kernel", "_linear_residual_kernel", "_ln_fc_gelu_kernel"}
 
 
+@pytest.mark.slow
 def test_decode_layer_kernels_split_k_on_the_gpu(compiled):
     """The 768-wide projections fill the SMs only with K split: their grids have SPLIT_K > 1
     (the third grid dimension), and at T <= 16 every decode-layer launch gives about 128
@@ -338,12 +340,14 @@ def test_decode_layer_kernels_split_k_on_the_gpu(compiled):
     assert len({r["kernel"] for r in gemv}) == 3 and not any(r["mma"] for r in gemv if "error" not in r), gemv
 
 
+@pytest.mark.slow
 def test_shared_memory_fits_one_block(compiled):
     arch, rows = compiled
     over = [f"{r['case']} ({r['kernel']}): {r['shared']} bytes" for r in rows if r.get("shared", 0) > MAX_SHARED[arch]]
     assert not over, f"sm_{arch}: shared memory over {MAX_SHARED[arch]} bytes per block:\n" + "\n".join(over)
 
 
+@pytest.mark.slow
 def test_no_register_pressure(compiled):
     arch, rows = compiled
     spills = [f"{r['case']} ({r['kernel']}): {r['spill_bytes']} bytes, {r['registers']} registers"
@@ -351,6 +355,7 @@ def test_no_register_pressure(compiled):
     assert not spills, f"sm_{arch}: ptxas spills more than {MAX_SPILL_BYTES} bytes:\n" + "\n".join(spills)
 
 
+@pytest.mark.slow
 def test_grid_within_cuda_limits(compiled):
     _, rows = compiled
     for r in rows:
@@ -358,6 +363,7 @@ def test_grid_within_cuda_limits(compiled):
         assert 1 <= x < 2**31 and all(1 <= d <= 65535 for d in yz), f"{r['case']}: grid {r['grid']}"
 
 
+@pytest.mark.slow
 def test_fp32_stays_ieee(compiled):
     """fp32 must not use TF32 tensor cores: greedy decoding promises eager fp32's tokens."""
     _, rows = compiled
@@ -369,6 +375,7 @@ def test_fp32_stays_ieee(compiled):
         assert not r["tf32_mma"], f"{r['case']} ({r['kernel']}): TF32 tensor-core instruction in fp32 code"
 
 
+@pytest.mark.slow
 def test_half_precision_uses_tensor_cores(compiled):
     """The fp16/bf16 dots should become MMA instructions (a sanity check of the checks above)."""
     _, rows = compiled
