@@ -6,6 +6,10 @@ It is saved beside the weights as ``calibration.json`` with a fingerprint of the
 heads, vocabulary, layer sizes, a hash of a few weights), so a file from another model is
 refused; ``mtpkern.load_model`` attaches it as ``model.calibration``.
 
+The fingerprint's ``n_heads`` is the config's: every head, the next-token head included. A file
+of schema ``mtpkern.calibration/1`` (written before /2) counted a MEDUSA model's MEDUSA heads
+alone there; it is read as such (its fingerprint gains the next-token head).
+
 A leaf: it needs torch, the checkpoint errors and nothing of the engine.
 """
 
@@ -22,7 +26,9 @@ import torch
 from mtpkern.checkpoint import CheckpointError
 
 CALIBRATION_NAME = "calibration.json"
-SCHEMA = "mtpkern.calibration/1"
+SCHEMA = "mtpkern.calibration/2"
+# Read and converted: /1 is /2 but for a MEDUSA fingerprint's n_heads (its MEDUSA heads only).
+OLD_SCHEMAS = ("mtpkern.calibration/1",)
 TOPK = 10  # ranks calibrated per head
 
 
@@ -48,9 +54,9 @@ def fingerprint(model) -> dict:
 
 def _fingerprint_drafts(fp: dict):
     """The draft heads of the model a fingerprint describes (its ``n_heads`` is the config's:
-    MTP counts head 0, MEDUSA only its MEDUSA heads)."""
+    every head, the next-token head included)."""
     n = fp.get("n_heads")
-    return n - 1 if fp.get("model_type") == "mtp" and isinstance(n, int) else n
+    return n - 1 if isinstance(n, int) else n
 
 
 def _all_ints(values) -> bool:
@@ -131,10 +137,13 @@ class Calibration:
         missing = [k for k in ("schema", "fingerprint", "topk", "counts", "positions") if k not in d]
         if missing:
             raise ValueError(f"the field {missing[0]!r} is missing")
-        if d["schema"] != SCHEMA:
+        if d["schema"] != SCHEMA and d["schema"] not in OLD_SCHEMAS:
             raise ValueError(f"schema {d['schema']!r} is not {SCHEMA!r}")
         if not isinstance(d["fingerprint"], dict):
             raise ValueError("the field 'fingerprint' must be an object")
+        fp = dict(d["fingerprint"])
+        if d["schema"] in OLD_SCHEMAS and fp.get("model_type") == "medusa" and _all_ints([fp.get("n_heads")]):
+            fp["n_heads"] += 1  # /1 counted a MEDUSA model's MEDUSA heads, not its next-token head
         topk = d["topk"]
         if isinstance(topk, bool) or not isinstance(topk, int) or not 1 <= topk <= 10:
             raise ValueError(f"the field 'topk' must be an int in 1..10 (one character per rank), got {topk!r}")
@@ -150,7 +159,7 @@ class Calibration:
         source = d.get("source", {})
         if not isinstance(source, dict):
             raise ValueError("the field 'source' must be an object")
-        return cls(dict(d["fingerprint"]), topk, [list(row) for row in counts], list(d["positions"]), dict(source),
+        return cls(fp, topk, [list(row) for row in counts], list(d["positions"]), dict(source),
                    [list(p) for p in ranks])
 
     def _check_shape(self) -> None:
@@ -203,7 +212,7 @@ def attach_calibration(model, directory) -> None:
 
 
 def draft_depth(model) -> int:
-    """The number of draft heads: MTP heads 1..n-1, or the MEDUSA heads."""
+    """The number of draft heads: heads 1..n_heads-1 (MTP's head blocks after head 0, or the MEDUSA heads)."""
     return model.n_heads - 1
 
 

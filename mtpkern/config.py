@@ -3,6 +3,11 @@ a Hugging Face GPT-2 ``config.json`` with the family's own fields under ``"mtpke
 
 A config is checked field by field when it is built, so that a bad ``config.json`` is reported
 by the name of its field (``load_model`` adds the file's) and never from deep inside a layer.
+
+``n_heads`` counts every prediction head, the next-token head included: 1 for GPT-2, the head
+blocks of MTP, 1 + the MEDUSA heads of MEDUSA. The ``"mtpkern"`` section of a ``config.json``
+carries ``"format": CONFIG_FORMAT``; one without it was written before format 2, when a MEDUSA
+config's ``n_heads`` counted its MEDUSA heads alone, and is read as such (one head more).
 """
 
 from __future__ import annotations
@@ -17,6 +22,9 @@ from mtpkern.checkpoint import CheckpointError
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 MODEL_TYPES = ("gpt2", "mtp", "medusa")
+# The "mtpkern" section's format. 1 (no "format" key, before this one): a MEDUSA config's
+# n_heads counted the MEDUSA heads only. 2: n_heads counts every head, the next-token head included.
+CONFIG_FORMAT = 2
 
 
 @dataclass
@@ -31,7 +39,9 @@ class GPT2Config:
     eos_token_id: int = 50256
     # The family: "gpt2", "mtp" or "medusa", and their heads.
     model_type: str = "gpt2"
-    n_heads: int = 1  # mtp: transformer-block heads (head 0 included); medusa: MEDUSA heads
+    # Every prediction head, the next-token head (head 0) included: gpt2 1; mtp its head blocks;
+    # medusa 1 + its MEDUSA heads (so n_heads - 1 draft heads for both).
+    n_heads: int = 1
     medusa_layers: int = 1  # residual blocks per MEDUSA head
     medusa_proj: bool = False  # per-head unembedding instead of the shared one
 
@@ -54,6 +64,9 @@ class GPT2Config:
             raise ValueError(f"unknown model_type {self.model_type!r}")
         if self.n_heads < 1:
             raise ValueError(f"n_heads must be >= 1, got {self.n_heads}")
+        if self.model_type == "medusa" and self.n_heads < 2:
+            raise ValueError(f"a MEDUSA model needs n_heads >= 2 (n_heads counts every head: the next-token head "
+                             f"and at least one MEDUSA head), got {self.n_heads}")
         if self.model_type == "mtp" and self.n_layer < 2:
             raise ValueError("an MTP model needs n_layer >= 2 (a trunk and a head block)")
 
@@ -93,6 +106,7 @@ class GPT2Config:
             "eos_token_id": self.eos_token_id,
             "tie_word_embeddings": True,
             "mtpkern": {
+                "format": CONFIG_FORMAT,
                 "model_type": self.model_type,
                 "n_heads": self.n_heads,
                 "medusa_layers": self.medusa_layers,
@@ -102,7 +116,9 @@ class GPT2Config:
 
     @classmethod
     def from_hf_dict(cls, d: dict) -> GPT2Config:
-        """Read a Hugging Face GPT-2 config dict; reject variants this implementation lacks."""
+        """Read a Hugging Face GPT-2 config dict; reject variants this implementation lacks. An
+        ``"mtpkern"`` section without ``"format"`` (written before format 2) is converted: a
+        MEDUSA config's ``n_heads`` counted its MEDUSA heads alone."""
         unsupported = {
             "activation_function": ("gelu_new", "gelu_pytorch_tanh"),
             "scale_attn_weights": (True,),
@@ -121,6 +137,9 @@ class GPT2Config:
         for key in ("vocab_size", "n_embd", "n_layer", "n_head"):
             if key not in d:
                 raise ValueError(f"the field {key!r} is missing")
+        family = {k: v for k, v in extra.items() if k in ("model_type", "n_heads", "medusa_layers", "medusa_proj")}
+        if _section_format(extra) < 2 and family.get("model_type") == "medusa" and _is_int(family.get("n_heads")):
+            family["n_heads"] += 1  # format 1 counted the MEDUSA heads, not the next-token head
         eos = d.get("eos_token_id", 50256)
         return cls(
             vocab_size=d["vocab_size"],
@@ -131,8 +150,23 @@ class GPT2Config:
             layer_norm_epsilon=d.get("layer_norm_epsilon", 1e-5),
             bos_token_id=d.get("bos_token_id", eos) if d.get("bos_token_id") is not None else eos,
             eos_token_id=eos if eos is not None else 50256,
-            **{k: v for k, v in extra.items() if k in ("model_type", "n_heads", "medusa_layers", "medusa_proj")},
+            **family,
         )
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _section_format(extra: dict) -> int:
+    """The format of a config's "mtpkern" section: 1 without the key (written before format 2)."""
+    fmt = extra.get("format", 1)
+    if not _is_int(fmt) or fmt < 1:
+        raise ValueError(f"the field 'mtpkern.format' must be a positive integer, got {fmt!r}")
+    if fmt > CONFIG_FORMAT:
+        raise ValueError(f"the field 'mtpkern.format' is {fmt}: written by a newer mtpkern "
+                         f"(this one reads formats 1 to {CONFIG_FORMAT}); upgrade mtpkern")
+    return fmt
 
 
 _FIELD_KINDS = {"vocab_size": int, "n_positions": int, "n_embd": int, "n_layer": int, "n_head": int,

@@ -1,9 +1,10 @@
 """One GPT-2 model family: the base model, MTP heads and MEDUSA-1 heads.
 
 Every model maps tokens to J prediction heads; head j at position t predicts token
-t + j + 1. For ``GPT2`` J = 1. For ``MTPModel`` (Gloeckle et al. 2024) the heads are
+t + j + 1. J is ``n_heads``, model and config alike: every head, the next-token head (head 0)
+included. For ``GPT2`` J = 1. For ``MTPModel`` (Gloeckle et al. 2024) the heads are
 transformer blocks on a shared trunk. For ``MedusaModel`` (Cai et al. 2024) head 0 is the
-frozen base model and heads 1..n are MEDUSA's residual blocks, so MEDUSA head k (0-based)
+frozen base model and heads 1..J-1 are MEDUSA's residual blocks, so MEDUSA head k (0-based)
 predicts token t + k + 2. All heads share one final LayerNorm and the tied unembedding
 (MEDUSA heads may have their own projection). ``SpeculativeLM`` is what the three have in
 common, and all that the trainer and the decoding engines rely on.
@@ -56,10 +57,11 @@ class SpeculativeLM(nn.Module):
     wpe: nn.Embedding
     ln_f: nn.LayerNorm
 
-    # number of prediction heads J; head j predicts token t + j + 1
+    # number of prediction heads J, the next-token head included (config.n_heads); head j
+    # predicts token t + j + 1, heads 1..J-1 are the draft heads
     @property
     def n_heads(self) -> int:
-        raise NotImplementedError
+        return self.config.n_heads
 
     # number of layers with a KV cache
     @property
@@ -257,8 +259,8 @@ class GPT2(SpeculativeLM):
 
 
 class MTPModel(SpeculativeLM):
-    """Multi-token prediction (Gloeckle et al. 2024): a shared trunk of L-1 blocks and n
-    transformer-block heads; head k predicts token t + k + 1. One shared final norm and
+    """Multi-token prediction (Gloeckle et al. 2024): a shared trunk of L-1 blocks and
+    ``n_heads`` transformer-block heads; head k predicts token t + k + 1. One shared final norm and
     unembedding. Head k's block uses KV-cache layer (L - 1) + k."""
 
     def __init__(self, config: GPT2Config):
@@ -275,7 +277,8 @@ class MTPModel(SpeculativeLM):
 
     @classmethod
     def from_base(cls, base: GPT2, n_heads: int = 4) -> MTPModel:
-        """Trunk = the base's first L-1 blocks, head 0 = its last block, heads 1..n-1 start as
+        """``n_heads`` heads, the next-token head included (n_heads - 1 draft heads): trunk =
+        the base's first L-1 blocks, head 0 = its last block, heads 1..n_heads-1 start as
         copies of it: at initialisation head 0 reproduces the base exactly."""
         cfg = replace(base.config, model_type="mtp", n_heads=n_heads)
         model = cls(cfg).to(device=base.device, dtype=base.dtype)
@@ -288,10 +291,6 @@ class MTPModel(SpeculativeLM):
         for k in range(n_heads):
             model.heads[k].load_state_dict(base.h[L - 1].state_dict())
         return model
-
-    @property
-    def n_heads(self) -> int:
-        return self.config.n_heads
 
     @property
     def n_cache_layers(self) -> int:
@@ -394,9 +393,10 @@ class MTPModel(SpeculativeLM):
 
 
 class MedusaModel(SpeculativeLM):
-    """MEDUSA (Cai et al. 2024): a base GPT-2 plus n residual-block heads on its final hidden
-    state; the base is frozen (MEDUSA-1) unless a MEDUSA-2 training unfreezes it. Head 0 is the base (token t + 1); MEDUSA head k (0-based) is head k + 1 and
-    predicts token t + k + 2."""
+    """MEDUSA (Cai et al. 2024): a base GPT-2 plus ``n_heads - 1`` residual-block heads on its
+    final hidden state; the base is frozen (MEDUSA-1) unless a MEDUSA-2 training unfreezes it.
+    ``n_heads`` counts every head: head 0 is the base (token t + 1); MEDUSA head k (0-based) is
+    head k + 1 and predicts token t + k + 2."""
 
     def __init__(self, config: GPT2Config):
         super().__init__()
@@ -404,11 +404,14 @@ class MedusaModel(SpeculativeLM):
             config = replace(config, model_type="medusa")
         self.config = config
         self.base = GPT2(replace(config, model_type="gpt2", n_heads=1))
-        self.medusa = nn.ModuleList(MedusaHead(config) for _ in range(config.n_heads))
+        self.medusa = nn.ModuleList(MedusaHead(config) for _ in range(config.n_heads - 1))
         self.freeze_base()
 
     @classmethod
-    def from_base(cls, base: GPT2, n_heads: int = 5, n_layers: int = 1, proj: bool = False) -> MedusaModel:
+    def from_base(cls, base: GPT2, n_heads: int = 6, n_layers: int = 1, proj: bool = False) -> MedusaModel:
+        """``n_heads`` heads, the next-token head included: the base as head 0 and n_heads - 1
+        MEDUSA heads of ``n_layers`` residual blocks each (the default 6: MEDUSA's 5 heads).
+        ``proj``: each MEDUSA head with its own unembedding, initialised from the LM head."""
         cfg = replace(base.config, model_type="medusa", n_heads=n_heads, medusa_layers=n_layers, medusa_proj=proj)
         model = cls(cfg).to(device=base.device, dtype=base.dtype)
         model.base.load_state_dict(base.state_dict())
@@ -431,10 +434,6 @@ class MedusaModel(SpeculativeLM):
     @property
     def wte(self) -> nn.Embedding:  # type: ignore[override]  # read-only: the base owns the embedding
         return self.base.wte
-
-    @property
-    def n_heads(self) -> int:
-        return 1 + self.config.n_heads
 
     @property
     def n_cache_layers(self) -> int:

@@ -6,7 +6,8 @@ is the cross-entropy against the labels shifted by j + 1:
 
     CE_j = (1 / N_j) * sum_{b, t} -log softmax(z_j[b, t])[labels[b, t + j + 1]]
 
-over the N_j positions whose shifted label is not -100. The objectives:
+over the N_j positions whose shifted label is not -100. ``n = n_heads`` counts every head, the
+next-token head (j = 0) included; MEDUSA head k (k = 0 .. n - 2) is head k + 1. The objectives:
 
     ntp:     L = CE_0                                  all parameters
     mtp:     L = (1 / n) * sum_{j < n} CE_j            all parameters (Gloeckle et al. 2024)
@@ -117,7 +118,8 @@ def medusa_loss(model, idx, labels, head_weights, *, n_tokens=None, fused=True):
     token t + k + 2); the frozen base (head 0) gets no loss. Returns (loss, per_head [n])."""
     n = _unwrap(model).n_heads - 1
     if len(head_weights) != n:
-        raise ValueError(f"{len(head_weights)} head weights for {n} MEDUSA heads")
+        raise ValueError(f"{len(head_weights)} head weights for {n} MEDUSA heads: one per MEDUSA head "
+                         f"(the model's n_heads {n + 1} - 1)")
     return _forward_loss(model, idx, labels, range(1, n + 1), list(head_weights), n_tokens, fused)
 
 
@@ -130,7 +132,8 @@ def medusa2_loss(model, idx, labels, head_weights, *, heads_coefficient: float, 
     m = cast(MedusaModel, _unwrap(model))
     n = m.n_heads - 1
     if len(head_weights) != n:
-        raise ValueError(f"{len(head_weights)} head weights for {n} MEDUSA heads")
+        raise ValueError(f"{len(head_weights)} head weights for {n} MEDUSA heads: one per MEDUSA head "
+                         f"(the model's n_heads {n + 1} - 1)")
     with torch.set_grad_enabled(torch.is_grad_enabled() and train_backbone):
         h0 = m.base.hidden_states(idx)
     shared = m.unembed_weight if train_backbone else m.unembed_weight.detach()

@@ -12,6 +12,7 @@ from mtpkern import (
     GPT2, Attn, BatchDecoder, CheckpointError, Decoder, GPT2Config, KVCache, MedusaModel, MTPModel, SpeculativeLM,
     load_model, to_hf,
 )
+from mtpkern.config import CONFIG_FORMAT
 
 HF_CONFIGS = [
     dict(vocab_size=97, n_positions=64, n_embd=32, n_layer=1, n_head=2),
@@ -164,8 +165,9 @@ def test_mtp_decoding_fills_every_head_cache():
 
 def test_medusa_heads_layout_and_identity_init():
     base = _tiny()
-    med = MedusaModel.from_base(base, n_heads=3, n_layers=2).eval()
-    assert med.n_heads == 4  # head 0 = base (t+1), heads 1..3 = MEDUSA heads (t+2..t+4)
+    med = MedusaModel.from_base(base, n_heads=4, n_layers=2).eval()
+    assert med.n_heads == med.config.n_heads == 4  # head 0 = base (t+1), heads 1..3 = MEDUSA heads (t+2..t+4)
+    assert len(med.medusa) == 3
     assert all(len(h.blocks) == 2 for h in med.medusa)
     assert not any(p.requires_grad for p in med.base.parameters())
     assert all(p.requires_grad for p in med.medusa.parameters())
@@ -180,7 +182,7 @@ def test_medusa_heads_layout_and_identity_init():
 
 def test_medusa_projection_heads():
     base = _tiny()
-    med = MedusaModel.from_base(base, n_heads=2, proj=True).eval()
+    med = MedusaModel.from_base(base, n_heads=3, proj=True).eval()
     assert med.head_weight(1) is med.medusa[0].proj.weight
     assert med.head_weight(0) is med.unembed_weight
     assert torch.equal(med.medusa[0].proj.weight, base.unembed_weight)
@@ -195,7 +197,7 @@ def test_medusa_projection_heads():
 def test_checkpoint_round_trip(kind, tmp_path):
     base = _tiny()
     model = {"gpt2": lambda: base, "mtp": lambda: MTPModel.from_base(base, 3),
-             "medusa": lambda: MedusaModel.from_base(base, 2, proj=True)}[kind]()
+             "medusa": lambda: MedusaModel.from_base(base, 3, proj=True)}[kind]()
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
@@ -208,12 +210,13 @@ def test_checkpoint_round_trip(kind, tmp_path):
         assert k == k2 and torch.equal(a, b), k
     raw = json.loads((tmp_path / "ck" / "config.json").read_text())
     assert raw["model_type"] == "gpt2" and raw["mtpkern"]["model_type"] == kind
+    assert raw["mtpkern"]["format"] == CONFIG_FORMAT and raw["mtpkern"]["n_heads"] == model.n_heads
 
 
 def _of_family(cls: type) -> SpeculativeLM:
     """A small model of the family ``cls``: the tiny GPT-2, or heads on it."""
     base = _tiny()
-    return {GPT2: base, MTPModel: MTPModel.from_base(base, 3), MedusaModel: MedusaModel.from_base(base, 2)}[cls].eval()
+    return {GPT2: base, MTPModel: MTPModel.from_base(base, 3), MedusaModel: MedusaModel.from_base(base, 3)}[cls].eval()
 
 
 @pytest.mark.parametrize("cls", [GPT2, MTPModel, MedusaModel])
