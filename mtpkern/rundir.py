@@ -13,12 +13,19 @@
 The trainer writes through the functions of the first half, the commands read through those of
 the second; the held-out split of a run is recomputed from its train_config.json exactly as the
 trainer made it (:func:`validation_records`).
+
+The saved training configuration (train_config.json, and the trainer state's ``"config"``) carries
+``"format": RUN_FORMAT`` beside the TrainConfig's fields (:func:`saved_config`). One without it was
+written before format 2, when a MEDUSA run's ``n_heads`` counted its MEDUSA heads alone; the
+readers (:func:`read_run`, :func:`read_state`) convert it (:func:`upgrade_config`), so that
+``n_heads`` always counts every head, the next-token head included.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -41,6 +48,39 @@ STATE_NAME = "trainer_state.pt"
 LOG_NAME = "log.jsonl"
 CONFIG_NAME = "train_config.json"
 SUMMARY_NAME = "summary.json"
+# The saved training configuration's format. 1 (no "format" key, before this one): a MEDUSA run's
+# n_heads counted its MEDUSA heads only. 2: n_heads counts every head, the next-token head included.
+RUN_FORMAT = 2
+MEDUSA_OBJECTIVES = ("medusa", "medusa2")
+
+
+# ----------------------------------------------------------------------------- the saved configuration
+
+
+def saved_config(cfg) -> dict:
+    """A TrainConfig as a run saves it (train_config.json, the trainer state): its fields and
+    the format they are written in."""
+    return {**asdict(cfg), "format": RUN_FORMAT}
+
+
+def upgrade_config(saved, where) -> dict:
+    """A saved training configuration in the current format: one written before format 2 (no
+    ``"format"``) by a MEDUSA run counted its MEDUSA heads alone in ``n_heads``, which gains
+    the next-token head. ``where`` (the file) names a bad or newer format in the error."""
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{where}: the saved training configuration must be a JSON object, "
+                              f"got {type(saved).__name__}")
+    fmt = saved.get("format", 1)
+    if isinstance(fmt, bool) or not isinstance(fmt, int) or fmt < 1:
+        raise CheckpointError(f"{where}: the field 'format' must be a positive integer, got {fmt!r}")
+    if fmt > RUN_FORMAT:
+        raise CheckpointError(f"{where}: the field 'format' is {fmt}: written by a newer mtpkern (this one reads "
+                              f"formats 1 to {RUN_FORMAT}); upgrade mtpkern")
+    upgraded = {**saved, "format": RUN_FORMAT}
+    n = saved.get("n_heads")
+    if fmt < 2 and saved.get("objective") in MEDUSA_OBJECTIVES and isinstance(n, int) and not isinstance(n, bool):
+        upgraded["n_heads"] = n + 1  # format 1 counted the MEDUSA heads, not the next-token head
+    return upgraded
 
 
 # ----------------------------------------------------------------------------- the trainer's side
@@ -123,12 +163,16 @@ def read_log(log_path: Path, step: int) -> list[str]:
 
 
 def read_state(checkpoint: Path) -> dict:
-    """The trainer's state saved beside the weights (step, optimizer, scaler, RNG, config)."""
+    """The trainer's state saved beside the weights (step, optimizer, scaler, RNG, config), its
+    config in the current format (:func:`upgrade_config`)."""
     path = require_file(checkpoint, STATE_NAME)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch.load raises many kinds on a damaged file
         raise CheckpointError(f"{path} is corrupt or truncated: {e}") from None
+    if not isinstance(state, dict) or "config" not in state:
+        raise CheckpointError(f"{path} is not a trainer state (no 'config')")
+    return {**state, "config": upgrade_config(state["config"], path)}
 
 
 def save_checkpoint(path: Path, model, tokenizer, state: dict) -> None:
@@ -143,7 +187,8 @@ def save_checkpoint(path: Path, model, tokenizer, state: dict) -> None:
 
 
 def read_run(run_dir: Path | None) -> tuple[dict | None, list[dict], dict | None]:
-    """``(train_config, log records, summary)`` of a run; missing files give None / []."""
+    """``(train_config, log records, summary)`` of a run; missing files give None / []. The
+    train_config is in the current format (:func:`upgrade_config`)."""
     if run_dir is None:
         return None, [], None
 
@@ -160,7 +205,10 @@ def read_run(run_dir: Path | None) -> tuple[dict | None, list[dict], dict | None
     log, f = [], run_dir / LOG_NAME
     if f.is_file():
         log = [parse(f, line, f":{i}") for i, line in enumerate(f.read_text().splitlines(), 1) if line.strip()]
-    return load(CONFIG_NAME), log, load(SUMMARY_NAME)
+    train_config = load(CONFIG_NAME)
+    if train_config is not None:
+        train_config = upgrade_config(train_config, run_dir / CONFIG_NAME)
+    return train_config, log, load(SUMMARY_NAME)
 
 
 def validation_records(train_config: dict | None, data: str | None = None, *, seed: int = 1234,
@@ -215,7 +263,7 @@ def training_summary(log: list[dict], summary: dict | None) -> dict | None:
 
 
 __all__ = [
-    "CONFIG_NAME", "LOG_NAME", "STATE_NAME", "SUMMARY_NAME", "append_log", "is_run", "read_log", "read_run",
-    "read_state", "refuse_foreign_out", "save_checkpoint", "start_log", "training_summary", "validation_records",
-    "write_json",
+    "CONFIG_NAME", "LOG_NAME", "RUN_FORMAT", "STATE_NAME", "SUMMARY_NAME", "append_log", "is_run", "read_log",
+    "read_run", "read_state", "refuse_foreign_out", "save_checkpoint", "saved_config", "start_log",
+    "training_summary", "upgrade_config", "validation_records", "write_json",
 ]

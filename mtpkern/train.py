@@ -33,7 +33,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -85,6 +85,7 @@ from mtpkern.rundir import (
     read_state,
     refuse_foreign_out,
     save_checkpoint,
+    saved_config,
     start_log,
     write_json,
 )
@@ -125,10 +126,11 @@ class TrainConfig:
     weight_decay: float = 0.1
     warmup: int | None = None  # warmup steps, default 5% of the total
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
-    n_heads: int | None = None  # default mtp 4, medusa(2) 5 (ntp has 1)
+    n_heads: int | None = None  # every head, the next-token head included: default ntp 1, mtp 4, medusa(2) 6
     medusa_layers: int = 1
     medusa_proj: bool = False  # MEDUSA heads with their own unembedding (initialised from the LM head)
-    head_weights: list[float] | None = None  # MEDUSA loss weights, default 0.8**k for head k
+    head_weights: list[float] | None = None  # MEDUSA loss weights, one per MEDUSA head (n_heads - 1): default
+    #                                         0.8**k for MEDUSA head k
     # MEDUSA-2 (see mtpkern.objectives for the recipe and where the defaults come from)
     heads_coefficient: float = 0.2  # lambda: L = backbone loss + lambda * sum_k w_k CE_{k+1}
     backbone_lr_ratio: float = 0.25  # backbone learning rate / heads' learning rate
@@ -217,18 +219,22 @@ class TrainConfig:
             self.lr = 1e-3 if medusa else 3e-4
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
-        if self.n_heads is None:
-            self.n_heads = {"ntp": 1, "mtp": 4, "medusa": 5, "medusa2": 5}[self.objective]
+        if self.n_heads is None:  # MEDUSA's 5 heads and the next-token head; Gloeckle et al.'s 4
+            self.n_heads = {"ntp": 1, "mtp": 4, "medusa": 6, "medusa2": 6}[self.objective]
         if self.n_heads < 1 or (self.objective == "ntp" and self.n_heads != 1):
             raise ValueError(f"n_heads={self.n_heads} is invalid for objective {self.objective!r}")
         if self.objective == "mtp" and self.n_heads < 2:
-            raise ValueError("objective 'mtp' needs n_heads >= 2 (head 0 and at least one draft head): "
-                             "a model with one head cannot decode with the mtp strategy")
+            raise ValueError("objective 'mtp' needs n_heads >= 2 (n_heads counts every head: head 0 and at least "
+                             "one draft head): a model with one head cannot decode with the mtp strategy")
+        if medusa and self.n_heads < 2:
+            raise ValueError(f"objective {self.objective!r} needs n_heads >= 2 (n_heads counts every head: the "
+                             "next-token head and at least one MEDUSA head)")
         if medusa:
             if self.head_weights is None:
-                self.head_weights = [0.8**k for k in range(self.n_heads)]
-            if len(self.head_weights) != self.n_heads:
-                raise ValueError(f"head_weights has {len(self.head_weights)} entries for {self.n_heads} MEDUSA heads")
+                self.head_weights = [0.8**k for k in range(self.n_heads - 1)]
+            if len(self.head_weights) != self.n_heads - 1:
+                raise ValueError(f"head_weights has {len(self.head_weights)} entries, but n_heads={self.n_heads} makes "
+                                 f"{self.n_heads - 1} MEDUSA heads: one weight per MEDUSA head (n_heads - 1)")
 
     def _check_sizes(self) -> None:
         """Counts, lengths, warmups and fractions in their ranges."""
@@ -239,7 +245,7 @@ class TrainConfig:
         if self.max_len < 2:
             raise ValueError(f"max_len must be >= 2, got {self.max_len}")
         assert self.n_heads is not None  # resolved by _resolve_rate_and_heads
-        _check_heads_fit(self.objective, self.n_heads, self.max_len, f", max_len (--max-len) {self.max_len}")
+        _check_heads_fit(self.n_heads, self.max_len, f", max_len (--max-len) {self.max_len}")
         if self.warmup is not None and self.warmup < 0:
             raise ValueError(f"warmup must be >= 0, got {self.warmup}")
         if self.head_warmup is not None and self.head_warmup < 0:
@@ -263,16 +269,14 @@ class TrainConfig:
             raise ValueError("precision 'fp16' needs a CUDA device (use fp32 or bf16 on CPU)")
 
 
-def _check_heads_fit(objective: str, n_heads: int, length: int, which: str) -> None:
-    """Head j predicts token t + j + 1: J heads need sequences longer than J. ``which`` names
-    ``length``, the sequence length they are held against."""
-    J = n_heads + (1 if objective in ("medusa", "medusa2") else 0)
-    if J < length:
+def _check_heads_fit(n_heads: int, length: int, which: str) -> None:
+    """Head j predicts token t + j + 1: n_heads heads (every head, the next-token head included)
+    need sequences longer than n_heads. ``which`` names ``length``, the sequence length they
+    are held against."""
+    if n_heads < length:
         return
-    heads = (f"n_heads (--n-heads) {n_heads}" if J == n_heads else
-             f"n_heads (--n-heads) {n_heads} MEDUSA heads and the next-token head make {J} heads, which")
-    raise ValueError(f"{heads} must be below the sequence length{which}: head j predicts token t + j + 1, "
-                     "so the last heads would have nothing to predict")
+    raise ValueError(f"n_heads (--n-heads) {n_heads} must be below the sequence length{which}: head j predicts "
+                     "token t + j + 1, so the last heads would have nothing to predict")
 
 
 def _check_head_warmup(cfg: "TrainConfig", total: int) -> None:
@@ -540,7 +544,8 @@ def _arg(name: str, value) -> str:
 def resumed_config(cfg: TrainConfig, saved: dict) -> TrainConfig:
     """The configuration of a resumed run: the saved one, with ``cfg``'s per-process fields and
     the fields of RESUME_MAY_CHANGE that ``cfg`` sets. Any other field that ``cfg`` sets to a
-    value contradicting the saved one is a ``ValueError`` naming the flag."""
+    value contradicting the saved one is a ``ValueError`` naming the flag. ``saved``: in the current
+    format, as :func:`mtpkern.rundir.read_state` returns it (an older run's MEDUSA n_heads converted)."""
     if saved.get("objective") != cfg.objective:
         raise ValueError(f"{Path(cfg.out) / CHECKPOINT_DIR} was trained with objective "
                          f"{saved.get('objective')!r}, not {cfg.objective!r}")
@@ -670,7 +675,7 @@ class _Run:
         train_ds = SFTDataset(train_records, self.tokenizer, max_len)
         self.val_ds = _validation_set(self.val_records, self.tokenizer, max_len)
         longest = max(len(ids) for ids, _ in train_ds.examples)
-        _check_heads_fit(cfg.objective, cfg.n_heads, longest,
+        _check_heads_fit(cfg.n_heads, longest,
                          f", and the longest training sequence has {longest} tokens (max_len {max_len})")
         pad_id = self.tokenizer.pad_token_id
         self.batches = _Batches(train_ds, cfg.batch_size, cfg.grad_accum, self.world, self.rank, cfg.seed,
@@ -730,7 +735,7 @@ class _Run:
         """train_config.json, and the log (on resume, its records up to the checkpoint's step)."""
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
-            write_json(self.out / CONFIG_NAME, asdict(self.cfg))
+            write_json(self.out / CONFIG_NAME, saved_config(self.cfg))
             start_log(self.log_path, self.step, self.cfg.resume)
 
     def elapsed(self) -> float:
@@ -866,7 +871,7 @@ class _Run:
         per_epoch = self.batches.steps_per_epoch
         return {
             "step": self.step, "total_steps": self.total, "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(), "rng": rng, "config": asdict(self.cfg), "tokens": self.tokens_seen,
+            "scaler": self.scaler.state_dict(), "rng": rng, "config": saved_config(self.cfg), "tokens": self.tokens_seen,
             "elapsed_s": self.elapsed(),
             "data_position": {"epoch": self.step // per_epoch, "batch_in_epoch": self.step % per_epoch},
         }

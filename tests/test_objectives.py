@@ -38,7 +38,7 @@ def _labels(idx):
 def test_medusa2_loss_is_backbone_plus_lambda_times_weighted_heads(proj):
     torch.manual_seed(0)
     base = GPT2(GPT2Config(vocab_size=97, n_positions=32, n_embd=32, n_layer=2, n_head=2))
-    model = MedusaModel.from_base(base, n_heads=2, proj=proj)
+    model = MedusaModel.from_base(base, n_heads=3, proj=proj)
     for p in model.parameters():
         p.requires_grad_(True)
         p.data.add_(0.01 * torch.randn_like(p))  # heads away from the identity
@@ -64,7 +64,7 @@ def test_medusa2_loss_is_backbone_plus_lambda_times_weighted_heads(proj):
 def test_medusa2_heads_warmup_leaves_the_backbone_without_gradient():
     torch.manual_seed(0)
     model = MedusaModel.from_base(GPT2(GPT2Config(vocab_size=97, n_positions=32, n_embd=32, n_layer=2, n_head=2)),
-                                  n_heads=2)
+                                  n_heads=3)
     for p in model.base.parameters():
         p.requires_grad_(True)
     idx = torch.randint(0, 97, (2, 17))
@@ -103,7 +103,7 @@ def test_medusa2_learning_rates_heads_first_then_the_backbone_ramps_up():
 
 
 def test_medusa_proj_trains_its_own_projections_and_round_trips(tmp_path, base_dir):
-    result = train(tiny_run(tmp_path / "proj", "medusa", base_dir, n_heads=2, lr=1e-2, steps=4, medusa_proj=True))
+    result = train(tiny_run(tmp_path / "proj", "medusa", base_dir, n_heads=3, lr=1e-2, steps=4, medusa_proj=True))
     model = load_model(result.checkpoint)
     assert isinstance(model, MedusaModel) and model.config.medusa_proj
     base = load_model(base_dir)
@@ -116,10 +116,10 @@ def test_medusa_proj_trains_its_own_projections_and_round_trips(tmp_path, base_d
 
 def test_medusa2_trains_the_backbone_after_the_heads_warmup(tmp_path, base_dir):
     base = load_model(base_dir)
-    held = train(tiny_run(tmp_path / "held", "medusa2", base_dir, n_heads=2, steps=3, head_warmup=3))
+    held = train(tiny_run(tmp_path / "held", "medusa2", base_dir, n_heads=3, steps=3, head_warmup=3))
     for name, p in base.state_dict().items():  # the warmup covers the whole run
         assert torch.equal(held.model.base.state_dict()[name], p), name
-    joined = train(tiny_run(tmp_path / "joined", "medusa2", base_dir, n_heads=2, steps=6, head_warmup=2))
+    joined = train(tiny_run(tmp_path / "joined", "medusa2", base_dir, n_heads=3, steps=6, head_warmup=2))
     moved = [n for n, p in base.state_dict().items() if not torch.equal(joined.model.base.state_dict()[n], p)]
     assert "wte.weight" in moved and len(moved) == len(base.state_dict())
     losses = train_losses(joined.log_path)
@@ -129,11 +129,11 @@ def test_medusa2_trains_the_backbone_after_the_heads_warmup(tmp_path, base_dir):
     saved = json.loads((tmp_path / "joined" / "train_config.json").read_text())
     assert saved["objective"] == "medusa2" and saved["head_warmup"] == 2 and saved["heads_coefficient"] == 0.2
     default = TrainConfig(objective="medusa2", out="o", base="b")
-    assert (default.lr, default.heads_coefficient, default.backbone_lr_ratio, default.n_heads) == (1e-3, 0.2, 0.25, 5)
+    assert (default.lr, default.heads_coefficient, default.backbone_lr_ratio, default.n_heads) == (1e-3, 0.2, 0.25, 6)
 
 
 def test_medusa2_heads_warm_up_for_a_quarter_of_the_run_by_default(tmp_path, base_dir):
-    cfg = tiny_run(tmp_path / "run", "medusa2", base_dir, n_heads=2, steps=8)
+    cfg = tiny_run(tmp_path / "run", "medusa2", base_dir, n_heads=3, steps=8)
     train(cfg)
     assert cfg.head_warmup is None  # the caller's config is not changed
     saved = json.loads((tmp_path / "run" / "train_config.json").read_text())
@@ -149,7 +149,7 @@ def test_medusa2_heads_warm_up_for_a_quarter_of_the_run_by_default(tmp_path, bas
 ], ids=["medusa-proj", "medusa2", "medusa2-kl-plain"])
 def test_new_objectives_resume_with_the_same_loss_curve(tmp_path, base_dir, kw):
     kw = dict(kw)
-    cfg = tiny_run(tmp_path / "full", kw.pop("objective"), base_dir, n_heads=2, steps=8, save_every=4, **kw)
+    cfg = tiny_run(tmp_path / "full", kw.pop("objective"), base_dir, n_heads=3, steps=8, save_every=4, **kw)
     full = train(cfg)
     split = replace(cfg, out=str(tmp_path / "split"), stop_after=4)  # the interruption after the warmup
     assert train(split).steps == 4
@@ -165,11 +165,11 @@ def test_new_objectives_resume_with_the_same_loss_curve(tmp_path, base_dir, kw):
 def test_medusa2_decodes_losslessly_against_its_own_ntp():
     """A MEDUSA-2 model (the tiny trained MEDUSA model, fine-tuned jointly) decodes greedily the
     tokens its own new backbone's ntp decodes, not the original base's."""
-    model = MedusaModel.from_base(tiny_gpt2(), n_heads=3)
+    model = MedusaModel.from_base(tiny_gpt2(), n_heads=4)
     model.load_state_dict(tiny_medusa().state_dict())
     for p in model.base.parameters():
         p.requires_grad_(True)
-    cfg = TrainConfig(objective="medusa2", out="o", base="b", n_heads=3, head_warmup=0)
+    cfg = TrainConfig(objective="medusa2", out="o", base="b", n_heads=4, head_warmup=0)
     objective = Medusa2(cfg, fused=False)
     opt = torch.optim.AdamW([g for g in objective.param_groups(model) if g["params"]], lr=3e-3)
     g = torch.Generator().manual_seed(5)
@@ -220,6 +220,6 @@ def test_a_kl_teacher_with_another_vocabulary_fails_before_training(tmp_path, ba
     GPT2(GPT2Config(vocab_size=300, n_positions=128, n_embd=32, n_layer=2, n_head=2)).save_pretrained(teacher)
     out = tmp_path / "run"
     with pytest.raises(ValueError, match="vocabulary of 300 tokens") as e:
-        train(tiny_run(out, "medusa2", base_dir, n_heads=2, backbone_loss="kl", teacher=str(teacher)))
+        train(tiny_run(out, "medusa2", base_dir, n_heads=3, backbone_loss="kl", teacher=str(teacher)))
     assert "\n" not in str(e.value)
     assert not (out / "checkpoint").exists() and not (out / "log.jsonl").exists()

@@ -75,7 +75,7 @@ def runs(tmp_path_factory, base_dir):
     out = {}
     for objective in ("ntp", "mtp", "medusa"):
         base = out["ntp"].checkpoint if objective == "medusa" else base_dir
-        kw = dict(n_heads=2) if objective != "ntp" else {}
+        kw = {"ntp": {}, "mtp": dict(n_heads=2), "medusa": dict(n_heads=3)}[objective]  # one draft head; two
         if objective == "medusa":
             kw["lr"] = 1e-2  # MEDUSA-1 trains small heads on a frozen base: a high rate is usual
         t0 = time.perf_counter()
@@ -409,12 +409,16 @@ def test_resume_drops_a_half_written_last_log_line(tmp_path, base_dir, capsys):
     (dict(device="tpu"), "device"),
     (dict(device="gpu0"), "unknown device"),
     (dict(precision="fp8"), "unknown precision"),
-    (dict(objective="medusa", base="b", n_heads=3, head_weights=[1.0]), "head_weights"),
+    (dict(objective="medusa", base="b", n_heads=3, head_weights=[1.0]),
+     r"head_weights has 1 entries, but n_heads=3 makes 2 MEDUSA heads: one weight per MEDUSA head \(n_heads - 1\)"),
+    (dict(objective="medusa", base="b", n_heads=1), "objective 'medusa' needs n_heads >= 2"),
+    (dict(objective="medusa2", base="b", n_heads=1), "objective 'medusa2' needs n_heads >= 2"),
     (dict(batch_size=0), "batch_size"),
     (dict(config="llama"), "unknown model config"),
     (dict(objective="mtp", n_heads=64, max_len=64), r"n_heads \(--n-heads\) 64 .* below the sequence length, "
                                                     r"max_len \(--max-len\) 64"),
-    (dict(objective="medusa", base="b", n_heads=63, max_len=64), r"64 heads.* below the sequence length"),
+    (dict(objective="medusa", base="b", n_heads=64, max_len=64), r"n_heads \(--n-heads\) 64 must be below the "
+                                                                 r"sequence length"),
     (dict(objective="medusa2", base="b", steps=10, head_warmup=11), r"head_warmup \(--head-warmup\) 11 is longer "
                                                                     r"than the run's 10 steps"),
 ])
@@ -437,8 +441,8 @@ def test_cuda_without_cuda_is_a_value_error():
 def test_defaults_resolve_per_objective():
     assert TrainConfig(objective="mtp", out="o").n_heads == 4
     cfg = TrainConfig(objective="medusa", out="o", base="b")
-    assert cfg.n_heads == 5 and cfg.lr == 1e-3 and cfg.steps == 200
-    assert cfg.head_weights == pytest.approx([1.0, 0.8, 0.64, 0.512, 0.4096])
+    assert cfg.n_heads == 6 and cfg.lr == 1e-3 and cfg.steps == 200  # MEDUSA's 5 heads and the next-token head
+    assert cfg.head_weights == pytest.approx([1.0, 0.8, 0.64, 0.512, 0.4096])  # one per MEDUSA head
 
 
 def test_model_shapes_from_scratch():
