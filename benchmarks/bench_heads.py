@@ -46,7 +46,7 @@ import torch
 from mtpkern.data import SYNTHETIC_KINDS, SFTDataset, collate, format_prompt, load_tokenizer, synthetic_records
 from mtpkern.distill import distill
 from mtpkern.eval import decode_prompts, decoders_for, eval_tree, speed_summary
-from mtpkern.model import load_model
+from mtpkern.hf_io import load_model
 from mtpkern.train import TrainConfig, evaluate_heads, train
 
 N_HEADS = 3
@@ -80,7 +80,7 @@ def measure(checkpoint: str, eval_records: list[dict], max_new_tokens: int) -> d
     eos = tokenizer.eos_token_id
     prompts = [torch.tensor([tokenizer(format_prompt(r["query"]), add_special_tokens=False)["input_ids"]])
                for r in eval_records]
-    tree = eval_tree(model.config.n_heads)  # one tree for every variant, not each one's calibrated tree
+    tree = eval_tree(model.n_heads - 1)  # one tree for every variant, not each one's calibrated tree
     runs = decode_prompts(model, prompts, max_new_tokens=max_new_tokens, eos_token_id=eos, hf_baseline=False,
                           progress=False, decoders=decoders_for(model, tree=tree))
     speed = speed_summary(runs, eos)["medusa"]
@@ -128,7 +128,7 @@ def main(argv=None) -> dict:
                             progress=False)
         distill_s = time.perf_counter() - t
 
-        heads = dict(steps=size["head_steps"], n_heads=N_HEADS, data=head_data)
+        heads = dict(steps=size["head_steps"], n_heads=1 + N_HEADS, data=head_data)  # and the next-token head
         variants = {
             "medusa1 shared (base: all kinds)": ("medusa", base_all, {}),
             "medusa1 proj (base: all kinds)": ("medusa", base_all, dict(medusa_proj=True)),
@@ -145,7 +145,7 @@ def main(argv=None) -> dict:
             results[name] = measure(ckpt, eval_records, size["max_new_tokens"])
         bases = {name: measure_base(ckpt, eval_records)
                  for name, ckpt in (("base: all kinds", base_all), ("base: half the kinds", base_half))}
-    report = dict(sizes=size, n_heads=N_HEADS, half_kinds=kinds, distill_seconds=distill_s,
+    report = dict(sizes=size, n_heads=1 + N_HEADS, half_kinds=kinds, distill_seconds=distill_s,
                   distilled_records=distilled.written, seconds=time.perf_counter() - t0,
                   device=f"CPU, {torch.get_num_threads()} thread", variants=results, bases=bases)
     print(format_report(report))

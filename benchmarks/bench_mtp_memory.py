@@ -44,7 +44,8 @@ from dataclasses import replace
 
 import torch
 
-from mtpkern.model import GPT2, GPT2Config, MedusaModel, MTPModel
+from mtpkern.config import GPT2Config
+from mtpkern.models import GPT2, MedusaModel, MTPModel
 from mtpkern.runtime import timed
 from mtpkern.train import medusa_loss, mtp_loss_and_backward, mtp_loss_naive, ntp_loss
 

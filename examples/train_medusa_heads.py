@@ -30,7 +30,7 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     result = train(TrainConfig(objective="medusa", base=args.base, data=args.data, out=args.out,
-                               n_heads=args.heads, steps=args.steps, batch_size=args.batch_size,
+                               n_heads=1 + args.heads, steps=args.steps, batch_size=args.batch_size,
                                device=args.device, progress=False))
     print(f"heads trained: {result.checkpoint}; top-1 accuracy per head {result.head_acc}")
 

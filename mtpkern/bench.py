@@ -80,7 +80,7 @@ def bench_models(model_dir=None, *, quick: bool, device, dtype) -> dict:
     cfg = GPT2Config.tiny(vocab_size=512, n_layer=2, bos_token_id=511, eos_token_id=511) if quick else GPT2Config()
     base = GPT2(cfg).to(device=device, dtype=dtype).eval()
     return {"ntp": base, "mtp": MTPModel.from_base(base, n_heads=MTP_HEADS).eval(),
-            "medusa": MedusaModel.from_base(base, n_heads=MEDUSA_HEADS).eval()}
+            "medusa": MedusaModel.from_base(base, n_heads=1 + MEDUSA_HEADS).eval()}
 
 
 def bench_prompts(model, n: int, prompt_len: int, model_dir=None, data: str = "synthetic") -> list[torch.Tensor]:
@@ -111,7 +111,7 @@ def engine_cases(models: dict, device) -> list[tuple[str, object, dict]]:
         if strategy == "medusa" and not has_calibration(model):
             # random or uncalibrated heads: one small fixed tree; a calibrated checkpoint decodes
             # with its own `auto` tree, as the decoder's default
-            kw["tree"] = eval_tree(model.config.n_heads)
+            kw["tree"] = eval_tree(model.n_heads - 1)
         cases += [(f"{strategy}/eager", model, dict(kw, kernels="eager")),
                   (f"{strategy}/fused", model, dict(kw, kernels="fused"))]
         if graphs:
@@ -448,14 +448,14 @@ def _medusa_step_study(report: dict, save: Callable[[], None], medusa, ids: list
     # The tree the model decodes with: a calibrated checkpoint's own (auto), else the small fixed one.
     medusa_tree = (resolve_options(medusa, DecodeOptions("medusa")).tree
                    if has_calibration(medusa)
-                   else eval_tree(medusa.config.n_heads))
+                   else eval_tree(medusa.n_heads - 1))
     prefix_len = ids[0].shape[1] + max_new_tokens // 2
     for kernels in ("eager", "fused") if dev.type == "cuda" else ("auto", "eager"):  # auto is fused on CUDA
         _measure(report["step_breakdown"], kernels, save, lambda: step_breakdown(
             medusa, medusa_tree, prefix_len=prefix_len, kernels=kernels, iters=iters, prompts=ids,
             max_new_tokens=max_new_tokens))
     _measure(report, "verify_compact", save, lambda: verify_compact_backends(
-        medusa, eval_tree(medusa.config.n_heads), prefix_len=prefix_len, iters=20 if quick else 200))
+        medusa, eval_tree(medusa.n_heads - 1), prefix_len=prefix_len, iters=20 if quick else 200))
 
 
 def _step_cost_curves(report: dict, save: Callable[[], None], models: dict, dev: torch.device, *, quick: bool,

@@ -273,7 +273,9 @@ def _add_train(sub, shared: dict) -> None:
     t.add_argument("--batch-size", type=_positive_int, default=16)
     t.add_argument("--grad-accum", type=_positive_int, default=1)
     t.add_argument("--lr", type=_positive_float)
-    t.add_argument("--n-heads", type=_positive_int)
+    t.add_argument("--n-heads", type=_positive_int,
+                   help="prediction heads, the next-token head included: --n-heads 3 is 2 draft heads (MTP head "
+                        "blocks or MEDUSA heads); default mtp 4, medusa/medusa2 6 (MEDUSA's 5 heads)")
     t.add_argument("--medusa-layers", type=_positive_int)
     t.add_argument("--medusa-proj", action="store_true",
                    help="MEDUSA heads with their own unembedding, initialised from the LM head (default: shared)")

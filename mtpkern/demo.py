@@ -94,7 +94,7 @@ def run_demo(out="demo_out", device: str = "auto", steps: int | None = None, qui
     print(f"\n[4/5] MEDUSA-1 ({DEMO_MEDUSA_HEADS} residual-block heads on the frozen NTP model), on those answers")
     runs["medusa"] = train_and_calibrate(TrainConfig(
         objective="medusa", out=str(out / "medusa"), base=runs["ntp"].checkpoint, steps=medusa_steps,
-        n_heads=DEMO_MEDUSA_HEADS, lr=DEMO_MEDUSA_LR,
+        n_heads=1 + DEMO_MEDUSA_HEADS, lr=DEMO_MEDUSA_LR,
         **{**common, "data": answers.out, "eval_every": max(medusa_steps // 3, 1)}))
     train_time = time.perf_counter() - t0
 

@@ -103,7 +103,7 @@ def tiny_gpt2() -> GPT2:
 @functools.lru_cache(maxsize=None)
 def tiny_medusa() -> MedusaModel:
     """The trained tiny GPT-2 as a frozen base, with MEDUSA heads trained on top of it."""
-    model = MedusaModel.from_base(tiny_gpt2(), n_heads=N_DRAFT_HEADS)
+    model = MedusaModel.from_base(tiny_gpt2(), n_heads=1 + N_DRAFT_HEADS)
     return _train(model, steps=80, first_head=1, seed=1)
 
 
@@ -139,5 +139,5 @@ def save_random_medusa(directory, *, records: int = 100, n_positions: int = 128,
     torch.manual_seed(0)
     base = GPT2(GPT2Config.tiny(vocab_size=len(tok), n_positions=n_positions, n_embd=32, n_layer=n_layer, n_head=2,
                                 eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id))
-    MedusaModel.from_base(base, n_heads=2).save_pretrained(directory, tokenizer=tok)
+    MedusaModel.from_base(base, n_heads=3).save_pretrained(directory, tokenizer=tok)
     return directory

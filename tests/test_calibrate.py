@@ -345,7 +345,7 @@ def test_step_cost_is_measured_once_and_cached_under_MTPKERN_CACHE(cost_cache):
     keys = [json.loads(k) for k in table if k != "schema"]
     assert {k["kernels"] for k in keys} == {"auto", "eager"}
     assert all(k["dtype"] == "float32" and k["torch"] == torch.__version__ and k["cuda_graph"] is False and
-               k["model"]["n_heads"] == 3 for k in keys)
+               k["model"]["n_heads"] == 4 for k in keys)
 
 
 def test_a_damaged_cost_cache_is_measured_again(cost_cache):
@@ -385,7 +385,7 @@ def test_time_tree_step_times_a_real_engine_step(tree):
 
 def test_auto_tree_without_calibration_falls_back_and_says_so_once(monkeypatch):
     monkeypatch.setattr(autotree_mod, "_warned_uncalibrated", False)
-    model = MedusaModel.from_base(tiny_gpt2(), n_heads=2)
+    model = MedusaModel.from_base(tiny_gpt2(), n_heads=3)
     with pytest.warns(UserWarning, match="has no calibration.*default tree"):
         assert auto_tree(model) is None
     with warnings.catch_warnings():
@@ -478,7 +478,7 @@ def test_training_writes_a_calibration_and_eval_shows_it(tmp_path):
     GPT2(GPT2Config(vocab_size=len(tok), n_positions=128, n_embd=32, n_layer=2, n_head=2,
                     bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)).save_pretrained(base, tokenizer=tok)
     train(TrainConfig(objective="medusa", out=str(tmp_path / "run"), base=str(base), data_limit=80, steps=3,
-                      batch_size=4, max_len=128, n_heads=2, val_fraction=0.1, eval_every=1000, eval_batches=1,
+                      batch_size=4, max_len=128, n_heads=3, val_fraction=0.1, eval_every=1000, eval_batches=1,
                       progress=False))
     model = load_model(tmp_path / "run" / "checkpoint")
     assert model.calibration is not None and model.calibration.depth == 2

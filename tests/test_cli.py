@@ -162,7 +162,7 @@ def medusa_dir(tmp_path_factory):
     torch.manual_seed(0)
     base = GPT2(GPT2Config.tiny(vocab_size=len(tok), n_positions=128, n_embd=32, n_layer=2, n_head=2,
                                 eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id))
-    model = MedusaModel.from_base(base, n_heads=2)
+    model = MedusaModel.from_base(base, n_heads=3)
     d = tmp_path_factory.mktemp("ck") / "checkpoint"
     model.save_pretrained(d, tokenizer=tok)
     return d
@@ -339,7 +339,7 @@ def test_medusa2_and_distill_commands_with_every_switch(tmp_path, capsys, monkey
     assert (settings["temperature"], settings["top_p"], settings["seed"], settings["max_new_tokens"]) == (0.7, 0.9, 2, 6)
     out = tmp_path / "run"
     code, err = run_main(["train", "medusa2", "--out", out, "--base", base, "--data", data, "--steps", "2",
-                          "--batch-size", "4", "--n-heads", "2", "--medusa-proj", "--heads-coefficient", "0.3",
+                          "--batch-size", "4", "--n-heads", "3", "--medusa-proj", "--heads-coefficient", "0.3",
                           "--backbone-lr-ratio", "0.5", "--head-warmup", "1", "--backbone-loss", "kl",
                           "--teacher", base, "--device", "cpu", "--precision", "fp32", "--loss", "plain",
                           "--no-progress"], capsys, monkeypatch)

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from mtpkern.model import load_model
+from mtpkern.hf_io import load_model
 from mtpkern.train import train
 from test_train import make_base, tiny_run, train_losses
 
@@ -32,10 +32,10 @@ def records(path):
 
 # run name: (objective, settings); medusa2's heads warm up for 2 of the 4 steps, so both of its
 # phases (the backbone without gradients, then with) go through the hand-made all-reduce
-OBJECTIVES = {"ntp": ("ntp", {}), "mtp": ("mtp", dict(n_heads=3)), "medusa": ("medusa", dict(n_heads=2, lr=1e-2)),
-              "medusa-proj": ("medusa", dict(n_heads=2, lr=1e-2, medusa_proj=True)),
-              "medusa2": ("medusa2", dict(n_heads=2, head_warmup=2)),
-              "medusa2-kl": ("medusa2", dict(n_heads=2, head_warmup=1, backbone_loss="kl"))}
+OBJECTIVES = {"ntp": ("ntp", {}), "mtp": ("mtp", dict(n_heads=3)), "medusa": ("medusa", dict(n_heads=3, lr=1e-2)),
+              "medusa-proj": ("medusa", dict(n_heads=3, lr=1e-2, medusa_proj=True)),
+              "medusa2": ("medusa2", dict(n_heads=3, head_warmup=2)),
+              "medusa2-kl": ("medusa2", dict(n_heads=3, head_warmup=1, backbone_loss="kl"))}
 
 
 # The runs are pinned to the CPU (gloo), so a one-GPU machine never asks for cuda:1.

@@ -8,10 +8,10 @@ import copy
 import pytest
 import torch
 
-import mtpkern.model as model_mod
+import mtpkern.models as model_mod
 from _tiny import random_prompts
 from mtpkern import Decoder
-from mtpkern.model import Attn, decode_block
+from mtpkern.layers import Attn, decode_block
 
 PROMPTS = random_prompts(6, seed=8)
 

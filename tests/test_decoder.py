@@ -32,7 +32,7 @@ def perturbed(kind: str):
     torch.manual_seed(5)
     base = tiny_gpt2()
     if kind == "medusa":
-        model = MedusaModel.from_base(base, n_heads=N_DRAFT_HEADS)
+        model = MedusaModel.from_base(base, n_heads=1 + N_DRAFT_HEADS)
         params = model.medusa.parameters()
     else:
         model = MTPModel.from_base(base, n_heads=1 + N_DRAFT_HEADS)
@@ -382,7 +382,7 @@ def test_stacked_head_weights_follow_the_parameters():
 def test_stacked_head_weights_follow_a_dtype_change():
     """After model.to(another dtype) the draft heads' stacked weights are rebuilt in that dtype
     (kept ones are only refreshed in place when shape, dtype and device all match)."""
-    model = MedusaModel.from_base(perturbed("medusa").base, n_heads=N_DRAFT_HEADS).eval()
+    model = MedusaModel.from_base(perturbed("medusa").base, n_heads=1 + N_DRAFT_HEADS).eval()
     x = torch.randn(1, 2, model.config.n_embd)
     with torch.no_grad():
         model.draft_hidden(x, N_DRAFT_HEADS)

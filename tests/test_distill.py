@@ -100,7 +100,7 @@ def test_training_reads_distilled_data_and_eval_scores_against_the_references(gr
     ``reference`` field), not against the model's answers, which it reproduces exactly."""
     from mtpkern.eval import evaluate
 
-    result = train(tiny_run(tmp_path / "run", "medusa", base_dir, data=str(greedy[0]), data_limit=None, n_heads=2,
+    result = train(tiny_run(tmp_path / "run", "medusa", base_dir, data=str(greedy[0]), data_limit=None, n_heads=3,
                             steps=2, val_fraction=0.34))
     assert result.steps == 2
     report = evaluate([tmp_path / "run"], json_path=tmp_path / "e.json", device="cpu", max_samples=3, max_new_tokens=12,

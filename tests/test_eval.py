@@ -169,7 +169,7 @@ def runs(tmp_path_factory):
     train(TrainConfig(objective="ntp", out=str(root / "ntp"), **common))
     train(TrainConfig(objective="mtp", out=str(root / "mtp"), n_heads=2, **common))
     train(TrainConfig(objective="medusa", out=str(root / "medusa"), base=str(root / "ntp" / "checkpoint"),
-                      n_heads=2, **common))
+                      n_heads=3, **common))
     return root
 
 
@@ -243,7 +243,7 @@ def test_evaluate_shows_projections_and_what_medusa2_traded(runs, tmp_path):
     from mtpkern.train import TrainConfig, train
 
     common = dict(DATA, steps=2, batch_size=4, log_every=2, eval_every=2, eval_batches=1, save_every=2,
-                  device="cpu", progress=False, base=str(runs / "ntp" / "checkpoint"), n_heads=2)
+                  device="cpu", progress=False, base=str(runs / "ntp" / "checkpoint"), n_heads=3)
     train(TrainConfig(objective="medusa", out=str(tmp_path / "proj"), medusa_proj=True, **common))
     train(TrainConfig(objective="medusa2", out=str(tmp_path / "m2"), head_warmup=0, lr=1e-2, **common))
     report = evaluate([runs / "ntp", tmp_path / "proj", tmp_path / "m2"], json_path=tmp_path / "e.json", device="cpu",

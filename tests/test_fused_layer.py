@@ -95,7 +95,7 @@ def test_whole_model_tree_step_equals_eager(model_type):
     cfg = config(n_layer=3)
     torch.manual_seed(0)
     model = {"gpt2": lambda: GPT2(cfg), "mtp": lambda: MTPModel(cfg.__class__(**{**cfg.to_dict(), "n_heads": 3})),
-             "medusa": lambda: MedusaModel(cfg.__class__(**{**cfg.to_dict(), "n_heads": 2}))}[model_type]()
+             "medusa": lambda: MedusaModel(cfg.__class__(**{**cfg.to_dict(), "n_heads": 3}))}[model_type]()
     model = _randomise(model, seed=1).to(DEV).eval()
     heads = model.n_heads
     tree = Tree([[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0], [2], [3], [0, 2], [4], [5], [0, 0, 1], [1, 1],

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from mtpkern.cli import main as cli_main
-from mtpkern.model import GPT2, GPT2Config, MedusaModel, MTPModel
+from mtpkern.config import GPT2Config
+from mtpkern.models import GPT2, MedusaModel, MTPModel
 from mtpkern.ops.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_accumulate_, linear_cross_entropy_ref
 from mtpkern.train import TrainConfig, evaluate_heads, medusa_loss, mtp_loss_and_backward, mtp_loss_naive, ntp_loss, train
 
@@ -295,7 +296,7 @@ def _models():
     base = GPT2(GPT2Config(vocab_size=97, n_positions=32, n_embd=32, n_layer=3, n_head=2))
     # MEDUSA heads with their own projections: each head's weight, not only the tied one
     return {"ntp": base, "mtp": MTPModel.from_base(base, n_heads=3),
-            "medusa": MedusaModel.from_base(base, n_heads=3, proj=True)}
+            "medusa": MedusaModel.from_base(base, n_heads=4, proj=True)}
 
 
 def _objective_step(objective, model, idx, labels, fused):

@@ -95,7 +95,7 @@ def peaky_medusa():
     base = GPT2(GPT2Config.tiny(vocab_size=V, n_embd=32, n_layer=1, n_head=2, n_positions=32))
     with torch.no_grad():
         base.wte.weight.mul_(3.0)  # peaked but not one-hot
-    model = MedusaModel.from_base(base, n_heads=2)
+    model = MedusaModel.from_base(base, n_heads=3)
     with torch.no_grad():
         for p in model.medusa.parameters():
             p.normal_(0.0, 1.0)
