@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.nn as nn
 
 from mtpkern.calibration import attach_calibration
 from mtpkern.checkpoint import CheckpointError, is_local, require_file, resolve_checkpoint
-from mtpkern.config import CONFIG_NAME, WEIGHTS_NAME, GPT2Config
-from mtpkern.models import GPT2, MODEL_CLASSES, MedusaModel, SpeculativeLM
+from mtpkern.config import CONFIG_NAME, LLAMA_ARCHITECTURES, WEIGHTS_NAME, GPT2Config, LlamaConfig
+from mtpkern.gguf_io import read_gguf
+from mtpkern.models import GPT2, MODEL_CLASSES, Llama, MedusaModel, SpeculativeLM
 from mtpkern.runtime import resolve_dtype
 
 # transformers' GPT-2 stores Conv1D weights as [in, out]; ours are nn.Linear [out, in].
@@ -45,13 +47,77 @@ def gpt2_state_to_hf(state: dict) -> dict:
     return out
 
 
+# The Llama family: ours fuses q/k/v (``c_attn``) and gate/up (``c_fc``); transformers keeps them apart.
+_LLAMA_NAMES = {"input_layernorm.weight": "ln_1.weight", "post_attention_layernorm.weight": "ln_2.weight",
+                "self_attn.o_proj.weight": "attn.c_proj.weight", "self_attn.o_proj.bias": "attn.c_proj.bias",
+                "mlp.down_proj.weight": "mlp.c_proj.weight"}
+_LLAMA_FUSED = {"attn.c_attn.weight": ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+                "attn.c_attn.bias": ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"),
+                "mlp.c_fc.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight")}
+
+
+def llama_state_from_hf(hf_state: dict, cfg: LlamaConfig) -> dict:
+    """Map a transformers Llama / Mistral / Qwen2 state dict onto ours (``mtpkern.llama``)."""
+    out = {"wte.weight": hf_state["model.embed_tokens.weight"], "ln_f.weight": hf_state["model.norm.weight"]}
+    if not cfg.tie_word_embeddings:
+        out["lm_head.weight"] = hf_state["lm_head.weight"]
+    for i in range(cfg.n_layer):
+        pre = f"model.layers.{i}."
+        for theirs, ours in _LLAMA_NAMES.items():
+            if pre + theirs in hf_state:
+                out[f"h.{i}.{ours}"] = hf_state[pre + theirs]
+        for ours, parts in _LLAMA_FUSED.items():
+            if pre + parts[0] in hf_state:
+                out[f"h.{i}.{ours}"] = torch.cat([hf_state[pre + k] for k in parts])
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def llama_state_to_hf(state: dict, cfg: LlamaConfig) -> dict:
+    """Our Llama state dict in transformers' layout (the inverse of ``llama_state_from_hf``)."""
+    out = {"model.embed_tokens.weight": state["wte.weight"], "model.norm.weight": state["ln_f.weight"],
+           "lm_head.weight": state["wte.weight" if cfg.tie_word_embeddings else "lm_head.weight"]}
+    q, kv = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
+    for i in range(cfg.n_layer):
+        pre = f"model.layers.{i}."
+        for theirs, ours in _LLAMA_NAMES.items():
+            if f"h.{i}.{ours}" in state:
+                out[pre + theirs] = state[f"h.{i}.{ours}"]
+        for ours, parts in _LLAMA_FUSED.items():
+            if f"h.{i}.{ours}" in state:
+                sizes = [q, kv, kv] if len(parts) == 3 else [cfg.intermediate_size] * 2
+                out.update({pre + k: t.contiguous() for k, t in zip(parts, state[f"h.{i}.{ours}"].split(sizes))})
+    return out
+
+
+def _llama_to_hf(model: Llama):
+    import transformers
+
+    cfg = cast(LlamaConfig, model.config)
+    d = cfg.to_hf_dict()
+    d.pop("mtpkern")
+    arch = getattr(transformers, d.pop("architectures")[0])
+    hf_cfg = transformers.AutoConfig.for_model(d.pop("model_type"), **d)
+    hf = arch(hf_cfg).to(model.dtype)
+    missing, unexpected = hf.load_state_dict(llama_state_to_hf(model.state_dict(), cfg), strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"state dict mismatch converting to transformers: missing {missing}, unexpected {unexpected}")
+    if cfg.tie_word_embeddings:
+        hf.tie_weights()
+    return hf.to(model.device).eval()
+
+
 def to_hf(model: GPT2):
-    """The same weights as a transformers GPT2LMHeadModel (for parity checks and baselines)."""
+    """The same weights as a transformers model (for parity checks and baselines): a
+    GPT2LMHeadModel, or for the Llama family its own architecture (``LlamaForCausalLM``,
+    ``MistralForCausalLM``, ``Qwen2ForCausalLM``)."""
     from transformers import GPT2Config as HFConfig
     from transformers import GPT2LMHeadModel
 
     if not isinstance(model, GPT2):
-        raise TypeError(f"to_hf takes a GPT2, got {type(model).__name__}; pass model.base for MEDUSA")
+        raise TypeError(f"to_hf takes a base model (GPT2 or Llama), got {type(model).__name__}; "
+                        "pass model.base for MEDUSA")
+    if isinstance(model, Llama):
+        return _llama_to_hf(model)
     d = model.config.to_hf_dict()
     d.pop("mtpkern")
     d.pop("model_type")
@@ -86,6 +152,8 @@ def load_model(name_or_dir, *, device=None, dtype=None, calibration: bool = True
 def _load_any(name_or_dir, *, device, dtype, calibration: bool) -> SpeculativeLM:
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         dtype = resolve_dtype(dtype)  # a name; anything else is a one-line ValueError
+    if str(name_or_dir).lower().endswith(".gguf"):  # llama.cpp's format: the Llama family, dequantised
+        return _load_gguf(Path(name_or_dir), device=device, dtype=dtype)
     if is_local(name_or_dir):
         path = resolve_checkpoint(name_or_dir)[0]
         cfg_file = require_file(path, CONFIG_NAME)
@@ -96,13 +164,32 @@ def _load_any(name_or_dir, *, device, dtype, calibration: bool) -> SpeculativeLM
         if not isinstance(raw, dict):
             raise CheckpointError(f"{cfg_file} must hold a JSON object, got {type(raw).__name__}")
         try:  # checked here so a bad field is named, not reported from deep inside transformers
-            GPT2Config.from_hf_dict(raw)
+            config_class(raw, cfg_file).from_hf_dict(raw)
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{cfg_file} is not a valid config: {e}") from None
         if "mtpkern" in raw:
             return _load_ours(path, raw, device=device, dtype=dtype, calibration=calibration)
+        if raw.get("model_type") in LLAMA_ARCHITECTURES:
+            return _load_hf_llama(path, raw, device=device, dtype=dtype)
         name_or_dir = path
     return _load_hf_gpt2(name_or_dir, device=device, dtype=dtype)
+
+
+def config_class(raw: dict, source) -> type[GPT2Config] | type[LlamaConfig]:
+    """The config class of a ``config.json``'s family: its "mtpkern" section's ``family`` (GPT-2
+    when absent: written before the Llama family), else its transformers ``model_type``. A
+    section whose family contradicts the architecture (heads saved for another family) is a
+    ``CheckpointError`` naming ``source``."""
+    extra = raw.get("mtpkern")
+    hf_type = raw.get("model_type", "gpt2")
+    family = extra.get("family", "gpt2") if isinstance(extra, dict) else ("llama" if hf_type in LLAMA_ARCHITECTURES
+                                                                           else "gpt2")
+    if family not in ("gpt2", "llama"):
+        raise CheckpointError(f"{source}: unknown model family {family!r} in its 'mtpkern' section")
+    if (family == "llama") != (hf_type in LLAMA_ARCHITECTURES):
+        raise CheckpointError(f"{source}: its 'mtpkern' section says family {family!r} but the architecture is "
+                              f"{hf_type!r}: heads saved for one family cannot sit on a base of another")
+    return LlamaConfig if family == "llama" else GPT2Config
 
 
 def _load_ours(path: Path, raw: dict, *, device, dtype, calibration: bool = True) -> SpeculativeLM:
@@ -110,7 +197,7 @@ def _load_ours(path: Path, raw: dict, *, device, dtype, calibration: bool = True
     from safetensors.torch import load_file
 
     try:
-        cfg = GPT2Config.from_hf_dict(raw)
+        cfg = config_class(raw, path / CONFIG_NAME).from_hf_dict(raw)
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path / CONFIG_NAME} is not a valid mtpkern config: {e}") from None
     weights = require_file(path, WEIGHTS_NAME)
@@ -156,4 +243,48 @@ def _load_hf_gpt2(name_or_dir, *, device, dtype) -> GPT2:
     cfg = GPT2Config.from_hf_dict(hf.config.to_dict())
     model = GPT2(cfg)
     _load_state(model, gpt2_state_from_hf(hf.state_dict()), name_or_dir)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def _load_hf_llama(path: Path, raw: dict, *, device, dtype) -> Llama:
+    """A transformers ``save_pretrained`` directory of the Llama family, read with safetensors
+    (no model class of transformers built)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        cfg = LlamaConfig.from_hf_dict(raw)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path / CONFIG_NAME} is not a valid config: {e}") from None
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{path} holds no *.safetensors weights (save the model with safe_serialization)")
+    state: dict = {}
+    for f in files:
+        try:
+            state.update(load_file(str(f)))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{f} is corrupt or truncated: {e}") from None
+    try:
+        ours = llama_state_from_hf(state, cfg)
+    except KeyError as e:
+        raise CheckpointError(f"{path}: the weights lack {e}") from None
+    return load_llama_state(cfg, ours, path, device=device, dtype=dtype)
+
+
+def _load_gguf(path: Path, *, device, dtype) -> Llama:
+    if not path.is_file():
+        raise CheckpointError(f"no such GGUF file: {str(path)!r}")
+    raw, state = read_gguf(path)
+    try:
+        cfg = LlamaConfig.from_hf_dict(raw)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: its config is not supported: {e}") from None
+    return load_llama_state(cfg, llama_state_from_hf(state, cfg), path, device=device, dtype=dtype)
+
+
+def load_llama_state(cfg: LlamaConfig, state: dict, source, *, device, dtype) -> Llama:
+    """A ``Llama`` of ``cfg`` holding ``state`` (ours), checked against it (``source`` named)."""
+    model = Llama(cfg)
+    _load_state(model, {k: v.float() for k, v in state.items()}, source)
     return model.to(device=device, dtype=dtype).eval()

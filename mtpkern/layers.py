@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mtpkern.config import GPT2Config
+from mtpkern.config import GPT2Config, LlamaConfig
 from mtpkern.ops.linear_residual import linear_residual
 from mtpkern.ops.ln_fc_gelu import ln_fc_gelu
 from mtpkern.ops.ln_qkv import ln_qkv
@@ -246,7 +246,7 @@ class ResBlock(nn.Module):
 
 
 class MedusaHead(nn.Module):
-    def __init__(self, config: GPT2Config):
+    def __init__(self, config: GPT2Config | LlamaConfig):  # either family: only its sizes
         super().__init__()
         self.blocks = nn.Sequential(*(ResBlock(config.n_embd) for _ in range(config.medusa_layers)))
         self.proj = nn.Linear(config.n_embd, config.vocab_size, bias=False) if config.medusa_proj else None

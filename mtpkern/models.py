@@ -9,7 +9,9 @@ predicts token t + k + 2. All heads share one final LayerNorm and the tied unemb
 (MEDUSA heads may have their own projection). ``SpeculativeLM`` is what the three have in
 common, and all that the trainer and the decoding engines rely on.
 
-The blocks and the KV cache are in ``mtpkern.layers``; loading a checkpoint (ours or a
+Two families of base model share these interfaces: ``GPT2`` and ``Llama`` (Llama 2 and 3,
+Mistral, Qwen2: ``mtpkern.llama``'s blocks); MTP and MEDUSA heads go on either, built from the
+config's family. The blocks and the KV cache are in ``mtpkern.layers``; loading a checkpoint (ours or a
 Hugging Face GPT-2) is ``mtpkern.hf_io.load_model``.
 """
 
@@ -18,7 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from typing import cast
 
@@ -27,8 +29,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mtpkern.checkpoint import atomic_directory
-from mtpkern.config import CONFIG_NAME, WEIGHTS_NAME, GPT2Config
+from mtpkern.config import CONFIG_NAME, WEIGHTS_NAME, GPT2Config, LlamaConfig
 from mtpkern.layers import Attn, Block, DecodeWeights, KVCache, MedusaHead, ModelOutput, ResBlock, decode_block
+from mtpkern.llama import LlamaBlock, LlamaDecodeWeights, RMSNorm, Rotary, decode_llama_block
+
+ModelConfig = GPT2Config | LlamaConfig
 
 
 def _init_weights(module: nn.Module):
@@ -40,6 +45,24 @@ def _init_weights(module: nn.Module):
         nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
 
+def _family_block(config: ModelConfig) -> nn.Module:
+    return LlamaBlock(config) if isinstance(config, LlamaConfig) else Block(config)
+
+
+def _family_norm(config: ModelConfig) -> nn.Module:
+    if isinstance(config, LlamaConfig):
+        return RMSNorm(config.n_embd, config.rms_norm_eps)
+    return nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+
+
+def _positions_and_head(model: SpeculativeLM, config: ModelConfig) -> None:
+    """A Llama's rotary tables and, with untied embeddings, its own unembedding (``lm_head``)."""
+    if isinstance(config, LlamaConfig):
+        model.rotary = Rotary(config)
+        if not config.tie_word_embeddings:
+            model.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+
+
 class SpeculativeLM(nn.Module):
     """A language model with J prediction heads (head j at position t predicts token t + j + 1):
     the base class of ``GPT2`` (J = 1), ``MTPModel`` and ``MedusaModel``, and the one interface
@@ -48,14 +71,23 @@ class SpeculativeLM(nn.Module):
     blocks as the decode path calls them, the unembedding and saving a checkpoint (loading one
     is ``mtpkern.load_model``)."""
 
-    config: GPT2Config
+    config: ModelConfig
     gradient_checkpointing: bool = False
     calibration = None  # head acceptance (mtpkern.calibration.Calibration), attached by load_model
     # Set by each model (MEDUSA: its base's token embedding; it overrides ``final_norm`` and
     # never calls ``embed``, which read the other two).
     wte: nn.Embedding
-    wpe: nn.Embedding
-    ln_f: nn.LayerNorm
+    wpe: nn.Embedding  # GPT-2 only; a Llama's positions are rotary
+    ln_f: nn.Module
+    rotary: Rotary | None = None  # the Llama family's rotary tables
+    # A Llama with untied embeddings also has ``lm_head`` (nn.Linear): a submodule, never a class
+    # attribute (one would shadow the registered module).
+
+    @property
+    def fused_layers(self) -> bool:
+        """Whether the fused decoder-layer kernels (``Block.fused_decode``) serve this model:
+        GPT-2's blocks only, so far."""
+        return self.config.family == "gpt2"
 
     # number of prediction heads J, the next-token head included (config.n_heads); head j
     # predicts token t + j + 1, heads 1..J-1 are the draft heads
@@ -70,8 +102,9 @@ class SpeculativeLM(nn.Module):
 
     @property
     def unembed_weight(self) -> torch.Tensor:
-        """The shared unembedding [V, D] (the tied token embedding)."""
-        return self.wte.weight
+        """The shared unembedding [V, D] (the tied token embedding, or a Llama's ``lm_head``)."""
+        head = self._modules.get("lm_head")
+        return self.wte.weight if head is None else cast(nn.Linear, head).weight
 
     def head_weight(self, j: int) -> torch.Tensor:
         """The unembedding [V, D] of head j."""
@@ -89,8 +122,9 @@ class SpeculativeLM(nn.Module):
         cfg = self.config
         if max_len > cfg.n_positions:
             raise ValueError(f"a cache of {max_len} slots exceeds the model's context of {cfg.n_positions}")
+        kv_heads = cfg.n_kv_head if isinstance(cfg, LlamaConfig) else cfg.n_head  # grouped-query attention
         return KVCache(
-            self.n_cache_layers, batch, cfg.n_head, max_len, cfg.head_dim,
+            self.n_cache_layers, batch, kv_heads, max_len, cfg.head_dim,
             dtype=dtype or self.dtype, device=device or self.device,
         )
 
@@ -102,7 +136,28 @@ class SpeculativeLM(nn.Module):
                     f"sequence of {T} tokens exceeds the model's context of {self.config.n_positions}"
                 )
             pos = torch.arange(T, device=idx.device)
+        if self.rotary is not None:
+            return self.wte(idx)  # positions are rotary, applied in attention (``_inputs``)
         return self.wte(idx) + self.wpe(pos)
+
+    def _inputs(self, idx: torch.Tensor, pos: torch.Tensor | None) -> tuple[torch.Tensor, tuple]:
+        """(the embedded tokens, what every block takes besides: a Llama's rotary (cos, sin) at
+        ``pos`` [T] or [B, T], default 0 .. T-1)."""
+        x = self.embed(idx, pos)
+        return x, self._rope(pos if pos is not None else torch.arange(idx.shape[1], device=idx.device), x.dtype)
+
+    def _rope(self, pos: torch.Tensor, dtype: torch.dtype) -> tuple:
+        return () if self.rotary is None else (self.rotary(pos, dtype),)
+
+    def _path_rope(self, h: torch.Tensor, attn: Attn | None, pos: torch.Tensor | None) -> tuple:
+        """The rotary of rows that sit at their own positions: MTP's head blocks over the trunk's
+        output (training: 0 .. T-1; decoding an accepted path: its cache slots, which are its
+        positions) unless ``pos`` says otherwise."""
+        if self.rotary is None:
+            return ()
+        if pos is None:
+            pos = attn.slots if attn is not None else torch.arange(h.shape[1], device=h.device)
+        return self._rope(pos, h.dtype)
 
     def cache_blocks(self) -> list[Block]:
         """The transformer blocks in KV-cache layer order."""
@@ -112,18 +167,25 @@ class SpeculativeLM(nn.Module):
         """Every cache layer's block tensors for ``Attn.weights``: build them again after a
         parameter is replaced (``.to()``, ``load_state_dict(assign=True)``), and, with
         ``contiguous`` copies, after it changes in place."""
-        return [DecodeWeights.of(b, contiguous) for b in self.cache_blocks()]
+        return [b.decode_weights(contiguous) if isinstance(b, LlamaBlock) else DecodeWeights.of(b, contiguous)
+                for b in self.cache_blocks()]
 
-    def _blocks(self, blocks, x, attn: Attn | None, first_layer: int):
+    def _blocks(self, blocks, x, attn: Attn | None, first_layer: int, extra: tuple = ()):
+        """``blocks`` over x from cache layer ``first_layer`` on; ``extra``: what each block takes
+        after its layer (a Llama's rotary)."""
         if attn is not None and attn.weights is not None and attn.mask is not None and not torch.is_grad_enabled():
             for i in range(len(blocks)):
-                x = decode_block(x, attn.weights[first_layer + i], attn, first_layer + i)
+                w = attn.weights[first_layer + i]
+                if isinstance(w, LlamaDecodeWeights):
+                    x = decode_llama_block(x, w, attn, first_layer + i, *extra)
+                else:
+                    x = decode_block(x, w, attn, first_layer + i)
             return x
         for i, block in enumerate(blocks):
             if self.gradient_checkpointing and self.training and attn is None:
-                x = torch.utils.checkpoint.checkpoint(block, x, None, first_layer + i, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, None, first_layer + i, *extra, use_reentrant=False)
             else:
-                x = block(x, attn, first_layer + i)
+                x = block(x, attn, first_layer + i, *extra)
         return x
 
     # -- the decoding engine's split of a step (mtpkern.decoder) ----------------------
@@ -142,8 +204,8 @@ class SpeculativeLM(nn.Module):
         raise NotImplementedError
 
     @property
-    def final_norm(self) -> nn.LayerNorm:
-        """The LayerNorm between head 0's last block and the unembedding."""
+    def final_norm(self) -> nn.Module:
+        """The norm between head 0's last block and the unembedding (LayerNorm, or RMSNorm)."""
         return self.ln_f
 
     def draft_hidden(self, carry: torch.Tensor, n: int, attn: Attn | None = None,
@@ -242,7 +304,8 @@ class GPT2(SpeculativeLM):
 
     def hidden_states(self, idx, pos=None, attn: Attn | None = None, final_norm: bool = True) -> torch.Tensor:
         """The final-normalised hidden states [B, T, D] (before the norm with ``final_norm=False``)."""
-        x = self._blocks(self.h, self.embed(idx, pos), attn, 0)
+        x, extra = self._inputs(idx, pos)
+        x = self._blocks(self.h, x, attn, 0, extra)
         return self.ln_f(x) if final_norm else x
 
     def decode_hidden(self, idx, pos, attn: Attn, *, final_norm: bool = True):
@@ -258,38 +321,69 @@ class GPT2(SpeculativeLM):
         return ModelOutput(h, self.unembed(h) if logits else None)
 
 
+class Llama(GPT2):
+    """The Llama family's base model (Llama 2 and 3, Mistral without a sliding window, Qwen2,
+    SmolLM), matching transformers' ``LlamaForCausalLM``: RMSNorm, rotary positions,
+    grouped-query attention, a SwiGLU MLP, tied or untied embeddings. It decodes and trains
+    through the same interface as ``GPT2`` (whose forward it shares: the blocks take the
+    rotary from ``_inputs``)."""
+
+    def __init__(self, config: LlamaConfig):  # noqa: D107 - GPT2's init builds GPT-2 modules: not called
+        SpeculativeLM.__init__(self)
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.h = nn.ModuleList(LlamaBlock(config) for _ in range(config.n_layer))
+        self.ln_f = RMSNorm(config.n_embd, config.rms_norm_eps)
+        _positions_and_head(self, config)
+        self.apply(_init_weights)
+
+
+BASE_CLASSES: dict[str, type[GPT2]] = {"gpt2": GPT2, "llama": Llama}
+
+
+def base_class(config: ModelConfig) -> Callable[[ModelConfig], GPT2]:
+    """The base model class of a config's family."""
+    return cast("Callable[[ModelConfig], GPT2]", BASE_CLASSES[config.family])
+
+
 class MTPModel(SpeculativeLM):
     """Multi-token prediction (Gloeckle et al. 2024): a shared trunk of L-1 blocks and
     ``n_heads`` transformer-block heads; head k predicts token t + k + 1. One shared final norm and
     unembedding. Head k's block uses KV-cache layer (L - 1) + k."""
 
-    def __init__(self, config: GPT2Config):
+    def __init__(self, config: ModelConfig):
         super().__init__()
         if config.model_type != "mtp":
             config = replace(config, model_type="mtp")
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        self.wpe = nn.Embedding(config.n_positions, config.n_embd)
-        self.trunk = nn.ModuleList(Block(config) for _ in range(config.n_layer - 1))
-        self.heads = nn.ModuleList(Block(config) for _ in range(config.n_heads))
-        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        if config.family == "gpt2":
+            self.wpe = nn.Embedding(config.n_positions, config.n_embd)
+        self.trunk = nn.ModuleList(_family_block(config) for _ in range(config.n_layer - 1))
+        self.heads = nn.ModuleList(_family_block(config) for _ in range(config.n_heads))
+        self.ln_f = _family_norm(config)
+        _positions_and_head(self, config)
         self.apply(_init_weights)
 
     @classmethod
     def from_base(cls, base: GPT2, n_heads: int = 4) -> MTPModel:
         """``n_heads`` heads, the next-token head included (n_heads - 1 draft heads): trunk =
         the base's first L-1 blocks, head 0 = its last block, heads 1..n_heads-1 start as
-        copies of it: at initialisation head 0 reproduces the base exactly."""
-        cfg = replace(base.config, model_type="mtp", n_heads=n_heads)
+        copies of it: at initialisation head 0 reproduces the base exactly. Either family."""
+        _check_base(base, "MTPModel.from_base")
+        cfg = replace(base.config, model_type="mtp", n_heads=n_heads)  # checks that the heads fit the layers
         model = cls(cfg).to(device=base.device, dtype=base.dtype)
-        L = base.config.n_layer
-        model.wte.load_state_dict(base.wte.state_dict())
-        model.wpe.load_state_dict(base.wpe.state_dict())
-        model.ln_f.load_state_dict(base.ln_f.state_dict())
-        for i in range(L - 1):
-            model.trunk[i].load_state_dict(base.h[i].state_dict())
-        for k in range(n_heads):
-            model.heads[k].load_state_dict(base.h[L - 1].state_dict())
+        L, state = base.config.n_layer, {}
+        for key, value in base.state_dict().items():
+            if not key.startswith("h."):
+                state[key] = value  # embeddings, final norm, a Llama's untied lm_head
+                continue
+            i, rest = key[2:].split(".", 1)
+            if int(i) < L - 1:
+                state[f"trunk.{i}.{rest}"] = value
+            else:
+                state.update({f"heads.{k}.{rest}": value for k in range(n_heads)})
+        model.load_state_dict(state)
         return model
 
     @property
@@ -301,20 +395,28 @@ class MTPModel(SpeculativeLM):
 
     def trunk_forward(self, idx, pos=None, attn: Attn | None = None) -> torch.Tensor:
         """The shared trunk's output [B, T, D] (not normalised)."""
-        return self._blocks(self.trunk, self.embed(idx, pos), attn, 0)
+        x, extra = self._inputs(idx, pos)
+        return self._blocks(self.trunk, x, attn, 0, extra)
 
-    def head_forward(self, k: int, h: torch.Tensor, attn: Attn | None = None, final_norm: bool = True) -> torch.Tensor:
+    def head_forward(self, k: int, h: torch.Tensor, attn: Attn | None = None, final_norm: bool = True,
+                     pos: torch.Tensor | None = None) -> torch.Tensor:
         """Head k on the trunk output: the final-normalised hidden states [B, T, D] (before the
-        norm with ``final_norm=False``)."""
+        norm with ``final_norm=False``). A Llama's head block takes the rows' positions from
+        ``pos``, else ``attn.slots`` (an accepted path sits at its positions), else 0 .. T-1."""
         first = self.config.n_layer - 1 + k
-        x = self._blocks(self.heads[k : k + 1], h, attn, first)
+        x = self._blocks(self.heads[k : k + 1], h, attn, first, self._path_rope(h, attn, pos))
         return self.ln_f(x) if final_norm else x
 
     draft_on_path = True
 
     def decode_hidden(self, idx, pos, attn: Attn, *, final_norm: bool = True):
         h = self.trunk_forward(idx, pos, attn)
-        return self.head_forward(0, h, attn, final_norm), h
+        return self.head_forward(0, h, attn, final_norm, pos=self._tree_pos(idx, pos)), h
+
+    @staticmethod
+    def _tree_pos(idx: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
+        """The positions of a pass's tokens (a tree's nodes: prefix + depth, not their slots)."""
+        return pos if pos is not None else torch.arange(idx.shape[1], device=idx.device)
 
     def draft_hidden(self, carry, n, attn=None, row=None):
         """Heads 1..n over the accepted path's trunk outputs: every row's K/V into the heads'
@@ -324,7 +426,7 @@ class MTPModel(SpeculativeLM):
         if n == 0:
             return super().draft_hidden(carry, 0)
         row = (torch.full((), carry.shape[1] - 1, device=carry.device) if row is None else row).view(1)
-        if attn.tree_mask is not None:
+        if attn.tree_mask is not None or self.config.family != "gpt2":
             return torch.cat([self.head_forward(k, carry, attn)[0].index_select(0, row) for k in range(1, n + 1)])
         return self._grouped_heads(carry, 1, n, attn, row)[:, 0]
 
@@ -335,7 +437,11 @@ class MTPModel(SpeculativeLM):
         that verifies with head 0 gets the next drafts from the same pass, at the last accepted
         node: no second pass of the draft heads over the accepted path (the K/V of rejected
         nodes are moved away or overwritten like the trunk's, ``kv_compact_`` moves every layer)."""
-        return self._grouped_heads(self.trunk_forward(idx, pos, attn), 0, n + 1, attn, None)
+        h = self.trunk_forward(idx, pos, attn)
+        if self.config.family != "gpt2":  # the Llama family's head blocks one by one, at the nodes' positions
+            pos = self._tree_pos(idx, pos)
+            return torch.cat([self.head_forward(k, h, attn, pos=pos) for k in range(n + 1)])
+        return self._grouped_heads(h, 0, n + 1, attn, None)
 
     def _grouped_heads(self, x: torch.Tensor, first_head: int, n: int, attn: Attn,
                        row: torch.Tensor | None) -> torch.Tensor:
@@ -344,7 +450,8 @@ class MTPModel(SpeculativeLM):
         every row [n, R, D] when ``row`` is None. Each LayerNorm's affine is folded into the
         projection after it (W diag(g) and b + W beta, kept with the stacked weights)."""
         R, D = x.shape[1], x.shape[2]
-        H, eps = self.config.n_head, self.config.layer_norm_epsilon
+        cfg = cast(GPT2Config, self.config)  # GPT-2's blocks only (decode_heads, draft_hidden)
+        H, eps = cfg.n_head, cfg.layer_norm_epsilon
         first = self.config.n_layer - 1 + first_head  # cache layer of the first head
 
         def groups():
@@ -386,7 +493,7 @@ class MTPModel(SpeculativeLM):
         h = self.trunk_forward(idx, pos, attn)
         outs = []
         for k in range(heads):
-            o = self.head_forward(k, h, attn)  # every position: the head's KV cache needs them all
+            o = self.head_forward(k, h, attn, pos=self._tree_pos(idx, pos))  # every position: the head's KV cache needs them all
             outs.append(o if select is None else o.index_select(1, select))
         hs = torch.stack(outs, dim=2)
         return ModelOutput(hs, self.unembed(hs) if logits else None)
@@ -398,12 +505,12 @@ class MedusaModel(SpeculativeLM):
     ``n_heads`` counts every head: head 0 is the base (token t + 1); MEDUSA head k (0-based) is
     head k + 1 and predicts token t + k + 2."""
 
-    def __init__(self, config: GPT2Config):
+    def __init__(self, config: ModelConfig):
         super().__init__()
         if config.model_type != "medusa":
             config = replace(config, model_type="medusa")
         self.config = config
-        self.base = GPT2(replace(config, model_type="gpt2", n_heads=1))
+        self.base = base_class(config)(replace(config, model_type=config.family, n_heads=1))
         self.medusa = nn.ModuleList(MedusaHead(config) for _ in range(config.n_heads - 1))
         self.freeze_base()
 
@@ -412,6 +519,7 @@ class MedusaModel(SpeculativeLM):
         """``n_heads`` heads, the next-token head included: the base as head 0 and n_heads - 1
         MEDUSA heads of ``n_layers`` residual blocks each (the default 6: MEDUSA's 5 heads).
         ``proj``: each MEDUSA head with its own unembedding, initialised from the LM head."""
+        _check_base(base, "MedusaModel.from_base")
         cfg = replace(base.config, model_type="medusa", n_heads=n_heads, medusa_layers=n_layers, medusa_proj=proj)
         model = cls(cfg).to(device=base.device, dtype=base.dtype)
         model.base.load_state_dict(base.state_dict())
@@ -439,6 +547,10 @@ class MedusaModel(SpeculativeLM):
     def n_cache_layers(self) -> int:
         return self.config.n_layer
 
+    @property
+    def unembed_weight(self) -> torch.Tensor:
+        return self.base.unembed_weight
+
     def cache_blocks(self) -> list[Block]:
         return cast("list[Block]", list(self.base.h))  # nn.ModuleList types its items as Module
 
@@ -451,7 +563,7 @@ class MedusaModel(SpeculativeLM):
         return h, h
 
     @property
-    def final_norm(self) -> nn.LayerNorm:
+    def final_norm(self) -> nn.Module:
         return self.base.ln_f
 
     def draft_hidden(self, carry, n, attn=None, row=None):
@@ -492,5 +604,10 @@ class MedusaModel(SpeculativeLM):
         return ModelOutput(hs, self.unembed(hs) if logits else None)
 
 
-MODEL_CLASSES = {"gpt2": GPT2, "mtp": MTPModel, "medusa": MedusaModel}
+def _check_base(base, where: str) -> None:
+    if not isinstance(base, GPT2):  # GPT2 or Llama
+        raise TypeError(f"{where} takes a base model (GPT2 or Llama), got a {type(base).__name__}")
+
+
+MODEL_CLASSES = {"gpt2": GPT2, "llama": Llama, "mtp": MTPModel, "medusa": MedusaModel}
 

@@ -101,8 +101,14 @@ class DecodeOptions:
         acceptance draws nothing: its drafts are top-k and its next root the argmax."""
         return self.temperature > 0 and (self.strategy == "ntp" or self.acceptance == "rejection")
 
-    def fused_on(self, device) -> bool:
-        """Whether the forward pass runs the fused kernels on ``device``."""
+    def fused_on(self, device, model=None) -> bool:
+        """Whether the forward pass runs the fused kernels on ``device`` (a ``torch.device``, or
+        the model itself, on its device). Given the model, ``"auto"`` is eager for a family the
+        fused layer kernels do not serve (``model.fused_layers``: GPT-2's only, so far)."""
+        if model is None and hasattr(device, "fused_layers"):
+            device, model = device.device, device
+        if model is not None and not model.fused_layers:
+            return False  # check_model refuses kernels="fused" for such a model
         return self.kernels == "fused" or (self.kernels == "auto" and device.type == "cuda")
 
     @property
@@ -114,12 +120,15 @@ class DecodeOptions:
     def check_model(self, model) -> None:
         """The checks that need the model: its family has the strategy's heads, and CUDA
         graphs have a CUDA device."""
-        if not isinstance(model, (GPT2, MTPModel, MedusaModel)):
-            raise TypeError(f"model must be a GPT2, MTPModel or MedusaModel, got {type(model).__name__}")
+        if not isinstance(model, (GPT2, MTPModel, MedusaModel)):  # GPT2 includes its sibling family Llama
+            raise TypeError(f"model must be a GPT2, Llama, MTPModel or MedusaModel, got {type(model).__name__}")
         if self.strategy == "mtp" and not (isinstance(model, MTPModel) and model.n_heads > 1):
             raise ValueError(f"strategy 'mtp' needs an MTPModel with at least 2 heads, got a {_describe(model)}")
         if self.strategy == "medusa" and not isinstance(model, MedusaModel):
             raise ValueError(f"strategy 'medusa' needs a MedusaModel, got a {_describe(model)}")
+        if self.kernels == "fused" and not model.fused_layers:
+            raise ValueError(f"kernels='fused': the fused layer kernels serve GPT-2 only so far, not a "
+                             f"{model.config.family} model; use kernels='eager' or 'auto'")
         if self.cuda_graph and not graphs_available(model.device):
             raise ValueError(f"cuda_graph=True needs the model on a CUDA device; it is on {model.device}")
 

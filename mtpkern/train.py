@@ -67,7 +67,7 @@ from mtpkern.data import (
 )
 from mtpkern.hf_io import load_model
 from mtpkern.metrics import evaluate_heads  # also mtpkern.train.evaluate_heads, as before
-from mtpkern.models import GPT2, MedusaModel, MTPModel
+from mtpkern.models import BASE_CLASSES, GPT2, MedusaModel, MTPModel
 from mtpkern.objectives import (  # noqa: F401 - the losses are part of this module's API
     OBJECTIVES as _OBJECTIVE_CLASSES,
     head_loss,
@@ -424,7 +424,7 @@ def _model_for_objective(base, cfg: TrainConfig):
         if base.config.medusa_proj != cfg.medusa_proj:
             raise ValueError(f"base {cfg.base} has medusa_proj={base.config.medusa_proj}, not {cfg.medusa_proj}")
         return base
-    if type(base) is not GPT2:
+    if type(base) not in BASE_CLASSES.values():  # a GPT2 or a Llama: heads go on either family
         raise ValueError(f"objective {cfg.objective!r} cannot start from a {type(base).__name__} base ({cfg.base})")
     assert cfg.n_heads is not None  # resolved by TrainConfig.__post_init__
     if cfg.objective == "mtp":
