@@ -26,11 +26,13 @@ from mtpkern.bench import run_bench  # noqa: E402
 from mtpkern.calibrate import calibrate_checkpoint, format_report  # noqa: E402
 from mtpkern.checkpoint import CheckpointError, check_report_path, write_text_atomic  # noqa: E402
 from mtpkern.commands import train_and_calibrate  # noqa: E402
-from mtpkern.data import format_prompt, load_tokenizer  # noqa: E402
+from mtpkern.autotree import auto_tree, has_calibration  # noqa: E402
+from mtpkern.data import DataError, format_prompt, load_tokenizer  # noqa: E402
 from mtpkern.demo import run_demo  # noqa: E402
 from mtpkern.distill import distill  # noqa: E402
 from mtpkern.eval import evaluate  # noqa: E402
 from mtpkern.generation import generate  # noqa: E402
+from mtpkern.heads_io import FORMATS, check_exportable, check_out, export_heads, tokenizer_source  # noqa: E402
 from mtpkern.hf_io import load_model  # noqa: E402
 from mtpkern.options import ACCEPTANCE, KERNELS, STRATEGIES, DecodeOptions  # noqa: E402
 from mtpkern.runtime import resolve_device, resolve_dtype  # noqa: E402
@@ -157,8 +159,9 @@ def cmd_demo(args) -> int:
 
 def cmd_generate(args) -> int:
     device = resolve_device(args.device)
-    model = load_model(args.model, device=device, dtype=resolve_dtype(args.dtype, device))
-    tokenizer = load_tokenizer(args.model)
+    heads_base = {"base": args.base} if args.base else {}  # a MEDUSA head directory's base (mtpkern.heads_io)
+    model = load_model(args.model, device=device, dtype=resolve_dtype(args.dtype, device), **heads_base)
+    tokenizer = load_tokenizer(tokenizer_source(args.model, args.base))
     text = args.prompt if args.raw else format_prompt(args.prompt)
     ids = torch.tensor([tokenizer(text)["input_ids"]], device=device)
     options = decode_options(args, model)
@@ -212,6 +215,22 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    """MEDUSA heads out in another tool's layout (mtpkern.heads_io), with the README that serves them."""
+    check_out(Path(args.out))  # refused before the model loads
+    model = check_exportable(load_model(args.run, base=args.base), args.format)
+    try:
+        tokenizer = None if args.base else load_tokenizer(tokenizer_source(args.run))
+    except DataError as e:
+        warnings.warn(f"the base is written without a tokenizer: {e}")
+        tokenizer = None
+    tree = auto_tree(model) if has_calibration(model) else None
+    command = "mtpkern export " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["export"] else None
+    out = export_heads(model, args.format, args.out, base=args.base, tokenizer=tokenizer, tree=tree, command=command)
+    print(f"wrote {args.format} MEDUSA heads to {out} (see {out / 'README.md'} to serve them)")
+    return 0
+
+
 # ----------------------------------------------------------------------------- parser
 
 
@@ -232,7 +251,11 @@ def _shared_options() -> dict[str, argparse.ArgumentParser]:
     seed.add_argument("--seed", type=_seed, default=0, help="random seed (default 0)")
     progress = argparse.ArgumentParser(add_help=False)
     progress.add_argument("--no-progress", action="store_true", help="no progress bars")
-    return dict(device=device, dtype=dtype, engine=engine, seed=seed, progress=progress)
+    base = argparse.ArgumentParser(add_help=False)
+    base.add_argument("--base", default=None,
+                      help="the base model (name or directory) of a MEDUSA head directory in FasterDecoding/Medusa's "
+                           "or vLLM's layout (default: its config's base_model_name_or_path)")
+    return dict(device=device, dtype=dtype, engine=engine, seed=seed, progress=progress, base=base)
 
 
 def _add_batch(parser: argparse.ArgumentParser, default: tuple[int, ...], what: str) -> None:
@@ -252,7 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="mtpkern", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
     shared = _shared_options()
-    for add in (_add_train, _add_distill, _add_demo, _add_generate, _add_eval, _add_bench, _add_calibrate):
+    for add in (_add_train, _add_distill, _add_demo, _add_generate, _add_eval, _add_bench, _add_calibrate,
+                _add_export):
         add(sub, shared)
     return p
 
@@ -332,8 +356,8 @@ def _add_demo(sub, shared: dict) -> None:
 
 def _add_generate(sub, shared: dict) -> None:
     g = sub.add_parser("generate", help="decode from a checkpoint",
-                       parents=[shared["device"], shared["dtype"], shared["engine"], shared["seed"]])
-    g.add_argument("model", help="checkpoint or run directory")
+                       parents=[shared["device"], shared["dtype"], shared["engine"], shared["seed"], shared["base"]])
+    g.add_argument("model", help="checkpoint, run directory or MEDUSA head directory")
     g.add_argument("--prompt", required=True)
     g.add_argument("--raw", action="store_true", help="use the prompt as is, without the instruction template")
     _add_max_new_tokens(g, 128)
@@ -359,7 +383,7 @@ def _add_decode_options(p) -> None:
 
 def decode_options(args, model) -> DecodeOptions:
     """The ``DecodeOptions`` the decoding flags say (the model's own strategy by default)."""
-    strategy = args.strategy or {"gpt2": "ntp"}.get(model.config.model_type, model.config.model_type)
+    strategy = args.strategy or {"gpt2": "ntp", "llama": "ntp"}.get(model.config.model_type, model.config.model_type)
     return DecodeOptions(strategy, tree=parse_tree(args.tree) if args.tree is not None else None,
                          acceptance=args.acceptance, temperature=args.temperature, top_k=args.top_k,
                          top_p=args.top_p, typical_epsilon=args.typical_epsilon, typical_alpha=args.typical_alpha,
@@ -412,6 +436,15 @@ def _add_calibrate(sub, shared: dict) -> None:
     c.add_argument("--no-measure", action="store_true", help="skip decoding with the chosen tree")
     c.add_argument("--json", help="also write the report as JSON")
     c.set_defaults(func=cmd_calibrate)
+
+
+def _add_export(sub, shared: dict) -> None:
+    x = sub.add_parser("export", help="write a MEDUSA model's heads for FasterDecoding/Medusa, vLLM or TensorRT-LLM",
+                       parents=[shared["base"]])
+    x.add_argument("run", help="MEDUSA checkpoint, run directory or head directory")
+    x.add_argument("--format", required=True, choices=FORMATS, help="the layout: " + ", ".join(FORMATS))
+    x.add_argument("--out", required=True, help="the folder to write (new, empty, or an earlier export)")
+    x.set_defaults(func=cmd_export)
 
 
 def _one_line_warning(command: str):

@@ -227,11 +227,7 @@ def export_heads(model: SpeculativeLM, fmt: str, out, *, base: str | None = None
     beside the heads (and the base).
     ``tree``: the calibrated auto tree, shown as TensorRT-LLM's ``--medusa_choices``. ``out``
     is replaced atomically, and only when it is new, empty or an export of ours (its mark)."""
-    if fmt not in FORMATS:
-        raise HeadsError(f"unknown export format {fmt!r}: choose one of {', '.join(FORMATS)}")
-    if not isinstance(model, MedusaModel):
-        raise HeadsError(f"--format {fmt} exports MEDUSA heads; this model is a {type(model).__name__} (its next-token "
-                         "model exports with mtpkern.to_hf)")
+    model = check_exportable(model, fmt)
     out = Path(out)
     check_out(out)
     blocks, own = head_tensors(model)
@@ -249,6 +245,16 @@ def export_heads(model: SpeculativeLM, fmt: str, out, *, base: str | None = None
                                        encoding="utf-8")
         (tmp / MARK_NAME).write_text(f"written by mtpkern export --format {fmt}\n", encoding="utf-8")
     return out
+
+
+def check_exportable(model: SpeculativeLM, fmt: str) -> MedusaModel:
+    """``model`` when ``fmt`` is a format we write and the model has MEDUSA heads, else a HeadsError."""
+    if fmt not in FORMATS:
+        raise HeadsError(f"unknown export format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    if not isinstance(model, MedusaModel):
+        raise HeadsError(f"--format {fmt} exports MEDUSA heads; this model's class is {type(model).__name__} (its "
+                         "next-token model exports with mtpkern.to_hf)")
+    return model
 
 
 def check_out(out: Path) -> None:

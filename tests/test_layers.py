@@ -20,6 +20,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("blocks and the KV cache; the tree planner (pure)", ["layers", "planner"]),
     ("the Llama family's blocks (on the KV cache and attention of the layers below)", ["llama"]),
     ("the models", ["models"]),
+    ("MEDUSA heads in other tools' layouts (FasterDecoding, vLLM, TensorRT-LLM)", ["heads_io"]),
     ("GGUF files: header checks, dequantised through transformers", ["gguf_io"]),
     ("checkpoint and Hugging Face I/O", ["hf_io"]),
     ("decoding options; training objectives", ["options", "objectives"]),
