@@ -19,6 +19,7 @@ from mtpkern.calibration import attach_calibration
 from mtpkern.checkpoint import CheckpointError, is_local, require_file, resolve_checkpoint
 from mtpkern.config import CONFIG_NAME, LLAMA_ARCHITECTURES, WEIGHTS_NAME, GPT2Config, LlamaConfig
 from mtpkern.gguf_io import read_gguf
+from mtpkern.heads_io import is_head_dir, read_heads
 from mtpkern.models import GPT2, MODEL_CLASSES, Llama, MedusaModel, SpeculativeLM
 from mtpkern.runtime import resolve_dtype
 
@@ -134,7 +135,7 @@ def to_hf(model: GPT2):
 
 
 def load_model(name_or_dir, *, device=None, dtype=None, calibration: bool = True,
-               expect: type[SpeculativeLM] = SpeculativeLM) -> SpeculativeLM:
+               expect: type[SpeculativeLM] = SpeculativeLM, base=None) -> SpeculativeLM:
     """Load any model of the family from a directory written by ``save_pretrained`` (or the run
     directory of ``mtpkern train`` that holds it), or a Hugging Face GPT-2 checkpoint (directory
     or hub name) as a ``GPT2``. A bad config is a ``CheckpointError`` naming the file and field.
@@ -142,14 +143,16 @@ def load_model(name_or_dir, *, device=None, dtype=None, calibration: bool = True
     against the weights; see ``mtpkern.calibrate``), or ignore it (False). ``dtype``: a floating
     ``torch.dtype``, or a name as the CLI takes it (``"bfloat16"``, ``"bf16"``, ...); None keeps
     float32. ``expect``: the class the caller needs (``GPT2``, ``MTPModel``, ``MedusaModel``); a
-    checkpoint of another kind is a ``CheckpointError`` that names both."""
-    model = _load_any(name_or_dir, device=device, dtype=dtype, calibration=calibration)
+    checkpoint of another kind is a ``CheckpointError`` that names both. A MEDUSA head directory
+    (FasterDecoding/Medusa's or vLLM's layout, ``mtpkern.heads_io``) loads on its config's base,
+    or on ``base`` (a name or directory) where given."""
+    model = _load_any(name_or_dir, device=device, dtype=dtype, calibration=calibration, base=base)
     if not isinstance(model, expect):
         raise CheckpointError(f"{name_or_dir!r} holds a {type(model).__name__}, not a {expect.__name__}")
     return model
 
 
-def _load_any(name_or_dir, *, device, dtype, calibration: bool) -> SpeculativeLM:
+def _load_any(name_or_dir, *, device, dtype, calibration: bool, base=None) -> SpeculativeLM:
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         dtype = resolve_dtype(dtype)  # a name; anything else is a one-line ValueError
     if str(name_or_dir).lower().endswith(".gguf"):  # llama.cpp's format: the Llama family, dequantised
@@ -163,6 +166,12 @@ def _load_any(name_or_dir, *, device, dtype, calibration: bool) -> SpeculativeLM
             raise CheckpointError(f"{cfg_file} is not valid JSON: {e}") from None
         if not isinstance(raw, dict):
             raise CheckpointError(f"{cfg_file} must hold a JSON object, got {type(raw).__name__}")
+        if is_head_dir(raw):  # MEDUSA heads in another tool's layout, on a base of ours or transformers'
+            heads = read_heads(path, raw, base=base, load_base=lambda b: _load_any(b, device=None, dtype=None,
+                                                                                   calibration=False))
+            if calibration:
+                attach_calibration(heads, path)
+            return heads.to(device=device, dtype=dtype).eval()
         try:  # checked here so a bad field is named, not reported from deep inside transformers
             config_class(raw, cfg_file).from_hf_dict(raw)
         except (KeyError, TypeError, ValueError) as e:
