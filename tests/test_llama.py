@@ -308,3 +308,20 @@ def test_a_gguf_without_the_gguf_package_says_how_to_install_it(tmp_path, monkey
     monkeypatch.setitem(__import__("sys").modules, "gguf", None)  # an import of gguf now fails
     with pytest.raises(CheckpointError, match="pip install gguf"):
         load_model(path)
+
+
+def test_trained_heads_calibrate_and_decode_with_the_auto_tree(tmp_path, llama_base):
+    """``mtpkern train``'s path (training, then calibration) on a Llama base; the auto tree planned
+    from that calibration decodes the tokens of greedy ntp."""
+    from mtpkern.commands import train_and_calibrate
+
+    cfg = TrainConfig(objective="medusa", out=str(tmp_path / "run"), base=str(llama_base), data_limit=40, steps=3,
+                      batch_size=4, max_len=128, n_heads=3, eval_every=1000, save_every=1000, progress=False,
+                      device="cpu", precision="fp32")
+    train_and_calibrate(cfg)
+    model = load_model(tmp_path / "run")
+    assert model.calibration is not None
+    prompts = [[1, 2, 3], [40, 41, 7, 9, 100], [5] * 12]
+    for p in prompts:
+        want = generate(model, p, max_new_tokens=16, strategy="ntp").tokens
+        assert generate(model, p, max_new_tokens=16, strategy="medusa", tree="auto").tokens == want
