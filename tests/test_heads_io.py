@@ -258,5 +258,8 @@ def test_imported_heads_train_further_and_calibrate(base_dir, tmp_path, capsys, 
     code, err = run_main(["eval", heads, "--data", "synthetic", "--json", report, "--max-samples", "2",
                           "--max-new-tokens", "8", "--no-hf", "--no-progress"], capsys, monkeypatch)
     assert code == 0, err
+    code, err = run_main(["calibrate", heads, "--data", "synthetic", "--max-samples", "2", "--max-new-tokens", "8",
+                          "--no-measure"], capsys, monkeypatch)
+    assert code == 0, err
     (evaluated,) = json.loads(report.read_text())["models"]
     assert evaluated and "medusa" in json.dumps(evaluated).lower()
