@@ -177,6 +177,27 @@ def test_bad_head_directories_are_one_line_errors_naming_the_file(base_dir, tmp_
     assert isinstance(e.value, ValueError) and "\n" not in str(e.value)
 
 
+def vllm_head_dir(path: Path, base_dir, **changes) -> Path:
+    """An export of ours in vLLM's layout, its config.json then changed."""
+    out = export_heads(random_heads(base_dir), "vllm", path)
+    cfg = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({k: v for k, v in {**cfg, **changes}.items() if v is not None}))
+    return out
+
+
+@pytest.mark.parametrize("changes, needle", [
+    (dict(truncated_vocab_size=100), "a truncated vocabulary (100 of 512"),
+    (dict(medusa_fc_bias=False), "'medusa_fc_bias' must be true"),
+    (dict(base_model_name_or_path=None), "names no base model"),
+    (dict(num_hidden_layers=3), "missing ['blocks.0.layers.2.bias'"),
+])
+def test_bad_vllm_configs_are_one_line_errors_naming_the_file(base_dir, tmp_path, changes, needle):
+    out = vllm_head_dir(tmp_path / "v", base_dir, **changes)
+    with pytest.raises(HeadsError) as e:
+        load_model(out)
+    assert needle in str(e.value) and str(out) in str(e.value) and "\n" not in str(e.value)
+
+
 def test_imported_heads_decode_losslessly(base_dir, tmp_path):
     model = load_model(medusa_head_dir(tmp_path / "heads", base_dir, layers=2))
     ids = torch.randint(0, model.config.vocab_size, (1, 7), generator=torch.Generator().manual_seed(3))
@@ -254,6 +275,11 @@ def test_imported_heads_train_further_and_calibrate(base_dir, tmp_path, capsys, 
                          capsys, monkeypatch)
     assert code == 0, err
     assert (run / "checkpoint" / "calibration.json").is_file()
+    trt = tmp_path / "trt"
+    code, err = run_main(["export", run, "--format", "trtllm", "--out", trt], capsys, monkeypatch)
+    assert code == 0, err
+    readme = (trt / "README.md").read_text()
+    assert "--medusa_choices=\"[[0]" in readme and "calibrated `auto` tree" in readme, readme
     report = tmp_path / "eval.json"
     code, err = run_main(["eval", heads, "--data", "synthetic", "--json", report, "--max-samples", "2",
                           "--max-new-tokens", "8", "--no-hf", "--no-progress"], capsys, monkeypatch)
