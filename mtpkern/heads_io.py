@@ -244,7 +244,17 @@ def export_heads(model: SpeculativeLM, fmt: str, out, *, base: str | None = None
         (tmp / README_NAME).write_text(serving_readme(fmt, model, out, base or str(out / BASE_DIR), tree, command),
                                        encoding="utf-8")
         (tmp / MARK_NAME).write_text(f"written by mtpkern export --format {fmt}\n", encoding="utf-8")
+        calibration = getattr(model, "calibration", None)
+        if calibration is not None and _reimports_alike(model, own):  # the imported heads keep their auto tree
+            calibration.save(tmp)
     return out
+
+
+def _reimports_alike(model: MedusaModel, own: list | None) -> bool:
+    """Whether ``read_heads`` gives these heads back with the same parameters (and so the same
+    calibration fingerprint): own unembeddings that all equal the base's come back shared."""
+    base = model.unembed_weight
+    return own is None or any(not torch.equal(u, base) for u in own)
 
 
 def check_exportable(model: SpeculativeLM, fmt: str) -> MedusaModel:

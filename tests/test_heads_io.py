@@ -280,6 +280,8 @@ def test_imported_heads_train_further_and_calibrate(base_dir, tmp_path, capsys, 
     assert code == 0, err
     readme = (trt / "README.md").read_text()
     assert "--medusa_choices=\"[[0]" in readme and "calibrated `auto` tree" in readme, readme
+    imported = load_model(trt)  # the calibration travels with the heads: `auto` still plans from it
+    assert imported.calibration is not None and imported.calibration.to_dict() == load_model(run).calibration.to_dict()
     report = tmp_path / "eval.json"
     code, err = run_main(["eval", heads, "--data", "synthetic", "--json", report, "--max-samples", "2",
                           "--max-new-tokens", "8", "--no-hf", "--no-progress"], capsys, monkeypatch)
