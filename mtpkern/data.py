@@ -389,14 +389,19 @@ def has_tokenizer(directory) -> bool:
 def load_tokenizer(name_or_dir):
     """``AutoTokenizer.from_pretrained`` with ``pad_token = eos_token`` if unset.
 
-    ``name_or_dir``: a hub name, or a local checkpoint or run directory (resolved like
-    :func:`mtpkern.load_model`). A local directory without tokenizer files, a corrupt
+    ``name_or_dir``: a hub name, a local checkpoint or run directory (resolved like
+    :func:`mtpkern.load_model`), or a ``.gguf`` file (the tokenizer it carries). A local directory without tokenizer files, a corrupt
     ``tokenizer.json`` or a tokenizer without an eos token is a :class:`DataError` naming the
     directory: an empty fallback tokenizer would encode every text to nothing.
     """
     from transformers import AutoTokenizer
 
     where = str(name_or_dir)
+    if where.lower().endswith(".gguf"):
+        gguf = Path(where)
+        if not gguf.is_file():
+            raise DataError(f"no such GGUF file: {where!r}")
+        return _checked_tokenizer(lambda: AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name), where)
     if is_local(name_or_dir):
         if not has_tokenizer(Path(name_or_dir)):  # a run directory: its checkpoint holds the tokenizer
             try:
@@ -415,8 +420,13 @@ def load_tokenizer(name_or_dir):
                 except (json.JSONDecodeError, UnicodeDecodeError) as e:
                     why = e.msg if isinstance(e, json.JSONDecodeError) else e.reason
                     raise DataError(f"{f} is corrupt: {why}") from None
+    return _checked_tokenizer(lambda: AutoTokenizer.from_pretrained(name_or_dir), where)
+
+
+def _checked_tokenizer(load, where: str):
+    """``load()``'s tokenizer, checked (not empty, an eos token) and padded with eos."""
     try:
-        tok = AutoTokenizer.from_pretrained(name_or_dir)
+        tok = load()
     except Exception as e:  # noqa: BLE001 - transformers and tokenizers raise many kinds
         detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DataError(f"could not load a tokenizer from {where!r}: {detail}") from None

@@ -11,7 +11,7 @@ import transformers
 
 from mtpkern import CheckpointError, DecodeOptions, Decoder, MedusaModel, MTPModel, generate, load_model, to_hf
 from mtpkern.config import LlamaConfig
-from mtpkern.data import synthetic_records, train_tokenizer
+from mtpkern.data import DataError, load_tokenizer, synthetic_records, train_tokenizer
 from mtpkern.llama import inv_frequencies
 from mtpkern.models import Llama
 from mtpkern.train import TrainConfig, train
@@ -357,3 +357,12 @@ def test_smollm2_gguf_matches_transformers_own_gguf_loading():
         want = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
                            eos_token_id=None, pad_token_id=0)[0, ids.shape[1]:].tolist()
     assert generate(model, ids[0].tolist(), max_new_tokens=12, eos_token_id=None).tokens == want
+    tok = load_tokenizer(path)  # the tokenizer the GGUF carries
+    assert tok.eos_token is not None and tok.decode(tok("The capital of France")["input_ids"]) == "The capital of France"
+
+
+def test_a_missing_gguf_is_a_one_line_error(tmp_path):
+    with pytest.raises(CheckpointError, match="no such GGUF file"):
+        load_model(tmp_path / "absent.gguf")
+    with pytest.raises(DataError, match="no such GGUF file"):
+        load_tokenizer(tmp_path / "absent.gguf")
