@@ -221,7 +221,7 @@ def cmd_export(args) -> int:
     model = check_exportable(load_model(args.run, base=args.base), args.format)
     try:
         tokenizer = None if args.base else load_tokenizer(tokenizer_source(args.run))
-    except DataError as e:
+    except (DataError, OSError) as e:  # none beside the model, or a hub name offline
         warnings.warn(f"the base is written without a tokenizer: {e}")
         tokenizer = None
     tree = auto_tree(model) if has_calibration(model) else None

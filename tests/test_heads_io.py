@@ -291,3 +291,22 @@ def test_imported_heads_train_further_and_calibrate(base_dir, tmp_path, capsys, 
     assert code == 0, err
     (evaluated,) = json.loads(report.read_text())["models"]
     assert evaluated and "medusa" in json.dumps(evaluated).lower()
+
+
+@pytest.mark.parametrize("variant", ["llama", "qwen2_tied"])
+def test_heads_on_a_llama_family_base(tmp_path, variant):
+    """The base loads through load_model: heads of FasterDecoding's layout sit on a transformers
+    Llama-family folder as on a GPT-2, and every layout gives back their logits."""
+    from mtpkern.models import Llama
+    from test_llama import hf_model
+
+    hf_model(variant).save_pretrained(tmp_path / "base")
+    model = load_model(medusa_head_dir(tmp_path / "heads", tmp_path / "base", n=2, layers=2))
+    assert isinstance(model.base, Llama) and model.n_heads == 3
+    idx = torch.randint(0, model.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(5))
+    for fmt in FORMATS:
+        out = export_heads(model, fmt, tmp_path / fmt)
+        with torch.no_grad():
+            ref = reference_logits(out, fmt, model.base.hidden_states(idx))
+            torch.testing.assert_close(ref, model(idx).logits[:, :, 1:], atol=1e-5, rtol=0)
+        assert_same_weights(load_model(out), model)
