@@ -130,25 +130,31 @@ def _heads_in(state: dict, pattern: str) -> int:
     return max(found) + 1 if found else 0
 
 
-def _check_names(state: dict, want: set, source: Path) -> None:
+def _check_names(state: dict, want: set, n: int, source: Path) -> None:
     missing, extra = sorted(want - set(state)), sorted(set(state) - want)
     if missing or extra:
         parts = ([f"missing {missing[:4]}{' ...' if len(missing) > 4 else ''}"] if missing else []) + \
                 ([f"extra {extra[:4]}{' ...' if len(extra) > 4 else ''}"] if extra else [])
         raise HeadsError(f"{source} does not hold the MEDUSA heads its config names: " + ", ".join(parts))
+    if n == 0:
+        raise HeadsError(f"{source} holds no MEDUSA head")
+
+
+def _blocks(state: dict, n: int, layers: int, prefix: Callable[[int, int], str]) -> tuple[set, Callable[[], list]]:
+    """The names of n heads' residual layers (``prefix(h, l)`` + "weight" / "bias"), and a reader
+    of them: per head, its layers' (weight, bias)."""
+    names = {prefix(h, l) + p for h in range(n) for l in range(layers) for p in ("weight", "bias")}
+    return names, lambda: [[(state[prefix(h, l) + "weight"], state[prefix(h, l) + "bias"]) for l in range(layers)]
+                           for h in range(n)]
 
 
 def _split_medusa(state: dict, layers: int, raw: dict, source: Path):
     """FasterDecoding's ``{h}.{l}.linear.weight|bias`` and ``{h}.{L}.weight``: per head, its
     layers' (weight, bias) and its unembedding."""
     n = _heads_in(state, r"(\d+)\.")
-    want = {f"{h}.{l}.linear.{p}" for h in range(n) for l in range(layers) for p in ("weight", "bias")}
-    _check_names(state, want | {f"{h}.{layers}.weight" for h in range(n)}, source)
-    if n == 0:
-        raise HeadsError(f"{source} holds no MEDUSA head")
-    blocks = [[(state[f"{h}.{l}.linear.weight"], state[f"{h}.{l}.linear.bias"]) for l in range(layers)]
-              for h in range(n)]
-    return blocks, [state[f"{h}.{layers}.weight"] for h in range(n)]
+    names, read = _blocks(state, n, layers, lambda h, l: f"{h}.{l}.linear.")
+    _check_names(state, names | {f"{h}.{layers}.weight" for h in range(n)}, n, source)
+    return read(), [state[f"{h}.{layers}.weight"] for h in range(n)]
 
 
 def _split_vllm(state: dict, layers: int, raw: dict, source: Path):
@@ -163,15 +169,11 @@ def _split_vllm(state: dict, layers: int, raw: dict, source: Path):
                          f"{raw.get('vocab_size')}, vLLM's token_map) is not supported")
     n = _heads_in(state, r"blocks\.(\d+)\.")
     shared = raw.get("original_lm_head", False) is True
-    want = {f"blocks.{h}.layers.{l}.{p}" for h in range(n) for l in range(layers) for p in ("weight", "bias")}
+    names, read = _blocks(state, n, layers, lambda h, l: f"blocks.{h}.layers.{l}.")
     heads = {"lm_heads.0.weight"} if shared else {f"lm_heads.{h}.weight" for h in range(n)}
-    extra_heads = {f"lm_heads.{h}.weight" for h in range(1, n)} & set(state) if shared else set()
-    _check_names(state, want | heads | extra_heads, source)  # vLLM ignores lm_heads 1.. when shared
-    if n == 0:
-        raise HeadsError(f"{source} holds no MEDUSA head")
-    blocks = [[(state[f"blocks.{h}.layers.{l}.weight"], state[f"blocks.{h}.layers.{l}.bias"]) for l in range(layers)]
-              for h in range(n)]
-    return blocks, [state["lm_heads.0.weight" if shared else f"lm_heads.{h}.weight"] for h in range(n)]
+    ignored = {f"lm_heads.{h}.weight" for h in range(1, n)} & set(state) if shared else set()  # vLLM skips them
+    _check_names(state, names | heads | ignored, n, source)
+    return read(), [state["lm_heads.0.weight" if shared else f"lm_heads.{h}.weight"] for h in range(n)]
 
 
 def _base_name(path: Path, raw: dict, base) -> str:
@@ -281,6 +283,10 @@ def _cpu(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to("cpu").contiguous().clone()
 
 
+def _write_config(tmp: Path, config: dict) -> None:
+    (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+
 def _write_medusa(tmp: Path, model: MedusaModel, blocks: list, own: list | None, base: str) -> None:
     """FasterDecoding's layout, which TensorRT-LLM's ``load_medusa_hf`` reads too: every head
     carries an unembedding (a shared one is written once per head)."""
@@ -295,7 +301,7 @@ def _write_medusa(tmp: Path, model: MedusaModel, blocks: list, own: list | None,
     save_file(state, str(tmp / MEDUSA_WEIGHTS), metadata={"format": "pt"})
     config = {"medusa_num_heads": len(blocks), "medusa_num_layers": L, "base_model_name_or_path": base,
               "hidden_size": model.config.n_embd, "vocab_size": model.config.vocab_size}
-    (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    _write_config(tmp, config)
 
 
 def _write_vllm(tmp: Path, model: MedusaModel, blocks: list, own: list | None, base: str) -> None:
@@ -316,7 +322,7 @@ def _write_vllm(tmp: Path, model: MedusaModel, blocks: list, own: list | None, b
               "vocab_size": c.vocab_size, "num_heads": len(blocks), "num_hidden_layers": c.medusa_layers,
               "truncated_vocab_size": c.vocab_size, "original_lm_head": own is None, "medusa_fc_bias": True,
               "torch_dtype": str(model.dtype).removeprefix("torch."), "base_model_name_or_path": base}
-    (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    _write_config(tmp, config)
 
 
 def medusa_choices(tree: Tree | None) -> str | None:
