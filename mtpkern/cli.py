@@ -440,7 +440,10 @@ def _add_calibrate(sub, shared: dict) -> None:
 
 def _add_export(sub, shared: dict) -> None:
     x = sub.add_parser("export", help="write a MEDUSA model's heads for FasterDecoding/Medusa, vLLM or TensorRT-LLM",
-                       parents=[shared["base"]])
+                       parents=[shared["base"]],
+                       description="Write the heads, a README naming the command that serves them, and the base under "
+                                   "OUT/base; with --base, the config names that base instead and none is written "
+                                   "(docs/heads_export.md).")
     x.add_argument("run", help="MEDUSA checkpoint, run directory or head directory")
     x.add_argument("--format", required=True, choices=FORMATS, help="the layout: " + ", ".join(FORMATS))
     x.add_argument("--out", required=True, help="the folder to write (new, empty, or an earlier export)")

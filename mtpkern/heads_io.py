@@ -356,8 +356,9 @@ def serving_readme(fmt: str, model: MedusaModel, out: Path, base: str, tree: Tre
                                             "and export again, or give your own."),
                   "TensorRT-LLM's example converts Llama-family bases; it does not take a GPT-2 base."]
     else:
-        lines += ["Load with FasterDecoding/Medusa (`MedusaModel.from_pretrained` on this folder), or back into "
-                  f"mtpkern: `mtpkern generate {out} ...`."]
+        lines += ["Load with FasterDecoding/Medusa (`MedusaModel.from_pretrained` on this folder; its code builds "
+                  "Llama- and Mistral-family bases), or back into mtpkern: "
+                  f"`mtpkern generate {out} --prompt '...' --strategy medusa`."]
     return "\n".join(lines) + "\n"
 
 
