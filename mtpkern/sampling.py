@@ -68,4 +68,37 @@ def speculative_sample(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor,
     return out[: out.index(-1)] if -1 in out else out
 
 
-__all__ = ["sampling_probs", "speculative_sample", "speculative_sample_device"]
+def sample_tree_drafts(q: torch.Tensor, parents: list[int], depth: list[int],
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+    """Draft tokens of a tree, each node's children drawn WITHOUT replacement (Jeon et al. 2024).
+
+    q [B, D, V] (or [D, V]): row d-1 is the distribution depth-d nodes are drawn from (MEDUSA /
+    MTP head d at the last accepted position, not conditioned on the path). ``parents`` and
+    ``depth`` are the tree's host lists (``Tree.parents``; node 0 is the root). The children of
+    each node, in the tree's order, are the first m keys of an exponential race q(y) / E_y
+    (E ~ Exp(1), independent per parent): the order in which the race is won is sequential
+    sampling without replacement from q (child i ~ q with children 1..i-1 removed, renormalised).
+    Returns tokens int64 [B, T] ([T] for 2-D q), the root's entry -1 (the caller's root token).
+    Node t's proposal is q[depth[t] - 1] minus its earlier siblings: ``verify_rejection``'s
+    ``draft_row`` is ``depth - 1``.
+    """
+    single = q.dim() == 2
+    qb = q[None] if single else q
+    T = len(parents)
+    tokens = torch.full((qb.shape[0], T), -1, dtype=torch.int64, device=q.device)
+    kids: dict[int, list[int]] = {}
+    for t in range(1, T):
+        kids.setdefault(parents[t], []).append(t)
+    if kids:
+        owners = sorted(kids)
+        m = max(len(v) for v in kids.values())
+        rows = qb[:, [depth[o] for o in owners]].float()  # [B, P, V]: each parent's children's q
+        race = -torch.rand(rows.shape, device=q.device, generator=generator).clamp_min(1e-38).log()
+        order = torch.topk(rows / race, min(m, rows.shape[-1]), dim=-1).indices  # [B, P, m]
+        for i, o in enumerate(owners):
+            for j, c in enumerate(kids[o][: order.shape[-1]]):
+                tokens[:, c] = order[:, i, j]
+    return tokens[0] if single else tokens
+
+
+__all__ = ["sample_tree_drafts", "sampling_probs", "speculative_sample", "speculative_sample_device"]
