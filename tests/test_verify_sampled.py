@@ -46,7 +46,7 @@ def step(tree, ctxs, heads, g, bias=0.0, **kw):
         p[..., 0] += bias
     row = (tree.tensors().depth - 1).clamp_min(0)
     res = verify_rejection(toks, p, q, row, tree.tensors().parents, tree.max_depth, generator=g)
-    return [r[: int(n)] for r, n in zip(res.tokens.tolist(), res.count)]
+    return [r[: int(n)] for r, n in zip(res.tokens.tolist(), res.n_emitted)]
 
 
 def sample_pairs(tree, heads, n, seed, bias=0.0, **kw):
@@ -95,4 +95,47 @@ def test_backends_and_edges():
     res = verify_rejection_ref(toks, p, q, torch.zeros(4, dtype=torch.int64), tree.tensors().parents,
                                torch.rand(4), 1)
     # the only proposed draft (token 2) has no target mass: rejected; 1 and 0 were never proposed
-    assert int(res.accept_len) == 0 and int(res.tokens[0]) in (0, 1) and int(res.count) == 1
+    assert int(res.accept_len) == 0 and int(res.tokens[0]) in (0, 1) and int(res.n_emitted) == 1
+
+
+def _inputs(B, T=4, V=3):
+    tree = Tree.from_widths([T - 1]) if T > 1 else Tree([])
+    lead = (B,) if B else ()
+    g = torch.Generator().manual_seed(B + T + V)
+    p = torch.softmax(torch.randn(lead + (T, V), generator=g), -1)
+    q = torch.softmax(torch.randn(lead + (1, V), generator=g), -1)
+    toks = torch.randint(0, V, lead + (T,), generator=g)
+    u = torch.rand(lead + (T,), generator=g)
+    return toks, p, q, torch.zeros(T, dtype=torch.int64), tree.tensors().parents, u, tree.max_depth
+
+
+@pytest.mark.parametrize("B,T,V", [(0, 1, 1), (0, 4, 3), (5, 4, 97), (1, 1, 3), (5, 6, 1)])
+def test_op_batch_and_single_rows_agree(B, T, V):
+    args = _inputs(B, T, V)
+    res = verify_rejection_ref(*args)
+    op = torch.ops.mtpkern.verify_rejection(*args)
+    for a, b in zip(res, op):
+        assert torch.equal(a, b)
+    if B:
+        for b in range(B):
+            row = verify_rejection_ref(args[0][b], args[1][b], args[2][b], *args[3:5], args[5][b], args[6])
+            assert [int(row.accept_len), row.tokens.tolist()] == [int(res.accept_len[b]), res.tokens[b].tolist()]
+    assert torch.equal(res.n_emitted, res.accept_len + 1)
+    assert ((res.tokens >= 0) & (res.tokens < V)).sum(-1).eq(res.n_emitted).all()
+
+
+@pytest.mark.parametrize("i,bad,kind", [
+    (0, torch.zeros(4, dtype=torch.int32), TypeError),
+    (1, torch.ones(4, 3, dtype=torch.float64), TypeError),
+    (1, torch.ones(3, 3), ValueError),
+    (2, torch.ones(1, 2), ValueError),
+    (4, torch.zeros(3, dtype=torch.int64), ValueError),
+    (5, torch.rand(3), ValueError),
+    (6, -1, ValueError),
+])
+def test_input_checks_are_one_line_errors(i, bad, kind):
+    args = list(_inputs(0))
+    args[i] = bad
+    with pytest.raises(kind) as err:
+        verify_rejection_ref(*args)
+    assert "\n" not in str(err.value) and str(err.value).startswith("verify_rejection: ")

@@ -11,6 +11,7 @@
 | ``ln_fc_gelu`` | Triton | LayerNorm 2, the MLP's up projection, its bias and GELU |
 | ``tree_buffers`` | C++/CUDA | building a tree's packed mask, depths and paths on the host |
 | ``verify_greedy`` / ``verify_typical`` | C++/CUDA | argmax, compare, cumprod, best path, gather |
+| ``verify_rejection`` | eager (C++/CUDA to do) | recursive rejection sampling of a sampled tree |
 | ``accept_greedy`` | C++ (CPU) | a greedy step's logits, argmax, verification and output: a dozen small ops |
 | ``kv_compact_`` | C++/CUDA | per-layer index_select / index_copy of the accepted KV entries |
 
@@ -39,6 +40,7 @@ from mtpkern.ops.verify import (
     AcceptResult, VerifyResult, accept_greedy, accept_greedy_ref, verify_greedy, verify_greedy_ref, verify_typical,
     verify_typical_ref,
 )
+from mtpkern.ops.verify_sampled import RejectionResult, verify_rejection, verify_rejection_ref
 
 __all__ = [
     "HAS_CUDA_EXT", "HAS_TRITON", "forced_backend",
@@ -51,4 +53,5 @@ __all__ = [
     "TreeBuffers", "tree_buffers", "tree_buffers_ref",
     "VerifyResult", "verify_greedy", "verify_greedy_ref", "verify_typical", "verify_typical_ref",
     "AcceptResult", "accept_greedy", "accept_greedy_ref",
+    "RejectionResult", "verify_rejection", "verify_rejection_ref",
 ]

@@ -50,7 +50,7 @@ class RejectionResult(NamedTuple):
     last_node: Tensor  # int64 0-d: the last accepted node (0 = the root)
     path: Tensor  # int64 [max_depth + 1]: nodes root..last_node, then -1 (kv_compact_'s path)
     tokens: Tensor  # int64 [max_depth + 1]: accepted drafts, the sampled token, then -1
-    count: Tensor  # int64 0-d: emitted tokens, accept_len + 1 (kv_compact_'s count for path)
+    n_emitted: Tensor  # int64 0-d: emitted tokens, accept_len + 1 (kv_compact_'s count for path)
 
 
 OP = "verify_rejection"
@@ -102,7 +102,8 @@ def _draw(r: Tensor, u: float) -> int:
 def _row_ref(tokens, p, q, draft_row, kids, u, max_depth):
     """One row's walk (host lists for the structure, fp32 tensors for the distributions)."""
     V, Q = p.shape[-1], q.shape[0]
-    cur, path, out, r = 0, [0], [], p[0]
+    cur, path, r = 0, [0], p[0]
+    out: list[int] = []
     while len(out) < max_depth:
         accepted, rem = False, 1.0  # rem: q mass left after the rejected siblings  # q mass left after removing the rejected siblings' tokens
         for c in kids[cur]:
@@ -155,7 +156,7 @@ def verify_rejection_ref(tree_tokens: Tensor, target_probs: Tensor, draft_probs:
 
 SCHEMA = ("(Tensor tree_tokens, Tensor target_probs, Tensor draft_probs, Tensor draft_row, Tensor parents, "
           "Tensor uniforms, int max_depth) -> (Tensor accept_len, Tensor last_node, Tensor path, Tensor tokens, "
-          "Tensor count)")
+          "Tensor n_emitted)")
 
 # No C++/CUDA kernel yet: the reference is the op's kernel on every device.
 torch.library.define(f"mtpkern::{OP}", SCHEMA)
