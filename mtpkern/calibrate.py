@@ -63,6 +63,7 @@ from mtpkern.costmodel import (
 from mtpkern.data import format_prompt, load_tokenizer
 from mtpkern.rundir import read_run, validation_records
 from mtpkern.generation import generate
+from mtpkern.heads_io import check_base_use, tokenizer_source
 from mtpkern.hf_io import load_model
 from mtpkern.planner import (
     StepCost,
@@ -178,23 +179,27 @@ def calibrate_records(model, records, tokenizer, *, max_samples: int = 16, max_n
 
 def calibrate_checkpoint(path, *, data: str | None = None, device: str = "auto", dtype: str | None = None,
                          max_samples: int = 32, max_new_tokens: int = 64, kernels: str = "auto",
-                         cuda_graph: bool = False, max_nodes: int | None = None, measure: bool = True) -> dict:
+                         cuda_graph: bool = False, max_nodes: int | None = None, measure: bool = True,
+                         base=None) -> dict:
     """``mtpkern calibrate``: calibrate a run or checkpoint on its held-out data, write
     ``calibration.json`` beside the weights, measure the step cost, choose the tree, and (with
     ``measure``) decode held-out prompts with it and with ``ntp`` to set the prediction beside
-    what happens. Returns the report (printed by :func:`format_report`)."""
+    what happens. Returns the report (printed by :func:`format_report`). ``path`` may be a MEDUSA
+    head directory (``mtpkern.heads_io``) on its config's base, or on ``base`` where given (the
+    tokenizer is then the base's); ``base`` for anything else is a one-line error."""
+    check_base_use([path], base)
     ckpt, run = resolve_checkpoint(path)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     train_config = read_run(run)[0]
     val, info = validation_records(train_config, data)
     # Loaded as saved (the fingerprint reads those weights) and without any old calibration.
-    model = load_model(ckpt, device=dev, calibration=False).eval()
+    model = load_model(ckpt, device=dev, calibration=False, base=base).eval()
     if model.config.model_type not in ("mtp", "medusa"):
         raise ValueError(f"{ckpt} holds a {model.config.model_type} model: calibration needs MTP or MEDUSA heads")
     if max_nodes is not None:
         check_budget(max_nodes, max_draft_nodes(model))
-    tokenizer = load_tokenizer(ckpt)
+    tokenizer = load_tokenizer(tokenizer_source(ckpt, base))
     prompts = held_out_prompts(val, tokenizer, model, max_samples=2 * max_samples, max_new_tokens=max_new_tokens)
     if not prompts:
         raise ValueError(f"no held-out prompt fits the context of {model.config.n_positions} tokens "

@@ -32,7 +32,14 @@ from mtpkern.demo import run_demo  # noqa: E402
 from mtpkern.distill import distill  # noqa: E402
 from mtpkern.eval import evaluate  # noqa: E402
 from mtpkern.generation import generate  # noqa: E402
-from mtpkern.heads_io import FORMATS, check_exportable, check_out, export_heads, tokenizer_source  # noqa: E402
+from mtpkern.heads_io import (  # noqa: E402
+    FORMATS,
+    check_base_use,
+    check_exportable,
+    check_out,
+    export_heads,
+    tokenizer_source,
+)
 from mtpkern.hf_io import load_model  # noqa: E402
 from mtpkern.options import ACCEPTANCE, KERNELS, STRATEGIES, DecodeOptions  # noqa: E402
 from mtpkern.runtime import resolve_device, resolve_dtype  # noqa: E402
@@ -158,9 +165,9 @@ def cmd_demo(args) -> int:
 
 
 def cmd_generate(args) -> int:
+    check_base_use([args.model], args.base)  # a MEDUSA head directory's base (mtpkern.heads_io)
     device = resolve_device(args.device)
-    heads_base = {"base": args.base} if args.base else {}  # a MEDUSA head directory's base (mtpkern.heads_io)
-    model = load_model(args.model, device=device, dtype=resolve_dtype(args.dtype, device), **heads_base)
+    model = load_model(args.model, device=device, dtype=resolve_dtype(args.dtype, device), base=args.base)
     tokenizer = load_tokenizer(tokenizer_source(args.model, args.base))
     text = args.prompt if args.raw else format_prompt(args.prompt)
     ids = torch.tensor([tokenizer(text)["input_ids"]], device=device)
@@ -186,7 +193,7 @@ def cmd_eval(args) -> int:
         speed_samples=args.speed_samples,
         max_new_tokens=args.max_new_tokens, kernels=args.kernels, hf_baseline=not args.no_hf,
         dtype=args.dtype, cuda_graph=args.cuda_graph, batch_sizes=args.batch, prefix_cache=not args.no_prefix_cache,
-        progress=not args.no_progress,
+        progress=not args.no_progress, base=args.base,
     )
     return 0
 
@@ -206,7 +213,7 @@ def cmd_calibrate(args) -> int:
     report = calibrate_checkpoint(
         args.model, data=args.data, device=args.device, dtype=args.dtype, max_samples=args.max_samples,
         max_new_tokens=args.max_new_tokens, kernels=args.kernels, cuda_graph=args.cuda_graph,
-        max_nodes=args.max_nodes, measure=not args.no_measure,
+        max_nodes=args.max_nodes, measure=not args.no_measure, base=args.base,
     )
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -392,8 +399,10 @@ def decode_options(args, model) -> DecodeOptions:
 
 def _add_eval(sub, shared: dict) -> None:
     e = sub.add_parser("eval", help="compare checkpoints: quality, speed, memory, training cost",
-                       parents=[shared["device"], shared["dtype"], shared["engine"], shared["progress"]])
-    e.add_argument("models", nargs="+", help="run or checkpoint directories")
+                       parents=[shared["device"], shared["dtype"], shared["engine"], shared["progress"],
+                                shared["base"]])
+    e.add_argument("models", nargs="+", help="run, checkpoint or MEDUSA head directories (--base: the head "
+                                             "directories' base)")
     e.add_argument("--data", help="validation data when a run does not name its own")
     e.add_argument("--json", help="where to write the JSON report (default ./eval.json); the table goes beside it "
                                   "as .md and the plots into <stem>_plots/, and neither replaces a file that "
@@ -427,8 +436,8 @@ def _add_bench(sub, shared: dict) -> None:
 
 def _add_calibrate(sub, shared: dict) -> None:
     c = sub.add_parser("calibrate", help="measure head acceptance and step cost; choose the tree for --tree auto",
-                       parents=[shared["device"], shared["dtype"], shared["engine"]])
-    c.add_argument("model", help="run or checkpoint directory of an MTP or MEDUSA model")
+                       parents=[shared["device"], shared["dtype"], shared["engine"], shared["base"]])
+    c.add_argument("model", help="run or checkpoint directory of an MTP or MEDUSA model, or a MEDUSA head directory")
     c.add_argument("--data", help="held-out data for a bare checkpoint (a run uses its own validation split)")
     c.add_argument("--max-samples", type=_positive_int, default=32, help="held-out prompts to calibrate on")
     _add_max_new_tokens(c, 64)

@@ -32,7 +32,7 @@ JSON schema (``schema == "mtpkern.eval/1"``)::
     settings: {max_samples, speed_samples, max_new_tokens, kernels, cuda_graph, hf_baseline, batch_sizes,
                prefix_cache}
     models: [ {
-      name, path (checkpoint dir), model_type ("gpt2"|"mtp"|"medusa"), objective (the run's:
+      name, path (checkpoint dir), model_type ("gpt2"|"llama"|"mtp"|"medusa"), objective (the run's:
       "ntp"|"mtp"|"medusa"|"medusa2"), medusa_proj (MEDUSA heads with their own unembedding),
       n_heads (J), n_params,
       primary: the strategy of the table row ("ntp" | "mtp" | "medusa"),
@@ -68,6 +68,7 @@ import json
 import math
 import statistics
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -76,20 +77,21 @@ from tqdm.auto import tqdm
 
 from mtpkern.batch import BatchDecoder
 from mtpkern.checkpoint import CheckpointError, check_report_path, resolve_checkpoint, write_text_atomic
-from mtpkern.config import GPT2Config
 from mtpkern.data import SFTDataset, collate, format_prompt, load_tokenizer
 from mtpkern.decoder import Decoder
 from mtpkern.autotree import resolve_options
 from mtpkern.options import DecodeOptions
+from mtpkern.heads_io import check_base_use, is_head_directory, tokenizer_source
 from mtpkern.hf_io import load_model, to_hf
 from mtpkern.metrics import answer_accuracy, bleu, evaluate_heads
-from mtpkern.models import GPT2, MedusaModel
+from mtpkern.models import GPT2, MedusaModel, base_class
 from mtpkern.plots import plots_folder_is_ours, write_plots
 from mtpkern.rundir import read_run, training_summary, validation_records
 from mtpkern.runtime import dtype_name, now, peak_memory, reset_peak_memory, resolve_device, resolve_dtype, timed
 from mtpkern.tree import Tree
 
 SCHEMA = "mtpkern.eval/1"
+FAMILY_NAMES = {"gpt2": "GPT-2", "llama": "Llama"}
 # the first line of every table we write: a later run may replace a file that starts with it
 TABLE_MARK = "<!-- written by mtpkern eval: its next run with the same report file replaces this table -->"
 
@@ -111,9 +113,15 @@ def device_info(device: torch.device, dtype: torch.dtype) -> dict:
 # ----------------------------------------------------------------------------- decoding
 
 
+def role(kind: str) -> str:
+    """A ``model_type``'s role in the report: ``"base"`` (a GPT-2 or Llama-family model alone),
+    ``"mtp"`` or ``"medusa"``."""
+    return kind if kind in ("mtp", "medusa") else "base"
+
+
 def strategies_for(model) -> list[str]:
     """Our next-token baseline first, then the model's own speculative strategy."""
-    return {"gpt2": ["ntp"], "mtp": ["ntp", "mtp"], "medusa": ["ntp", "medusa"]}[model.config.model_type]
+    return {"base": ["ntp"], "mtp": ["ntp", "mtp"], "medusa": ["ntp", "medusa"]}[role(model.config.model_type)]
 
 
 def eval_tree(n_medusa_heads: int):
@@ -123,23 +131,29 @@ def eval_tree(n_medusa_heads: int):
     return Tree.from_widths(widths[:n_medusa_heads])
 
 
-def next_token_gpt2(model):
-    """A ``GPT2`` with exactly the weights of ``model``'s next-token path (head 0), for the
-    ``transformers`` baseline: the model itself, MEDUSA's base, or MTP's trunk followed by
-    its head-0 block (which is a GPT-2 of the same depth)."""
-    kind = model.config.model_type
-    if kind == "gpt2":
+def next_token_model(model) -> GPT2:
+    """A base model of ``model``'s family (``GPT2`` or ``Llama``) with exactly the weights of its
+    next-token path (head 0), for the ``transformers`` baseline: the model itself, MEDUSA's base,
+    or MTP's trunk followed by its head-0 block (a base model of the same depth: the inverse of
+    ``MTPModel.from_base``)."""
+    kind = role(model.config.model_type)
+    if kind == "base":
         return model
     if kind == "medusa":
         return model.base
-    cfg = GPT2Config.from_dict({**model.config.to_dict(), "model_type": "gpt2", "n_heads": 1})
-    gpt = GPT2(cfg).to(device=model.device, dtype=model.dtype)
-    gpt.wte.load_state_dict(model.wte.state_dict())
-    gpt.wpe.load_state_dict(model.wpe.state_dict())
-    gpt.ln_f.load_state_dict(model.ln_f.state_dict())
-    for i, block in enumerate([*model.trunk, model.heads[0]]):
-        gpt.h[i].load_state_dict(block.state_dict())
-    return gpt.eval()
+    cfg = replace(model.config, model_type=model.config.family, n_heads=1)
+    base = base_class(cfg)(cfg).to(device=model.device, dtype=model.dtype)
+    trunk = len(model.trunk)
+    state = {}
+    for key, value in model.state_dict().items():
+        if key.startswith("trunk."):
+            state["h." + key[len("trunk."):]] = value
+        elif key.startswith("heads.0."):
+            state[f"h.{trunk}." + key[len("heads.0."):]] = value
+        elif not key.startswith("heads."):
+            state[key] = value  # embeddings, the final norm, a Llama's untied unembedding
+    base.load_state_dict(state)
+    return base.eval()
 
 
 def _strip_eos(tokens: list[int], eos: int | None) -> list[int]:
@@ -150,7 +164,7 @@ def hf_decoder(model, max_new_tokens: int, eos_token_id: int | None, *, static_c
     """``run(ids [1, T]) -> new token ids``: greedy ``transformers`` ``generate`` on the
     weights of ``model``'s next-token path. ``eos_token_id=None`` decodes exactly
     ``max_new_tokens`` tokens; ``static_cache`` uses ``cache_implementation="static"``."""
-    hf = to_hf(next_token_gpt2(model))
+    hf = to_hf(next_token_model(model))
     hf.generation_config.eos_token_id = eos_token_id  # None: never stop early
     hf.generation_config.pad_token_id = 0 if eos_token_id is None else eos_token_id
     extra = dict(cache_implementation="static") if static_cache else {}
@@ -328,17 +342,20 @@ def evaluate_checkpoint(path, *, data: str | None = None, device: torch.device, 
                         batch_size: int = 8, kernels: str = "auto", cuda_graph: bool = False,
                         prefix_cache: bool = True,
                         hf_baseline: bool = True, progress: bool = True, batch_sizes=(),
-                        speed_samples: int | None = None, quality_batch: int = 16) -> dict:
+                        speed_samples: int | None = None, quality_batch: int = 16, base=None) -> dict:
     """Quality, speed, memory and training cost of one checkpoint (one entry of ``models``);
     with ``batch_sizes``, also the throughput of batched decoding at each (``batched``).
     Quality over ``max_samples`` prompts decoded ``quality_batch`` at a time; speed over the
-    first ``speed_samples`` of them (default: all) decoded one at a time."""
+    first ``speed_samples`` of them (default: all) decoded one at a time. ``base``: the base of a
+    MEDUSA head directory (``mtpkern.heads_io``; ignored for anything else), whose tokenizer is
+    then the base's."""
     ckpt, run = resolve_checkpoint(path)
     train_config, log, summary = read_run(run)
     name = (run or ckpt).name
     val, val_info = scored_records(train_config, data)
-    model = load_model(ckpt, device=device, dtype=dtype).eval()
-    tokenizer = load_tokenizer(ckpt)
+    heads_base = base if is_head_directory(ckpt) else None
+    model = load_model(ckpt, device=device, dtype=dtype, base=heads_base).eval()
+    tokenizer = load_tokenizer(tokenizer_source(ckpt, heads_base))
     loader = _validation_loader(val, tokenizer, model, train_config, batch_size)
     heads = evaluate_heads(model, loader, device, max_batches=max_batches)  # the trainer's own metric code
     # Generation: the same prompts for every strategy.
@@ -361,7 +378,7 @@ def evaluate_checkpoint(path, *, data: str | None = None, device: torch.device, 
     texts = [tokenizer.decode(_strip_eos(t, eos), skip_special_tokens=True) for t in solutions]
     refs = [rec["response"] for rec in samples]
     kind = model.config.model_type
-    objective = (train_config or {}).get("objective", kind if kind != "gpt2" else "ntp")
+    objective = (train_config or {}).get("objective", "ntp" if role(kind) == "base" else kind)
     quality = _quality(kind, heads, texts, refs, decoded_with)
     if objective == "medusa2":
         assert train_config is not None  # that objective is read from it
@@ -373,7 +390,7 @@ def evaluate_checkpoint(path, *, data: str | None = None, device: torch.device, 
         name=name, path=str(ckpt), model_type=kind, objective=objective,
         medusa_proj=bool(model.config.medusa_proj), n_heads=model.n_heads, n_params=model.num_parameters(),
         primary=strategies_for(model)[-1], validation=val_info, quality=quality,
-        speed=_speed_entry(runs, eos, kind), batched=batched,
+        speed=_speed_entry(runs, eos, kind, model.config.family), batched=batched,
         memory=dict(decode_peak_bytes=peak, kind=peak_kind), training=training_summary(log, summary),
         calibration=_calibration_entry(model),
     )
@@ -416,15 +433,15 @@ def fitting_prompts(val: list[dict], tokenizer, model, decoders: dict, *, max_ne
     return samples, prompts
 
 
-def _speed_entry(runs: dict, eos: int | None, kind: str) -> dict:
+def _speed_entry(runs: dict, eos: int | None, kind: str, family: str) -> dict:
     """:func:`speed_summary` with the speculative strategies' trees and the baseline's weights."""
     speed = speed_summary(runs, eos)
     for strategy in ("mtp", "medusa"):
         if strategy in speed:
             speed[strategy]["tree"] = runs[strategy]["tree"]
     if speed["hf"] is not None:
-        speed["hf"]["weights"] = {"gpt2": "the model", "mtp": "trunk + head-0 block as a GPT-2",
-                                  "medusa": "the base"}[kind]
+        speed["hf"]["weights"] = {"base": "the model", "medusa": "the base",
+                                  "mtp": f"trunk + head-0 block as a {FAMILY_NAMES[family]}"}[role(kind)]
     return speed
 
 
@@ -432,8 +449,8 @@ def _quality(kind: str, heads: dict, texts: list[str], refs: list[str], decoded_
     """The quality entry: every head's metrics, and BLEU and answer accuracy of ``texts``."""
     return dict(
         val_loss=heads["loss"], ppl=heads["ppl"],
-        ppl_of={"gpt2": "the model", "mtp": "head 0 (trunk + head-0 block)",
-                "medusa": "the frozen base (head 0): MEDUSA-1 heads cannot change it"}[kind],
+        ppl_of={"base": "the model", "mtp": "head 0 (trunk + head-0 block)",
+                "medusa": "the frozen base (head 0): MEDUSA-1 heads cannot change it"}[role(kind)],
         head_top1=heads["acc_top1"], head_top5=heads["acc_top5"],
         bleu=bleu(texts, refs), answer_accuracy=answer_accuracy(texts, refs), n_samples=len(texts),
         decoded_with=decoded_with,
@@ -526,7 +543,7 @@ def format_table(report: dict) -> str:
     if any(not m["validation"]["held_out"] for m in report["models"]):
         notes.append("some models were evaluated on a split they may have trained on (no train_config.json)")
     notes.append("speedup vs HF: `transformers` `generate` on the same next-token weights "
-                 "(MTP: trunk + head 0 as a GPT-2)")
+                 "(MTP: trunk + head 0 as a base model of its family)")
     return "\n".join(lines + [""] + [f"- {n}" for n in notes] + _batched_table(report)) + "\n"
 
 
@@ -554,7 +571,7 @@ def evaluate(paths: list, *, data: str | None = None, json_path=None, device: st
              max_batches: int | None = None, batch_size: int = 8, kernels: str = "auto",
              cuda_graph: bool = False, hf_baseline: bool = True, plots: bool = True,
              progress: bool = True, batch_sizes=(), speed_samples: int | None = None,
-             prefix_cache: bool = True) -> dict:
+             prefix_cache: bool = True, base=None) -> dict:
     """Evaluate every checkpoint in ``paths`` and write the JSON, the table and the plots.
     ``batch_sizes`` (e.g. ``(1, 4, 16)``): also the tokens/s of batched decoding at each.
     Quality comes from ``max_samples`` prompts decoded in batches (of the largest of
@@ -562,7 +579,9 @@ def evaluate(paths: list, *, data: str | None = None, json_path=None, device: st
     one at a time. ``prefix_cache``: the decoders reuse the K/V of what a prompt shares with the
     previous one (``Decoder(prefix_cache=...)``; the table says how many tokens per prompt).
 
-    ``paths``: run or checkpoint directories. ``data``: the records to evaluate bare
+    ``paths``: run or checkpoint directories, or MEDUSA head directories (FasterDecoding's or
+    vLLM's layout), on ``base`` where given (it applies to those only: given where no path is
+    one, a one-line error). ``data``: the records to evaluate bare
     checkpoints on (runs use their own validation split). ``dtype``: "float32" /
     "float16" / "bfloat16" (default float32 on CPU, float16 on CUDA). The JSON goes to
     ``json_path`` (default ``eval.json`` in the current directory), the table next to it
@@ -577,6 +596,7 @@ def evaluate(paths: list, *, data: str | None = None, json_path=None, device: st
     if speed_samples is not None and (isinstance(speed_samples, bool) or not isinstance(speed_samples, int)
                                       or speed_samples < 1):
         raise ValueError(f"speed_samples must be an int >= 1 (or None: every sample), got {speed_samples!r}")
+    check_base_use(paths, base)
     asked = json_path
     json_path, table_path, plots_dir = report_files(asked, plots)
     dev = resolve_device(device)
@@ -585,7 +605,7 @@ def evaluate(paths: list, *, data: str | None = None, json_path=None, device: st
                                   max_new_tokens=max_new_tokens, max_batches=max_batches, batch_size=batch_size,
                                   kernels=kernels, cuda_graph=cuda_graph, hf_baseline=hf_baseline,
                                   progress=progress, batch_sizes=tuple(batch_sizes), speed_samples=speed_samples,
-                                  quality_batch=max(batch_sizes, default=16), prefix_cache=prefix_cache)
+                                  quality_batch=max(batch_sizes, default=16), prefix_cache=prefix_cache, base=base)
               for p in paths]
     report = dict(schema=SCHEMA, device=device_info(dev, dt),
                   settings=dict(max_samples=max_samples, speed_samples=speed_samples, max_new_tokens=max_new_tokens,

@@ -38,6 +38,7 @@ vLLM and TensorRT-LLM cannot run here: the tests check the layouts as those load
 from __future__ import annotations
 
 import json
+import os
 import re
 import warnings
 from pathlib import Path
@@ -177,7 +178,8 @@ def _split_vllm(state: dict, layers: int, raw: dict, source: Path):
 
 
 def _base_name(path: Path, raw: dict, base) -> str:
-    name = base if base is not None else raw.get("base_model_name_or_path")
+    name = os.fspath(base) if isinstance(base, os.PathLike) else base if base is not None \
+        else raw.get("base_model_name_or_path")
     if not isinstance(name, str) or not name:
         raise HeadsError(f"{path / CONFIG_NAME} names no base model ('base_model_name_or_path'): pass --base / base=")
     if base is None and not Path(name).is_absolute() and (path / name).is_dir():
@@ -362,12 +364,31 @@ def serving_readme(fmt: str, model: MedusaModel, out: Path, base: str, tree: Tre
     return "\n".join(lines) + "\n"
 
 
+def _head_config(name_or_dir) -> dict | None:
+    """The parsed ``config.json`` of a MEDUSA head directory, None for anything else."""
+    try:
+        raw = json.loads((Path(name_or_dir) / CONFIG_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return raw if isinstance(raw, dict) and is_head_dir(raw) else None
+
+
+def is_head_directory(name_or_dir) -> bool:
+    """Whether ``name_or_dir`` is a MEDUSA head directory (FasterDecoding's or vLLM's layout)."""
+    return _head_config(name_or_dir) is not None
+
+
+def check_base_use(models, base) -> None:
+    """A ``base`` (``--base``) given where none of ``models`` is a MEDUSA head directory, whose
+    base it names, is a one-line HeadsError: it would be ignored."""
+    if base is not None and not any(is_head_directory(m) for m in models):
+        names = ", ".join(str(m) for m in models)
+        raise HeadsError(f"--base / base= names the base of a MEDUSA head directory (FasterDecoding/Medusa's or "
+                         f"vLLM's layout), and {names} {'is' if len(models) == 1 else 'are'} not one")
+
+
 def tokenizer_source(name_or_dir, base=None):
     """Where the tokenizer of a model argument lives: a MEDUSA head directory's base (``base``,
     else its config's), anything else itself."""
-    cfg = Path(name_or_dir) / CONFIG_NAME
-    try:
-        raw = json.loads(cfg.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return name_or_dir
-    return _base_name(Path(name_or_dir), raw, base) if isinstance(raw, dict) and is_head_dir(raw) else name_or_dir
+    raw = _head_config(name_or_dir)
+    return name_or_dir if raw is None else _base_name(Path(name_or_dir), raw, base)

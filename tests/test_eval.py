@@ -13,13 +13,13 @@ from mtpkern.eval import (
     answer_accuracy,
     bleu,
     evaluate,
-    next_token_gpt2,
+    next_token_model,
     read_run,
     training_summary,
     validation_records,
 )
-from mtpkern.config import GPT2Config
-from mtpkern.models import GPT2, MedusaModel, MTPModel
+from mtpkern.config import GPT2Config, LlamaConfig
+from mtpkern.models import GPT2, Llama, MedusaModel, MTPModel
 from mtpkern.plots import PLOTS_MARK
 
 # ---------------------------------------------------------------- metrics
@@ -90,14 +90,18 @@ def test_evaluate_heads_fused_and_plain_agree(model_type):
 # ---------------------------------------------------------------- runs and splits
 
 
-def _model(model_type):
-    base = GPT2(GPT2Config.tiny(vocab_size=64, n_layer=2, n_embd=32, n_head=2))
-    return {"gpt2": lambda: base, "mtp": lambda: MTPModel.from_base(base, 2),
+def _model(model_type, family="gpt2"):
+    if family == "llama":  # GQA and an untied unembedding: every weight of the family has a place
+        base = Llama(LlamaConfig.tiny(vocab_size=64, n_layer=2, n_embd=32, n_head=4, n_kv_head=2,
+                                      intermediate_size=48, tie_word_embeddings=False))
+    else:
+        base = GPT2(GPT2Config.tiny(vocab_size=64, n_layer=2, n_embd=32, n_head=2))
+    return {"base": lambda: base, "gpt2": lambda: base, "mtp": lambda: MTPModel.from_base(base, 2),
             "medusa": lambda: MedusaModel.from_base(base, 2)}[model_type]()
 
 
-def _save_tiny(directory, model_type="gpt2"):
-    model = _model(model_type)
+def _save_tiny(directory, model_type="gpt2", family="gpt2"):
+    model = _model(model_type, family)
     model.save_pretrained(directory)
     return model
 
@@ -137,20 +141,27 @@ def test_training_summary_from_log(tmp_path):
         read_run(tmp_path)
 
 
-@pytest.mark.parametrize("model_type", ["gpt2", "mtp", "medusa"])
-def test_next_token_gpt2_has_the_same_next_token_path(tmp_path, model_type):
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("model_type", ["base", "mtp", "medusa"])
+def test_next_token_model_has_the_same_next_token_path(tmp_path, model_type, family):
+    """The transformers baseline's weights: a base model of the model's own family (issue 24: an
+    MTP model on a Llama built head 0 as a GPT-2) whose logits are the next-token path's, also
+    once converted to transformers."""
+    from mtpkern.hf_io import to_hf
+
     torch.manual_seed(0)
-    model = _save_tiny(tmp_path, model_type).eval()
+    model = _save_tiny(tmp_path, model_type, family).eval()
     if model_type == "mtp":  # make head 0 differ from the other heads and the initial copy
         with torch.no_grad():
             for p in model.heads.parameters():
                 p.add_(0.1 * torch.randn_like(p))
-    gpt = next_token_gpt2(model)
-    assert isinstance(gpt, GPT2)
+    base = next_token_model(model)
+    assert type(base) is {"gpt2": GPT2, "llama": Llama}[family] and base.config.family == family
     idx = torch.randint(0, 64, (2, 11))
     with torch.no_grad():
         expected = model(idx, heads=1).logits[:, :, 0]
-        torch.testing.assert_close(gpt(idx).logits[:, :, 0], expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(base(idx).logits[:, :, 0], expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(to_hf(base)(idx).logits, expected, rtol=1e-4, atol=1e-4)
 
 
 # ---------------------------------------------------------------- end to end
@@ -265,6 +276,48 @@ def test_evaluate_shows_projections_and_what_medusa2_traded(runs, tmp_path):
     gone = original_base_quality(tmp_path / "moved", None, [], [], None, device="cpu", dtype=torch.float32,
                                  max_batches=1, max_new_tokens=4, kernels="auto")
     assert gone["ppl"] is None and "moved" in gone["error"]
+
+
+def _llama_base(directory, n_kv_head: int):
+    """A tiny random Llama with a 400-token tokenizer, saved as a training base."""
+    from mtpkern.data import synthetic_records, train_tokenizer
+
+    tok = train_tokenizer(synthetic_records(200, seed=7), vocab_size=400)
+    torch.manual_seed(0)
+    cfg = LlamaConfig.tiny(vocab_size=len(tok), n_positions=128, n_embd=32, n_layer=2, n_head=4, n_kv_head=n_kv_head,
+                           intermediate_size=48, bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
+    Llama(cfg).save_pretrained(directory, tokenizer=tok)
+    return directory
+
+
+@pytest.mark.parametrize("n_kv_head", [
+    4,
+    pytest.param(2, marks=pytest.mark.xfail(strict=True, reason="BatchDecoder (batch.py) builds its KVCache with "
+                                            "cfg.n_head, not model.new_cache: a GQA model's batches fail")),
+])
+def test_eval_command_on_mtp_and_medusa_runs_on_a_llama(tmp_path, capsys, monkeypatch, n_kv_head):
+    """Issue 24: `mtpkern eval` on runs trained on a Llama base (the MTP one built its
+    transformers baseline as a GPT-2). Every strategy and transformers decode the same tokens."""
+    from mtpkern.train import TrainConfig, train
+    from test_cli import run_main
+
+    base = _llama_base(tmp_path / "base", n_kv_head)
+    common = dict(DATA, base=str(base), steps=2, batch_size=4, eval_every=1000, save_every=1000, n_heads=3,
+                  device="cpu", precision="fp32", progress=False)
+    for objective in ("mtp", "medusa"):
+        train(TrainConfig(objective=objective, out=str(tmp_path / objective), **common))
+    out = tmp_path / "e.json"
+    code, err = run_main(["eval", tmp_path / "mtp", tmp_path / "medusa", "--json", out, "--max-samples", "3",
+                          "--speed-samples", "2", "--max-new-tokens", "8", "--batch", "2", "--no-progress",
+                          "--device", "cpu"], capsys, monkeypatch)
+    assert code == 0, err
+    mtp, medusa = json.loads(out.read_text())["models"]
+    assert (mtp["model_type"], mtp["primary"], medusa["primary"]) == ("mtp", "mtp", "medusa")
+    assert mtp["speed"]["hf"]["weights"] == "trunk + head-0 block as a Llama"
+    for m in (mtp, medusa):
+        assert {name: s["agrees_with_ntp"] for name, s in m["speed"].items()} == {"ntp": 1.0, m["primary"]: 1.0,
+                                                                                  "hf": 1.0}
+        assert m["quality"]["decoded_with"]["agrees_with_batch_1"] == 1.0 and len(m["quality"]["head_top1"]) == 3
 
 
 def test_json_pointing_at_a_directory_fails_before_evaluating(tmp_path, monkeypatch):

@@ -293,6 +293,37 @@ def test_imported_heads_train_further_and_calibrate(base_dir, tmp_path, capsys, 
     assert evaluated and "medusa" in json.dumps(evaluated).lower()
 
 
+def test_eval_and_calibrate_take_the_base_of_a_head_directory(base_dir, tmp_path, capsys, monkeypatch):
+    """`--base` names the base of a FasterDecoding head directory whose config names one that is
+    not here (its hub name, say): eval and calibrate read the heads, and the tokenizer, from it."""
+    heads = medusa_head_dir(tmp_path / "heads", base_dir, n=2)
+    cfg = json.loads((heads / "config.json").read_text())
+    (heads / "config.json").write_text(json.dumps(dict(cfg, base_model_name_or_path=str(tmp_path / "elsewhere"))))
+    report = tmp_path / "eval.json"
+    common = ["--data", "synthetic", "--max-samples", "2", "--max-new-tokens", "8"]
+    code, err = run_main(["eval", heads, *common, "--json", report, "--no-progress"], capsys, monkeypatch)
+    assert_one_line_error(code, err, "elsewhere")  # without --base: the config's base, which is not there
+    code, err = run_main(["eval", heads, "--base", base_dir, *common, "--json", report, "--no-progress"],
+                         capsys, monkeypatch)
+    assert code == 0, err
+    (evaluated,) = json.loads(report.read_text())["models"]
+    assert (evaluated["model_type"], evaluated["n_heads"], evaluated["speed"]["medusa"]["agrees_with_ntp"]) == \
+        ("medusa", 3, 1.0)
+    code, err = run_main(["calibrate", heads, "--base", base_dir, *common, "--no-measure"], capsys, monkeypatch)
+    assert code == 0, err
+    assert load_model(heads, base=base_dir).calibration is not None  # written beside the heads, for that base
+
+
+@pytest.mark.parametrize("command", [
+    ["eval", "--data", "synthetic", "--no-progress"],
+    ["calibrate", "--data", "synthetic"],
+    ["generate", "--prompt", "1 + 1"],
+])
+def test_a_base_for_what_is_not_a_head_directory_is_refused(base_dir, tmp_path, capsys, monkeypatch, command):
+    code, err = run_main([command[0], base_dir, "--base", base_dir, *command[1:]], capsys, monkeypatch)
+    assert_one_line_error(code, err, "names the base of a MEDUSA head directory", str(base_dir), "is not one")
+
+
 @pytest.mark.parametrize("variant", ["llama", "qwen2_tied"])
 def test_heads_on_a_llama_family_base(tmp_path, variant):
     """The base loads through load_model: heads of FasterDecoding's layout sit on a transformers
