@@ -21,6 +21,7 @@ reads in fp16; the whole step's bytes, launches and expected times are in ``docs
 from __future__ import annotations
 
 import contextlib
+from typing import Optional
 
 import torch
 import triton
@@ -41,18 +42,20 @@ from mtpkern.ops._triton_compat import wrap_triton
 
 @triton.jit
 def _bias_residual_store(acc, b_ptr, r_ptr, o_ptr, rows, cols, row_ok, col_ok, T,
-                         stride_rb, stride_rt, stride_rn, stride_ob, stride_ot, stride_on):
+                         stride_rb, stride_rt, stride_rn, stride_ob, stride_ot, stride_on, HAS_BIAS: tl.constexpr):
     mask = row_ok[:, None] & col_ok[None, :]
     r_off = row_offsets(rows, T, stride_rb, stride_rt)
     res = tl.load(r_ptr + r_off[:, None] + cols[None, :] * stride_rn, mask=mask, other=0.0)
-    acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :] + res.to(tl.float32)
+    acc += res.to(tl.float32)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     o_off = row_offsets(rows, T, stride_ob, stride_ot)
     tl.store(o_ptr + o_off[:, None] + cols[None, :] * stride_on, acc.to(o_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit(do_not_specialize=["T"])
 def _linear_residual_kernel(
-    x_ptr, w_ptr, b_ptr, r_ptr,  # inputs: x [B, T, K], W [N, K], b [N], residual [B, T, N]
+    x_ptr, w_ptr, b_ptr, r_ptr,  # inputs: x [B, T, K], W [N, K], b [N] (HAS_BIAS), residual [B, T, N]
     o_ptr, part_ptr, count_ptr,  # out [B, T, N]; split-K partials [SPLIT_K, M, N] fp32; counters
     M, T, N, K, K_SPLIT,  # K_SPLIT: the K range of one split, a multiple of BLOCK_K
     stride_xb, stride_xt, stride_xk,
@@ -60,6 +63,7 @@ def _linear_residual_kernel(
     stride_rb, stride_rt, stride_rn,
     stride_ob, stride_ot, stride_on,
     SPLIT_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -77,7 +81,7 @@ def _linear_residual_kernel(
                       k_lo, k_hi, x_ptr, x_ptr, no_ln, no_ln, False, BLOCK_K, INPUT_PRECISION, DOT)
     if SPLIT_K == 1:
         _bias_residual_store(acc, b_ptr, r_ptr, o_ptr, rows, cols, row_ok, col_ok, T,
-                             stride_rb, stride_rt, stride_rn, stride_ob, stride_ot, stride_on)
+                             stride_rb, stride_rt, stride_rn, stride_ob, stride_ot, stride_on, HAS_BIAS)
     else:
         mask = row_ok[:, None] & col_ok[None, :]
         tl.store(part_ptr + (pid_k * M + rows[:, None]) * N + cols[None, :], acc, mask=mask)
@@ -90,17 +94,18 @@ def _linear_residual_kernel(
                 total += tl.load(part_ptr + (s * M + rows[:, None]) * N + cols[None, :], mask=mask, other=0.0,
                                  cache_modifier=".cg")  # from L2: other SMs wrote them
             _bias_residual_store(total, b_ptr, r_ptr, o_ptr, rows, cols, row_ok, col_ok, T,
-                                 stride_rb, stride_rt, stride_rn, stride_ob, stride_ot, stride_on)
+                                 stride_rb, stride_rt, stride_rn, stride_ob, stride_ot, stride_on, HAS_BIAS)
             tl.store(count_ptr + tile, 0)  # ready for the next launch
 
 
 # ----------------------------------------------------------------------------- reference
 
 
-def linear_residual_ref(x: Tensor, weight: Tensor, bias: Tensor, residual: Tensor) -> Tensor:
+def linear_residual_ref(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Tensor) -> Tensor:
     """Reference, in fp32, rounded to x's dtype: ``residual + x @ weight.T + bias`` with
-    x [B, T, K], weight [N, K], bias [N], residual [B, T, N]."""
-    return (residual.float() + x.float() @ weight.float().T + bias.float()).to(x.dtype)
+    x [B, T, K], weight [N, K], bias [N] or None (no bias), residual [B, T, N]."""
+    out = residual.float() + x.float() @ weight.float().T
+    return (out if bias is None else out + bias.float()).to(x.dtype)
 
 
 # ----------------------------------------------------------------------------- launcher
@@ -111,7 +116,7 @@ def _check_inputs(x, weight, bias, residual) -> None:
     N, K = weight.shape
     check_rows("x", x, K)
     check_params(x, weight=weight, bias=bias)
-    if bias.shape != (N,):
+    if bias is not None and bias.shape != (N,):
         raise ValueError(f"bias must have shape [{N}], got {tuple(bias.shape)}")
     check_rows("residual", residual, N)
     if residual.shape[:2] != x.shape[:2]:
@@ -144,10 +149,11 @@ def _run(x, weight, bias, residual, out, cfg: dict) -> Tensor:
     counters = split_counters(x.device, grid[0] * grid[1], like=x) if split > 1 else part
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
         wrap_triton(_linear_residual_kernel)[grid](
-            x, weight, bias, residual, out, part, counters,
+            x, weight, x if bias is None else bias, residual, out, part, counters,
             M, T, N, K, k_split,
             *bt_strides(x), *weight.stride(), *bt_strides(residual), *bt_strides(out),
             SPLIT_K=split,
+            HAS_BIAS=bias is not None,
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
             INPUT_PRECISION=input_precision(x.dtype), DOT=cfg["DOT"],
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
@@ -159,7 +165,7 @@ def _run(x, weight, bias, residual, out, cfg: dict) -> Tensor:
 
 
 @torch.library.triton_op("mtpkern::linear_residual", mutates_args=())
-def _linear_residual_op(x: Tensor, weight: Tensor, bias: Tensor, residual: Tensor) -> Tensor:
+def _linear_residual_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Tensor) -> Tensor:
     # This body is also the fake implementation (run on fake tensors under torch.compile).
     _check_inputs(x, weight, bias, residual)
     if x.device.type == "cpu" and not _backend.triton_interpret():
@@ -171,10 +177,11 @@ def _linear_residual_op(x: Tensor, weight: Tensor, bias: Tensor, residual: Tenso
 # ----------------------------------------------------------------------------- public
 
 
-def linear_residual(x: Tensor, weight: Tensor, bias: Tensor, residual: Tensor, *,
+def linear_residual(x: Tensor, weight: Tensor, bias: Tensor | None, residual: Tensor, *,
                     backend: str | None = None) -> Tensor:
     """``residual + x @ weight.T + bias``: x [B, T, K] and residual [B, T, N] (any strides),
-    weight [N, K], bias [N], one dtype and device. Returns a new [B, T, N] tensor.
+    weight [N, K], bias [N] or None (a projection without bias: Llama's), one dtype and
+    device. Returns a new [B, T, N] tensor.
     backend: None (automatic), "triton" or "eager" (the fp32 reference).
     """
     _check_inputs(x, weight, bias, residual)

@@ -117,10 +117,19 @@ def _check_inputs(x, ln_weight, ln_bias, weight, bias, k_cache, v_cache, slots, 
     for name, p, n in (("bias", bias, 3 * D), ("ln_weight", ln_weight, D), ("ln_bias", ln_bias, D)):
         if p.shape != (n,):
             raise ValueError(f"{name} must have shape [{n}], got {tuple(p.shape)}")
+    check_cache_and_slots(x, k_cache, v_cache, slots, D)
+    if not eps > 0:
+        raise ValueError(f"eps must be positive, got {eps}")
+
+
+def check_cache_and_slots(x: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor, width: int) -> None:
+    """One layer's K and V caches [B, H_kv, S, Dh] with H_kv * Dh = ``width``, of x's dtype and
+    device, and the slots [T] or [B, T] the new tokens are written at (their values checked on
+    the host, where reading them is free)."""
     B, T, _ = x.shape
     for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
-        if c.dim() != 4 or c.shape[0] != B or c.shape[1] * c.shape[3] != D:
-            raise ValueError(f"{name} must be [B={B}, H, S, Dh] with H * Dh = {D}, got shape {tuple(c.shape)}")
+        if c.dim() != 4 or c.shape[0] != B or c.shape[1] * c.shape[3] != width:
+            raise ValueError(f"{name} must be [B={B}, H, S, Dh] with H * Dh = {width}, got shape {tuple(c.shape)}")
         if c.dtype != x.dtype or c.device != x.device:
             raise TypeError(f"{name} must be {x.dtype} on {x.device}, got {c.dtype} on {c.device}")
     if k_cache.shape != v_cache.shape:
@@ -130,8 +139,6 @@ def _check_inputs(x, ln_weight, ln_bias, weight, bias, k_cache, v_cache, slots, 
                          f"{x.device}, got {slots.dtype} of shape {tuple(slots.shape)} on {slots.device}")
     if not slots.is_contiguous():
         raise ValueError("slots must be contiguous")
-    if not eps > 0:
-        raise ValueError(f"eps must be positive, got {eps}")
     if values_on_host(slots):  # a CUDA check would sync with the host
         S = k_cache.shape[2]
         bad = (slots < 0) | (slots >= S)

@@ -35,6 +35,15 @@ atomic counter) sums the H partials in head order, adds bias and residual and st
 The sum's order never depends on which head came last, so results are deterministic, and the
 partials are small (H x T x N x 4 bytes: 37 KB at T = 1 for GPT-2, 2.4 MB at T = 64).
 
+Grouped-query attention (``tree_attention_gqa``, the Llama family): H query heads over
+H_kv = H / G KV heads, query head h reading KV head h // G. A program serves one KV head and
+its G query heads at once: its row r is token r % TOKENS of query head r // TOKENS, so every
+K/V tile it loads feeds all G heads and each KV head is read once per block of tokens, not G
+times. Head dims that are not a power of two >= 16 (8, 80, 96) are padded in registers, their
+padding masked on every load and store. With G = 1 it is ``tree_attention``, whose kernels it
+shares; ``tree_attention_proj`` serves G = 1 only (Llama's layer adds its output projection
+with ``linear_residual``).
+
 Flash-decoding: when the grid of (query block, batch, head) programs is small (T = 1 gives
 B * H, 12 for GPT-2), ``_tree_attention_split_kernel`` splits each prefix over several programs
 and merges their partial softmax sums in split order (``_prefix_splits`` decides how many),
@@ -95,7 +104,7 @@ def _read_prefix_len(prefix_ptr, S, T):
 
 
 @triton.jit
-def _attend_prefix(q, k_base, v_base, stride_ks, stride_vs, lo, hi, qk_scale, m_i, l_i, acc, poison,
+def _attend_prefix(q, k_base, v_base, d_ok, stride_ks, stride_vs, lo, hi, qk_scale, m_i, l_i, acc, poison,
                    BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """Prefix slots ``lo .. hi-1``, visible to every tree token; ``poison`` marks the rows that
     see a non-finite V (every row, here)."""
@@ -103,8 +112,8 @@ def _attend_prefix(q, k_base, v_base, stride_ks, stride_vs, lo, hi, qk_scale, m_
     for start in range(lo, hi, BLOCK_N):
         slots = start + offs_n
         ok = slots < hi
-        kt = tl.load(k_base + slots[None, :] * stride_ks, mask=ok[None, :], other=0.0)
-        v = tl.load(v_base + slots[:, None] * stride_vs, mask=ok[:, None], other=0.0)
+        kt = tl.load(k_base + slots[None, :] * stride_ks, mask=d_ok[:, None] & ok[None, :], other=0.0)
+        v = tl.load(v_base + slots[:, None] * stride_vs, mask=ok[:, None] & d_ok[None, :], other=0.0)
         poison = tl.maximum(poison, tl.max(_nonfinite_rows(v).to(tl.int32), axis=0))
         s = tl.dot(q, kt, input_precision=INPUT_PRECISION) * qk_scale
         s = tl.where(ok[None, :], s, float("-inf"))
@@ -113,7 +122,7 @@ def _attend_prefix(q, k_base, v_base, stride_ks, stride_vs, lo, hi, qk_scale, m_
 
 
 @triton.jit
-def _attend_tree(q, k_base, v_base, stride_ks, stride_vs, mask_ptr, offs_m, m_ok, prefix, n_tree, T, W,
+def _attend_tree(q, k_base, v_base, d_ok, stride_ks, stride_vs, mask_ptr, offs_m, m_ok, prefix, n_tree, T, W,
                  qk_scale, m_i, l_i, acc, poison, BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """The tree tokens: slot P + j is visible to token i iff bit j of mask row i is set."""
     offs_n = tl.arange(0, BLOCK_N)
@@ -125,8 +134,8 @@ def _attend_tree(q, k_base, v_base, stride_ks, stride_vs, mask_ptr, offs_m, m_ok
         )
         visible = ((words >> (js % 32)[None, :]) & 1) != 0
         slots = prefix + js
-        kt = tl.load(k_base + slots[None, :] * stride_ks, mask=ok[None, :], other=0.0)
-        v = tl.load(v_base + slots[:, None] * stride_vs, mask=ok[:, None], other=0.0)
+        kt = tl.load(k_base + slots[None, :] * stride_ks, mask=d_ok[:, None] & ok[None, :], other=0.0)
+        v = tl.load(v_base + slots[:, None] * stride_vs, mask=ok[:, None] & d_ok[None, :], other=0.0)
         # A non-finite V must not reach the rows that cannot see it (0 * NaN = NaN in the dot):
         # zero it, and poison the rows that can.
         v_bad = _nonfinite_rows(v)
@@ -147,32 +156,33 @@ def _finish(acc, l_i, nan_rows):
 
 
 @triton.jit
-def _epilogue(out, b, h, pid_m, offs_m, m_ok, H, N,
+def _epilogue(out, b, h, heads, pid_m, offs_m, m_ok, d_ok, H, N,
               o_ptr, stride_ob, stride_oh, stride_ot, stride_od,
               w_ptr, stride_wn, stride_wk, bias_ptr, r_ptr, stride_rb, stride_rt, stride_rn,
               y_ptr, stride_yb, stride_yt, stride_yn, part_ptr, hcount_ptr,
-              HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
+              HEAD_DIM: tl.constexpr, DH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
               INPUT_PRECISION: tl.constexpr, PROJ: tl.constexpr):
-    """A finished head's rows: stored as they are, or (``PROJ``) through the output projection."""
+    """A finished program's rows (query heads ``heads``, tokens ``offs_m``): stored as they are,
+    or (``PROJ``, one query head per KV head: h) through the output projection."""
     if PROJ:
-        _project_head(out, b, h, pid_m, tl.num_programs(0), offs_m, m_ok, H, N,
+        _project_head(out, b, h, pid_m, tl.num_programs(0), offs_m, m_ok, d_ok, H, N,
                       w_ptr, stride_wn, stride_wk, bias_ptr, r_ptr, stride_rb, stride_rt, stride_rn,
                       y_ptr, stride_yb, stride_yt, stride_yn, part_ptr, hcount_ptr,
-                      HEAD_DIM, BLOCK_M, BLOCK_P, INPUT_PRECISION)
+                      HEAD_DIM, DH, BLOCK_M, BLOCK_P, INPUT_PRECISION)
     else:
         offs_d = tl.arange(0, HEAD_DIM)
         tl.store(
-            o_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od,
+            o_ptr + b * stride_ob + (heads * stride_oh + offs_m * stride_ot)[:, None] + offs_d[None, :] * stride_od,
             out.to(o_ptr.dtype.element_ty),
-            mask=m_ok[:, None],
+            mask=m_ok[:, None] & d_ok[None, :],
         )
 
 
 @triton.jit
-def _project_head(out, b, h, pid_m, n_mblocks, offs_m, m_ok, H, N,
+def _project_head(out, b, h, pid_m, n_mblocks, offs_m, m_ok, d_ok, H, N,
                   w_ptr, stride_wn, stride_wk, bias_ptr, r_ptr, stride_rb, stride_rt, stride_rn,
                   y_ptr, stride_yb, stride_yt, stride_yn, part_ptr, hcount_ptr,
-                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
+                  HEAD_DIM: tl.constexpr, DH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
                   INPUT_PRECISION: tl.constexpr):
     """``tree_attention_proj``'s epilogue: head h's share of the output projection,
     out [BLOCK_M, Dh] (rounded to the weights' dtype, as eager rounds the attention output)
@@ -188,8 +198,8 @@ def _project_head(out, b, h, pid_m, n_mblocks, offs_m, m_ok, H, N,
     for n0 in range(0, N, BLOCK_P):
         cols = n0 + tl.arange(0, BLOCK_P)
         c_ok = cols < N
-        w = tl.load(w_ptr + cols[:, None] * stride_wn + (h * HEAD_DIM + offs_d)[None, :] * stride_wk,
-                    mask=c_ok[:, None], other=0.0)
+        w = tl.load(w_ptr + cols[:, None] * stride_wn + (h * DH + offs_d)[None, :] * stride_wk,
+                    mask=c_ok[:, None] & d_ok[None, :], other=0.0)
         part = tl.dot(a, tl.trans(w), input_precision=INPUT_PRECISION)
         tl.store(mine + rows[:, None] * N + cols[None, :], part, mask=m_ok[:, None] & c_ok[None, :])
     tl.debug_barrier()  # every thread's partial is stored before the counter moves
@@ -212,6 +222,26 @@ def _project_head(out, b, h, pid_m, n_mblocks, offs_m, m_ok, H, N,
         tl.store(hcount_ptr + tile, 0)  # ready for the next launch
 
 
+@triton.jit
+def _load_queries(q_ptr, b, kv_head, pid_m, T, stride_qb, stride_qh, stride_qt, stride_qd,
+                  GROUP: tl.constexpr, TOKENS: tl.constexpr, HEAD_DIM: tl.constexpr, DH: tl.constexpr,
+                  BLOCK_M: tl.constexpr):
+    """This program's query rows: row r is token pid_m * TOKENS + r % TOKENS of query head
+    kv_head * GROUP + r // TOKENS, so every query head a KV head serves shares each K/V tile it
+    loads (grouped-query attention reads a KV head once; GROUP = 1: one head, rows = tokens).
+    Returns (tokens, heads, row_ok, offs_d, d_ok, q [BLOCK_M, HEAD_DIM])."""
+    r = tl.arange(0, BLOCK_M)
+    g = r // TOKENS
+    offs_m = pid_m * TOKENS + r % TOKENS
+    m_ok = (g < GROUP) & (offs_m < T)
+    heads = kv_head * GROUP + g
+    offs_d = tl.arange(0, HEAD_DIM)
+    d_ok = offs_d < DH
+    q = tl.load(q_ptr + b * stride_qb + (heads * stride_qh + offs_m * stride_qt)[:, None] + offs_d[None, :] * stride_qd,
+                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    return offs_m, heads, m_ok, offs_d, d_ok, q
+
+
 # T is not specialised: T = 1 (plain decoding) and T % 16 == 0 would each compile a kernel of
 # their own, for no gain (T only bounds the loops and masks).
 @triton.jit(do_not_specialize=["T"])
@@ -224,7 +254,10 @@ def _tree_attention_kernel(
     stride_ob, stride_oh, stride_ot, stride_od,
     w_ptr, bias_ptr, r_ptr, y_ptr, part_ptr, hcount_ptr, N,  # PROJ: W [N, H*Dh], b [N], residual / y [B, T, N]
     stride_wn, stride_wk, stride_rb, stride_rt, stride_rn, stride_yb, stride_yt, stride_yn,
-    HEAD_DIM: tl.constexpr,
+    HEAD_DIM: tl.constexpr,  # the head dim padded to a power of two >= 16 (tl.dot's least)
+    DH: tl.constexpr,  # the head dim
+    GROUP: tl.constexpr,  # query heads per KV head
+    TOKENS: tl.constexpr,  # tree tokens per program: BLOCK_M = TOKENS * next_power_of_2(GROUP)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
@@ -235,17 +268,11 @@ def _tree_attention_kernel(
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
-    h = pid_bh % H
+    h = pid_bh % H  # the KV head
     prefix, n_tree, bad_prefix = _read_prefix_len(prefix_ptr + b * stride_pb, S, T)  # stride 0: shared
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    m_ok = offs_m < T
-    q = tl.load(
-        q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
-        mask=m_ok[:, None],
-        other=0.0,
-    )
+    offs_m, heads, m_ok, offs_d, d_ok, q = _load_queries(q_ptr, b, h, pid_m, T, stride_qb, stride_qh, stride_qt,
+                                                         stride_qd, GROUP, TOKENS, HEAD_DIM, DH, BLOCK_M)
     k_base = k_ptr + b * stride_kb + h * stride_kh + offs_d[:, None] * stride_kd  # K^T tiles
     v_base = v_ptr + b * stride_vb + h * stride_vh + offs_d[None, :] * stride_vd
 
@@ -253,16 +280,16 @@ def _tree_attention_kernel(
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
     poison = tl.zeros((BLOCK_M,), dtype=tl.int32)  # rows that see a non-finite V
-    m_i, l_i, acc, poison = _attend_prefix(q, k_base, v_base, stride_ks, stride_vs, 0, prefix, qk_scale,
+    m_i, l_i, acc, poison = _attend_prefix(q, k_base, v_base, d_ok, stride_ks, stride_vs, 0, prefix, qk_scale,
                                            m_i, l_i, acc, poison, BLOCK_N, INPUT_PRECISION)
-    m_i, l_i, acc, poison = _attend_tree(q, k_base, v_base, stride_ks, stride_vs, mask_ptr, offs_m, m_ok,
+    m_i, l_i, acc, poison = _attend_tree(q, k_base, v_base, d_ok, stride_ks, stride_vs, mask_ptr, offs_m, m_ok,
                                          prefix, n_tree, T, W, qk_scale, m_i, l_i, acc, poison,
                                          BLOCK_N, INPUT_PRECISION)
     out = _finish(acc, l_i, (poison > 0) | bad_prefix)
-    _epilogue(out, b, h, pid_m, offs_m, m_ok, H, N, o_ptr, stride_ob, stride_oh, stride_ot, stride_od,
+    _epilogue(out, b, h, heads, pid_m, offs_m, m_ok, d_ok, H, N, o_ptr, stride_ob, stride_oh, stride_ot, stride_od,
               w_ptr, stride_wn, stride_wk, bias_ptr, r_ptr, stride_rb, stride_rt, stride_rn,
               y_ptr, stride_yb, stride_yt, stride_yn, part_ptr, hcount_ptr,
-              HEAD_DIM, BLOCK_M, BLOCK_P, INPUT_PRECISION, PROJ)
+              HEAD_DIM, DH, BLOCK_M, BLOCK_P, INPUT_PRECISION, PROJ)
 
 
 # Flash-decoding: at T = 1 the grid above is B * H programs (12 for GPT-2), too few to stream a
@@ -283,7 +310,10 @@ def _tree_attention_split_kernel(
     w_ptr, bias_ptr, r_ptr, y_ptr, part_ptr, hcount_ptr, N,  # PROJ: W [N, H*Dh], b [N], residual / y [B, T, N]
     stride_wn, stride_wk, stride_rb, stride_rt, stride_rn, stride_yb, stride_yt, stride_yn,
     NUM_SPLITS: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
+    HEAD_DIM: tl.constexpr,  # the head dim padded to a power of two >= 16 (tl.dot's least)
+    DH: tl.constexpr,  # the head dim
+    GROUP: tl.constexpr,  # query heads per KV head
+    TOKENS: tl.constexpr,  # tree tokens per program: BLOCK_M = TOKENS * next_power_of_2(GROUP)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
@@ -295,32 +325,26 @@ def _tree_attention_split_kernel(
     pid_bh = tl.program_id(1)
     split = tl.program_id(2)
     b = pid_bh // H
-    h = pid_bh % H
+    h = pid_bh % H  # the KV head
     prefix, n_tree, bad_prefix = _read_prefix_len(prefix_ptr + b * stride_pb, S, T)  # stride 0: shared
     # This split's prefix range, in whole BLOCK_N blocks.
     chunk = tl.cdiv(tl.cdiv(prefix, NUM_SPLITS), BLOCK_N) * BLOCK_N
     lo = split * chunk
     hi = tl.minimum(prefix, lo + chunk)
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    m_ok = offs_m < T
-    q = tl.load(
-        q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
-        mask=m_ok[:, None],
-        other=0.0,
-    )
-    k_base = k_ptr + b * stride_kb + h * stride_kh + offs_d[:, None] * stride_kd
+    offs_m, heads, m_ok, offs_d, d_ok, q = _load_queries(q_ptr, b, h, pid_m, T, stride_qb, stride_qh, stride_qt,
+                                                         stride_qd, GROUP, TOKENS, HEAD_DIM, DH, BLOCK_M)
+    k_base = k_ptr + b * stride_kb + h * stride_kh + offs_d[:, None] * stride_kd  # K^T tiles
     v_base = v_ptr + b * stride_vb + h * stride_vh + offs_d[None, :] * stride_vd
 
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
     poison = tl.zeros((BLOCK_M,), dtype=tl.int32)
-    m_i, l_i, acc, poison = _attend_prefix(q, k_base, v_base, stride_ks, stride_vs, lo, hi, qk_scale,
+    m_i, l_i, acc, poison = _attend_prefix(q, k_base, v_base, d_ok, stride_ks, stride_vs, lo, hi, qk_scale,
                                            m_i, l_i, acc, poison, BLOCK_N, INPUT_PRECISION)
     if split == NUM_SPLITS - 1:
-        m_i, l_i, acc, poison = _attend_tree(q, k_base, v_base, stride_ks, stride_vs, mask_ptr, offs_m, m_ok,
+        m_i, l_i, acc, poison = _attend_tree(q, k_base, v_base, d_ok, stride_ks, stride_vs, mask_ptr, offs_m, m_ok,
                                              prefix, n_tree, T, W, qk_scale, m_i, l_i, acc, poison,
                                              BLOCK_N, INPUT_PRECISION)
 
@@ -352,10 +376,10 @@ def _tree_attention_split_kernel(
             total += w[:, None] * a
         out = _finish(total, l_all, (poisoned > 0) | bad_prefix)
         tl.store(count_ptr + tile, 0)  # ready for the next launch
-        _epilogue(out, b, h, pid_m, offs_m, m_ok, H, N, o_ptr, stride_ob, stride_oh, stride_ot, stride_od,
+        _epilogue(out, b, h, heads, pid_m, offs_m, m_ok, d_ok, H, N, o_ptr, stride_ob, stride_oh, stride_ot, stride_od,
                   w_ptr, stride_wn, stride_wk, bias_ptr, r_ptr, stride_rb, stride_rt, stride_rn,
                   y_ptr, stride_yb, stride_yt, stride_yn, part_ptr, hcount_ptr,
-                  HEAD_DIM, BLOCK_M, BLOCK_P, INPUT_PRECISION, PROJ)
+                  HEAD_DIM, DH, BLOCK_M, BLOCK_P, INPUT_PRECISION, PROJ)
 
 
 # ----------------------------------------------------------------------------- reference
@@ -405,6 +429,9 @@ def _attention_dense(q, k_cache, v_cache, prefix_len, tree_mask, scale):
     visible = dense_tree_mask(prefix_len, tree_mask, k_cache.shape[2])  # [T, S], or [B, T, S] per row
     if visible.dim() == 3:
         visible = visible[:, None]  # [B, 1, T, S]: every head of row b
+    group = q.shape[1] // k_cache.shape[1]
+    if group > 1:  # grouped-query attention: query head h reads KV head h // group
+        k_cache, v_cache = k_cache.repeat_interleave(group, 1), v_cache.repeat_interleave(group, 1)
     scores = scale * (q.float() @ k_cache.float().transpose(-1, -2))
     scores = scores.masked_fill(~visible, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
@@ -442,6 +469,19 @@ def tree_attention_ref(
     return _attention_dense(q, k_cache, v_cache, prefix_len, tree_mask, scale)
 
 
+def tree_attention_gqa_ref(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, prefix_len: Tensor, tree_mask: Tensor, *, scale=None
+) -> Tensor:
+    """Reference of grouped-query tree attention, in fp32: :func:`tree_attention_ref` with
+    k_cache / v_cache [B, H_kv, S, Dh] and query head h (of H = G * H_kv) reading KV head
+    h // G, as if each KV head were repeated G times."""
+    scale = _resolve_scale(scale, q)
+    _check_inputs(q, k_cache, v_cache, prefix_len, tree_mask, scale, grouped=True)
+    if values_on_host(prefix_len):
+        _check_prefix_len_value(prefix_len, q.shape[2], k_cache.shape[2])
+    return _attention_dense(q, k_cache, v_cache, prefix_len, tree_mask, scale)
+
+
 def tree_attention_proj_ref(q: Tensor, k_cache: Tensor, v_cache: Tensor, prefix_len: Tensor, tree_mask: Tensor,
                             weight: Tensor, bias: Tensor, residual: Tensor, *, scale=None) -> Tensor:
     """Reference of the attention with its output projection: with y = tree attention [B, H, T,
@@ -472,8 +512,10 @@ def _check_packed(packed: Tensor, T: int) -> None:
         )
 
 
-def _check_inputs(q, k_cache, v_cache, prefix_len, tree_mask, scale: float) -> None:
-    """Every check that reads no tensor value, for every backend (fake tensors pass through)."""
+def _check_inputs(q, k_cache, v_cache, prefix_len, tree_mask, scale: float, grouped: bool = False) -> None:
+    """Every check that reads no tensor value, for every backend (fake tensors pass through).
+    ``grouped`` (``tree_attention_gqa``): H_kv KV heads for H = G * H_kv query heads, and any
+    head dim up to 128."""
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         if t.dim() != 4:
             raise ValueError(f"tree_attention: {name} must be 4-D, got shape {list(t.shape)}")
@@ -481,12 +523,19 @@ def _check_inputs(q, k_cache, v_cache, prefix_len, tree_mask, scale: float) -> N
     if k_cache.shape != v_cache.shape:
         raise ValueError(f"tree_attention: k_cache {list(k_cache.shape)} and v_cache {list(v_cache.shape)} differ")
     Bk, Hk, S, Dk = k_cache.shape
-    if (Bk, Hk, Dk) != (B, H, Dh):
+    if grouped and (Bk, Dk) == (B, Dh) and Hk > 0 and H % Hk == 0:
+        pass
+    elif grouped:
+        raise ValueError(f"tree_attention_gqa: q [B, H, T, Dh] = {list(q.shape)} does not match k_cache "
+                         f"[B, H_kv, S, Dh] = {list(k_cache.shape)} with H a multiple of H_kv")
+    elif (Bk, Hk, Dk) != (B, H, Dh):
         raise ValueError(
             f"tree_attention: q [B, H, T, Dh] = {list(q.shape)} does not match "
             f"k_cache [B, H, S, Dh] = {list(k_cache.shape)}"
         )
-    if Dh not in HEAD_DIMS:
+    if grouped and not 1 <= Dh <= 128:
+        raise ValueError(f"tree_attention_gqa: head dim must be 1 to 128, got {Dh}")
+    if not grouped and Dh not in HEAD_DIMS:
         raise ValueError(f"tree_attention: head dim must be one of {HEAD_DIMS}, got {Dh}")
     if not 1 <= T <= S:
         raise ValueError(f"tree_attention: q has T = {T} tree tokens; need 1 <= T <= S = {S}")
@@ -600,37 +649,51 @@ def _launch(q, k_cache, v_cache, prefix_len, tree_mask, scale: float, proj=None)
         # Under the interpreter, wrap_triton hands back the plain kernel, which cannot run on
         # fake tensors; a fake implementation only needs the output's metadata anyway.
         return out if proj is None else q.new_empty((B, T, proj[0].shape[0]))
-    # Decoding trees are small (T <= 64): 16-row query blocks spread B*H*T/16 programs over
-    # the SMs. A long causal prefill takes 32-row blocks. fp32's exact ("ieee") dot
-    # runs on the FMA units with its operands in registers: 16-row blocks keep ptxas from
-    # spilling, with 8 warps from head dim 64 up; below that, 8 warps leave each thread so
-    # little work that ptxas caps it at 64 registers and spills (triton 3.6, sm_90), where 4
-    # warps do not (tests/test_triton_compile.py checks).
+    # Row blocks: ``_geometry``. fp32's exact ("ieee") dot runs on the FMA units with its
+    # operands in registers: 16-row blocks keep ptxas from spilling, with 8 warps from head
+    # dim 64 up; below that, 8 warps leave each thread so little work that ptxas caps it at 64
+    # registers and spills (triton 3.6, sm_90), where 4 warps do not (tests/test_triton_compile.py checks).
     fp32 = q.dtype == torch.float32
-    block_m = 16 if T <= 64 or fp32 else 32  # 64-row blocks spill at Dh=64 in 16 bits (sm_80, triton 3.6)
+    geo = _geometry(q, k_cache)
+    tokens, Hk = geo["TOKENS"], k_cache.shape[1]
     block_n = 64
-    grid = (triton.cdiv(T, block_m), B * H)
-    splits = _prefix_splits(B * H, k_cache.shape[2], T)
+    grid = (triton.cdiv(T, tokens), B * Hk)
+    splits = _prefix_splits(B * Hk, k_cache.shape[2], T)
     if splits > 1:
-        return _launch_split(q, k_cache, v_cache, prefix_len, tree_mask, scale, out, block_m, block_n, splits, proj)
+        return _launch_split(q, k_cache, v_cache, prefix_len, tree_mask, scale, out, geo, block_n, splits, proj)
     counters = split_counters(q.device, B * grid[0], like=q) if proj is not None else q
-    y, proj_args = _proj_args(q, proj, block_m, counters)
+    y, proj_args = _proj_args(q, proj, tokens, counters)
     # Triton launches on the current CUDA device, not the tensors' one.
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
         wrap_triton(_tree_attention_kernel)[grid](
             q, k_cache, v_cache, out, prefix_len, tree_mask,
-            T, k_cache.shape[2], tree_mask.shape[1], H, _prefix_stride(prefix_len), scale * _LOG2E,
+            T, k_cache.shape[2], tree_mask.shape[1], Hk, _prefix_stride(prefix_len), scale * _LOG2E,
             *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(), *proj_args,
-            HEAD_DIM=Dh,
-            BLOCK_M=block_m,
+            **geo,
             BLOCK_N=block_n,
             INPUT_PRECISION="ieee" if fp32 else "tf32",  # TF32 would break fp32's token identity
             PROJ=proj is not None,
             BLOCK_P=_BLOCK_P,
-            num_warps=8 if (fp32 and Dh >= 64) or Dh > 64 else 4,
+            num_warps=8 if (fp32 and geo["HEAD_DIM"] >= 64) or geo["HEAD_DIM"] > 64 else 4,
             num_stages=2,
         )
     return out if y is None else y
+
+
+def _geometry(q: Tensor, k_cache: Tensor) -> dict:
+    """The kernels' row blocks: HEAD_DIM (Dh padded to a power of two >= 16), DH, GROUP (query
+    heads per KV head), TOKENS (tree tokens per program) and BLOCK_M = TOKENS * GROUP padded to a
+    power of two: each program holds a KV head's GROUP query heads for TOKENS tokens (row r:
+    head r // TOKENS, token r % TOKENS), so it reads each K/V tile once for all of them. Decoding
+    trees are small (T <= 64): 16-row blocks spread the programs over the SMs; a long causal
+    prefill takes 32-row blocks (64-row ones spill at Dh=64 in 16 bits, sm_80, triton 3.6). fp32
+    keeps 16 rows: its exact dots run on the FMA units with their operands in registers."""
+    B, H, T, Dh = q.shape
+    group = H // k_cache.shape[1]
+    fp32 = q.dtype == torch.float32
+    block_m = max(16 if T <= 64 or fp32 else 32, triton.next_power_of_2(group))
+    tokens = block_m // triton.next_power_of_2(group)
+    return dict(HEAD_DIM=max(16, triton.next_power_of_2(Dh)), DH=Dh, GROUP=group, TOKENS=tokens, BLOCK_M=block_m)
 
 
 def _prefix_stride(prefix_len: Tensor) -> int:
@@ -655,32 +718,32 @@ def _prefix_splits(heads: int, S: int, T: int) -> int:
     return max(1, min(triton.cdiv(_SPLIT_TARGET_PROGRAMS, heads), S // _MIN_SPLIT_SLOTS))
 
 
-def _launch_split(q, k_cache, v_cache, prefix_len, tree_mask, scale, out, block_m, block_n, splits, proj) -> Tensor:
+def _launch_split(q, k_cache, v_cache, prefix_len, tree_mask, scale, out, geo: dict, block_n, splits, proj) -> Tensor:
     from mtpkern.ops._decode_linear import split_counters
 
     B, H, T, Dh = q.shape
-    grid = (triton.cdiv(T, block_m), B * H, splits)
+    block_m, Hk = geo["BLOCK_M"], k_cache.shape[1]
+    grid = (triton.cdiv(T, geo["TOKENS"]), B * Hk, splits)
     tiles = grid[0] * grid[1]
-    acc = torch.empty((tiles, splits, block_m, Dh), dtype=torch.float32, device=q.device)
+    acc = torch.empty((tiles, splits, block_m, geo["HEAD_DIM"]), dtype=torch.float32, device=q.device)
     ml = torch.empty((tiles, splits, 2, block_m), dtype=torch.float32, device=q.device)
     # the splits' counters, then (with a projection) the heads' counters per row block
     counters = split_counters(q.device, tiles + B * grid[0], like=q)
-    y, proj_args = _proj_args(q, proj, block_m, counters[tiles:])
+    y, proj_args = _proj_args(q, proj, geo["TOKENS"], counters[tiles:])
     fp32 = q.dtype == torch.float32
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
         wrap_triton(_tree_attention_split_kernel)[grid](
             q, k_cache, v_cache, out, prefix_len, tree_mask,
             acc, ml, counters,
-            T, k_cache.shape[2], tree_mask.shape[1], H, _prefix_stride(prefix_len), scale * _LOG2E,
+            T, k_cache.shape[2], tree_mask.shape[1], Hk, _prefix_stride(prefix_len), scale * _LOG2E,
             *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(), *proj_args,
             NUM_SPLITS=splits,
-            HEAD_DIM=Dh,
-            BLOCK_M=block_m,
+            **geo,
             BLOCK_N=block_n,
             INPUT_PRECISION="ieee" if fp32 else "tf32",
             PROJ=proj is not None,
             BLOCK_P=_BLOCK_P,
-            num_warps=8 if fp32 or Dh > 64 else 4,
+            num_warps=8 if fp32 or geo["HEAD_DIM"] > 64 else 4,
             num_stages=2,
         )
     return out if y is None else y
@@ -695,6 +758,20 @@ def _tree_attention_op(
 ) -> Tensor:
     # This body is also the fake implementation (run on fake tensors under torch.compile).
     _check_inputs(q, k_cache, v_cache, prefix_len, tree_mask, scale)
+    if values_on_host(prefix_len):  # a CUDA check would sync with the host
+        _check_prefix_len_value(prefix_len, q.shape[2], k_cache.shape[2])
+    if q.device.type == "cpu" and not _backend.triton_interpret():
+        return _empty_out(q).copy_(_attention_dense(q, k_cache, v_cache, prefix_len, tree_mask, scale))
+    _check_int32_offsets(q=q, k_cache=k_cache, v_cache=v_cache)
+    return _launch(q, k_cache, v_cache, prefix_len, tree_mask, scale)
+
+
+@torch.library.triton_op("mtpkern::tree_attention_gqa", mutates_args=())
+def _tree_attention_gqa_op(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, prefix_len: Tensor, tree_mask: Tensor, scale: float
+) -> Tensor:
+    # This body is also the fake implementation (run on fake tensors under torch.compile).
+    _check_inputs(q, k_cache, v_cache, prefix_len, tree_mask, scale, grouped=True)
     if values_on_host(prefix_len):  # a CUDA check would sync with the host
         _check_prefix_len_value(prefix_len, q.shape[2], k_cache.shape[2])
     if q.device.type == "cpu" and not _backend.triton_interpret():
@@ -747,6 +824,27 @@ def tree_attention(
     return torch.ops.mtpkern.tree_attention(q, k_cache, v_cache, prefix_len, tree_mask, _resolve_scale(scale, q))
 
 
+def tree_attention_gqa(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    prefix_len: Tensor,
+    tree_mask: Tensor,
+    *,
+    scale: Optional[float] = None,
+    backend: Optional[str] = None,
+) -> Tensor:
+    """Grouped-query tree attention (Llama 2 70B, Llama 3, Mistral, Qwen2): :func:`tree_attention`
+    with q [B, H, T, Dh] and k_cache / v_cache [B, H_kv, S, Dh], H a multiple of H_kv; query
+    head h reads KV head h // (H / H_kv). Each program holds the query heads a KV head serves
+    (for a block of tree tokens), so it reads each K/V tile once for all of them. Any head dim
+    up to 128 (padded to a power of two in the kernel). Same prefix, mask and NaN contract as
+    :func:`tree_attention`; returns [B, H, T, Dh] in q's dtype."""
+    if _backend.pick(q.device, ("triton", "eager"), backend) == "eager":
+        return tree_attention_gqa_ref(q, k_cache, v_cache, prefix_len, tree_mask, scale=scale)
+    return torch.ops.mtpkern.tree_attention_gqa(q, k_cache, v_cache, prefix_len, tree_mask, _resolve_scale(scale, q))
+
+
 def tree_attention_proj(
     q: Tensor,
     k_cache: Tensor,
@@ -776,6 +874,8 @@ def tree_attention_proj(
 __all__ = [
     "tree_attention",
     "tree_attention_ref",
+    "tree_attention_gqa",
+    "tree_attention_gqa_ref",
     "tree_attention_proj",
     "tree_attention_proj_ref",
     "pack_tree_mask",
