@@ -60,7 +60,7 @@ from mtpkern.costmodel import (
     time_tree_step,
     timing_tree,
 )
-from mtpkern.data import format_prompt, load_tokenizer
+from mtpkern.data import load_tokenizer, prompt_ids
 from mtpkern.rundir import read_run, validation_records
 from mtpkern.generation import generate
 from mtpkern.heads_io import check_base_use, tokenizer_source
@@ -158,7 +158,7 @@ def held_out_prompts(records, tokenizer, model, *, max_samples: int, max_new_tok
     room = model.config.n_positions - max_new_tokens - draft_depth(model) - 1
     prompts = []
     for rec in records:
-        ids = tokenizer(format_prompt(rec["query"]), add_special_tokens=False)["input_ids"]
+        ids = prompt_ids(tokenizer, rec)
         if 0 < len(ids) <= room:
             prompts.append(ids)
         if len(prompts) == max_samples:

@@ -27,7 +27,7 @@ from mtpkern.calibrate import calibrate_checkpoint, format_report  # noqa: E402
 from mtpkern.checkpoint import CheckpointError, check_report_path, write_text_atomic  # noqa: E402
 from mtpkern.commands import train_and_calibrate  # noqa: E402
 from mtpkern.autotree import auto_tree, has_calibration  # noqa: E402
-from mtpkern.data import DataError, format_prompt, load_tokenizer  # noqa: E402
+from mtpkern.data import DataError, chat_prompt_ids, format_prompt, load_tokenizer, require_chat_template  # noqa: E402
 from mtpkern.demo import run_demo  # noqa: E402
 from mtpkern.distill import distill  # noqa: E402
 from mtpkern.eval import evaluate  # noqa: E402
@@ -166,11 +166,15 @@ def cmd_demo(args) -> int:
 
 def cmd_generate(args) -> int:
     check_base_use([args.model], args.base)  # a MEDUSA head directory's base (mtpkern.heads_io)
+    tokenizer = load_tokenizer(tokenizer_source(args.model, args.base))
+    if args.chat:  # refused before the model loads
+        require_chat_template(tokenizer, "--chat writes the prompt with it")
+        prompt = chat_prompt_ids(tokenizer, [{"role": "user", "content": args.prompt}])
+    else:
+        prompt = tokenizer(args.prompt if args.raw else format_prompt(args.prompt))["input_ids"]
     device = resolve_device(args.device)
     model = load_model(args.model, device=device, dtype=resolve_dtype(args.dtype, device), base=args.base)
-    tokenizer = load_tokenizer(tokenizer_source(args.model, args.base))
-    text = args.prompt if args.raw else format_prompt(args.prompt)
-    ids = torch.tensor([tokenizer(text)["input_ids"]], device=device)
+    ids = torch.tensor([prompt], device=device)
     options = decode_options(args, model)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     result = generate(model, ids, max_new_tokens=args.max_new_tokens, options=options,
@@ -366,7 +370,11 @@ def _add_generate(sub, shared: dict) -> None:
                        parents=[shared["device"], shared["dtype"], shared["engine"], shared["seed"], shared["base"]])
     g.add_argument("model", help="checkpoint, run directory or MEDUSA head directory")
     g.add_argument("--prompt", required=True)
-    g.add_argument("--raw", action="store_true", help="use the prompt as is, without the instruction template")
+    form = g.add_mutually_exclusive_group()
+    form.add_argument("--raw", action="store_true", help="use the prompt as is, without the instruction template")
+    form.add_argument("--chat", action="store_true",
+                      help="the prompt as a user's turn, written with the tokenizer's own chat template (instead of "
+                           "the instruction template)")
     _add_max_new_tokens(g, 128)
     _add_decode_options(g)
     g.set_defaults(func=cmd_generate)

@@ -8,6 +8,11 @@ offline default), the ``meta-math/MetaMathQA`` dataset on the Hugging Face hub, 
 
 Each record becomes one training sequence ``tokens(prompt) + tokens(response) + [eos]``
 whose labels are ``-100`` on the prompt, so the loss only covers the response.
+
+A file's record may instead be a chat, ``{"messages": [{"role": ..., "content": ...}, ...]}``
+with at least one ``"assistant"`` turn: it is formatted by the tokenizer's own chat template
+(``apply_chat_template``), and its labels cover the assistant turns only (each with the
+template's end-of-turn text); everything else is ``-100`` (:func:`chat_segments`).
 """
 
 from __future__ import annotations
@@ -295,6 +300,10 @@ def _validate(records: list, source: str) -> list[dict]:
     for i, rec in enumerate(records):
         if not isinstance(rec, dict):
             raise DataError(f"{source}: record {i} is a {type(rec).__name__}, expected an object")
+        if "messages" in rec:
+            _check_messages(rec["messages"], f"{source}: record {i}")
+            out.append(dict(rec, type=rec.get("type", "chat")))
+            continue
         for field in ("query", "response"):
             if field not in rec:
                 raise DataError(f"{source}: record {i} is missing the field {field!r}")
@@ -305,6 +314,23 @@ def _validate(records: list, source: str) -> list[dict]:
         rec.setdefault("type", "unknown")
         out.append(rec)
     return out
+
+
+def _check_messages(messages, where: str) -> None:
+    """A chat record's ``messages``: a non-empty list of ``{"role": str, "content": str}`` with an
+    assistant turn to learn from; anything else a one-line DataError starting with ``where``."""
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: 'messages' must be a non-empty list of {{\"role\", \"content\"}} objects")
+    for j, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise DataError(f"{where}: message {j} must be an object with string fields 'role' and 'content'")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError(f"{where}: no message has the role 'assistant' (the turns a model learns)")
+
+
+def is_chat(record: dict) -> bool:
+    """Whether a record is a chat (``messages``) rather than a ``query`` / ``response`` pair."""
+    return "messages" in record
 
 
 def split_records(records: list, val_fraction: float = 0.1, seed: int = 0) -> tuple[list, list]:
@@ -325,7 +351,13 @@ def split_records(records: list, val_fraction: float = 0.1, seed: int = 0) -> tu
 TOKENIZER_TEXT_LIMIT = 65_536  # characters of one record that a new tokenizer learns from
 _TOKENIZER_RUN = 1_000  # BPE training time grows with the square of a word: longer runs are cut up
 _LONG_RUN = re.compile(r"\S{%d,}" % (_TOKENIZER_RUN + 1))
-_PROMPT_CHARS = len(format_prompt(""))
+
+
+def record_text(record: dict) -> str:
+    """A record's whole text: prompt + response, or a chat's turns one per line."""
+    if is_chat(record):
+        return "\n".join(m["content"] for m in record["messages"])
+    return format_prompt(record["query"]) + record["response"]
 
 
 def _tokenizer_texts(records: list[dict]):
@@ -333,7 +365,7 @@ def _tokenizer_texts(records: list[dict]):
     TOKENIZER_TEXT_LIMIT characters, cut inside runs of over _TOKENIZER_RUN characters without
     whitespace (an ordinary record is one piece, as it is)."""
     for r in records:
-        text = (format_prompt(r["query"]) + r["response"])[:TOKENIZER_TEXT_LIMIT]
+        text = record_text(r)[:TOKENIZER_TEXT_LIMIT]
         start = 0
         for m in _LONG_RUN.finditer(text):
             for cut in range(m.start() + _TOKENIZER_RUN, m.end(), _TOKENIZER_RUN):
@@ -361,7 +393,10 @@ def train_tokenizer(records: list[dict], vocab_size: int = 2048, *, min_frequenc
         raise ValueError(f"vocab_size must exceed {n_bytes} (the byte alphabet plus eos), got {vocab_size}")
     if not records:
         raise DataError("cannot train a tokenizer on zero records")
-    n_long = sum(_PROMPT_CHARS + len(r["query"]) + len(r["response"]) > TOKENIZER_TEXT_LIMIT for r in records)
+    if any(is_chat(r) for r in records):  # SFTDataset would refuse them only after the training
+        raise DataError("chat records ('messages') are formatted with a tokenizer's chat template, and a tokenizer "
+                        "trained here has none: start from a base (--base) whose tokenizer has one")
+    n_long = sum(len(record_text(r)) > TOKENIZER_TEXT_LIMIT for r in records)
     if n_long:
         warnings.warn(f"{n_long} of {len(records)} records {'is' if n_long == 1 else 'are'} longer than "
                       f"{TOKENIZER_TEXT_LIMIT} characters: the tokenizer learns from "
@@ -440,6 +475,69 @@ def _checked_tokenizer(load, where: str):
 
 
 # --------------------------------------------------------------------------------------
+# Chat templates.
+# --------------------------------------------------------------------------------------
+
+def require_chat_template(tokenizer, why: str) -> None:
+    """A one-line DataError naming the tokenizer (the folder it came from) unless it has a chat
+    template; ``why`` says what needs one."""
+    if not getattr(tokenizer, "chat_template", None):
+        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        raise DataError(f"the tokenizer {name!r} has no chat template (chat_template in its tokenizer_config.json "
+                        f"or chat_template.jinja): {why}")
+
+
+def _render(tokenizer, messages: list, generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def chat_segments(tokenizer, messages: list) -> list[tuple[str, bool]]:
+    """The conversation as the tokenizer's chat template writes it, cut into ``(text,
+    assistant)`` pieces: an assistant turn's piece runs from where the template's generation
+    prompt for it ends to where the turn ends (its end-of-turn text included: the model learns
+    to stop). Found by rendering each beginning of the conversation, which must begin the whole
+    rendering (a template that rewrites earlier turns is a one-line DataError)."""
+    full = _render(tokenizer, messages, False)
+    pieces, start = [], 0
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before, after = _render(tokenizer, messages[:i], True), _render(tokenizer, messages[: i + 1], False)
+        if not (full.startswith(after) and after.startswith(before) and len(before) >= start):
+            raise DataError(f"the chat template of tokenizer {tokenizer.name_or_path!r} does not write a "
+                            "conversation's beginning as the beginning of the whole: its assistant turns cannot be "
+                            "found")
+        pieces += [(full[start:len(before)], False), (full[len(before):len(after)], True)]
+        start = len(after)
+    pieces.append((full[start:], False))
+    return [(text, assistant) for text, assistant in pieces if text]
+
+
+def chat_prompt_ids(tokenizer, messages: list) -> list[int]:
+    """Token ids of ``messages`` as the chat template writes them, followed by its generation
+    prompt (the assistant's turn begins next): what ``mtpkern generate --chat`` decodes from."""
+    require_chat_template(tokenizer, "chat prompts are written with it")
+    return tokenizer(_render(tokenizer, messages, True), add_special_tokens=False)["input_ids"]
+
+
+def prompt_ids(tokenizer, record: dict) -> list[int]:
+    """The prompt of a record, tokenized as the model is asked at generation time: the
+    instruction template around ``query``, or a chat's turns before its last assistant turn."""
+    if not is_chat(record):
+        return tokenizer(format_prompt(record["query"]), add_special_tokens=False)["input_ids"]
+    messages = record["messages"]
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    return chat_prompt_ids(tokenizer, messages[:last])
+
+
+def reference(record: dict) -> str:
+    """The answer a record holds: its ``response``, or a chat's last assistant turn."""
+    if not is_chat(record):
+        return record["response"]
+    return [m["content"] for m in record["messages"] if m["role"] == "assistant"][-1]
+
+
+# --------------------------------------------------------------------------------------
 # Dataset and batching.
 # --------------------------------------------------------------------------------------
 
@@ -447,31 +545,26 @@ class SFTDataset(torch.utils.data.Dataset):
     """Tokenized records for supervised fine-tuning.
 
     Item ``i`` is ``{"input_ids": [L], "labels": [L]}`` with ``input_ids = prompt + response
-    + [eos]`` and ``labels`` equal to ``input_ids`` except ``-100`` on the prompt. Labels are
+    + [eos]`` and ``labels`` equal to ``input_ids`` except ``-100`` on the prompt; a chat
+    record's are its conversation as the tokenizer's chat template writes it, labelled on the
+    assistant turns only (:func:`chat_segments`). Labels are
     aligned with inputs (the Hugging Face convention): the loss shifts them by one. Prompt
-    and response are tokenized separately, as at generation time, where the model continues
-    the tokenized prompt. Sequences over ``max_len`` are cut to ``max_len`` (one warning for
-    the whole dataset); records whose prompt alone fills ``max_len`` are dropped (warned).
+    and response (a chat's pieces) are tokenized separately, as at generation time, where the
+    model continues the tokenized prompt. Sequences over ``max_len`` are cut to ``max_len`` (one
+    warning for the whole dataset); records whose prompt alone fills ``max_len`` are dropped (warned).
     """
 
     def __init__(self, records: list[dict], tokenizer, max_len: int):
         if not isinstance(max_len, int) or max_len < 2:
             raise ValueError(f"max_len must be an int >= 2, got {max_len!r}")
-        eos = tokenizer.eos_token_id
-        if eos is None:
+        if tokenizer.eos_token_id is None:
             raise DataError("the tokenizer has no eos token")
-        limit = text_limit(tokenizer, max_len)
-        encode = lambda texts: tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []  # noqa: E731
-        prompts = encode([format_prompt(r["query"])[:limit] for r in records])
-        responses = encode([r["response"][:limit] for r in records])
         self.examples: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.n_truncated = self.n_dropped = 0
-        for p, r in zip(prompts, responses):
-            if len(p) >= max_len:
+        for ids, labels in _sequences(records, tokenizer, text_limit(tokenizer, max_len)):
+            if labels[:max_len].count(IGNORE_INDEX) == min(len(labels), max_len):  # nothing to learn inside max_len
                 self.n_dropped += 1
                 continue
-            ids = p + r + [eos]
-            labels = [IGNORE_INDEX] * len(p) + r + [eos]
             if len(ids) > max_len:
                 self.n_truncated += 1
                 ids, labels = ids[:max_len], labels[:max_len]
@@ -491,6 +584,30 @@ class SFTDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         input_ids, labels = self.examples[i]
         return {"input_ids": input_ids, "labels": labels}
+
+
+def _sequences(records: list[dict], tokenizer, limit: int) -> list[tuple[list[int], list[int]]]:
+    """Per record, its whole token ids and labels (see :class:`SFTDataset`); every text cut at
+    ``limit`` characters first (:func:`text_limit`)."""
+    eos = tokenizer.eos_token_id
+    plain = [r for r in records if not is_chat(r)]
+    if len(plain) < len(records):
+        require_chat_template(tokenizer, "chat records ('messages') are formatted with it")
+    encode = lambda texts: tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []  # noqa: E731
+    prompts = encode([format_prompt(r["query"])[:limit] for r in plain])
+    responses = encode([r["response"][:limit] for r in plain])
+    pairs = iter([(p + r + [eos], [IGNORE_INDEX] * len(p) + r + [eos]) for p, r in zip(prompts, responses)])
+    return [_chat_sequence(tokenizer, r["messages"], limit) if is_chat(r) else next(pairs) for r in records]
+
+
+def _chat_sequence(tokenizer, messages: list, limit: int) -> tuple[list[int], list[int]]:
+    pieces = chat_segments(tokenizer, [dict(m, content=m["content"][:limit]) for m in messages])
+    ids: list[int] = []
+    labels: list[int] = []
+    for (_, assistant), piece in zip(pieces, tokenizer([t for t, _ in pieces], add_special_tokens=False)["input_ids"]):
+        ids += piece
+        labels += piece if assistant else [IGNORE_INDEX] * len(piece)
+    return ids, labels
 
 
 def text_limit(tokenizer, max_len: int) -> int:

@@ -77,7 +77,7 @@ from tqdm.auto import tqdm
 
 from mtpkern.batch import BatchDecoder
 from mtpkern.checkpoint import CheckpointError, check_report_path, resolve_checkpoint, write_text_atomic
-from mtpkern.data import SFTDataset, collate, format_prompt, load_tokenizer
+from mtpkern.data import SFTDataset, collate, load_tokenizer, prompt_ids, reference
 from mtpkern.decoder import Decoder
 from mtpkern.autotree import resolve_options
 from mtpkern.options import DecodeOptions
@@ -376,7 +376,7 @@ def evaluate_checkpoint(path, *, data: str | None = None, device: torch.device, 
     solutions, decoded_with = solve_batched(model, decoders, prompts, runs, batch=quality_batch,
                                             max_new_tokens=max_new_tokens, eos_token_id=eos)
     texts = [tokenizer.decode(_strip_eos(t, eos), skip_special_tokens=True) for t in solutions]
-    refs = [rec["response"] for rec in samples]
+    refs = [reference(rec) for rec in samples]
     kind = model.config.model_type
     objective = (train_config or {}).get("objective", "ntp" if role(kind) == "base" else kind)
     quality = _quality(kind, heads, texts, refs, decoded_with)
@@ -421,7 +421,7 @@ def fitting_prompts(val: list[dict], tokenizer, model, decoders: dict, *, max_ne
     room = model.config.n_positions - max_new_tokens - slack
     samples, prompts = [], []
     for rec in val:
-        ids = tokenizer(format_prompt(rec["query"]), add_special_tokens=False)["input_ids"]
+        ids = prompt_ids(tokenizer, rec)
         if len(ids) <= room:
             samples.append(rec)
             prompts.append(torch.tensor([ids], device=model.device))
