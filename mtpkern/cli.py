@@ -40,7 +40,7 @@ from mtpkern.heads_io import (  # noqa: E402
     export_heads,
     tokenizer_source,
 )
-from mtpkern.hf_io import load_model  # noqa: E402
+from mtpkern.hf_io import load_model, to_hf  # noqa: E402
 from mtpkern.options import ACCEPTANCE, KERNELS, STRATEGIES, DecodeOptions  # noqa: E402
 from mtpkern.runtime import resolve_device, resolve_dtype  # noqa: E402
 from mtpkern.train import TrainConfig  # noqa: E402
@@ -237,7 +237,8 @@ def cmd_export(args) -> int:
         tokenizer = None
     tree = auto_tree(model) if has_calibration(model) else None
     command = "mtpkern export " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["export"] else None
-    out = export_heads(model, args.format, args.out, base=args.base, tokenizer=tokenizer, tree=tree, command=command)
+    out = export_heads(model, args.format, args.out, base=args.base, tokenizer=tokenizer, tree=tree, command=command,
+                       convert_base=to_hf)  # the base in transformers' layout, which the serving tools read
     print(f"wrote {args.format} MEDUSA heads to {out} (see {out / 'README.md'} to serve them)")
     return 0
 
@@ -456,10 +457,11 @@ def _add_calibrate(sub, shared: dict) -> None:
 
 
 def _add_export(sub, shared: dict) -> None:
-    x = sub.add_parser("export", help="write a MEDUSA model's heads for FasterDecoding/Medusa, vLLM or TensorRT-LLM",
+    x = sub.add_parser("export", help="write a MEDUSA model's heads for FasterDecoding/Medusa, TGI, vLLM or "
+                                      "TensorRT-LLM",
                        parents=[shared["base"]],
                        description="Write the heads, a README naming the command that serves them, and the base under "
-                                   "OUT/base; with --base, the config names that base instead and none is written "
+                                   "OUT/base (in transformers' layout); --format medusa serves TGI too; with --base, the config names that base instead and none is written "
                                    "(docs/heads_export.md).")
     x.add_argument("run", help="MEDUSA checkpoint, run directory or head directory")
     x.add_argument("--format", required=True, choices=FORMATS, help="the layout: " + ", ".join(FORMATS))

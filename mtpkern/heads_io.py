@@ -1,4 +1,5 @@
-"""MEDUSA heads in and out of other tools' layouts: FasterDecoding/Medusa, vLLM and TensorRT-LLM.
+"""MEDUSA heads in and out of other tools' layouts: FasterDecoding/Medusa (which TGI reads as it
+is), vLLM and TensorRT-LLM.
 
 Our MEDUSA head is the paper's and Medusa's own (``x + SiLU(W x + b)`` per layer, then an
 unembedding: the base's, shared, or the head's own with ``--medusa-proj``), so the tensors map one
@@ -32,7 +33,19 @@ the number of residual layers. The layouts followed, read in the targets' public
   ``tensorrt_llm/models/medusa/weight.py``: ``load_medusa_hf`` (``medusa_lm_head.pt``, else
   ``medusa_lm_head.safetensors``, keys ``{h}.{l}.linear.weight|bias`` and ``{h}.{L}.weight``).
 
-vLLM and TensorRT-LLM cannot run here: the tests check the layouts as those loaders define them.
+- TGI (text-generation-inference) ``server/text_generation_server/models/__init__.py``:
+  ``get_model`` (a ``config.json`` with ``medusa_num_heads`` is a head folder: the model served is
+  its ``base_model_name_or_path``, ``medusa_num_heads`` the default and the bound of
+  ``--speculate``, and the weights are ``medusa_lm_head.safetensors``, never ``.pt``);
+  ``layers/medusa.py``: ``MedusaHeadV1.load``, ``MedusaHead.__init__`` and ``ResBlock.__init__``
+  (head i: ``{i}.{l}.linear`` weight and bias per layer, then ``{i}.{L}`` without a bias: the
+  medusa layout, so no ``tgi`` format); ``layers/speculative.py``: ``SpeculativeHead.load`` (a head
+  config with an ``architectures`` field other than its MLP speculator's loads no heads at all, so
+  the medusa layout's config has none).
+
+vLLM, TensorRT-LLM and TGI cannot run here: the tests check the layouts as those loaders define
+them. The base an export writes is in transformers' layout when ``export_heads`` is given
+``convert_base`` (``mtpkern export`` gives ``mtpkern.to_hf``): the serving tools read that.
 """
 
 from __future__ import annotations
@@ -224,11 +237,13 @@ def head_tensors(model: MedusaModel) -> tuple[list, list | None]:
 
 
 def export_heads(model: SpeculativeLM, fmt: str, out, *, base: str | None = None, tokenizer=None,
-                 tree: Tree | None = None, command: str | None = None) -> Path:
+                 tree: Tree | None = None, command: str | None = None, convert_base=None) -> Path:
     """Write ``model``'s MEDUSA heads into ``out`` in format ``fmt`` (``FORMATS``), with a README
     naming the command that serves them; returns ``out``. ``base``: the name or path the config
-    gives as the base; None writes the base itself under ``out/base``. ``tokenizer``: written
-    beside the heads (and the base).
+    gives as the base; None writes the base itself under ``out/base``: in transformers' layout,
+    which the serving tools read, when ``convert_base`` (``mtpkern.to_hf``, as ``mtpkern export``
+    passes it) turns it into a transformers model, else as mtpkern's own checkpoint (which only
+    mtpkern reads). ``tokenizer``: written beside the heads (and the base).
     ``tree``: the calibrated auto tree, shown as TensorRT-LLM's ``--medusa_choices``. ``out``
     is replaced atomically, and only when it is new, empty or an export of ours (its mark)."""
     model = check_exportable(model, fmt)
@@ -241,17 +256,25 @@ def export_heads(model: SpeculativeLM, fmt: str, out, *, base: str | None = None
         else:
             _write_medusa(tmp, model, blocks, own, base or BASE_DIR)
         if base is None:
-            (tmp / BASE_DIR).mkdir()
-            model.base.write_files(tmp / BASE_DIR, tokenizer)
+            _write_base(tmp / BASE_DIR, model, tokenizer, convert_base)
         if tokenizer is not None:  # beside the heads too: mtpkern's commands read a model's tokenizer there
             tokenizer.save_pretrained(tmp)
-        (tmp / README_NAME).write_text(serving_readme(fmt, model, out, base or str(out / BASE_DIR), tree, command),
-                                       encoding="utf-8")
+        (tmp / README_NAME).write_text(serving_readme(fmt, model, out, base, tree, command), encoding="utf-8")
         (tmp / MARK_NAME).write_text(f"written by mtpkern export --format {fmt}\n", encoding="utf-8")
         calibration = getattr(model, "calibration", None)
         if calibration is not None and _reimports_alike(model, own):  # the imported heads keep their auto tree
             calibration.save(tmp)
     return out
+
+
+def _write_base(directory: Path, model: MedusaModel, tokenizer, convert_base) -> None:
+    directory.mkdir()
+    if convert_base is None:
+        model.base.write_files(directory, tokenizer)
+        return
+    convert_base(model.base).save_pretrained(directory)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
 
 
 def _reimports_alike(model: MedusaModel, own: list | None) -> bool:
@@ -332,10 +355,12 @@ def medusa_choices(tree: Tree | None) -> str | None:
     return None if tree is None else json.dumps([list(p) for p in tree.choices]).replace(" ", "")
 
 
-def serving_readme(fmt: str, model: MedusaModel, out: Path, base: str, tree: Tree | None,
+def serving_readme(fmt: str, model: MedusaModel, out: Path, named: str | None, tree: Tree | None,
                    command: str | None) -> str:
-    """The export's README: what it holds and the command that serves it."""
+    """The export's README: what it holds and the command that serves it. ``named``: the base the
+    config names, None where the export writes it under ``out/base``."""
     n = model.n_heads - 1
+    base = named or str(out / BASE_DIR)
     lines = [f"# MEDUSA heads ({fmt} layout), written by mtpkern", "",
              f"{n} MEDUSA heads of {model.config.medusa_layers} residual layer(s) on the base `{base}`"
              f" ({'own' if model.config.medusa_proj else 'shared'} unembedding).", ""]
@@ -346,22 +371,40 @@ def serving_readme(fmt: str, model: MedusaModel, out: Path, base: str, tree: Tre
         lines += ["Serve with vLLM (not run by mtpkern: vLLM cannot run where it was written):", "", "```",
                   f"vllm serve {base} --speculative-config '{spec}'", "```"]
     elif fmt == "trtllm":
-        choices = medusa_choices(tree)
-        lines += ["Convert and serve with TensorRT-LLM (not run by mtpkern), from its `examples/medusa`:", "", "```",
-                  f"python convert_checkpoint.py --model_dir {base} --medusa_model_dir {out} --output_dir tllm_ckpt "
-                  f"--dtype float16 --num_medusa_heads {n} --num_medusa_layers {model.config.medusa_layers}",
-                  "trtllm-build --checkpoint_dir tllm_ckpt --output_dir engine --speculative_decoding_mode medusa",
-                  f"python ../run.py --engine_dir engine --tokenizer_dir {base} "
-                  f"--medusa_choices=\"{choices or '<your tree>'}\" --input_text 'Hello'", "```", "",
-                  "`--medusa_choices`: " + ("the model's calibrated `auto` tree (mtpkern.autotree)." if choices else
-                                            "this model has no calibration, so no `auto` tree: run `mtpkern calibrate` "
-                                            "and export again, or give your own."),
-                  "TensorRT-LLM's example converts Llama-family bases; it does not take a GPT-2 base."]
+        lines += _trtllm_lines(model, out, base, tree)
     else:
         lines += ["Load with FasterDecoding/Medusa (`MedusaModel.from_pretrained` on this folder; its code builds "
                   "Llama- and Mistral-family bases), or back into mtpkern: "
-                  f"`mtpkern generate {out} --prompt '...' --strategy medusa`."]
+                  f"`mtpkern generate {out} --prompt '...' --strategy medusa`.", ""] + _tgi_lines(n, out, named)
     return "\n".join(lines) + "\n"
+
+
+def _trtllm_lines(model: MedusaModel, out: Path, base: str, tree: Tree | None) -> list[str]:
+    n, choices = model.n_heads - 1, medusa_choices(tree)
+    return ["Convert and serve with TensorRT-LLM (not run by mtpkern), from its `examples/medusa`:", "", "```",
+            f"python convert_checkpoint.py --model_dir {base} --medusa_model_dir {out} --output_dir tllm_ckpt "
+            f"--dtype float16 --num_medusa_heads {n} --num_medusa_layers {model.config.medusa_layers}",
+            "trtllm-build --checkpoint_dir tllm_ckpt --output_dir engine --speculative_decoding_mode medusa",
+            f"python ../run.py --engine_dir engine --tokenizer_dir {base} "
+            f"--medusa_choices=\"{choices or '<your tree>'}\" --input_text 'Hello'", "```", "",
+            "`--medusa_choices`: " + ("the model's calibrated `auto` tree (mtpkern.autotree)." if choices else
+                                      "this model has no calibration, so no `auto` tree: run `mtpkern calibrate` "
+                                      "and export again, or give your own."),
+            "TensorRT-LLM's example converts Llama-family bases; it does not take a GPT-2 base."]
+
+
+def _tgi_lines(n: int, out: Path, named: str | None) -> list[str]:
+    """TGI reads this layout as it is (see the module docstring): the folder is the model id, the
+    base its config's ``base_model_name_or_path``, looked up from where TGI runs."""
+    if named is None:
+        where, launch = (f"the base is `{BASE_DIR}/` here, which TGI finds from the folder it runs in",
+                         f"cd {out} && text-generation-launcher --model-id . --speculate {n}")
+    else:
+        where, launch = (f"the base is `{named}`, a hub name or a path as TGI sees it",
+                         f"text-generation-launcher --model-id {out} --speculate {n}")
+    return ["Serve with TGI (text-generation-inference; not run by mtpkern), which reads this layout as it is "
+            f"and serves GPT-2 and Llama-family bases ({where}; `--speculate` at most {n}):", "", "```", launch,
+            "```"]
 
 
 def _head_config(name_or_dir) -> dict | None:

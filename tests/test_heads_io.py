@@ -324,6 +324,47 @@ def test_a_base_for_what_is_not_a_head_directory_is_refused(base_dir, tmp_path, 
     assert_one_line_error(code, err, "names the base of a MEDUSA head directory", str(base_dir), "is not one")
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_tgi_serves_the_medusa_export(base_dir, tmp_path, capsys, monkeypatch, family):
+    """TGI reads FasterDecoding's layout as it is (heads_io's docstring names its loader): what
+    `mtpkern export --format medusa` writes, read by TGI's rules (the head folder's config.json
+    with medusa_num_heads and no architectures field, medusa_lm_head.safetensors only, head i's
+    `{i}.{l}.linear` then `{i}.{L}`; the base from base_model_name_or_path, where TGI runs, by
+    transformers), gives mtpkern's logits for every head. The README launches it."""
+    import transformers
+
+    from test_llama import hf_model
+
+    if family == "llama":
+        base_dir = tmp_path / "llama"
+        hf_model("llama").save_pretrained(base_dir)
+        heads = medusa_head_dir(tmp_path / "heads", base_dir, n=2, layers=2)
+    else:
+        heads = tmp_path / "heads"
+        random_heads(base_dir, n_heads=3, n_layers=2, proj=True).save_pretrained(heads)
+    out = tmp_path / "tgi"
+    code, err = run_main(["export", heads, "--format", "medusa", "--out", out], capsys, monkeypatch)
+    assert code == 0, err
+    cfg = json.loads((out / "config.json").read_text())
+    assert "architectures" not in cfg and cfg["medusa_num_heads"] == 2 and (out / "medusa_lm_head.safetensors").is_file()
+    hf, info = transformers.AutoModelForCausalLM.from_pretrained(out / cfg["base_model_name_or_path"],
+                                                                output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    model = load_model(heads)
+    idx = torch.randint(0, model.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        base_out = hf(idx, output_hidden_states=True)
+        got = torch.cat([base_out.logits[:, :, None], reference_logits(out, "medusa", base_out.hidden_states[-1])], 2)
+        torch.testing.assert_close(got, model(idx).logits, atol=1e-5, rtol=0)
+    readme = (out / "README.md").read_text()
+    assert f"cd {out} && text-generation-launcher --model-id . --speculate 2" in readme, readme
+    named = tmp_path / "named"
+    code, err = run_main(["export", heads, "--format", "medusa", "--out", named, "--base", base_dir],
+                         capsys, monkeypatch)
+    assert code == 0, err
+    assert f"text-generation-launcher --model-id {named} --speculate 2" in (named / "README.md").read_text()
+
+
 @pytest.mark.parametrize("variant", ["llama", "qwen2_tied"])
 def test_heads_on_a_llama_family_base(tmp_path, variant):
     """The base loads through load_model: heads of FasterDecoding's layout sit on a transformers
