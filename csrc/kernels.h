@@ -10,6 +10,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #ifdef __CUDACC__
 #define MTPKERN_HD __host__ __device__ __forceinline__
@@ -129,12 +130,130 @@ MTPKERN_HD int64_t load_row_index(const void* p, bool is64, int64_t b) {
   return is64 ? static_cast<const int64_t*>(p)[b] : static_cast<int64_t>(static_cast<const int32_t*>(p)[b]);
 }
 
+// ---------------------------------------------------------------- rejection sampling (verify_rejection)
+
+// Probabilities enter the walk as integer weights of kProbBits fractional bits, floor(p * 2^40),
+// so that every sum over the vocabulary is exact whatever its order: the CPU loop, the CUDA
+// block reduction and the eager reference's torch.sum agree bit for bit. Everything else is
+// elementwise, in double, each product and quotient rounded once (no fused multiply-add: the
+// device side spells its roundings out), so the three give identical results. V < 2^23 keeps
+// every sum (at most V * 2^40) below 2^63.
+constexpr double kProbScale = 1099511627776.0;  // 2^40
+constexpr int64_t kMaxRejectionVocab = int64_t(1) << 23;
+
+enum ProbType : int { kProbF32 = 0, kProbF16 = 1, kProbBF16 = 2 };
+
+MTPKERN_HD double mul_rn(double a, double b) {
+#ifdef __CUDA_ARCH__
+  return __dmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
+MTPKERN_HD double div_rn(double a, double b) {
+#ifdef __CUDA_ARCH__
+  return __ddiv_rn(a, b);
+#else
+  return a / b;
+#endif
+}
+
+MTPKERN_HD float float_from_bits(uint32_t b) {
+#ifdef __CUDA_ARCH__
+  return __uint_as_float(b);
+#else
+  float f;
+  std::memcpy(&f, &b, sizeof f);
+  return f;
+#endif
+}
+
+// IEEE binary16 -> float, exactly (subnormals, inf and NaN included).
+MTPKERN_HD float half_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t exp = (h >> 10) & 0x1fu, mant = h & 0x3ffu;
+  if (exp == 0) {  // zero or subnormal: mant * 2^-24, exact in float
+    const float v = static_cast<float>(mant) * 5.9604644775390625e-08f;
+    return sign ? -v : v;
+  }
+  if (exp == 31) return float_from_bits(sign | 0x7f800000u | (mant << 13));
+  return float_from_bits(sign | ((exp + 112u) << 23) | (mant << 13));
+}
+
+MTPKERN_HD float load_prob(const void* base, int type, int64_t i) {
+  if (type == kProbF32) return static_cast<const float*>(base)[i];
+  const uint16_t h = static_cast<const uint16_t*>(base)[i];
+  return type == kProbF16 ? half_to_float(h) : float_from_bits(static_cast<uint32_t>(h) << 16);
+}
+
+// Row `row` (of V entries) of a probability matrix of the given type.
+MTPKERN_HD const void* prob_row(const void* base, int type, int64_t row, int64_t V) {
+  return static_cast<const char*>(base) + row * V * (type == kProbF32 ? 4 : 2);
+}
+
+// A probability's weight floor(w * 2^40) (exact: a power-of-two scaling and a floor); -1 for a
+// value outside [0, 1] (NaN included), which makes its whole row invalid.
+MTPKERN_HD int64_t prob_weight(float w) {
+  if (!(w >= 0.f && w <= 1.f)) return -1;
+  return static_cast<int64_t>(floor(static_cast<double>(w) * kProbScale));
+}
+
+// Weight of y in max(0, r - q_i) with r = R / Z and q_i = Q / M (Z, M > 0), before the renormalising.
+MTPKERN_HD int64_t residual_weight(int64_t R, int64_t Z, int64_t Q, int64_t M) {
+  const double a = div_rn(static_cast<double>(R), static_cast<double>(Z));
+  const double b = div_rn(static_cast<double>(Q), static_cast<double>(M));
+  const double d = a - b;
+  return d > 0 ? static_cast<int64_t>(floor(mul_rn(d, kProbScale))) : 0;
+}
+
+// The test u q_i(x) < r(x), i.e. u (qx / M) < rx / Z, as (u * qx) * Z < rx * M in double.
+MTPKERN_HD bool rejection_accepts(float u, int64_t qx, int64_t M, int64_t rx, int64_t Z) {
+  const double lhs = mul_rn(mul_rn(static_cast<double>(u), static_cast<double>(qx)), static_cast<double>(Z));
+  return lhs < mul_rn(static_cast<double>(rx), static_cast<double>(M));
+}
+
+// Inverse CDF threshold of u over a mass Z > 0: floor(u * Z) clamped into [0, Z - 1] (NaN -> 0).
+// The drawn token is the first y whose inclusive prefix sum of weights exceeds it.
+MTPKERN_HD int64_t draw_threshold(float u, int64_t Z) {
+  const double t = mul_rn(static_cast<double>(u), static_cast<double>(Z));
+  if (!(t > 0)) return 0;
+  if (t >= 9.0e18) return Z - 1;
+  const int64_t th = static_cast<int64_t>(floor(t));
+  return th < Z - 1 ? th : Z - 1;
+}
+
+// The next child of `node` after node `after` (children in index order), or T. A node t is a
+// child of its parent only when 0 <= parents[t] < t, so the walk always moves forwards.
+MTPKERN_HD int64_t next_child(const int64_t* parents, int64_t T, int64_t node, int64_t after) {
+  for (int64_t t = after + 1; t < T; ++t)
+    if (parents[t] == node) return t;
+  return T;
+}
+
+struct RejectionArgs {
+  const int64_t* tree_tokens;  // [B, T]
+  const void* target_probs;    // [B, T, V] of prob_type
+  const void* draft_probs;     // [B, Q, V] of prob_type
+  const int64_t* draft_row;    // [T]
+  const int64_t* parents;      // [T]
+  const float* uniforms;       // [B, T]
+  int64_t T, Q, V, max_depth;
+  int prob_type;
+};
+
 // ---------------------------------------------------------------- launchers (csrc/cuda/*.cu)
 
 #ifndef MTPKERN_CPU_ONLY
 
 cudaError_t launch_tree_buffers(const int64_t* parents, int64_t T, int64_t max_depth, int32_t* mask, int64_t* depth,
                                 int64_t* retrieve, bool* is_leaf, cudaStream_t stream);
+
+// Outputs of B rows: accept_len, last_node, n_emitted [B]; path, tokens [B, max_depth + 1];
+// scratch: 2 * B * V int64 (the residual's double buffer).
+cudaError_t launch_verify_rejection(const RejectionArgs& a, int64_t B, int64_t* accept_len, int64_t* last_node,
+                                   int64_t* path, int64_t* tokens, int64_t* n_emitted, int64_t* scratch,
+                                   cudaStream_t stream);
 
 cudaError_t launch_verify(const VerifyArgs& a, int64_t B, const int64_t* paths, int64_t P, int64_t Dp1,
                           int64_t* accept_len, int64_t* best_path, int64_t* last_node, int64_t* tokens,

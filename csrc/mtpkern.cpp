@@ -25,5 +25,9 @@ TORCH_LIBRARY(mtpkern, m) {
   m.def(
       "accept_greedy(Tensor hidden, Tensor weight, Tensor tree_tokens, Tensor paths) -> (Tensor out, Tensor root, "
       "Tensor last_node, Tensor best_path)");
+  m.def(
+      "verify_rejection(Tensor tree_tokens, Tensor target_probs, Tensor draft_probs, Tensor draft_row, Tensor parents, "
+      "Tensor uniforms, int max_depth) -> (Tensor accept_len, Tensor last_node, Tensor path, Tensor tokens, "
+      "Tensor n_emitted)");
   m.def("kv_compact_(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor path, Tensor prefix_len, Tensor count) -> ()");
 }

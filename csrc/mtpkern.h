@@ -11,6 +11,7 @@
 
 #include <cmath>
 #include <string>
+#include <utility>
 
 #include "kernels.h"
 
@@ -133,6 +134,55 @@ inline void check_verify_typical(const at::Tensor& tree_tokens, const at::Tensor
   check_same_device(tree_tokens, parent_entropy, op, "parent_entropy");
   check_nonnegative_finite(epsilon, op, "epsilon");
   check_nonnegative_finite(alpha, op, "alpha");
+}
+
+// verify_rejection: tree_tokens [T] / [B, T]; target_probs [(B,) T, V] and draft_probs [(B,) Q, V]
+// of one float dtype; draft_row and parents [T]; uniforms like tree_tokens; 0 <= max_depth < 4096.
+inline void check_verify_rejection(const at::Tensor& tree_tokens, const at::Tensor& target_probs,
+                                   const at::Tensor& draft_probs, const at::Tensor& draft_row, const at::Tensor& parents,
+                                   const at::Tensor& uniforms, int64_t max_depth) {
+  const char* op = "verify_rejection";
+  check_rows(tree_tokens, op, "tree_tokens", at::kLong);
+  const int64_t T = tree_tokens.size(-1);
+  const bool batch = tree_tokens.dim() == 2;
+  TORCH_CHECK_VALUE(T >= 1 && (!batch || tree_tokens.size(0) >= 1), op,
+                    ": the tree has no nodes or the batch is empty (tree_tokens ", tree_tokens.sizes(), ")");
+  const std::string dims = batch ? c10::str("[", tree_tokens.size(0), ", N, V]") : std::string("[N, V]");
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{target_probs, "target_probs"},
+                                std::pair<const at::Tensor&, const char*>{draft_probs, "draft_probs"}}) {
+    TORCH_CHECK_VALUE(t.dim() == tree_tokens.dim() + 1 && (!batch || t.size(0) == tree_tokens.size(0)), op, ": ",
+                      name, " must have shape ", dims, " (tree_tokens has shape ", tree_tokens.sizes(), "), got ",
+                      t.sizes());
+    const auto dt = t.scalar_type();
+    TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, op, ": ", name,
+                     " must be float32, float16 or bfloat16, got ", dtype_name(dt));
+    TORCH_CHECK_VALUE(t.is_contiguous(), op, ": ", name, " must be contiguous");
+  }
+  TORCH_CHECK_TYPE(draft_probs.scalar_type() == target_probs.scalar_type(), op, ": draft_probs is ",
+                   dtype_name(draft_probs.scalar_type()), " but target_probs is ",
+                   dtype_name(target_probs.scalar_type()));
+  const int64_t V = target_probs.size(-1);
+  TORCH_CHECK_VALUE(target_probs.size(-2) == T && V >= 1, op, ": target_probs needs ", T,
+                    " rows of V >= 1, got shape ", target_probs.sizes());
+  TORCH_CHECK_VALUE(V < kMaxRejectionVocab, op, ": a vocabulary of ", V, " is too large (at most ",
+                    kMaxRejectionVocab - 1, ")");
+  TORCH_CHECK_VALUE(draft_probs.size(-1) == V && draft_probs.size(-2) >= 1, op, ": draft_probs must have rows of V = ",
+                    V, ", got ", draft_probs.sizes());
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{draft_row, "draft_row"},
+                                std::pair<const at::Tensor&, const char*>{parents, "parents"}}) {
+    check_vector(t, op, name, at::kLong);
+    TORCH_CHECK_VALUE(t.size(0) == T, op, ": ", name, " has ", t.size(0), " entries but the tree has ", T, " nodes");
+  }
+  check_rows(uniforms, op, "uniforms", at::kFloat);
+  TORCH_CHECK_VALUE(uniforms.sizes() == tree_tokens.sizes(), op, ": uniforms has shape ", uniforms.sizes(),
+                    " but tree_tokens has ", tree_tokens.sizes());
+  TORCH_CHECK_VALUE(max_depth >= 0 && max_depth < kMaxTreeNodes, op, ": max_depth must be an int in [0, ",
+                    kMaxTreeNodes, "), got ", max_depth);
+  check_same_device(tree_tokens, target_probs, op, "target_probs");
+  check_same_device(tree_tokens, draft_probs, op, "draft_probs");
+  check_same_device(tree_tokens, draft_row, op, "draft_row");
+  check_same_device(tree_tokens, parents, op, "parents");
+  check_same_device(tree_tokens, uniforms, op, "uniforms");
 }
 
 inline void check_scalar_index(const at::Tensor& cache, const at::Tensor& t, const char* name) {

@@ -1,6 +1,8 @@
 """The C++ extension: registered when built; the package works (eager) when it is absent."""
 
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -8,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mtpkern.ops import _backend, kv_compact, tree_mask, verify
+from mtpkern.ops import _backend, kv_compact, tree_mask, verify, verify_sampled
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMAS = {
@@ -17,6 +19,7 @@ SCHEMAS = {
     "verify_typical": verify.TYPICAL_SCHEMA,
     "kv_compact_": kv_compact.SCHEMA,
     "accept_greedy": verify.ACCEPT_SCHEMA,  # its CUDA kernel is the eager reference (mtpkern/ops/verify.py)
+    "verify_rejection": verify_sampled.SCHEMA,
 }
 
 
@@ -46,6 +49,7 @@ from mtpkern.ops import _backend
 from mtpkern.ops.kv_compact import kv_compact_
 from mtpkern.ops.tree_mask import tree_buffers
 from mtpkern.ops.verify import accept_greedy, verify_greedy, verify_typical
+from mtpkern.ops.verify_sampled import verify_rejection
 
 assert not _backend.HAS_CUDA_EXT
 buf = tree_buffers(torch.tensor([-1, 0, 0, 1]), 2)
@@ -61,6 +65,13 @@ hidden = torch.nn.functional.one_hot(argmax, 10).float()  # node i's argmax is a
 for r in (accept_greedy(hidden, torch.eye(10), tokens, buf.retrieve),
           torch.ops.mtpkern.accept_greedy(hidden, torch.eye(10), tokens, buf.retrieve)):
     assert r[0].tolist() == [3, 6, 8, 9] and r[1].tolist() == [9] and int(r[2]) == 3, r
+
+# root -> {1, 2}: token 1 has no target mass (rejected), token 2 all of it (accepted), then u_0 draws token 0
+p = torch.tensor([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
+args = (torch.tensor([9, 1, 2]), p, torch.full((1, 3), 1 / 3), torch.zeros(3, dtype=torch.long),
+        torch.tensor([-1, 0, 0]), torch.tensor([0.5, 0.5, 0.5]), 1)
+for r in (verify_rejection(*args[:5], 1, uniforms=args[5]), torch.ops.mtpkern.verify_rejection(*args)):
+    assert [int(r[0]), int(r[1]), r[2].tolist(), r[3].tolist()] == [1, 2, [0, 2], [2, 0]], r
 
 k = torch.arange(8.0).view(1, 1, 1, 8, 1)
 v = -k
@@ -114,7 +125,7 @@ import sys
 import torch
 
 torch.ops.load_library(sys.argv[1])  # registers the mtpkern ops of the CPU-only build
-for name in ("tree_buffers", "verify_greedy", "verify_typical", "kv_compact_", "accept_greedy"):
+for name in ("tree_buffers", "verify_greedy", "verify_typical", "kv_compact_", "accept_greedy", "verify_rejection"):
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"mtpkern::{name}", "CPU"), name
     assert not torch._C._dispatch_has_kernel_for_dispatch_key(f"mtpkern::{name}", "CUDA"), name
 mask, depth, retrieve, is_leaf = torch.ops.mtpkern.tree_buffers(torch.tensor([-1, 0, 0, 1]), 2)
@@ -124,6 +135,11 @@ assert [int(r[0]), int(r[1]), int(r[2]), r[3].tolist()] == [2, 3, 3, [6, 8, 9]],
 hidden = torch.nn.functional.one_hot(torch.tensor([6, 8, 0, 9]), 10).float()
 r = torch.ops.mtpkern.accept_greedy(hidden, torch.eye(10), torch.tensor([5, 6, 7, 8]), retrieve)
 assert r[0].tolist() == [3, 6, 8, 9] and r[1].tolist() == [9], r
+p = torch.tensor([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
+r = torch.ops.mtpkern.verify_rejection(torch.tensor([9, 1, 2]), p, torch.full((1, 3), 1 / 3),
+                                       torch.zeros(3, dtype=torch.long), torch.tensor([-1, 0, 0]),
+                                       torch.tensor([0.5, 0.5, 0.5]), 1)
+assert [int(r[0]), r[3].tolist()] == [1, [2, 0]], r
 k = torch.arange(8.0).view(1, 1, 1, 8, 1)
 v = -k
 torch.ops.mtpkern.kv_compact_(k, v, torch.tensor([0, 2, 3]), torch.tensor(1), torch.tensor(3))
@@ -155,3 +171,28 @@ def test_cpu_only_build_has_the_cpu_kernels(tmp_path):
                            text=True, timeout=300)
     assert check.returncode == 0, check.stderr[-3000:]
     assert "cpu extension OK" in check.stdout
+
+
+def _nvcc():
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    found = shutil.which("nvcc") or (CUDA_HOME and os.path.join(CUDA_HOME, "bin", "nvcc"))
+    return found if found and os.path.exists(found) else None
+
+
+@pytest.mark.skipif(_nvcc() is None, reason="no nvcc (CUDA toolkit) on this machine")
+@pytest.mark.parametrize("arch", ["80", "90"])
+def test_cuda_sources_compile_for_a100_and_h100(arch, tmp_path):
+    """Every csrc/cuda/*.cu compiles for sm_80 (A100) and sm_90 (H100) on its own (they include
+    only kernels.h, no torch headers), without warnings, and ptxas spills nothing."""
+    sources = sorted((ROOT / "csrc" / "cuda").glob("*.cu"))
+    assert any(s.name == "verify_rejection.cu" for s in sources), sources
+    for src in sources:
+        proc = subprocess.run([_nvcc(), "-c", "-O3", "-DNDEBUG", f"-gencode=arch=compute_{arch},code=sm_{arch}",
+                               "-Xptxas", "-v", "-I", str(ROOT / "csrc"), str(src), "-o", str(tmp_path / "k.o")],
+                              capture_output=True, text=True, timeout=300)
+        log = proc.stdout + proc.stderr
+        assert proc.returncode == 0, f"{src.name} for sm_{arch}:\n{log[-3000:]}"
+        assert "warning" not in log.lower(), f"{src.name} for sm_{arch}:\n{log[-3000:]}"
+        spills = [int(n) for n in re.findall(r"(\d+) bytes spill stores", log)]
+        assert spills and max(spills) == 0, f"{src.name} for sm_{arch} spills: {log[-3000:]}"
