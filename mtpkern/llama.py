@@ -13,6 +13,8 @@ Q, K and V are one projection (``c_attn``: [H Dh + 2 H_kv Dh, D]) and gate and u
 the H_kv KV heads. A block takes its rotary (cos, sin) from the model, computed once per
 forward at each token's own position (tree nodes: prefix + depth). ``decode_llama_block`` is the
 block as a plain function of its tensors, the CPU's fast path, like GPT-2's ``decode_block``.
+With a fused ``Attn`` (``tree_mask`` / ``prefix_len``: ``kernels="fused"``) a block runs its
+fused decode layer instead (``LlamaBlock.fused_decode``: five Triton launches).
 """
 
 from __future__ import annotations
@@ -26,8 +28,10 @@ import torch.nn.functional as F
 
 from mtpkern.config import LlamaConfig
 from mtpkern.layers import Attn, write_kv
-
-FUSED_GPT2_ONLY = "the fused layer kernels serve GPT-2 only so far: decode a Llama-family model with kernels='eager'"
+from mtpkern.ops.linear_residual import linear_residual
+from mtpkern.ops.rms_qkv_rope import rms_qkv_rope
+from mtpkern.ops.rms_swiglu import rms_swiglu
+from mtpkern.ops.tree_attention import tree_attention_gqa
 
 
 class RMSNorm(nn.Module):
@@ -88,9 +92,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 def _attend(q, k, v, attn: Attn | None, layer: int, grouped: bool) -> torch.Tensor:
     if attn is None:  # training / scoring: causal over the whole sequence
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=grouped)
-    if attn.tree_mask is not None:
-        raise ValueError(FUSED_GPT2_ONLY)
     kc, vc = write_kv(attn, layer, k, v)
+    if attn.tree_mask is not None:  # the fused kernels' packed tree mask (LlamaBlock.fused_decode's attention)
+        assert attn.prefix_len is not None, "Attn: a tree_mask needs its prefix_len"
+        return tree_attention_gqa(q, kc, vc, attn.prefix_len, attn.tree_mask)
     assert attn.mask is not None, "Attn: eager attention needs a mask"
     s = attn.mask.shape[-1]
     return F.scaled_dot_product_attention(q, kc[:, :, :s], vc[:, :, :s], attn_mask=attn.mask, enable_gqa=grouped)
@@ -136,8 +141,28 @@ class LlamaBlock(nn.Module):
 
     def forward(self, x, attn: Attn | None = None, layer: int = 0, rope=None):
         assert rope is not None, "a Llama block needs its rotary (cos, sin)"
+        if attn is not None and attn.tree_mask is not None:
+            return self.fused_decode(x, attn, layer, rope)
         x = x + self.attn(self.ln_1(x), attn, layer, rope)
         return x + self.mlp(self.ln_2(x))
+
+    def fused_decode(self, x, attn: Attn, layer: int, rope):
+        """This block on the decode path in five fused kernels, the same maths as ``forward``:
+        RMSNorm + QKV (+ bias) + rotary at each token's position + the K/V cache write;
+        grouped-query tree attention (each KV head read once for its query heads); the output
+        projection + residual; RMSNorm + gate/up + SiLU * up; the down projection + residual."""
+        a, m = self.attn, self.mlp
+        B, T, _ = x.shape
+        assert attn.tree_mask is not None and attn.prefix_len is not None, "Attn: fused decoding needs both"
+        kc, vc = attn.cache.k[layer], attn.cache.v[layer]
+        cos, sin = rope  # [B or 1, 1, T, Dh]
+        q = rms_qkv_rope(x, self.ln_1.weight, a.c_attn.weight, a.c_attn.bias, cos[:, 0], sin[:, 0], kc, vc,
+                         attn.slots, eps=self.ln_1.eps)
+        y = tree_attention_gqa(q.view(B, T, a.n_head, a.head_dim).transpose(1, 2), kc, vc, attn.prefix_len,
+                               attn.tree_mask)
+        x = linear_residual(y.transpose(1, 2).reshape(B, T, a.n_head * a.head_dim), a.c_proj.weight, a.c_proj.bias, x)
+        h = rms_swiglu(x, self.ln_2.weight, m.c_fc.weight, eps=self.ln_2.eps)
+        return linear_residual(h, m.c_proj.weight, None, x)
 
     def decode_weights(self, contiguous: bool = False) -> LlamaDecodeWeights:
         return LlamaDecodeWeights.of(self, contiguous)

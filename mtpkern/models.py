@@ -85,9 +85,9 @@ class SpeculativeLM(nn.Module):
 
     @property
     def fused_layers(self) -> bool:
-        """Whether the fused decoder-layer kernels (``Block.fused_decode``) serve this model:
-        GPT-2's blocks only, so far."""
-        return self.config.family == "gpt2"
+        """Whether the fused decoder-layer kernels serve this model's blocks: both families
+        have them (GPT-2's ``Block.fused_decode``, the Llama family's ``LlamaBlock.fused_decode``)."""
+        return self.config.family in ("gpt2", "llama")
 
     # number of prediction heads J, the next-token head included (config.n_heads); head j
     # predicts token t + j + 1, heads 1..J-1 are the draft heads

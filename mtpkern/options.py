@@ -103,8 +103,9 @@ class DecodeOptions:
 
     def fused_on(self, device, model=None) -> bool:
         """Whether the forward pass runs the fused kernels on ``device`` (a ``torch.device``, or
-        the model itself, on its device). Given the model, ``"auto"`` is eager for a family the
-        fused layer kernels do not serve (``model.fused_layers``: GPT-2's only, so far)."""
+        the model itself, on its device): ``"fused"``, or ``"auto"`` on CUDA. Given the model,
+        never for a family the fused layer kernels do not serve (``model.fused_layers``: GPT-2's
+        and the Llama family's blocks both have them)."""
         if model is None and hasattr(device, "fused_layers"):
             device, model = device.device, device
         if model is not None and not model.fused_layers:
@@ -127,8 +128,8 @@ class DecodeOptions:
         if self.strategy == "medusa" and not isinstance(model, MedusaModel):
             raise ValueError(f"strategy 'medusa' needs a MedusaModel, got a {_describe(model)}")
         if self.kernels == "fused" and not model.fused_layers:
-            raise ValueError(f"kernels='fused': the fused layer kernels serve GPT-2 only so far, not a "
-                             f"{model.config.family} model; use kernels='eager' or 'auto'")
+            raise ValueError(f"kernels='fused': the fused layer kernels do not serve a {model.config.family} "
+                             f"model; use kernels='eager' or 'auto'")
         if self.cuda_graph and not graphs_available(model.device):
             raise ValueError(f"cuda_graph=True needs the model on a CUDA device; it is on {model.device}")
 

@@ -156,13 +156,16 @@ def test_head_counts_that_do_not_fit_are_refused(saved):
         MTPModel.from_base(MTPModel.from_base(base, n_heads=2), n_heads=2)
 
 
-def test_fused_kernels_are_gpt2_only_and_auto_chooses_eager(saved):
+def test_fused_kernels_serve_the_llama_family_and_auto_chooses_them_on_cuda(saved):
+    """kernels="fused" is accepted for a Llama (its blocks' fused decode layer:
+    tests/test_llama_fused.py); "auto" is fused on CUDA, eager on the CPU; "eager" never fused."""
     model = load_model(saved["llama"][0])
-    with pytest.raises(ValueError, match="fused layer kernels serve GPT-2 only so far"):
-        Decoder(model, "ntp", kernels="fused")
-    auto = DecodeOptions(kernels="auto")
-    assert not auto.fused_on(torch.device("cuda"), model) and not auto.fused_on(model)
-    assert auto.fused_on(torch.device("cuda"))  # GPT-2 (no model given) keeps the fused kernels on CUDA
+    assert model.fused_layers
+    DecodeOptions(kernels="fused").check_model(model)
+    auto, eager = DecodeOptions(kernels="auto"), DecodeOptions(kernels="eager")
+    assert auto.fused_on(torch.device("cuda"), model) and not auto.fused_on(model)  # the model is on the CPU
+    assert DecodeOptions(kernels="fused").fused_on(model)
+    assert not eager.fused_on(torch.device("cuda"), model)
 
 
 def _prompts(n=20):
