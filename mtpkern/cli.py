@@ -166,14 +166,14 @@ def cmd_demo(args) -> int:
 
 def cmd_generate(args) -> int:
     check_base_use([args.model], args.base)  # a MEDUSA head directory's base (mtpkern.heads_io)
+    device = resolve_device(args.device)
+    model = load_model(args.model, device=device, dtype=resolve_dtype(args.dtype, device), base=args.base)
     tokenizer = load_tokenizer(tokenizer_source(args.model, args.base))
-    if args.chat:  # refused before the model loads
+    if args.chat:
         require_chat_template(tokenizer, "--chat writes the prompt with it")
         prompt = chat_prompt_ids(tokenizer, [{"role": "user", "content": args.prompt}])
     else:
         prompt = tokenizer(args.prompt if args.raw else format_prompt(args.prompt))["input_ids"]
-    device = resolve_device(args.device)
-    model = load_model(args.model, device=device, dtype=resolve_dtype(args.dtype, device), base=args.base)
     ids = torch.tensor([prompt], device=device)
     options = decode_options(args, model)
     gen = torch.Generator(device=device).manual_seed(args.seed)

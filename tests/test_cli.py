@@ -565,7 +565,7 @@ def test_dtype_default_is_one_rule_for_every_command(tmp_path, capsys, monkeypat
         assert list(action.choices) == ["fp32", "fp16", "bf16"]
     loaded = []
 
-    def load(path, *, device, dtype):
+    def load(path, *, device, dtype, base=None):
         loaded.append((device.type, dtype))
         raise RuntimeError("stop here")
 
