@@ -5,7 +5,6 @@ against the eager model, and greedy decoding through the fused layers against ea
 On CPU the kernels run in Triton's interpreter (tests/conftest.py), fp32 and fp16.
 """
 
-import types
 
 import pytest
 import torch
@@ -122,30 +121,37 @@ def _model(kind: str):
     return base.to(DEV).eval()
 
 
+def _attn(cache, prefix: int, tree: torch.Tensor, fused: bool) -> Attn:
+    """How T tree tokens at slots prefix + i attend: the fused kernels' packed mask, or eager's dense one."""
+    T = tree.shape[0]
+    slots = torch.arange(prefix, prefix + T, device=DEV)
+    p, packed = torch.tensor(prefix, device=DEV), pack_tree_mask(tree).to(DEV)
+    if fused:
+        return Attn(cache, slots, tree_mask=packed, prefix_len=p)
+    return Attn(cache, slots, mask=dense_tree_mask(p, packed, prefix + T))
+
+
 @pytest.mark.parametrize("kind", ["llama", "mtp", "medusa"])
 @torch.inference_mode()
 def test_whole_model_tree_step_equals_eager(kind):
-    """Prefill eagerly, then one 7-node tree step through every layer (and MTP's head blocks
-    over a 3-node accepted path, in their own cache layers), fused vs eager: hidden states and
-    the whole KV cache agree."""
+    """Prefill eagerly, then one 7-node tree step through every layer (``decode_hidden``) and
+    the draft heads over a 3-node accepted path (MTP: its head blocks, in their own cache
+    layers), fused vs eager: hidden states and the whole KV cache agree."""
     from mtpkern.core import prefill
-    from mtpkern.steps import _Forward
-    from mtpkern.tree import Tree
 
     model = _model(kind)
-    tt = Tree([[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0]]).tensors(DEV)
+    tree = _tree(7)
+    depth = tree.sum(1).to(DEV) - 1
     prompt = torch.randint(0, 96, (20,), generator=torch.Generator().manual_seed(3)).to(DEV)
     tokens = torch.randint(0, 96, (7,), generator=torch.Generator().manual_seed(4)).to(DEV)
-    results = []
+    P, results = len(prompt), []
     for fused in (False, True):
         cache = model.new_cache(1, 96)
         prefill(model, cache, prompt, heads=model.n_heads)
-        p = torch.tensor(len(prompt), device=DEV)
-        engine = types.SimpleNamespace(model=model, cache=cache, fused=fused, device=DEV, decode_weights=None)
-        h0, carry = _Forward(engine, 7)(tokens, p, len(prompt), tt.depth, tt.dense_mask, tt.mask)
-        chain = Tree.chain(2).tensors(DEV)
-        attn = _Forward(engine, 3).attn(p, len(prompt), chain.dense_mask, chain.mask)
-        drafts = model.draft_hidden(carry[[0, 1, 3]][None], model.n_heads - 1, attn)
+        h0, carry = model.decode_hidden(tokens[None], P + depth, _attn(cache, P, tree, fused))
+        path = torch.tensor([0, 1, 3], device=DEV)  # root, its first child, that child's first child
+        chain = torch.ones(3, 3, dtype=torch.bool).tril()
+        drafts = model.draft_hidden(carry[:, path], model.n_heads - 1, _attn(cache, P, chain, fused))
         results.append(((h0, carry, drafts), cache))
     (h_e, c_e), (h_f, c_f) = results
     check_close(h_f[0], h_e[0], what="head 0 hidden states")
