@@ -142,7 +142,54 @@ cxx_errors() {  # does a C++ exception from the extension reach Python, or crash
   return 0
 }
 
-export -f memcheck pytest_files cxx_errors
+bench_rejection() {  # verify_rejection: the CUDA kernel against the eager reference, one sampled step each
+  "$PYTHON" - "$OUT/bench_rejection.json" <<'PY'
+import json, sys, time
+
+import torch
+
+from mtpkern.ops.verify_sampled import verify_rejection, verify_rejection_ref
+from mtpkern.sampling import sample_tree_drafts
+from mtpkern.tree import Tree
+
+V, ITERS = 50257, {"cuda": 200, "eager": 5}  # GPT-2's vocabulary; the reference syncs every call
+tree = Tree.from_widths([4, 3, 2, 1])  # 65 nodes, depth 4
+T, D, depth = len(tree), tree.max_depth, tree.tensors().depth
+par, row = tree.tensors().parents.cuda(), (depth - 1).clamp_min(0).cuda()
+cases = {}
+for B in (1, 8):
+    for dtype in (torch.float32, torch.float16):
+        g = torch.Generator(device="cuda").manual_seed(0)
+        z = torch.randn(B, 1, V, device="cuda", generator=g) * 3  # heads close to the target: long accepts
+        q = torch.softmax(z + torch.randn(B, D, V, device="cuda", generator=g), -1)
+        p = torch.softmax(z + torch.randn(B, T, V, device="cuda", generator=g), -1)
+        toks = sample_tree_drafts(q, tree.parents, depth.tolist(), g)
+        p, q = p.to(dtype), q.to(dtype)
+        u = torch.rand(B, T, device="cuda", generator=g)
+        got, ref = verify_rejection(toks, p, q, row, par, D, uniforms=u, backend="cuda"), verify_rejection_ref(toks, p, q, row, par, u, D)
+        same = all(torch.equal(a, b) for a, b in zip(got, ref))
+        us = {}
+        for backend, iters in ITERS.items():  # the user's call: uniforms from the generator, then the op
+            call = lambda: verify_rejection(toks, p, q, row, par, D, generator=g, backend=backend)
+            call()
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                call()
+            torch.cuda.synchronize()
+            us[backend] = (time.perf_counter() - t0) / iters * 1e6
+        name = f"B={B} {str(dtype).removeprefix('torch.')}"
+        cases[name] = dict(kernel_us=us["cuda"], eager_us=us["eager"], speedup_vs_eager=us["eager"] / us["cuda"],
+                           same_as_reference=same, mean_accept_len=float(ref.accept_len.float().mean()), T=T, V=V)
+        print(f"verify_rejection {name}: cuda {us['cuda']:.1f} us, eager {us['eager']:.0f} us "
+              f"({us['eager'] / us['cuda']:.0f}x), mean accepted {cases[name]['mean_accept_len']:.2f}, "
+              f"bit-identical to the reference: {same}", flush=True)
+        json.dump({"device": torch.cuda.get_device_name(), "cases": cases}, open(sys.argv[1], "w"), indent=1)
+sys.exit(0 if all(c["same_as_reference"] for c in cases.values()) else 1)
+PY
+}
+
+export -f memcheck pytest_files cxx_errors bench_rejection
 export PYTHON OUT JOBS
 
 has_flag() {  # has_flag FLAG COMMAND...: whether COMMAND --help lists FLAG
@@ -157,7 +204,7 @@ has_flag() {  # has_flag FLAG COMMAND...: whether COMMAND --help lists FLAG
 } >"$OUT/env.txt" 2>&1
 record env passed 0 "$(grep -m1 '^torch' "$OUT/env.txt")"
 
-KERNEL_TESTS="tests/test_fused_logits.py tests/test_tree_attention.py tests/test_tree_attention_proj.py tests/test_tree_mask.py tests/test_verify.py tests/test_kv_compact.py tests/test_triton_compat.py tests/test_ln_qkv.py tests/test_linear_residual.py tests/test_ln_fc_gelu.py"
+KERNEL_TESTS="tests/test_fused_logits.py tests/test_tree_attention.py tests/test_tree_attention_proj.py tests/test_tree_mask.py tests/test_verify.py tests/test_verify_sampled.py tests/test_kv_compact.py tests/test_triton_compat.py tests/test_ln_qkv.py tests/test_linear_residual.py tests/test_ln_fc_gelu.py"
 DECODE_STATIC=()
 if [ "${HF_STATIC:-0}" = 1 ]; then
   if has_flag --hf-static "$PYTHON" benchmarks/bench_decode.py; then
@@ -182,6 +229,9 @@ stage collect 120 any "${PYTEST[@]}" --collect-only benchmarks
 stage cxx_errors 60 gpu bash -c cxx_errors
 stage kernel_tests 150 gpu bash -c 'pytest_files kernel_tests 140 "$@"' _ $KERNEL_TESTS
 stage bench_kernels 120 gpu "${PYTEST[@]}" benchmarks --cases-json "$OUT/bench_kernels.json" --benchmark-json "$OUT/bench_kernels_stats.json"
+# verify_rejection (sampling on trees): its CUDA kernel against the eager reference, bit-identical
+# results checked, at GPT-2's vocabulary (tests/test_verify_sampled.py in kernel_tests checks more shapes)
+stage bench_rejection 45 gpu bash -c bench_rejection
 stage agreement 90 gpu "$PYTHON" benchmarks/greedy_agreement.py --prompts 4 --max-new-tokens 64 --json "$OUT/agreement.json"
 stage bench_decode 90 gpu "$PYTHON" benchmarks/bench_decode.py --prompts 3 --max-new-tokens 64 "${DECODE_STATIC[@]}" --json "$OUT/bench_decode.json"
 # Batched decoding (mtpkern.batch: fused kernels on CUDA, with and without CUDA graphs) at B = 1, 4, 16:

@@ -15,7 +15,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
-GPU_STAGES = ("import_ext", "graphs", "cxx_errors", "kernel_tests", "bench_kernels", "agreement", "bench_decode", "bench_batch",
+GPU_STAGES = ("import_ext", "graphs", "cxx_errors", "kernel_tests", "bench_kernels", "bench_rejection", "agreement", "bench_decode", "bench_batch",
               "bench_fused_step",
               "bench_e2e", "bench_memory", "memcheck", "tests")
 
@@ -48,7 +48,7 @@ def test_dry_run_skips_gpu_stages_and_collects_every_benchmark(tmp_path):
         assert re.search(rf"^benchmarks/{path.name}::test_", collected, re.M), f"{path.name} not collected"
     assert "error" not in collected.lower(), collected
     summary = (tmp_path / "summary.txt").read_text()
-    assert "2 passed, 0 failed, 14 skipped" in summary and summary in r.stdout
+    assert "2 passed, 0 failed, 15 skipped" in summary and summary in r.stdout
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the reason a CPU machine gives")

@@ -20,9 +20,8 @@ from mtpkern.ops import _backend
 from mtpkern.ops.verify_sampled import verify_rejection, verify_rejection_ref
 from mtpkern.sampling import sample_tree_drafts, sampling_probs
 from mtpkern.tree import Tree
+from tests._errors import assert_one_error, errors_of
 from tests.test_rejection_sampling import assert_differs, assert_matches
-
-from _errors import assert_one_error, errors_of
 
 V = 5
 
