@@ -70,7 +70,7 @@ def _graphed_forward(model, name: str, T: int, tokens: torch.Tensor, prefix: tor
     forward, tt = _Forward(dec, T), Tree.chain(T - 1).tensors(model.device)
 
     def step(tok, p):
-        return forward(tok, p, None, tt.depth, tt.dense_mask, tt.mask)
+        return forward(tok[None], p, None, dec.cache, tt.depth, tt.dense_mask, tt.mask)
 
     fn = torch.compile(step, dynamic=False) if name.startswith("compile") else step
     return CapturedCall(fn, (tokens, prefix), model.device)

@@ -91,7 +91,7 @@ def resolve_options(model, options: DecodeOptions, *, batch: bool = False) -> De
         return options
     kernels = options.kernels
     if batch:
-        kernels = "fused" if options.fused_on(model.device) else "eager"
+        kernels = "fused" if options.fused_on(model.device, model) else "eager"
     tree = auto_tree(model, kernels=kernels, cuda_graph=options.cuda_graph)
     return options.replace(tree=tree if tree is not None else default_tree(model, options.strategy, options.acceptance))
 

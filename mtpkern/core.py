@@ -3,7 +3,7 @@
 
 - ``Logits``: the heads' logits statistics a step needs (head 0's argmax, the draft heads'
   top-k), eager or through the fused kernel;
-- ``prefill``: a prompt through the model into the cache;
+- ``prefill`` / ``prefill_rows``: one prompt / many prompts through the model into the cache;
 - ``eager_tree_mask``: the attention mask of tree tokens after a prefix, per row;
 - ``dynamic_tree``: the best draft nodes by path score (EAGLE-2's rule on the model's heads);
 - ``typical_stats``: what typical acceptance reads (p(node | parent), the parent's entropy);
@@ -47,6 +47,40 @@ def prefill(model, cache: KVCache, input_ids: torch.Tensor, *, heads: int, start
     if heads == 1:
         return last
     return torch.cat([last, model.draft_hidden(last[None], heads - 1)])
+
+
+def prefill_rows(model, cache: KVCache, ids: list[torch.Tensor], *, heads: int,
+                 weights: list | None = None) -> torch.Tensor:
+    """Every prompt of ``ids`` (1-D, any lengths) through the model at once, each at slots and
+    positions 0 .. P_b - 1 of its cache row (right-padded to the longest: a pad query sees only
+    its row's tokens, and the slots it writes past P_b are written again by the row's first
+    steps before any step reads them). Returns each row's last-position states [B, heads, D]
+    (head 0, then the draft heads), as ``prefill`` gives one prompt's; one prompt takes that
+    path itself."""
+    dev, B = ids[0].device, len(ids)
+    if B == 1:
+        return prefill(model, cache, ids[0], heads=heads, weights=weights)[None]
+    lengths = torch.tensor([int(t.shape[0]) for t in ids], device=dev)
+    P = int(lengths.max())
+    check_room(cache.max_len, 0, P)
+    tokens = torch.zeros(B, P, dtype=torch.long, device=dev)
+    for b, t in enumerate(ids):
+        tokens[b, : t.shape[0]] = t
+    pos = torch.arange(P, device=dev)
+    causal = torch.ones(P, P, dtype=torch.bool, device=dev).tril()
+    mask = (causal[None] & (pos[None, None, :] < lengths[:, None, None]))[:, None]  # [B, 1, P, P]
+    attn = Attn(cache, pos[None].expand(B, P), mask=mask, weights=weights)
+    h0, carry = model.decode_hidden(tokens, pos[None].expand(B, P), attn)
+    rows, last = torch.arange(B, device=dev), lengths - 1
+    h = h0[rows, last]  # [B, D]
+    if heads == 1:
+        return h[:, None]
+    n = heads - 1
+    if model.draft_on_path:  # MTP: the head blocks fill their caches over every prompt
+        d = torch.stack([model.head_forward(j, carry, attn)[rows, last] for j in range(1, n + 1)], 1)
+    else:
+        d = model.heads_at(h, n).transpose(0, 1)
+    return torch.cat([h[:, None], d], 1)
 
 
 def eager_tree_mask(dense: torch.Tensor, prefix: torch.Tensor, span: int) -> torch.Tensor:
@@ -223,5 +257,5 @@ def dynamic_tree(logp: torch.Tensor, ids: torch.Tensor, n_nodes: int, level_size
     return torch.cat([parents.new_full((1,), -1), parents]), all_tokens.index_select(0, order)
 
 
-__all__ = ["Logits", "prefill", "eager_tree_mask", "dynamic_tree", "level_sizes", "typical_stats", "head_probs",
+__all__ = ["Logits", "prefill", "prefill_rows", "eager_tree_mask", "dynamic_tree", "level_sizes", "typical_stats", "head_probs",
            "sample_drafts", "verify_greedy_rows", "weights_stamp"]

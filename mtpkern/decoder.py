@@ -23,7 +23,7 @@ import torch
 from mtpkern.autotree import resolve_options
 from mtpkern.core import prefill
 from mtpkern.inputs import (
-    GenerationResult, RowOutput, check_context, check_generator, check_max_new_tokens, check_room, eos_id, prompt_ids,
+    GenerationResult, RowOutput, check_context, check_generator, check_max_new_tokens, eos_id, prompt_ids,
 )
 from mtpkern.options import DecodeOptions, engine_options
 from mtpkern.runtime import now
@@ -104,30 +104,25 @@ class Decoder(StepEngine):
         model, step = self.model, self.step
         row = RowOutput(max_new_tokens, eos_id(eos_token_id, model.config.vocab_size))
         ids = prompt_ids(input_ids, model.config.vocab_size, self.device)
-        P0, T = ids.shape[0], step.T
-        check_context(P0, max_new_tokens, T, model.config.n_positions)
-        self.generator = generator
+        P0 = ids.shape[0]
+        check_context(P0, max_new_tokens, step.T, model.config.n_positions)
         self._timing_state = False
         prompt, stamp = ids.tolist(), self._weight_stamp()
-        self._refresh_weights(stamp)  # before the graphs: a capture reads the weights it finds
-        if self.cuda_graph:
-            self._prepare_graphs()
+        s = self.begin_rows(1)
+        s.generators[0] = generator
         reuse = self._reusable(prompt, stamp)
         self._cached = None  # until this generation ends: an error leaves the cache unknown
         t0 = now(self.device)
         h = prefill(model, self.cache, ids, heads=step.heads, start=reuse, weights=self.decode_weights)  # [heads, D]
-        row.emit(step.begin(h, P0).tolist()[1:2])
+        step.start(s, [P0])
+        step.begin(s, h[None])
+        row.emit(s.root.tolist())
         prefill_time = time.perf_counter() - t0
-        prefix, step_times = P0, []
-        while not row.done:
-            ts = time.perf_counter()
-            check_room(self.cache.max_len, prefix, T)
-            host = self._run_step(prefix).tolist()  # the step's one host sync
-            prefix += host[0]  # the root and the accepted drafts are now in the cache
-            row.step(host)
-            step_times.append(time.perf_counter() - ts)
+        try:
+            step_times, (prefix,) = self.decode(s, [row], [P0])
+        finally:
+            s.generators[0] = None
         total = time.perf_counter() - t0
-        self.generator = None
         out = row.tokens
         if self.prefix_cache:  # slots 0..prefix-1 hold the prompt and the output but its last token
             self._cached = ((prompt + out)[:min(prefix, P0 + len(out))], self._weight_stamp())

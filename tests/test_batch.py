@@ -241,30 +241,29 @@ def test_fused_kernels_per_row(gpt2_model, medusa_model, mtp_model, strategy, tr
 
 
 def _fake_rows(mode, rows):
-    """``rows`` (a ``_Rows``) with every tensor a fake one of ``mode``."""
-    from mtpkern.batch import _Rows
+    """``rows`` (a ``mtpkern.steps.Rows``) with every tensor a fake one of ``mode``."""
+    import copy
+
     from mtpkern.layers import KVCache
 
-    fake = _Rows.__new__(_Rows)
-    fake.B = rows.B
-    for name in ("root", "topk", "prefix", "active"):
+    fake = copy.copy(rows)
+    for name in ("root", "topk", "logp", "prefix", "active", "index"):
         setattr(fake, name, mode.from_tensor(getattr(rows, name)))
-    fake.cache = KVCache.__new__(KVCache)
-    fake.cache.k, fake.cache.v = mode.from_tensor(rows.cache.k), mode.from_tensor(rows.cache.v)
+    with mode:
+        fake.at = fake.prefix[0]
+    fake.cache = KVCache.from_tensors(mode.from_tensor(rows.cache.k), mode.from_tensor(rows.cache.v))
     return fake
 
 
 @pytest.mark.parametrize("strategy, tree, kw", [("ntp", None, {}), ("medusa", "3,2,1", {}), ("mtp", None, {}),
                                                 ("mtp", "2,1,1", {}),
                                                 ("medusa", None, dict(acceptance="typical", temperature=0.7))])
-def test_a_fused_step_never_syncs(gpt2_model, medusa_model, mtp_model, strategy, tree, kw):
-    """What lets a CUDA graph capture the whole step: with fused kernels a step reads no device
-    value on the host. Under a fake-tensor mode any such read (``.item()``, ``int(t)``,
-    ``.tolist()``, a data-dependent shape) raises; eager attention's per-step mask does, which
-    shows the check can fail."""
-    from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
-
-    from mtpkern.batch import _Rows
+def test_a_batch_step_never_syncs(gpt2_model, medusa_model, mtp_model, strategy, tree, kw):
+    """What lets a CUDA graph capture the whole step: a step of many rows, with fused kernels
+    or eager attention (its per-row mask built on the device), reads no device value on the
+    host. Under a fake-tensor mode any such read (``.item()``, ``int(t)``, ``.tolist()``, a
+    data-dependent shape) raises (``test_the_sync_check_fails_on_a_step_that_syncs``)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
 
     import copy
 
@@ -272,32 +271,37 @@ def test_a_fused_step_never_syncs(gpt2_model, medusa_model, mtp_model, strategy,
     model = copy.deepcopy({"ntp": gpt2_model, "medusa": medusa_model, "mtp": mtp_model}[strategy])
     for kernels in ("fused", "eager"):
         dec = BatchDecoder(model, strategy, tree=tree, max_batch=3, kernels=kernels, **kw)
-        rows = _Rows(dec, 3)
+        rows = dec.state(3)
         rows.prefix.copy_(torch.tensor([5, 9, 2]))
         rows.active.fill_(True)
         mode = FakeTensorMode(allow_non_fake_inputs=True)
         with mode, torch.inference_mode():
-            if kernels == "fused":
-                out = dec._step(_fake_rows(mode, rows))
-                assert out.shape == (3, 1 + dec.T if dec.T == 1 else 1 + dec.heads)
-            else:
-                with pytest.raises(DataDependentOutputException):
-                    dec._step(_fake_rows(mode, rows))
+            out = dec.step.body(_fake_rows(mode, rows), None)
+            assert out.shape == (3, 1 + dec.step.T if dec.step.T == 1 else 1 + dec.step.heads)
+
+
+def test_the_sync_check_fails_on_a_step_that_syncs(medusa_model):
+    """The check above can fail: a dynamic tree's step with the eager ``tree_buffers`` (which
+    reads the tree's shape on the host, the one step no graph captures whole) raises under it."""
+    import copy
+
+    from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
+
+    dec = Decoder(copy.deepcopy(medusa_model), "medusa", tree="dynamic:6", kernels="eager")
+    assert not dec.whole_step_graph  # the engine knows: its graphs replay the forward pass alone
+    rows = dec.state(1)
+    rows.prefix.fill_(5)
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    with mode, torch.inference_mode(), pytest.raises(DataDependentOutputException):
+        dec.step.body(_fake_rows(mode, rows), None)
 
 
 # Graphed batches on this CPU, under a fake of torch's graph primitives: tests/test_graphs.py.
 
 
-def test_graphed_batches_need_fused_kernels_on_cuda(medusa_model):
+def test_graphed_batches_need_cuda(medusa_model):
     with pytest.raises(ValueError, match="cuda_graph=True needs the model on a CUDA device"):
         BatchDecoder(medusa_model, "medusa", cuda_graph=True)
-    if torch.cuda.is_available():
-        model = medusa_model.cuda()
-        try:
-            with pytest.raises(ValueError, match="kernels='eager' builds each step's attention mask on the host"):
-                BatchDecoder(model, "medusa", kernels="eager", cuda_graph=True)
-        finally:
-            model.cpu()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

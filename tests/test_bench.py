@@ -250,7 +250,7 @@ def test_step_parts_and_pass_hooks_are_the_engines_public_profiling_hooks(gpt2_m
         parts = dec.step_parts(8)
         n = parts["rest"]()[0]
     assert dec.step.forward is verify and 1 <= n <= 3
-    assert parts["draft_heads"] is not None and parts["draft_heads"]().shape[0] == dec.tree.max_depth
+    assert parts["draft_heads"] is not None and parts["draft_heads"]().shape[:2] == (1, dec.tree.max_depth)
     seen = []
 
     def hook(fn):

@@ -146,9 +146,9 @@ def test_one_host_sync_per_step(medusa_model, mtp_model, monkeypatch, strategy, 
     calls = []
     real_run = dec._run_step
 
-    def run_step(prefix):
+    def run_step(rows, prefix):
         calls.append("step")
-        return real_run(prefix)
+        return real_run(rows, prefix)
 
     def spy(name):
         real = getattr(torch.Tensor, name)
@@ -348,7 +348,7 @@ def test_draft_heads_see_what_a_full_forward_sees(kind, tree, medusa_model, mtp_
     accepted = []
     for prompt in PROMPTS[:4]:
         seen = []
-        dec.step._drafts = lambda h: (seen.append(h.clone()), drafts(h))[1]
+        dec.step._drafts = lambda s, h: (seen.append(h[0].clone()), drafts(s, h))[1]
         out = dec.generate(prompt, max_new_tokens=MAX_NEW)
         assert len(seen) == 1 + len(out.accept_lengths)  # begin, then one per step
         seq = torch.tensor(list(prompt) + out.tokens)

@@ -111,11 +111,12 @@ def test_whole_model_tree_step_equals_eager(model_type):
         p = torch.tensor(len(prompt), device=DEV)
         engine = types.SimpleNamespace(model=model, cache=cache, fused=fused, device=DEV, decode_weights=None)
         forward = _Forward(engine, T)
-        h0, carry = forward(tokens, p, len(prompt), tt.depth, tt.dense_mask, tt.mask)
+        h0, carry = forward(tokens[None], p, len(prompt), cache, tt.depth, tt.dense_mask, tt.mask)
+        h0, carry = h0[0], carry[0]
         # The draft heads over a 4-node accepted path (MTP: its head blocks, fused one by
         # one or eagerly as one batch, writing their own cache layers).
         chain = Tree.chain(3).tensors(DEV)
-        attn = _Forward(engine, 4).attn(p, len(prompt), chain.dense_mask, chain.mask)
+        attn = _Forward(engine, 4).attn(p, len(prompt), cache, chain.dense_mask, chain.mask)
         drafts = model.draft_hidden(carry[[0, 1, 3, 5]][None], heads - 1, attn)
         results.append(((h0, carry, drafts), cache))
     (h_e, c_e), (h_f, c_f) = results

@@ -143,7 +143,7 @@ DECODER_CASES = [
 
 
 def _graph_of(dec: Decoder, whole: bool):
-    return dec._graph.graph if whole else dec.step.forward.graph.graph
+    return dec._graphs[1].graph if whole else dec.step.forward.graphs[1].graph
 
 
 @pytest.mark.filterwarnings("ignore:no calibration")
@@ -184,11 +184,11 @@ def test_graphs_are_captured_again_after_a_reset(device):
     the weights move) captures again, on the next generation."""
     graphed = Decoder(_model("ntp", device), "ntp", kernels="eager", cuda_graph=True)
     before = graphed.generate(PROMPTS[1], max_new_tokens=6).tokens
-    first = graphed._graph
+    first = graphed._graphs[1]
     graphed.generate(PROMPTS[1], max_new_tokens=6)
-    assert graphed._graph is first
+    assert graphed._graphs[1] is first
     graphed.reset_graphs()
-    assert graphed.generate(PROMPTS[1], max_new_tokens=6).tokens == before and graphed._graph is not first
+    assert graphed.generate(PROMPTS[1], max_new_tokens=6).tokens == before and graphed._graphs[1] is not first
 
 
 def test_graphs_follow_the_weights_the_decoder_rebuilds(device):
@@ -220,9 +220,9 @@ def test_timing_graphed_steps(device, strategy, n_nodes):
 # ----------------------------------------------------------------------------- BatchDecoder
 
 
-def _graphed_and_plain(model, strategy: str, tree, max_batch: int, **kw):
-    return (BatchDecoder(model, strategy, tree=tree, max_batch=max_batch, kernels="fused", cuda_graph=True, **kw),
-            BatchDecoder(model, strategy, tree=tree, max_batch=max_batch, kernels="fused", **kw))
+def _graphed_and_plain(model, strategy: str, tree, max_batch: int, kernels: str = "fused", **kw):
+    return (BatchDecoder(model, strategy, tree=tree, max_batch=max_batch, kernels=kernels, cuda_graph=True, **kw),
+            BatchDecoder(model, strategy, tree=tree, max_batch=max_batch, kernels=kernels, **kw))
 
 
 @pytest.mark.slow
@@ -242,9 +242,24 @@ def test_graphed_batches_decode_as_without_graphs(device, strategy, tree):
     assert any(stopped) and not all(stopped)  # rows stopped at the EOS while others went on
     assert sorted(graphed._graphs) == [1, 4]
     if not ON_GPU:
-        assert graphed._graphs[4][1].graph.replays >= 2 * 2  # both batches of 4 replayed the one capture
+        assert graphed._graphs[4].graph.replays >= 2 * 2  # both batches of 4 replayed the one capture
     graphed.reset_graphs()
     assert not graphed._graphs
+
+
+@pytest.mark.parametrize("strategy, tree", [("medusa", "3,2,1"), ("mtp", None)])
+def test_graphed_eager_batches_decode_as_without_graphs(device, strategy, tree):
+    """Eager attention in a graphed batch: each row's mask is built on the device from its
+    prefix length (``eager_tree_mask``), so the whole step is captured as with fused kernels."""
+    model = _model(strategy, device)
+    graphed, plain = _graphed_and_plain(model, strategy, tree, 3, kernels="eager")
+    assert graphed.whole_step_graph
+    for prompts in (PROMPTS[8:11], PROMPTS[2:5]):
+        got = graphed.generate(prompts, max_new_tokens=6)
+        _same_tokens(model, prompts, got, plain.generate(prompts, max_new_tokens=6))
+    assert sorted(graphed._graphs) == [3]
+    if not ON_GPU:
+        assert graphed._graphs[3].graph.replays >= 2 * 2  # both batches replayed the one capture
 
 
 @pytest.mark.slow
@@ -268,7 +283,7 @@ def test_graphed_sampled_batches_replay_the_forward(device):
         want = plain.generate(prompts, max_new_tokens=5, generator=gens[1])
         if not ON_GPU:
             assert [r.tokens for r in got] == [r.tokens for r in want]
-    assert sorted(graphed._forward_graphs) == [1, 4] and not graphed._graphs
+    assert sorted(graphed.step.forward.graphs) == [1, 4] and not graphed._graphs
 
 
 # ----------------------------------------------------------------------------- benchmarks

@@ -116,7 +116,7 @@ def test_run_step_and_a_failed_generation_drop_the_cache(medusa_model):
     assert dec.generate(p, max_new_tokens=MAX_NEW).reused_prompt_tokens == len(p) - 1
     real = dec.step.body
 
-    def failing(prefix_host):
+    def failing(rows, prefix_host):
         raise RuntimeError("boom")
 
     dec.step.body = failing
