@@ -92,11 +92,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 def _attend(q, k, v, attn: Attn | None, layer: int, grouped: bool) -> torch.Tensor:
     if attn is None:  # training / scoring: causal over the whole sequence
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=grouped)
+    assert attn.mask is not None, "Attn: eager attention needs a mask (a fused Attn runs LlamaBlock.fused_decode)"
     kc, vc = write_kv(attn, layer, k, v)
-    if attn.tree_mask is not None:  # the fused kernels' packed tree mask (LlamaBlock.fused_decode's attention)
-        assert attn.prefix_len is not None, "Attn: a tree_mask needs its prefix_len"
-        return tree_attention_gqa(q, kc, vc, attn.prefix_len, attn.tree_mask)
-    assert attn.mask is not None, "Attn: eager attention needs a mask"
     s = attn.mask.shape[-1]
     return F.scaled_dot_product_attention(q, kc[:, :, :s], vc[:, :, :s], attn_mask=attn.mask, enable_gqa=grouped)
 

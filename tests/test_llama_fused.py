@@ -5,7 +5,6 @@ against the eager model, and greedy decoding through the fused layers against ea
 On CPU the kernels run in Triton's interpreter (tests/conftest.py), fp32 and fp16.
 """
 
-
 import pytest
 import torch
 
