@@ -374,6 +374,16 @@ def _tokenizer_texts(records: list[dict]):
         yield text[start:]
 
 
+def check_tokenizer_records(records: list[dict]) -> None:
+    """The records a tokenizer can be trained on here: some, and no chats (SFTDataset would
+    refuse those only after the training). Checked before any work starts."""
+    if not records:
+        raise DataError("cannot train a tokenizer on zero records")
+    if any(is_chat(r) for r in records):
+        raise DataError("chat records ('messages') are formatted with a tokenizer's chat template, and a tokenizer "
+                        "trained here has none: start from a base (--base) whose tokenizer has one")
+
+
 def train_tokenizer(records: list[dict], vocab_size: int = 2048, *, min_frequency: int = 2,
                     progress: bool = False):
     """A byte-level BPE tokenizer (GPT-2's scheme) trained on prompt + response texts.
@@ -391,11 +401,7 @@ def train_tokenizer(records: list[dict], vocab_size: int = 2048, *, min_frequenc
     n_bytes = len(pre_tokenizers.ByteLevel.alphabet())
     if vocab_size <= n_bytes:
         raise ValueError(f"vocab_size must exceed {n_bytes} (the byte alphabet plus eos), got {vocab_size}")
-    if not records:
-        raise DataError("cannot train a tokenizer on zero records")
-    if any(is_chat(r) for r in records):  # SFTDataset would refuse them only after the training
-        raise DataError("chat records ('messages') are formatted with a tokenizer's chat template, and a tokenizer "
-                        "trained here has none: start from a base (--base) whose tokenizer has one")
+    check_tokenizer_records(records)
     n_long = sum(len(record_text(r)) > TOKENIZER_TEXT_LIMIT for r in records)
     if n_long:
         warnings.warn(f"{n_long} of {len(records)} records {'is' if n_long == 1 else 'are'} longer than "

@@ -58,10 +58,12 @@ from mtpkern.data import (
     IGNORE_INDEX,
     DataError,
     SFTDataset,
+    check_tokenizer_records,
     collate,
     has_tokenizer,
     load_records,
     load_tokenizer,
+    record_text,
     split_records,
     train_tokenizer,
 )
@@ -402,8 +404,9 @@ def _build_model(cfg: TrainConfig, train_records, checkpoint: Path, world: int):
 def _rank0_tokenizer(records, vocab_size, world, progress: bool):
     """Train a tokenizer on rank 0 and share it, so every rank tokenizes identically."""
     main = not dist.is_initialized() or dist.get_rank() == 0
+    check_tokenizer_records(records)
     if main and progress:
-        size = sum(len(r["query"]) + len(r["response"]) for r in records) / 1e6
+        size = sum(len(record_text(r)) for r in records) / 1e6
         print(f"mtpkern train: training a {vocab_size}-token tokenizer on {len(records)} records "
               f"({size:.1f} M characters)", file=sys.stderr)
     start = time.perf_counter()

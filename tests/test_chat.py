@@ -155,3 +155,13 @@ def test_medusa_heads_train_calibrate_and_evaluate_on_chat_data(dirs, tmp_path, 
     assert code == 0, err
     (m,) = json.loads(report.read_text())["models"]
     assert m["speed"]["medusa"]["agrees_with_ntp"] == 1.0 and m["quality"]["n_samples"] == 2
+
+
+def test_chat_data_without_a_base_is_a_one_line_error_with_progress_on(tmp_path, capsys, monkeypatch):
+    """Training on chats from scratch (no base, so no chat template) is refused in one line, also
+    where the trainer first reports the corpus size (progress on: it measures each record's text)."""
+    data = _chat_file(tmp_path / "chat.jsonl", n=6)
+    code, err = run_main(["train", "ntp", "--out", tmp_path / "run", "--data", data, "--steps", "1",
+                          "--device", "cpu", "--precision", "fp32"], capsys, monkeypatch)
+    assert_one_line_error(code, err, "trained here has none", "--base")
+    assert not (tmp_path / "run" / "checkpoint").exists()

@@ -290,11 +290,7 @@ def _llama_base(directory, n_kv_head: int):
     return directory
 
 
-@pytest.mark.parametrize("n_kv_head", [
-    4,
-    pytest.param(2, marks=pytest.mark.xfail(strict=True, reason="BatchDecoder (batch.py) builds its KVCache with "
-                                            "cfg.n_head, not model.new_cache: a GQA model's batches fail")),
-])
+@pytest.mark.parametrize("n_kv_head", [4, 2])
 def test_eval_command_on_mtp_and_medusa_runs_on_a_llama(tmp_path, capsys, monkeypatch, n_kv_head):
     """Issue 24: `mtpkern eval` on runs trained on a Llama base (the MTP one built its
     transformers baseline as a GPT-2). Every strategy and transformers decode the same tokens."""
