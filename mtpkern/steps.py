@@ -60,6 +60,7 @@ import time
 from typing import Callable
 
 import torch
+from torch import nn
 
 from mtpkern.core import (
     Logits, dynamic_tree, eager_tree_mask, head_probs, level_sizes, sample_drafts, typical_stats,
@@ -263,8 +264,9 @@ class _Step:
     def __init__(self, engine: StepEngine):
         self.engine, self.model, self.single = engine, engine.model, engine.single
         # With fused kernels the verification's logits kernel applies the final norm in its
-        # prologue (no launch of its own), where the step reads head 0 through it alone.
-        self.normed = not (engine.fused and self.logits_norm)
+        # prologue (no launch of its own), where the step reads head 0 through it alone and the
+        # norm is a LayerNorm (the kernel's prologue; the Llama family's RMSNorm runs before it).
+        self.normed = not (engine.fused and self.logits_norm and isinstance(engine.model.final_norm, nn.LayerNorm))
         self.forward: _Forward | _GraphedForward = self.new_forward()
         self.drafter = _Drafts(engine, self.heads - 1, normed=self.normed)
         # One row's greedy steps with eager logits verify in one call (``accept_greedy``: on
