@@ -18,7 +18,7 @@ from batch 1's, which can change how many are accepted, never the output). A row
 last slots (a finished row costs what a masked row would) and discard them.
 
 Sampling takes one random stream per row (``generator``: one per row, or one that seeds them):
-``ntp`` sampling and rejection sampling (chains) draw row b's tokens from its stream exactly as batch-1 decoding draws
+``ntp`` sampling and rejection sampling (chains and trees) draw row b's tokens from its stream exactly as batch-1 decoding draws
 them from its generator, and typical acceptance (MEDUSA's rule, deterministic) runs the ops'
 rule per row. The forward pass runs the fused decoder-layer kernels (``kernels="fused"``, the
 default on CUDA: ``ln_qkv`` writes each row's K and V at its own slots, ``tree_attention`` reads

@@ -43,8 +43,8 @@ class DecodeOptions:
         planned by ``mtpkern.autotree``), "dynamic" or "dynamic:N" (N draft nodes chosen per
         step from the heads' probabilities), or None: "auto" when the model carries
         calibration, else the default tree.
-    acceptance: "greedy" (temperature 0: the tokens of greedy "ntp"), "rejection" (chains of
-        drafts, temperature > 0: exactly the model's sampling distribution) or "typical"
+    acceptance: "greedy" (temperature 0: the tokens of greedy "ntp"), "rejection" (static trees
+        of sampled drafts, temperature > 0: exactly the model's sampling distribution) or "typical"
         (MEDUSA's rule: accept while p(token) > min(typical_epsilon, typical_alpha *
         exp(-entropy)), the next root the model's argmax).
     temperature, top_k, top_p: sampling ("ntp", or acceptance "rejection"); 0 is greedy.
@@ -85,7 +85,7 @@ class DecodeOptions:
     def _check_acceptance(self) -> None:
         if self.acceptance == "greedy" and self.temperature > 0:
             raise ValueError("acceptance 'greedy' decodes deterministically; with temperature > 0 use "
-                             "acceptance='rejection' (chains) or 'typical'")
+                             "acceptance='rejection' or 'typical'")
         if self.acceptance in ("typical", "rejection") and self.temperature == 0:
             raise ValueError(f"acceptance {self.acceptance!r} samples: it needs temperature > 0 (or use 'greedy')")
         if self.acceptance != "rejection" and (self.top_k or self.top_p < 1.0):
@@ -148,8 +148,8 @@ class DecodeOptions:
                                  "with mtpkern.generate, or pass tree=mtpkern.auto_tree(model, ...)")
             if spec == "dynamic" or spec.startswith("dynamic:"):
                 if self.acceptance == "rejection":
-                    raise ValueError("acceptance 'rejection' is implemented for chains of drafts only, "
-                                     "not dynamic trees")
+                    raise ValueError("acceptance 'rejection' takes static trees (a chain, a hand tree, MEDUSA "
+                                     "choices or 'auto'), not dynamic ones: their drafts are the heads' top-k")
                 return None, _dynamic_nodes(spec, model)
             tree = Tree.parse(tree)
         elif tree is None:
@@ -162,8 +162,6 @@ class DecodeOptions:
         if len(tree) == 1:
             raise ValueError("the tree has no draft nodes; use strategy='ntp'")
         tree.check(n_heads=model.n_heads - 1, topk=min(MAX_K, model.config.vocab_size))
-        if self.acceptance == "rejection" and not tree.is_chain:
-            raise ValueError("acceptance 'rejection' is implemented for chains of drafts only, not trees")
         return tree, 0
 
     @property

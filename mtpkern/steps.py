@@ -26,6 +26,9 @@ prompt; ``mtpkern.BatchDecoder``, many) prefill and run the loop.
 - ``_ChainSamplingStep`` (chains, temperature > 0, acceptance ``rejection``): speculative
   sampling (Leviathan et al. 2023; Chen et al. 2023), which keeps the target's distribution,
   each row from its own stream.
+- ``_TreeSamplingStep`` (other static trees, acceptance ``rejection``): recursive rejection
+  sampling over a tree of drafts sampled without replacement (``verify_rejection``), which
+  keeps it too.
 
 Greedy speculative decoding emits exactly the tokens greedy ``ntp`` emits: a draft is kept
 only where it equals the model's own argmax given the same prefix, whatever the tree. Rows
@@ -73,9 +76,10 @@ from mtpkern.ops.fused_logits import MAX_K
 from mtpkern.ops.kv_compact import kv_compact_
 from mtpkern.ops.tree_mask import tree_buffers
 from mtpkern.ops.verify import accept_greedy, verify_typical
+from mtpkern.ops.verify_sampled import verify_rejection
 from mtpkern.options import DecodeOptions
 from mtpkern.runtime import now
-from mtpkern.sampling import speculative_sample_device
+from mtpkern.sampling import sample_tree_drafts, speculative_sample_device
 from mtpkern.tree import Tree, TreeTensors
 
 # ----------------------------------------------------------------------------- state
@@ -104,6 +108,8 @@ class Rows:
         self.index = torch.arange(B, device=dev)
         self.generators: list[torch.Generator | None] = [None] * B
         self.q: list[torch.Tensor | None] = [None] * B  # rejection sampling: each row's draft distributions [n, V]
+        self.tree_q: torch.Tensor | None = None  # rejection sampling on a tree: the heads' distributions [B, n, V]
+        self.tree_drafts: torch.Tensor | None = None  # and the sampled tree's tokens [B, T] (the root's -1)
         self.in_place = False  # set while a CUDA graph captures or replays a step on this state
 
     def set(self, name: str, value: torch.Tensor) -> None:
@@ -488,6 +494,59 @@ class _ChainSamplingStep(_Step):
         return self._finish(s, accept_len + 1, out)
 
 
+class _TreeSamplingStep(_Step):
+    """Rejection sampling over a tree of sampled drafts (``verify_rejection``: SpecInfer's
+    multi-step speculative sampling with drafts drawn without replacement, Jeon et al. 2024),
+    which keeps the target's distribution whatever the tree.
+
+    The drafts are sampled, not the heads' top-k: each node's children are drawn without
+    replacement from its depth's head distribution at the last accepted position
+    (``sample_tree_drafts``; temperature, top-k and top-p applied to the heads as to the
+    target), so that the node's proposal distribution is known to the verification. The tree's
+    shape is the given ``Tree``'s (its ranks are not used). Every row draws its drafts and its
+    verification's uniforms from its own stream, so a row decodes as it would alone."""
+
+    logits_norm = False  # it samples from the full logits
+
+    def __init__(self, engine: StepEngine, tree: Tree):
+        n = tree.max_depth
+        self.T, self.heads, self.emit = len(tree), n + 1, n + 1
+        super().__init__(engine)
+        self.graphable = False  # it draws from host-held generators
+        tt = tree.tensors(engine.device)
+        self.tree = (tt.depth, tt.dense_mask, tt.mask)
+        self.parents, self.parent_list, self.depth_list = tt.parents, list(tree.parents), tt.depth.tolist()
+        self.draft_row = (tt.depth - 1).clamp(min=0)  # node t's proposal: head depth(t)'s distribution
+        self.max_depth = n
+
+    def _probs(self, h: torch.Tensor, j: int) -> torch.Tensor:
+        o = self.engine.options
+        return head_probs(self.model, h, j, o.temperature, o.top_k, o.top_p)
+
+    def _drafts(self, s: Rows, d: torch.Tensor) -> None:  # the draft heads' states [B, n, D]
+        q = torch.stack([self._probs(d[:, j - 1], j) for j in range(1, self.max_depth + 1)], 1)  # [B, n, V]
+        s.tree_q = q
+        s.tree_drafts = torch.stack([sample_tree_drafts(q[b], self.parent_list, self.depth_list, s.generators[b])
+                                     for b in range(s.B)])
+
+    def begin(self, s, states):
+        s.set("root", self._sample(s, states[:, 0]))
+        self._drafts(s, states[:, 1:])
+
+    def body(self, s, prefix_host):
+        assert s.tree_drafts is not None and s.tree_q is not None  # begin() drew them
+        B, T = s.B, self.T
+        tokens = torch.cat([s.root[:, None], s.tree_drafts[:, 1:]], 1)
+        h0, carry = self._forward(s, tokens, prefix_host, self.tree)
+        p = self._probs(h0.reshape(B * T, -1), 0).view(B, T, -1)
+        uniforms = torch.stack([torch.rand(T, generator=s.generators[b], device=tokens.device) for b in range(B)])
+        res = verify_rejection(tokens, p, s.tree_q, self.draft_row, self.parents, self.max_depth,
+                               uniforms=uniforms, backend=self.engine.ops_backend)
+        self.engine.compact(s, res.path, res.n_emitted)  # each row's accepted nodes after its prefix
+        self._drafts(s, self.drafter(s, h0, carry, res.path, res.accept_len, res.last_node, prefix_host))
+        return self._finish(s, res.n_emitted, res.tokens)
+
+
 # ----------------------------------------------------------------------------- CUDA graphs
 
 
@@ -553,8 +612,8 @@ class StepEngine:
         if self.strategy == "ntp":
             return _NTPStep(self)
         if self.acceptance == "rejection":
-            assert self.tree is not None  # static_tree gives rejection sampling a chain
-            return _ChainSamplingStep(self, self.tree)
+            assert self.tree is not None  # static_tree gives rejection sampling a static tree
+            return _ChainSamplingStep(self, self.tree) if self.tree.is_chain else _TreeSamplingStep(self, self.tree)
         return _TreeStep(self, self.tree, dynamic_nodes)
 
     @property
