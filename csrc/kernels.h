@@ -132,7 +132,7 @@ MTPKERN_HD int64_t load_row_index(const void* p, bool is64, int64_t b) {
 
 // ---------------------------------------------------------------- rejection sampling (verify_rejection)
 
-// Probabilities enter the walk as integer weights of kProbBits fractional bits, floor(p * 2^40),
+// Probabilities enter the walk as integer weights of 40 fractional bits, floor(p * 2^40),
 // so that every sum over the vocabulary is exact whatever its order: the CPU loop, the CUDA
 // block reduction and the eager reference's torch.sum agree bit for bit. Everything else is
 // elementwise, in double, each product and quotient rounded once (no fused multiply-add: the
@@ -192,19 +192,22 @@ MTPKERN_HD const void* prob_row(const void* base, int type, int64_t row, int64_t
   return static_cast<const char*>(base) + row * V * (type == kProbF32 ? 4 : 2);
 }
 
-// A probability's weight floor(w * 2^40) (exact: a power-of-two scaling and a floor); -1 for a
-// value outside [0, 1] (NaN included), which makes its whole row invalid.
+// A probability's weight floor(w * 2^40) (exact: a power-of-two scaling, then the conversion's
+// truncation, which is floor for values >= 0); -1 for a value outside [0, 1] (NaN included),
+// which makes its whole row invalid.
 MTPKERN_HD int64_t prob_weight(float w) {
   if (!(w >= 0.f && w <= 1.f)) return -1;
-  return static_cast<int64_t>(floor(static_cast<double>(w) * kProbScale));
+  return static_cast<int64_t>(static_cast<double>(w) * kProbScale);
 }
 
 // Weight of y in max(0, r - q_i) with r = R / Z and q_i = Q / M (Z, M > 0), before the renormalising.
+// The shortcuts give the same bits as the full expression (0 / Z = 0, then d <= 0; a - 0 = a)
+// and skip the divisions outside a top-k / top-p support.
 MTPKERN_HD int64_t residual_weight(int64_t R, int64_t Z, int64_t Q, int64_t M) {
+  if (R == 0) return 0;
   const double a = div_rn(static_cast<double>(R), static_cast<double>(Z));
-  const double b = div_rn(static_cast<double>(Q), static_cast<double>(M));
-  const double d = a - b;
-  return d > 0 ? static_cast<int64_t>(floor(mul_rn(d, kProbScale))) : 0;
+  const double d = Q == 0 ? a : a - div_rn(static_cast<double>(Q), static_cast<double>(M));
+  return d > 0 ? static_cast<int64_t>(mul_rn(d, kProbScale)) : 0;  // truncation: floor, as d > 0
 }
 
 // The test u q_i(x) < r(x), i.e. u (qx / M) < rx / Z, as (u * qx) * Z < rx * M in double.

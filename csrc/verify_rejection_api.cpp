@@ -41,60 +41,67 @@ static RejectionOut empty_outputs(const at::Tensor& tree_tokens, int64_t max_dep
           at::empty(lead, opts)};
 }
 
-// Sum of a probability row's weights; 0 when any entry is invalid (outside [0, 1], NaN).
-static int64_t row_mass(const void* row, int type, int64_t V) {
+// W[y] = the weight of row[y]; returns the row's mass, 0 when any entry is invalid (outside
+// [0, 1], NaN: W is then partly written and must not be read). One loop per dtype.
+template <typename Load>
+static int64_t fill_weights(Load load, int64_t V, int64_t* W) {
   int64_t z = 0;
   for (int64_t y = 0; y < V; ++y) {
-    const int64_t w = prob_weight(load_prob(row, type, y));
-    if (w < 0) return 0;
-    z += w;
+    W[y] = prob_weight(load(y));
+    if (W[y] < 0) return 0;
+    z += W[y];
   }
   return z;
 }
 
+static int64_t row_weights(const void* row, int type, int64_t V, int64_t* W) {
+  if (type == kProbF32) return fill_weights([row](int64_t y) { return static_cast<const float*>(row)[y]; }, V, W);
+  if (type == kProbF16) return fill_weights([row](int64_t y) { return load_prob(row, kProbF16, y); }, V, W);
+  return fill_weights([row](int64_t y) { return load_prob(row, kProbBF16, y); }, V, W);
+}
+
+// The weights of one row's walk: the residual R (double-buffered with next_R) and the cached
+// draft row's weights Wq.
+struct RowScratch {
+  std::vector<int64_t> R, next_R, Wq;
+  explicit RowScratch(int64_t V) : R(V), next_R(V), Wq(V) {}
+};
+
 // One row's walk: path[0..n] and tokens[0..n] (n accepted drafts, then the drawn token); the
 // rest of both stay -1. Returns n.
-static int64_t rejection_row(const RejectionArgs& a, int64_t b, int64_t* path, int64_t* tokens,
-                             std::vector<int64_t>& R, std::vector<int64_t>& next_R) {
+static int64_t rejection_row(const RejectionArgs& a, int64_t b, int64_t* path, int64_t* tokens, RowScratch& s) {
   const int64_t T = a.T, V = a.V;
   const int type = a.prob_type;
   const int64_t* tok = a.tree_tokens + b * T;
   const float* u = a.uniforms + b * T;
   for (int64_t j = 0; j <= a.max_depth; ++j) path[j] = tokens[j] = -1;
   path[0] = 0;
-  // The residual r = R / Z: while `from_p`, R is the current node's p as weights (read in place).
   int64_t cur = 0, n = 0;
-  const void* p = prob_row(a.target_probs, type, b * T, V);
-  bool from_p = true;
-  int64_t Z = row_mass(p, type, V);
-  auto r_at = [&](int64_t y) { return from_p ? prob_weight(load_prob(p, type, y)) : R[y]; };
-  int64_t cached_row = -1, S = 0;  // S: the mass of draft row cached_row
+  int64_t Z = row_weights(prob_row(a.target_probs, type, b * T, V), type, V, s.R.data());  // r = R / Z
+  int64_t cached_row = -1, S = 0;  // S: the mass of draft row cached_row, whose weights are s.Wq
   while (n < a.max_depth && Z > 0) {
     int64_t accepted = -1, removed = 0;  // removed: the proposal mass of the rejected siblings
     for (int64_t c = next_child(a.parents, T, cur, cur); c < T; c = next_child(a.parents, T, cur, c)) {
       const int64_t x = tok[c], row = a.draft_row[c];
       if (x < 0 || x >= V || row < 0 || row >= a.Q) continue;  // never proposed
-      const void* q = prob_row(a.draft_probs, type, b * a.Q + row, V);
       if (row != cached_row) {
-        S = row_mass(q, type, V);
+        S = row_weights(prob_row(a.draft_probs, type, b * a.Q + row, V), type, V, s.Wq.data());
         cached_row = row;
       }
-      const int64_t qx = prob_weight(load_prob(q, type, x));
-      if (S <= 0 || qx <= 0) continue;  // beyond q's support (or an invalid row): never proposed
-      const int64_t M = S - removed > qx ? S - removed : qx;
-      if (rejection_accepts(u[c], qx, M, r_at(x), Z)) {
+      if (S <= 0 || s.Wq[x] <= 0) continue;  // an invalid row, or beyond q's support: never proposed
+      const int64_t qx = s.Wq[x], M = S - removed > qx ? S - removed : qx;
+      if (rejection_accepts(u[c], qx, M, s.R[x], Z)) {
         accepted = c;
         break;
       }
       int64_t Z_next = 0;
       for (int64_t y = 0; y < V; ++y) {
-        next_R[y] = residual_weight(r_at(y), Z, prob_weight(load_prob(q, type, y)), M);
-        Z_next += next_R[y];
+        s.next_R[y] = residual_weight(s.R[y], Z, s.Wq[y], M);
+        Z_next += s.next_R[y];
       }
       if (Z_next > 0) {  // else r == q_i up to rounding: the rejection had probability ~0
-        std::swap(R, next_R);
+        std::swap(s.R, s.next_R);
         Z = Z_next;
-        from_p = false;
       }
       removed += qx;
     }
@@ -102,15 +109,13 @@ static int64_t rejection_row(const RejectionArgs& a, int64_t b, int64_t* path, i
     tokens[n] = tok[accepted];
     cur = accepted;
     path[++n] = cur;
-    p = prob_row(a.target_probs, type, b * T + cur, V);
-    from_p = true;
-    Z = row_mass(p, type, V);
+    Z = row_weights(prob_row(a.target_probs, type, b * T + cur, V), type, V, s.R.data());
   }
   if (Z > 0) {
     const int64_t th = draw_threshold(u[0], Z);
     int64_t acc = 0;
     for (int64_t y = 0; y < V; ++y) {
-      acc += r_at(y);
+      acc += s.R[y];
       if (acc > th) {
         tokens[n] = y;
         break;
@@ -128,10 +133,10 @@ RejectionOut verify_rejection_cpu(const at::Tensor& tree_tokens, const at::Tenso
   auto out = empty_outputs(tree_tokens, max_depth);
   auto& [accept_len, last_node, path, tokens, n_emitted] = out;
   const int64_t B = tree_tokens.dim() == 1 ? 1 : tree_tokens.size(0), D1 = max_depth + 1;
-  std::vector<int64_t> R(a.V), next_R(a.V);
+  RowScratch scratch(a.V);
   for (int64_t b = 0; b < B; ++b) {
     int64_t* row_path = path.data_ptr<int64_t>() + b * D1;
-    const int64_t n = rejection_row(a, b, row_path, tokens.data_ptr<int64_t>() + b * D1, R, next_R);
+    const int64_t n = rejection_row(a, b, row_path, tokens.data_ptr<int64_t>() + b * D1, scratch);
     accept_len.data_ptr<int64_t>()[b] = n;
     last_node.data_ptr<int64_t>()[b] = row_path[n];
     n_emitted.data_ptr<int64_t>()[b] = n + 1;

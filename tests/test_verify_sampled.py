@@ -249,6 +249,30 @@ def test_cpp_kernel_equals_reference(V, B, dtype):
             _assert_same(ref, got, f"V={V} widths={widths} B={B} {dtype} seed={seed} max_depth={max_depth}")
 
 
+@needs_ext
+@pytest.mark.parametrize("top_k,top_p", [(0, 1.0), (50, 1.0), (0, 0.9)])
+def test_cpp_kernel_equals_reference_at_gpt2_vocabulary(top_k, top_p):
+    """V = 50257 with dense and top-k / top-p (sparse) distributions: the integer sums stay exact
+    and the residual's shortcuts outside the support change no bit."""
+    V, tree = 50257, Tree.from_widths([4, 2])
+    T, D = len(tree), tree.max_depth
+    g = torch.Generator().manual_seed(top_k)
+    z = torch.randn(3, 1, V, generator=g) * 3
+    q = sampling_probs((z + 2 * torch.randn(3, D, V, generator=g)).view(-1, V), 0.8, top_k, top_p).view(3, D, V)
+    p = sampling_probs((z + 2 * torch.randn(3, T, V, generator=g)).view(-1, V), 0.8, top_k, top_p).view(3, T, V)
+    depth = tree.tensors().depth
+    args = ((depth - 1).clamp_min(0), tree.tensors().parents)
+    paths = set()
+    for seed in range(4):
+        toks, u = sample_tree_drafts(q, tree.parents, depth.tolist(), g), torch.rand(3, T, generator=g)
+        ref = verify_rejection_ref(toks, p, q, *args, u, D)
+        _assert_same(ref, verify_rejection(toks, p, q, *args, D, uniforms=u, backend="cuda"),
+                     f"top_k={top_k} top_p={top_p} seed {seed}")
+        paths |= {tuple(r) for r in ref.path.tolist()}
+    # some rows reject all four children of the root (four residual updates, then the draw), some accept
+    assert (0, -1, -1) in paths and any(r[1] != -1 for r in paths), paths
+
+
 def test_kernel_cases_reach_every_outcome():
     """The cases above are not vacuous: they accept none, some and all of max_depth drafts, and
     emit -1 (a NaN target row) as well as real tokens."""

@@ -36,7 +36,7 @@ __device__ int64_t row_mass(const void* row, int type, int64_t V, int64_t* warp_
   return any_bad ? 0 : total;
 }
 
-__global__ void __launch_bounds__(kRejectionThreads)
+__global__ void __launch_bounds__(kRejectionThreads, 1)
     verify_rejection_kernel(RejectionArgs a, int64_t* __restrict__ accept_len, int64_t* __restrict__ last_node,
                             int64_t* __restrict__ path, int64_t* __restrict__ tokens,
                             int64_t* __restrict__ n_emitted, int64_t* __restrict__ scratch) {
