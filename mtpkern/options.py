@@ -43,8 +43,9 @@ class DecodeOptions:
         planned by ``mtpkern.autotree``), "dynamic" or "dynamic:N" (N draft nodes chosen per
         step from the heads' probabilities), or None: "auto" when the model carries
         calibration, else the default tree.
-    acceptance: "greedy" (temperature 0: the tokens of greedy "ntp"), "rejection" (static trees
-        of sampled drafts, temperature > 0: exactly the model's sampling distribution) or "typical"
+    acceptance: "greedy" (temperature 0: the tokens of greedy "ntp"), "rejection" (chains, trees
+        and dynamic trees of sampled drafts, temperature > 0: exactly the model's sampling
+        distribution) or "typical"
         (MEDUSA's rule: accept while p(token) > min(typical_epsilon, typical_alpha *
         exp(-entropy)), the next root the model's argmax).
     temperature, top_k, top_p: sampling ("ntp", or acceptance "rejection"); 0 is greedy.
@@ -147,9 +148,6 @@ class DecodeOptions:
                 raise ValueError("tree='auto' is planned from the model's calibration above the engines: decode "
                                  "with mtpkern.generate, or pass tree=mtpkern.auto_tree(model, ...)")
             if spec == "dynamic" or spec.startswith("dynamic:"):
-                if self.acceptance == "rejection":
-                    raise ValueError("acceptance 'rejection' takes static trees (a chain, a hand tree, MEDUSA "
-                                     "choices or 'auto'), not dynamic ones: their drafts are the heads' top-k")
                 return None, _dynamic_nodes(spec, model)
             tree = Tree.parse(tree)
         elif tree is None:

@@ -26,9 +26,9 @@ prompt; ``mtpkern.BatchDecoder``, many) prefill and run the loop.
 - ``_ChainSamplingStep`` (chains, temperature > 0, acceptance ``rejection``): speculative
   sampling (Leviathan et al. 2023; Chen et al. 2023), which keeps the target's distribution,
   each row from its own stream.
-- ``_TreeSamplingStep`` (other static trees, acceptance ``rejection``): recursive rejection
-  sampling over a tree of drafts sampled without replacement (``verify_rejection``), which
-  keeps it too.
+- ``_TreeSamplingStep`` (other trees, static or dynamic, acceptance ``rejection``): recursive
+  rejection sampling over a tree of drafts sampled without replacement (``verify_rejection``),
+  which keeps it too.
 
 Greedy speculative decoding emits exactly the tokens greedy ``ntp`` emits: a draft is kept
 only where it equals the model's own argmax given the same prefix, whatever the tree. Rows
@@ -503,30 +503,52 @@ class _TreeSamplingStep(_Step):
     replacement from its depth's head distribution at the last accepted position
     (``sample_tree_drafts``; temperature, top-k and top-p applied to the heads as to the
     target), so that the node's proposal distribution is known to the verification. The tree's
-    shape is the given ``Tree``'s (its ranks are not used). Every row draws its drafts and its
-    verification's uniforms from its own stream, so a row decodes as it would alone."""
+    shape is the given ``Tree``'s (its ranks are not used), or, for a dynamic tree (one row),
+    the shape of EAGLE-2's best nodes by the heads' probabilities at the temperature in use: a
+    function of those distributions alone, chosen before any draft is drawn, so the scheme
+    stays exact. Every row draws its drafts and its verification's uniforms from its own
+    stream, so a row decodes as it would alone."""
 
     logits_norm = False  # it samples from the full logits
 
-    def __init__(self, engine: StepEngine, tree: Tree):
-        n = tree.max_depth
-        self.T, self.heads, self.emit = len(tree), n + 1, n + 1
+    def __init__(self, engine: StepEngine, tree: Tree | None, n_nodes: int = 0):
+        if tree is not None:
+            n = tree.max_depth
+            self.T = len(tree)
+            tt = tree.tensors(engine.device)
+            self.shape = (tt.parents, list(tree.parents), tt.depth.tolist(), (tt.depth, tt.dense_mask, tt.mask))
+        else:  # dynamic: the shape per step (_dynamic_shape)
+            n = engine.model.n_heads - 1
+            k = min(n_nodes, MAX_K, engine.model.config.vocab_size)
+            self.level_sizes = level_sizes(n_nodes, k, n)
+            self.T, self.k_dynamic = 1 + min(n_nodes, sum(self.level_sizes)), k
+        self.static = tree is not None
+        self.heads, self.emit, self.max_depth = n + 1, n + 1, n
         super().__init__(engine)
         self.graphable = False  # it draws from host-held generators
-        tt = tree.tensors(engine.device)
-        self.tree = (tt.depth, tt.dense_mask, tt.mask)
-        self.parents, self.parent_list, self.depth_list = tt.parents, list(tree.parents), tt.depth.tolist()
-        self.draft_row = (tt.depth - 1).clamp(min=0)  # node t's proposal: head depth(t)'s distribution
-        self.max_depth = n
 
     def _probs(self, h: torch.Tensor, j: int) -> torch.Tensor:
         o = self.engine.options
         return head_probs(self.model, h, j, o.temperature, o.top_k, o.top_p)
 
+    def _dynamic_shape(self, q: torch.Tensor) -> tuple:
+        """(parents, their host list, depths' host list, (depth, dense, packed)) of the best
+        nodes by path probability under one row's head distributions q [n, V]."""
+        top = q.topk(self.k_dynamic, dim=-1)
+        parents, _ = dynamic_tree(top.values.clamp_min(1e-30).log(), top.indices, self.T - 1, self.level_sizes)
+        buf = tree_buffers(parents, self.max_depth, check=False, backend=self.engine.ops_backend)
+        T = parents.shape[0]
+        dense = torch.zeros(T, T, dtype=torch.bool, device=parents.device)
+        dense.scatter_(1, buf.retrieve.clamp(min=0), True)
+        return parents, parents.tolist(), buf.depth.tolist(), (buf.depth, dense, buf.mask)
+
     def _drafts(self, s: Rows, d: torch.Tensor) -> None:  # the draft heads' states [B, n, D]
         q = torch.stack([self._probs(d[:, j - 1], j) for j in range(1, self.max_depth + 1)], 1)  # [B, n, V]
+        if not self.static:
+            self.shape = self._dynamic_shape(q[0])
+        _, parent_list, depth_list, _ = self.shape
         s.tree_q = q
-        s.tree_drafts = torch.stack([sample_tree_drafts(q[b], self.parent_list, self.depth_list, s.generators[b])
+        s.tree_drafts = torch.stack([sample_tree_drafts(q[b], parent_list, depth_list, s.generators[b])
                                      for b in range(s.B)])
 
     def begin(self, s, states):
@@ -536,11 +558,13 @@ class _TreeSamplingStep(_Step):
     def body(self, s, prefix_host):
         assert s.tree_drafts is not None and s.tree_q is not None  # begin() drew them
         B, T = s.B, self.T
+        parents, _, _, tree = self.shape
         tokens = torch.cat([s.root[:, None], s.tree_drafts[:, 1:]], 1)
-        h0, carry = self._forward(s, tokens, prefix_host, self.tree)
+        h0, carry = self._forward(s, tokens, prefix_host, tree)
         p = self._probs(h0.reshape(B * T, -1), 0).view(B, T, -1)
         uniforms = torch.stack([torch.rand(T, generator=s.generators[b], device=tokens.device) for b in range(B)])
-        res = verify_rejection(tokens, p, s.tree_q, self.draft_row, self.parents, self.max_depth,
+        draft_row = (tree[0] - 1).clamp(min=0)  # node t's proposal: head depth(t)'s distribution
+        res = verify_rejection(tokens, p, s.tree_q, draft_row, parents, self.max_depth,
                                uniforms=uniforms, backend=self.engine.ops_backend)
         self.engine.compact(s, res.path, res.n_emitted)  # each row's accepted nodes after its prefix
         self._drafts(s, self.drafter(s, h0, carry, res.path, res.accept_len, res.last_node, prefix_host))
@@ -612,8 +636,9 @@ class StepEngine:
         if self.strategy == "ntp":
             return _NTPStep(self)
         if self.acceptance == "rejection":
-            assert self.tree is not None  # static_tree gives rejection sampling a static tree
-            return _ChainSamplingStep(self, self.tree) if self.tree.is_chain else _TreeSamplingStep(self, self.tree)
+            if self.tree is not None and self.tree.is_chain:
+                return _ChainSamplingStep(self, self.tree)
+            return _TreeSamplingStep(self, self.tree, dynamic_nodes)
         return _TreeStep(self, self.tree, dynamic_nodes)
 
     @property

@@ -200,7 +200,7 @@ def test_generators_are_checked(gpt2_model, medusa_model):
                                ([g, "seed"], TypeError, "generator 1: generator must be a torch.Generator, got str")):
         with pytest.raises(error, match=match):
             dec.generate(PROMPTS[:2], max_new_tokens=4, generator=gens)
-    with pytest.raises(ValueError, match="takes static trees"):
+    with pytest.raises(ValueError, match="batched decoding takes static trees"):
         BatchDecoder(medusa_model, "medusa", acceptance="rejection", temperature=1.0, tree="dynamic")
 
 

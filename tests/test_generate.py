@@ -212,8 +212,6 @@ def test_ntp_sampling_is_seeded_and_top_k_1_is_greedy(gpt2_model):
         (dict(strategy="medusa", tree=[[0], [0]]), ValueError, "appears twice"),
         (dict(strategy="medusa", temperature=0.5), ValueError, "acceptance 'greedy' decodes deterministically"),
         (dict(strategy="medusa", acceptance="typical"), ValueError, "needs temperature > 0"),
-        (dict(strategy="medusa", acceptance="rejection", temperature=1.0, tree="dynamic:8"),
-         ValueError, "takes static trees .* not dynamic ones"),
     ],
 )
 def test_bad_input(medusa_model, kwargs, error, message):
