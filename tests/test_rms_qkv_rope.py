@@ -17,7 +17,7 @@ from mtpkern.config import LlamaConfig
 from mtpkern.llama import Rotary, apply_rope, rms_norm
 from mtpkern.ops.rms_qkv_rope import rms_qkv_rope, rms_qkv_rope_ref
 
-mod = importlib.import_module("mtpkern.ops.rms_qkv_rope")
+blocks_of = importlib.import_module("mtpkern.ops._rms_linear")  # pair_blocks reads its blocks
 
 HEADS = [(8, 4, 2), (64, 9, 3), (8, 4, 4)]  # (Dh, H, H_kv)
 D, S, EPS = 48, 48, 1e-6
@@ -103,7 +103,7 @@ def test_gpu_blocks_in_the_interpreter(monkeypatch):
     and v heads' rotary pairs."""
     if DEV == "cuda":
         pytest.skip("on a GPU the other tests run these blocks")
-    gpu_blocks(monkeypatch, mod)
+    gpu_blocks(monkeypatch, blocks_of)
     for dtype in (torch.float32, torch.float16):
         x, p, cos, sin, kc, vc = _inputs(1, 5, 64, 9, 3, dtype, seed=9)
         _check(x, p, cos, sin, kc, vc, torch.arange(20, 25, device=DEV))

@@ -11,7 +11,7 @@ from _fused import DEV, check_close, gpu_blocks, rand, strided
 from mtpkern.llama import rms_norm
 from mtpkern.ops.rms_swiglu import rms_swiglu, rms_swiglu_ref
 
-mod = importlib.import_module("mtpkern.ops.rms_swiglu")
+blocks_of = importlib.import_module("mtpkern.ops._rms_linear")  # pair_blocks reads its blocks
 
 EPS = 1e-5
 
@@ -48,7 +48,7 @@ def test_gpu_blocks_in_the_interpreter(monkeypatch):
     """The GPU's 16-wide column blocks and K steps, several column blocks."""
     if DEV == "cuda":
         pytest.skip("on a GPU the other tests run these blocks")
-    gpu_blocks(monkeypatch, mod)
+    gpu_blocks(monkeypatch, blocks_of)
     for dtype in (torch.float32, torch.float16):
         _check(*_inputs(1, 5, 160, 72, dtype, seed=2))
 

@@ -9,8 +9,11 @@ load of the normalised rows.
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
+
+from mtpkern.ops._decode_linear import blocks
 
 
 @triton.jit
@@ -52,3 +55,12 @@ def rms_linear_pair(
             acc1 += tl.sum(af * w1.to(tl.float32)[None, :, :], axis=2)
             acc2 += tl.sum(af * w2.to(tl.float32)[None, :, :], axis=2)
     return acc1, acc2
+
+
+def pair_blocks(M: int, n_pairs: int, K: int, dtype: torch.dtype) -> dict:
+    """``_decode_linear.blocks`` for a stream of column pairs: half as many pairs per program
+    as it gives columns (at least 16, ``tl.dot``'s least), so a program's two accumulators and
+    two weight tiles take the registers one of each takes in ``ln_qkv`` (at 64 rows in 16 bits
+    the full width spilled on sm_80: tests/test_triton_compile.py)."""
+    cfg = blocks(M, n_pairs, K, dtype)
+    return {**cfg, "BLOCK_N": max(16, cfg["BLOCK_N"] // 2)}

@@ -26,9 +26,9 @@ from torch._subclasses.fake_tensor import is_fake
 
 from mtpkern.ops import _backend
 from mtpkern.ops._decode_linear import (
-    blocks, bt_strides, check_int32_offsets, check_params, check_rows, input_precision, row_offsets,
+    bt_strides, check_int32_offsets, check_params, check_rows, input_precision, row_offsets,
 )
-from mtpkern.ops._rms_linear import rms_linear_pair, rms_stats
+from mtpkern.ops._rms_linear import pair_blocks, rms_linear_pair, rms_stats
 from mtpkern.ops._triton_compat import wrap_triton
 from mtpkern.ops.ln_qkv import check_cache_and_slots
 
@@ -189,7 +189,7 @@ def _launch(x, ln_weight, weight, bias, cos, sin, k_cache, v_cache, slots, eps: 
         # fake tensors; a fake implementation only needs the output's metadata anyway.
         return q
     M, n_pairs = B * T, weight.shape[0] // 2
-    cfg = blocks(M, n_pairs, D, x.dtype)
+    cfg = pair_blocks(M, n_pairs, D, x.dtype)
     grid = (triton.cdiv(n_pairs, cfg["BLOCK_N"]), triton.cdiv(M, cfg["BLOCK_M"]))
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
         wrap_triton(_rms_qkv_rope_kernel)[grid](

@@ -20,9 +20,9 @@ from torch._subclasses.fake_tensor import is_fake
 
 from mtpkern.ops import _backend
 from mtpkern.ops._decode_linear import (
-    blocks, bt_strides, check_int32_offsets, check_params, check_rows, input_precision, row_offsets,
+    bt_strides, check_int32_offsets, check_params, check_rows, input_precision, row_offsets,
 )
-from mtpkern.ops._rms_linear import rms_linear_pair, rms_stats
+from mtpkern.ops._rms_linear import pair_blocks, rms_linear_pair, rms_stats
 from mtpkern.ops._triton_compat import wrap_triton
 
 # ----------------------------------------------------------------------------- kernel
@@ -101,7 +101,7 @@ def _launch(x, ln_weight, weight, eps: float) -> Tensor:
         # fake tensors; a fake implementation only needs the output's metadata anyway.
         return h
     M = B * T
-    cfg = blocks(M, I, D, x.dtype)
+    cfg = pair_blocks(M, I, D, x.dtype)
     grid = (triton.cdiv(I, cfg["BLOCK_N"]), triton.cdiv(M, cfg["BLOCK_M"]))
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
         wrap_triton(_rms_swiglu_kernel)[grid](
