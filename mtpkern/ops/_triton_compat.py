@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from mtpkern.ops import _backend
+
 
 def _is_interpreted(kernel) -> bool:
     try:
@@ -51,8 +53,6 @@ def _patch_old_interpreter_index() -> None:
 
 
 def _install() -> None:
-    from mtpkern.ops import _backend
-
     if _backend.HAS_TRITON and _backend.triton_interpret():
         _patch_old_interpreter_index()
 
