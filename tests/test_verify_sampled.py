@@ -11,18 +11,23 @@ bit for bit for the same uniforms, over awkward shapes and bad entries; every ba
 bad inputs with the same one-line error.
 """
 
+import ctypes
 import itertools
+import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
 
 from mtpkern.ops import _backend
-from mtpkern.ops.verify_sampled import verify_rejection, verify_rejection_ref
+from mtpkern.ops.verify_sampled import RejectionResult, verify_rejection, verify_rejection_ref
 from mtpkern.sampling import sample_tree_drafts, sampling_probs
 from mtpkern.tree import Tree
 from tests._errors import assert_one_error, errors_of
 from tests.test_rejection_sampling import assert_differs, assert_matches
 
+ROOT = Path(__file__).resolve().parents[1]
 V = 5
 
 
@@ -295,6 +300,116 @@ def test_generator_reproduces_and_backends_agree():
             for s, b in ((7, "cuda"), (7, "eager"), (8, "cuda"))]
     _assert_same(runs[1], runs[0], "seed 7")
     assert not torch.equal(runs[0].tokens, runs[2].tokens)
+
+
+# The CUDA kernel on a CPU: one block at a time, its 512 threads as std::threads, __syncthreads as
+# a std::barrier, a warp shuffle through a block-wide array (the kernel calls every collective
+# from uniform code, so block-wide barriers are equivalent). Races the barriers do not order
+# would show as wrong or varying results. Only the launcher (CUDA syntax) is cut from the source.
+EMULATOR = r"""
+#include <atomic>
+#include <barrier>
+#include <cstdint>
+#include <thread>
+#include <vector>
+struct EmuDim { unsigned x = 0, y = 1, z = 1; };
+static thread_local EmuDim threadIdx;
+static EmuDim blockIdx, blockDim;
+static std::barrier<>* emu_barrier;
+static std::atomic<int> emu_or{0};
+static int64_t emu_lanes[1024];
+inline void __syncthreads() { emu_barrier->arrive_and_wait(); }
+inline int __syncthreads_or(int pred) {
+  __syncthreads();
+  if (pred) emu_or.fetch_or(1);
+  __syncthreads();
+  const int r = emu_or.load();
+  __syncthreads();
+  if (threadIdx.x == 0) emu_or.store(0);
+  __syncthreads();
+  return r;
+}
+template <typename T>
+T __shfl_down_sync(unsigned, T v, int offset) {
+  emu_lanes[threadIdx.x] = static_cast<int64_t>(v);
+  __syncthreads();
+  const T r = threadIdx.x % 32 + offset < 32 ? static_cast<T>(emu_lanes[threadIdx.x + offset]) : v;
+  __syncthreads();
+  return r;
+}
+#define __global__
+#define __device__
+#define __shared__ static
+#define __launch_bounds__(...)
+#include "kernel.inc"
+extern "C" void emulate(const mtpkern::RejectionArgs* a, int64_t B, int64_t* accept_len, int64_t* last_node,
+                        int64_t* path, int64_t* tokens, int64_t* n_emitted, int64_t* scratch) {
+  blockDim.x = mtpkern::kRejectionThreads;
+  for (int64_t b = 0; b < B; ++b) {
+    blockIdx.x = static_cast<unsigned>(b);
+    std::barrier<> bar(blockDim.x);
+    emu_barrier = &bar;
+    std::vector<std::thread> threads;
+    for (unsigned t = 0; t < blockDim.x; ++t)
+      threads.emplace_back([=] {
+        threadIdx.x = t;
+        mtpkern::verify_rejection_kernel(*a, accept_len, last_node, path, tokens, n_emitted, scratch);
+      });
+    for (auto& th : threads) th.join();
+  }
+}
+"""
+
+
+class _Args(ctypes.Structure):  # mtpkern::RejectionArgs (csrc/kernels.h)
+    _fields_ = [(name, ctypes.c_void_p) for name in
+                ("tree_tokens", "target_probs", "draft_probs", "draft_row", "parents", "uniforms")] + \
+               [(name, ctypes.c_int64) for name in ("T", "Q", "V", "max_depth")] + [("prob_type", ctypes.c_int)]
+
+
+@pytest.fixture(scope="module")
+def emulated_cuda_kernel(tmp_path_factory):
+    cxx = shutil.which("c++") or shutil.which("g++")
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    out = tmp_path_factory.mktemp("emulated")
+    (out / "probe.cpp").write_text("#include <barrier>\nint main() { std::barrier<> b(1); b.arrive_and_wait(); }\n")
+    if subprocess.run([cxx, "-std=c++20", "-pthread", str(out / "probe.cpp"), "-o", str(out / "probe")],
+                      capture_output=True).returncode != 0:
+        pytest.skip(f"{cxx} has no C++20 <barrier>")
+    src = (ROOT / "csrc" / "cuda" / "verify_rejection.cu").read_text()
+    src = src.replace('#include "../kernels.h"', '#include "kernels.h"')
+    (out / "kernel.inc").write_text(src[: src.index("cudaError_t launch_verify_rejection(")] + "}  // namespace mtpkern\n")
+    (out / "emulate.cpp").write_text(EMULATOR)
+    build = subprocess.run([cxx, "-std=c++20", "-O1", "-pthread", "-shared", "-fPIC", "-DMTPKERN_CPU_ONLY",
+                            "-I", str(ROOT / "csrc"), "-I", str(out), str(out / "emulate.cpp"), "-o", str(out / "emulate.so")],
+                           capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr[-3000:]
+    lib = ctypes.CDLL(str(out / "emulate.so"))
+
+    def run(toks, p, q, row, par, u, max_depth):
+        B, T, V = (1 if toks.dim() == 1 else toks.shape[0]), toks.shape[-1], p.shape[-1]
+        dtype = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}[p.dtype]
+        a = _Args(*(t.data_ptr() for t in (toks, p, q, row, par, u)), T, q.shape[-2], V, max_depth, dtype)
+        lead = (B,) if toks.dim() == 2 else ()
+        outs = [torch.full(lead + shape, -7, dtype=torch.int64) for shape in ((), (), (max_depth + 1,),
+                                                                             (max_depth + 1,), ())]
+        scratch = torch.empty(2 * B * V, dtype=torch.int64)
+        lib.emulate(ctypes.byref(a), ctypes.c_int64(B), *(ctypes.c_void_p(t.data_ptr()) for t in outs + [scratch]))
+        return RejectionResult(*outs)
+
+    return run
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("V", [1, 97, 1500])  # 1500: several entries per thread, the draw across segments
+def test_emulated_cuda_kernel_equals_reference(emulated_cuda_kernel, V):
+    """The CUDA kernel's source, its block emulated on the CPU, gives the reference's results bit
+    for bit (clean and awkward cases, one tree and a batch of two, fp32 and fp16)."""
+    for (B, dtype), widths, seed in itertools.product([(0, torch.float32), (2, torch.float16)], WIDTHS[1:], range(4)):
+        args = _kernel_case(V, widths, B, dtype, seed)
+        ref = verify_rejection_ref(*args)
+        _assert_same(ref, emulated_cuda_kernel(*args), f"V={V} widths={widths} B={B} {dtype} seed={seed}")
 
 
 @needs_gpu
