@@ -113,8 +113,8 @@ def _model(kind: str):
                            n_positions=96, qkv_bias=True)
     torch.manual_seed(0)
     base = _randomise(Llama(cfg), seed=1)
-    if kind == "mtp":
-        return _randomise(MTPModel.from_base(base, n_heads=3), seed=2).to(DEV).eval()
+    if kind == "mtp":  # draft heads as copies of the last layer: their drafts are sometimes accepted
+        return MTPModel.from_base(base, n_heads=3).to(DEV).eval()
     if kind == "medusa":
         return _randomise(MedusaModel.from_base(base, n_heads=3), seed=2).to(DEV).eval()
     return base.to(DEV).eval()
@@ -161,16 +161,16 @@ def test_whole_model_tree_step_equals_eager(kind):
     check_close(c_f.v, c_e.v, what="v cache")
 
 
-@pytest.mark.xfail(strict=True, raises=AttributeError,
-                   reason="the engine (mtpkern/steps.py, _Step: normed = not (fused and logits_norm)) has "
-                          "fused_logits apply the final norm as a LayerNorm (ln.bias): a Llama's RMSNorm has "
-                          "none; the step must apply an RMSNorm itself until fused_logits takes one")
 @pytest.mark.parametrize("strategy", ["ntp", "mtp", "medusa"])
 def test_greedy_fused_decoding_equals_eager(strategy):
     """Greedy decoding of a tiny random Llama through the fused layers (and its MTP and MEDUSA
     heads' trees) gives exactly the tokens of eager decoding."""
     model = _model({"ntp": "llama"}.get(strategy, strategy))
+    accepted = []
     for prompt in ([5, 9, 2, 77, 31], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]):
         eager = Decoder(model, strategy, kernels="eager").generate(torch.tensor(prompt), max_new_tokens=10)
         fused = Decoder(model, strategy, kernels="fused").generate(torch.tensor(prompt), max_new_tokens=10)
         assert fused.tokens == eager.tokens, (strategy, prompt)
+        accepted += fused.accept_lengths
+    if strategy != "ntp":  # some steps accepted drafts (the fused caches' compaction ran)
+        assert max(accepted) > 1, accepted
