@@ -13,6 +13,13 @@ of one greedy step against its tree tokens T, the cost model's own measurement) 
 kept in the JSON and, with ``--plot``, drawn. The JSON is written case by case; a failing
 case is recorded and the others still run.
 
+``--sampling 0.7,1.0`` (issue 26) times sampling instead: per speculative model and temperature,
+``ntp`` sampling (the baseline), rejection sampling on a chain, on a tree (MEDUSA's default tree,
+``3,2,1`` for MTP) and on ``dynamic``, and typical acceptance on the same trees, every case drawing
+from a ``torch.Generator`` seeded with ``--seed``; and at temperature 0 greedy acceptance on the
+same shapes, whose top-k drafts set against the sampled drafts' accepted length what sampling
+them costs (``mtpkern.bench.sampling_study``).
+
 Models: ``--model DIR`` (a checkpoint of any family: prompts from ``--data`` through its
 tokenizer, every case stopping at its EOS like ``mtpkern eval``); otherwise, on CUDA, a random GPT-2 124M
 shape with MTP and MEDUSA heads (accepted lengths then measure a random model, not trained
@@ -21,6 +28,7 @@ pattern, so acceptance is real. Fused kernels on CPU run in Triton's interpreter
 only timed there with ``--fused``.
 
     python benchmarks/bench_decode.py --device cpu --threads 1 --prompts 8 --json out.json --plot step_cost.png
+    python benchmarks/bench_decode.py --device cpu --threads 1 --model demo_out/medusa --sampling 0.7,1.0
 """
 
 from __future__ import annotations
@@ -33,7 +41,8 @@ from pathlib import Path
 
 import torch
 
-from mtpkern.bench import batch_study, bench_models, bench_prompts, decoder_run, step_cost_curve, time_case
+from mtpkern.bench import (batch_study, bench_models, bench_prompts, decoder_run, format_sampling, sampling_study,
+                           step_cost_curve, time_case)
 from mtpkern.plots import ntp_of
 from mtpkern.eval import device_info, hf_decoder
 from mtpkern.runtime import resolve_device, resolve_dtype
@@ -143,6 +152,32 @@ def _print_batch(batch: dict, sizes: list[int]) -> None:
                   " | ".join(f"{v:.2f}x" for v in vs) + f" | {kept} |")
 
 
+def _temperatures(text: str) -> list[float]:
+    try:
+        temps = [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        temps = []
+    if not temps or min(temps) <= 0:
+        raise SystemExit(f"--sampling: temperatures > 0, e.g. 0.7,1.0, got {text!r}")
+    return temps
+
+
+def _sampling(args, models: dict, prompts: list, report: dict, device) -> dict:
+    """--sampling: the sampling study (mtpkern.bench.sampling_study), its tables and the JSON."""
+    temps = _temperatures(args.sampling)
+    with torch.inference_mode():
+        report["sampling"] = sampling_study(models, prompts, temps, args.max_new_tokens, args.eos, device,
+                                            seed=args.seed)
+    report["seed"] = args.seed
+    print(f"device: {report['device']}\nweights: {report['weights']}\n{len(prompts)} prompts, {args.max_new_tokens} "
+          f"new tokens, median tokens/s over prompts, {torch.get_num_threads()} threads, seed {args.seed}\n")
+    print(format_sampling(report["sampling"]))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2, default=str))
+    return report
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="auto")
@@ -164,6 +199,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--batch", default=None,
                     help="batch sizes, e.g. 1,4,16: time batched decoding (mtpkern.batch) at each instead of the "
                          "batch-1 cases: tokens/s and what survives of the speed-up")
+    ap.add_argument("--sampling", default=None,
+                    help="temperatures, e.g. 0.7,1.0: instead of the greedy cases, ntp sampling against rejection "
+                         "sampling (chain, tree, dynamic) and typical acceptance per speculative model (issue 26)")
+    ap.add_argument("--seed", type=int, default=0, help="--sampling: every case's torch.Generator seed")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -176,6 +215,8 @@ def main(argv=None) -> dict:
     report = dict(device=device_info(device, dtype), weights=note, max_new_tokens=n, prompts=len(prompts),
                   threads=torch.get_num_threads(), prefix_cache=not args.no_prefix_cache, cases={}, step_cost={})
     results = report["cases"]
+    if args.sampling:
+        return _sampling(args, models, prompts, report, device)
     if args.batch:
         sizes = sorted({int(b) for b in args.batch.split(",") if b.strip()})
         if not sizes or sizes[0] < 1:

@@ -56,9 +56,10 @@ from mtpkern.models import GPT2, MedusaModel, MTPModel
 from mtpkern.ops import _backend
 from mtpkern.ops.kv_compact import kv_compact_
 from mtpkern.ops.verify import verify_greedy
-from mtpkern.options import DecodeOptions
+from mtpkern.options import DecodeOptions, default_tree
 from mtpkern.plots import GRAPHED, ntp_of
 from mtpkern.runtime import now, resolve_device, resolve_dtype, synchronize, time_us, timed
+from mtpkern.tree import Tree
 
 SCHEMA = "mtpkern.bench/1"
 MTP_HEADS = 4  # Gloeckle et al.'s n = 4
@@ -189,6 +190,119 @@ def batch_study(models: dict, prompts: list, sizes: list[int], n: int, eos, devi
                 out.setdefault(family, {}).setdefault(name, {})[str(B)] = dict(
                     tokens_per_second=tokens / dt, mean_accept_length=sum(accepted) / max(1, len(accepted)))
     return out
+
+
+SAMPLING_HAND_TREE = "3,2,1"  # MTP's tree in the sampling study (MEDUSA: its default tree)
+
+
+def sampling_trees(model, family: str) -> dict[str, Any]:
+    """``{label: tree spec}``: the draft shapes the sampling study decodes ``model`` with: a
+    chain over every draft head, the family's tree (MEDUSA's default tree; the hand tree
+    ``3,2,1`` for MTP, cut to the model's heads) and ``dynamic``."""
+    drafts = model.n_heads - 1
+    if family == "medusa":
+        tree = default_tree(model, "medusa")  # acceptance='rejection' alone would default to the chain
+        label = f"default tree ({len(tree) - 1} drafts)"
+    else:
+        tree = Tree.from_widths([int(w) for w in SAMPLING_HAND_TREE.split(",")][:drafts])
+        label = ",".join(SAMPLING_HAND_TREE.split(",")[:drafts])
+    return {f"chain:{drafts}": Tree.chain(drafts), label: tree, "dynamic": "dynamic"}
+
+
+def sampling_cases(model, family: str, temperature: float) -> list[tuple[str, DecodeOptions]]:
+    """``(name, options)`` at ``temperature``: ``ntp`` sampling, then rejection sampling on
+    every shape of :func:`sampling_trees` and typical acceptance on its trees (not the chain).
+    At temperature 0: greedy ``ntp`` and greedy acceptance on every shape, whose drafts are the
+    heads' top-k (the reference for what sampled drafts cost)."""
+    cases = [("ntp", DecodeOptions("ntp", temperature=temperature))]
+    for label, tree in sampling_trees(model, family).items():
+        if temperature == 0:
+            cases.append((f"greedy {label}", DecodeOptions(family, tree=tree)))
+            continue
+        cases.append((f"rejection {label}", DecodeOptions(family, tree=tree, acceptance="rejection",
+                                                           temperature=temperature)))
+        if not label.startswith("chain"):
+            cases.append((f"typical {label}", DecodeOptions(family, tree=tree, acceptance="typical",
+                                                             temperature=temperature)))
+    return cases
+
+
+def sampling_run(model, options: DecodeOptions, *, max_new_tokens: int, eos_token_id: int | None, seed: int):
+    """``run(ids)`` for :func:`time_case`: one held :class:`Decoder` that draws, where it samples,
+    from one ``torch.Generator`` seeded with ``seed`` when the run is made (the warm-up included),
+    so every case starts from the same stream and a run repeats itself."""
+    dec = Decoder(model, resolve_options(model, options))
+    gen = torch.Generator(device=dec.device).manual_seed(seed) if options.sampling else None
+
+    def run(ids):
+        return dec.generate(ids, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, generator=gen)
+
+    run.decoder = dec  # type: ignore[attr-defined]
+    return run
+
+
+def sampling_study(models: dict, prompts: list, temperatures: list[float], n: int, eos, device, *,
+                   seed: int = 0) -> dict:
+    """``{family: {temperature: {case: {tokens_per_second, mean_accept_length, speedup_vs_ntp}}}}``
+    (or ``{"error": ...}`` for a case that failed): each speculative model's cases of
+    :func:`sampling_cases` at temperature 0 (greedy, top-k drafts) and at each of
+    ``temperatures``, batch 1, timed as :func:`time_case` times (median tokens/s over
+    ``prompts``, one warm-up), the speed-up against ``ntp`` at the same temperature."""
+    out: dict = {}
+    for family, model in models.items():
+        if family == "ntp":
+            continue  # each speculative model carries its own ntp
+        for T in [0.0, *temperatures]:
+            table = out.setdefault(family, {}).setdefault(str(T), {})
+            for name, options in sampling_cases(model, family, T):
+                _measure(table, name, lambda: None, lambda: time_case(  # a failing build is recorded too
+                    sampling_run(model, options, max_new_tokens=n, eos_token_id=eos, seed=seed), prompts, device))
+            ntp = table["ntp"].get("tokens_per_second")
+            for r in table.values():
+                if "tokens_per_second" in r and ntp:
+                    r["speedup_vs_ntp"] = r["tokens_per_second"] / ntp
+    return out
+
+
+def format_sampling(study: dict) -> str:
+    """The sampling study as two markdown tables: every case (tokens/s, accepted length,
+    speed-up over ``ntp`` at its temperature), then per draft shape the accepted length of
+    greedy acceptance on top-k drafts at temperature 0 against rejection sampling (sampled
+    drafts) and typical acceptance (top-k drafts) at each temperature."""
+    lines = ["| model: case | temperature | tokens/s | accepted length | vs ntp at its temperature |",
+             "| --- | ---: | ---: | ---: | ---: |"]
+    for family, by_t in study.items():
+        for T, cases in by_t.items():
+            for name, r in cases.items():
+                if "error" in r:
+                    lines.append(f"| {family}: {name} | {T} | failed: {r['error']} | | |")
+                    continue
+                lines.append(f"| {family}: {name} | {T} | {r['tokens_per_second']:.1f} | "
+                             f"{r['mean_accept_length']:.2f} | {r.get('speedup_vs_ntp', 0):.2f}x |")
+    return "\n".join(lines + ["", *_draft_cost_table(study)]) + "\n"
+
+
+def _draft_cost_table(study: dict) -> list[str]:
+    """Accepted length per draft shape: greedy on top-k drafts (temperature 0) against rejection
+    (sampled drafts) and typical (top-k drafts) at each temperature."""
+    temps = [T for T in next(iter(study.values()), {}) if float(T) > 0]
+    lines = ["| model: drafts | greedy, top-k drafts, T=0 | " +
+             " | ".join(f"rejection, sampled drafts, T={T} | typical, top-k drafts, T={T}" for T in temps) + " |",
+             "| --- |" + " ---: |" * (1 + 2 * len(temps))]
+
+    def acc(family, T, name):
+        r = study[family].get(T, {}).get(name, {})
+        return f"{r['mean_accept_length']:.2f}" if "mean_accept_length" in r else "-"
+
+    for family, by_t in study.items():
+        for name in by_t.get("0.0", {}):
+            if not name.startswith("greedy "):
+                continue
+            shape = name[len("greedy "):]
+            cells = [acc(family, "0.0", name)] + [acc(family, T, f"{kind} {shape}") for T in temps
+                                                  for kind in ("rejection", "typical")]
+            lines.append(f"| {family}: {shape} | " + " | ".join(cells) + " |")
+    return lines
 
 
 STEP_COST_T = (1, 2, 4, 8, 16, 32, 64)  # tree tokens per step for the step-cost curve

@@ -265,3 +265,55 @@ def test_step_parts_and_pass_hooks_are_the_engines_public_profiling_hooks(gpt2_m
         hooked = dec.generate(prompt, max_new_tokens=6)
     assert hooked.tokens == plain and "_Forward" in seen and "_Drafts" in seen
     assert dec.step.forward is verify and type(dec.step.drafter).__name__ == "_Drafts"
+
+
+def test_bench_decode_sampling_study(tmp_path):
+    """``bench_decode.py --sampling``: per speculative model, ntp sampling, rejection sampling on
+    a chain, a tree and ``dynamic``, typical acceptance on the trees, at each temperature, and
+    greedy on the same shapes at temperature 0; every case measured, both tables printed."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "s.json"
+    r = subprocess.run([sys.executable, str(root / "benchmarks" / "bench_decode.py"), "--device", "cpu", "--threads", "1",
+                        "--prompts", "2", "--max-new-tokens", "5", "--sampling", "0.7,1.0", "--json", str(out)],
+                       capture_output=True, text=True, timeout=600,
+                       env={**__import__("os").environ, "PYTHONPATH": str(root)})
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads(out.read_text())
+    study = report["sampling"]
+    assert set(study) == {"medusa", "mtp"} and report["seed"] == 0
+    trees = {"medusa": "default tree (61 drafts)", "mtp": "3,2,1"}
+    for family, by_t in study.items():
+        assert set(by_t) == {"0.0", "0.7", "1.0"}
+        shapes = ["chain:3", trees[family], "dynamic"]
+        assert set(by_t["0.0"]) == {"ntp"} | {f"greedy {s}" for s in shapes}
+        for T in ("0.7", "1.0"):
+            assert set(by_t[T]) == ({"ntp"} | {f"rejection {s}" for s in shapes}
+                                    | {f"typical {s}" for s in shapes[1:]}), by_t[T]
+        for T, cases in by_t.items():
+            for name, c in cases.items():
+                assert "error" not in c, (family, T, name, c)
+                assert c["tokens_per_second"] > 0 and c["speedup_vs_ntp"] > 0, (family, T, name)
+                assert 1 <= c["mean_accept_length"] <= 4, (family, T, name)  # 3 draft heads
+            assert cases["ntp"]["mean_accept_length"] == 1 and cases["ntp"]["speedup_vs_ntp"] == 1
+    assert "| mtp: rejection 3,2,1 | 0.7 |" in r.stdout and "| medusa: ntp | 1.0 |" in r.stdout
+    assert "| mtp: 3,2,1 | " in r.stdout and "rejection, sampled drafts, T=1.0" in r.stdout
+
+
+def test_sampling_runs_repeat_themselves_from_their_seed(medusa_model):
+    """A sampling case draws from its own seeded generator: the same seed gives the same tokens,
+    another seed (almost surely) others."""
+    from mtpkern.bench import sampling_cases, sampling_run
+
+    options = dict(sampling_cases(medusa_model, "medusa", 1.0))["rejection chain:" + str(medusa_model.n_heads - 1)]
+    prompt = torch.tensor([1, 2, 3, 4])
+
+    def tokens(seed):
+        return sampling_run(medusa_model, options, max_new_tokens=12, eos_token_id=None, seed=seed)(prompt).tokens
+
+    with torch.inference_mode():
+        assert tokens(0) == tokens(0)
+        assert any(tokens(0) != tokens(s) for s in (1, 2, 3))
