@@ -6,6 +6,13 @@ It is saved beside the weights as ``calibration.json`` with a fingerprint of the
 heads, vocabulary, layer sizes, a hash of a few weights), so a file from another model is
 refused; ``mtpkern.load_model`` attaches it as ``model.calibration``.
 
+``sampling`` holds, per temperature measured (``mtpkern calibrate --temperature T``), the
+acceptance of *sampled* drafts under rejection sampling (:func:`mtpkern.calibrate.calibrate_sampling`):
+``sampling[key]["accept"][d][i]``: the probability that, below an accepted node, the i-th
+child drawn (without replacement) from draft head d + 1 is accepted (which needs its earlier
+siblings rejected). A file written before it has none and loads as it did (the field is
+optional, the schema unchanged).
+
 The fingerprint's ``n_heads`` is the config's: every head, the next-token head included. A file
 of schema ``mtpkern.calibration/1`` (written before /2) counted a MEDUSA model's MEDUSA heads
 alone there; it is read as such (its fingerprint gains the next-token head).
@@ -80,6 +87,9 @@ class Calibration:
     # Per prompt, per generated position: the rank of the model's own token in each draft
     # head's top-k, one character per head ("0".."9", "x": not in the top-k, ".": past the end).
     ranks: list[list[str]] = field(default_factory=list)
+    # Per temperature (key: ``temperature_key(T)``): {"temperature", "top_k", "top_p", "accept"
+    # [depth][child index] (floats), "positions" [depth]}: the acceptance of sampled drafts.
+    sampling: dict = field(default_factory=dict)
 
     @property
     def depth(self) -> int:
@@ -159,8 +169,11 @@ class Calibration:
         source = d.get("source", {})
         if not isinstance(source, dict):
             raise ValueError("the field 'source' must be an object")
+        sampling = d.get("sampling", {})
+        if not isinstance(sampling, dict) or not all(isinstance(t, dict) for t in sampling.values()):
+            raise ValueError("the field 'sampling' must be an object of objects (one per temperature)")
         return cls(fp, topk, [list(row) for row in counts], list(d["positions"]), dict(source),
-                   [list(p) for p in ranks])
+                   [list(p) for p in ranks], {k: dict(t) for k, t in sampling.items()})
 
     def _check_shape(self) -> None:
         """ValueError unless counts, positions and ranks agree with each other."""
@@ -175,6 +188,21 @@ class Calibration:
         if bad is not None:
             raise ValueError(f"ranks must be strings of {self.depth} characters (one per draft head) from "
                              f"{''.join(sorted(allowed))}, got {bad!r}")
+        for key, table in self.sampling.items():
+            _check_sampling_table(key, table, self.depth, self.topk)
+
+    def add_sampling(self, table: dict) -> None:
+        """Store a sampled-draft acceptance table (:func:`mtpkern.calibrate.calibrate_sampling`)
+        under its temperature, replacing one measured before at that temperature."""
+        _check_sampling_table("new", table, self.depth, self.topk)
+        self.sampling[temperature_key(table["temperature"])] = table
+
+    def sampling_table(self, temperature: float) -> dict | None:
+        """The sampled-draft table measured at the temperature nearest ``temperature`` (ties to
+        the lower one), or None when none was measured."""
+        if not self.sampling:
+            return None
+        return min(self.sampling.values(), key=lambda t: (abs(t["temperature"] - temperature), t["temperature"]))
 
     def check(self, model, where: str = "calibration") -> None:
         """Raise CalibrationError unless this calibration was measured on ``model``."""
@@ -190,6 +218,36 @@ class Calibration:
         if diff:
             raise CalibrationError(f"{where} was measured on another model ({', '.join(diff)} differ); "
                                    "rerun `mtpkern calibrate`")
+
+
+def temperature_key(temperature: float) -> str:
+    """The key of a temperature's table in ``Calibration.sampling``: ``0.7`` -> ``"0.7"``."""
+    return f"{float(temperature):g}"
+
+
+def _check_sampling_table(key: str, t: dict, depth: int, topk: int) -> None:
+    """ValueError unless ``t`` is a sampled-draft table of ``depth`` rows of ``topk``
+    probabilities whose rows sum to at most 1 (at most one child of a node is accepted)."""
+    where = f"sampling[{key!r}]"
+    missing = [k for k in ("temperature", "top_k", "top_p", "accept", "positions") if k not in t]
+    if missing:
+        raise ValueError(f"{where} lacks the field {missing[0]!r}")
+    T = t["temperature"]
+    if isinstance(T, bool) or not isinstance(T, (int, float)) or not 0 < T < float("inf"):
+        raise ValueError(f"{where}: temperature must be a number > 0, got {T!r}")
+    acc, pos = t["accept"], t["positions"]
+    rows_ok = isinstance(acc, list) and len(acc) == depth and all(
+        isinstance(r, list) and len(r) == topk and all(_probability(p) for p in r) and sum(r) <= 1 + 1e-6
+        for r in acc)
+    if not rows_ok:
+        raise ValueError(f"{where}: accept must be {depth} rows (one per draft head) of {topk} probabilities "
+                         "summing to at most 1")
+    if not isinstance(pos, list) or len(pos) != depth or not _all_ints(pos) or min(pos, default=0) < 0:
+        raise ValueError(f"{where}: positions must be {depth} ints >= 0 (one per draft head)")
+
+
+def _probability(p) -> bool:
+    return isinstance(p, (int, float)) and not isinstance(p, bool) and 0.0 <= p <= 1.0
 
 
 def load_calibration(directory, model) -> Calibration | None:
@@ -218,5 +276,5 @@ def draft_depth(model) -> int:
 
 __all__ = [
     "CALIBRATION_NAME", "SCHEMA", "TOPK", "Calibration", "CalibrationError", "attach_calibration", "draft_depth",
-    "fingerprint", "load_calibration",
+    "fingerprint", "load_calibration", "temperature_key",
 ]

@@ -33,6 +33,22 @@ every generated position, the rank of the model's own token in each head's top-k
 candidates (the best-first trees, one per budget) are then scored by replaying greedy decoding
 over those continuations (:func:`simulate_steps`), which is what decoding those prompts with
 that tree does, step for step.
+
+Sampled drafts (``acceptance="rejection"``, a calibration's ``sampling`` table). Under recursive
+rejection sampling a node's children are drawn without replacement from their head and tried
+in turn, so a child is known by its index among its siblings, not by a rank: a tree's node
+(i1, ..., id) is the i_d-th child drawn below (i1, ..., i(d-1)), and only trees whose every node
+has children 0..m-1 mean what they say (``Tree`` sorts siblings by their last entry, which
+sampling then reads as the draw order). ``accept[d][i]`` is the probability that child i from
+head d + 1 is accepted below an accepted node (its earlier siblings rejected). Again at most
+one child of an accepted node is accepted, so ``E[accepted length] = 1 + sum of the nodes'
+scores``, the score a product of ``accept`` along the path of sibling indices, under the same
+assumption (a). Best-first expansion is no longer exact: ``accept[d][i]`` need not fall with i
+(after a rejection, the residual can fit the head better), so :func:`best_sampled_trees`
+solves the problem exactly by dynamic programming: ``F_d(n)``, the best sum of scores of n nodes
+below a node whose children come from head d + 1, is the best over m children in draw order and
+budgets n_1..n_m with ``sum(1 + n_i) = n`` of ``sum accept[d][i] (1 + F_(d+1)(n_i))``, a
+knapsack over the children (O(depth * width * n^2)).
 """
 
 from __future__ import annotations
@@ -189,7 +205,7 @@ def check_budget(max_nodes, limit: int) -> None:
 
 
 def optimise_tree(accept: Sequence[Sequence[float]], cost: Callable[[int], float], *, max_tokens: int,
-                  ranks: Sequence[Sequence[str]] | None = None) -> TreePlan:
+                  ranks: Sequence[Sequence[str]] | None = None, sampled: bool = False) -> TreePlan:
     """The tree maximising expected tokens/s = E[accepted length](n) / cost(n + 1) over node
     budgets n = 1 .. max_tokens - 1 (``cost`` takes the tree tokens T = n + 1, root included).
     Ties go to the smaller tree.
@@ -198,29 +214,102 @@ def optimise_tree(accept: Sequence[Sequence[float]], cost: Callable[[int], float
     trees, but each one's accepted length is replayed over those continuations
     (:func:`simulate_steps`) instead of taken from the independence model: decoding visits
     positions unevenly (a step skips what it accepts) and heads err together, which the
-    product of averages misses."""
+    product of averages misses. ``sampled``: ``accept`` is a table of sampled drafts (child
+    index, not rank) and every budget's tree is :func:`best_sampled_trees`' (``ranks`` unused:
+    they replay greedy decoding)."""
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 2:
         raise ValueError(f"max_tokens must be an int >= 2: a tree needs the root and one draft, got {max_tokens!r}")
-    nodes = best_first_nodes(accept, max_tokens - 1)
-    if not nodes:
-        raise ValueError("no draft heads to build a tree from")
-    rows = _parse_ranks(ranks) if ranks else None
+    if sampled:
+        values, tree_of = best_sampled_trees(accept, max_tokens - 1)
+    else:
+        values, tree_of = _best_first_trees(accept, max_tokens - 1, ranks)
     best: tuple[int, float, float, float] | None = None
-    expected, curve, chosen = 1.0, [], set()
-    for n, (path, score) in enumerate(nodes, start=1):
-        expected += score
-        chosen.add(path)
-        if rows is not None:
-            expected = _mean_step(_replay(rows, chosen))
+    curve = []
+    for n, expected in enumerate(values, start=1):
         seconds = _step_seconds(cost, n + 1)
         rate = expected / seconds
         curve.append(dict(nodes=n, accept_length=expected, step_s=seconds, tokens_per_second=rate))
         if best is None or rate > best[3]:
             best = (n, expected, seconds, rate)
-    assert best is not None  # nodes is not empty
+    assert best is not None  # values is not empty
     n, expected, seconds, rate = best
-    tree = Tree([list(p) for p, _ in nodes[:n]])
-    return TreePlan(tree, expected, seconds, rate, 1.0 / _step_seconds(cost, 1), curve)
+    return TreePlan(tree_of(n), expected, seconds, rate, 1.0 / _step_seconds(cost, 1), curve)
+
+
+def _best_first_trees(accept, limit: int, ranks) -> tuple[list[float], Callable[[int], Tree]]:
+    """Expected accepted length of the best n-node tree for n = 1 .. (at most) ``limit``, and
+    that tree: the first n best-first nodes (their length replayed over ``ranks`` if given)."""
+    nodes = best_first_nodes(accept, limit)
+    if not nodes:
+        raise ValueError("no draft heads to build a tree from")
+    rows = _parse_ranks(ranks) if ranks else None
+    expected, values, chosen = 1.0, [], set()
+    for path, score in nodes:
+        expected += score
+        chosen.add(path)
+        if rows is not None:
+            expected = _mean_step(_replay(rows, chosen))
+        values.append(expected)
+    return values, lambda n: Tree([list(p) for p, _ in nodes[:n]])
+
+
+def best_sampled_trees(accept: Sequence[Sequence[float]], limit: int) -> tuple[list[float], Callable[[int], Tree]]:
+    """For sampled drafts (``accept[d][i]``: child i from head d + 1 accepted below an accepted
+    node): the expected accepted length of the best n-node tree for n = 1 .. (at most)
+    ``limit``, and a function giving that tree, each node's children 0..m-1 (the dynamic
+    programme of the module docstring; exact for any table). Ties go to fewer children."""
+    for row in accept:
+        if any(not 0.0 <= p <= 1.0 for p in row):
+            raise ValueError(f"acceptance probabilities must lie in [0, 1], got {list(row)}")
+    F: list[list[float]] = [[0.0] + [-math.inf] * limit]
+    picks: list[list[list[int]]] = []
+    widths: list[list[int]] = []
+    for row in reversed(accept):  # the deepest head first: F_d needs F_(d+1)
+        best, width, pick = _children_knapsack(row, F[0], limit)
+        F.insert(0, best)
+        picks.insert(0, pick)
+        widths.insert(0, width)
+    values = [1.0 + v for v in F[0][1:] if v > -math.inf]  # reachable budgets are 1..some n
+    if not values:
+        raise ValueError("no draft heads to build a tree from")
+    return values, lambda n: Tree([list(p) for p in _sampled_paths(picks, widths, 0, n, ())])
+
+
+def _children_knapsack(row: Sequence[float], below: list[float],
+                       limit: int) -> tuple[list[float], list[int], list[list[int]]]:
+    """One level of :func:`best_sampled_trees`: with ``below[k]`` the best value of k nodes
+    under a child, the best value of n nodes made of children 0..m-1 and their subtrees, for
+    every n (``best``), its number of children (``width``), and per child i and n the nodes
+    under child i in the best set of children 0..i (``pick[i][n]``)."""
+    G = [0.0] + [-math.inf] * limit  # children 0..i-1 placed, exactly n nodes
+    best, width = list(G), [0] * (limit + 1)
+    pick: list[list[int]] = []
+    for i, a in enumerate(row):
+        H, choice = [-math.inf] * (limit + 1), [-1] * (limit + 1)
+        for n in range(1, limit + 1):
+            for k in range(n):  # nodes under child i
+                if G[n - 1 - k] > -math.inf and below[k] > -math.inf:
+                    v = G[n - 1 - k] + a * (1.0 + below[k])
+                    if v > H[n]:
+                        H[n], choice[n] = v, k
+        pick.append(choice)
+        for n in range(1, limit + 1):
+            if H[n] > best[n]:
+                best[n], width[n] = H[n], i + 1
+        G = H
+    return best, width, pick
+
+
+def _sampled_paths(picks, widths, d: int, n: int, prefix: tuple) -> list[tuple[int, ...]]:
+    """The paths of the best n nodes below ``prefix`` (a depth-d node), rebuilt from the
+    knapsack's choices: the last child takes its share, the earlier ones the rest."""
+    out: list[tuple[int, ...]] = []
+    rest = n
+    for i in reversed(range(widths[d][n] if n else 0)):
+        k = picks[d][i][rest]
+        out += [prefix + (i,), *_sampled_paths(picks, widths, d + 1, k, prefix + (i,))]
+        rest -= 1 + k
+    return out
 
 
 def _step_seconds(cost: Callable[[int], float], T: int) -> float:
@@ -231,14 +320,15 @@ def _step_seconds(cost: Callable[[int], float], T: int) -> float:
 
 
 def optimise_tree_depths(accept: Sequence[Sequence[float]], costs: dict, *, max_tokens: int,
-                         ranks: Sequence[Sequence[str]] | None = None) -> TreePlan:
+                         ranks: Sequence[Sequence[str]] | None = None, sampled: bool = False) -> TreePlan:
     """:func:`optimise_tree` when the step cost depends on the tree's depth too: ``costs[d]``
     is the cost of trees at most d deep. For every d the best trees of depth <= d are the
-    best-first nodes of ``accept[:d]``; the best (depth, budget) wins, ties to the shallower."""
+    best-first nodes of ``accept[:d]`` (``sampled``: :func:`best_sampled_trees`' trees of
+    ``accept[:d]``); the best (depth, budget) wins, ties to the shallower."""
     best = None
     for d in sorted(costs):
         T = min(max_tokens, getattr(costs[d], "max_tokens", max_tokens))
-        plan = optimise_tree(accept[:d], costs[d], max_tokens=T, ranks=ranks)
+        plan = optimise_tree(accept[:d], costs[d], max_tokens=T, ranks=ranks, sampled=sampled)
         if best is None or plan.tokens_per_second > best.tokens_per_second:
             best = plan
     if best is None:
@@ -247,6 +337,6 @@ def optimise_tree_depths(accept: Sequence[Sequence[float]], costs: dict, *, max_
 
 
 __all__ = [
-    "StepCost", "TreePlan", "best_first_nodes", "check_budget", "check_curve", "max_draft_nodes", "optimise_tree",
+    "StepCost", "TreePlan", "best_first_nodes", "best_sampled_trees", "check_budget", "check_curve", "max_draft_nodes", "optimise_tree",
     "optimise_tree_depths", "simulate_steps", "simulated_accept_length",
 ]
