@@ -21,6 +21,17 @@ The command over three layers, each usable alone:
   :func:`~mtpkern.planner.optimise_tree_depths`, :mod:`mtpkern.planner`): for every node
   budget n (and depth) the tree with the largest expected accepted length, then the one that
   maximises expected accepted length / step time (why best-first expansion is exact: there).
+* **Calibration for sampling** (:func:`calibrate_sampling`, ``mtpkern calibrate --temperature
+  T``): rejection sampling draws each node's children without replacement from its head's
+  distribution at T (with top-k / top-p) and tries them in turn against the target's residual
+  (``mtpkern.ops.verify_rejection``), so what a tree is worth depends on T. On a continuation
+  the model samples at T, at every position t and depth d, with q the distribution of draft
+  head d at t and r the target's at the depth-(d-1) node t + d (the sampled path taken as the
+  accepted one), ``accept[d][i]`` averages the probability that the i-th child drawn from q is
+  accepted (its earlier siblings rejected): :func:`sampled_acceptance`, exact for the first
+  child (``sum min(q, r)``) and an unbiased estimate for the others. It is stored per
+  temperature in ``calibration.json`` (``Calibration.sampling``); ``tree="auto"`` with
+  ``acceptance="rejection"`` plans from the table nearest its temperature.
 
 This module is the command: :func:`calibrate`, :func:`calibrate_checkpoint` (``mtpkern
 calibrate``), :func:`plan_tree` and :func:`auto_tree` (``tree="auto"``). The names of the three
@@ -29,6 +40,7 @@ layers are re-exported here.
 
 from __future__ import annotations
 
+import math
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -46,6 +58,7 @@ from mtpkern.calibration import (
     draft_depth,
     fingerprint,
     load_calibration,
+    temperature_key,
 )
 from mtpkern.checkpoint import resolve_checkpoint
 from mtpkern.costmodel import (
@@ -65,10 +78,12 @@ from mtpkern.rundir import read_run, validation_records
 from mtpkern.generation import generate
 from mtpkern.heads_io import check_base_use, tokenizer_source
 from mtpkern.hf_io import load_model
+from mtpkern.options import DecodeOptions
 from mtpkern.planner import (
     StepCost,
     TreePlan,
     best_first_nodes,
+    best_sampled_trees,
     check_budget,
     check_curve,
     max_draft_nodes,
@@ -78,6 +93,7 @@ from mtpkern.planner import (
     simulated_accept_length,
 )
 from mtpkern.runtime import resolve_device, resolve_dtype
+from mtpkern.sampling import sampling_probs
 from mtpkern.tree import Tree
 
 
@@ -132,6 +148,85 @@ def calibrate(model, prompts: Sequence, *, max_new_tokens: int = 64, eos_token_i
     return Calibration(fingerprint(model), K, counts.tolist(), positions.tolist(), info, ranks)
 
 
+def sampled_acceptance(q: torch.Tensor, r: torch.Tensor, width: int,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+    """For rows of a head distribution ``q`` [R, V] and a target (residual) distribution ``r``
+    [R, V]: entry [., i] of the result [R, width] has expectation the probability that the
+    i-th child drawn without replacement from q is accepted by recursive rejection sampling
+    against r, the children before it rejected (the scheme of ``verify_rejection``).
+
+    One history per row, Rao-Blackwellised: child i, drawn from q_i (q without the earlier
+    children, renormalised), is accepted with probability ``a_i = sum min(q_i, r_i)`` given the
+    history, so the entry is ``a_i * prod_(j<i) (1 - a_j)``; after a rejection the residual is
+    ``norm(max(0, r_i - q_i))``, whatever token was rejected, and the rejected token is drawn
+    from ``max(0, q_i - r_i)`` (its law given a rejection), which is all the next child needs.
+    Exact for i = 0; for i > 0 an average over the drawn histories."""
+    q, r = q.double(), r.double()
+    removed = torch.zeros_like(q, dtype=torch.bool)
+    reach = torch.ones(q.shape[0], dtype=torch.float64, device=q.device)
+    out = []
+    for _ in range(width):
+        qi = q.masked_fill(removed, 0.0)
+        qi = qi / qi.sum(-1, keepdim=True).clamp_min(1e-300)  # all zero once q's support is used up
+        a = torch.minimum(qi, r).sum(-1).clamp(0.0, 1.0)
+        out.append(reach * a)
+        w = (qi - r).clamp_min(0.0)
+        none = w.sum(-1, keepdim=True) <= 0  # no rejection possible (a = 1) or nothing left to draw
+        y = torch.multinomial(torch.where(none, torch.ones_like(w), w), 1, generator=generator)
+        removed.scatter_(1, y, removed.gather(1, y) | ~none)
+        r = (r - qi).clamp_min(0.0)
+        r = r / r.sum(-1, keepdim=True).clamp_min(1e-300)
+        reach = reach * (1.0 - a)
+    return torch.stack(out, 1)
+
+
+@torch.inference_mode()
+def calibrate_sampling(model, prompts: Sequence, *, temperature: float, top_k: int = 0, top_p: float = 1.0,
+                       max_new_tokens: int = 64, eos_token_id: int | None = None, topk: int = TOPK,
+                       samples: int = 4, generator: torch.Generator | None = None) -> dict:
+    """The acceptance of sampled drafts at ``temperature`` (and ``top_k`` / ``top_p``) on
+    ``prompts``: each is continued by the model's own sampling, then one forward pass gives
+    every head's distribution at every position and :func:`sampled_acceptance` (``samples``
+    histories per position) the table (see the module docstring). Returns the table for
+    ``Calibration.add_sampling``."""
+    _check_calibrate_args(prompts, topk)
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < math.inf:
+        raise ValueError(f"a sampling calibration needs a temperature > 0, got {temperature!r}")
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise ValueError(f"samples must be an int >= 1, got {samples!r}")
+    D, K = draft_depth(model), min(topk, model.config.vocab_size, 10)
+    sums = torch.zeros(D, K, dtype=torch.float64)
+    positions = [0] * D
+    for i, prompt in enumerate(prompts):
+        ids = _prompt_ids(prompt, i, model.device)
+        room = model.config.n_positions - ids.numel() - D - 1
+        if ids.numel() == 0 or room < 1:
+            continue
+        out = generate(model, ids, max_new_tokens=min(max_new_tokens, room), strategy="ntp", temperature=temperature,
+                       top_k=top_k, top_p=top_p, eos_token_id=eos_token_id, generator=generator)
+        assert not isinstance(out, list)  # one prompt: one result, not a batch's list
+        seq = torch.cat([ids, torch.tensor(out.tokens, device=ids.device, dtype=torch.long)])
+        P, L = ids.numel(), seq.numel()
+        hidden = model(seq[None], heads=D + 1, logits=False).hidden[0]  # [L, D + 1, dim]
+
+        def probs(rows: slice, j: int) -> torch.Tensor:
+            return sampling_probs(model.head_logits(hidden[rows, j], j), temperature, top_k, top_p)
+
+        for d in range(1, D + 1):
+            n = L - P - d  # positions t = P-1 .. L-d-2, whose depth-(d-1) node t + d has a next token
+            if n <= 0:
+                break
+            q, r = probs(slice(P - 1, P - 1 + n), d), probs(slice(P - 1 + d, P - 1 + d + n), 0)
+            acc = sampled_acceptance(q.repeat(samples, 1), r.repeat(samples, 1), K, generator)
+            sums[d - 1] += acc.sum(0).cpu() / samples
+            positions[d - 1] += n
+    if not any(positions):
+        raise ValueError("no prompt to calibrate on: none was given, or none leaves room to decode")
+    accept = [[float(min(1.0, c / n)) if n else 0.0 for c in row] for row, n in zip(sums.tolist(), positions)]
+    return dict(temperature=float(temperature), top_k=top_k, top_p=float(top_p), accept=accept,
+                positions=positions, samples=samples)
+
+
 def _check_calibrate_args(prompts, topk) -> None:
     if isinstance(prompts, (str, bytes)) or not hasattr(prompts, "__iter__"):
         raise TypeError(f"prompts must be a list of token-id sequences (tokenize text first, e.g. with "
@@ -180,14 +275,20 @@ def calibrate_records(model, records, tokenizer, *, max_samples: int = 16, max_n
 def calibrate_checkpoint(path, *, data: str | None = None, device: str = "auto", dtype: str | None = None,
                          max_samples: int = 32, max_new_tokens: int = 64, kernels: str = "auto",
                          cuda_graph: bool = False, max_nodes: int | None = None, measure: bool = True,
-                         base=None) -> dict:
+                         base=None, temperatures: Sequence[float] = (), top_k: int = 0, top_p: float = 1.0,
+                         seed: int = 0) -> dict:
     """``mtpkern calibrate``: calibrate a run or checkpoint on its held-out data, write
     ``calibration.json`` beside the weights, measure the step cost, choose the tree, and (with
     ``measure``) decode held-out prompts with it and with ``ntp`` to set the prediction beside
-    what happens. Returns the report (printed by :func:`format_report`). ``path`` may be a MEDUSA
-    head directory (``mtpkern.heads_io``) on its config's base, or on ``base`` where given (the
-    tokenizer is then the base's); ``base`` for anything else is a one-line error."""
+    what happens. ``temperatures``: also measure sampled drafts at each (with ``top_k`` /
+    ``top_p``; :func:`calibrate_sampling`, seeded by ``seed``) and plan a tree per temperature;
+    the tables of other temperatures in a calibration of this same model are kept. Returns the
+    report (printed by :func:`format_report`). ``path`` may be a MEDUSA head directory
+    (``mtpkern.heads_io``) on its config's base, or on ``base`` where given (the tokenizer is
+    then the base's); ``base`` for anything else is a one-line error."""
     check_base_use([path], base)
+    for T in temperatures:  # bad sampling settings are refused before any work
+        DecodeOptions("ntp", temperature=T, top_k=top_k, top_p=top_p)
     ckpt, run = resolve_checkpoint(path)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
@@ -206,17 +307,35 @@ def calibrate_checkpoint(path, *, data: str | None = None, device: str = "auto",
                          f"with max_new_tokens={max_new_tokens}; lower --max-new-tokens")
     fit, check = prompts[:max_samples], prompts[max_samples:] or prompts[:max_samples]
     cal = calibrate(model, fit, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id, source=info)
+    cal.sampling = _kept_sampling(ckpt, model)
+    generator = torch.Generator(model.device).manual_seed(seed)
+    for T in temperatures:
+        cal.add_sampling(calibrate_sampling(model, fit, temperature=T, top_k=top_k, top_p=top_p,
+                                            max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                                            generator=generator))
     saved = cal.save(ckpt)
     model = model.to(dt)
     plan = plan_tree(model, kernels=kernels, cuda_graph=cuda_graph, max_nodes=max_nodes, calibration=cal)
     cost = step_cost(model, kernels=kernels, cuda_graph=cuda_graph)
+    sampling_plans = {temperature_key(T): plan_tree(model, kernels=kernels, cuda_graph=cuda_graph, max_nodes=max_nodes,
+                                                    calibration=cal, temperature=T).to_dict() for T in temperatures}
     report = dict(checkpoint=str(ckpt), calibration_file=str(saved), calibration=cal.to_dict(),
                   step_cost=dict(sizes=cost.sizes, seconds=cost.seconds, **cost.key, cache=str(cache_dir())),
-                  plan=plan.to_dict(), measured=None)
+                  plan=plan.to_dict(), measured=None, sampling_plans=sampling_plans)
     if measure:
         report["measured"] = measure_tree(model, plan.tree, check, max_new_tokens=max_new_tokens,
                                           eos_token_id=tokenizer.eos_token_id, kernels=kernels, cuda_graph=cuda_graph)
     return report
+
+
+def _kept_sampling(ckpt, model) -> dict:
+    """The sampled-draft tables of the calibration already in ``ckpt``, if it was measured on
+    this very model (a damaged file, or one of another model, keeps nothing)."""
+    try:
+        old = load_calibration(ckpt, model)
+    except CalibrationError:
+        return {}
+    return dict(old.sampling) if old is not None else {}
 
 
 def measure_tree(model, tree: Tree, prompts, *, max_new_tokens: int, eos_token_id: int | None = None,
@@ -258,6 +377,13 @@ def format_report(report: dict) -> str:
     if got is not None:
         lines.append(f"| measured ({got['n_prompts']} held-out prompts) | {got['accept_length']:.2f} "
                      f"| {got['tokens_per_second']:.1f} | {got['speedup_vs_ntp']:.2f}x |")
+    for key, sp in report.get("sampling_plans", {}).items():
+        table = cal.sampling[key]
+        heads = ", ".join(f"h{d + 1} {sum(row):.2f}" for d, row in enumerate(table["accept"]))
+        lines.append(f"temperature {key} (top-k {table['top_k']}, top-p {table['top_p']:g}): sampled drafts "
+                     f"accepted per draft head (any child): {heads}; tree: {sp['nodes']} nodes, depth {sp['depth']}, "
+                     f"predicted accepted length {sp['predicted_accept_length']:.2f}, "
+                     f"speedup {sp['predicted_speedup_vs_ntp']:.2f}x: {sp['tree']}")
     return "\n".join(lines)
 
 
@@ -281,15 +407,15 @@ __all__ = [
     # re-exported: mtpkern.autotree
     "auto_tree", "has_calibration", "plan_tree", "resolve_options",
     # the command
-    "calibrate", "calibrate_after_training", "calibrate_checkpoint", "calibrate_records", "format_report",
-    "held_out_prompts", "measure_tree",
+    "calibrate", "calibrate_after_training", "calibrate_checkpoint", "calibrate_records", "calibrate_sampling",
+    "format_report", "held_out_prompts", "measure_tree", "sampled_acceptance",
     # re-exported: mtpkern.calibration
     "CALIBRATION_NAME", "SCHEMA", "TOPK", "Calibration", "CalibrationError", "attach_calibration", "draft_depth",
-    "fingerprint", "load_calibration",
+    "fingerprint", "load_calibration", "temperature_key",
     # re-exported: mtpkern.costmodel
     "COST_ROUNDS", "COST_SCHEMA", "COST_SIZES", "cache_dir", "cost_depths", "cost_key", "device_name", "step_cost",
     "time_tree_step", "timing_tree",
     # re-exported: mtpkern.planner
-    "StepCost", "TreePlan", "best_first_nodes", "check_budget", "check_curve", "max_draft_nodes", "optimise_tree",
-    "optimise_tree_depths", "simulate_steps", "simulated_accept_length",
+    "StepCost", "TreePlan", "best_first_nodes", "best_sampled_trees", "check_budget", "check_curve",
+    "max_draft_nodes", "optimise_tree", "optimise_tree_depths", "simulate_steps", "simulated_accept_length",
 ]

@@ -217,7 +217,8 @@ def cmd_calibrate(args) -> int:
     report = calibrate_checkpoint(
         args.model, data=args.data, device=args.device, dtype=args.dtype, max_samples=args.max_samples,
         max_new_tokens=args.max_new_tokens, kernels=args.kernels, cuda_graph=args.cuda_graph,
-        max_nodes=args.max_nodes, measure=not args.no_measure, base=args.base,
+        max_nodes=args.max_nodes, measure=not args.no_measure, base=args.base, temperatures=args.temperature,
+        top_k=args.top_k, top_p=args.top_p, seed=args.seed,
     )
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -445,13 +446,18 @@ def _add_bench(sub, shared: dict) -> None:
 
 def _add_calibrate(sub, shared: dict) -> None:
     c = sub.add_parser("calibrate", help="measure head acceptance and step cost; choose the tree for --tree auto",
-                       parents=[shared["device"], shared["dtype"], shared["engine"], shared["base"]])
+                       parents=[shared["device"], shared["dtype"], shared["engine"], shared["seed"], shared["base"]])
     c.add_argument("model", help="run or checkpoint directory of an MTP or MEDUSA model, or a MEDUSA head directory")
     c.add_argument("--data", help="held-out data for a bare checkpoint (a run uses its own validation split)")
     c.add_argument("--max-samples", type=_positive_int, default=32, help="held-out prompts to calibrate on")
     _add_max_new_tokens(c, 64)
     c.add_argument("--max-nodes", type=int, help="largest tree to consider, in draft nodes")
     c.add_argument("--no-measure", action="store_true", help="skip decoding with the chosen tree")
+    c.add_argument("--temperature", type=_positive_float, nargs="+", action="extend", default=[],
+                   help="also measure sampled drafts (acceptance rejection) at these temperatures (repeatable), "
+                        "for --tree auto with --acceptance rejection")
+    c.add_argument("--top-k", type=_non_negative_int, default=0, help="with --temperature: top-k sampling (0: all)")
+    c.add_argument("--top-p", type=_positive_float, default=1.0, help="with --temperature: the nucleus")
     c.add_argument("--json", help="also write the report as JSON")
     c.set_defaults(func=cmd_calibrate)
 
