@@ -235,8 +235,6 @@ def test_the_prefix_cache_keeps_the_tokens(decoding):
     assert reused > 0
 
 
-@pytest.mark.xfail(strict=True, reason="BatchDecoder builds its KVCache with cfg.n_head: it must call "
-                                       "model.new_cache (grouped-query attention caches n_kv_head heads)")
 def test_batches_equal_transformers_generate(decoding):
     from mtpkern import BatchDecoder
 
