@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from _fused import DEV, check_close, rand
-from mtpkern import Decoder, MedusaModel, MTPModel
+from mtpkern import BatchDecoder, Decoder, MedusaModel, MTPModel
 from mtpkern.config import LlamaConfig
 from mtpkern.layers import Attn, KVCache
 from mtpkern.llama import LlamaBlock, Rotary
@@ -174,3 +174,17 @@ def test_greedy_fused_decoding_equals_eager(strategy):
         accepted += fused.accept_lengths
     if strategy != "ntp":  # some steps accepted drafts (the fused caches' compaction ran)
         assert max(accepted) > 1, accepted
+
+
+@pytest.mark.slow  # about 25 s each on a 2-core CPU
+@pytest.mark.parametrize("strategy", ["mtp", "medusa"])
+def test_fused_batches_equal_eager_decoding(strategy):
+    """BatchDecoder through the fused layers (each row's K/V at its own slots, its rotary at
+    its own positions, its own prefix length in the attention) gives every row the tokens of
+    eager decoding alone."""
+    model = _model(strategy)
+    prompts = [[5, 9, 2, 77, 31], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [40, 41]]
+    want = [Decoder(model, strategy, kernels="eager").generate(torch.tensor(p), max_new_tokens=8).tokens
+            for p in prompts]
+    got = BatchDecoder(model, strategy, kernels="fused", max_batch=4).generate(prompts, max_new_tokens=8)
+    assert [g.tokens for g in got] == want
