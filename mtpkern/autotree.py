@@ -45,7 +45,8 @@ def plan_tree(model, *, kernels: str = "auto", cuda_graph: bool = False, max_nod
     if temperature is not None and table is None:
         raise ValueError("the calibration has no table of sampled drafts: run `mtpkern calibrate --temperature T` "
                          "on its checkpoint")
-    costs = {d: step_cost(model, kernels=kernels, cuda_graph=cuda_graph, depth=d) for d in cost_depths(model)}
+    costs = {d: step_cost(model, kernels=kernels, cuda_graph=cuda_graph, depth=d, sampling=table is not None)
+             for d in cost_depths(model)}
     T = min(limit, max_nodes or limit) + 1
     if table is not None:
         return optimise_tree_depths(table["accept"], costs, max_tokens=T, sampled=True)

@@ -4,7 +4,8 @@ at powers of two and interpolated linearly (for MTP one curve per tree depth: ea
 a transformer block the step runs), on the device, dtype, kernels and CUDA-graph setting in use
 (:func:`step_cost`). Measured once and cached in ``$MTPKERN_CACHE/step_cost.json`` (default
 ``~/.cache/mtpkern``), keyed by device name, torch version, model shape, dtype, kernels,
-cuda_graph and tree depth.
+cuda_graph and tree depth, and for rejection sampling (``sampling=True``: its steps draw
+drafts and run ``verify_rejection``, which costs more than a greedy step) apart.
 
 It times the engine's own step (:meth:`mtpkern.steps.StepEngine.run_step`, the core under
 ``Decoder``), so it sits above that core and below the engines, which plan ``auto`` trees from
@@ -77,17 +78,19 @@ def timing_tree(T: int, depth: int, topk: int = TOPK) -> Tree:
 
 
 def time_tree_step(model, tree: Tree | None, *, prefix_len: int, kernels: str = "auto", cuda_graph: bool = False,
-                   min_time: float = 0.05) -> float:
+                   min_time: float = 0.05, sampling: bool = False) -> float:
     """The fastest of several timed runs (the least disturbed by other work on the machine),
     in seconds, of one greedy decoding step of the engine over ``tree`` (None: one
     next-token step) after ``prefix_len`` cached tokens: the forward pass, verification, KV
     compaction, the next drafts and the step's host sync. Random tokens, so few drafts are
     accepted; what that saves (moving fewer K/V) is small. The one place the cost model times
-    a step: it runs the engine's own step (``mtpkern.steps.StepEngine.run_step``, under ``mtpkern.Decoder``)."""
+    a step: it runs the engine's own step (``mtpkern.steps.StepEngine.run_step``, under ``mtpkern.Decoder``).
+    ``sampling``: a sampling step instead (temperature 1; a tree verified by rejection sampling)."""
     device = model.device
     strategy = "ntp" if tree is None else model.config.model_type
+    how: dict = {} if not sampling else dict(temperature=1.0, acceptance="rejection" if tree else "greedy")
     with torch.inference_mode():
-        decoder = StepEngine(model, DecodeOptions(strategy, tree=tree, kernels=kernels, cuda_graph=cuda_graph))
+        decoder = StepEngine(model, DecodeOptions(strategy, tree=tree, kernels=kernels, cuda_graph=cuda_graph, **how))
 
         def step():
             return decoder.run_step(prefix_len)
@@ -173,10 +176,11 @@ def cost_depths(model) -> list[int]:
 
 
 def step_cost(model, *, kernels: str = "auto", cuda_graph: bool = False, depth: int | None = None,
-              refresh: bool = False, timer: Callable | None = None) -> StepCost:
+              refresh: bool = False, timer: Callable | None = None, sampling: bool = False) -> StepCost:
     """The step-cost curve of ``model`` as it is (device, dtype) for trees of ``depth`` (default:
     every draft head), measured once per setting and cached in ``cache_dir() / "step_cost.json"``;
-    ``refresh`` measures again. ``timer``: what times one step (default :func:`time_tree_step`)."""
+    ``refresh`` measures again. ``timer``: what times one step (default :func:`time_tree_step`).
+    ``sampling``: the steps of rejection sampling (the timer is called with ``sampling=True``)."""
     if kernels not in ("auto", "eager", "fused"):
         raise ValueError(f"unknown kernels {kernels!r}; choose one of auto, eager, fused")
     if draft_depth(model) < 1:
@@ -186,7 +190,8 @@ def step_cost(model, *, kernels: str = "auto", cuda_graph: bool = False, depth: 
     D = draft_depth(model) if depth is None else depth
     if isinstance(D, bool) or not isinstance(D, int) or not 1 <= D <= draft_depth(model):
         raise ValueError(f"depth must be an int in 1..{draft_depth(model)} (the draft heads), got {depth!r}")
-    key = dict(cost_key(model, kernels=kernels, cuda_graph=cuda_graph), depth=D)
+    how = {"sampling": True} if sampling else {}  # a greedy curve keeps its key and calls timers as before
+    key = dict(cost_key(model, kernels=kernels, cuda_graph=cuda_graph), depth=D, **how)
     name = json.dumps(key, sort_keys=True)
     path = cache_dir() / "step_cost.json"
     prefix = min(256, model.config.n_positions // 2)
@@ -206,7 +211,7 @@ def step_cost(model, *, kernels: str = "auto", cuda_graph: bool = False, depth: 
     # spoils one round of one size rather than the whole curve.
     seconds = [math.inf] * len(sizes)
     for _ in range(COST_ROUNDS):
-        seconds = [min(s, timer(model, tree, prefix_len=prefix, kernels=kernels, cuda_graph=cuda_graph))
+        seconds = [min(s, timer(model, tree, prefix_len=prefix, kernels=kernels, cuda_graph=cuda_graph, **how))
                    for s, tree in zip(seconds, trees)]
     try:
         check_curve(sizes, seconds)

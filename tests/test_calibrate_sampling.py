@@ -32,6 +32,7 @@ from mtpkern.calibrate import (
     plan_tree,
     sampled_acceptance,
     step_cost,
+    time_tree_step,
 )
 from mtpkern.cli import main
 from mtpkern.sampling import sampling_probs
@@ -46,9 +47,9 @@ def cost_cache(tmp_path, monkeypatch):
 
 
 def flat_timer(model, tree, **kw):
-    """1 ms per step up to 8 tree tokens, then 0.1 ms more per token."""
+    """1 ms per step up to 8 tree tokens, then 0.1 ms more per token (0.2 ms for sampling)."""
     T = 1 if tree is None else len(tree)
-    return 1e-3 + 1e-4 * max(0, T - 8)
+    return 1e-3 + (2e-4 if kw.get("sampling") else 1e-4) * max(0, T - 8)
 
 
 # ----------------------------------------------------------------------------- exact acceptance
@@ -217,11 +218,13 @@ def test_auto_with_rejection_decodes_with_the_tree_planned_for_the_temperature(s
     model = load_model(saved_mtp)
     for depth in (1, 2, 3):
         step_cost(model, depth=depth, timer=flat_timer)
+        step_cost(model, depth=depth, timer=flat_timer, sampling=True)  # sampling steps: a curve of their own
+    costs = {d: step_cost(model, depth=d, sampling=True) for d in (1, 2, 3)}
+    assert costs[3](64) > step_cost(model, depth=3)(64)
     for T, measured in ((0.6, 0.5), (1.4, 1.5)):
         want = plan_tree(model, temperature=measured).tree
-        assert want == optimise_tree_depths(model.calibration.sampling_table(T)["accept"],
-                                            {d: step_cost(model, depth=d) for d in (1, 2, 3)},
-                                            max_tokens=127, sampled=True).tree
+        assert want == optimise_tree_depths(model.calibration.sampling_table(T)["accept"], costs, max_tokens=127,
+                                            sampled=True).tree
         assert auto_tree(model, temperature=T) == want
         dec = Decoder(model, "mtp", tree="auto", acceptance="rejection", temperature=T)
         assert dec.tree == want
@@ -238,6 +241,23 @@ def test_auto_with_rejection_decodes_with_the_tree_planned_for_the_temperature(s
         monkeypatch.setattr(steps_mod.StepEngine, "__init__", original)
         assert seen == [want] and len(out.tokens) == 12
     assert plan_tree(model, temperature=0.5).tree != plan_tree(model).tree  # the greedy table plans another tree
+
+
+def test_a_sampling_step_cost_times_rejection_steps(cost_cache):
+    """The default timer times the engine's sampling step (drafts drawn, verify_rejection),
+    cached under its own key beside the greedy curve."""
+    model = tiny_mtp()
+    calls = []
+
+    def timer(model, tree, **kw):
+        calls.append(kw.get("sampling", False))
+        return time_tree_step(model, tree, min_time=0.0, **kw)
+
+    step_cost(model, depth=1, timer=timer, sampling=True)
+    step_cost(model, depth=1, timer=flat_timer)
+    assert calls and all(calls)
+    table = json.loads((cost_cache / "step_cost.json").read_text())
+    assert sorted(json.loads(k).get("sampling", False) for k in table if k != "schema") == [False, True]
 
 
 def test_auto_with_rejection_and_no_sampling_table_warns_and_uses_the_default_tree(tmp_path):
