@@ -14,7 +14,7 @@
 | ``rms_swiglu`` | Triton | Llama: RMSNorm 2, the gate and up projections and SiLU(gate) * up |
 | ``tree_buffers`` | C++/CUDA | building a tree's packed mask, depths and paths on the host |
 | ``verify_greedy`` / ``verify_typical`` | C++/CUDA | argmax, compare, cumprod, best path, gather |
-| ``verify_rejection`` | eager (C++/CUDA to do) | recursive rejection sampling of a sampled tree |
+| ``verify_rejection`` | C++/CUDA | recursive rejection sampling of a sampled tree (drafts without replacement) |
 | ``accept_greedy`` | C++ (CPU) | a greedy step's logits, argmax, verification and output: a dozen small ops |
 | ``kv_compact_`` | C++/CUDA | per-layer index_select / index_copy of the accepted KV entries |
 
