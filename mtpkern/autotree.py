@@ -4,9 +4,10 @@
 per rank), the engine's step cost on this device (``mtpkern.costmodel``, which times engine
 steps) and gives the planner (``mtpkern.planner``, pure) both: the tree that maximises expected
 tokens per second; at a ``temperature`` (rejection sampling), from the calibration's table of
-sampled drafts measured nearest that temperature. ``auto_tree`` caches it per model and setting. ``resolve_options`` turns a
-``DecodeOptions`` whose tree is ``"auto"`` (or None on a calibrated model) into one whose tree
-is that ``Tree``, for the engines, which take trees and never plan.
+sampled drafts measured nearest that temperature, against the cost of sampling steps.
+``auto_tree`` caches it per model and setting. ``resolve_options`` turns a ``DecodeOptions``
+whose tree is ``"auto"`` (or None on a calibrated model) into one whose tree is that ``Tree``,
+for the engines, which take trees and never plan.
 """
 
 from __future__ import annotations

@@ -105,10 +105,7 @@ def calibrate(model, prompts: Sequence, *, max_new_tokens: int = 64, eos_token_i
     chain, whose tokens equal greedy next-token decoding), then one causal forward pass over prompt +
     continuation gives every head's top-k at every generated position."""
     kind = model.config.model_type
-    if kind not in ("mtp", "medusa") or draft_depth(model) < 1:
-        raise ValueError(f"calibration needs an MTP or MEDUSA model with draft heads, got a {kind} model "
-                         f"with {model.n_heads} head(s)")
-    _check_calibrate_args(prompts, topk)
+    _check_calibrate_args(model, prompts, topk)
     D, K = draft_depth(model), min(topk, model.config.vocab_size, 10)  # one character per rank
     counts = torch.zeros(D, K, dtype=torch.long)
     positions = torch.zeros(D, dtype=torch.long)
@@ -170,9 +167,10 @@ def sampled_acceptance(q: torch.Tensor, r: torch.Tensor, width: int,
         qi = qi / qi.sum(-1, keepdim=True).clamp_min(1e-300)  # all zero once q's support is used up
         a = torch.minimum(qi, r).sum(-1).clamp(0.0, 1.0)
         out.append(reach * a)
-        w = (qi - r).clamp_min(0.0)
-        none = w.sum(-1, keepdim=True) <= 0  # no rejection possible (a = 1) or nothing left to draw
-        y = torch.multinomial(torch.where(none, torch.ones_like(w), w), 1, generator=generator)
+        c = (qi - r).clamp_min(0.0).cumsum(-1)  # the rejected token: inverse CDF of max(0, q_i - r_i)
+        none = c[:, -1:] <= 0  # no rejection possible (a = 1) or nothing left to draw
+        u = torch.rand(c.shape[0], 1, generator=generator, dtype=c.dtype, device=c.device) * c[:, -1:]
+        y = torch.searchsorted(c, u, right=True).clamp(max=c.shape[1] - 1)
         removed.scatter_(1, y, removed.gather(1, y) | ~none)
         r = (r - qi).clamp_min(0.0)
         r = r / r.sum(-1, keepdim=True).clamp_min(1e-300)
@@ -189,7 +187,7 @@ def calibrate_sampling(model, prompts: Sequence, *, temperature: float, top_k: i
     every head's distribution at every position and :func:`sampled_acceptance` (``samples``
     histories per position) the table (see the module docstring). Returns the table for
     ``Calibration.add_sampling``."""
-    _check_calibrate_args(prompts, topk)
+    _check_calibrate_args(model, prompts, topk)
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < math.inf:
         raise ValueError(f"a sampling calibration needs a temperature > 0, got {temperature!r}")
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
@@ -227,7 +225,11 @@ def calibrate_sampling(model, prompts: Sequence, *, temperature: float, top_k: i
                 positions=positions, samples=samples)
 
 
-def _check_calibrate_args(prompts, topk) -> None:
+def _check_calibrate_args(model, prompts, topk) -> None:
+    kind = model.config.model_type
+    if kind not in ("mtp", "medusa") or draft_depth(model) < 1:
+        raise ValueError(f"calibration needs an MTP or MEDUSA model with draft heads, got a {kind} model "
+                         f"with {model.n_heads} head(s)")
     if isinstance(prompts, (str, bytes)) or not hasattr(prompts, "__iter__"):
         raise TypeError(f"prompts must be a list of token-id sequences (tokenize text first, e.g. with "
                         f"mtpkern.data.load_tokenizer(checkpoint)), got {type(prompts).__name__}")

@@ -235,6 +235,10 @@ def _check_sampling_table(key: str, t: dict, depth: int, topk: int) -> None:
     T = t["temperature"]
     if isinstance(T, bool) or not isinstance(T, (int, float)) or not 0 < T < float("inf"):
         raise ValueError(f"{where}: temperature must be a number > 0, got {T!r}")
+    if isinstance(t["top_k"], bool) or not isinstance(t["top_k"], int) or t["top_k"] < 0 or not (
+            _probability(t["top_p"]) and t["top_p"] > 0):
+        raise ValueError(f"{where}: top_k must be an int >= 0 and top_p a number in (0, 1], got "
+                         f"{t['top_k']!r} and {t['top_p']!r}")
     acc, pos = t["accept"], t["positions"]
     rows_ok = isinstance(acc, list) and len(acc) == depth and all(
         isinstance(r, list) and len(r) == topk and all(_probability(p) for p in r) and sum(r) <= 1 + 1e-6

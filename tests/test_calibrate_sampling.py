@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _tiny import random_prompts, save_random_medusa, tiny_mtp
+from _tiny import random_prompts, save_random_medusa, tiny_medusa, tiny_mtp
 
 import mtpkern.steps as steps_mod
 from mtpkern import Decoder, Tree, generate, load_model
@@ -58,6 +58,8 @@ def flat_timer(model, tree, **kw):
 def exact_acceptance(q: list[float], r: list[float], width: int) -> list[float]:
     """P(child i accepted, children before it rejected) by enumerating every ordered draw
     without replacement from q and walking recursive rejection sampling against r."""
+    keep = [y for y in range(len(q)) if q[y] > 0 or r[y] > 0]  # no other token is drawn or holds mass
+    q, r = [q[y] for y in keep], [r[y] for y in keep]
     out = [0.0] * width
 
     def walk(i, removed, r, prob):
@@ -99,7 +101,7 @@ def test_the_calibrated_table_is_the_exact_average_over_the_models_positions():
     the continuation the model samples, of the exact acceptance of head d's draws at t against
     the target at the depth-(d-1) node t + d."""
     model, prompt, T, k = tiny_mtp(), random_prompts(1, seed=4)[0], 0.8, 4
-    table = calibrate_sampling(model, [prompt], temperature=T, top_k=k, max_new_tokens=24, samples=3000,
+    table = calibrate_sampling(model, [prompt], temperature=T, top_k=k, max_new_tokens=24, samples=1500,
                                generator=torch.Generator().manual_seed(5))
     out = generate(model, torch.tensor(prompt), max_new_tokens=24, strategy="ntp", temperature=T, top_k=k,
                    generator=torch.Generator().manual_seed(5))  # the continuation calibrate_sampling drew
@@ -112,7 +114,7 @@ def test_the_calibrated_table_is_the_exact_average_over_the_models_positions():
         assert table["positions"][d - 1] == len(rows)
         want = [sum(col) / len(rows) for col in zip(*rows)]
         assert table["accept"][d - 1][0] == pytest.approx(want[0], abs=1e-9)  # exact
-        assert table["accept"][d - 1] == pytest.approx(want, abs=0.01)  # 3000 histories per position
+        assert table["accept"][d - 1] == pytest.approx(want, abs=0.003)  # 1500 histories per position (a shift by one position: off by > 0.4)
         assert all(a == 0 for a in table["accept"][d - 1][k:])  # no fifth draw in a top-4 support
 
 
@@ -141,7 +143,7 @@ def _random_table(rng, depth, width):
     return rows
 
 
-@pytest.mark.parametrize("depth, width, seed", [(2, 3, 0), (3, 2, 1), (1, 4, 2), (3, 3, 3), (2, 3, 4)])
+@pytest.mark.parametrize("depth, width, seed", [(2, 3, 0), (3, 2, 1), (1, 4, 2), (2, 4, 3), (2, 3, 4)])
 def test_sampled_trees_are_the_brute_force_best_of_every_size(depth, width, seed):
     """Rows that need not fall with the child index (as measured ones may not): the dynamic
     programme's n-node tree has the largest expected accepted length among every tree whose
@@ -179,6 +181,22 @@ def test_sampled_planner_maximises_tokens_per_second_against_brute_force():
     best = max((1 + sum(_score(accept, p) for p in s)) / costs[max(map(len, s))](n + 1)
                for n in range(1, 8) for s in _sibling_closed(2, 3, n))
     assert optimise_tree_depths(accept, costs, max_tokens=8, sampled=True).tokens_per_second == pytest.approx(best)
+
+
+@pytest.mark.parametrize("make, T", [(tiny_mtp, 0.7), (tiny_medusa, 1.0)])
+def test_predicted_accept_length_of_sampling_is_close_to_the_measured_one(make, T):
+    """The table's prediction for the planned 8-node tree against rejection decoding with it on
+    other prompts (the independence model misses that heads err together: within 15%)."""
+    model = make()
+    table = calibrate_sampling(model, random_prompts(12, seed=1), temperature=T, max_new_tokens=40,
+                               generator=torch.Generator().manual_seed(0))
+    plan = optimise_tree(table["accept"], lambda n: 1.0, max_tokens=9, sampled=True)
+    g, steps = torch.Generator().manual_seed(1), []
+    for p in random_prompts(12, seed=9):
+        out = generate(model, torch.tensor(p), max_new_tokens=40, strategy=model.config.model_type, tree=plan.tree,
+                       acceptance="rejection", temperature=T, generator=g)
+        steps += out.accept_lengths
+    assert sum(steps) / len(steps) == pytest.approx(plan.expected_accept_length, rel=0.15)
 
 
 # ----------------------------------------------------------------------------- auto with rejection
