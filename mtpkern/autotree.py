@@ -126,8 +126,10 @@ def resolve_options(model, options: DecodeOptions, *, batch: bool = False) -> De
     kernels = options.kernels
     if batch:
         kernels = "fused" if options.fused_on(model.device, model) else "eager"
-    temperature = options.temperature if options.acceptance == "rejection" else None
-    tree = auto_tree(model, kernels=kernels, cuda_graph=options.cuda_graph, temperature=temperature)
+    if options.acceptance == "rejection":
+        tree = auto_tree(model, kernels=kernels, cuda_graph=options.cuda_graph, temperature=options.temperature)
+    else:
+        tree = auto_tree(model, kernels=kernels, cuda_graph=options.cuda_graph)
     return options.replace(tree=tree if tree is not None else default_tree(model, options.strategy, options.acceptance))
 
 
