@@ -309,8 +309,8 @@ def calibrate_checkpoint(path, *, data: str | None = None, device: str = "auto",
                          f"with max_new_tokens={max_new_tokens}; lower --max-new-tokens")
     fit, check = prompts[:max_samples], prompts[max_samples:] or prompts[:max_samples]
     cal = calibrate(model, fit, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id, source=info)
-    cal.sampling = _kept_sampling(ckpt, model)
     generator = torch.Generator(model.device).manual_seed(seed)
+    cal.sampling = _kept_sampling(ckpt, model)
     for T in temperatures:
         cal.add_sampling(calibrate_sampling(model, fit, temperature=T, top_k=top_k, top_p=top_p,
                                             max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
@@ -319,15 +319,26 @@ def calibrate_checkpoint(path, *, data: str | None = None, device: str = "auto",
     model = model.to(dt)
     plan = plan_tree(model, kernels=kernels, cuda_graph=cuda_graph, max_nodes=max_nodes, calibration=cal)
     cost = step_cost(model, kernels=kernels, cuda_graph=cuda_graph)
-    sampling_plans = {temperature_key(T): plan_tree(model, kernels=kernels, cuda_graph=cuda_graph, max_nodes=max_nodes,
-                                                    calibration=cal, temperature=T).to_dict() for T in temperatures}
-    report = dict(checkpoint=str(ckpt), calibration_file=str(saved), calibration=cal.to_dict(),
-                  step_cost=dict(sizes=cost.sizes, seconds=cost.seconds, **cost.key, cache=str(cache_dir())),
-                  plan=plan.to_dict(), measured=None, sampling_plans=sampling_plans)
-    if measure:
-        report["measured"] = measure_tree(model, plan.tree, check, max_new_tokens=max_new_tokens,
-                                          eos_token_id=tokenizer.eos_token_id, kernels=kernels, cuda_graph=cuda_graph)
-    return report
+    decode = dict(max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id, kernels=kernels,
+                  cuda_graph=cuda_graph)
+    sampling_plans = {temperature_key(T): _sampling_plan(model, cal, check if measure else None, max_nodes,
+                                                         dict(temperature=T, top_k=top_k, top_p=top_p), generator,
+                                                         decode)
+                      for T in temperatures}
+    return dict(checkpoint=str(ckpt), calibration_file=str(saved), calibration=cal.to_dict(),
+                step_cost=dict(sizes=cost.sizes, seconds=cost.seconds, **cost.key, cache=str(cache_dir())),
+                plan=plan.to_dict(), measured=measure_tree(model, plan.tree, check, **decode) if measure else None,
+                sampling_plans=sampling_plans)
+
+
+def _sampling_plan(model, cal: Calibration, prompts, max_nodes, how: dict, generator, decode: dict) -> dict:
+    """The tree planned for sampling at ``how`` (temperature, top_k, top_p), and, given
+    ``prompts``, what rejection sampling with it measures there."""
+    plan = plan_tree(model, kernels=decode["kernels"], cuda_graph=decode["cuda_graph"], max_nodes=max_nodes,
+                     calibration=cal, temperature=how["temperature"])
+    got = None if prompts is None else measure_tree(model, plan.tree, prompts, sampling=how, generator=generator,
+                                                     **decode)
+    return dict(plan.to_dict(), measured=got)
 
 
 def _kept_sampling(ckpt, model) -> dict:
@@ -341,12 +352,17 @@ def _kept_sampling(ckpt, model) -> dict:
 
 
 def measure_tree(model, tree: Tree, prompts, *, max_new_tokens: int, eos_token_id: int | None = None,
-                 kernels: str = "auto", cuda_graph: bool = False) -> dict:
+                 kernels: str = "auto", cuda_graph: bool = False, sampling: dict | None = None,
+                 generator: torch.Generator | None = None) -> dict:
     """Mean accepted length and tokens/s (new tokens / decode time after the prefill, summed
     over prompts) of greedy decoding with ``tree``, and of ``ntp`` for the speedup; one
-    untimed warm-up each."""
+    untimed warm-up each. ``sampling`` (temperature, top_k, top_p): sampling instead, the tree
+    verified by rejection sampling, drawn from ``generator``."""
+    how = dict(sampling or {}, generator=generator)
+    accept = dict(acceptance="rejection") if sampling else {}
     out = {}
-    for name, kw in (("ntp", dict(strategy="ntp")), ("tree", dict(strategy=model.config.model_type, tree=tree))):
+    for name, kw in (("ntp", dict(strategy="ntp", **how)),
+                     ("tree", dict(strategy=model.config.model_type, tree=tree, **how, **accept))):
         runs = []
         for p in [prompts[0], *prompts]:  # the first: an untimed warm-up
             r = generate(model, torch.as_tensor(p, device=model.device), max_new_tokens=max_new_tokens,
@@ -386,6 +402,9 @@ def format_report(report: dict) -> str:
                      f"accepted per draft head (any child): {heads}; tree: {sp['nodes']} nodes, depth {sp['depth']}, "
                      f"predicted accepted length {sp['predicted_accept_length']:.2f}, "
                      f"speedup {sp['predicted_speedup_vs_ntp']:.2f}x: {sp['tree']}")
+        if sp.get("measured") is not None:
+            lines.append(f"  measured ({sp['measured']['n_prompts']} held-out prompts, rejection sampling): accepted "
+                         f"length {sp['measured']['accept_length']:.2f}, speedup {sp['measured']['speedup_vs_ntp']:.2f}x")
     return "\n".join(lines)
 
 

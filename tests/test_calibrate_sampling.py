@@ -331,14 +331,16 @@ def bare_checkpoint(tmp_path_factory):
 
 def test_calibrate_command_measures_each_temperature_and_keeps_earlier_ones(bare_checkpoint, tmp_path, capsys):
     args = ["calibrate", str(bare_checkpoint), "--data", "synthetic", "--device", "cpu", "--max-samples", "2",
-            "--max-new-tokens", "8", "--max-nodes", "12", "--no-measure"]
+            "--max-new-tokens", "8", "--max-nodes", "12"]
     report = tmp_path / "cal.json"
     assert main([*args, "--temperature", "0.7", "--temperature", "1", "--top-k", "20", "--json", str(report)]) == 0
     out = capsys.readouterr().out
     assert "temperature 0.7 (top-k 20, top-p 1)" in out and "temperature 1 (top-k 20, top-p 1)" in out
+    assert len(re.findall(r"measured \(\d+ held-out prompts, rejection sampling\): accepted length", out)) == 2
     data = json.loads(report.read_text())
     assert sorted(data["sampling_plans"]) == ["0.7", "1"] and data["sampling_plans"]["0.7"]["nodes"] <= 12
-    assert main([*args, "--temperature", "1.3"]) == 0
+    assert data["sampling_plans"]["1"]["measured"]["accept_length"] >= 1
+    assert main([*args, "--no-measure", "--temperature", "1.3"]) == 0
     capsys.readouterr()
     cal = load_model(bare_checkpoint).calibration
     assert sorted(cal.sampling) == ["0.7", "1", "1.3"] and cal.sampling["0.7"]["top_k"] == 20
