@@ -14,7 +14,7 @@ the H_kv KV heads. A block takes its rotary (cos, sin) from the model, computed 
 forward at each token's own position (tree nodes: prefix + depth). ``decode_llama_block`` is the
 block as a plain function of its tensors, the CPU's fast path, like GPT-2's ``decode_block``.
 With a fused ``Attn`` (``tree_mask`` / ``prefix_len``: ``kernels="fused"``) a block runs its
-fused decode layer instead (``LlamaBlock.fused_decode``: five Triton launches).
+fused decode layer instead (``LlamaBlock.fused_decode``: four Triton launches).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from mtpkern.layers import Attn, write_kv
 from mtpkern.ops.linear_residual import linear_residual
 from mtpkern.ops.rms_qkv_rope import rms_qkv_rope
 from mtpkern.ops.rms_swiglu import rms_swiglu
-from mtpkern.ops.tree_attention import tree_attention_gqa
+from mtpkern.ops.tree_attention import tree_attention_gqa_proj
 
 
 class RMSNorm(nn.Module):
@@ -144,10 +144,11 @@ class LlamaBlock(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
     def fused_decode(self, x, attn: Attn, layer: int, rope):
-        """This block on the decode path in five fused kernels, the same maths as ``forward``:
+        """This block on the decode path in four fused kernels, the same maths as ``forward``:
         RMSNorm + QKV (+ bias) + rotary at each token's position + the K/V cache write;
-        grouped-query tree attention (each KV head read once for its query heads); the output
-        projection + residual; RMSNorm + gate/up + SiLU * up; the down projection + residual."""
+        grouped-query tree attention (each KV head read once for its query heads) + the output
+        projection (+ bias) + residual; RMSNorm + gate/up + SiLU * up; the down projection +
+        residual."""
         a, m = self.attn, self.mlp
         B, T, _ = x.shape
         assert attn.tree_mask is not None and attn.prefix_len is not None, "Attn: fused decoding needs both"
@@ -155,9 +156,8 @@ class LlamaBlock(nn.Module):
         cos, sin = rope  # [B or 1, 1, T, Dh]
         q = rms_qkv_rope(x, self.ln_1.weight, a.c_attn.weight, a.c_attn.bias, cos[:, 0], sin[:, 0], kc, vc,
                          attn.slots, eps=self.ln_1.eps)
-        y = tree_attention_gqa(q.view(B, T, a.n_head, a.head_dim).transpose(1, 2), kc, vc, attn.prefix_len,
-                               attn.tree_mask)
-        x = linear_residual(y.transpose(1, 2).reshape(B, T, a.n_head * a.head_dim), a.c_proj.weight, a.c_proj.bias, x)
+        x = tree_attention_gqa_proj(q.view(B, T, a.n_head, a.head_dim).transpose(1, 2), kc, vc, attn.prefix_len,
+                                    attn.tree_mask, a.c_proj.weight, a.c_proj.bias, x)
         h = rms_swiglu(x, self.ln_2.weight, m.c_fc.weight, eps=self.ln_2.eps)
         return linear_residual(h, m.c_proj.weight, None, x)
 

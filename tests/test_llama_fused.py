@@ -1,5 +1,5 @@
-"""The Llama family's fused decode layer (rms_qkv_rope, tree_attention_gqa, linear_residual,
-rms_swiglu, linear_residual: five launches) against the eager block, a whole model's tree step
+"""The Llama family's fused decode layer (rms_qkv_rope, tree_attention_gqa_proj, rms_swiglu,
+linear_residual: four launches) against the eager block, a whole model's tree step
 against the eager model, and greedy decoding through the fused layers against eager decoding.
 
 On CPU the kernels run in Triton's interpreter (tests/conftest.py), fp32 and fp16.

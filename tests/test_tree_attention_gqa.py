@@ -1,4 +1,5 @@
-"""tree_attention_gqa (grouped-query tree attention, the Llama family's) against its fp32
+"""tree_attention_gqa (grouped-query tree attention, the Llama family's) and
+tree_attention_gqa_proj (the same with the output projection, bias and residual) against their fp32
 reference and against eager SDPA with ``enable_gqa`` over a dense mask, in the interpreter on
 CPU (fp32 / fp16): head dims 8 and 64, query / KV heads 4/2, 9/3 and 4/4, T = 1, 3, 7 tree
 tokens after prefixes of 0, 5 and 33 slots, batch 1 and 3 (a prefix length per row), the
@@ -12,7 +13,11 @@ import torch
 import torch.nn.functional as F
 
 from _fused import DEV, check_close, rand
-from mtpkern.ops.tree_attention import dense_tree_mask, pack_tree_mask, tree_attention_gqa, tree_attention_gqa_ref
+from mtpkern.ops.linear_residual import linear_residual_ref
+from mtpkern.ops.tree_attention import (
+    dense_tree_mask, pack_tree_mask, tree_attention_gqa, tree_attention_gqa_proj, tree_attention_gqa_proj_ref,
+    tree_attention_gqa_ref,
+)
 
 ta = importlib.import_module("mtpkern.ops.tree_attention")
 HEADS = [(8, 4, 2), (64, 9, 3), (8, 4, 4)]  # (Dh, H, H_kv)
@@ -100,6 +105,50 @@ def test_one_program_per_kv_head(monkeypatch):
     assert grids == [(1, 2 * 3)], grids
 
 
+def _proj_inputs(a, bias: bool, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    B, H, T, Dh = a["q"].shape
+    N, dtype = 24, a["q"].dtype
+    return dict(weight=rand(g, N, H * Dh, scale=(H * Dh) ** -0.5, dtype=dtype),
+                bias=rand(g, N, scale=0.3, dtype=dtype) if bias else None, residual=rand(g, B, T, N, dtype=dtype))
+
+
+def _check_proj(a, p):
+    out = tree_attention_gqa_proj(**a, **p, backend="triton")
+    ref = tree_attention_gqa_proj_ref(**a, **p)
+    eager = None
+    if a["q"].dtype != torch.float32:  # eager's attention, its output projection and residual in fp16
+        B, H, T, Dh = a["q"].shape
+        y = _eager(a).transpose(1, 2).reshape(B, T, H * Dh)
+        eager = p["residual"] + torch.nn.functional.linear(y, p["weight"], p["bias"])
+    check_close(out, ref, eager, "projected attention")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("T, prefix", [(1, 0), (3, 5), (7, 33), (20, 5)])
+@pytest.mark.parametrize("Dh, H, Hk", HEADS)
+def test_proj_matches_reference(Dh, H, Hk, T, prefix, bias, dtype):
+    """T = 20 with 2 and 3 query heads per KV head: several row blocks (4 tokens each)."""
+    a = _inputs(1, T, Dh, H, Hk, dtype, prefix, seed=T)
+    _check_proj(a, _proj_inputs(a, bias, seed=Dh))
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("Dh, H, Hk", HEADS)
+def test_proj_batches_and_splits(monkeypatch, splits, Dh, H, Hk):
+    """Batch rows at their own prefixes, the prefix split or not: the projection's last KV-head
+    program of each row block sums every query head; the reference is the attention then
+    linear_residual's reference."""
+    monkeypatch.setattr(ta, "_prefix_splits", lambda heads, S, T: splits)
+    a = _inputs(3, 7, Dh, H, Hk, torch.float32, [0, 5, 33], seed=splits)
+    p = _proj_inputs(a, True)
+    _check_proj(a, p)
+    B, _, T, _ = a["q"].shape
+    two = linear_residual_ref(tree_attention_gqa_ref(**a).transpose(1, 2).reshape(B, T, H * Dh), **p)
+    check_close(tree_attention_gqa_proj_ref(**a, **p), two, what="reference = attention then projection")
+
+
 def test_nan_contract():
     """A non-finite V in a slot a row cannot see changes nothing; one it sees makes it NaN."""
     a = _inputs(1, 3, 8, 4, 2, torch.float32, 5)
@@ -130,7 +179,24 @@ def test_bad_inputs(change, error, match, backend):
             torch.ops.mtpkern.tree_attention_gqa(*a.values(), 0.5)
 
 
+def test_proj_bad_inputs():
+    a = {k: v.cpu() for k, v in _inputs(1, 3, 8, 4, 2, torch.float32, 5).items()}
+    p = {k: v.cpu() for k, v in _proj_inputs(a, True).items()}
+    for change, match in ((dict(weight=p["weight"][:, :16]), r"weight must be \[N, H \* Dh\] = \[N, 32\]"),
+                          (dict(bias=p["bias"][:5]), r"bias must have shape \[24\]"),
+                          (dict(residual=p["residual"][:, :2]), r"residual must be \[B, T, N\]")):
+        args = {**p, **change}
+        for call in (lambda: tree_attention_gqa_proj(**a, **args, backend="triton" if DEV == "cpu" else None),
+                     lambda: tree_attention_gqa_proj(**a, **args, backend="eager"),
+                     lambda: torch.ops.mtpkern.tree_attention_gqa_proj(*a.values(), 0.5, *args.values())):
+            with pytest.raises(ValueError, match=match):
+                call()
+
+
 def test_opcheck():
     a = _inputs(1, 3, 8, 4, 2, torch.float32, 5)
     kwargs = {} if DEV == "cuda" else {"test_utils": ("test_schema", "test_autograd_registration", "test_faketensor")}
     torch.library.opcheck(torch.ops.mtpkern.tree_attention_gqa.default, (*a.values(), 8**-0.5), **kwargs)
+    p = _proj_inputs(a, False)
+    torch.library.opcheck(torch.ops.mtpkern.tree_attention_gqa_proj.default, (*a.values(), 8**-0.5, *p.values()),
+                          **kwargs)

@@ -133,9 +133,9 @@ LLAMA_LAYER_KERNELS = {"_rms_qkv_rope_kernel", "_rms_swiglu_kernel"}
 
 def _llama_layer_launches(torch, ops):
     """The Llama family's decode layer at T = 1, 16 and 64 tree tokens: rms_qkv_rope (with and
-    without the q/k/v bias) into the cache, grouped-query tree attention (also at Llama 3 8B's
-    heads, and SmolLM2's at head dim 8 padded to 16), the output projection and the MLP-down
-    linear_residual without bias, rms_swiglu."""
+    without the q/k/v bias) into the cache, grouped-query tree attention alone and with its
+    output projection (with and without bias; also at Llama 3 8B's heads, and SmolLM2's at head
+    dim 8 padded to 16), rms_swiglu and the MLP-down linear_residual without bias."""
     D, H, Hk, Dh, I, B = LLAMA["D"], LLAMA["H"], LLAMA["H_KV"], LLAMA["DH"], LLAMA["I"], 1
     for name in DTYPES:
         dtype = getattr(torch, name)
@@ -156,8 +156,9 @@ def _llama_layer_launches(torch, ops):
                 c = e(B, hk, CONTEXT, dh)
                 yield f"tree_attention_gqa {name} H={h} H_kv={hk} Dh={dh} T={T}", name, ops["tree_attention"]._launch, (
                     q, c, c, prefix, mask, dh**-0.5)
-            yield f"linear_residual llama attn {name} T={T}", name, ops["linear_residual"]._launch, (
-                e(B, T, H, Dh).view(B, T, H * Dh), e(D, H * Dh), None, x)
+                for bias in (None, e(D)):  # the model's path: with the output projection (o_bias or not)
+                    yield (f"tree_attention_gqa_proj {name} H={h} H_kv={hk} Dh={dh} T={T} bias={bias is not None}",
+                           name, ops["tree_attention"]._launch, (q, c, c, prefix, mask, dh**-0.5, (e(D, h * dh), bias, x)))
             yield f"rms_swiglu {name} T={T}", name, ops["rms_swiglu"]._launch, (x, e(D), e(2 * I, D), 1e-6)
             yield f"linear_residual llama mlp {name} T={T}", name, ops["linear_residual"]._launch, (
                 e(B, T, I), e(D, I), None, x)
@@ -361,7 +362,8 @@ def test_every_launch_compiles(compiled):
                        *DECODE_LAYER_KERNELS, *LLAMA_LAYER_KERNELS}, kernels
     llama = {r["case"].split(" ")[0] for r in rows if "Dh=8" in r["case"] or "llama" in r["case"]
              or r["kernel"] in LLAMA_LAYER_KERNELS}
-    assert llama == {"tree_attention_gqa", "linear_residual", "rms_qkv_rope", "rms_swiglu"}, llama
+    assert llama == {"tree_attention_gqa", "tree_attention_gqa_proj", "linear_residual", "rms_qkv_rope",
+                     "rms_swiglu"}, llama
 
 
 DECODE_LAYER_KERNELS = {"_ln_qkv_kernel", "_linear_residual_kernel", "_ln_fc_gelu_kernel"}
@@ -374,7 +376,7 @@ def test_decode_layer_kernels_split_k_on_the_gpu(compiled):
     programs or more (one per SM of an H100 / H200)."""
     _, rows = compiled
     # GPT-2's layer; the Llama layer's launches at SmolLM2's width (576) give fewer programs
-    # (its output projection: 36 column blocks x 2 splits at T = 1), not asserted here.
+    # (its down projection: 36 column blocks x 2 splits at T = 1), not asserted here.
     layer = [r for r in rows if r["kernel"] in DECODE_LAYER_KERNELS and "llama" not in r["case"]]
     assert layer
     for r in layer:

@@ -6,6 +6,7 @@
 | ``linear_cross_entropy`` | Triton | LM head + cross-entropy in training, without the [N, V] logits |
 | ``tree_attention`` | Triton | SDPA over cache + tree with a dense float mask |
 | ``tree_attention_gqa`` | Triton | the same with grouped KV heads (Llama family): each KV head read once for its query heads |
+| ``tree_attention_gqa_proj`` | Triton | grouped-query tree attention, the output projection, its bias (if any) and the residual add |
 | ``tree_attention_proj`` | Triton | the same attention and the output projection, its bias and the residual add |
 | ``ln_qkv`` | Triton | LayerNorm 1, the QKV projection and the two ``index_copy_`` into the KV cache |
 | ``rms_qkv_rope`` | Triton | Llama: RMSNorm 1, the QKV projection (+ bias), rotary at each token's position, the cache writes |
@@ -38,8 +39,8 @@ from mtpkern.ops.ln_qkv import ln_qkv, ln_qkv_ref
 from mtpkern.ops.rms_qkv_rope import rms_qkv_rope, rms_qkv_rope_ref
 from mtpkern.ops.rms_swiglu import rms_swiglu, rms_swiglu_ref
 from mtpkern.ops.tree_attention import (
-    pack_tree_mask, tree_attention, tree_attention_gqa, tree_attention_gqa_ref, tree_attention_proj,
-    tree_attention_proj_ref, tree_attention_ref, unpack_tree_mask,
+    pack_tree_mask, tree_attention, tree_attention_gqa, tree_attention_gqa_proj, tree_attention_gqa_proj_ref,
+    tree_attention_gqa_ref, tree_attention_proj, tree_attention_proj_ref, tree_attention_ref, unpack_tree_mask,
 )
 from mtpkern.ops.tree_mask import TreeBuffers, tree_buffers, tree_buffers_ref
 from mtpkern.ops.verify import (
@@ -56,7 +57,8 @@ __all__ = [
     "linear_residual", "linear_residual_ref", "ln_fc_gelu", "ln_fc_gelu_ref", "ln_qkv", "ln_qkv_ref",
     "rms_qkv_rope", "rms_qkv_rope_ref", "rms_swiglu", "rms_swiglu_ref",
     "pack_tree_mask", "unpack_tree_mask", "tree_attention", "tree_attention_ref", "tree_attention_gqa",
-    "tree_attention_gqa_ref", "tree_attention_proj", "tree_attention_proj_ref",
+    "tree_attention_gqa_ref", "tree_attention_gqa_proj", "tree_attention_gqa_proj_ref", "tree_attention_proj",
+    "tree_attention_proj_ref",
     "TreeBuffers", "tree_buffers", "tree_buffers_ref",
     "VerifyResult", "verify_greedy", "verify_greedy_ref", "verify_typical", "verify_typical_ref",
     "AcceptResult", "accept_greedy", "accept_greedy_ref",

@@ -41,8 +41,9 @@ its G query heads at once: its row r is token r % TOKENS of query head r // TOKE
 K/V tile it loads feeds all G heads and each KV head is read once per block of tokens, not G
 times. Head dims that are not a power of two >= 16 (8, 80, 96) are padded in registers, their
 padding masked on every load and store. With G = 1 it is ``tree_attention``, whose kernels it
-shares; ``tree_attention_proj`` serves G = 1 only (Llama's layer adds its output projection
-with ``linear_residual``).
+shares; ``tree_attention_gqa_proj`` adds the output projection as ``tree_attention_proj`` does
+(each program projects each of its query heads through that head's columns of W; the last of
+a row block's KV-head programs sums the H query heads' partials in head order), bias optional.
 
 Flash-decoding: when the grid of (query block, batch, head) programs is small (T = 1 gives
 B * H, 12 for GPT-2), ``_tree_attention_split_kernel`` splits each prefix over several programs
@@ -161,14 +162,15 @@ def _epilogue(out, b, h, heads, pid_m, offs_m, m_ok, d_ok, H, N,
               w_ptr, stride_wn, stride_wk, bias_ptr, r_ptr, stride_rb, stride_rt, stride_rn,
               y_ptr, stride_yb, stride_yt, stride_yn, part_ptr, hcount_ptr,
               HEAD_DIM: tl.constexpr, DH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
-              INPUT_PRECISION: tl.constexpr, PROJ: tl.constexpr):
+              INPUT_PRECISION: tl.constexpr, PROJ: tl.constexpr, GROUP: tl.constexpr, TOKENS: tl.constexpr,
+              HAS_BIAS: tl.constexpr):
     """A finished program's rows (query heads ``heads``, tokens ``offs_m``): stored as they are,
-    or (``PROJ``, one query head per KV head: h) through the output projection."""
+    or (``PROJ``; h: the KV head) through the output projection."""
     if PROJ:
         _project_head(out, b, h, pid_m, tl.num_programs(0), offs_m, m_ok, d_ok, H, N,
                       w_ptr, stride_wn, stride_wk, bias_ptr, r_ptr, stride_rb, stride_rt, stride_rn,
                       y_ptr, stride_yb, stride_yt, stride_yn, part_ptr, hcount_ptr,
-                      HEAD_DIM, DH, BLOCK_M, BLOCK_P, INPUT_PRECISION)
+                      HEAD_DIM, DH, BLOCK_M, BLOCK_P, INPUT_PRECISION, GROUP, TOKENS, HAS_BIAS)
     else:
         offs_d = tl.arange(0, HEAD_DIM)
         tl.store(
@@ -183,41 +185,55 @@ def _project_head(out, b, h, pid_m, n_mblocks, offs_m, m_ok, d_ok, H, N,
                   w_ptr, stride_wn, stride_wk, bias_ptr, r_ptr, stride_rb, stride_rt, stride_rn,
                   y_ptr, stride_yb, stride_yt, stride_yn, part_ptr, hcount_ptr,
                   HEAD_DIM: tl.constexpr, DH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
-                  INPUT_PRECISION: tl.constexpr):
-    """``tree_attention_proj``'s epilogue: head h's share of the output projection,
-    out [BLOCK_M, Dh] (rounded to the weights' dtype, as eager rounds the attention output)
-    @ W[:, h*Dh:(h+1)*Dh].T, an fp32 partial [BLOCK_M, N] per (row block, head), its valid rows
-    only (T = 1: one row, 3 KB at GPT-2's width). The program that finishes a row block's heads
-    last (an atomic counter per row block) sums the H partials in head order, adds bias and
-    residual, stores the rows and resets its counter."""
+                  INPUT_PRECISION: tl.constexpr, GROUP: tl.constexpr, TOKENS: tl.constexpr,
+                  HAS_BIAS: tl.constexpr):
+    """``tree_attention_proj``'s epilogue: each query head's share of the output projection,
+    its rows of out [BLOCK_M, Dh] (rounded to the weights' dtype, as eager rounds the attention
+    output) @ W[:, q*Dh:(q+1)*Dh].T for query head q = h * GROUP + g, an fp32 partial
+    [TOKENS, N] per (row block, query head), its valid rows only (T = 1: one row, 3 KB at
+    GPT-2's width). With grouped KV heads the program holds GROUP query heads (row r: head
+    r // TOKENS) and projects each through its own columns of W. The program that finishes a
+    row block's KV heads last (an atomic counter per row block, H = KV heads) sums the
+    H * GROUP partials in head order, adds bias (``HAS_BIAS``) and residual, stores the rows
+    and resets its counter."""
     a = out.to(w_ptr.dtype.element_ty)
     offs_d = tl.arange(0, HEAD_DIM)
     rows = tl.arange(0, BLOCK_M)
+    g_rows = rows // TOKENS
+    t_rows = rows % TOKENS
     tile = b * n_mblocks + pid_m
-    mine = part_ptr + (tile * H + h) * BLOCK_M * N
+    n_heads = H * GROUP
     for n0 in range(0, N, BLOCK_P):
         cols = n0 + tl.arange(0, BLOCK_P)
         c_ok = cols < N
-        w = tl.load(w_ptr + cols[:, None] * stride_wn + (h * DH + offs_d)[None, :] * stride_wk,
-                    mask=c_ok[:, None] & d_ok[None, :], other=0.0)
-        part = tl.dot(a, tl.trans(w), input_precision=INPUT_PRECISION)
-        tl.store(mine + rows[:, None] * N + cols[None, :], part, mask=m_ok[:, None] & c_ok[None, :])
+        for g in tl.static_range(GROUP):
+            head = h * GROUP + g
+            w = tl.load(w_ptr + cols[:, None] * stride_wn + (head * DH + offs_d)[None, :] * stride_wk,
+                        mask=c_ok[:, None] & d_ok[None, :], other=0.0)
+            mine = g_rows == g
+            a_g = a if GROUP == 1 else tl.where(mine[:, None], a, tl.zeros_like(a))
+            part = tl.dot(a_g, tl.trans(w), input_precision=INPUT_PRECISION)
+            dst = part_ptr + ((tile * n_heads + head) * TOKENS + t_rows[:, None]) * N + cols[None, :]
+            tl.store(dst, part, mask=(m_ok & mine)[:, None] & c_ok[None, :])
     tl.debug_barrier()  # every thread's partial is stored before the counter moves
     arrived = tl.atomic_add(hcount_ptr + tile, 1, sem="acq_rel", scope="gpu")
-    if arrived == H - 1:  # the row block's last head: reduce in head order
-        first = part_ptr + tile * H * BLOCK_M * N
+    if arrived == H - 1:  # the row block's last KV head: reduce in query head order
+        first = part_ptr + tile * n_heads * TOKENS * N
+        out_ok = m_ok & (g_rows == 0)  # each token once
         r_off = b * stride_rb + offs_m * stride_rt
         y_off = b * stride_yb + offs_m * stride_yt
         for n0 in range(0, N, BLOCK_P):
             cols = n0 + tl.arange(0, BLOCK_P)
             c_ok = cols < N
-            mask = m_ok[:, None] & c_ok[None, :]
+            mask = out_ok[:, None] & c_ok[None, :]
             total = tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32)
-            for hh in range(0, H):
-                total += tl.load(first + (hh * BLOCK_M + rows[:, None]) * N + cols[None, :], mask=mask,
+            for hh in range(0, n_heads):
+                total += tl.load(first + (hh * TOKENS + t_rows[:, None]) * N + cols[None, :], mask=mask,
                                  other=0.0, cache_modifier=".cg")  # from L2: other SMs wrote them
             res = tl.load(r_ptr + r_off[:, None] + cols[None, :] * stride_rn, mask=mask, other=0.0)
-            total += tl.load(bias_ptr + cols, mask=c_ok, other=0.0).to(tl.float32)[None, :] + res.to(tl.float32)
+            total += res.to(tl.float32)
+            if HAS_BIAS:
+                total += tl.load(bias_ptr + cols, mask=c_ok, other=0.0).to(tl.float32)[None, :]
             tl.store(y_ptr + y_off[:, None] + cols[None, :] * stride_yn, total.to(y_ptr.dtype.element_ty), mask=mask)
         tl.store(hcount_ptr + tile, 0)  # ready for the next launch
 
@@ -262,6 +278,7 @@ def _tree_attention_kernel(
     BLOCK_N: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     PROJ: tl.constexpr,
+    HAS_BIAS: tl.constexpr,  # PROJ: whether the projection has a bias
     BLOCK_P: tl.constexpr,
 ):
     qk_scale = tl.cast(qk_scale, tl.float32)  # torch.compile passes Python floats as fp64
@@ -289,7 +306,8 @@ def _tree_attention_kernel(
     _epilogue(out, b, h, heads, pid_m, offs_m, m_ok, d_ok, H, N, o_ptr, stride_ob, stride_oh, stride_ot, stride_od,
               w_ptr, stride_wn, stride_wk, bias_ptr, r_ptr, stride_rb, stride_rt, stride_rn,
               y_ptr, stride_yb, stride_yt, stride_yn, part_ptr, hcount_ptr,
-              HEAD_DIM, DH, BLOCK_M, BLOCK_P, INPUT_PRECISION, PROJ)
+              HEAD_DIM, DH, BLOCK_M, BLOCK_P, INPUT_PRECISION, PROJ, GROUP, TOKENS,
+              HAS_BIAS)
 
 
 # Flash-decoding: at T = 1 the grid above is B * H programs (12 for GPT-2), too few to stream a
@@ -318,6 +336,7 @@ def _tree_attention_split_kernel(
     BLOCK_N: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     PROJ: tl.constexpr,
+    HAS_BIAS: tl.constexpr,  # PROJ: whether the projection has a bias
     BLOCK_P: tl.constexpr,
 ):
     qk_scale = tl.cast(qk_scale, tl.float32)  # torch.compile passes Python floats as fp64
@@ -379,7 +398,8 @@ def _tree_attention_split_kernel(
         _epilogue(out, b, h, heads, pid_m, offs_m, m_ok, d_ok, H, N, o_ptr, stride_ob, stride_oh, stride_ot, stride_od,
                   w_ptr, stride_wn, stride_wk, bias_ptr, r_ptr, stride_rb, stride_rt, stride_rn,
                   y_ptr, stride_yb, stride_yt, stride_yn, part_ptr, hcount_ptr,
-                  HEAD_DIM, DH, BLOCK_M, BLOCK_P, INPUT_PRECISION, PROJ)
+                  HEAD_DIM, DH, BLOCK_M, BLOCK_P, INPUT_PRECISION, PROJ, GROUP, TOKENS,
+              HAS_BIAS)
 
 
 # ----------------------------------------------------------------------------- reference
@@ -492,7 +512,16 @@ def tree_attention_proj_ref(q: Tensor, k_cache: Tensor, v_cache: Tensor, prefix_
     return _project(y, weight, bias, residual)
 
 
-def _project(y: Tensor, weight: Tensor, bias: Tensor, residual: Tensor) -> Tensor:
+def tree_attention_gqa_proj_ref(q: Tensor, k_cache: Tensor, v_cache: Tensor, prefix_len: Tensor, tree_mask: Tensor,
+                                weight: Tensor, bias: Optional[Tensor], residual: Tensor, *, scale=None) -> Tensor:
+    """Reference of grouped-query tree attention with its output projection:
+    :func:`tree_attention_proj_ref` over :func:`tree_attention_gqa_ref`, bias optional."""
+    _check_proj(q, weight, bias, residual)
+    return _project(tree_attention_gqa_ref(q, k_cache, v_cache, prefix_len, tree_mask, scale=scale), weight, bias,
+                    residual)
+
+
+def _project(y: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Tensor) -> Tensor:
     from mtpkern.ops.linear_residual import linear_residual_ref
 
     B, H, T, Dh = y.shape
@@ -561,11 +590,14 @@ def _check_inputs(q, k_cache, v_cache, prefix_len, tree_mask, scale: float, grou
     _check_scale(scale)
 
 
-def _check_proj(q: Tensor, weight: Tensor, bias: Tensor, residual: Tensor) -> None:
-    """tree_attention_proj's projection: weight [N, H * Dh], bias [N], residual [B, T, N], all
-    of q's dtype and device (the attention's own inputs are ``_check_inputs``')."""
+def _check_proj(q: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Tensor) -> None:
+    """tree_attention_proj's projection: weight [N, H * Dh], bias [N] (or None: only
+    ``tree_attention_gqa_proj`` takes none), residual [B, T, N], all of q's dtype and device
+    (the attention's own inputs are ``_check_inputs``')."""
     B, H, T, Dh = q.shape if q.dim() == 4 else (0, 0, 0, 0)
     for name, t, dims in (("weight", weight, 2), ("bias", bias, 1), ("residual", residual, 3)):
+        if t is None:
+            continue
         if t.dim() != dims:
             raise ValueError(f"tree_attention_proj: {name} must be {dims}-D, got shape {list(t.shape)}")
         if t.dtype != q.dtype:
@@ -577,7 +609,7 @@ def _check_proj(q: Tensor, weight: Tensor, bias: Tensor, residual: Tensor) -> No
         raise ValueError(f"tree_attention_proj: weight must be [N, H * Dh] = [N, {H * Dh}], got {list(weight.shape)}")
     if N == 0:
         raise ValueError("tree_attention_proj: weight has no output rows (N = 0)")
-    if bias.shape != (N,):
+    if bias is not None and bias.shape != (N,):
         raise ValueError(f"tree_attention_proj: bias must have shape [{N}], got {list(bias.shape)}")
     if residual.shape != (B, T, N):
         raise ValueError(f"tree_attention_proj: residual must be [B, T, N] = {[B, T, N]}, got {list(residual.shape)}")
@@ -634,7 +666,7 @@ def _proj_args(q, proj, block_m: int, counters: Tensor):
     y = torch.empty((B, T, N), dtype=q.dtype, device=q.device)
     tiles = B * triton.cdiv(T, block_m)
     part = torch.empty(tiles * H * block_m * N, dtype=torch.float32, device=q.device)
-    return y, (weight, bias, residual, y, part, counters, N, *weight.stride(), residual.stride(0), residual.stride(1),
+    return y, (weight, weight if bias is None else bias, residual, y, part, counters, N, *weight.stride(), residual.stride(0), residual.stride(1),
                residual.stride(2), *y.stride())
 
 
@@ -673,6 +705,7 @@ def _launch(q, k_cache, v_cache, prefix_len, tree_mask, scale: float, proj=None)
             BLOCK_N=block_n,
             INPUT_PRECISION="ieee" if fp32 else "tf32",  # TF32 would break fp32's token identity
             PROJ=proj is not None,
+            HAS_BIAS=proj is not None and proj[1] is not None,
             BLOCK_P=_BLOCK_P,
             num_warps=8 if (fp32 and geo["HEAD_DIM"] >= 64) or geo["HEAD_DIM"] > 64 else 4,
             num_stages=2,
@@ -742,6 +775,7 @@ def _launch_split(q, k_cache, v_cache, prefix_len, tree_mask, scale, out, geo: d
             BLOCK_N=block_n,
             INPUT_PRECISION="ieee" if fp32 else "tf32",
             PROJ=proj is not None,
+            HAS_BIAS=proj is not None and proj[1] is not None,
             BLOCK_P=_BLOCK_P,
             num_warps=8 if fp32 or geo["HEAD_DIM"] > 64 else 4,
             num_stages=2,
@@ -778,6 +812,23 @@ def _tree_attention_gqa_op(
         return _empty_out(q).copy_(_attention_dense(q, k_cache, v_cache, prefix_len, tree_mask, scale))
     _check_int32_offsets(q=q, k_cache=k_cache, v_cache=v_cache)
     return _launch(q, k_cache, v_cache, prefix_len, tree_mask, scale)
+
+
+@torch.library.triton_op("mtpkern::tree_attention_gqa_proj", mutates_args=())
+def _tree_attention_gqa_proj_op(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, prefix_len: Tensor, tree_mask: Tensor, scale: float,
+    weight: Tensor, bias: Optional[Tensor], residual: Tensor,
+) -> Tensor:
+    # This body is also the fake implementation (run on fake tensors under torch.compile).
+    _check_inputs(q, k_cache, v_cache, prefix_len, tree_mask, scale, grouped=True)
+    _check_proj(q, weight, bias, residual)
+    if values_on_host(prefix_len):  # a CUDA check would sync with the host
+        _check_prefix_len_value(prefix_len, q.shape[2], k_cache.shape[2])
+    if q.device.type == "cpu" and not _backend.triton_interpret():
+        return _project(_attention_dense(q, k_cache, v_cache, prefix_len, tree_mask, scale), weight, bias,
+                        residual).contiguous()
+    _check_int32_offsets(q=q, k_cache=k_cache, v_cache=v_cache, weight=weight, residual=residual)
+    return _launch(q, k_cache, v_cache, prefix_len, tree_mask, scale, proj=(weight, bias, residual))
 
 
 @torch.library.triton_op("mtpkern::tree_attention_proj", mutates_args=())
@@ -845,6 +896,33 @@ def tree_attention_gqa(
     return torch.ops.mtpkern.tree_attention_gqa(q, k_cache, v_cache, prefix_len, tree_mask, _resolve_scale(scale, q))
 
 
+def tree_attention_gqa_proj(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    prefix_len: Tensor,
+    tree_mask: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    residual: Tensor,
+    *,
+    scale: Optional[float] = None,
+    backend: Optional[str] = None,
+) -> Tensor:
+    """Grouped-query tree attention and the output projection in one kernel (the second of the
+    Llama family's fused decoder layer's four): ``residual + y @ weight.T (+ bias)`` [B, T, N],
+    y the attention of :func:`tree_attention_gqa` (same inputs) laid out as [B, T, H * Dh];
+    weight [N, H * Dh], bias [N] or None, residual [B, T, N]. Each KV head's program projects
+    its query heads' outputs; the last of a row block's programs sums the H heads' fp32
+    partials in head order (deterministic) and adds bias and residual.
+    backend: None (automatic), "triton" or "eager" (the fp32 reference)."""
+    if _backend.pick(q.device, ("triton", "eager"), backend) == "eager":
+        return tree_attention_gqa_proj_ref(q, k_cache, v_cache, prefix_len, tree_mask, weight, bias, residual,
+                                           scale=scale)
+    return torch.ops.mtpkern.tree_attention_gqa_proj(q, k_cache, v_cache, prefix_len, tree_mask,
+                                                     _resolve_scale(scale, q), weight, bias, residual)
+
+
 def tree_attention_proj(
     q: Tensor,
     k_cache: Tensor,
@@ -876,6 +954,8 @@ __all__ = [
     "tree_attention_ref",
     "tree_attention_gqa",
     "tree_attention_gqa_ref",
+    "tree_attention_gqa_proj",
+    "tree_attention_gqa_proj_ref",
     "tree_attention_proj",
     "tree_attention_proj_ref",
     "pack_tree_mask",
