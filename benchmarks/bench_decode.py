@@ -172,10 +172,14 @@ def _sampling(args, models: dict, prompts: list, report: dict, device) -> dict:
     print(f"device: {report['device']}\nweights: {report['weights']}\n{len(prompts)} prompts, {args.max_new_tokens} "
           f"new tokens, median tokens/s over prompts, {torch.get_num_threads()} threads, seed {args.seed}\n")
     print(format_sampling(report["sampling"]))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2, default=str))
+    _write_json(args.json, report)
     return report
+
+
+def _write_json(path, report: dict) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(report, indent=2, default=str))
 
 
 def main(argv=None) -> dict:
@@ -230,15 +234,11 @@ def main(argv=None) -> dict:
 
             report["plot"] = plot_batch(report["batch"], args.plot,
                                         title=f"Batched decoding on {report['device']['name']}")
-        if args.json:
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps(report, indent=2, default=str))
+        _write_json(args.json, report)
         return report
 
     def save():
-        if args.json:
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps(report, indent=2, default=str))
+        _write_json(args.json, report)
 
     def run(name, family, fn):
         try:
