@@ -63,7 +63,9 @@ from torch._subclasses.fake_tensor import is_fake
 
 from mtpkern.ops import _backend
 from mtpkern.ops._checks import values_on_host
+from mtpkern.ops._decode_linear import split_counters
 from mtpkern.ops._triton_compat import wrap_triton
+from mtpkern.ops.linear_residual import linear_residual_ref
 from mtpkern.runtime import dtype_name
 
 HEAD_DIMS = (16, 32, 64, 128)
@@ -522,8 +524,6 @@ def tree_attention_gqa_proj_ref(q: Tensor, k_cache: Tensor, v_cache: Tensor, pre
 
 
 def _project(y: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Tensor) -> Tensor:
-    from mtpkern.ops.linear_residual import linear_residual_ref
-
     B, H, T, Dh = y.shape
     return linear_residual_ref(y.transpose(1, 2).reshape(B, T, H * Dh), weight, bias, residual)
 
@@ -673,8 +673,6 @@ def _proj_args(q, proj, block_m: int, counters: Tensor):
 def _launch(q, k_cache, v_cache, prefix_len, tree_mask, scale: float, proj=None) -> Tensor:
     """The attention [B, H, T, Dh]; with ``proj`` = (weight, bias, residual), the projected
     output ``residual + attention @ weight.T + bias`` [B, T, N] instead."""
-    from mtpkern.ops._decode_linear import split_counters
-
     B, H, T, Dh = q.shape
     out = _empty_out(q) if proj is None else q  # with a projection, a stand-in the kernels never write
     if _backend.triton_interpret() and is_fake(q):
@@ -752,8 +750,6 @@ def _prefix_splits(heads: int, S: int, T: int) -> int:
 
 
 def _launch_split(q, k_cache, v_cache, prefix_len, tree_mask, scale, out, geo: dict, block_n, splits, proj) -> Tensor:
-    from mtpkern.ops._decode_linear import split_counters
-
     B, H, T, Dh = q.shape
     block_m, Hk = geo["BLOCK_M"], k_cache.shape[1]
     grid = (triton.cdiv(T, geo["TOKENS"]), B * Hk, splits)
