@@ -51,7 +51,10 @@ def fingerprint(model) -> dict:
     digest = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
         flat = t.detach().reshape(-1)
-        idx = torch.linspace(0, flat.numel() - 1, min(16, flat.numel())).round().long().to(flat.device)
+        # float32 linspace, as the fingerprints already written were made; past 2^24 elements its
+        # last index can round up to numel, so it is clamped (smaller tensors keep their indices)
+        idx = torch.linspace(0, flat.numel() - 1, min(16, flat.numel())).round().long().clamp_(max=flat.numel() - 1)
+        idx = idx.to(flat.device)
         digest.update(name.encode())
         digest.update(flat[idx].to(torch.float16).float().cpu().numpy().tobytes())
     return dict(model_type=cfg.model_type, n_heads=cfg.n_heads, vocab_size=cfg.vocab_size,

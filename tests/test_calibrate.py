@@ -234,6 +234,19 @@ def test_calibration_refuses_a_model_without_draft_heads():
         calibrate(tiny_gpt2(), [[1, 2, 3]])
 
 
+def test_fingerprint_reads_tensors_past_float32s_integers():
+    """SmolLM2's embedding (49,152 x 576 elements, past 2^24): float32 linspace rounds its last
+    index up to the length; the fingerprint clamps it, so its model can be calibrated."""
+    from types import SimpleNamespace
+
+    big = SimpleNamespace(config=SimpleNamespace(model_type="llama", n_heads=2, vocab_size=49152, n_layer=1, n_embd=576,
+                                                 n_head=9, medusa_layers=1),
+                          state_dict=lambda: {"wte.weight": torch.arange(49152 * 576, dtype=torch.int32).view(49152, 576)})
+    last = torch.linspace(0, 49152 * 576 - 1, 16).round().long()[-1]
+    assert last == 49152 * 576  # what made it fail: one past the end
+    assert len(fingerprint(big)["weights"]) == 16
+
+
 def test_fingerprint_sees_weights_and_ignores_float16_casts():
     model = tiny_mtp()
     fp = fingerprint(model)
