@@ -538,7 +538,7 @@ SHARED = {  # the commands that take each shared option
     "--dtype": {"distill", "generate", "eval", "bench", "calibrate"},
     "--kernels": {"generate", "eval", "calibrate"},
     "--cuda-graph": {"generate", "eval", "calibrate"},
-    "--seed": {"train", "distill", "generate"},
+    "--seed": {"train", "distill", "generate", "calibrate"},  # calibrate: its sampling tables (--temperature)
     "--no-progress": {"train", "distill", "eval", "bench"},
 }
 
