@@ -782,18 +782,25 @@ def _launch_split(q, k_cache, v_cache, prefix_len, tree_mask, scale, out, geo: d
 # ----------------------------------------------------------------------------- registration
 
 
-@torch.library.triton_op("mtpkern::tree_attention", mutates_args=())
-def _tree_attention_op(
-    q: Tensor, k_cache: Tensor, v_cache: Tensor, prefix_len: Tensor, tree_mask: Tensor, scale: float
-) -> Tensor:
-    # This body is also the fake implementation (run on fake tensors under torch.compile).
-    _check_inputs(q, k_cache, v_cache, prefix_len, tree_mask, scale)
+def _attend(q: Tensor, k_cache: Tensor, v_cache: Tensor, prefix_len: Tensor, tree_mask: Tensor, scale: float,
+            grouped: bool) -> Tensor:
+    """The body of ``tree_attention`` and ``tree_attention_gqa`` (grouped KV heads): the checks,
+    then the dense path on a CPU outside the interpreter, else the kernel."""
+    _check_inputs(q, k_cache, v_cache, prefix_len, tree_mask, scale, grouped=grouped)
     if values_on_host(prefix_len):  # a CUDA check would sync with the host
         _check_prefix_len_value(prefix_len, q.shape[2], k_cache.shape[2])
     if q.device.type == "cpu" and not _backend.triton_interpret():
         return _empty_out(q).copy_(_attention_dense(q, k_cache, v_cache, prefix_len, tree_mask, scale))
     _check_int32_offsets(q=q, k_cache=k_cache, v_cache=v_cache)
     return _launch(q, k_cache, v_cache, prefix_len, tree_mask, scale)
+
+
+@torch.library.triton_op("mtpkern::tree_attention", mutates_args=())
+def _tree_attention_op(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, prefix_len: Tensor, tree_mask: Tensor, scale: float
+) -> Tensor:
+    # This body is also the fake implementation (run on fake tensors under torch.compile).
+    return _attend(q, k_cache, v_cache, prefix_len, tree_mask, scale, grouped=False)
 
 
 @torch.library.triton_op("mtpkern::tree_attention_gqa", mutates_args=())
@@ -801,13 +808,7 @@ def _tree_attention_gqa_op(
     q: Tensor, k_cache: Tensor, v_cache: Tensor, prefix_len: Tensor, tree_mask: Tensor, scale: float
 ) -> Tensor:
     # This body is also the fake implementation (run on fake tensors under torch.compile).
-    _check_inputs(q, k_cache, v_cache, prefix_len, tree_mask, scale, grouped=True)
-    if values_on_host(prefix_len):  # a CUDA check would sync with the host
-        _check_prefix_len_value(prefix_len, q.shape[2], k_cache.shape[2])
-    if q.device.type == "cpu" and not _backend.triton_interpret():
-        return _empty_out(q).copy_(_attention_dense(q, k_cache, v_cache, prefix_len, tree_mask, scale))
-    _check_int32_offsets(q=q, k_cache=k_cache, v_cache=v_cache)
-    return _launch(q, k_cache, v_cache, prefix_len, tree_mask, scale)
+    return _attend(q, k_cache, v_cache, prefix_len, tree_mask, scale, grouped=True)
 
 
 @torch.library.triton_op("mtpkern::tree_attention_gqa_proj", mutates_args=())
