@@ -134,7 +134,7 @@ def cmd_train(args) -> int:
     optional = dict(lr=args.lr, n_heads=args.n_heads, medusa_layers=args.medusa_layers, max_len=args.max_len,
                     eval_every=args.eval_every, save_every=args.save_every, medusa_proj=args.medusa_proj or None,
                     heads_coefficient=args.heads_coefficient, backbone_lr_ratio=args.backbone_lr_ratio,
-                    head_warmup=args.head_warmup, backbone_loss=args.backbone_loss, teacher=args.teacher)
+                    trunk_lr_ratio=args.trunk_lr_ratio, head_warmup=args.head_warmup, backbone_loss=args.backbone_loss, teacher=args.teacher)
     kw.update({k: v for k, v in optional.items() if v is not None})
     if args.steps is None and args.epochs is None:
         kw.pop("steps")
@@ -320,6 +320,9 @@ def _add_train(sub, shared: dict) -> None:
                    help="medusa2: lambda in L = backbone loss + lambda * head losses (default 0.2)")
     t.add_argument("--backbone-lr-ratio", type=_positive_float,
                    help="medusa2: backbone learning rate / heads' learning rate (default 0.25)")
+    t.add_argument("--trunk-lr-ratio", type=_positive_float,
+                   help="mtp: the trunk's (and head 0's) learning rate / the draft heads' (default 1: one rate); "
+                        "below 1 to fine-tune a pretrained model, whose draft heads start as copies of its last layer")
     t.add_argument("--head-warmup", type=_non_negative_int,
                    help="medusa2: steps of heads alone before the backbone joins (default 25%% of the run)")
     t.add_argument("--backbone-loss", choices=["ce", "kl"],

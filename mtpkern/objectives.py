@@ -70,14 +70,27 @@ def head_loss(model, hidden_j: torch.Tensor, labels: torch.Tensor, j: int, n_tok
     Logits exist only for positions that have a target."""
     T = labels.shape[1]
     target = labels[:, j + 1 :]
-    hidden = hidden_j[:, : T - j - 1].flatten(0, 1)
+    hidden, rows = target_rows(hidden_j[:, : T - j - 1].flatten(0, 1), target.flatten())
     w = _unwrap(model).head_weight(j) if weight is None else weight
     if fused:
-        ce = linear_cross_entropy(hidden, w, target.flatten(), IGNORE_INDEX, "sum")
+        ce = linear_cross_entropy(hidden, w, rows, IGNORE_INDEX, "sum")
     else:
-        ce = F.cross_entropy((hidden @ w.T).float(), target.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+        ce = F.cross_entropy((hidden @ w.T).float(), rows, ignore_index=IGNORE_INDEX, reduction="sum")
     n = (target != IGNORE_INDEX).sum().clamp(min=1) if n_tokens is None else max(n_tokens[j], 1)
     return ce / n
+
+
+def target_rows(hidden: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hidden [N, D], target [N]) without the rows whose target is ``IGNORE_INDEX`` (the prompt,
+    the padding), on the CPU: their logits would cost as much as the others' and add nothing.
+    On other devices every row stays (the kernels give ignored rows no loss and no gradient),
+    since selecting them would wait on the device."""
+    if target.device.type != "cpu":
+        return hidden, target
+    keep = target != IGNORE_INDEX
+    if not bool(keep.any()):
+        return hidden, target
+    return hidden[keep], target[keep]
 
 
 def kl_to_teacher(model, hidden0: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
@@ -161,7 +174,8 @@ def mtp_loss_and_backward(model: MTPModel, idx, labels, *, scale: float = 1.0, n
     trunk backward with the accumulated dL/dh ends the pass. Gradients equal those of
     ``mtp_loss_naive`` (the same sum, split by linearity). Call it inside the caller's autocast;
     the backward calls run with autocast off, as PyTorch recommends. ``scaler`` is an optional
-    ``torch.amp.GradScaler`` (fp16). Returns detached (L, per_head [n]) tensors: no host sync.
+    ``torch.amp.GradScaler`` (fp16). Returns detached (L, per_head [n]) tensors: no host sync
+    (off the CPU: there, rows without a target are dropped first, ``target_rows``).
     Peak logits memory is O(V) instead of O(nV).
     """
     J = model.n_heads
@@ -185,7 +199,7 @@ def mtp_loss_and_backward(model: MTPModel, idx, labels, *, scale: float = 1.0, n
             g = torch.as_tensor(scale / J, dtype=torch.float64, device=W.device) / n
             if scaler is not None:
                 g = scaler.scale(g)
-            x = hidden_j[:, : T - j - 1].flatten(0, 1)
+            x, target = target_rows(hidden_j[:, : T - j - 1].flatten(0, 1), target)
             assert W.grad is not None  # made above when ``into``
             ce_sum, grad_x = linear_cross_entropy_accumulate_(x, W, target, W.grad, g, IGNORE_INDEX)
             with backward:
@@ -263,7 +277,23 @@ class NTP(Objective):
 
 
 class MTP(Objective):
+    """Gloeckle et al.'s multi-token prediction. ``trunk_lr_ratio`` < 1 trains the trunk, head 0
+    and the embedding slower than the draft heads: on a pretrained model the draft heads start as
+    copies of its last layer and must move far, while the trunk must stay close to what it was."""
+
     name, family, manual_grad_sync = "mtp", MTPModel, True
+
+    def param_groups(self, model):
+        if self.cfg.trunk_lr_ratio == 1.0:
+            return super().param_groups(model)
+        heads = cast(MTPModel, _unwrap(model)).heads
+        drafts = {id(p) for head in list(heads)[1:] for p in head.parameters()}
+        params = [p for p in model.parameters() if p.requires_grad]
+        return (_decay_groups([p for p in params if id(p) in drafts], self.cfg.weight_decay, "drafts")
+                + _decay_groups([p for p in params if id(p) not in drafts], self.cfg.weight_decay, "trunk"))
+
+    def lr_scale(self, part, step, warmup):
+        return self.cfg.trunk_lr_ratio if part == "trunk" else 1.0
 
     def backward(self, model, ddp, idx, labels, *, n_tokens, step, world, scaler, autocast, last):
         # n + 1 backward calls per micro-batch, none through DDP.forward: see mtp_loss_and_backward

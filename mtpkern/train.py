@@ -138,6 +138,8 @@ class TrainConfig:
     backbone_lr_ratio: float = 0.25  # backbone learning rate / heads' learning rate
     head_warmup: int | None = None  # steps of heads alone before the backbone joins; default 25%
     backbone_loss: str = "ce"  # "ce" (the labels) | "kl" (KL to the teacher's distribution)
+    # MTP: the trunk's (and head 0's, and the embedding's) learning rate / the draft heads' (lr)
+    trunk_lr_ratio: float = 1.0
     teacher: str | None = None  # the KL teacher, default the base
     precision: str = "auto"  # "auto" | "fp32" | "bf16" | "fp16"
     loss: str = "fused"  # "fused" (no [N, V] logits) | "plain" (materialised logits)
@@ -211,6 +213,11 @@ class TrainConfig:
             raise ValueError(f"heads_coefficient must be a finite number > 0, got {self.heads_coefficient}")
         if not (math.isfinite(self.backbone_lr_ratio) and self.backbone_lr_ratio > 0):
             raise ValueError(f"backbone_lr_ratio must be a finite number > 0, got {self.backbone_lr_ratio}")
+        if not (math.isfinite(self.trunk_lr_ratio) and self.trunk_lr_ratio > 0):
+            raise ValueError(f"trunk_lr_ratio must be a finite number > 0, got {self.trunk_lr_ratio}")
+        if self.trunk_lr_ratio != 1.0 and self.objective != "mtp":
+            raise ValueError(f"trunk_lr_ratio (--trunk-lr-ratio) is an MTP setting: objective {self.objective!r} "
+                             "does not take it")
 
     def _resolve_rate_and_heads(self) -> None:
         """The model shape; the objective's defaults for lr, n_heads and MEDUSA's head_weights, checked."""

@@ -348,6 +348,12 @@ def test_medusa2_and_distill_commands_with_every_switch(tmp_path, capsys, monkey
     assert (cfg["objective"], cfg["medusa_proj"], cfg["heads_coefficient"], cfg["backbone_lr_ratio"],
             cfg["head_warmup"], cfg["backbone_loss"], cfg["teacher"]) == ("medusa2", True, 0.3, 0.5, 1, "kl", str(base))
     assert load_model(out).config.medusa_proj
+    out = tmp_path / "mtp"
+    code, err = run_main(["train", "mtp", "--out", out, "--base", base, "--data", data, "--steps", "1", "--batch-size",
+                          "4", "--n-heads", "2", "--lr", "1e-3", "--trunk-lr-ratio", "0.05", "--device", "cpu",
+                          "--precision", "fp32", "--no-progress"], capsys, monkeypatch)
+    assert code == 0, err
+    assert json.loads((out / "train_config.json").read_text())["trunk_lr_ratio"] == 0.05
 
 
 def test_bench_decode_on_a_checkpoint_takes_prompts_from_data(medusa_dir, tmp_path, monkeypatch):

@@ -76,6 +76,33 @@ def test_medusa2_heads_warmup_leaves_the_backbone_without_gradient():
     assert all(p.grad is not None for p in model.medusa.parameters())
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_head_loss_drops_rows_without_a_target_and_keeps_loss_and_gradients(fused):
+    """On the CPU head_loss computes logits only where a label is (target_rows): its loss and
+    gradients equal cross-entropy over every position with the ignored ones masked."""
+    from mtpkern.objectives import target_rows
+
+    torch.manual_seed(0)
+    model = MedusaModel.from_base(GPT2(GPT2Config(vocab_size=97, n_positions=32, n_embd=32, n_layer=2, n_head=2)),
+                                  n_heads=3)
+    idx = torch.randint(0, 97, (3, 12))
+    labels = _labels(idx)
+    hidden = torch.randn(3, 12, model.config.n_embd, requires_grad=True)
+    for j in (0, 2):
+        got = head_loss(model, hidden, labels, j, fused=fused)
+        (g_got,) = torch.autograd.grad(got, hidden)
+        target = labels[:, j + 1:].flatten()
+        logits = hidden[:, : 12 - j - 1].flatten(0, 1) @ model.head_weight(j).T
+        want = torch.nn.functional.cross_entropy(logits, target, ignore_index=-100)
+        (g_want,) = torch.autograd.grad(want, hidden)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(g_got, g_want, rtol=1e-5, atol=1e-7)
+    rows, kept = target_rows(hidden.flatten(0, 1), labels.flatten())
+    assert kept.tolist() == [t for t in labels.flatten().tolist() if t != -100] and rows.shape[0] == kept.numel()
+    none = torch.full((4,), -100)
+    assert target_rows(torch.randn(4, 2), none)[1] is none  # nothing to keep: every row stays, no empty matmul
+
+
 def test_kl_to_the_model_itself_is_zero_and_positive_otherwise():
     torch.manual_seed(0)
     model = GPT2(GPT2Config(vocab_size=97, n_positions=32, n_embd=32, n_layer=2, n_head=2))
@@ -208,11 +235,30 @@ def test_medusa2_decodes_losslessly_against_its_own_ntp():
     (dict(objective="medusa2", base="b", heads_coefficient=0.0), "heads_coefficient"),
     (dict(objective="medusa2", base="b", backbone_lr_ratio=-1.0), "backbone_lr_ratio"),
     (dict(objective="medusa2", base="b", head_warmup=-1), "head_warmup"),
+    (dict(objective="mtp", trunk_lr_ratio=0.0), "trunk_lr_ratio must be a finite number > 0"),
+    (dict(objective="medusa", base="b", trunk_lr_ratio=0.1), "an MTP setting: objective 'medusa'"),
 ])
 def test_bad_settings_are_one_line_value_errors(kw, message):
     with pytest.raises(ValueError, match=message) as e:
         TrainConfig(out="out", **kw)
     assert "\n" not in str(e.value)
+
+
+def test_mtp_trunk_lr_ratio_slows_the_trunk_and_not_the_draft_heads(tmp_path, base_dir):
+    """trunk_lr_ratio: the draft heads train at lr, the trunk, head 0 and the embedding at
+    lr * ratio (here ~0: they stay as they were); the default trains every part at lr."""
+    from mtpkern.models import MTPModel
+
+    start = MTPModel.from_base(load_model(base_dir), n_heads=3)
+    moved = {}
+    for ratio in (1e-9, 1.0):
+        model = train(tiny_run(tmp_path / str(ratio), "mtp", base_dir, n_heads=3, steps=3, trunk_lr_ratio=ratio)).model
+        delta = {n: (p.detach() - dict(start.named_parameters())[n]).abs().max().item()
+                 for n, p in model.named_parameters()}
+        moved[ratio] = (max(d for n, d in delta.items() if not n.startswith(("heads.1.", "heads.2."))),
+                        min(d for n, d in delta.items() if n.startswith(("heads.1.", "heads.2.")) and "weight" in n))
+    assert moved[1e-9][0] < 1e-7 < 1e-4 < moved[1e-9][1]  # trunk still, draft heads trained
+    assert moved[1.0][0] > 1e-4  # one rate: the trunk trains too
 
 
 def test_a_kl_teacher_with_another_vocabulary_fails_before_training(tmp_path, base_dir):
