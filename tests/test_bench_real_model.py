@@ -55,7 +55,8 @@ def test_quick_benchmark_on_smollm2(tmp_path):
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(report_path.read_text())
-    assert report["mode"] == "quick" and report["device"]["type"] == "cpu" and report["threads"] == 2
+    assert report["mode"] == "quick" and report["complete"] and report["device"]["type"] == "cpu"
+    assert report["threads"] == 2
     assert (out / "base" / "config.json").is_file() and (out / "distilled.jsonl").is_file()
     chats = [json.loads(line) for line in (out / "distilled.jsonl").read_text().splitlines()]
     assert len(chats) == report["data"]["distilled"] and all(c["messages"][1]["role"] == "assistant" for c in chats)
@@ -71,3 +72,20 @@ def test_quick_benchmark_on_smollm2(tmp_path):
         assert model["speed"][f"{name} auto"]["mean_accept_length"] >= 1.0
     assert report["targets"]["lossless"]["reached"] is True
     assert "| medusa | medusa auto |" in proc.stdout
+    for name in expected:  # the sampling study: every case ran, at temperature 0 and 0.7
+        study = report["sampling"][name]
+        assert sorted(study) == ["0.0", "0.7"]
+        assert all("error" not in r and r["tokens_per_second"] > 0 for r in study["0.7"].values()), study
+        assert any(case.startswith("rejection ") for case in study["0.7"]) and "ntp" in study["0.7"]
+    assert "| medusa: rejection dynamic | 0.7 |" in proc.stdout
+
+
+def test_sampling_flag_takes_temperatures_or_none(capsys):
+    bench = _bench()
+    assert bench.parse_args(["--out", "x"]).temperatures == [0.7, 1.0]  # the full mode's default
+    assert bench.parse_args(["--out", "x", "--quick"]).temperatures == [0.7]
+    assert bench.parse_args(["--out", "x", "--sampling", "0.5,1.2"]).temperatures == [0.5, 1.2]
+    assert bench.parse_args(["--out", "x", "--sampling", "none"]).temperatures == []
+    for bad in ("0", "hot", "0.7,-1"):
+        with pytest.raises(SystemExit, match="--sampling takes temperatures > 0"):
+            bench.parse_args(["--out", "x", "--sampling", bad])
