@@ -204,7 +204,7 @@ has_flag() {  # has_flag FLAG COMMAND...: whether COMMAND --help lists FLAG
 } >"$OUT/env.txt" 2>&1
 record env passed 0 "$(grep -m1 '^torch' "$OUT/env.txt")"
 
-KERNEL_TESTS="tests/test_fused_logits.py tests/test_tree_attention.py tests/test_tree_attention_proj.py tests/test_tree_mask.py tests/test_verify.py tests/test_verify_sampled.py tests/test_kv_compact.py tests/test_triton_compat.py tests/test_ln_qkv.py tests/test_linear_residual.py tests/test_ln_fc_gelu.py"
+KERNEL_TESTS="tests/test_fused_logits.py tests/test_tree_attention.py tests/test_tree_attention_proj.py tests/test_tree_mask.py tests/test_verify.py tests/test_verify_sampled.py tests/test_kv_compact.py tests/test_triton_compat.py tests/test_ln_qkv.py tests/test_linear_residual.py tests/test_ln_fc_gelu.py tests/test_rms_qkv_rope.py tests/test_rms_swiglu.py tests/test_tree_attention_gqa.py tests/test_llama_fused.py"
 DECODE_STATIC=()
 if [ "${HF_STATIC:-0}" = 1 ]; then
   if has_flag --hf-static "$PYTHON" benchmarks/bench_decode.py; then
