@@ -134,7 +134,8 @@ def cmd_train(args) -> int:
     optional = dict(lr=args.lr, n_heads=args.n_heads, medusa_layers=args.medusa_layers, max_len=args.max_len,
                     eval_every=args.eval_every, save_every=args.save_every, medusa_proj=args.medusa_proj or None,
                     heads_coefficient=args.heads_coefficient, backbone_lr_ratio=args.backbone_lr_ratio,
-                    trunk_lr_ratio=args.trunk_lr_ratio, head_warmup=args.head_warmup, backbone_loss=args.backbone_loss, teacher=args.teacher)
+                    trunk_lr_ratio=args.trunk_lr_ratio, head_warmup=args.head_warmup,
+                    backbone_loss=args.backbone_loss, teacher=args.teacher)
     kw.update({k: v for k, v in optional.items() if v is not None})
     if args.steps is None and args.epochs is None:
         kw.pop("steps")
