@@ -39,8 +39,11 @@ AcceptOut accept_greedy_cpu(const at::Tensor& hidden, const at::Tensor& weight, 
                             const at::Tensor& paths) {
   check_accept_greedy(hidden, weight, tree_tokens, paths);
   const int64_t T = hidden.size(0), V = weight.size(0), P = paths.size(0), Dp1 = paths.size(1);
-  // Head 0's logits in float32: [T, V].
-  const at::Tensor z = at::mm(hidden.to(at::kFloat), weight.to(at::kFloat).t()).contiguous();
+  // Head 0's logits in float32: [T, V], multiplied in the layout of the weight given
+  // (mtpkern/cpu_matmul.py): as stored ([V, D], rows contiguous) as (weight @ hidden^T)^T, a
+  // transposed view of a [D, V] copy as hidden @ copy.
+  const at::Tensor w = weight.to(at::kFloat), h = hidden.to(at::kFloat);
+  const at::Tensor z = (w.is_contiguous() ? at::mm(w, h.t()).t() : at::mm(h, w.t())).contiguous();
   std::vector<int64_t> target(T);
   const float* zp = z.data_ptr<float>();
   for (int64_t t = 0; t < T; ++t) target[t] = row_argmax(zp + t * V, V);

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from mtpkern.cpu_matmul import Matmul
 from mtpkern.inputs import check_room
 from mtpkern.layers import Attn, KVCache
 from mtpkern.ops.fused_logits import fused_logits
@@ -154,17 +155,17 @@ class Logits:
     def __init__(self, model, fused: bool):
         self.model, self.fused = model, fused
         self.shared = all(model.head_weight(j) is model.unembed_weight for j in range(model.n_heads))
-        self.unembed_t: torch.Tensor | None = None  # float32 [D, V] contiguous, kept by the decoder
+        self.unembed: Matmul | None = None  # the float32 unembedding every head shares, kept by the decoder
 
     def _z(self, h, j):
-        if self.unembed_t is not None:  # every head shares it
-            return torch.mm(h.float(), self.unembed_t)
+        if self.unembed is not None:
+            return self.unembed(h.float().reshape(-1, h.shape[-1])).reshape(*h.shape[:-1], -1)
         return h.float() @ self.model.head_weight(j).float().T
 
-    def weight0(self) -> torch.Tensor:
-        """Head 0's unembedding [V, D] in the layout its logits multiply fastest (the kept
-        contiguous copy, transposed back, where there is one)."""
-        return self.unembed_t.t() if self.unembed_t is not None else self.model.head_weight(0)
+    def weight0(self, rows: int) -> torch.Tensor:
+        """Head 0's unembedding [V, D] in the layout its logits over ``rows`` rows multiply
+        fastest (``Matmul.weight``), for ``accept_greedy``."""
+        return self.unembed.weight(rows) if self.unembed is not None else self.model.head_weight(0)
 
     def norm(self, normed: bool) -> dict:
         """``fused_logits``' arguments that apply the final norm (none when ``h`` is normed)."""

@@ -4,8 +4,9 @@ at powers of two and interpolated linearly (for MTP one curve per tree depth: ea
 a transformer block the step runs), on the device, dtype, kernels and CUDA-graph setting in use
 (:func:`step_cost`). Measured once and cached in ``$MTPKERN_CACHE/step_cost.json`` (default
 ``~/.cache/mtpkern``), keyed by device name, torch version, model shape, dtype, kernels,
-cuda_graph and tree depth, and for rejection sampling (``sampling=True``: its steps draw
-drafts and run ``verify_rejection``, which costs more than a greedy step) apart.
+cuda_graph, tree depth and on a CPU ``MTPKERN_CPU_MATMUL`` (``mtpkern.cpu_matmul``), and
+for rejection sampling (``sampling=True``: its steps draw drafts and run ``verify_rejection``,
+which costs more than a greedy step) apart.
 
 It times the engine's own step (:meth:`mtpkern.steps.StepEngine.run_step`, the core under
 ``Decoder``), so it sits above that core and below the engines, which plan ``auto`` trees from
@@ -27,6 +28,7 @@ from typing import Callable
 import torch
 
 from mtpkern.calibration import TOPK, draft_depth
+from mtpkern.cpu_matmul import forced_layout
 from mtpkern.options import DecodeOptions
 from mtpkern.steps import StepEngine
 from mtpkern.graphs import graphs_available
@@ -34,7 +36,7 @@ from mtpkern.planner import StepCost, _smooth, check_curve
 from mtpkern.runtime import dtype_name, synchronize
 from mtpkern.tree import Tree
 
-COST_SCHEMA = "mtpkern.step_cost/2"  # /2: verification runs head 0 alone (decoder)
+COST_SCHEMA = "mtpkern.step_cost/3"  # /2: verification runs head 0 alone; /3: CPU products per layout (cpu_matmul)
 COST_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)  # tree tokens T at which a step is timed
 COST_ROUNDS = 2
 
@@ -163,8 +165,11 @@ def cost_key(model, *, kernels: str, cuda_graph: bool) -> dict:
     cfg = model.config
     shape = {k: getattr(cfg, k) for k in ("model_type", "vocab_size", "n_positions", "n_embd", "n_layer", "n_head",
                                           "n_heads", "medusa_layers", "medusa_proj")}
-    return dict(device=device_name(model.device), torch=torch.__version__, model=shape,
-                dtype=dtype_name(model.dtype), kernels=kernels, cuda_graph=bool(cuda_graph))
+    key = dict(device=device_name(model.device), torch=torch.__version__, model=shape,
+               dtype=dtype_name(model.dtype), kernels=kernels, cuda_graph=bool(cuda_graph))
+    if model.device.type == "cpu":
+        key["cpu_matmul"] = forced_layout() or "auto"
+    return key
 
 
 def cost_depths(model) -> list[int]:

@@ -46,11 +46,11 @@ class Decoder(StepEngine):
         under ``torch.inference_mode`` keep no version, so after changing those in place call
         ``refresh()``), by ``run_step`` and by a CUDA graph capture.
 
-    On the CPU a speculative decoder keeps a contiguous transposed copy of each block's four
-    matrices and of the unembedding (the layout its BLAS multiplies fastest at T >= 2 rows;
-    measured on the demo model, a 5-token step 5% faster), so it holds those weights twice;
-    ``ntp`` multiplies one row, fastest through views of the parameters themselves, and copies
-    nothing. Greedy acceptance is lossless: the tokens equal greedy "ntp" of the same model.
+    On the CPU each of the blocks' matrices and the unembedding is multiplied in the layout
+    measured fastest at the step's row count (``mtpkern.cpu_matmul``: a contiguous transposed
+    copy, kept beside the weight, or the weight as stored; ``MTPKERN_CPU_MATMUL`` pins one),
+    so a decoder may hold some weights twice. Greedy acceptance is lossless: the tokens equal
+    greedy "ntp" of the same model.
     """
 
     def __init__(self, model, strategy: str | DecodeOptions | None = None, *, options: DecodeOptions | None = None,

@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mtpkern.config import GPT2Config, LlamaConfig
+from mtpkern.cpu_matmul import Matmul
 from mtpkern.ops.linear_residual import linear_residual
 from mtpkern.ops.ln_fc_gelu import ln_fc_gelu
 from mtpkern.ops.ln_qkv import ln_qkv
@@ -182,36 +183,30 @@ class Block(nn.Module):
 
 
 class DecodeWeights(NamedTuple):
-    """A ``Block``'s tensors as ``decode_block`` reads them: the matrices transposed, [in, out],
-    as views of the parameters (no copy: in-place updates show through) or as contiguous
-    copies (``contiguous=True``: the layout a CPU's BLAS multiplies fastest at a few rows)."""
+    """A ``Block``'s tensors as ``decode_block`` reads them, each matrix a :class:`Matmul` of the
+    parameter (on a CPU, in the layout measured fastest at the step's row count)."""
 
     ln1_w: torch.Tensor
     ln1_b: torch.Tensor
-    qkv_wt: torch.Tensor
+    qkv: Matmul
     qkv_b: torch.Tensor
-    o_wt: torch.Tensor
+    o: Matmul
     o_b: torch.Tensor
     ln2_w: torch.Tensor
     ln2_b: torch.Tensor
-    fc_wt: torch.Tensor
+    fc: Matmul
     fc_b: torch.Tensor
-    proj_wt: torch.Tensor
+    proj: Matmul
     proj_b: torch.Tensor
     n_head: int
     eps: float
 
     @classmethod
-    def of(cls, block: Block, contiguous: bool = False) -> DecodeWeights:
+    def of(cls, block: Block) -> DecodeWeights:
         a, m = block.attn, block.mlp
-
-        def t(w):
-            w = w.detach().t()
-            return w.contiguous() if contiguous else w
-
-        return cls(block.ln_1.weight, block.ln_1.bias, t(a.c_attn.weight), a.c_attn.bias, t(a.c_proj.weight),
-                   a.c_proj.bias, block.ln_2.weight, block.ln_2.bias, t(m.c_fc.weight), m.c_fc.bias,
-                   t(m.c_proj.weight), m.c_proj.bias, a.n_head, block.ln_1.eps)
+        return cls(block.ln_1.weight, block.ln_1.bias, Matmul(a.c_attn.weight), a.c_attn.bias, Matmul(a.c_proj.weight),
+                   a.c_proj.bias, block.ln_2.weight, block.ln_2.bias, Matmul(m.c_fc.weight), m.c_fc.bias,
+                   Matmul(m.c_proj.weight), m.c_proj.bias, a.n_head, block.ln_1.eps)
 
 
 def decode_block(x: torch.Tensor, w: DecodeWeights, attn: Attn, layer: int) -> torch.Tensor:
@@ -220,15 +215,15 @@ def decode_block(x: torch.Tensor, w: DecodeWeights, attn: Attn, layer: int) -> t
     slots per batch row)."""
     B, T, D = x.shape
     x = x.reshape(B * T, D)
-    qkv = torch.addmm(w.qkv_b, F.layer_norm(x, (D,), w.ln1_w, w.ln1_b, w.eps), w.qkv_wt)
-    q, k, v = qkv.view(B, T, 3, w.n_head, D // w.n_head).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, T, Dh]
+    qkv = w.qkv(F.layer_norm(x, (D,), w.ln1_w, w.ln1_b, w.eps), w.qkv_b)
+    q, k, v = qkv.reshape(B, T, 3, w.n_head, D // w.n_head).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, T, Dh]
     kc, vc = write_kv(attn, layer, k, v)
     assert attn.mask is not None, "Attn: decode_block needs a mask"
     s = attn.mask.shape[-1]
     y = F.scaled_dot_product_attention(q, kc[:, :, :s], vc[:, :, :s], attn_mask=attn.mask)
-    x = torch.addmm(x + w.o_b, y.transpose(1, 2).reshape(B * T, D), w.o_wt)
-    h = F.gelu(torch.addmm(w.fc_b, F.layer_norm(x, (D,), w.ln2_w, w.ln2_b, w.eps), w.fc_wt), approximate="tanh")
-    return torch.addmm(x + w.proj_b, h, w.proj_wt).view(B, T, D)
+    x = w.o(y.transpose(1, 2).reshape(B * T, D), x + w.o_b)
+    h = F.gelu(w.fc(F.layer_norm(x, (D,), w.ln2_w, w.ln2_b, w.eps), w.fc_b), approximate="tanh")
+    return w.proj(h, x + w.proj_b).reshape(B, T, D)
 
 
 class ResBlock(nn.Module):

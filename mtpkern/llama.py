@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mtpkern.config import LlamaConfig
+from mtpkern.cpu_matmul import Matmul
 from mtpkern.layers import Attn, write_kv
 from mtpkern.ops.linear_residual import linear_residual
 from mtpkern.ops.rms_qkv_rope import rms_qkv_rope
@@ -161,42 +162,33 @@ class LlamaBlock(nn.Module):
         h = rms_swiglu(x, self.ln_2.weight, m.c_fc.weight, eps=self.ln_2.eps)
         return linear_residual(h, m.c_proj.weight, None, x)
 
-    def decode_weights(self, contiguous: bool = False) -> LlamaDecodeWeights:
-        return LlamaDecodeWeights.of(self, contiguous)
+    def decode_weights(self) -> LlamaDecodeWeights:
+        return LlamaDecodeWeights.of(self)
 
 
 class LlamaDecodeWeights(NamedTuple):
-    """A ``LlamaBlock``'s tensors as ``decode_llama_block`` reads them, the matrices [in, out]
-    (views of the parameters, or contiguous copies)."""
+    """A ``LlamaBlock``'s tensors as ``decode_llama_block`` reads them, each matrix a
+    :class:`Matmul` of the parameter."""
 
     ln1_w: torch.Tensor
-    qkv_wt: torch.Tensor
+    qkv: Matmul
     qkv_b: torch.Tensor | None
-    o_wt: torch.Tensor
+    o: Matmul
     o_b: torch.Tensor | None
     ln2_w: torch.Tensor
-    fc_wt: torch.Tensor
-    proj_wt: torch.Tensor
+    fc: Matmul
+    proj: Matmul
     n_head: int
     n_kv_head: int
     head_dim: int
     eps: float
 
     @classmethod
-    def of(cls, block: LlamaBlock, contiguous: bool = False) -> LlamaDecodeWeights:
+    def of(cls, block: LlamaBlock) -> LlamaDecodeWeights:
         a, m = block.attn, block.mlp
-
-        def t(w):
-            w = w.detach().t()
-            return w.contiguous() if contiguous else w
-
-        return cls(block.ln_1.weight, t(a.c_attn.weight), a.c_attn.bias, t(a.c_proj.weight), a.c_proj.bias,
-                   block.ln_2.weight, t(m.c_fc.weight), t(m.c_proj.weight), a.n_head, a.n_kv_head, a.head_dim,
-                   block.ln_1.eps)
-
-
-def _linear(x, wt, b):
-    return x @ wt if b is None else torch.addmm(b, x, wt)
+        return cls(block.ln_1.weight, Matmul(a.c_attn.weight), a.c_attn.bias, Matmul(a.c_proj.weight), a.c_proj.bias,
+                   block.ln_2.weight, Matmul(m.c_fc.weight), Matmul(m.c_proj.weight), a.n_head, a.n_kv_head,
+                   a.head_dim, block.ln_1.eps)
 
 
 def decode_llama_block(x: torch.Tensor, w: LlamaDecodeWeights, attn: Attn, layer: int, rope) -> torch.Tensor:
@@ -205,10 +197,10 @@ def decode_llama_block(x: torch.Tensor, w: LlamaDecodeWeights, attn: Attn, layer
     B, T, D = x.shape
     H, Hk, Dh = w.n_head, w.n_kv_head, w.head_dim
     x = x.reshape(B * T, D)
-    qkv = _linear(rms_norm(x, w.ln1_w, w.eps), w.qkv_wt, w.qkv_b).view(B, T, H + 2 * Hk, Dh).transpose(1, 2)
+    qkv = w.qkv(rms_norm(x, w.ln1_w, w.eps), w.qkv_b).reshape(B, T, H + 2 * Hk, Dh).transpose(1, 2)
     q, k, v = qkv.split([H, Hk, Hk], dim=1)
     y = _attend(apply_rope(q, *rope), apply_rope(k, *rope), v, attn, layer, H != Hk)
     y = y.transpose(1, 2).reshape(B * T, H * Dh)
-    x = x + _linear(y, w.o_wt, w.o_b)
-    gate, up = (rms_norm(x, w.ln2_w, w.eps) @ w.fc_wt).chunk(2, dim=-1)
-    return torch.addmm(x, F.silu(gate) * up, w.proj_wt).view(B, T, D)
+    x = w.o(y, x if w.o_b is None else x + w.o_b)
+    gate, up = w.fc(rms_norm(x, w.ln2_w, w.eps)).chunk(2, dim=-1)
+    return w.proj(F.silu(gate) * up, x).reshape(B, T, D)

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from mtpkern.checkpoint import atomic_directory
 from mtpkern.config import CONFIG_NAME, WEIGHTS_NAME, GPT2Config, LlamaConfig
+from mtpkern.cpu_matmul import Matmul, share_layout
 from mtpkern.layers import Attn, Block, DecodeWeights, KVCache, MedusaHead, ModelOutput, ResBlock, decode_block
 from mtpkern.llama import LlamaBlock, LlamaDecodeWeights, RMSNorm, Rotary, decode_llama_block
 
@@ -163,12 +164,16 @@ class SpeculativeLM(nn.Module):
         """The transformer blocks in KV-cache layer order."""
         raise NotImplementedError
 
-    def decode_weights(self, contiguous: bool = False) -> list[DecodeWeights]:
+    def decode_weights(self) -> list[DecodeWeights]:
         """Every cache layer's block tensors for ``Attn.weights``: build them again after a
-        parameter is replaced (``.to()``, ``load_state_dict(assign=True)``), and, with
-        ``contiguous`` copies, after it changes in place."""
-        return [b.decode_weights(contiguous) if isinstance(b, LlamaBlock) else DecodeWeights.of(b, contiguous)
-                for b in self.cache_blocks()]
+        parameter is replaced (``.to()``, ``load_state_dict(assign=True)``), and on a CPU after
+        it changes in place (a :class:`~mtpkern.cpu_matmul.Matmul` may keep a copy). Each kind of
+        matrix (every block's QKV projection, ...) shares one layout, timed over all of them."""
+        weights = [b.decode_weights() if isinstance(b, LlamaBlock) else DecodeWeights.of(b) for b in self.cache_blocks()]
+        for kind in zip(*weights):
+            if isinstance(kind[0], Matmul):
+                share_layout(list(kind))
+        return weights
 
     def _blocks(self, blocks, x, attn: Attn | None, first_layer: int, extra: tuple = ()):
         """``blocks`` over x from cache layer ``first_layer`` on; ``extra``: what each block takes

@@ -69,6 +69,7 @@ from mtpkern.core import (
     Logits, dynamic_tree, eager_tree_mask, head_probs, level_sizes, sample_drafts, typical_stats,
     verify_greedy_rows, weights_stamp,
 )
+from mtpkern.cpu_matmul import Matmul
 from mtpkern.graphs import CapturedCall
 from mtpkern.inputs import RowOutput, check_room
 from mtpkern.layers import Attn, KVCache
@@ -348,7 +349,7 @@ class _NTPStep(_Step):
     def body(self, s, prefix_host):
         h0, _ = self._forward(s, s.root[:, None], prefix_host, self.tree)
         if self.one_call:
-            accepted = accept_greedy(h0[0], self.engine.logits.weight0(), s.root, self.paths,
+            accepted = accept_greedy(h0[0], self.engine.logits.weight0(self.T), s.root, self.paths,
                                      backend=self.engine.ops_backend)
             s.set("root", accepted.root)
             s.at += 1
@@ -439,7 +440,7 @@ class _TreeStep(_Step):
 
     def _accept_one(self, s: Rows, tokens, h0, carry, paths, prefix_host) -> torch.Tensor:
         """One row's greedy step after its forward pass, verified by ``accept_greedy``."""
-        out, root, last_node, best_path = accept_greedy(h0[0], self.engine.logits.weight0(), tokens[0], paths,
+        out, root, last_node, best_path = accept_greedy(h0[0], self.engine.logits.weight0(self.T), tokens[0], paths,
                                                         backend=self.engine.ops_backend)
         count = out[:1]
         # index_select, not paths[best]: indexing with a 0-d tensor calls .item(). A chain's
@@ -629,7 +630,6 @@ class StepEngine:
         self._states: dict[int, Rows] = {}  # per batch size, kept (a graph replays on them)
         self._graphs: dict[int, CapturedCall] = {}  # whole steps, per batch size
         self._graph_weights: list[int] | None = None
-        self._contiguous_weights = self.device.type == "cpu" and self.step.T > 1 and self.single
         self._refresh_weights(self._weight_stamp())
 
     def _make_step(self, dynamic_nodes: int) -> _Step:
@@ -665,14 +665,16 @@ class StepEngine:
         self.step.drafter.refresh()
         if self.fused:
             return
-        key = stamp if self._contiguous_weights else [ptr for ptr, _ in stamp]  # views follow in-place updates
+        # On a CPU a Matmul may keep a copy (cpu_matmul), stale after an in-place update; elsewhere
+        # it reads the parameter itself.
+        key = stamp if self.device.type == "cpu" else [ptr for ptr, _ in stamp]
         if key != self._weights_key:
             with torch.no_grad():
-                self.decode_weights = self.model.decode_weights(contiguous=self._contiguous_weights)
+                self.decode_weights = self.model.decode_weights()
                 # The unembedding too (its logits over T rows), in float32 (what the logits are in).
-                self.logits.unembed_t = (self.model.unembed_weight.detach().float().t().contiguous()
-                                         if self._contiguous_weights and self.logits.shared else None)
+                self.logits.unembed = Matmul(self.model.unembed_weight.detach().float()) if self.logits.shared else None
             self._weights_key = key
+            self._graph_weights = None  # a captured graph read the old ones (and their copies): capture again
 
     def compact(self, s: Rows, path: torch.Tensor, count: torch.Tensor) -> None:
         """``kv_compact_``: each row's accepted path [B, R] (its first count[b] nodes) to the
@@ -707,9 +709,11 @@ class StepEngine:
         self.step.forward = self.step.new_forward()
 
     def _graph_weights_now(self) -> list[int]:
-        """Where the tensors a capture reads live: the model's, and the engine's own copies
-        of them (the CPU's contiguous decode weights), which ``refresh`` may rebuild."""
-        return weights_stamp(self.model, *(self.decode_weights or []), self.logits.unembed_t)
+        """Where the tensors a capture reads live: the model's, and the engine's float32
+        unembedding (a copy of a half-precision one). ``_refresh_weights`` drops the stamp when
+        it rebuilds the engine's weights (on a CPU, their ``Matmul`` copies go with them)."""
+        unembed = self.logits.unembed
+        return weights_stamp(self.model, unembed.w if unembed is not None else None)
 
     def _prepare_graphs(self, B: int) -> Rows:
         """The state of B rows, with the graph of its whole step captured (or the forward

@@ -1,0 +1,142 @@
+"""mtpkern.cpu_matmul: the CPU decode path's products in the layout measured fastest. Each layout
+against an fp32 reference over awkward shapes, dtypes and addends; ``MTPKERN_CPU_MATMUL`` pinning
+a layout (and refusing a bad value); the engines decoding losslessly in either layout, with the
+copies kept where the layout keeps them and rebuilt after an in-place update."""
+
+import pytest
+import torch
+
+from mtpkern import Decoder, MedusaModel
+from mtpkern.config import LlamaConfig
+from mtpkern.cpu_matmul import ENV, LAYOUTS, Matmul, choose, share_layout
+from mtpkern.models import Llama
+
+from _tiny import random_prompts
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
+
+
+@pytest.fixture(params=["auto", *LAYOUTS])
+def layout(request, monkeypatch):
+    monkeypatch.setenv(ENV, request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows, out, inner", [(1, 1, 1), (2, 7, 3), (3, 130, 17), (5, 966, 128), (64, 33, 200)])
+@pytest.mark.parametrize("addend", [None, "bias", "residual"])
+def test_every_layout_is_the_product(layout, dtype, rows, out, inner, addend):
+    g = torch.Generator().manual_seed(rows * 1000 + out)
+    w, x = torch.randn(out, inner, generator=g), torch.randn(rows, inner, generator=g)
+    add = {None: None, "bias": torch.randn(out, generator=g), "residual": torch.randn(rows, out, generator=g)}[addend]
+    want = x @ w.T + (0 if add is None else add)
+    cast = (lambda t: None if t is None else t.to(dtype))
+    got = Matmul(cast(w))(cast(x), cast(add))
+    assert got.shape == (rows, out) and got.dtype == dtype
+    scale = float(want.abs().max()) + 1
+    assert float((got.float() - want).abs().max()) <= TOL[dtype] * scale * inner ** 0.5
+
+
+def test_a_pinned_layout_decides_where_the_copy_lives(monkeypatch):
+    w, x = torch.randn(40, 24), torch.randn(3, 24)
+    monkeypatch.setenv(ENV, "flip")
+    m = Matmul(w)
+    assert choose([w], 3) == "flip" and m.weight(3) is m.w and m.w.data_ptr() == w.data_ptr()
+    m(x)
+    assert m._copy is None  # flip multiplies the weight as stored
+    monkeypatch.setenv(ENV, "copy")
+    assert choose([w], 3) == "copy" and m.layout(3) == "flip"  # a Matmul keeps the layout it chose
+    m = Matmul(w)
+    kept = m.weight(3)
+    assert kept.shape == w.shape and not kept.is_contiguous() and kept.t().is_contiguous()
+    assert kept.data_ptr() != w.data_ptr() and torch.equal(kept, w)
+    assert m._copy is not None and m.weight(5).data_ptr() == kept.data_ptr()  # made once, kept
+
+
+def test_auto_times_a_kind_once_per_row_count_and_keeps_its_choice(monkeypatch):
+    monkeypatch.delenv(ENV, raising=False)
+    with pytest.raises(ValueError, match=r"^share_layout: the matrices have different shapes \[\(4, 4\), \(5, 4\)\]$"):
+        share_layout([Matmul(torch.randn(4, 4)), Matmul(torch.randn(5, 4))])
+    group = [Matmul(torch.randn(77, 19)) for _ in range(3)]
+    share_layout(group)
+    assert all(m.group is group for m in group)
+    first = group[0].layout(6)
+    assert first in LAYOUTS and choose([m.w for m in group], 6) == first
+    calls = []
+    monkeypatch.setattr(torch, "randn", lambda *a, **k: calls.append(a) or torch.zeros(1))  # a new timing would call it
+    assert [m.layout(6) for m in group] == [first] * 3 and choose([m.w for m in group], 6) == first and not calls
+
+
+def test_the_decode_weights_share_a_layout_per_kind(medusa_model):
+    weights = medusa_model.decode_weights()
+    for kind in ("qkv", "o", "fc", "proj"):
+        group = getattr(weights[0], kind).group
+        assert len(group) == len(weights) > 1 and all(getattr(w, kind).group is group for w in weights)
+
+
+@pytest.mark.parametrize("value", ["fast", "view", "copy,flip"])
+def test_a_bad_setting_is_a_one_line_error(monkeypatch, value):
+    monkeypatch.setenv(ENV, value)
+    with pytest.raises(ValueError, match=rf"^{ENV}='{value}' is not one of auto, copy, flip$"):
+        Matmul(torch.randn(4, 4))(torch.randn(2, 4))
+
+
+def test_off_the_cpu_a_matmul_is_the_plain_product(monkeypatch):
+    monkeypatch.setenv(ENV, "copy")
+    w = torch.randn(8, 5, device="meta")
+    m = Matmul(w)
+    assert m.layout(4) is None and m.weight(4) is m.w
+    assert m(torch.randn(4, 5, device="meta")).shape == (4, 8) and m._copy is None
+
+
+def _llama_medusa():
+    torch.manual_seed(3)
+    base = Llama(LlamaConfig.tiny(vocab_size=256))
+    model = MedusaModel.from_base(base, n_heads=4)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(4.0)  # a peaked distribution: greedy far from ties
+    return model.eval()
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_decoding_is_lossless_in_either_layout(layout, family, medusa_model):
+    model = medusa_model if family == "gpt2" else _llama_medusa()
+    prompts = random_prompts(3, seed=5, max_len=12)
+    ntp = Decoder(model, "ntp")
+    spec = Decoder(model, "medusa", tree="3,2,1")
+    for p in prompts:
+        want = ntp.generate(p, max_new_tokens=24).tokens
+        assert spec.generate(p, max_new_tokens=24).tokens == want
+    copies = [m._copy is not None for w in spec.decode_weights for m in w if isinstance(m, Matmul)]
+    if layout == "copy":
+        assert all(copies) and spec.logits.unembed is not None and spec.logits.unembed._copy is not None
+    elif layout == "flip":
+        assert not any(copies)
+
+
+def test_an_in_place_update_rebuilds_the_copies(monkeypatch, medusa_model):
+    import copy
+
+    monkeypatch.setenv(ENV, "copy")
+    model = copy.deepcopy(medusa_model)
+    dec = Decoder(model, "medusa", tree="2,1", prefix_cache=False)
+    p = random_prompts(1, seed=8)[0]
+    dec.generate(p, max_new_tokens=16)
+    kept = dec.decode_weights[0].fc
+    with torch.no_grad():
+        model.base.h[0].mlp.c_fc.weight.mul_(-1.5)  # same storage, new version
+    out = dec.generate(p, max_new_tokens=16).tokens
+    assert dec.decode_weights[0].fc is not kept
+    assert out == Decoder(model, "ntp", prefix_cache=False).generate(p, max_new_tokens=16).tokens
+
+
+def test_step_costs_are_measured_per_setting(monkeypatch, gpt2_model):
+    from mtpkern.costmodel import cost_key
+
+    keys = {}
+    for value in ("auto", *LAYOUTS):
+        monkeypatch.setenv(ENV, value)
+        keys[value] = cost_key(gpt2_model, kernels="auto", cuda_graph=False)
+    assert [k["cpu_matmul"] for k in keys.values()] == ["auto", *LAYOUTS]
+    assert len({str(sorted(k.items())) for k in keys.values()}) == 3
