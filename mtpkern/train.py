@@ -163,7 +163,7 @@ class TrainConfig:
         self._given = {f.name for f in fields(self) if getattr(self, f.name) != f.default}
         self._check_objective_and_length()
         self._check_out_and_seed()
-        self._check_medusa_settings()
+        self._check_objective_settings()
         self._resolve_rate_and_heads()
         self._check_sizes()
         self._check_precision_and_device()
@@ -189,8 +189,9 @@ class TrainConfig:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
             raise ValueError(f"seed must be an integer from 0 to 2**63 - 1, got {self.seed}")
 
-    def _check_medusa_settings(self) -> None:
-        """MEDUSA needs a base; the MEDUSA-only and MEDUSA-2-only settings need their objective."""
+    def _check_objective_settings(self) -> None:
+        """MEDUSA needs a base; the MEDUSA-only, MEDUSA-2-only and MTP-only settings need their
+        objective, and the ratios and coefficients are finite and positive."""
         medusa = self.objective in ("medusa", "medusa2")
         if self.objective == "medusa" and not self.base:
             raise ValueError("objective 'medusa' needs a trained base model (base=..., --base): MEDUSA-1 freezes it")
