@@ -7,6 +7,9 @@ Fixtures: ``gpt2_model``, ``medusa_model`` and ``mtp_model`` (the trained tiny m
 ``_tiny.py``, built once per session) and ``single_thread`` (every module runs on one thread).
 Test modules import plain helpers from ``_tiny.py``, never fixtures.
 
+Measured step costs (``$MTPKERN_CACHE``) go to a temporary folder of the session unless the
+variable is set, never into the user's ``~/.cache/mtpkern``.
+
 Markers (``pytest.ini``): ``slow`` marks tests that take more than about ten seconds on a
 2-core CPU; nothing deselects them by default, so ``python -m pytest -q`` (and CI) runs
 everything, and ``python -m pytest -q -m "not slow"`` skips them.
@@ -16,6 +19,13 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if "MTPKERN_CACHE" not in os.environ:  # measured step costs go to a folder of this session, not the user's
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["MTPKERN_CACHE"] = tempfile.mkdtemp(prefix="mtpkern-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["MTPKERN_CACHE"], ignore_errors=True)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
