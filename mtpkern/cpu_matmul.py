@@ -8,10 +8,11 @@ CPU or BLAS to another (MKL on a 2-core AMD EPYC, SmolLM2-135M's unembedding [49
 ``copy`` against ``flip``: 4.0 ms against 8.3 ms at 1 row, 24.8 ms against 5.0 ms at 4 rows):
 
 - ``copy``: ``x @ Wt`` with a contiguous transposed copy Wt [in, out], kept beside W;
-- ``flip``: ``(W @ x.T).T`` with W as stored; the result is a transposed view.
+- ``flip``: ``(W @ x.T).T`` with W as stored (the result made contiguous).
 
 ``MTPKERN_CPU_MATMUL=auto`` (the default) times both the first time a kind of matrix meets a row
-count (and dtype and thread count) in this process, and keeps the faster. A kind is the group
+count (and dtype and thread count) in this process, and keeps ``flip`` where it is at least
+``FLIP_GAIN`` (1.2) times faster, else ``copy``. A kind is the group
 :func:`share_layout` makes, such as every block's QKV projection: it is timed as a step
 multiplies it, each layer's matrix in turn, so each is read from memory as in a step (a matrix
 timed alone stays in the cache, and a 30-layer model's step then ran 20% slower at one row).
@@ -29,6 +30,10 @@ import torch
 LAYOUTS = ("copy", "flip")
 ENV = "MTPKERN_CPU_MATMUL"
 _ROUND_S = 2e-3  # each timing round runs the product for at least this long
+# ``flip`` is chosen only where its product is this much faster: the timing sees the product
+# alone, and on a small model, where the two are within ~10% of each other, the copy was the
+# faster in whole steps (the demo's MTP model: 1.5-1.7 ms against 1.9-2.1 ms at 2 tokens).
+FLIP_GAIN = 1.2
 _chosen: dict[tuple, str] = {}
 
 
@@ -47,8 +52,8 @@ def _product(x: torch.Tensor, w: torch.Tensor, wt: torch.Tensor | None, add: tor
     if wt is not None:
         return x @ wt if add is None else torch.addmm(add, x, wt)
     if add is None:
-        return (w @ x.t()).t()
-    return torch.addmm(add.t() if add.dim() == 2 else add[:, None], w, x.t()).t()
+        return (w @ x.t()).t().contiguous()
+    return torch.addmm(add.t() if add.dim() == 2 else add[:, None], w, x.t()).t().contiguous()
 
 
 def _seconds(fn) -> float:
@@ -83,7 +88,7 @@ def choose(weights: list[torch.Tensor], rows: int) -> str:
             times = {"copy": _seconds(lambda: [_product(x, v, c, None) for v, c in zip(weights, copies)]),
                      "flip": _seconds(lambda: [_product(x, v, None, None) for v in weights])}
             del copies
-        _chosen[key] = min(LAYOUTS, key=times.__getitem__)
+        _chosen[key] = "flip" if times["copy"] > FLIP_GAIN * times["flip"] else "copy"
     return _chosen[key]
 
 
@@ -118,8 +123,10 @@ class Matmul:
         return self._layouts[rows]
 
     def __call__(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
-        """x [N, in], ``add`` [N, out] or [out] (a bias, a residual): [N, out], maybe a view."""
-        layout = self.layout(x.shape[0])
+        """x [N, in], ``add`` [N, out] or [out] (a bias, a residual): [N, out]."""
+        layout = self._layouts.get(x.shape[0], "?")
+        if layout == "?":
+            layout = self.layout(x.shape[0])
         if layout is None:
             return x @ self.w.t() if add is None else torch.addmm(add, x, self.w.t())
         return _product(x, self.w, self._copied() if layout == "copy" else None, add)

@@ -140,3 +140,14 @@ def test_step_costs_are_measured_per_setting(monkeypatch, gpt2_model):
         keys[value] = cost_key(gpt2_model, kernels="auto", cuda_graph=False)
     assert [k["cpu_matmul"] for k in keys.values()] == ["auto", *LAYOUTS]
     assert len({str(sorted(k.items())) for k in keys.values()}) == 3
+
+
+@pytest.mark.parametrize("gain, layout", [(0.0, "flip"), (float("inf"), "copy")])
+def test_auto_keeps_the_copy_unless_flip_gains_enough(monkeypatch, gain, layout):
+    import mtpkern.cpu_matmul as cpu_matmul
+
+    monkeypatch.delenv(ENV, raising=False)
+    monkeypatch.setattr(cpu_matmul, "FLIP_GAIN", gain)
+    monkeypatch.setattr(cpu_matmul, "_chosen", {})
+    w = torch.randn(31, 9)
+    assert choose([w], 3) == layout
