@@ -11,13 +11,14 @@ CPU or BLAS to another (MKL on a 2-core AMD EPYC, SmolLM2-135M's unembedding [49
 - ``flip``: ``(W @ x.T).T`` with W as stored (the result made contiguous).
 
 ``MTPKERN_CPU_MATMUL=auto`` (the default) times both the first time a kind of matrix meets a row
-count (and dtype and thread count) in this process, and keeps ``flip`` where it is at least
-``FLIP_GAIN`` (1.2) times faster, else ``copy``. A kind is the group
-:func:`share_layout` makes, such as every block's QKV projection: it is timed as a step
+count (rounded up to a power of two; with its dtype and thread count) in this process, and keeps
+``flip`` where it is at least ``FLIP_GAIN`` (1.2) times faster, else ``copy``. Above
+``TIMED_ROWS`` (128) rows, a prefill's, a product is plain ``x @ W.T``, never timed. A kind is
+the group :func:`share_layout` makes, such as every block's QKV projection: it is timed as a step
 multiplies it, each layer's matrix in turn, so each is read from memory as in a step (a matrix
 timed alone stays in the cache, and a 30-layer model's step then ran 20% slower at one row).
-``copy`` or ``flip`` pins one layout for every matrix. Either computes the same product, up to
-floating-point rounding. On other devices a ``Matmul`` is ``x @ W.T``.
+``copy`` or ``flip`` pins one layout for every product up to 128 rows. Each computes the same
+product, up to floating-point rounding. On other devices a ``Matmul`` is ``x @ W.T``.
 """
 
 from __future__ import annotations
@@ -34,6 +35,10 @@ _ROUND_S = 2e-3  # each timing round runs the product for at least this long
 # alone, and on a small model, where the two are within ~10% of each other, the copy was the
 # faster in whole steps (the demo's MTP model: 1.5-1.7 ms against 1.9-2.1 ms at 2 tokens).
 FLIP_GAIN = 1.2
+# Row counts up to this are timed, rounded up to a power of two (a decode step's tree tokens
+# times its batch rows: at most 8 timings per kind); above it (a prefill) a product is plain
+# ``x @ W.T``: at 128-752 rows the layouts were within 15% of each other (SmolLM2's matrices).
+TIMED_ROWS = 128
 _chosen: dict[tuple, str] = {}
 
 
@@ -75,10 +80,14 @@ def _seconds(fn) -> float:
 
 def choose(weights: list[torch.Tensor], rows: int) -> str:
     """The layout to multiply ``rows`` rows by each of ``weights`` (one kind of matrix, [out, in]
-    each, taken in turn as a step takes them) in on a CPU (see the module doc)."""
+    each, taken in turn as a step takes them) in on a CPU (see the module doc): ``plain`` above
+    ``TIMED_ROWS``, else the pinned layout or the one timed at ``rows`` rounded up to a power of two."""
+    if rows > TIMED_ROWS:
+        return "plain"
     forced = forced_layout()
     if forced is not None:
         return forced
+    rows = 1 << (rows - 1).bit_length()
     w = weights[0]
     key = (tuple(w.shape), len(weights), rows, w.dtype, torch.get_num_threads())
     if key not in _chosen:
@@ -104,7 +113,7 @@ class Matmul:
         self.w = w.detach()
         self.group: list[Matmul] = [self]  # the matrices timed together (share_layout)
         self._copy: torch.Tensor | None = None
-        self._layouts: dict[int, str | None] = {}
+        self._layouts: dict[int, str] = {}
 
     def __repr__(self) -> str:
         return f"Matmul({list(self.w.shape)}, copy={self._copy is not None})"
@@ -115,25 +124,23 @@ class Matmul:
                 self._copy = self.w.t().contiguous()
         return self._copy
 
-    def layout(self, rows: int) -> str | None:
-        """The layout of a product with ``rows`` rows (None off the CPU: ``x @ W.T``)."""
+    def layout(self, rows: int) -> str:
+        """The layout of a product with ``rows`` rows (``plain`` off the CPU: ``x @ W.T``)."""
         if rows not in self._layouts:
             on_cpu = self.w.device.type == "cpu"
-            self._layouts[rows] = choose([m.w for m in self.group], rows) if on_cpu else None
+            self._layouts[rows] = choose([m.w for m in self.group], rows) if on_cpu else "plain"
         return self._layouts[rows]
 
     def __call__(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
         """x [N, in], ``add`` [N, out] or [out] (a bias, a residual): [N, out]."""
-        layout = self._layouts.get(x.shape[0], "?")
-        if layout == "?":
-            layout = self.layout(x.shape[0])
-        if layout is None:
+        layout = self._layouts.get(x.shape[0]) or self.layout(x.shape[0])
+        if layout == "plain":
             return x @ self.w.t() if add is None else torch.addmm(add, x, self.w.t())
         return _product(x, self.w, self._copied() if layout == "copy" else None, add)
 
     def weight(self, rows: int) -> torch.Tensor:
-        """W [out, in] in the layout of a product with ``rows`` rows: as stored (``flip``, and off
-        the CPU) or a transposed view of the copy (``copy``). The extension's ``accept_greedy``
+        """W [out, in] in the layout of a product with ``rows`` rows: a transposed view of the
+        copy (``copy``), else as stored. The extension's ``accept_greedy``
         multiplies in the layout of the weight it is given."""
         return self._copied().t() if self.layout(rows) == "copy" else self.w
 

@@ -671,8 +671,10 @@ class StepEngine:
         if key != self._weights_key:
             with torch.no_grad():
                 self.decode_weights = self.model.decode_weights()
-                # The unembedding too (its logits over T rows), in float32 (what the logits are in).
-                self.logits.unembed = Matmul(self.model.unembed_weight.detach().float()) if self.logits.shared else None
+                # On a CPU the unembedding too (its logits over T rows), in float32 (what the
+                # logits are in; a half-precision model's is converted once, not at every step).
+                cpu = self.device.type == "cpu" and self.logits.shared
+                self.logits.unembed = Matmul(self.model.unembed_weight.detach().float()) if cpu else None
             self._weights_key = key
             self._graph_weights = None  # a captured graph read the old ones (and their copies): capture again
 
@@ -709,9 +711,9 @@ class StepEngine:
         self.step.forward = self.step.new_forward()
 
     def _graph_weights_now(self) -> list[int]:
-        """Where the tensors a capture reads live: the model's, and the engine's float32
-        unembedding (a copy of a half-precision one). ``_refresh_weights`` drops the stamp when
-        it rebuilds the engine's weights (on a CPU, their ``Matmul`` copies go with them)."""
+        """Where the tensors a capture reads live: the model's, and on a CPU the engine's
+        float32 unembedding. ``_refresh_weights`` drops the stamp when it rebuilds the engine's
+        weights (on a CPU, their ``Matmul`` copies go with them)."""
         unembed = self.logits.unembed
         return weights_stamp(self.model, unembed.w if unembed is not None else None)
 

@@ -85,7 +85,7 @@ def test_off_the_cpu_a_matmul_is_the_plain_product(monkeypatch):
     monkeypatch.setenv(ENV, "copy")
     w = torch.randn(8, 5, device="meta")
     m = Matmul(w)
-    assert m.layout(4) is None and m.weight(4) is m.w
+    assert m.layout(4) == "plain" and m.weight(4) is m.w
     assert m(torch.randn(4, 5, device="meta")).shape == (4, 8) and m._copy is None
 
 
@@ -151,3 +151,19 @@ def test_auto_keeps_the_copy_unless_flip_gains_enough(monkeypatch, gain, layout)
     monkeypatch.setattr(cpu_matmul, "_chosen", {})
     w = torch.randn(31, 9)
     assert choose([w], 3) == layout
+
+
+def test_a_prefill_is_a_plain_product_and_decode_rows_are_timed_in_powers_of_two(monkeypatch):
+    import mtpkern.cpu_matmul as cpu_matmul
+
+    monkeypatch.setenv(ENV, "copy")
+    w, x = torch.randn(24, 16), torch.randn(cpu_matmul.TIMED_ROWS + 1, 16)
+    m = Matmul(w)
+    assert m.layout(x.shape[0]) == "plain" and torch.allclose(m(x), x @ w.T, atol=1e-5) and m._copy is None
+    assert m.layout(cpu_matmul.TIMED_ROWS) == "copy"
+    monkeypatch.delenv(ENV)
+    monkeypatch.setattr(cpu_matmul, "_chosen", {})
+    choose([w], 5)
+    assert list(cpu_matmul._chosen) == [((24, 16), 1, 8, torch.float32, torch.get_num_threads())]
+    choose([w], 7)
+    assert len(cpu_matmul._chosen) == 1  # 5 to 8 rows share one timing
