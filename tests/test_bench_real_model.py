@@ -78,6 +78,52 @@ def test_quick_benchmark_on_smollm2(tmp_path):
         assert all("error" not in r and r["tokens_per_second"] > 0 for r in study["0.7"].values()), study
         assert any(case.startswith("rejection ") for case in study["0.7"]) and "ntp" in study["0.7"]
     assert "| medusa: rejection dynamic | 0.7 |" in proc.stdout
+    _reuse_decodes_the_same_heads_again(out, report, tmp_path)
+
+
+def _snapshot(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
+
+
+def _reuse_decodes_the_same_heads_again(prev: Path, first: dict, tmp_path: Path) -> None:
+    """--reuse: no conversion, distillation or training; the earlier folder untouched; the same
+    models decode to the same lossless tokens, and the report names what it reused."""
+    before = _snapshot(prev)
+    out = tmp_path / "again"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--reuse", str(prev), "--out", str(out),
+                           "--sampling", "none"], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert _snapshot(prev) == before
+    assert sorted(p.name for p in out.iterdir()) == ["report.json"]
+    report = json.loads((out / "report.json").read_text())
+    assert report["complete"] and report["reused"] == str(prev) and report["data"]["reused"] == str(prev)
+    assert report["data"]["distilled"] == first["data"]["distilled"] and "sampling" not in report
+    assert not any(k.startswith(("train_", "distill", "load")) for k in report["seconds"]), report["seconds"]
+    for name in ("medusa", "mtp"):
+        training, model = report["models"][name]["training"], report["models"][name]
+        assert training["reused"] and training["path"] == str(prev / name)
+        assert training["n_heads"] == first["models"][name]["training"]["n_heads"] == len(model["head_top1"])
+        assert training["val_head_top1"] == pytest.approx(first["models"][name]["training"]["val_head_top1"])
+        assert model["head_top1"] == pytest.approx(first["models"][name]["head_top1"], abs=0.1)
+        assert all(s["agrees_with_ntp"] == 1.0 for s in model["speed"].values())
+    assert f"the base and heads of {prev})" in proc.stdout
+
+
+@pytest.mark.parametrize("missing", ["base/config.json", "distilled.jsonl", "medusa/summary.json",
+                                     "mtp/train_config.json"])
+def test_reuse_of_an_incomplete_folder_is_a_one_line_error_naming_the_file(tmp_path, capsys, missing):
+    bench = _bench()
+    prev = tmp_path / "prev"
+    for rel in ("base/config.json", "distilled.jsonl", "medusa/summary.json", "medusa/train_config.json",
+                "mtp/summary.json", "mtp/train_config.json"):
+        (prev / rel).parent.mkdir(parents=True, exist_ok=True)
+        (prev / rel).write_text("{}")
+    (prev / missing).unlink()
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--reuse", str(prev), "--out", str(tmp_path / "again")])
+    message = str(e.value.code)
+    assert len(message.splitlines()) == 1 and str(prev / missing) in message and "--reuse" in message
+    assert not (tmp_path / "again").exists()  # refused before any work
 
 
 def test_sampling_flag_takes_temperatures_or_none(capsys):
