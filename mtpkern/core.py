@@ -7,7 +7,7 @@
 - ``eager_tree_mask``: the attention mask of tree tokens after a prefix, per row;
 - ``dynamic_tree``: the best draft nodes by path score (EAGLE-2's rule on the model's heads);
 - ``typical_stats``: what typical acceptance reads (p(node | parent), the parent's entropy);
-- ``head_probs`` / ``sample_drafts``: sampling distributions and drafts for rejection sampling;
+- ``sample_drafts``: one draft token from each draft head's distribution, for rejection sampling;
 - ``verify_greedy_rows``: greedy verification of B rows at once;
 - ``weights_stamp``: where the tensors a CUDA graph reads live.
 """
@@ -109,17 +109,10 @@ def typical_stats(h_parent: torch.Tensor, drafts: torch.Tensor, weight: torch.Te
     return node_prob, parent_entropy
 
 
-def head_probs(model, h: torch.Tensor, j: int, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
-    """Head j's sampling distribution [R, V] at hidden states h [R, D]."""
-    return sampling_probs(model.head_logits(h, j), temperature, top_k, top_p)
-
-
-def sample_drafts(model, d: torch.Tensor, options, generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rejection sampling's drafts from the draft heads' states d [n, D] at one position:
-    (their distributions q [n, V], one token drawn from each [n])."""
-    q = torch.cat([head_probs(model, d[j - 1 : j], j, options.temperature, options.top_k, options.top_p)
-                   for j in range(1, d.shape[0] + 1)])
-    return q, torch.multinomial(q, 1, generator=generator)[:, 0]
+def sample_drafts(q: torch.Tensor, generator) -> torch.Tensor:
+    """Rejection sampling's drafts at one position: one token [n] drawn from each of the draft
+    heads' distributions q [n, V] (``Logits.heads_probs``)."""
+    return torch.multinomial(q, 1, generator=generator)[:, 0]
 
 
 def verify_greedy_rows(tokens: torch.Tensor, target: torch.Tensor, paths: torch.Tensor, backend: str | None):
@@ -161,6 +154,20 @@ class Logits:
         if self.unembed is not None:
             return self.unembed(h.float().reshape(-1, h.shape[-1])).reshape(*h.shape[:-1], -1)
         return h.float() @ self.model.head_weight(j).float().T
+
+    def probs(self, h: torch.Tensor, j: int, options) -> torch.Tensor:
+        """Head j's sampling distribution [..., V] at states h [..., D] (``sampling_probs`` with
+        ``options``' temperature, top-k and top-p), its logits through the decoder's float32
+        unembedding where it keeps one (``unembed``, in the layout timed fastest on a CPU)."""
+        z = self._z(h, j) if self.unembed is not None else self.model.head_logits(h, j)
+        return sampling_probs(z, options.temperature, options.top_k, options.top_p)
+
+    def heads_probs(self, d: torch.Tensor, options) -> torch.Tensor:
+        """Draft heads 1..n's sampling distributions [B, n, V] at their states d [B, n, D]: one
+        product for every row and head where the unembedding is kept, one per head otherwise."""
+        if self.unembed is not None:
+            return self.probs(d, 1, options)
+        return torch.stack([self.probs(d[:, j - 1], j, options) for j in range(1, d.shape[1] + 1)], 1)
 
     def weight0(self, rows: int) -> torch.Tensor:
         """Head 0's unembedding [V, D] in the layout its logits over ``rows`` rows multiply
@@ -258,5 +265,5 @@ def dynamic_tree(logp: torch.Tensor, ids: torch.Tensor, n_nodes: int, level_size
     return torch.cat([parents.new_full((1,), -1), parents]), all_tokens.index_select(0, order)
 
 
-__all__ = ["Logits", "prefill", "prefill_rows", "eager_tree_mask", "dynamic_tree", "level_sizes", "typical_stats", "head_probs",
+__all__ = ["Logits", "prefill", "prefill_rows", "eager_tree_mask", "dynamic_tree", "level_sizes", "typical_stats",
            "sample_drafts", "verify_greedy_rows", "weights_stamp"]

@@ -66,7 +66,7 @@ import torch
 from torch import nn
 
 from mtpkern.core import (
-    Logits, dynamic_tree, eager_tree_mask, head_probs, level_sizes, sample_drafts, typical_stats,
+    Logits, dynamic_tree, eager_tree_mask, level_sizes, sample_drafts, typical_stats,
     verify_greedy_rows, weights_stamp,
 )
 from mtpkern.cpu_matmul import Matmul
@@ -309,9 +309,8 @@ class _Step:
 
     def _sample(self, s: Rows, h: torch.Tensor) -> torch.Tensor:
         """One token [B] from head 0's distribution at each row's state h [B, D], from its stream."""
-        o = self.engine.options
-        return torch.cat([torch.multinomial(head_probs(self.model, h[b : b + 1], 0, o.temperature, o.top_k, o.top_p),
-                                            1, generator=s.generators[b])[0] for b in range(s.B)])
+        p = self.engine.logits.probs(h, 0, self.engine.options)  # [B, V]
+        return torch.cat([torch.multinomial(p[b : b + 1], 1, generator=s.generators[b])[0] for b in range(s.B)])
 
     def _finish(self, s: Rows, count: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Each row's next root (its last emitted token) and prefix (a finished row stays where
@@ -474,19 +473,19 @@ class _ChainSamplingStep(_Step):
         self.path = torch.arange(n + 1, device=engine.device)
 
     def _drafts(self, s: Rows, d: torch.Tensor) -> None:  # the draft heads' states [B, n, D]
+        q = self.engine.logits.heads_probs(d, self.engine.options)  # [B, n, V]
         for b in range(s.B):
-            s.q[b], s.topk[b, :, 0] = sample_drafts(self.model, d[b], self.engine.options, s.generators[b])
+            s.q[b], s.topk[b, :, 0] = q[b], sample_drafts(q[b], s.generators[b])
 
     def begin(self, s, states):
         s.set("root", self._sample(s, states[:, 0]))
         self._drafts(s, states[:, 1:])
 
     def body(self, s, prefix_host):
-        o = self.engine.options
         tokens = torch.cat([s.root[:, None], s.topk[:, :, 0]], 1)
         h0, carry = self._forward(s, tokens, prefix_host, self.tree)
-        drawn = [speculative_sample_device(head_probs(self.model, h0[b], 0, o.temperature, o.top_k, o.top_p),
-                                           s.q[b], s.topk[b, :, 0], s.generators[b]) for b in range(s.B)]
+        p = self.engine.logits.probs(h0, 0, self.engine.options)  # [B, n + 1, V]
+        drawn = [speculative_sample_device(p[b], s.q[b], s.topk[b, :, 0], s.generators[b]) for b in range(s.B)]
         accept_len = torch.stack([a.view(()) for a, _ in drawn])
         out = torch.stack([t for _, t in drawn])
         # The chain's nodes 0..a are accepted and already in place.
@@ -528,10 +527,6 @@ class _TreeSamplingStep(_Step):
         super().__init__(engine)
         self.graphable = False  # it draws from host-held generators
 
-    def _probs(self, h: torch.Tensor, j: int) -> torch.Tensor:
-        o = self.engine.options
-        return head_probs(self.model, h, j, o.temperature, o.top_k, o.top_p)
-
     def _dynamic_shape(self, q: torch.Tensor) -> tuple:
         """(parents, their host list, depths' host list, (depth, dense, packed)) of the best
         nodes by path probability under one row's head distributions q [n, V]."""
@@ -544,7 +539,7 @@ class _TreeSamplingStep(_Step):
         return parents, parents.tolist(), buf.depth.tolist(), (buf.depth, dense, buf.mask)
 
     def _drafts(self, s: Rows, d: torch.Tensor) -> None:  # the draft heads' states [B, n, D]
-        q = torch.stack([self._probs(d[:, j - 1], j) for j in range(1, self.max_depth + 1)], 1)  # [B, n, V]
+        q = self.engine.logits.heads_probs(d[:, : self.max_depth], self.engine.options)  # [B, n, V]
         if not self.static:
             self.shape = self._dynamic_shape(q[0])
         _, parent_list, depth_list, _ = self.shape
@@ -562,7 +557,7 @@ class _TreeSamplingStep(_Step):
         parents, _, _, tree = self.shape
         tokens = torch.cat([s.root[:, None], s.tree_drafts[:, 1:]], 1)
         h0, carry = self._forward(s, tokens, prefix_host, tree)
-        p = self._probs(h0.reshape(B * T, -1), 0).view(B, T, -1)
+        p = self.engine.logits.probs(h0, 0, self.engine.options)  # [B, T, V]
         uniforms = torch.stack([torch.rand(T, generator=s.generators[b], device=tokens.device) for b in range(B)])
         draft_row = (tree[0] - 1).clamp(min=0)  # node t's proposal: head depth(t)'s distribution
         res = verify_rejection(tokens, p, s.tree_q, draft_row, parents, self.max_depth,

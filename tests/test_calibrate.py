@@ -367,7 +367,7 @@ def test_a_damaged_cost_cache_is_measured_again(cost_cache):
     calls = []
     cost = step_cost(tiny_medusa(), timer=fake_timer(calls))
     assert calls and cost.sizes == [1, 2, 4, 8, 16, 32, 64]
-    assert json.loads((cost_cache / "step_cost.json").read_text())["schema"] == "mtpkern.step_cost/3"
+    assert json.loads((cost_cache / "step_cost.json").read_text())["schema"] == "mtpkern.step_cost/4"
 
 
 def test_step_cost_keeps_the_faster_round_and_never_decreases():

@@ -167,3 +167,52 @@ def test_a_prefill_is_a_plain_product_and_decode_rows_are_timed_in_powers_of_two
     assert list(cpu_matmul._chosen) == [((24, 16), 1, 8, torch.float32, torch.get_num_threads())]
     choose([w], 7)
     assert len(cpu_matmul._chosen) == 1  # 5 to 8 rows share one timing
+
+
+@pytest.mark.parametrize("kept", [True, False])
+def test_sampling_distributions_are_the_heads_own(kept, medusa_model):
+    """Logits.probs / heads_probs against sampling_probs of the model's own head logits, with the
+    decoder's kept unembedding (one product for every row and head) and without it."""
+    from mtpkern.core import Logits
+    from mtpkern.sampling import sampling_probs
+    from mtpkern.options import DecodeOptions
+
+    logits = Logits(medusa_model, fused=False)
+    if kept:
+        logits.unembed = Matmul(medusa_model.unembed_weight.detach().float())
+    g = torch.Generator().manual_seed(4)
+    n = medusa_model.n_heads - 1  # draft heads
+    d = torch.randn(3, n, medusa_model.config.n_embd, generator=g)
+    for options in (DecodeOptions(temperature=0.7), DecodeOptions(temperature=1.0, top_k=5, top_p=0.9)):
+        args = (options.temperature, options.top_k, options.top_p)
+        got = logits.heads_probs(d, options)
+        want = torch.stack([sampling_probs(medusa_model.head_logits(d[:, j - 1], j), *args) for j in range(1, n + 1)], 1)
+        assert got.shape == want.shape == (3, n, medusa_model.config.vocab_size)
+        assert torch.allclose(got, want, atol=1e-6)
+        assert torch.allclose(logits.probs(d[:, 0], 0, options), sampling_probs(medusa_model.head_logits(d[:, 0], 0),
+                                                                                   *args), atol=1e-6)
+
+
+@pytest.mark.parametrize("strategy, tree", [("ntp", None), ("medusa", "chain:3"), ("medusa", "3,2,1")])
+def test_sampling_steps_multiply_by_the_kept_unembedding(monkeypatch, medusa_model, strategy, tree):
+    """Sampling (ntp, rejection on a chain and on a tree) takes its logits from the decoder's
+    float32 unembedding in the layout timed fastest, every row of a step in one product, never
+    from the model's own head product (x @ W.T, up to 6x slower at a few rows on a CPU)."""
+    calls: list[tuple[int, int]] = []
+    original = Matmul.__call__
+
+    def counted(self, x, add=None):
+        calls.append((id(self), x.shape[0]))
+        return original(self, x, add)
+
+    monkeypatch.setattr(Matmul, "__call__", counted)
+    monkeypatch.setattr(type(medusa_model), "head_logits", lambda *a: pytest.fail("head_logits in a sampling step"))
+    how = {} if strategy == "ntp" else dict(acceptance="rejection", tree=tree)
+    dec = Decoder(medusa_model, strategy, temperature=1.0, prefix_cache=False, **how)
+    out = dec.generate(random_prompts(1, seed=9)[0], max_new_tokens=12, generator=torch.Generator().manual_seed(0))
+    assert len(out.tokens) == 12
+    rows = [r for who, r in calls if who == id(dec.logits.unembed)]
+    T = dec.step.T
+    assert rows.count(T) >= 2  # the target's distribution over every tree token, once per step
+    if strategy != "ntp":  # the draft heads', all at once
+        assert rows.count(dec.step.max_depth if tree != "chain:3" else 3) >= 2
