@@ -91,7 +91,7 @@ def main(argv=None) -> dict:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from conftest import device_us  # the kernel benchmarks' timing
 
-    dl = importlib.import_module("mtpkern.ops._decode_linear")
+    importlib.import_module("mtpkern.ops._decode_linear")  # the Triton kernels the layer ops use
     ops = [o.strip() for o in args.ops.split(",")]
     for op in ops:
         if op not in OPS:

@@ -7,7 +7,7 @@ acceptance per row; and the bad inputs."""
 import pytest
 import torch
 
-from _tiny import N_DRAFT_HEADS, random_prompts
+from _tiny import random_prompts
 from mtpkern import Decoder
 from mtpkern.batch import BatchDecoder
 from mtpkern.generation import generate
