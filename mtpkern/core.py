@@ -164,8 +164,9 @@ class Logits:
 
     def heads_probs(self, d: torch.Tensor, options) -> torch.Tensor:
         """Draft heads 1..n's sampling distributions [B, n, V] at their states d [B, n, D]: one
-        product for every row and head where the unembedding is kept, one per head otherwise."""
-        if self.unembed is not None:
+        product for every row and head where the heads share the unembedding, one per head
+        otherwise."""
+        if self.shared:
             return self.probs(d, 1, options)
         return torch.stack([self.probs(d[:, j - 1], j, options) for j in range(1, d.shape[1] + 1)], 1)
 

@@ -169,16 +169,23 @@ def test_a_prefill_is_a_plain_product_and_decode_rows_are_timed_in_powers_of_two
     assert len(cpu_matmul._chosen) == 1  # 5 to 8 rows share one timing
 
 
-@pytest.mark.parametrize("kept", [True, False])
-def test_sampling_distributions_are_the_heads_own(kept, medusa_model):
-    """Logits.probs / heads_probs against sampling_probs of the model's own head logits, with the
-    decoder's kept unembedding (one product for every row and head) and without it."""
+@pytest.mark.parametrize("heads", ["kept", "shared", "own"])
+def test_sampling_distributions_are_the_heads_own(heads, medusa_model):
+    """Logits.probs / heads_probs against sampling_probs of the model's own head logits: with the
+    decoder's kept unembedding, without it, and for heads with their own unembeddings."""
     from mtpkern.core import Logits
     from mtpkern.sampling import sampling_probs
     from mtpkern.options import DecodeOptions
 
+    if heads == "own":
+        torch.manual_seed(2)
+        medusa_model = MedusaModel.from_base(medusa_model.base, n_heads=medusa_model.n_heads, proj=True).eval()
+        with torch.no_grad():
+            for j in range(1, medusa_model.n_heads):
+                medusa_model.head_weight(j).add_(0.1 * torch.randn_like(medusa_model.head_weight(j)))
     logits = Logits(medusa_model, fused=False)
-    if kept:
+    assert logits.shared == (heads != "own")
+    if heads == "kept":
         logits.unembed = Matmul(medusa_model.unembed_weight.detach().float())
     g = torch.Generator().manual_seed(4)
     n = medusa_model.n_heads - 1  # draft heads
