@@ -2,11 +2,11 @@
 ``BatchDecoder``, many) run, written once and, where a batch needs it, with a batch dimension.
 
 - ``Logits``: the heads' logits statistics a step needs (head 0's argmax, the draft heads'
-  top-k), eager or through the fused kernel;
+  top-k, sampling distributions, what typical acceptance reads), eager or through the fused
+  kernel;
 - ``prefill`` / ``prefill_rows``: one prompt / many prompts through the model into the cache;
 - ``eager_tree_mask``: the attention mask of tree tokens after a prefix, per row;
 - ``dynamic_tree``: the best draft nodes by path score (EAGLE-2's rule on the model's heads);
-- ``typical_stats``: what typical acceptance reads (p(node | parent), the parent's entropy);
 - ``sample_drafts``: one draft token from each draft head's distribution, for rejection sampling;
 - ``verify_greedy_rows``: greedy verification of B rows at once;
 - ``weights_stamp``: where the tensors a CUDA graph reads live.
@@ -95,20 +95,6 @@ def eager_tree_mask(dense: torch.Tensor, prefix: torch.Tensor, span: int) -> tor
     return (rel < 0).unsqueeze(-2) | tree
 
 
-def typical_stats(h_parent: torch.Tensor, drafts: torch.Tensor, weight: torch.Tensor, temperature: float,
-                  backend: str | None, norm: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """What typical acceptance reads, at the sampling temperature: (p(node | parent) [..., T],
-    the parent's entropy [..., T]) for tree nodes 1..T-1 from their parents' head-0 states
-    h_parent [..., T - 1, D] and their tokens drafts [..., T - 1]; node 0 (the root) gets 1 and 0."""
-    lead, D = drafts.shape[:-1], h_parent.shape[-1]
-    stats = fused_logits(h_parent.reshape(-1, D), weight, 1, drafts.reshape(-1), scale=1.0 / temperature,
-                         backend=backend, **(norm or {}))
-    one, zero = stats.lse.new_ones(*lead, 1), stats.lse.new_zeros(*lead, 1)
-    node_prob = torch.cat([one, torch.exp(stats.target_logit - stats.lse).view(*lead, -1)], -1)
-    parent_entropy = torch.cat([zero, stats.entropy.view(*lead, -1)], -1)
-    return node_prob, parent_entropy
-
-
 def sample_drafts(q: torch.Tensor, generator) -> torch.Tensor:
     """Rejection sampling's drafts at one position: one token [n] drawn from each of the draft
     heads' distributions q [n, V] (``Logits.heads_probs``)."""
@@ -192,6 +178,29 @@ class Logits:
         top, arg = self._z(h, 0).max(-1)
         return torch.where(top.isnan(), -1, arg)
 
+    def typical(self, h: torch.Tensor, tokens: torch.Tensor, parents: torch.Tensor, temperature: float,
+                normed: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What typical acceptance reads for a tree of T tokens [B, T] with parents [T] (node 0
+        the root, parent -1) from head 0's states h [B, T, D]: (head 0's argmax [B, T],
+        p(node | parent) [B, T] and the parent's entropy [B, T], both at ``temperature``; the
+        root gets 1 and 0). Eager: one product over the T states, read twice (the kept
+        unembedding on a CPU); fused: the kernel over the T states, then over the parents'."""
+        B, T = tokens.shape
+        if self.fused:
+            target = self.argmax0(h.reshape(B * T, -1), normed).view(B, T)
+            stats = fused_logits(h[:, parents[1:]].reshape(B * (T - 1), -1), self.model.head_weight(0), 1,
+                                 tokens[:, 1:].reshape(-1), scale=1.0 / temperature, **self.norm(normed))
+            logp_node, entropy = (stats.target_logit - stats.lse).view(B, -1), stats.entropy.view(B, -1)
+        else:
+            z = self._z(h, 0)  # [B, T, V]
+            top, arg = z.max(-1)
+            target = torch.where(top.isnan(), -1, arg)  # argmax0's NaN contract
+            logp = torch.log_softmax(z[:, parents[1:]] / temperature, -1)  # [B, T - 1, V]
+            logp_node = logp.gather(-1, tokens[:, 1:, None])[..., 0]
+            entropy = -(logp.exp() * logp).sum(-1)
+        node_prob = torch.cat([logp_node.new_ones(B, 1), logp_node.exp()], 1)
+        return target, node_prob, torch.cat([entropy.new_zeros(B, 1), entropy], 1)
+
     def draft_topk(self, d: torch.Tensor, k: int, logprobs: bool = False):
         """(log-probabilities [n, k] or None, token ids [n, k]) of draft heads 1..n from their
         states at one position, d [n, hidden]: row j is head j + 1."""
@@ -266,5 +275,5 @@ def dynamic_tree(logp: torch.Tensor, ids: torch.Tensor, n_nodes: int, level_size
     return torch.cat([parents.new_full((1,), -1), parents]), all_tokens.index_select(0, order)
 
 
-__all__ = ["Logits", "prefill", "prefill_rows", "eager_tree_mask", "dynamic_tree", "level_sizes", "typical_stats",
-           "sample_drafts", "verify_greedy_rows", "weights_stamp"]
+__all__ = ["Logits", "prefill", "prefill_rows", "eager_tree_mask", "dynamic_tree", "level_sizes", "sample_drafts",
+           "verify_greedy_rows", "weights_stamp"]

@@ -66,7 +66,7 @@ import torch
 from torch import nn
 
 from mtpkern.core import (
-    Logits, dynamic_tree, eager_tree_mask, level_sizes, sample_drafts, typical_stats,
+    Logits, dynamic_tree, eager_tree_mask, level_sizes, sample_drafts,
     verify_greedy_rows, weights_stamp,
 )
 from mtpkern.cpu_matmul import Matmul
@@ -413,13 +413,11 @@ class _TreeStep(_Step):
         """(accepted drafts [B], accepted paths [B, D + 1], last nodes [B], emitted tokens [B, D + 1])."""
         e = self.engine
         B, T = tokens.shape
-        target = e.logits.argmax0(h0.reshape(B * T, -1), self.normed).view(B, T)
         if e.acceptance == "greedy":
+            target = e.logits.argmax0(h0.reshape(B * T, -1), self.normed).view(B, T)
             return verify_greedy_rows(tokens, target, paths, e.ops_backend)
-        # p(node | parent) and the parent's entropy, both at the sampling temperature.
-        o = e.options
-        node_prob, parent_entropy = typical_stats(h0[:, parents[1:]], tokens[:, 1:], self.model.head_weight(0),
-                                                  o.temperature, e.logits_backend, e.logits.norm(self.normed))
+        o = e.options  # p(node | parent) and the parent's entropy, both at the sampling temperature
+        target, node_prob, parent_entropy = e.logits.typical(h0, tokens, parents, o.temperature, self.normed)
         res = verify_typical(tokens, target, node_prob, parent_entropy, paths, epsilon=o.typical_epsilon,
                              alpha=o.typical_alpha, backend=e.ops_backend)
         return res.accept_len, paths[res.best_path], res.last_node, res.tokens
@@ -612,7 +610,6 @@ class StepEngine:
         self.rows, self.single = rows, rows == 1
         self.device = model.device
         self.fused = opts.fused_on(self.device, model)
-        self.logits_backend = None if self.fused else "eager"
         self.ops_backend = opts.ops_backend
         self.sampling = opts.sampling
         self.logits = Logits(model, self.fused)

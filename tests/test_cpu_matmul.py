@@ -223,3 +223,58 @@ def test_sampling_steps_multiply_by_the_kept_unembedding(monkeypatch, medusa_mod
     assert rows.count(T) >= 2  # the target's distribution over every tree token, once per step
     if strategy != "ntp":  # the draft heads', all at once
         assert rows.count(dec.step.max_depth if tree != "chain:3" else 3) >= 2
+
+
+@pytest.mark.parametrize("kept", [True, False])
+def test_typical_statistics_are_the_logits_ops(kept, medusa_model):
+    """Logits.typical, eager (with and without the kept unembedding) and fused, against the
+    logits op's fp32 eager reference: head 0's argmax over every node, p(node | parent) and the
+    parent's entropy at the temperature; the root gets 1 and 0; a NaN state has no argmax."""
+    from mtpkern.core import Logits
+    from mtpkern.ops.fused_logits import fused_logits
+
+    W = medusa_model.head_weight(0)
+    g = torch.Generator().manual_seed(5)
+    B, T, D = 2, 6, medusa_model.config.n_embd
+    h = torch.randn(B, T, D, generator=g)
+    h[1, 3] = float("nan")
+    tokens = torch.randint(0, medusa_model.config.vocab_size, (B, T), generator=g)
+    parents = torch.tensor([-1, 0, 0, 1, 1, 3])
+    eager, fused = Logits(medusa_model, fused=False), Logits(medusa_model, fused=True)
+    if kept:
+        eager.unembed = Matmul(W.detach().float())
+    for temperature in (0.7, 1.0):
+        ref = fused_logits(h[:, parents[1:]].reshape(-1, D), W, 1, tokens[:, 1:].reshape(-1),
+                           scale=1 / temperature, backend="eager")
+        want_prob = torch.cat([torch.ones(B, 1), (ref.target_logit - ref.lse).exp().view(B, -1)], 1)
+        want_entropy = torch.cat([torch.zeros(B, 1), ref.entropy.view(B, -1)], 1)
+        want_target = fused_logits(h.reshape(-1, D), W, 1, backend="eager").argmax.view(B, T)
+        assert want_target[1, 3] == -1 and want_prob[1, 5].isnan()  # node 5's parent is the NaN state
+        for logits in (eager, fused):
+            target, prob, entropy = logits.typical(h, tokens, parents, temperature)
+            assert torch.equal(target, want_target)
+            assert torch.allclose(prob, want_prob, atol=1e-5, equal_nan=True)
+            assert torch.allclose(entropy, want_entropy, atol=1e-4, equal_nan=True)
+
+
+def test_typical_steps_multiply_by_the_kept_unembedding(monkeypatch, medusa_model):
+    """Typical acceptance on a CPU reads one product of the kept unembedding over the tree's
+    tokens per step (never the logits op's x @ W.T) and decodes what the fused kernel decodes."""
+    import mtpkern.core
+
+    prompt = random_prompts(1, seed=11)[0]
+    how = dict(temperature=0.7, acceptance="typical", tree="3,2,1", prefix_cache=False)
+    want = Decoder(medusa_model, "medusa", kernels="fused", **how).generate(prompt, max_new_tokens=16).tokens
+    calls: list[tuple[int, int]] = []
+    original = Matmul.__call__
+
+    def counted(self, x, add=None):
+        calls.append((id(self), x.shape[0]))
+        return original(self, x, add)
+
+    monkeypatch.setattr(Matmul, "__call__", counted)
+    monkeypatch.setattr(mtpkern.core, "fused_logits", lambda *a, **k: pytest.fail("the logits op in an eager step"))
+    dec = Decoder(medusa_model, "medusa", kernels="eager", **how)
+    got = dec.generate(prompt, max_new_tokens=16).tokens
+    rows = [r for who, r in calls if who == id(dec.logits.unembed)]
+    assert rows.count(dec.step.T) >= 2 and got == want
