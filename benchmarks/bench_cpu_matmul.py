@@ -6,10 +6,12 @@ alternate round by round (the order turns each round, so a slow minute of the ma
 every value), torch's threads are pinned, and each point is the fastest of the rounds
 (``mtpkern.costmodel.time_tree_step``: the engine's own greedy step over a T-token tree after
 ``--prefix`` cached tokens; T=1 is a next-token step). The table gives milliseconds per step
-and each value's time over ``copy``'s.
+and each value's time over ``copy``'s. ``--acceptance`` times sampling steps at temperature 1
+instead, trees verified by rejection sampling or typical acceptance (T=1: ``ntp`` sampling).
 
     python benchmarks/bench_cpu_matmul.py runs/real/medusa --tokens 1,2,4,8,16
     python benchmarks/bench_cpu_matmul.py CHECKPOINT --json layouts.json --rounds 5
+    python benchmarks/bench_cpu_matmul.py runs/real/medusa --tokens 1,4,8 --acceptance typical
 
 Run it on a quiet machine: another busy process slows a 2-core machine's steps many times over.
 """
@@ -35,6 +37,8 @@ def parse_args(argv):
     ap.add_argument("--rounds", type=int, default=3, help="processes per value, alternating (default 3)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     ap.add_argument("--min-time", type=float, default=0.3, help="seconds each timing runs at least (default 0.3)")
+    ap.add_argument("--acceptance", choices=("greedy", "rejection", "typical"), default="greedy",
+                    help="greedy steps (default), or sampling steps at temperature 1 verified this way")
     ap.add_argument("--json", type=Path, default=None, help="write the measurements here")
     ap.add_argument("--child", choices=MODES, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -61,14 +65,14 @@ def child(args) -> dict[str, float]:
     if model.config.model_type not in ("mtp", "medusa") and max(args.sizes) > 1:
         raise SystemExit(f"bench_cpu_matmul: {args.checkpoint} has no draft heads: only --tokens 1 times it")
     return {str(T): time_tree_step(model, None if T == 1 else timing_tree(T, args.depth), prefix_len=args.prefix,
-                                   min_time=args.min_time) for T in args.sizes}
+                                   min_time=args.min_time, acceptance=args.acceptance) for T in args.sizes}
 
 
 def run_child(args, mode: str) -> dict[str, float]:
     threads = str(args.threads)
     env = dict(os.environ, MTPKERN_CPU_MATMUL=mode, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
     cmd = [sys.executable, __file__, args.checkpoint, "--tokens", args.tokens, "--depth", str(args.depth),
-           "--prefix", str(args.prefix), "--threads", threads, "--min-time", str(args.min_time), "--child", mode]
+           "--prefix", str(args.prefix), "--threads", threads, "--min-time", str(args.min_time), "--acceptance", args.acceptance, "--child", mode]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
@@ -105,7 +109,8 @@ def main(argv=None) -> dict:
         return {}
     times = measure(args)
     report = dict(schema="mtpkern.bench_cpu_matmul/1", checkpoint=args.checkpoint, threads=args.threads,
-                  depth=args.depth, prefix=args.prefix, rounds=args.rounds, seconds=times)
+                  depth=args.depth, prefix=args.prefix, rounds=args.rounds, acceptance=args.acceptance,
+                  seconds=times)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=1), encoding="utf-8")

@@ -82,17 +82,22 @@ def timing_tree(T: int, depth: int, topk: int = TOPK) -> Tree:
 
 
 def time_tree_step(model, tree: Tree | None, *, prefix_len: int, kernels: str = "auto", cuda_graph: bool = False,
-                   min_time: float = 0.05, sampling: bool = False) -> float:
+                   min_time: float = 0.05, sampling: bool = False, acceptance: str | None = None) -> float:
     """The fastest of several timed runs (the least disturbed by other work on the machine),
     in seconds, of one greedy decoding step of the engine over ``tree`` (None: one
     next-token step) after ``prefix_len`` cached tokens: the forward pass, verification, KV
     compaction, the next drafts and the step's host sync. Random tokens, so few drafts are
     accepted; what that saves (moving fewer K/V) is small. The one place the cost model times
     a step: it runs the engine's own step (``mtpkern.steps.StepEngine.run_step``, under ``mtpkern.Decoder``).
-    ``sampling``: a sampling step instead (temperature 1; a tree verified by rejection sampling)."""
+    ``sampling``: a sampling step instead (temperature 1; a tree verified by rejection sampling).
+    ``acceptance``: a sampling step with a tree verified this way (``"rejection"``: as
+    ``sampling``; ``"typical"``); ``"greedy"``: the greedy step."""
+    if acceptance not in (None, "greedy", "rejection", "typical"):
+        raise ValueError(f"acceptance must be greedy, rejection or typical, got {acceptance!r}")
     device = model.device
     strategy = "ntp" if tree is None else model.config.model_type
-    how: dict = {} if not sampling else dict(temperature=1.0, acceptance="rejection" if tree else "greedy")
+    rule = acceptance or ("rejection" if sampling else "greedy")
+    how: dict = {} if rule == "greedy" else dict(temperature=1.0, acceptance=rule if tree else "greedy")
     with torch.inference_mode():
         decoder = StepEngine(model, DecodeOptions(strategy, tree=tree, kernels=kernels, cuda_graph=cuda_graph, **how))
 
@@ -197,7 +202,7 @@ def step_cost(model, *, kernels: str = "auto", cuda_graph: bool = False, depth: 
     D = draft_depth(model) if depth is None else depth
     if isinstance(D, bool) or not isinstance(D, int) or not 1 <= D <= draft_depth(model):
         raise ValueError(f"depth must be an int in 1..{draft_depth(model)} (the draft heads), got {depth!r}")
-    how = {"sampling": True} if sampling else {}  # a greedy curve keeps its key and calls timers as before
+    how: dict = {"sampling": True} if sampling else {}  # a greedy curve keeps its key and calls timers as before
     key = dict(cost_key(model, kernels=kernels, cuda_graph=cuda_graph), depth=D, **how)
     name = json.dumps(key, sort_keys=True)
     path = cache_dir() / "step_cost.json"

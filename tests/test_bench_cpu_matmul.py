@@ -40,6 +40,19 @@ def test_every_layout_is_timed_in_its_own_process(tmp_path, medusa_model):
     assert "round 2/2" in proc.stderr
 
 
+@pytest.mark.parametrize("acceptance", ["rejection", "typical"])
+def test_sampling_steps_are_timed_with_acceptance(tmp_path, medusa_model, acceptance):
+    ckpt, report_path = tmp_path / "medusa", tmp_path / "layouts.json"
+    medusa_model.save_pretrained(ckpt)
+    proc = subprocess.run([sys.executable, str(SCRIPT), str(ckpt), "--tokens", "1,4", "--rounds", "1",
+                           "--threads", "1", "--min-time", "0.01", "--acceptance", acceptance,
+                           "--json", str(report_path)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(report_path.read_text())
+    assert report["acceptance"] == acceptance
+    assert all(0 < s < 5 for per_size in report["seconds"].values() for runs in per_size.values() for s in runs)
+
+
 def test_a_failing_child_names_its_layout(tmp_path, gpt2_model):
     ckpt = tmp_path / "base"
     gpt2_model.save_pretrained(ckpt)
@@ -56,3 +69,9 @@ def test_a_failing_child_names_its_layout(tmp_path, gpt2_model):
 def test_bad_flags_are_one_line_errors(flags, message):
     with pytest.raises(SystemExit, match=message):
         _bench().parse_args(["ckpt", *flags])
+
+
+def test_an_unknown_acceptance_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        _bench().parse_args(["ckpt", "--acceptance", "exact"])
+    assert "argument --acceptance: invalid choice: 'exact'" in capsys.readouterr().err

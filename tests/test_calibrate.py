@@ -393,6 +393,25 @@ def test_time_tree_step_times_a_real_engine_step(tree):
     assert 0 < seconds < 1
 
 
+@pytest.mark.parametrize("acceptance, reads", [("greedy", "argmax0"), ("rejection", "heads_probs"),
+                                               ("typical", "typical")])
+def test_time_tree_step_times_the_step_of_each_acceptance(monkeypatch, acceptance, reads):
+    """``acceptance`` times that rule's step (what each reads from the heads' logits is called);
+    a rule that does not exist is a one-line error."""
+    from mtpkern.core import Logits
+
+    calls: list[str] = []
+    for name in ("argmax0", "heads_probs", "typical"):
+        original = getattr(Logits, name)
+        monkeypatch.setattr(Logits, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
+    seconds = time_tree_step(tiny_medusa(), Tree.from_widths([3, 2]), prefix_len=40, min_time=0.01,
+                             acceptance=acceptance)
+    assert 0 < seconds < 1 and reads in calls
+    assert acceptance != "rejection" or "argmax0" not in calls  # rejection samples every token
+    with pytest.raises(ValueError, match="acceptance must be greedy, rejection or typical, got 'exact'"):
+        time_tree_step(tiny_medusa(), None, prefix_len=40, acceptance="exact")
+
+
 # ----------------------------------------------------------------------------- auto_tree
 
 
