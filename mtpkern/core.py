@@ -188,7 +188,7 @@ class Logits:
         B, T = tokens.shape
         if self.fused:
             target = self.argmax0(h.reshape(B * T, -1), normed).view(B, T)
-            stats = fused_logits(h[:, parents[1:]].reshape(B * (T - 1), -1), self.model.head_weight(0), 1,
+            stats = fused_logits(h[:, parents[1:]].reshape(-1, h.shape[-1]), self.model.head_weight(0), 1,
                                  tokens[:, 1:].reshape(-1), scale=1.0 / temperature, **self.norm(normed))
             logp_node, entropy = (stats.target_logit - stats.lse).view(B, -1), stats.entropy.view(B, -1)
         else:
