@@ -18,11 +18,8 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import os
-import platform
 import time
 import warnings
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -33,7 +30,7 @@ from mtpkern.options import DecodeOptions
 from mtpkern.steps import StepEngine
 from mtpkern.graphs import graphs_available
 from mtpkern.planner import StepCost, _smooth, check_curve
-from mtpkern.runtime import dtype_name, synchronize
+from mtpkern.runtime import cache_dir, device_name, dtype_name, read_cache, synchronize, write_cache
 from mtpkern.tree import Tree
 
 # /2: verification runs head 0 alone; /3: CPU products per layout (cpu_matmul); /4: sampling
@@ -41,23 +38,6 @@ from mtpkern.tree import Tree
 COST_SCHEMA = "mtpkern.step_cost/4"
 COST_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)  # tree tokens T at which a step is timed
 COST_ROUNDS = 2
-
-
-def cache_dir() -> Path:
-    """Where measured step costs are kept: ``$MTPKERN_CACHE``, else ``~/.cache/mtpkern``."""
-    return Path(os.environ.get("MTPKERN_CACHE") or Path.home() / ".cache" / "mtpkern")
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), name)
-    except OSError:
-        pass
-    return f"{name} ({torch.get_num_threads()} threads)"
 
 
 def timing_tree(T: int, depth: int, topk: int = TOPK) -> Tree:
@@ -210,7 +190,7 @@ def step_cost(model, *, kernels: str = "auto", cuda_graph: bool = False, depth: 
     sizes = [T for T in COST_SIZES if prefix + T <= model.config.n_positions]
     K = min(TOPK, model.config.vocab_size)
     sizes = [T for T in sizes if T - 1 <= sum(K ** d for d in range(1, D + 1))]
-    table = _read_cache(path)
+    table = read_cache(path, COST_SCHEMA)
     if not refresh and name in table:
         try:
             return _cached_cost(table[name], sizes, key)
@@ -232,26 +212,8 @@ def step_cost(model, *, kernels: str = "auto", cuda_graph: bool = False, depth: 
     seconds = _smooth(seconds)
     table[name] = dict(sizes=sizes, seconds=seconds, prefix_len=prefix,
                        measured=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-    _write_cache(path, table)
+    write_cache(path, COST_SCHEMA, table, "step-cost")
     return StepCost(sizes, seconds, key)
-
-
-def _read_cache(path: Path) -> dict:
-    try:
-        table = json.loads(path.read_text())
-        return table if isinstance(table, dict) and table.pop("schema", None) == COST_SCHEMA else {}
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-        return {}  # none yet, or damaged: it is only a cache
-
-
-def _write_cache(path: Path, table: dict) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps({"schema": COST_SCHEMA, **table}, indent=2))
-        os.replace(tmp, path)
-    except OSError as e:
-        warnings.warn(f"could not write the step-cost cache {path}: {e}", stacklevel=3)
 
 
 __all__ = ["cache_dir", "cost_depths", "cost_key", "device_name", "step_cost", "step_cost_tree", "time_step",

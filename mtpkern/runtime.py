@@ -1,4 +1,5 @@
-"""The runtime vocabulary, written once: devices, dtype names, synchronised timing, peak memory.
+"""The runtime vocabulary, written once: devices, dtype names, synchronised timing, peak memory,
+and the per-machine cache of measurements.
 
 Everything in the package that resolves a device name, parses a dtype name, times device work
 or reads peak memory goes through this module, so the CLI, the trainer, the evaluation, the
@@ -8,9 +9,14 @@ touches CUDA at import time.
 
 from __future__ import annotations
 
+import json
+import os
+import platform
 import resource
 import statistics
 import time
+import warnings
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -62,6 +68,48 @@ def resolve_dtype(name: str | torch.dtype | None, device: torch.device | None = 
 def dtype_name(dtype: torch.dtype) -> str:
     """``torch.float16`` -> ``"float16"``."""
     return str(dtype).replace("torch.", "")
+
+
+def cache_dir() -> Path:
+    """Where measurements of this machine are kept (step costs, CPU product layouts):
+    ``$MTPKERN_CACHE``, else ``~/.cache/mtpkern``."""
+    return Path(os.environ.get("MTPKERN_CACHE") or Path.home() / ".cache" / "mtpkern")
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model name with torch's thread count: what a measurement
+    kept in the cache was taken on."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), name)
+    except OSError:
+        pass
+    return f"{name} ({torch.get_num_threads()} threads)"
+
+
+def read_cache(path: Path, schema: str) -> dict:
+    """The table a cache file holds; empty where there is none yet, or it is damaged or of
+    another schema (it is only a cache: measuring again rebuilds it)."""
+    try:
+        table = json.loads(path.read_text())
+        return table if isinstance(table, dict) and table.pop("schema", None) == schema else {}
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+
+
+def write_cache(path: Path, schema: str, table: dict, what: str) -> None:
+    """Replace the cache file by ``table`` in one step (written beside it, then renamed); a
+    folder that cannot be written is a warning naming ``what`` the cache holds and the file."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps({"schema": schema, **table}, indent=2))
+        os.replace(tmp, path)
+    except OSError as e:
+        warnings.warn(f"could not write the {what} cache {path}: {e}", stacklevel=3)
 
 
 def synchronize(device: torch.device | str) -> None:
