@@ -17,16 +17,23 @@ count (rounded up to a power of two; with its dtype and thread count) in this pr
 the group :func:`share_layout` makes, such as every block's QKV projection: it is timed as a step
 multiplies it, each layer's matrix in turn, so each is read from memory as in a step (a matrix
 timed alone stays in the cache, and a 30-layer model's step then ran 20% slower at one row).
-``copy`` or ``flip`` pins one layout for every product up to 128 rows. Each computes the same
+A choice is kept in ``$MTPKERN_CACHE/cpu_matmul.json`` (beside the step costs, default
+``~/.cache/mtpkern``), keyed by the CPU's model name and thread count, the torch version, the
+matrices' shape, number and dtype and the row count, so a later process on the machine reads it
+instead of timing (SmolLM2's 30 layers: about 3 s of timing at the first step of each process
+otherwise); delete the file to time again. ``copy`` or ``flip`` pins one layout for every product up to 128 rows. Each computes the same
 product, up to floating-point rounding. On other devices a ``Matmul`` is ``x @ W.T``.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
 import torch
+
+from mtpkern.runtime import cache_dir, device_name, read_cache, write_cache
 
 LAYOUTS = ("copy", "flip")
 ENV = "MTPKERN_CPU_MATMUL"
@@ -39,6 +46,8 @@ FLIP_GAIN = 1.2
 # times its batch rows: at most 8 timings per kind); above it (a prefill) a product is plain
 # ``x @ W.T``: at 128-752 rows the layouts were within 15% of each other (SmolLM2's matrices).
 TIMED_ROWS = 128
+CACHE_FILE = "cpu_matmul.json"
+CACHE_SCHEMA = "mtpkern.cpu_matmul/1"
 _chosen: dict[tuple, str] = {}
 
 
@@ -81,7 +90,8 @@ def _seconds(fn) -> float:
 def choose(weights: list[torch.Tensor], rows: int) -> str:
     """The layout to multiply ``rows`` rows by each of ``weights`` (one kind of matrix, [out, in]
     each, taken in turn as a step takes them) in on a CPU (see the module doc): ``plain`` above
-    ``TIMED_ROWS``, else the pinned layout or the one timed at ``rows`` rounded up to a power of two."""
+    ``TIMED_ROWS``, else the pinned layout or the one timed at ``rows`` rounded up to a power of two
+    (in this process, or before on this machine: the cache file)."""
     if rows > TIMED_ROWS:
         return "plain"
     forced = forced_layout()
@@ -91,14 +101,31 @@ def choose(weights: list[torch.Tensor], rows: int) -> str:
     w = weights[0]
     key = (tuple(w.shape), len(weights), rows, w.dtype, torch.get_num_threads())
     if key not in _chosen:
-        with torch.no_grad():
-            x = torch.randn(rows, w.shape[1], dtype=w.dtype)
-            copies = [v.detach().t().contiguous() for v in weights]
-            times = {"copy": _seconds(lambda: [_product(x, v, c, None) for v, c in zip(weights, copies)]),
-                     "flip": _seconds(lambda: [_product(x, v, None, None) for v in weights])}
-            del copies
-        _chosen[key] = "flip" if times["copy"] > FLIP_GAIN * times["flip"] else "copy"
+        path, name = cache_dir() / CACHE_FILE, _cache_name(key)
+        table = read_cache(path, CACHE_SCHEMA)
+        if table.get(name) not in LAYOUTS:  # none yet, or damaged: time it and keep the choice
+            table[name] = _timed_choice(weights, rows)
+            write_cache(path, CACHE_SCHEMA, table, "CPU product layout")
+        _chosen[key] = table[name]
     return _chosen[key]
+
+
+def _cache_name(key: tuple) -> str:
+    """The cache file's name of an in-process key: what the choice was measured on, too."""
+    shape, n, rows, dtype, _ = key  # the thread count is in the CPU's name
+    return json.dumps(dict(cpu=device_name(torch.device("cpu")), torch=torch.__version__, shape=list(shape),
+                           matrices=n, rows=rows, dtype=str(dtype).replace("torch.", "")), sort_keys=True)
+
+
+def _timed_choice(weights: list[torch.Tensor], rows: int) -> str:
+    """``flip`` where it multiplies ``rows`` rows by each of ``weights`` ``FLIP_GAIN`` times
+    faster than the copies do, else ``copy``."""
+    with torch.no_grad():
+        x = torch.randn(rows, weights[0].shape[1], dtype=weights[0].dtype)
+        copies = [v.detach().t().contiguous() for v in weights]
+        times = {"copy": _seconds(lambda: [_product(x, v, c, None) for v, c in zip(weights, copies)]),
+                 "flip": _seconds(lambda: [_product(x, v, None, None) for v in weights])}
+    return "flip" if times["copy"] > FLIP_GAIN * times["flip"] else "copy"
 
 
 class Matmul:

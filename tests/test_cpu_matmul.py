@@ -16,6 +16,13 @@ from _tiny import random_prompts
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 
 
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch):
+    """Each test its own ``$MTPKERN_CACHE``: a layout timed by one test is not read by another."""
+    monkeypatch.setenv("MTPKERN_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
 @pytest.fixture(params=["auto", *LAYOUTS])
 def layout(request, monkeypatch):
     monkeypatch.setenv(ENV, request.param)
@@ -167,6 +174,84 @@ def test_a_prefill_is_a_plain_product_and_decode_rows_are_timed_in_powers_of_two
     assert list(cpu_matmul._chosen) == [((24, 16), 1, 8, torch.float32, torch.get_num_threads())]
     choose([w], 7)
     assert len(cpu_matmul._chosen) == 1  # 5 to 8 rows share one timing
+
+
+def test_a_timed_layout_is_kept_on_disk_and_read_by_the_next_process(own_cache, monkeypatch):
+    """``auto`` writes what it timed to ``$MTPKERN_CACHE/cpu_matmul.json``, keyed by what it was
+    measured on; a process without it in memory reads the file instead of timing (and follows
+    the file); another row count or thread count is timed and added beside it."""
+    import json
+
+    import mtpkern.cpu_matmul as cpu_matmul
+
+    monkeypatch.delenv(ENV, raising=False)
+    monkeypatch.setattr(cpu_matmul, "_chosen", {})
+    w = torch.randn(29, 11)
+    first = choose([w, w.clone()], 3)
+    table = json.loads((own_cache / "cpu_matmul.json").read_text())
+    assert table.pop("schema") == "mtpkern.cpu_matmul/1" and list(table.values()) == [first]
+    key = next(iter(table))
+    name = json.loads(key)
+    assert name["shape"] == [29, 11] and name["matrices"] == 2 and name["rows"] == 4 and name["dtype"] == "float32"
+    assert name["torch"] == torch.__version__ and name["cpu"].endswith(f"({torch.get_num_threads()} threads)")
+
+    def no_timing(fn):
+        raise AssertionError("timed again")
+
+    monkeypatch.setattr(cpu_matmul, "_seconds", no_timing)
+    monkeypatch.setattr(cpu_matmul, "_chosen", {})  # a new process
+    assert choose([w, w.clone()], 4) == first
+    other = {"copy": "flip", "flip": "copy"}[first]
+    (own_cache / "cpu_matmul.json").write_text(json.dumps({"schema": "mtpkern.cpu_matmul/1", key: other}))
+    monkeypatch.setattr(cpu_matmul, "_chosen", {})
+    assert choose([w, w.clone()], 3) == other  # the file decides, not a timing
+    monkeypatch.undo()
+    monkeypatch.setenv("MTPKERN_CACHE", str(own_cache))
+    monkeypatch.setattr(cpu_matmul, "_chosen", {})
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads + 1)
+        choose([w, w.clone()], 3)
+        choose([w, w.clone()], 9)
+    finally:
+        torch.set_num_threads(threads)
+    table = json.loads((own_cache / "cpu_matmul.json").read_text())
+    assert len(table) == 4 and table[key] == other  # the schema, the first entry and two more
+
+
+@pytest.mark.parametrize("damage", ["not json {", '{"schema": "mtpkern.cpu_matmul/0"}', "bad value"])
+def test_a_damaged_layout_cache_is_timed_again_and_replaced(own_cache, monkeypatch, damage):
+    import json
+
+    import mtpkern.cpu_matmul as cpu_matmul
+
+    monkeypatch.delenv(ENV, raising=False)
+    monkeypatch.setattr(cpu_matmul, "_chosen", {})
+    w = torch.randn(13, 7)
+    choose([w], 2)
+    path = own_cache / "cpu_matmul.json"
+    name = next(k for k in json.loads(path.read_text()) if k != "schema")
+    path.write_text(json.dumps({"schema": "mtpkern.cpu_matmul/1", name: "diagonal"}) if damage == "bad value" else damage)
+    monkeypatch.setattr(cpu_matmul, "_chosen", {})
+    timed = []
+    seconds = cpu_matmul._seconds
+    monkeypatch.setattr(cpu_matmul, "_seconds", lambda fn: timed.append(1) or seconds(fn))
+    layout = choose([w], 2)
+    assert layout in LAYOUTS and timed == [1, 1]  # both layouts timed again
+    assert json.loads(path.read_text()) == {"schema": "mtpkern.cpu_matmul/1", name: layout}
+
+
+def test_an_unwritable_layout_cache_warns_and_still_chooses(tmp_path, monkeypatch):
+    import mtpkern.cpu_matmul as cpu_matmul
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("mine")
+    monkeypatch.setenv("MTPKERN_CACHE", str(blocker / "cache"))  # a folder inside a file cannot be made
+    monkeypatch.delenv(ENV, raising=False)
+    monkeypatch.setattr(cpu_matmul, "_chosen", {})
+    with pytest.warns(UserWarning, match=r"^could not write the CPU product layout cache .*a_file/cache/cpu_matmul\.json"):
+        assert choose([torch.randn(9, 5)], 1) in LAYOUTS
+    assert blocker.read_text() == "mine"
 
 
 @pytest.mark.parametrize("heads", ["kept", "shared", "own"])
