@@ -285,11 +285,8 @@ def test_sampling_distributions_are_the_heads_own(heads, medusa_model):
                                                                                    *args), atol=1e-6)
 
 
-@pytest.mark.parametrize("strategy, tree", [("ntp", None), ("medusa", "chain:3"), ("medusa", "3,2,1")])
-def test_sampling_steps_multiply_by_the_kept_unembedding(monkeypatch, medusa_model, strategy, tree):
-    """Sampling (ntp, rejection on a chain and on a tree) takes its logits from the decoder's
-    float32 unembedding in the layout timed fastest, every row of a step in one product, never
-    from the model's own head product (x @ W.T, up to 6x slower at a few rows on a CPU)."""
+def count_products(monkeypatch) -> list[tuple[int, int]]:
+    """Every Matmul product from now on, as (which Matmul, rows)."""
     calls: list[tuple[int, int]] = []
     original = Matmul.__call__
 
@@ -298,6 +295,15 @@ def test_sampling_steps_multiply_by_the_kept_unembedding(monkeypatch, medusa_mod
         return original(self, x, add)
 
     monkeypatch.setattr(Matmul, "__call__", counted)
+    return calls
+
+
+@pytest.mark.parametrize("strategy, tree", [("ntp", None), ("medusa", "chain:3"), ("medusa", "3,2,1")])
+def test_sampling_steps_multiply_by_the_kept_unembedding(monkeypatch, medusa_model, strategy, tree):
+    """Sampling (ntp, rejection on a chain and on a tree) takes its logits from the decoder's
+    float32 unembedding in the layout timed fastest, every row of a step in one product, never
+    from the model's own head product (x @ W.T, up to 6x slower at a few rows on a CPU)."""
+    calls = count_products(monkeypatch)
     monkeypatch.setattr(type(medusa_model), "head_logits", lambda *a: pytest.fail("head_logits in a sampling step"))
     how = {} if strategy == "ntp" else dict(acceptance="rejection", tree=tree)
     dec = Decoder(medusa_model, strategy, temperature=1.0, prefix_cache=False, **how)
@@ -350,14 +356,7 @@ def test_typical_steps_multiply_by_the_kept_unembedding(monkeypatch, medusa_mode
     prompt = random_prompts(1, seed=11)[0]
     how = dict(temperature=0.7, acceptance="typical", tree="3,2,1", prefix_cache=False)
     want = Decoder(medusa_model, "medusa", kernels="fused", **how).generate(prompt, max_new_tokens=16).tokens
-    calls: list[tuple[int, int]] = []
-    original = Matmul.__call__
-
-    def counted(self, x, add=None):
-        calls.append((id(self), x.shape[0]))
-        return original(self, x, add)
-
-    monkeypatch.setattr(Matmul, "__call__", counted)
+    calls = count_products(monkeypatch)
     monkeypatch.setattr(mtpkern.core, "fused_logits", lambda *a, **k: pytest.fail("the logits op in an eager step"))
     dec = Decoder(medusa_model, "medusa", kernels="eager", **how)
     got = dec.generate(prompt, max_new_tokens=16).tokens
