@@ -20,9 +20,8 @@ timed alone stays in the cache, and a 30-layer model's step then ran 20% slower 
 A choice is kept in ``$MTPKERN_CACHE/cpu_matmul.json`` (beside the step costs, default
 ``~/.cache/mtpkern``), keyed by the CPU's model name and thread count, the torch version, the
 matrices' shape, number and dtype and the row count, so a later process on the machine reads it
-instead of timing (SmolLM2's 30 layers: about 3 s of timing at the first step of each process
-otherwise); delete the file to time again. ``copy`` or ``flip`` pins one layout for every product up to 128 rows. Each computes the same
-product, up to floating-point rounding. On other devices a ``Matmul`` is ``x @ W.T``.
+instead of timing; delete the file to time again. ``copy`` or ``flip`` pins one layout for
+every product up to 128 rows. Each computes the same product, up to floating-point rounding. On other devices a ``Matmul`` is ``x @ W.T``.
 """
 
 from __future__ import annotations
@@ -33,7 +32,7 @@ import time
 
 import torch
 
-from mtpkern.runtime import cache_dir, device_name, read_cache, write_cache
+from mtpkern.runtime import cache_dir, device_name, dtype_name, read_cache, write_cache
 
 LAYOUTS = ("copy", "flip")
 ENV = "MTPKERN_CPU_MATMUL"
@@ -114,7 +113,7 @@ def _cache_name(key: tuple) -> str:
     """The cache file's name of an in-process key: what the choice was measured on, too."""
     shape, n, rows, dtype, _ = key  # the thread count is in the CPU's name
     return json.dumps(dict(cpu=device_name(torch.device("cpu")), torch=torch.__version__, shape=list(shape),
-                           matrices=n, rows=rows, dtype=str(dtype).replace("torch.", "")), sort_keys=True)
+                           matrices=n, rows=rows, dtype=dtype_name(dtype)), sort_keys=True)
 
 
 def _timed_choice(weights: list[torch.Tensor], rows: int) -> str:
